@@ -1,0 +1,79 @@
+"""Write ``examples/tiny-llama``: the demo checkpoint, with planted spectral problems.
+
+A 4-layer Llama-layout model (hidden 256, 8 query heads, 2 K/V heads, head_dim 32, bf16,
+two shards), about 3 MB. Every head slice gets a smooth power-law spectrum, like a trained
+head; a few are planted so that ``example_thresholds.toml`` has something to find:
+
+* layer 1, query head 2, Q: collapsed to rank 2 (plus a faint noise floor);
+* layer 2, K/V head 1, K: a steep exponential decay (query heads 4-7 share it);
+* layer 3, query head 5, O: rank-deficient, its last singular values near bf16's floor;
+* layer 0, K/V head 1, V: mildly concentrated, which only a ``warn`` rule reports.
+
+Run from the repository root: ``python examples/make_tiny_llama.py``. Deterministic.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from pytest_spectral.synthetic import LlamaShape, attention_name, random_llama_weights, write_checkpoint
+
+SHAPE = LlamaShape(
+    layers=4, heads=8, kv_heads=2, head_dim=32, hidden=256, intermediate=256, vocab=128
+)
+OUT = Path(__file__).parent / "tiny-llama"
+
+
+def block(generator: torch.Generator, rows: int, cols: int, spectrum: torch.Tensor) -> torch.Tensor:
+    """A rows x cols matrix with exactly the given singular values (random singular vectors)."""
+    rank = spectrum.numel()
+    left, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator, dtype=torch.float64))
+    return (left * spectrum) @ right.T
+
+
+def spectrum_for(
+    generator: torch.Generator, layer: int, matrix: str, head: int, d: int
+) -> torch.Tensor:
+    index = torch.arange(1, d + 1, dtype=torch.float64)
+    decay = 0.3 + 0.15 * float(torch.rand((), generator=generator))
+    healthy = 0.6 * index**-decay
+    if (layer, matrix, head) == (1, "q", 2):
+        return torch.cat([torch.tensor([2.0, 1.2]), torch.full((d - 2,), 0.004)]).double()
+    if (layer, matrix, head) == (2, "k", 1):
+        return 1.5 * torch.exp(-(index - 1) / 2.0)
+    if (layer, matrix, head) == (3, "o", 5):
+        return torch.where(index <= d - 4, healthy, torch.full_like(healthy, 1e-5))
+    if (layer, matrix, head) == (0, "v", 1):
+        return 0.6 * index**-0.9
+    return healthy
+
+
+def main() -> None:
+    generator = torch.Generator().manual_seed(20240611)
+    tensors = random_llama_weights(SHAPE, seed=7)
+    d, hidden = SHAPE.head_dim, SHAPE.hidden
+    for layer in range(SHAPE.layers):
+        for matrix in ("q", "k", "v", "o"):
+            heads = SHAPE.kv_heads if matrix in ("k", "v") else SHAPE.heads
+            blocks = [
+                block(generator, d, hidden, spectrum_for(generator, layer, matrix, head, d))
+                for head in range(heads)
+            ]
+            if matrix == "o":  # an O head is a column block
+                weight = torch.cat([b.T for b in blocks], dim=1)
+            else:
+                weight = torch.cat(blocks, dim=0)
+            tensors[attention_name(layer, matrix)] = weight.float()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    write_checkpoint(OUT, tensors, SHAPE.config(), dtype=torch.bfloat16, shards=2)
+    size = sum(p.stat().st_size for p in OUT.iterdir())
+    print(f"wrote {OUT} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Hooks active only during a spectral run (registered when ``--spectral-model`` is given).
+
+Keeping them in their own plugin object means a plain ``pytest`` run in the same environment
+pays for none of them and never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
+from pytest_spectral.report import build_report, pruning_candidates, write_report
+from pytest_spectral.run import SpectralRun
+from pytest_spectral.summary import render_summary
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+class SpectralPlugin:
+    def __init__(self, run: SpectralRun) -> None:
+        self.run = run
+
+    def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
+        """Without explicit paths, a spectral run collects only the spectral items."""
+        if config.args_source != pytest.Config.ArgsSource.ARGS:
+            return True
+        return None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(
+        self, collector: pytest.Collector
+    ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+        report = yield
+        if isinstance(collector, pytest.Session) and report.passed:
+            report.result.append(
+                SpectralRoot.from_parent(collector, name=ROOT_NAME, nodeid=ROOT_NAME)
+            )
+        return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.when == "call" and isinstance(item, SpectralItem) and item.record is not None:
+            # A report attribute survives pytest-xdist's serialisation to the controller.
+            report.spectral = item.record  # type: ignore[attr-defined]
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = getattr(report, "spectral", None)
+        if record is not None:
+            self.run.records[report.nodeid] = record
+
+    def pytest_terminal_summary(
+        self, terminalreporter: pytest.TerminalReporter, config: pytest.Config
+    ) -> None:
+        if _is_xdist_worker(config) or not self.run.records:
+            return
+        writer = config.get_terminal_writer()
+        candidates = pruning_candidates(self.run.records.values(), self.run.rank_request.key)
+        text = render_summary(
+            list(self.run.records.values()),
+            candidates,
+            energy=self.run.energy,
+            width=writer.fullwidth,
+            color=writer.hasmarkup,
+        )
+        terminalreporter.section("spectral summary")
+        terminalreporter.write(text)
+        if self.run.report_path:
+            terminalreporter.write_line(f"spectral report: {self.run.report_path}")
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if _is_xdist_worker(session.config) or self.run.report_path is None:
+            return
+        report = build_report(
+            checkpoint=self.run.checkpoint,
+            model_argument=self.run.model_argument,
+            rules=self.run.rules,
+            settings=self.run.settings(),
+            records=self.run.records.values(),
+        )
+        write_report(self.run.report_path, report)

@@ -1,0 +1,193 @@
+"""Spectral metrics: pure functions of singular values.
+
+Every metric takes a float64 tensor whose last dimension holds the singular values of one
+matrix (any order, non-negative) and reduces that dimension, so the same function serves a
+single head (shape ``[r]``) and a whole layer of heads at once (shape ``[heads, r]``). The
+engine uses the batched form; tests and users call the 1-D form.
+
+Edge cases are defined rather than left to floating point:
+
+* a zero matrix (all singular values 0) gives ``nan`` for every ratio, because a share of
+  nothing is undefined; the norms are 0;
+* ``first_last_ratio`` is ``inf`` when the smallest singular value is 0;
+* ``k`` larger than the number of singular values is clamped, so ``top_k_ratio`` is then 1;
+* any non-finite singular value makes every metric ``nan``.
+
+Definitions follow ``shared/notes/metrics.md``: effective rank is Roy & Vetterli's
+``exp(H(p))`` with the l1 normalisation ``p = sigma / sum(sigma)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _descending(sv: Tensor) -> Tensor:
+    return torch.sort(sv.to(torch.float64), dim=-1, descending=True).values
+
+
+def _poison_nonfinite(sv: Tensor, value: Tensor) -> Tensor:
+    """Return ``nan`` wherever the input spectrum had a non-finite entry."""
+    bad = ~torch.isfinite(sv).all(dim=-1)
+    return torch.where(bad, torch.full_like(value, float("nan")), value)
+
+
+def _share(part: Tensor, total: Tensor) -> Tensor:
+    nan = torch.full_like(total, float("nan"))
+    return torch.where(total > 0, part / torch.where(total > 0, total, 1.0), nan)
+
+
+def _clamp_k(k: int, sv: Tensor) -> int:
+    return max(1, min(int(k), sv.shape[-1]))
+
+
+def top_k_ratio(sv: Tensor, k: int = 10) -> Tensor:
+    """Sum of the ``k`` largest singular values over the sum of all (nuclear-norm share)."""
+    s = _descending(sv)
+    value = _share(s[..., : _clamp_k(k, s)].sum(-1), s.sum(-1))
+    return _poison_nonfinite(sv, value)
+
+
+def least_k_ratio(sv: Tensor, k: int = 10) -> Tensor:
+    """Sum of the ``k`` smallest singular values over the sum of all."""
+    s = _descending(sv)
+    value = _share(s[..., -_clamp_k(k, s) :].sum(-1), s.sum(-1))
+    return _poison_nonfinite(sv, value)
+
+
+def first_last_ratio(sv: Tensor) -> Tensor:
+    """Condition number sigma_max / sigma_min: ``inf`` when sigma_min is 0, ``nan`` if all are 0."""
+    s = _descending(sv)
+    first, last = s[..., 0], s[..., -1]
+    value = torch.where(first > 0, first / last, torch.full_like(first, float("nan")))
+    return _poison_nonfinite(sv, value)
+
+
+def spectral_norm(sv: Tensor) -> Tensor:
+    """Largest singular value (the operator 2-norm)."""
+    return _poison_nonfinite(sv, _descending(sv)[..., 0])
+
+
+def frobenius_norm(sv: Tensor) -> Tensor:
+    """sqrt(sum sigma^2), the Frobenius norm of the matrix."""
+    s = sv.to(torch.float64)
+    return _poison_nonfinite(sv, torch.sqrt((s * s).sum(-1)))
+
+
+def stable_rank(sv: Tensor) -> Tensor:
+    """||W||_F^2 / ||W||_2^2, in [1, r]; a soft count of the directions that carry energy."""
+    s = _descending(sv)
+    energy = (s * s).sum(-1)
+    return _poison_nonfinite(sv, _share(energy, s[..., 0] ** 2))
+
+
+def effective_rank(sv: Tensor) -> Tensor:
+    """Roy & Vetterli (2007): exp of the Shannon entropy of p = sigma / sum(sigma), in [1, r]."""
+    s = sv.to(torch.float64)
+    p = _share(s, s.sum(-1, keepdim=True))
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.zeros_like(p))
+    value = torch.exp(-plogp.sum(-1))
+    value = torch.where(torch.isnan(p).any(-1), torch.full_like(value, float("nan")), value)
+    return _poison_nonfinite(sv, value)
+
+
+def energy_rank(sv: Tensor, p: float = 0.9) -> Tensor:
+    """Smallest r with sum(sigma[:r]^2) >= p * sum(sigma^2).
+
+    By Eckart-Young the best rank-r approximation then has relative Frobenius error
+    ``sqrt(1 - p)`` at most, which is what makes this the operational rank for compression.
+    """
+    s = _descending(sv)
+    energy = s * s
+    cumulative = torch.cumsum(energy, dim=-1)
+    total = cumulative[..., -1:]
+    reached = cumulative >= p * total
+    rank = (~reached).sum(-1).to(torch.float64) + 1.0
+    value = torch.where(total[..., 0] > 0, rank, torch.full_like(rank, float("nan")))
+    return _poison_nonfinite(sv, value)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A metric parameter: its default and a check that returns an error text or ``None``."""
+
+    default: float | int
+    check: Callable[[object], str | None]
+    help: str
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    function: Callable[..., Tensor]
+    summary: str
+    params: Mapping[str, ParamSpec] = field(default_factory=dict)
+
+
+def _positive_int(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def _fraction(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        return f"must be a number in (0, 1], got {value!r}"
+    return None
+
+
+_K = ParamSpec(10, _positive_int, "number of singular values (clamped to the rank)")
+_P = ParamSpec(0.9, _fraction, "energy fraction in (0, 1]")
+
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("top_k_ratio", top_k_ratio, "sum of the k largest sigma / sum of all", {"k": _K}),
+        MetricSpec(
+            "least_k_ratio", least_k_ratio, "sum of the k smallest sigma / sum of all", {"k": _K}
+        ),
+        MetricSpec("first_last_ratio", first_last_ratio, "sigma_max / sigma_min (condition number)"),
+        MetricSpec("spectral_norm", spectral_norm, "sigma_max"),
+        MetricSpec("frobenius_norm", frobenius_norm, "sqrt(sum sigma^2)"),
+        MetricSpec("stable_rank", stable_rank, "sum sigma^2 / sigma_max^2"),
+        MetricSpec("effective_rank", effective_rank, "exp(entropy of sigma / sum sigma)"),
+        MetricSpec(
+            "energy_rank", energy_rank, "smallest r with sum sigma[:r]^2 >= p sum sigma^2", {"p": _P}
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class MetricRequest:
+    """One metric with concrete parameters; ``key`` is how it is named in reports."""
+
+    name: str
+    params: tuple[tuple[str, float | int], ...] = ()
+
+    @property
+    def key(self) -> str:
+        spec = METRICS[self.name]
+        differing = [(k, v) for k, v in self.params if spec.params[k].default != v]
+        if not differing:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in differing)})"
+
+    def compute(self, sv: Tensor) -> Tensor:
+        return METRICS[self.name].function(sv, **dict(self.params))
+
+
+def default_request(name: str, **overrides: float | int) -> MetricRequest:
+    """The request for ``name`` with its default parameters, overridden where given."""
+    spec = METRICS[name]
+    params = {key: p.default for key, p in spec.params.items()}
+    params.update(overrides)
+    return MetricRequest(name, tuple(sorted(params.items())))
+
+
+DEFAULT_REQUESTS: tuple[MetricRequest, ...] = tuple(default_request(name) for name in METRICS)

@@ -1,0 +1,102 @@
+"""pytest entry point: options, the ``spectral`` marker, and starting a spectral run.
+
+pytest loads this module in every run of an environment where the package is installed, so
+it imports nothing heavy: the run's modules (and torch) load only with ``--spectral-model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pytest_spectral.checkpoint import MATRICES
+from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
+
+
+
+
+def _layers(text: str) -> IndexSet:
+    try:
+        return parse_index_set(text)
+    except RangeSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _matrices(text: str) -> tuple[str, ...]:
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in MATRICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown matrix {', '.join(map(repr, unknown)) or repr(text)}; "
+            f"use a comma-separated subset of {','.join(MATRICES)}"
+        )
+    return tuple(m for m in MATRICES if m in names)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("spectral", "spectral health checks of transformer checkpoints")
+    group.addoption(
+        "--spectral-model",
+        metavar="PATH",
+        help="checkpoint to analyse: a Hugging Face directory (config.json + safetensors) "
+        "or a .safetensors file with config.json beside it. Enables the spectral items.",
+    )
+    group.addoption(
+        "--spectral-thresholds",
+        metavar="TOML",
+        help="rules file (see example_thresholds.toml); overrides the spectral_thresholds ini.",
+    )
+    group.addoption(
+        "--spectral-layers",
+        metavar="RANGES",
+        type=_layers,
+        help="only these layers, e.g. '0-3,8' (default: all).",
+    )
+    group.addoption(
+        "--spectral-matrices",
+        metavar="LIST",
+        type=_matrices,
+        help="only these matrices, a comma-separated subset of q,k,v,o (default: all).",
+    )
+    group.addoption(
+        "--spectral-report",
+        metavar="PATH",
+        help="write the JSON report (schema in the README) to PATH.",
+    )
+    group.addoption(
+        "--spectral-energy",
+        metavar="P",
+        type=_fraction,
+        default=0.95,
+        help="energy fraction that sets the suggested rank of pruning candidates (default 0.95).",
+    )
+    parser.addini(
+        "spectral_thresholds",
+        "rules file for pytest-spectral, relative to the ini file",
+        default="",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "spectral: a spectral health check of one attention head (pytest-spectral)"
+    )
+    if config.getoption("spectral_model") is None:
+        return
+    from pytest_spectral.hooks import SpectralPlugin
+    from pytest_spectral.run import RUN_KEY, SpectralRun
+
+    run = SpectralRun.from_config(config)
+    config.stash[RUN_KEY] = run
+    config.pluginmanager.register(SpectralPlugin(run), "spectral-run")

@@ -1,0 +1,157 @@
+"""Per-item records, pruning candidates and the JSON report (the machine interface for CI).
+
+A record is a plain JSON-ready dict. It is attached to the item's ``TestReport``, which is
+how it crosses from pytest-xdist workers to the controller, so a parallel run produces
+exactly the report a single process does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pytest_spectral import __version__
+from pytest_spectral.checkpoint import Checkpoint
+from pytest_spectral.evaluation import Verdict
+from pytest_spectral.rules import RuleSet
+from pytest_spectral.spectra import HeadSpectrum
+
+SCHEMA = "pytest-spectral-report"
+SCHEMA_VERSION = 1
+Record = dict[str, object]
+
+
+def json_number(value: float) -> float | str:
+    """JSON has no nan or inf; write them as strings that ``float()`` still parses."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def item_record(
+    *,
+    nodeid: str,
+    layer: int,
+    head: int,
+    matrix: str,
+    kv_head: int | None,
+    shape: tuple[int, int],
+    spectrum: HeadSpectrum,
+    verdict: Verdict,
+) -> Record:
+    return {
+        "nodeid": nodeid,
+        "layer": layer,
+        "head": head,
+        "matrix": matrix,
+        "kv_head": kv_head,
+        "shape": list(shape),
+        "status": verdict.status,
+        "outcome": verdict.outcome,
+        "nonfinite_count": spectrum.nonfinite,
+        "method": "svd" if spectrum.direct_svd else "gram",
+        "singular_values": [json_number(v) for v in spectrum.singular_values],
+        "metrics": {key: json_number(v) for key, v in spectrum.metrics.items()},
+        "broken_rules": [
+            {
+                "rule": b.rule,
+                "metric": b.metric,
+                "value": json_number(b.value),
+                "min": b.min,
+                "max": b.max,
+                "severity": b.severity,
+            }
+            for b in verdict.broken
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A failing or warned head and what a rank-``rank`` factorisation of it would save."""
+
+    record: Record
+    rank: int | None
+    params_before: int
+    params_after: int
+
+    @property
+    def saved(self) -> int:
+        return max(0, self.params_before - self.params_after)
+
+    @property
+    def saving_fraction(self) -> float:
+        return self.saved / self.params_before if self.params_before else 0.0
+
+
+def pruning_candidates(records: Iterable[Record], rank_metric: str) -> list[Candidate]:
+    """Failed and warned items as low-rank candidates, largest saving first.
+
+    ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank; a
+    rank-r factorisation of an m x n slice keeps ``r (m + n)`` parameters of ``m n``.
+    """
+    result = []
+    for record in records:
+        if record["outcome"] == "passed":
+            continue
+        m, n = record["shape"]  # type: ignore[misc]
+        value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
+        rank = int(value) if isinstance(value, int | float) else None
+        before = m * n
+        after = before if rank is None else min(before, rank * (m + n))
+        result.append(Candidate(record, rank, before, after))
+    return sorted(result, key=lambda c: (-c.saved, c.record["nodeid"]))
+
+
+def build_report(
+    *,
+    checkpoint: Checkpoint,
+    model_argument: str,
+    rules: RuleSet,
+    settings: Mapping[str, object],
+    records: Iterable[Record],
+) -> dict[str, object]:
+    items = sorted(records, key=lambda r: str(r["nodeid"]))
+    g = checkpoint.geometry
+    counts = {o: sum(r["outcome"] == o for r in items) for o in ("passed", "failed", "warned")}
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "plugin_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "model": {
+            "argument": model_argument,
+            "path": str(checkpoint.root),
+            "model_type": checkpoint.model_type,
+            "num_hidden_layers": g.layers,
+            "num_attention_heads": g.heads,
+            "num_key_value_heads": g.kv_heads,
+            "head_dim": g.head_dim,
+            "hidden_size": g.hidden,
+            "dtype": checkpoint.dtype,
+            "files": [str(p.relative_to(checkpoint.root)) for p in checkpoint.files],
+        },
+        "rules": {
+            "path": str(rules.path) if rules.path else None,
+            "sha256": rules.sha256,
+            "count": len(rules.rules),
+        },
+        "settings": dict(settings),
+        "summary": {"items": len(items), **counts},
+        "items": items,
+    }
+
+
+def write_report(path: Path, report: Mapping[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    temporary.replace(path)

@@ -1,0 +1,239 @@
+"""Threshold rules: the TOML file a user writes, validated into :class:`Rule` objects.
+
+Every mistake in the file is reported as a :class:`RulesError` whose message starts with
+``file:line:`` and names the key, so that a CI log points straight at the line to fix.
+``tomllib`` does not report where keys are, so lines are recovered from the text itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pytest_spectral.checkpoint import MATRICES
+from pytest_spectral.metrics import METRICS, MetricRequest, default_request
+from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Severity = Literal["fail", "warn"]
+_Fail = Callable[[str, str], "RulesError"]
+_RULE_KEYS = ("name", "metric", "min", "max", "matrices", "layers", "heads", "severity")
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; the message names file, line and key."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One bound on one metric, restricted to some matrices, layers and (query) heads."""
+
+    name: str
+    request: MetricRequest
+    min: float | None
+    max: float | None
+    matrices: frozenset[str]
+    layers: IndexSet
+    heads: IndexSet
+    severity: Severity
+
+    def applies_to(self, layer: int, head: int, matrix: str) -> bool:
+        return matrix in self.matrices and layer in self.layers and head in self.heads
+
+    def violation(self, value: float) -> str | None:
+        """Why ``value`` breaks this rule, or ``None`` when it does not."""
+        if math.isnan(value):
+            return "is undefined (nan)"
+        if self.min is not None and value < self.min:
+            return f"< min {self.min:g}"
+        if self.max is not None and value > self.max:
+            return f"> max {self.max:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    path: Path | None
+    sha256: str | None
+    rules: tuple[Rule, ...]
+
+    @classmethod
+    def empty(cls) -> RuleSet:
+        return cls(None, None, ())
+
+    def requests(self) -> tuple[MetricRequest, ...]:
+        """The distinct metric requests the rules need, in first-use order."""
+        return tuple(dict.fromkeys(rule.request for rule in self.rules))
+
+
+def load_rules(path: Path) -> RuleSet:
+    """Read and validate a rules file; raises :class:`RulesError` on any problem."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot read rules file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+        document = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise RulesError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{path}: TOML syntax error: {exc}") from None
+    locator = _LineLocator(path, text)
+    rules = _parse_document(document, locator)
+    return RuleSet(path, hashlib.sha256(raw).hexdigest(), rules)
+
+
+def _parse_document(document: Mapping[str, object], where: _LineLocator) -> tuple[Rule, ...]:
+    for key in document:
+        if key != "rules":
+            raise RulesError(f"{where.top(key)}: unknown top-level key {key!r}{_hint(key, ['rules'])}")
+    entries = document.get("rules", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise RulesError(f"{where.top('rules')}: 'rules' must be an array of tables ([[rules]])")
+    return tuple(_parse_rule(index, entry, where) for index, entry in enumerate(entries))
+
+
+def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) -> Rule:
+    def fail(key: str, message: str) -> RulesError:
+        return RulesError(f"{where.key(index, key)}: rule {index + 1}, key {key!r}: {message}")
+
+    metric = entry.get("metric")
+    if metric is None:
+        raise RulesError(f"{where.rule(index)}: rule {index + 1} has no 'metric' key")
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise fail("metric", f"unknown metric {metric!r}{_hint(str(metric), METRICS)}")
+    spec = METRICS[metric]
+
+    for key in entry:
+        if key not in _RULE_KEYS and key not in spec.params:
+            other = [m for m, s in METRICS.items() if key in s.params]
+            if other:
+                raise fail(key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})")
+            raise fail(key, f"unknown key{_hint(key, (*_RULE_KEYS, *spec.params))}")
+
+    params: dict[str, float | int] = {}
+    for key, param in spec.params.items():
+        if key in entry:
+            problem = param.check(entry[key])
+            if problem:
+                raise fail(key, problem)
+            params[key] = entry[key]  # type: ignore[assignment]
+
+    bounds = {key: _number(entry, key, fail) for key in ("min", "max")}
+    if bounds["min"] is None and bounds["max"] is None:
+        raise RulesError(f"{where.rule(index)}: rule {index + 1} needs 'min', 'max' or both")
+    if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
+        raise fail("min", f"min {bounds['min']} is larger than max {bounds['max']}")
+
+    severity = entry.get("severity", "fail")
+    if severity not in ("fail", "warn"):
+        raise fail("severity", f"must be 'fail' or 'warn', got {severity!r}")
+    name = entry.get("name", f"rule-{index + 1}")
+    if not isinstance(name, str) or not name:
+        raise fail("name", f"must be a non-empty string, got {name!r}")
+
+    return Rule(
+        name=name,
+        request=default_request(metric, **params),
+        min=bounds["min"],
+        max=bounds["max"],
+        matrices=_matrices(entry.get("matrices", list(MATRICES)), fail),
+        layers=_index_set(entry, "layers", fail),
+        heads=_index_set(entry, "heads", fail),
+        severity=severity,  # type: ignore[arg-type]
+    )
+
+
+def _number(entry: Mapping[str, object], key: str, fail: _Fail) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise fail(key, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _matrices(value: object, fail: _Fail) -> frozenset[str]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not names:
+        raise fail("matrices", f"must be a non-empty list such as ['q', 'k'], got {value!r}")
+    result = set()
+    for name in names:
+        clean = name.strip().lower() if isinstance(name, str) else name
+        if clean not in MATRICES:
+            raise fail("matrices", f"unknown matrix {name!r}; choose from {', '.join(MATRICES)}")
+        result.add(clean)
+    return frozenset(result)
+
+
+def _index_set(entry: Mapping[str, object], key: str, fail: _Fail) -> IndexSet:
+    if key not in entry:
+        return IndexSet.everything()
+    try:
+        return parse_index_set(entry[key])  # type: ignore[arg-type]
+    except RangeSyntaxError as exc:
+        raise fail(key, str(exc)) from None
+
+
+def _hint(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _LineLocator:
+    """Finds the line of a key inside the n-th ``[[rules]]`` table of the source text."""
+
+    _HEADER = re.compile(r"^\s*\[")
+    _RULES_HEADER = re.compile(r"^\s*\[\[\s*rules\s*\]\]")
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+        self.rule_starts = [i for i, line in enumerate(self.lines) if self._RULES_HEADER.match(line)]
+
+    def _find(self, key: str, start: int, stop: int) -> int | None:
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        for i in range(start, stop):
+            if pattern.match(self.lines[i]):
+                return i
+        return None
+
+    def top(self, key: str) -> str:
+        first_table = next(
+            (i for i, line in enumerate(self.lines) if self._HEADER.match(line)), len(self.lines)
+        )
+        found = self._find(key, 0, first_table)
+        if found is None:
+            found = next(
+                (i for i, line in enumerate(self.lines) if re.match(rf"^\s*\[+\s*{re.escape(key)}\b", line)),
+                None,
+            )
+        return f"{self.path}:{found + 1}" if found is not None else str(self.path)
+
+    def rule(self, index: int) -> str:
+        if index < len(self.rule_starts):
+            return f"{self.path}:{self.rule_starts[index] + 1}"
+        return str(self.path)
+
+    def key(self, index: int, key: str) -> str:
+        if index >= len(self.rule_starts):
+            return str(self.path)
+        start = self.rule_starts[index]
+        stop = next(
+            (i for i in range(start + 1, len(self.lines)) if self._HEADER.match(self.lines[i])),
+            len(self.lines),
+        )
+        found = self._find(key, start + 1, stop)
+        return f"{self.path}:{(found if found is not None else start) + 1}"

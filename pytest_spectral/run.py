@@ -1,0 +1,102 @@
+"""The state of one spectral run: checkpoint, rules, selection, engine and gathered records.
+
+Built once in ``pytest_configure`` (where errors become usage errors, exit code 4) and kept
+in ``config.stash``. The engine, which imports torch, is created when the first item runs,
+so ``--collect-only`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.errors import CheckpointError
+from pytest_spectral.metrics import DEFAULT_REQUESTS, MetricRequest, default_request
+from pytest_spectral.ranges import IndexSet
+from pytest_spectral.rules import RuleSet, RulesError, load_rules
+
+if TYPE_CHECKING:
+    from pytest_spectral.report import Record
+    from pytest_spectral.spectra import SpectraEngine
+
+
+@dataclass
+class SpectralRun:
+    model_argument: str
+    checkpoint: Checkpoint
+    rules: RuleSet
+    layers: list[int]
+    matrices: tuple[str, ...]
+    energy: float
+    report_path: Path | None
+    records: dict[str, Record] = field(default_factory=dict)
+    _engine: SpectraEngine | None = None
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> SpectralRun:
+        """Validate every option; raises ``pytest.UsageError`` with a precise message."""
+        model_argument: str = config.getoption("spectral_model")
+        try:
+            checkpoint = open_checkpoint(Path(model_argument).expanduser())
+            rules_path = _rules_path(config)
+            rules = load_rules(rules_path) if rules_path else RuleSet.empty()
+        except (CheckpointError, RulesError) as exc:
+            raise pytest.UsageError(str(exc)) from None
+        selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
+        count = checkpoint.geometry.layers
+        if missing := selection.beyond(count):
+            raise pytest.UsageError(
+                f"--spectral-layers {selection.spec}: layer(s) {missing} do not exist; "
+                f"the model has {count} layers (0-{count - 1})"
+            )
+        report = config.getoption("spectral_report")
+        return cls(
+            model_argument=model_argument,
+            checkpoint=checkpoint,
+            rules=rules,
+            layers=[layer for layer in range(count) if layer in selection],
+            matrices=config.getoption("spectral_matrices") or MATRICES,
+            energy=config.getoption("spectral_energy"),
+            report_path=Path(report).absolute() if report else None,
+        )
+
+    @property
+    def rank_request(self) -> MetricRequest:
+        """The energy rank that suggests a candidate's factorisation rank."""
+        return default_request("energy_rank", p=self.energy)
+
+    def requests(self) -> tuple[MetricRequest, ...]:
+        """Metrics every item records: the defaults, the rules' variants and the rank."""
+        return tuple(dict.fromkeys((*DEFAULT_REQUESTS, *self.rules.requests(), self.rank_request)))
+
+    def engine(self) -> SpectraEngine:
+        if self._engine is None:
+            from pytest_spectral.spectra import SpectraEngine
+
+            self._engine = SpectraEngine(self.checkpoint, self.requests())
+        return self._engine
+
+    def settings(self) -> dict[str, object]:
+        return {
+            "layers": self.layers,
+            "matrices": list(self.matrices),
+            "candidate_energy": self.energy,
+        }
+
+
+def _rules_path(config: pytest.Config) -> Path | None:
+    option = config.getoption("spectral_thresholds")
+    if option:
+        return Path(option).expanduser().absolute()
+    ini = config.getini("spectral_thresholds")
+    if not ini:
+        return None
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return (base / ini).absolute()
+
+
+RUN_KEY = pytest.StashKey[SpectralRun]()

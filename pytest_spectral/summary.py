@@ -1,0 +1,90 @@
+"""The terminal summary: pruning candidates as a rich table, rendered to text.
+
+Rendering into a string (rather than printing) lets pytest's terminal reporter place it in
+its own section and decide about colour, so ``--color=no`` and output capture behave.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from pytest_spectral.checkpoint import MATRICES
+from pytest_spectral.report import Candidate, Record
+
+#: Rows shown in the terminal; the JSON report always has all of them.
+MAX_ROWS = 25
+
+
+def render_summary(
+    records: Sequence[Record],
+    candidates: Sequence[Candidate],
+    *,
+    energy: float,
+    width: int,
+    color: bool,
+) -> str:
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        force_terminal=color,
+        no_color=not color,
+        color_system="standard" if color else None,
+        highlight=False,
+    )
+    console.print(_counts_line(records))
+    if not candidates:
+        console.print("No head broke a rule: no pruning candidates.")
+        return buffer.getvalue()
+    console.print(_table(candidates[:MAX_ROWS], energy))
+    if len(candidates) > MAX_ROWS:
+        console.print(f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report).")
+    console.print(
+        f"Rank r keeps {energy:.0%} of each slice's energy (sum of sigma^2). These are candidates "
+        "for data-aware low-rank compression (ASVD, SVD-LLM), not safe truncations.",
+        style="dim",
+    )
+    return buffer.getvalue()
+
+
+def _counts_line(records: Sequence[Record]) -> str:
+    outcomes = Counter(str(r["outcome"]) for r in records)
+    parts = [f"{outcomes.get('passed', 0)} passed"]
+    for outcome in ("failed", "warned"):
+        per_matrix = Counter(str(r["matrix"]) for r in records if r["outcome"] == outcome)
+        if per_matrix:
+            detail = ", ".join(f"{m} {per_matrix[m]}" for m in MATRICES if per_matrix[m])
+            parts.append(f"{outcomes[outcome]} {outcome} ({detail})")
+    return f"{len(records)} heads analysed: " + "; ".join(parts)
+
+
+def _table(candidates: Sequence[Candidate], energy: float) -> Table:
+    table = Table(title="Low-rank pruning candidates", title_justify="left")
+    table.add_column("head", no_wrap=True)
+    table.add_column("rules broken (value)", overflow="fold")
+    table.add_column(f"rank@{energy:.0%}", justify="right", no_wrap=True)
+    table.add_column("params saved", justify="right", no_wrap=True)
+    for c in candidates:
+        r = c.record
+        label = f"L{r['layer']} H{r['head']} {r['matrix']}"
+        broken = [
+            f"{b['rule']} {b['metric']}={_short(b['value'])}"
+            + (" (warn)" if b["severity"] == "warn" else "")
+            for b in r["broken_rules"]  # type: ignore[attr-defined]
+        ]
+        if r["status"] != "ok":
+            broken.insert(0, str(r["status"]))
+        m, n = r["shape"]  # type: ignore[misc]
+        saved = f"{c.saved:,} of {m}x{n} ({c.saving_fraction:.0%})" if c.saved else "none"
+        rank = "-" if c.rank is None else str(c.rank)
+        table.add_row(label, "\n".join(broken), rank, saved)
+    return table
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

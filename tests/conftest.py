@@ -1,0 +1,33 @@
+"""Shared fixtures: small checkpoints written in the Hugging Face layout, per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_spectral.synthetic import LlamaShape, write_random_llama
+
+MakeCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
+    """Write a random Llama-layout checkpoint; keyword arguments go to :class:`LlamaShape`."""
+    counter = iter(range(1000))
+
+    def make(
+        *, dtype: torch.dtype = torch.bfloat16, shards: int = 1, seed: int = 0, **shape: int
+    ) -> Path:
+        directory = tmp_path / f"checkpoint-{next(counter)}"
+        return write_random_llama(directory, LlamaShape(**shape), seed=seed, dtype=dtype, shards=shards)
+
+    return make
+
+
+@pytest.fixture
+def tiny_checkpoint(make_checkpoint: MakeCheckpoint) -> Path:
+    """2 layers, 4 query heads sharing 2 K/V heads, head_dim 16, hidden 64: 32 items."""
+    return make_checkpoint(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64)
