@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from pytest_spectral.synthetic import LlamaShape, attention_name, random_llama_weights, write_checkpoint
+from pytest_spectral.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
 
 SHAPE = LlamaShape(
     layers=4, heads=8, kv_heads=2, head_dim=32, hidden=256, intermediate=256, vocab=128

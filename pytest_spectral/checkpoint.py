@@ -135,7 +135,8 @@ def _geometry(path: Path, config: dict[str, object]) -> Geometry:
         head_dim = hidden // heads
     if heads % kv_heads:
         raise CheckpointError(
-            f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            f"{path}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}"
         )
     return Geometry(layers, heads, kv_heads, head_dim, hidden)
 
@@ -172,7 +173,9 @@ def _sharded_entries(index: Path) -> dict[str, TensorEntry]:
                 raise CheckpointError(f"{index}: shard {shard!r} (for {name!r}) does not exist")
             shards[shard] = read_header(shard_path)
         if name not in shards[shard]:
-            raise CheckpointError(f"{shard_path}: tensor {name!r} promised by {index.name} is missing")
+            raise CheckpointError(
+                f"{shard_path}: tensor {name!r} promised by {index.name} is missing"
+            )
         entries[name] = shards[shard][name]
     return entries
 
@@ -212,7 +215,8 @@ def _decoder_prefix(entries: dict[str, TensorEntry]) -> str:
     prefixes = sorted(m.group(1) for name in entries if (m := pattern.match(name)))
     if not prefixes:
         raise CheckpointError(
-            "no tensor named like '...layers.0.self_attn.q_proj.weight': not a Llama-layout checkpoint"
+            "no tensor named like '...layers.0.self_attn.q_proj.weight': "
+            "not a Llama-layout checkpoint"
         )
     return prefixes[0]
 

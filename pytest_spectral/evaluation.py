@@ -62,7 +62,9 @@ def judge(
         reason = rule.violation(value)
         if reason is not None:
             broken.append(
-                BrokenRule(rule.name, rule.request.key, value, rule.min, rule.max, rule.severity, reason)
+                BrokenRule(
+                    rule.name, rule.request.key, value, rule.min, rule.max, rule.severity, reason
+                )
             )
     return Verdict(status, tuple(broken))
 

@@ -147,17 +147,24 @@ _P = ParamSpec(0.9, _fraction, "energy fraction in (0, 1]")
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        MetricSpec("top_k_ratio", top_k_ratio, "sum of the k largest sigma / sum of all", {"k": _K}),
+        MetricSpec(
+            "top_k_ratio", top_k_ratio, "sum of the k largest sigma / sum of all", {"k": _K}
+        ),
         MetricSpec(
             "least_k_ratio", least_k_ratio, "sum of the k smallest sigma / sum of all", {"k": _K}
         ),
-        MetricSpec("first_last_ratio", first_last_ratio, "sigma_max / sigma_min (condition number)"),
+        MetricSpec(
+            "first_last_ratio", first_last_ratio, "sigma_max / sigma_min (condition number)"
+        ),
         MetricSpec("spectral_norm", spectral_norm, "sigma_max"),
         MetricSpec("frobenius_norm", frobenius_norm, "sqrt(sum sigma^2)"),
         MetricSpec("stable_rank", stable_rank, "sum sigma^2 / sigma_max^2"),
         MetricSpec("effective_rank", effective_rank, "exp(entropy of sigma / sum sigma)"),
         MetricSpec(
-            "energy_rank", energy_rank, "smallest r with sum sigma[:r]^2 >= p sum sigma^2", {"p": _P}
+            "energy_rank",
+            energy_rank,
+            "smallest r with sum sigma[:r]^2 >= p sum sigma^2",
+            {"p": _P},
         ),
     )
 }

@@ -26,7 +26,7 @@ ROOT_NAME = "spectral"
 _TOP_VALUES_SHOWN = 8
 
 
-class SpectralFailure(Exception):
+class SpectralCheckError(Exception):
     """Raised by an item whose head broke a rule; its text is the whole failure report."""
 
 
@@ -64,7 +64,11 @@ class LayerCollector(pytest.Collector):
         for head in range(heads):
             for matrix in run.matrices:
                 yield SpectralItem.from_parent(
-                    self, name=f"head{head:0{width}d}-{matrix}", layer=self.layer, head=head, matrix=matrix
+                    self,
+                    name=f"head{head:0{width}d}-{matrix}",
+                    layer=self.layer,
+                    head=head,
+                    matrix=matrix,
                 )
 
 
@@ -94,7 +98,7 @@ class SpectralItem(pytest.Item):
         )
         self.user_properties.extend(spectrum.metrics.items())
         if verdict.outcome == "failed":
-            raise SpectralFailure(self._describe(run, spectrum, verdict))
+            raise SpectralCheckError(self._describe(run, spectrum, verdict))
         if verdict.outcome == "warned":
             warnings.warn_explicit(
                 SpectralRuleWarning(self._describe(run, spectrum, verdict)),
@@ -111,7 +115,9 @@ class SpectralItem(pytest.Item):
                 "(corrupt file or diverged training)"
             )
         elif verdict.status == "zero_matrix":
-            lines.append("  FAIL zero matrix: every weight of this slice is 0, ratios are undefined")
+            lines.append(
+                "  FAIL zero matrix: every weight of this slice is 0, ratios are undefined"
+            )
         for broken in verdict.broken:
             lines.append(f"  {broken.severity.upper():4} {broken.describe()}")
         if verdict.status != "nonfinite":
@@ -143,7 +149,7 @@ class SpectralItem(pytest.Item):
         excinfo: pytest.ExceptionInfo[BaseException],
         style: TracebackStyle | None = None,
     ) -> str | TerminalRepr:
-        if isinstance(excinfo.value, SpectralFailure):
+        if isinstance(excinfo.value, SpectralCheckError):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)
 

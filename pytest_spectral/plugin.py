@@ -14,8 +14,6 @@ from pytest_spectral.checkpoint import MATRICES
 from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
 
-
-
 def _layers(text: str) -> IndexSet:
     try:
         return parse_index_set(text)

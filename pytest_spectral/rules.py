@@ -98,7 +98,9 @@ def load_rules(path: Path) -> RuleSet:
 def _parse_document(document: Mapping[str, object], where: _LineLocator) -> tuple[Rule, ...]:
     for key in document:
         if key != "rules":
-            raise RulesError(f"{where.top(key)}: unknown top-level key {key!r}{_hint(key, ['rules'])}")
+            raise RulesError(
+                f"{where.top(key)}: unknown top-level key {key!r}{_hint(key, ['rules'])}"
+            )
     entries = document.get("rules", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise RulesError(f"{where.top('rules')}: 'rules' must be an array of tables ([[rules]])")
@@ -120,7 +122,9 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
         if key not in _RULE_KEYS and key not in spec.params:
             other = [m for m, s in METRICS.items() if key in s.params]
             if other:
-                raise fail(key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})")
+                raise fail(
+                    key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})"
+                )
             raise fail(key, f"unknown key{_hint(key, (*_RULE_KEYS, *spec.params))}")
 
     params: dict[str, float | int] = {}
@@ -201,7 +205,9 @@ class _LineLocator:
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         self.lines = text.splitlines()
-        self.rule_starts = [i for i, line in enumerate(self.lines) if self._RULES_HEADER.match(line)]
+        self.rule_starts = [
+            i for i, line in enumerate(self.lines) if self._RULES_HEADER.match(line)
+        ]
 
     def _find(self, key: str, start: int, stop: int) -> int | None:
         pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
@@ -217,7 +223,11 @@ class _LineLocator:
         found = self._find(key, 0, first_table)
         if found is None:
             found = next(
-                (i for i, line in enumerate(self.lines) if re.match(rf"^\s*\[+\s*{re.escape(key)}\b", line)),
+                (
+                    i
+                    for i, line in enumerate(self.lines)
+                    if re.match(rf"^\s*\[+\s*{re.escape(key)}\b", line)
+                ),
                 None,
             )
         return f"{self.path}:{found + 1}" if found is not None else str(self.path)

@@ -17,7 +17,7 @@ from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.metrics import DEFAULT_REQUESTS, MetricRequest, default_request
 from pytest_spectral.ranges import IndexSet
-from pytest_spectral.rules import RuleSet, RulesError, load_rules
+from pytest_spectral.rules import RulesError, RuleSet, load_rules
 
 if TYPE_CHECKING:
     from pytest_spectral.report import Record

@@ -21,8 +21,20 @@ from pytest_spectral.errors import CheckpointError
 DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 _KNOWN_DTYPE_SIZES: dict[str, float] = {
     **DTYPE_SIZES,
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-    "I32": 4, "U32": 4, "I64": 8, "U64": 8, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F4": 0.5,
+    "F6_E2M3": 0.75,
+    "F6_E3M2": 0.75,
 }
 #: Headers larger than this are refused before being read (real ones are well under 10 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -41,7 +53,7 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and validate the header of ``path``; raises :class:`CheckpointError` naming the file."""
+    """Parse and validate the header of ``path``; errors name the file and what is wrong."""
     try:
         with path.open("rb") as handle:
             size = path.stat().st_size
@@ -54,7 +66,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(size - 8, MAX_HEADER_BYTES):
                 raise CheckpointError(
-                    f"{path}: header claims {header_len} bytes but the file has {size - 8} after the "
+                    f"{path}: header claims {header_len} bytes but the file has {size - 8} "
+                    "after the "
                     "length prefix (truncated or not a safetensors file)"
                 )
             raw = handle.read(header_len)

@@ -43,7 +43,9 @@ def render_summary(
         return buffer.getvalue()
     console.print(_table(candidates[:MAX_ROWS], energy))
     if len(candidates) > MAX_ROWS:
-        console.print(f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report).")
+        console.print(
+            f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report)."
+        )
     console.print(
         f"Rank r keeps {energy:.0%} of each slice's energy (sum of sigma^2). These are candidates "
         "for data-aware low-rank compression (ASVD, SVD-LLM), not safe truncations.",

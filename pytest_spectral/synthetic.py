@@ -127,4 +127,6 @@ def write_random_llama(
     """A random Llama-layout checkpoint in one call."""
     tensors = random_llama_weights(shape, seed, attention_only)
     dtype_name = str(dtype).removeprefix("torch.")
-    return write_checkpoint(directory, tensors, shape.config(dtype_name), dtype=dtype, shards=shards)
+    return write_checkpoint(
+        directory, tensors, shape.config(dtype_name), dtype=dtype, shards=shards
+    )

@@ -22,7 +22,9 @@ def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
         *, dtype: torch.dtype = torch.bfloat16, shards: int = 1, seed: int = 0, **shape: int
     ) -> Path:
         directory = tmp_path / f"checkpoint-{next(counter)}"
-        return write_random_llama(directory, LlamaShape(**shape), seed=seed, dtype=dtype, shards=shards)
+        return write_random_llama(
+            directory, LlamaShape(**shape), seed=seed, dtype=dtype, shards=shards
+        )
 
     return make
 

@@ -55,8 +55,14 @@ class TestHandComputedValues:
 class TestEdgeCases:
     def test_zero_matrix_gives_nan_ratios_and_zero_norms(self) -> None:
         zero = torch.zeros(8, dtype=torch.float64)
-        for name in ("top_k_ratio", "least_k_ratio", "first_last_ratio", "stable_rank",
-                     "effective_rank", "energy_rank"):
+        for name in (
+            "top_k_ratio",
+            "least_k_ratio",
+            "first_last_ratio",
+            "stable_rank",
+            "effective_rank",
+            "energy_rank",
+        ):
             assert math.isnan(m.METRICS[name].function(zero).item()), name
         assert m.spectral_norm(zero).item() == 0
         assert m.frobenius_norm(zero).item() == 0
@@ -134,8 +140,13 @@ class TestProperties:
     @given(spectra, st.floats(1e-3, 1e3))
     def test_scale_invariance(self, values, scale) -> None:
         s = torch.from_numpy(values)
-        for name in ("top_k_ratio", "least_k_ratio", "first_last_ratio", "stable_rank",
-                     "effective_rank"):
+        for name in (
+            "top_k_ratio",
+            "least_k_ratio",
+            "first_last_ratio",
+            "stable_rank",
+            "effective_rank",
+        ):
             f = m.METRICS[name].function
             assert f(s * scale).item() == pytest.approx(f(s).item(), rel=1e-9), name
         assert m.spectral_norm(s * scale).item() == pytest.approx(scale * m.spectral_norm(s).item())

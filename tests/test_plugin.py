@@ -1,0 +1,324 @@
+"""End to end through pytest itself: collection, outcomes, options, reports and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_spectral.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
+
+SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+COLLAPSED = "spectral::layer01::head02-q"
+
+
+@pytest.fixture(autouse=True)
+def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
+    """Users run pytest from their project root; node ids then print as-is."""
+    pytester.makeini("[pytest]\n")
+
+
+@pytest.fixture
+def planted(pytester: pytest.Pytester) -> Path:
+    """The SHAPE model with query head 2 of layer 1 collapsed to rank 1 in Q."""
+    tensors = random_llama_weights(SHAPE, seed=3)
+    q = tensors[attention_name(1, "q")]
+    q[16:24] = torch.outer(torch.linspace(1, 2, 8), torch.linspace(-1, 1, 32))
+    return write_checkpoint(pytester.path / "planted", tensors, SHAPE.config())
+
+
+def rules(pytester: pytest.Pytester, text: str, name: str = "rules.toml") -> Path:
+    path = pytester.path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+STABLE_RANK_RULE = """
+[[rules]]
+name = "collapsed"
+metric = "stable_rank"
+min = 1.5
+matrices = ["q"]
+"""
+
+
+class TestCollection:
+    def test_one_item_per_layer_head_and_matrix(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "--collect-only", "-q")
+        ids = [line for line in result.outlines if line.startswith("spectral::")]
+        assert len(ids) == SHAPE.layers * SHAPE.heads * 4
+        assert ids[:5] == [
+            "spectral::layer00::head00-q",
+            "spectral::layer00::head00-k",
+            "spectral::layer00::head00-v",
+            "spectral::layer00::head00-o",
+            "spectral::layer00::head01-q",
+        ]
+        assert ids[-1] == "spectral::layer01::head03-o"
+        assert str(planted) not in "\n".join(ids)
+
+    def test_narrowing_by_layers_and_matrices(self, pytester, planted) -> None:
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(planted),
+            "--spectral-layers",
+            "1",
+            "--spectral-matrices",
+            "k,q",
+            "--collect-only",
+            "-q",
+        )
+        ids = [line for line in result.outlines if line.startswith("spectral::")]
+        assert len(ids) == 4 * 2
+        assert all(i.startswith("spectral::layer01::") and i[-1] in "qk" for i in ids)
+
+    def test_without_paths_only_spectral_items_run(self, pytester, planted) -> None:
+        pytester.makepyfile(test_user="def test_user(): pass")
+        alone = pytester.runpytest("--spectral-model", str(planted), "--spectral-layers", "0")
+        alone.assert_outcomes(passed=16)
+        both = pytester.runpytest(
+            "test_user.py", "--spectral-model", str(planted), "--spectral-layers", "0"
+        )
+        both.assert_outcomes(passed=17)
+
+    def test_plain_runs_are_untouched(self, pytester) -> None:
+        pytester.makepyfile(test_user="def test_user(): pass")
+        pytester.runpytest().assert_outcomes(passed=1)
+
+
+class TestOutcomes:
+    def test_no_rules_file_everything_passes(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted))
+        result.assert_outcomes(passed=32)
+        result.stdout.fnmatch_lines(["*spectral summary*", "32 heads analysed: 32 passed"])
+
+    def test_broken_rule_fails_exactly_that_head(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE)
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+        )
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.assert_outcomes(passed=31, failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*collapsed: stable_rank = 1 < min 1.5",
+                "layer 1, head 2, q: rows 16:24 of model.layers.1.self_attn.q_proj.weight (8x32)",
+                "  FAIL collapsed: stable_rank = 1 < min 1.5",
+                "  top singular values (8 of 8): *",
+                "*Low-rank pruning candidates*",
+                "*L1 H2 q*collapsed stable_rank=1*",
+                f"FAILED {COLLAPSED} - collapsed: stable_rank = 1 < min 1.5",
+            ]
+        )
+        assert "Traceback" not in result.stdout.str()
+
+    def test_warn_severity_reports_without_failing(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE + 'severity = "warn"\n')
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+        )
+        assert result.ret == pytest.ExitCode.OK
+        result.assert_outcomes(passed=32, warnings=1)
+        result.stdout.fnmatch_lines(["*SpectralRuleWarning: collapsed: stable_rank = 1 < min 1.5*"])
+
+    def test_ini_option_points_at_the_rules(self, pytester, planted) -> None:
+        rules(pytester, STABLE_RANK_RULE, name="spectral.toml")
+        pytester.makeini("[pytest]\nspectral_thresholds = spectral.toml\n")
+        result = pytester.runpytest("--spectral-model", str(planted))
+        result.assert_outcomes(passed=31, failed=1)
+
+    def test_non_finite_and_zero_heads_fail_without_rules(self, pytester) -> None:
+        tensors = random_llama_weights(SHAPE, seed=1)
+        tensors[attention_name(0, "v")][0, 5] = float("nan")  # K/V head 0: query heads 0, 1
+        tensors[attention_name(1, "o")][:, 8:16] = 0.0  # query head 1
+        directory = write_checkpoint(pytester.path / "broken", tensors, SHAPE.config())
+        result = pytester.runpytest("--spectral-model", str(directory))
+        result.assert_outcomes(passed=29, failed=3)
+        result.stdout.fnmatch_lines(
+            [
+                "FAILED spectral::layer00::head00-v - 1 non-finite weights",
+                "FAILED spectral::layer00::head01-v - 1 non-finite weights",
+                "FAILED spectral::layer01::head01-o - zero matrix",
+            ]
+        )
+
+
+class TestPytestOptionsWork:
+    def test_keyword_selection(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "-k", "layer00 and q")
+        result.assert_outcomes(passed=4)
+
+    def test_marker_selection(self, pytester, planted) -> None:
+        pytester.makepyfile(test_user="def test_user(): pass")
+        result = pytester.runpytest(
+            "test_user.py", "--spectral-model", str(planted), "-m", "spectral", "--strict-markers"
+        )
+        result.assert_outcomes(passed=32)
+
+    def test_deselect(self, pytester, planted) -> None:
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--deselect", "spectral::layer00"
+        )
+        result.assert_outcomes(passed=16)
+
+    def test_exitfirst(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE)
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path), "-x"
+        )
+        result.assert_outcomes(passed=24, failed=1)
+
+    def test_last_failed(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE)
+        args = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        pytester.runpytest(*args).assert_outcomes(passed=31, failed=1)
+        rerun = pytester.runpytest(*args, "--lf", "-v")
+        rerun.assert_outcomes(failed=1, deselected=31)
+        rerun.stdout.fnmatch_lines([f"{COLLAPSED} FAILED*"])
+
+    def test_junit_xml_carries_metrics(self, pytester, planted) -> None:
+        pytester.runpytest(
+            "--spectral-model", str(planted), "--junitxml", "out.xml", "-o", "junit_family=xunit1"
+        )
+        xml = (pytester.path / "out.xml").read_text()
+        assert xml.count("<testcase") == 32
+        assert '<property name="stable_rank"' in xml
+        assert 'name="head02-q"' in xml
+
+
+class TestJsonReport:
+    def test_report_content(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE)
+        pytester.runpytest(
+            "--spectral-model",
+            str(planted),
+            "--spectral-thresholds",
+            str(path),
+            "--spectral-report",
+            "out/report.json",
+        )
+        report = json.loads((pytester.path / "out/report.json").read_text())
+        assert report["schema"] == "pytest-spectral-report"
+        assert report["schema_version"] == 1
+        assert report["model"]["num_key_value_heads"] == 2
+        assert report["model"]["dtype"] == "BF16"
+        assert len(report["rules"]["sha256"]) == 64
+        assert report["summary"] == {"items": 32, "passed": 31, "failed": 1, "warned": 0}
+        items = {item["nodeid"]: item for item in report["items"]}
+        collapsed = items[COLLAPSED]
+        assert collapsed["outcome"] == "failed"
+        assert collapsed["broken_rules"] == [
+            {
+                "rule": "collapsed",
+                "metric": "stable_rank",
+                "value": pytest.approx(1.0, rel=1e-4),
+                "min": 1.5,
+                "max": None,
+                "severity": "fail",
+            }
+        ]
+        k_item = items["spectral::layer01::head03-k"]
+        assert (k_item["kv_head"], k_item["shape"]) == (1, [8, 32])
+        assert items["spectral::layer01::head03-o"]["shape"] == [32, 8]
+        assert set(k_item["metrics"]) >= {"top_k_ratio", "effective_rank", "energy_rank"}
+
+    def test_singular_values_agree_with_numpy(self, pytester, planted) -> None:
+        pytester.runpytest("--spectral-model", str(planted), "--spectral-report", "r.json")
+        items = json.loads((pytester.path / "r.json").read_text())["items"]
+        from safetensors.torch import load_file
+
+        weights = {
+            k: v.double().numpy() for k, v in load_file(planted / "model.safetensors").items()
+        }
+        for item in items:
+            weight = weights[attention_name(item["layer"], item["matrix"])]
+            index = item["kv_head"] if item["kv_head"] is not None else item["head"]
+            block = (
+                weight[:, index * 8 : index * 8 + 8]
+                if item["matrix"] == "o"
+                else (weight[index * 8 : index * 8 + 8])
+            )
+            reference = np.linalg.svd(block, compute_uv=False)
+            # Below sigma_1 * max(m, n) * eps a singular value is rounding noise in any method
+            # (the planted rank-1 head has seven of them); above it, 1e-9 relative holds.
+            noise = reference[0] * max(block.shape) * np.finfo(np.float64).eps
+            np.testing.assert_allclose(item["singular_values"], reference, rtol=1e-9, atol=noise)
+
+    def test_parallel_run_gives_the_same_report(self, pytester, planted) -> None:
+        path = rules(pytester, STABLE_RANK_RULE)
+        common = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        pytester.runpytest_subprocess(*common, "--spectral-report", "one.json", "-p", "no:xdist")
+        parallel = pytester.runpytest_subprocess(
+            *common, "--spectral-report", "two.json", "-n", "2", "--dist", "loadscope"
+        )
+        parallel.assert_outcomes(passed=31, failed=1)
+        one, two = (json.loads((pytester.path / n).read_text()) for n in ("one.json", "two.json"))
+        one.pop("created"), two.pop("created")
+        assert one == two
+
+
+class TestUsageErrors:
+    def test_malformed_rules_file_names_the_line(self, pytester, planted) -> None:
+        path = rules(pytester, '[[rules]]\nmetric = "stable_rnk"\nmax = 1\n')
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                f"ERROR: {path}:2: rule 1, key 'metric': unknown metric 'stable_rnk' "
+                "(did you mean 'stable_rank'?)"
+            ]
+        )
+
+    def test_missing_checkpoint(self, pytester) -> None:
+        result = pytester.runpytest("--spectral-model", "no/such/model")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["ERROR: no/such/model: no such file or directory"])
+
+    def test_layers_out_of_range(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "--spectral-layers", "0-5")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            ["*layer(s) ?2, 3, 4, 5? do not exist; the model has 2 layers*"]
+        )
+
+    @pytest.mark.parametrize(
+        ("option", "value", "message"),
+        [
+            ("--spectral-matrices", "q,x", "*unknown matrix 'x'*"),
+            ("--spectral-layers", "3-1", "*runs backwards*"),
+            ("--spectral-energy", "2", "*expected a number in (0, 1]*"),
+        ],
+    )
+    def test_bad_option_values(self, pytester, planted, option, value, message) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), option, value)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([message])
+
+
+def test_plugin_import_does_not_import_torch() -> None:
+    code = (
+        "import sys, pytest_spectral.plugin; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'pytest_spectral.metrics' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plain_pytest_run_does_not_import_torch(pytester) -> None:
+    pytester.makepyfile(
+        test_user="import sys\ndef test_user():\n    assert 'torch' not in sys.modules\n"
+    )
+    pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(passed=1)
