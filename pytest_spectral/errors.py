@@ -13,3 +13,7 @@ class CheckpointError(ValueError):
 
 class SpectralRuleWarning(UserWarning):
     """A rule with ``severity = "warn"`` was broken: reported, but the item passes."""
+
+
+class DeviceError(ValueError):
+    """A requested device or precision that this machine cannot provide."""

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.rules import Rule, Severity
-from pytest_spectral.spectra import HeadSpectrum
 
 Status = Literal["ok", "nonfinite", "zero_matrix"]
 Outcome = Literal["passed", "failed", "warned"]

@@ -13,6 +13,7 @@ import pytest
 
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
 from pytest_spectral.report import build_report, pruning_candidates, write_report
+from pytest_spectral.results import LayerStats
 from pytest_spectral.run import SpectralRun
 from pytest_spectral.summary import render_summary
 
@@ -22,8 +23,12 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
 
 
 class SpectralPlugin:
-    def __init__(self, run: SpectralRun) -> None:
+    def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
         self.run = run
+        self._config = config
+        self._finished_layers: list[LayerStats] = []
+        if config.get_verbosity() >= 1:
+            run.on_layer = self._finished_layers.append
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items."""
@@ -41,6 +46,25 @@ class SpectralPlugin:
                 SpectralRoot.from_parent(collector, name=ROOT_NAME, nodeid=ROOT_NAME)
             )
         return report
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.run.needed = [
+            (item.layer, item.matrix) for item in session.items if isinstance(item, SpectralItem)
+        ]
+
+    def pytest_runtest_logfinish(self) -> None:
+        """In verbose mode, a line per computed layer, after the item that waited for it."""
+        if not self._finished_layers:
+            return
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        for stats in self._finished_layers:
+            if reporter is not None:
+                reporter.write_line(
+                    f"spectral: layer {stats.layer}: {stats.slices} head slices in "
+                    f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
+                    f"{stats.direct_svd} direct SVD)"
+                )
+        self._finished_layers.clear()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -77,6 +101,7 @@ class SpectralPlugin:
             terminalreporter.write_line(f"spectral report: {self.run.report_path}")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.run.close()
         if _is_xdist_worker(session.config) or self.run.report_path is None:
             return
         report = build_report(

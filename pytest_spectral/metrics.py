@@ -1,9 +1,11 @@
 """Spectral metrics: pure functions of singular values.
 
-Every metric takes a float64 tensor whose last dimension holds the singular values of one
-matrix (any order, non-negative) and reduces that dimension, so the same function serves a
+Every metric takes an array (numpy, or anything ``numpy.asarray`` accepts, torch CPU tensors
+included) whose last dimension holds the singular values of one matrix (any order,
+non-negative), computes in float64 and reduces that dimension, so the same function serves a
 single head (shape ``[r]``) and a whole layer of heads at once (shape ``[heads, r]``). The
-engine uses the batched form; tests and users call the 1-D form.
+engine uses the batched form; tests and users call the 1-D form. numpy rather than torch, so
+that a re-run served from the cache never pays for importing torch.
 
 Edge cases are defined rather than left to floating point:
 
@@ -22,94 +24,95 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
-Tensor = torch.Tensor
-
-
-def _descending(sv: Tensor) -> Tensor:
-    return torch.sort(sv.to(torch.float64), dim=-1, descending=True).values
+Values = NDArray[np.float64]
 
 
-def _poison_nonfinite(sv: Tensor, value: Tensor) -> Tensor:
+def _as_float64(sv: ArrayLike) -> Values:
+    return np.asarray(sv, dtype=np.float64)
+
+
+def _descending(sv: ArrayLike) -> Values:
+    return -np.sort(-_as_float64(sv), axis=-1)
+
+
+def _poison_nonfinite(sv: ArrayLike, value: Values) -> Values:
     """Return ``nan`` wherever the input spectrum had a non-finite entry."""
-    bad = ~torch.isfinite(sv).all(dim=-1)
-    return torch.where(bad, torch.full_like(value, float("nan")), value)
+    bad = ~np.isfinite(_as_float64(sv)).all(axis=-1)
+    return np.where(bad, np.nan, value)
 
 
-def _share(part: Tensor, total: Tensor) -> Tensor:
-    nan = torch.full_like(total, float("nan"))
-    return torch.where(total > 0, part / torch.where(total > 0, total, 1.0), nan)
+def _share(part: Values, total: Values) -> Values:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, part / np.where(total > 0, total, 1.0), np.nan)
 
 
-def _clamp_k(k: int, sv: Tensor) -> int:
-    return max(1, min(int(k), sv.shape[-1]))
+def _clamp_k(k: int, s: Values) -> int:
+    return max(1, min(int(k), s.shape[-1]))
 
 
-def top_k_ratio(sv: Tensor, k: int = 10) -> Tensor:
+def top_k_ratio(sv: ArrayLike, k: int = 10) -> Values:
     """Sum of the ``k`` largest singular values over the sum of all (nuclear-norm share)."""
     s = _descending(sv)
-    value = _share(s[..., : _clamp_k(k, s)].sum(-1), s.sum(-1))
-    return _poison_nonfinite(sv, value)
+    return _poison_nonfinite(sv, _share(s[..., : _clamp_k(k, s)].sum(-1), s.sum(-1)))
 
 
-def least_k_ratio(sv: Tensor, k: int = 10) -> Tensor:
+def least_k_ratio(sv: ArrayLike, k: int = 10) -> Values:
     """Sum of the ``k`` smallest singular values over the sum of all."""
     s = _descending(sv)
-    value = _share(s[..., -_clamp_k(k, s) :].sum(-1), s.sum(-1))
-    return _poison_nonfinite(sv, value)
+    return _poison_nonfinite(sv, _share(s[..., -_clamp_k(k, s) :].sum(-1), s.sum(-1)))
 
 
-def first_last_ratio(sv: Tensor) -> Tensor:
+def first_last_ratio(sv: ArrayLike) -> Values:
     """Condition number sigma_max / sigma_min: ``inf`` when sigma_min is 0, ``nan`` if all are 0."""
     s = _descending(sv)
     first, last = s[..., 0], s[..., -1]
-    value = torch.where(first > 0, first / last, torch.full_like(first, float("nan")))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(first > 0, first / last, np.nan)
     return _poison_nonfinite(sv, value)
 
 
-def spectral_norm(sv: Tensor) -> Tensor:
+def spectral_norm(sv: ArrayLike) -> Values:
     """Largest singular value (the operator 2-norm)."""
     return _poison_nonfinite(sv, _descending(sv)[..., 0])
 
 
-def frobenius_norm(sv: Tensor) -> Tensor:
+def frobenius_norm(sv: ArrayLike) -> Values:
     """sqrt(sum sigma^2), the Frobenius norm of the matrix."""
-    s = sv.to(torch.float64)
-    return _poison_nonfinite(sv, torch.sqrt((s * s).sum(-1)))
+    s = _as_float64(sv)
+    return _poison_nonfinite(sv, np.sqrt((s * s).sum(-1)))
 
 
-def stable_rank(sv: Tensor) -> Tensor:
+def stable_rank(sv: ArrayLike) -> Values:
     """||W||_F^2 / ||W||_2^2, in [1, r]; a soft count of the directions that carry energy."""
     s = _descending(sv)
-    energy = (s * s).sum(-1)
-    return _poison_nonfinite(sv, _share(energy, s[..., 0] ** 2))
+    return _poison_nonfinite(sv, _share((s * s).sum(-1), s[..., 0] ** 2))
 
 
-def effective_rank(sv: Tensor) -> Tensor:
+def effective_rank(sv: ArrayLike) -> Values:
     """Roy & Vetterli (2007): exp of the Shannon entropy of p = sigma / sum(sigma), in [1, r]."""
-    s = sv.to(torch.float64)
-    p = _share(s, s.sum(-1, keepdim=True))
-    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.zeros_like(p))
-    value = torch.exp(-plogp.sum(-1))
-    value = torch.where(torch.isnan(p).any(-1), torch.full_like(value, float("nan")), value)
+    s = _as_float64(sv)
+    total = s.sum(-1, keepdims=True)
+    p = _share(s, total)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    value = np.where(total[..., 0] > 0, np.exp(-plogp.sum(-1)), np.nan)
     return _poison_nonfinite(sv, value)
 
 
-def energy_rank(sv: Tensor, p: float = 0.9) -> Tensor:
+def energy_rank(sv: ArrayLike, p: float = 0.9) -> Values:
     """Smallest r with sum(sigma[:r]^2) >= p * sum(sigma^2).
 
     By Eckart-Young the best rank-r approximation then has relative Frobenius error
     ``sqrt(1 - p)`` at most, which is what makes this the operational rank for compression.
     """
     s = _descending(sv)
-    energy = s * s
-    cumulative = torch.cumsum(energy, dim=-1)
+    cumulative = np.cumsum(s * s, axis=-1)
     total = cumulative[..., -1:]
-    reached = cumulative >= p * total
-    rank = (~reached).sum(-1).to(torch.float64) + 1.0
-    value = torch.where(total[..., 0] > 0, rank, torch.full_like(rank, float("nan")))
-    return _poison_nonfinite(sv, value)
+    rank = (cumulative < p * total).sum(-1).astype(np.float64) + 1.0
+    return _poison_nonfinite(sv, np.where(total[..., 0] > 0, rank, np.nan))
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class ParamSpec:
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    function: Callable[..., Tensor]
+    function: Callable[..., Values]
     summary: str
     params: Mapping[str, ParamSpec] = field(default_factory=dict)
 
@@ -185,7 +188,7 @@ class MetricRequest:
             return self.name
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in differing)})"
 
-    def compute(self, sv: Tensor) -> Tensor:
+    def compute(self, sv: ArrayLike) -> Values:
         return METRICS[self.name].function(sv, **dict(self.params))
 
 

@@ -16,8 +16,8 @@ import pytest
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.evaluation import Verdict, judge
 from pytest_spectral.report import Record, item_record
+from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
-from pytest_spectral.spectra import HeadSpectrum
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle

@@ -42,6 +42,12 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spectral", "spectral health checks of transformer checkpoints")
     group.addoption(
@@ -79,6 +85,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=0.95,
         help="energy fraction that sets the suggested rank of pruning candidates (default 0.95).",
     )
+    group.addoption(
+        "--spectral-device",
+        metavar="DEVICE",
+        default="auto",
+        help="where to compute: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps. "
+        "Under pytest-xdist, 'cuda' gives worker gwN the GPU N mod count.",
+    )
+    group.addoption(
+        "--spectral-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="precision of the decomposition (default float64: within 1e-9 of LAPACK float64; "
+        "float32 is faster on GPUs, about 1e-6).",
+    )
+    group.addoption(
+        "--spectral-threads",
+        metavar="N",
+        type=_positive_int,
+        help="torch threads per process (default: usable cores / pytest-xdist workers).",
+    )
+    group.addoption(
+        "--spectral-no-cache",
+        action="store_true",
+        help="do not read or write cached singular values (cold run).",
+    )
     parser.addini(
         "spectral_thresholds",
         "rules file for pytest-spectral, relative to the ini file",
@@ -97,4 +128,4 @@ def pytest_configure(config: pytest.Config) -> None:
 
     run = SpectralRun.from_config(config)
     config.stash[RUN_KEY] = run
-    config.pluginmanager.register(SpectralPlugin(run), "spectral-run")
+    config.pluginmanager.register(SpectralPlugin(run, config), "spectral-run")

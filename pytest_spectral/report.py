@@ -18,8 +18,8 @@ from pathlib import Path
 from pytest_spectral import __version__
 from pytest_spectral.checkpoint import Checkpoint
 from pytest_spectral.evaluation import Verdict
+from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.rules import RuleSet
-from pytest_spectral.spectra import HeadSpectrum
 
 SCHEMA = "pytest-spectral-report"
 SCHEMA_VERSION = 1
@@ -56,7 +56,7 @@ def item_record(
         "status": verdict.status,
         "outcome": verdict.outcome,
         "nonfinite_count": spectrum.nonfinite,
-        "method": "svd" if spectrum.direct_svd else "gram",
+        "method": spectrum.method,
         "singular_values": [json_number(v) for v in spectrum.singular_values],
         "metrics": {key: json_number(v) for key, v in spectrum.metrics.items()},
         "broken_rules": [

@@ -7,6 +7,7 @@ so ``--collect-only`` stays cheap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,14 +15,16 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.errors import CheckpointError
+from pytest_spectral.device import default_threads, resolve_device, xdist_worker_index
+from pytest_spectral.errors import CheckpointError, DeviceError
 from pytest_spectral.metrics import DEFAULT_REQUESTS, MetricRequest, default_request
 from pytest_spectral.ranges import IndexSet
 from pytest_spectral.rules import RulesError, RuleSet, load_rules
 
 if TYPE_CHECKING:
+    from pytest_spectral.engine import SpectraEngine
+    from pytest_spectral.results import LayerStats
     from pytest_spectral.report import Record
-    from pytest_spectral.spectra import SpectraEngine
 
 
 @dataclass
@@ -33,7 +36,14 @@ class SpectralRun:
     matrices: tuple[str, ...]
     energy: float
     report_path: Path | None
+    device: str  # as requested; "auto" is resolved when something must be computed
+    precision: str
+    threads: int
+    cache_dir: Path | None
+    #: (layer, matrix) pairs of the items this process will run, in order
+    needed: list[tuple[int, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
+    on_layer: Callable[[LayerStats], None] | None = None
     _engine: SpectraEngine | None = None
 
     @classmethod
@@ -44,7 +54,11 @@ class SpectralRun:
             checkpoint = open_checkpoint(Path(model_argument).expanduser())
             rules_path = _rules_path(config)
             rules = load_rules(rules_path) if rules_path else RuleSet.empty()
-        except (CheckpointError, RulesError) as exc:
+            precision = config.getoption("spectral_dtype")
+            device = config.getoption("spectral_device").strip().lower()
+            if device not in ("auto", "cpu"):
+                device = resolve_device(device, precision)  # fail now, not at the first item
+        except (CheckpointError, RulesError, DeviceError) as exc:
             raise pytest.UsageError(str(exc)) from None
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
@@ -62,6 +76,10 @@ class SpectralRun:
             matrices=config.getoption("spectral_matrices") or MATRICES,
             energy=config.getoption("spectral_energy"),
             report_path=Path(report).absolute() if report else None,
+            device=device,
+            precision=precision,
+            threads=config.getoption("spectral_threads") or default_threads(),
+            cache_dir=_cache_dir(config),
         )
 
     @property
@@ -74,17 +92,37 @@ class SpectralRun:
         return tuple(dict.fromkeys((*DEFAULT_REQUESTS, *self.rules.requests(), self.rank_request)))
 
     def engine(self) -> SpectraEngine:
+        """The engine, created on first use (so collection alone never computes)."""
         if self._engine is None:
-            from pytest_spectral.spectra import SpectraEngine
+            from pytest_spectral.cache import SpectraCache
+            from pytest_spectral.engine import SpectraEngine
 
-            self._engine = SpectraEngine(self.checkpoint, self.requests())
+            self._engine = SpectraEngine(
+                self.checkpoint,
+                self.requests(),
+                device=self.device,
+                precision=self.precision,
+                threads=self.threads,
+                cache=SpectraCache(self.cache_dir) if self.cache_dir else None,
+                # Workers of pytest-xdist already fill the cores; prefetching would compete.
+                prefetch=xdist_worker_index() is None,
+                on_layer=self.on_layer,
+            )
+            self._engine.plan(self.needed)
         return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def settings(self) -> dict[str, object]:
         return {
             "layers": self.layers,
             "matrices": list(self.matrices),
             "candidate_energy": self.energy,
+            "precision": self.precision,
+            "device": self.device,
         }
 
 
@@ -97,6 +135,13 @@ def _rules_path(config: pytest.Config) -> Path | None:
         return None
     base = config.inipath.parent if config.inipath else config.rootpath
     return (base / ini).absolute()
+
+
+def _cache_dir(config: pytest.Config) -> Path | None:
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is None or config.getoption("spectral_no_cache"):
+        return None
+    return cache.mkdir("spectral")
 
 
 RUN_KEY = pytest.StashKey[SpectralRun]()

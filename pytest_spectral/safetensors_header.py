@@ -9,6 +9,7 @@ Format: an 8-byte little-endian header length N, N bytes of JSON, then the data 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -50,6 +51,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the first element in the file
     nbytes: int
+    header_sha256: str  # of the whole JSON header: changes when any tensor moves or is added
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -81,15 +83,18 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_start = 8 + header_len
     data_size = size - data_start
+    digest = hashlib.sha256(raw).hexdigest()
     entries = {
-        name: _entry(path, name, info, data_start, data_size)
+        name: _entry(path, name, info, data_start, data_size, digest)
         for name, info in header.items()
         if name != "__metadata__"
     }
     return entries
 
 
-def _entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+def _entry(
+    path: Path, name: str, info: object, data_start: int, data_size: int, digest: str
+) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
@@ -117,4 +122,4 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_size: int)
         raise CheckpointError(
             f"{where}: {end - begin} bytes stored but shape {shape} of {dtype} needs {expected:g}"
         )
-    return TensorEntry(path, name, dtype, tuple(shape), data_start + begin, end - begin)
+    return TensorEntry(path, name, dtype, tuple(shape), data_start + begin, end - begin, digest)

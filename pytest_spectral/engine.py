@@ -1,0 +1,163 @@
+"""Serving per-head spectra to items: one batched computation per layer, ahead of need.
+
+Items ask for one head at a time, but computing a head alone would read its tensor once per
+head. The engine computes every head of a layer's matrices in one batch (reading each tensor
+once), keeps only the layers in use, and in a single process computes the next layer on a
+background thread while pytest runs the current layer's items: torch releases the GIL, so
+the two overlap on separate cores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from pytest_spectral.cache import SpectraCache, entry_key
+from pytest_spectral.checkpoint import MATRICES, Checkpoint
+from pytest_spectral.metrics import MetricRequest
+from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
+
+if TYPE_CHECKING:
+    from pytest_spectral.reader import WeightReader
+
+LayerResults = dict[str, list[HeadSpectrum]]
+
+
+class SpectraEngine:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        requests: Sequence[MetricRequest],
+        *,
+        device: str = "cpu",
+        precision: str = "float64",
+        threads: int | None = None,
+        cache: SpectraCache | None = None,
+        prefetch: bool = False,
+        on_layer: Callable[[LayerStats], None] | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.requests = tuple(requests)
+        self.device = device
+        self.precision = precision
+        self.threads = threads
+        self.cache = cache
+        self.prefetch = prefetch
+        self.on_layer = on_layer
+        self._reader_instance: WeightReader | None = None
+        self._plan: dict[int, tuple[str, ...]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pytest-spectral")
+        self._futures: dict[int, Future[tuple[LayerResults, LayerStats]]] = {}
+        self._consumed: set[int] = set()
+
+    def plan(self, needed: Sequence[tuple[int, str]]) -> None:
+        """Declare which (layer, matrix) pairs will be asked for, in the order of the run.
+
+        Only those tensors are read; without a plan every matrix of a requested layer is.
+        """
+        plan: dict[int, list[str]] = {}
+        for layer, matrix in needed:
+            matrices = plan.setdefault(layer, [])
+            if matrix not in matrices:
+                matrices.append(matrix)
+        self._plan = {layer: tuple(m for m in MATRICES if m in ms) for layer, ms in plan.items()}
+
+    def head(self, layer: int, matrix: str, head: int) -> HeadSpectrum:
+        """The spectrum of query head ``head`` (its shared K/V head for k and v)."""
+        results = self._layer(layer)
+        if matrix not in results:  # asked for outside the plan
+            results[matrix] = self._matrix(layer, matrix)[0]
+        geometry = self.checkpoint.geometry
+        index = geometry.kv_head_of(head) if matrix in ("k", "v") else head
+        return results[matrix][index]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _layer(self, layer: int) -> LayerResults:
+        future = self._futures.get(layer) or self._submit(layer)
+        results, stats = future.result()
+        if layer not in self._consumed:
+            self._consumed.add(layer)
+            upcoming = self._next_planned(layer)
+            for stale in [k for k in self._futures if k not in (layer, upcoming)]:
+                del self._futures[stale]
+            if self.prefetch and upcoming is not None and upcoming not in self._futures:
+                self._submit(upcoming)
+            if self.on_layer:
+                self.on_layer(stats)
+        return results
+
+    def _submit(self, layer: int) -> Future[tuple[LayerResults, LayerStats]]:
+        future = self._executor.submit(self._compute_layer, layer)
+        self._futures[layer] = future
+        return future
+
+    def _next_planned(self, layer: int) -> int | None:
+        layers = list(self._plan)
+        if layer in self._plan and layers.index(layer) + 1 < len(layers):
+            return layers[layers.index(layer) + 1]
+        return None
+
+    def _compute_layer(self, layer: int) -> tuple[LayerResults, LayerStats]:
+        start = time.perf_counter()
+        results: LayerResults = {}
+        slices = direct = cached = 0
+        for matrix in self._plan.get(layer, MATRICES):
+            heads, from_cache = self._matrix(layer, matrix)
+            results[matrix] = heads
+            slices += len(heads)
+            direct += sum(h.method != "gram" for h in heads)
+            cached += from_cache
+        stats = LayerStats(layer, slices, direct, cached, time.perf_counter() - start)
+        return results, stats
+
+    def _matrix(self, layer: int, matrix: str) -> tuple[list[HeadSpectrum], bool]:
+        spectra, from_cache = self._spectra(layer, matrix)
+        values = spectra.singular_values
+        metrics = {request.key: request.compute(values).tolist() for request in self.requests}
+        heads = [
+            HeadSpectrum(
+                singular_values=row,
+                metrics={key: column[i] for key, column in metrics.items()},
+                nonfinite=spectra.nonfinite[i],
+                method=spectra.methods[i],
+            )
+            for i, row in enumerate(values.tolist())
+        ]
+        return heads, from_cache
+
+    def _spectra(self, layer: int, matrix: str) -> tuple[SliceSpectra, bool]:
+        entry = self.checkpoint.tensors[(layer, matrix)]
+        geometry = self.checkpoint.geometry
+        if self.cache is None:
+            return self._decompose(layer, matrix), False
+        layout = (matrix, geometry.distinct_heads(matrix), geometry.head_dim)
+        key = entry_key(entry, layout, self.precision)
+        hit = self.cache.load(key)
+        if hit is not None:
+            return hit, True
+        spectra = self._decompose(layer, matrix)
+        self.cache.store(key, spectra)
+        return spectra, False
+
+    def _decompose(self, layer: int, matrix: str) -> SliceSpectra:
+        """The only place torch is needed: a run served from the cache never imports it."""
+        import torch
+
+        from pytest_spectral.device import resolve_device
+        from pytest_spectral.reader import WeightReader
+        from pytest_spectral.spectra import head_blocks, slice_singular_values
+
+        if self._reader_instance is None:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            self.device = resolve_device(self.device, self.precision)
+            self._reader_instance = WeightReader()
+        entry = self.checkpoint.tensors[(layer, matrix)]
+        weight = self._reader_instance.tensor(entry)
+        blocks = head_blocks(weight, matrix, self.checkpoint.geometry)
+        dtype = torch.float64 if self.precision == "float64" else torch.float32
+        return slice_singular_values(blocks, device=self.device, dtype=dtype)

@@ -1,0 +1,50 @@
+"""Zero-copy, read-only access to checkpoint tensors.
+
+Each file is memory-mapped once with ``ACCESS_READ``: the checkpoint can never be modified
+through it, the page cache is shared with other pytest-xdist workers, and a tensor costs no
+allocation until a slice of it is upcast.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+from pathlib import Path
+
+import torch
+
+from pytest_spectral.safetensors_header import TensorEntry
+
+TORCH_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+class WeightReader:
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """The tensor as stored, backed by the file's pages (do not write to it)."""
+        dtype = TORCH_DTYPES[entry.dtype]
+        with warnings.catch_warnings():
+            # The map is read-only on purpose; torch warns that it cannot write to it.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(
+                self._map(entry.file),
+                dtype=dtype,
+                count=entry.nbytes // dtype.itemsize,
+                offset=entry.offset,
+            )
+        return flat.view(entry.shape)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mapping = self._maps.get(path)
+        if mapping is None:
+            with path.open("rb") as handle:
+                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = mapping
+        return mapping

@@ -1,0 +1,39 @@
+"""Plain result types shared by the engine, the cache and the items (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SliceSpectra:
+    """Singular values of a batch of head slices, with how each was obtained."""
+
+    singular_values: np.ndarray  # [slices, r], float64, descending; nan where non-finite
+    nonfinite: list[int]  # non-finite weights per slice
+    #: per slice: "gram" (float64 Gram + eigvalsh), "svd" (float64 SVD, where the Gram
+    #: route could not be certified) or "svd32" (float32 SVD, ``--spectral-dtype float32``)
+    methods: list[str]
+
+
+@dataclass(frozen=True)
+class HeadSpectrum:
+    """Everything an item needs about its slice: values, metrics and how they were obtained."""
+
+    singular_values: list[float]
+    metrics: dict[str, float]
+    nonfinite: int
+    method: str
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What computing one layer took, for progress lines."""
+
+    layer: int
+    slices: int
+    direct_svd: int
+    from_cache: int
+    seconds: float
