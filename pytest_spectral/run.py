@@ -23,8 +23,8 @@ from pytest_spectral.rules import RulesError, RuleSet, load_rules
 
 if TYPE_CHECKING:
     from pytest_spectral.engine import SpectraEngine
-    from pytest_spectral.results import LayerStats
     from pytest_spectral.report import Record
+    from pytest_spectral.results import LayerStats
 
 
 @dataclass
