@@ -36,9 +36,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: Peak resident memory of the measuring process itself. (ru_maxrss would not do: it survives
+#: fork and exec, so a child would report this script's own peak.)
+PEAK = 'int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024'
 
 BASELINE = """
-import sys, json, resource, time
+import sys, json, time
 from pathlib import Path
 import torch
 from safetensors import safe_open
@@ -63,12 +66,11 @@ for layer in range(layers):
         gram = blocks @ blocks.transpose(1, 2)
         values = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
         count += values.shape[0]
-print(json.dumps({{"slices": count,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print(json.dumps({{"slices": count, "rss_mb": {peak}}}))
 """
 
 SEED = """
-import sys, json, os, resource, time
+import sys, json, os, time
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -87,16 +89,14 @@ for layer, matrix, head in items:
     h = head if matrix in ("q", "o") else head // group
     block = w[:, h * d:(h + 1) * d] if matrix == "o" else w[h * d:(h + 1) * d]
     np.linalg.svd(block, compute_uv=False)
-print(json.dumps({"per_item_s": (time.perf_counter() - start) / len(items),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"per_item_s": (time.perf_counter() - start) / len(items), "rss_mb": PEAK}))
 """
 
 PYTEST = """
-import json, resource, sys
+import json, sys
 import pytest
 code = pytest.main(sys.argv[1:])
-print(json.dumps({"exit": int(code),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"exit": int(code), "rss_mb": PEAK}))
 """
 
 RULES_A = """
@@ -189,12 +189,22 @@ def main() -> None:
         """)
     )
     py = sys.executable
-    base_pytest = [py, "-c", PYTEST, "-q", "-p", "no:randomly", "--no-header", "-o", "addopts="]
+    base_pytest = [
+        py,
+        "-c",
+        PYTEST.replace("PEAK", PEAK),
+        "-q",
+        "-p",
+        "no:randomly",
+        "--no-header",
+        "-o",
+        "addopts=",
+    ]
     spectral = [*base_pytest, "--spectral-model", str(model)]
 
     results: dict[str, tuple[float, float]] = {}
     results["baseline"] = median_run(
-        [py, "-c", BASELINE.format(threads=args.threads), str(model)], work, args.repeat
+        [py, "-c", BASELINE.format(threads=args.threads, peak=PEAK), str(model)], work, args.repeat
     )
     cold = [*spectral, "--spectral-thresholds", "rules_a.toml", "--spectral-no-cache"]
     results["plugin-cold"] = median_run(cold, work, args.repeat)
@@ -207,7 +217,9 @@ def main() -> None:
         parallel = [*cold, "-n", str(args.xdist), "--dist", "loadscope"]
         results[f"plugin-cold -n {args.xdist}"] = median_run(parallel, work, args.repeat)
     sample = [[(5 + i) % args.layers, "qkvo"[i % 4], 3] for i in range(args.seed_items)]
-    _, seed_out = timed([py, "-c", SEED, str(model), json.dumps(sample)], work)
+    _, seed_out = timed(
+        [py, "-c", SEED.replace("PEAK", PEAK), str(model), json.dumps(sample)], work
+    )
     per_item = float(seed_out["per_item_s"])
     results["seed (extrapolated)"] = (per_item * items, float(seed_out["rss_mb"]))
 

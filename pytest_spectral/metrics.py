@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -180,7 +181,7 @@ class MetricRequest:
     name: str
     params: tuple[tuple[str, float | int], ...] = ()
 
-    @property
+    @cached_property
     def key(self) -> str:
         spec = METRICS[self.name]
         differing = [(k, v) for k, v in self.params if spec.params[k].default != v]

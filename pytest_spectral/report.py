@@ -57,7 +57,11 @@ def item_record(
         "outcome": verdict.outcome,
         "nonfinite_count": spectrum.nonfinite,
         "method": spectrum.method,
-        "singular_values": [json_number(v) for v in spectrum.singular_values],
+        "singular_values": (
+            spectrum.singular_values  # finite unless the weights were not
+            if not spectrum.nonfinite
+            else [json_number(v) for v in spectrum.singular_values]
+        ),
         "metrics": {key: json_number(v) for key, v in spectrum.metrics.items()},
         "broken_rules": [
             {

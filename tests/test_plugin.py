@@ -308,6 +308,76 @@ class TestUsageErrors:
         result.stderr.fnmatch_lines([message])
 
 
+class TestEngineOptions:
+    def test_verbose_run_reports_each_layer(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "-v")
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: layer 0: 12 head slices in * s (0 matrices from cache, 0 direct SVD)",
+                "spectral: layer 1: 12 head slices in * s (0 matrices from cache, * direct SVD)",
+            ]
+        )
+
+    def test_rerun_is_served_from_cache_without_torch(self, pytester, planted) -> None:
+        pytester.makeconftest(
+            """
+            import sys
+            def pytest_sessionfinish(session):
+                with open("torch-imported.txt", "w") as f:
+                    f.write(str("torch" in sys.modules))
+            """
+        )
+        args = ("--spectral-model", str(planted), "-v", "-p", "no:xdist", "-p", "no:randomly")
+        first = pytester.runpytest_subprocess(*args)
+        first.assert_outcomes(passed=32)
+        assert (pytester.path / "torch-imported.txt").read_text() == "True"
+        second = pytester.runpytest_subprocess(*args, "--spectral-report", "cached.json")
+        second.assert_outcomes(passed=32)
+        second.stdout.fnmatch_lines(["spectral: layer 1: * (4 matrices from cache, *"])
+        assert (pytester.path / "torch-imported.txt").read_text() == "False"
+
+    def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
+        args = ("--spectral-model", str(planted))
+        pytester.runpytest(*args, "--spectral-report", "cold.json", "--spectral-no-cache")
+        pytester.runpytest(*args)  # fills the cache
+        pytester.runpytest(*args, "--spectral-report", "warm.json")
+        cold, warm = (
+            json.loads((pytester.path / n).read_text()) for n in ("cold.json", "warm.json")
+        )
+        assert cold["items"] == warm["items"]
+
+    def test_no_cache_writes_nothing(self, pytester, planted) -> None:
+        pytester.runpytest("--spectral-model", str(planted), "--spectral-no-cache")
+        assert not list(pytester.path.glob(".pytest_cache/d/spectral/*"))
+        pytester.runpytest("--spectral-model", str(planted))
+        assert len(list(pytester.path.glob(".pytest_cache/d/spectral/*.npz"))) == 8
+
+    def test_works_without_the_cache_plugin(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=32)
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+    def test_absent_device_is_a_usage_error(self, pytester, planted) -> None:
+        result = pytester.runpytest("--spectral-model", str(planted), "--spectral-device", "cuda")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            ["ERROR: --spectral-device cuda: CUDA is not available here (available: cpu*)"]
+        )
+
+    def test_float32_precision_is_recorded(self, pytester, planted) -> None:
+        pytester.runpytest(
+            "--spectral-model",
+            str(planted),
+            "--spectral-dtype",
+            "float32",
+            "--spectral-report",
+            "r.json",
+        )
+        report = json.loads((pytester.path / "r.json").read_text())
+        assert report["settings"]["precision"] == "float32"
+        assert {item["method"] for item in report["items"]} == {"svd32"}
+
+
 def test_plugin_import_does_not_import_torch() -> None:
     code = (
         "import sys, pytest_spectral.plugin; "

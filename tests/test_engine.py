@@ -1,0 +1,208 @@
+"""The engine around the decomposition: planning, prefetch, cache, devices and threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_spectral import device, spectra
+from pytest_spectral.cache import SpectraCache, entry_key
+from pytest_spectral.checkpoint import MATRICES, open_checkpoint
+from pytest_spectral.engine import SpectraEngine
+from pytest_spectral.errors import DeviceError
+from pytest_spectral.metrics import DEFAULT_REQUESTS
+from pytest_spectral.results import SliceSpectra
+
+
+@pytest.fixture
+def checkpoint(make_checkpoint):
+    return open_checkpoint(make_checkpoint(layers=3, heads=4, kv_heads=2, head_dim=8, hidden=32))
+
+
+@pytest.fixture
+def decompositions(monkeypatch) -> list[tuple[int, ...]]:
+    """Records the shape of every batch the engine decomposes."""
+    seen: list[tuple[int, ...]] = []
+    original = spectra.slice_singular_values
+
+    def spy(blocks: torch.Tensor, **kwargs: object) -> SliceSpectra:
+        seen.append(tuple(blocks.shape))
+        return original(blocks, **kwargs)
+
+    monkeypatch.setattr(spectra, "slice_singular_values", spy)
+    return seen
+
+
+def all_values(engine: SpectraEngine, layers: range) -> list[list[float]]:
+    return [
+        engine.head(layer, matrix, head).singular_values
+        for layer in layers
+        for head in range(4)
+        for matrix in MATRICES
+    ]
+
+
+class TestPlanAndPrefetch:
+    def test_only_planned_matrices_are_read(self, checkpoint, decompositions) -> None:
+        engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+        engine.plan([(1, "q"), (1, "k")])
+        engine.head(1, "q", 0)
+        engine.head(1, "k", 3)
+        assert decompositions == [(4, 8, 32), (2, 8, 32)]
+
+    def test_prefetch_computes_the_next_layer_ahead(self, checkpoint, decompositions) -> None:
+        engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
+        engine.plan([(layer, m) for layer in (0, 2) for m in MATRICES])
+        engine.head(0, "q", 0)
+        engine._futures[2].result()  # layer 2 is being computed before anyone asks for it
+        assert len(decompositions) == 8
+        engine.close()
+
+    def test_prefetch_gives_the_same_values(self, checkpoint) -> None:
+        plan = [(layer, m) for layer in range(3) for m in MATRICES]
+        plain = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+        ahead = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
+        plain.plan(plan)
+        ahead.plan(plan)
+        assert all_values(plain, range(3)) == all_values(ahead, range(3))
+        ahead.close()
+
+    def test_old_layers_are_released(self, checkpoint) -> None:
+        engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+        engine.plan([(layer, m) for layer in range(3) for m in MATRICES])
+        for layer in range(3):
+            engine.head(layer, "q", 0)
+        assert set(engine._futures) == {2}
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+
+class TestCache:
+    def test_second_engine_reads_from_cache(self, checkpoint, tmp_path, decompositions) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        first = all_values(SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache), range(3))
+        computed = len(decompositions)
+        second = all_values(SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache), range(3))
+        assert first == second
+        assert len(decompositions) == computed == 12
+
+    def test_rewritten_file_is_recomputed(self, make_checkpoint, tmp_path) -> None:
+        directory = make_checkpoint(layers=1, heads=2, kv_heads=2, head_dim=4, hidden=16, seed=1)
+        cache = SpectraCache(tmp_path / "cache")
+        before = SpectraEngine(open_checkpoint(directory), DEFAULT_REQUESTS, cache=cache)
+        old = before.head(0, "q", 0).singular_values
+        replacement = make_checkpoint(layers=1, heads=2, kv_heads=2, head_dim=4, hidden=16, seed=2)
+        (replacement / "model.safetensors").replace(directory / "model.safetensors")
+        after = SpectraEngine(open_checkpoint(directory), DEFAULT_REQUESTS, cache=cache)
+        assert after.head(0, "q", 0).singular_values != old
+
+    def test_in_place_edit_with_restored_mtime_is_detected(self, checkpoint, tmp_path) -> None:
+        entry = checkpoint.tensors[(0, "q")]
+        layout = ("q", 4, 8)
+        key = entry_key(entry, layout, "float64")
+        stat = entry.file.stat()
+        with entry.file.open("r+b") as handle:  # flip the tensor's first weight
+            handle.seek(entry.offset)
+            first = handle.read(2)
+            handle.seek(entry.offset)
+            handle.write(bytes([first[0] ^ 0xFF, first[1]]))
+        os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert entry.file.stat().st_mtime_ns == stat.st_mtime_ns
+        assert entry_key(entry, layout, "float64") != key
+
+    def test_key_depends_on_precision(self, checkpoint) -> None:
+        entry = checkpoint.tensors[(0, "q")]
+        assert entry_key(entry, ("q", 4, 8), "float64") != entry_key(entry, ("q", 4, 8), "float32")
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            lambda p: p.write_bytes(p.read_bytes()[:-40]),  # truncated
+            lambda p: p.write_bytes(b"not a zip file"),  # garbage
+            lambda p: p.write_bytes(flip_middle_byte(p.read_bytes())),  # one bit of rot
+        ],
+    )
+    def test_damaged_entries_are_recomputed(self, checkpoint, tmp_path, damage) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        reference = all_values(SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache), range(1))
+        for path in (tmp_path / "cache").glob("*.npz"):
+            damage(path)
+        again = all_values(SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache), range(1))
+        assert again == reference
+
+    def test_no_temporary_files_are_left(self, checkpoint, tmp_path) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        all_values(SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache), range(3))
+        names = [p.name for p in (tmp_path / "cache").iterdir()]
+        assert len(names) == 12
+        assert all(name.endswith(".npz") for name in names)
+
+
+class TestDevicesAndThreads:
+    def test_cpu_needs_no_torch_question(self) -> None:
+        assert device.resolve_device("cpu", "float64") == "cpu"
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+    def test_absent_cuda_is_a_clear_error(self) -> None:
+        with pytest.raises(DeviceError, match=r"CUDA is not available here \(available: cpu"):
+            device.resolve_device("cuda:1", "float64")
+        assert device.resolve_device("auto", "float64") == "cpu"
+
+    def test_mps_refuses_float64(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+        with pytest.raises(DeviceError, match="MPS has no float64"):
+            device.resolve_device("mps", "float64")
+
+    def test_unknown_device(self) -> None:
+        with pytest.raises(DeviceError, match="expected auto, cpu, cuda, cuda:N or mps"):
+            device.resolve_device("tpu", "float64")
+
+    def test_threads_are_divided_among_xdist_workers(self, monkeypatch) -> None:
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "1")
+        assert device.default_threads() == cores
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(cores * 2))
+        assert device.default_threads() == 1
+
+    def test_cuda_worker_gets_gpu_by_index(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+        assert device.resolve_device("cuda", "float64") == "cuda:1"
+        with pytest.raises(DeviceError, match="no such GPU"):
+            device.resolve_device("cuda:2", "float64")
+
+
+def reference_values(blocks: torch.Tensor) -> np.ndarray:
+    return np.linalg.svd(blocks.to(torch.float64).numpy(), compute_uv=False)
+
+
+def test_float32_precision_is_about_1e_6(checkpoint) -> None:
+    weight = torch.randn(4, 8, 32)
+    result = spectra.slice_singular_values(weight, dtype=torch.float32)
+    assert result.methods == ["svd32"] * 4
+    np.testing.assert_allclose(result.singular_values, reference_values(weight), rtol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kappa_exponent", [0, 12, 20])
+def test_cuda_matches_numpy(kappa_exponent: int) -> None:
+    generator = torch.Generator().manual_seed(kappa_exponent)
+    base = torch.randn(16, 128, 4096, generator=generator).bfloat16()
+    scale = torch.pow(2.0, torch.linspace(0, -kappa_exponent, 128).round()).bfloat16()
+    blocks = base * scale[None, :, None]
+    result = spectra.slice_singular_values(blocks, device="cuda")
+    np.testing.assert_allclose(result.singular_values, reference_values(blocks), rtol=1e-9)
+
+
+def test_engine_on_a_path_without_cache_dir(tmp_path: Path, checkpoint) -> None:
+    cache = SpectraCache(tmp_path / "not" / "yet" / "there")
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache)
+    assert engine.head(0, "v", 3).method == "gram"
