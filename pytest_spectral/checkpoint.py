@@ -170,7 +170,8 @@ def _sharded_entries(index: Path) -> dict[str, TensorEntry]:
         shard_path = index.parent / str(shard)
         if shard not in shards:
             if not shard_path.is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} (for {name!r}) does not exist")
+                what = "is a broken symlink" if shard_path.is_symlink() else "does not exist"
+                raise CheckpointError(f"{index}: shard {shard!r} (for {name!r}) {what}")
             shards[shard] = read_header(shard_path)
         if name not in shards[shard]:
             raise CheckpointError(

@@ -63,6 +63,9 @@ class SpectraEngine:
             if matrix not in matrices:
                 matrices.append(matrix)
         self._plan = {layer: tuple(m for m in MATRICES if m in ms) for layer, ms in plan.items()}
+        if self.prefetch and self._plan:
+            # Start on the first layer (and torch's import) while pytest finishes starting up.
+            self._submit(next(iter(self._plan)))
 
     def head(self, layer: int, matrix: str, head: int) -> HeadSpectrum:
         """The spectrum of query head ``head`` (its shared K/V head for k and v)."""
@@ -160,4 +163,7 @@ class SpectraEngine:
         weight = self._reader_instance.tensor(entry)
         blocks = head_blocks(weight, matrix, self.checkpoint.geometry)
         dtype = torch.float64 if self.precision == "float64" else torch.float32
-        return slice_singular_values(blocks, device=self.device, dtype=dtype)
+        spectra = slice_singular_values(blocks, device=self.device, dtype=dtype)
+        del weight, blocks
+        self._reader_instance.release(entry)
+        return spectra

@@ -51,6 +51,8 @@ class SpectralPlugin:
         self.run.needed = [
             (item.layer, item.matrix) for item in session.items if isinstance(item, SpectralItem)
         ]
+        if self.run.needed and not session.config.option.collectonly:
+            self.run.engine()  # a single process starts computing the first layer now
 
     def pytest_runtest_logfinish(self) -> None:
         """In verbose mode, a line per computed layer, after the item that waited for it."""

@@ -83,7 +83,14 @@ class SpectralItem(pytest.Item):
 
     def runtest(self) -> None:
         run = self.config.stash[RUN_KEY]
-        spectrum = run.engine().head(self.layer, self.matrix, self.head)
+        try:
+            spectrum = run.engine().head(self.layer, self.matrix, self.head)
+        except (OSError, ValueError) as exc:
+            entry = run.checkpoint.tensors[(self.layer, self.matrix)]
+            raise SpectralCheckError(
+                f"cannot read {entry.name} from {entry.file}: {exc}\n"
+                "The file changed or became unreadable after collection; run again."
+            ) from None
         verdict = judge(run.rules.rules, self.layer, self.head, self.matrix, spectrum)
         geometry = run.checkpoint.geometry
         self.record = item_record(

@@ -41,6 +41,18 @@ class WeightReader:
             )
         return flat.view(entry.shape)
 
+    def release(self, entry: TensorEntry) -> None:
+        """Drop the tensor's pages from this process once its layer is done.
+
+        They stay in the page cache, but no longer count in the process's resident memory, so
+        a whole run holds about one layer however large the checkpoint.
+        """
+        mapping = self._maps.get(entry.file)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = entry.offset - entry.offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, entry.offset + entry.nbytes - start)
+
     def _map(self, path: Path) -> mmap.mmap:
         mapping = self._maps.get(path)
         if mapping is None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,13 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                     "(truncated download? fetch the file again)"
                 )
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header claims {header_len} bytes, over the "
+                    f"{MAX_HEADER_BYTES // 2**20} MiB any real safetensors header stays under "
+                    "(corrupt or hostile file); refused before reading it"
+                )
+            if header_len > size - 8:
                 raise CheckpointError(
                     f"{path}: header claims {header_len} bytes but the file has {size - 8} "
                     "after the "
@@ -89,7 +96,19 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         for name, info in header.items()
         if name != "__metadata__"
     }
+    _check_no_overlap(path, entries.values())
     return entries
+
+
+def _check_no_overlap(path: Path, entries: Iterable[TensorEntry]) -> None:
+    previous: TensorEntry | None = None
+    for entry in sorted((e for e in entries if e.nbytes), key=lambda e: e.offset):
+        if previous is not None and entry.offset < previous.offset + previous.nbytes:
+            raise CheckpointError(
+                f"{path}: tensors {previous.name!r} and {entry.name!r} overlap in the data "
+                "section (corrupt file)"
+            )
+        previous = entry
 
 
 def _entry(
