@@ -118,7 +118,7 @@ def _entry(
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _KNOWN_DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in _KNOWN_DTYPE_SIZES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
