@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from pytest_spectral.calibrate import calibrated_rules
+from pytest_spectral.heatmap import render_heatmap
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
-from pytest_spectral.report import build_report, pruning_candidates, write_report
+from pytest_spectral.report import (
+    Candidate,
+    build_report,
+    pruning_candidates,
+    write_report,
+    write_text_atomically,
+)
 from pytest_spectral.results import LayerStats
 from pytest_spectral.run import SpectralRun
 from pytest_spectral.summary import render_summary
@@ -27,6 +35,7 @@ class SpectralPlugin:
         self.run = run
         self._config = config
         self._finished_layers: list[LayerStats] = []
+        self._written: list[tuple[str, Path]] = []
         if config.get_verbosity() >= 1:
             run.on_layer = self._finished_layers.append
 
@@ -89,28 +98,60 @@ class SpectralPlugin:
         if _is_xdist_worker(config) or not self.run.records:
             return
         writer = config.get_terminal_writer()
-        candidates = pruning_candidates(self.run.records.values(), self.run.rank_request.key)
+        records = list(self.run.records.values())
         text = render_summary(
-            list(self.run.records.values()),
-            candidates,
+            records,
+            self._candidates(),
             energy=self.run.energy,
             width=writer.fullwidth,
             color=writer.hasmarkup,
         )
         terminalreporter.section("spectral summary")
         terminalreporter.write(text)
-        if self.run.report_path:
-            terminalreporter.write_line(f"spectral report: {self.run.report_path}")
+        if self.run.heatmap_metric:
+            geometry = self.run.checkpoint.geometry
+            terminalreporter.write(
+                render_heatmap(
+                    records,
+                    self.run.heatmap_metric,
+                    layers=geometry.layers,
+                    heads=geometry.heads,
+                    width=writer.fullwidth,
+                    color=writer.hasmarkup,
+                )
+            )
+        for label, path in self._written:
+            terminalreporter.write_line(f"spectral {label}: {path}")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.run.close()
-        if _is_xdist_worker(session.config) or self.run.report_path is None:
+        if _is_xdist_worker(session.config) or not self.run.records:
             return
+        run = self.run
         report = build_report(
-            checkpoint=self.run.checkpoint,
-            model_argument=self.run.model_argument,
-            rules=self.run.rules,
-            settings=self.run.settings(),
-            records=self.run.records.values(),
+            checkpoint=run.checkpoint,
+            model_argument=run.model_argument,
+            rules=run.rules,
+            settings=run.settings(),
+            records=run.records.values(),
         )
-        write_report(self.run.report_path, report)
+        if run.report_path:
+            write_report(run.report_path, report)
+            self._written.append(("report", run.report_path))
+        if run.html_path:
+            from pytest_spectral.html_report import render_html
+
+            page = render_html(report, self._candidates(), energy=run.energy)
+            write_text_atomically(run.html_path, page)
+            self._written.append(("HTML report", run.html_path))
+        if run.calibrate_path:
+            rules = calibrated_rules(
+                report["items"],  # type: ignore[arg-type]
+                margin=run.calibrate_margin,
+                source=run.model_argument,
+            )
+            write_text_atomically(run.calibrate_path, rules)
+            self._written.append(("calibrated rules", run.calibrate_path))
+
+    def _candidates(self) -> list[Candidate]:
+        return pruning_candidates(self.run.records.values(), self.run.rank_request.key)

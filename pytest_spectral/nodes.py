@@ -91,7 +91,15 @@ class SpectralItem(pytest.Item):
                 f"cannot read {entry.name} from {entry.file}: {exc}\n"
                 "The file changed or became unreadable after collection; run again."
             ) from None
-        verdict = judge(run.rules.rules, self.layer, self.head, self.matrix, spectrum)
+        verdict = judge(
+            run.rules.rules,
+            self.layer,
+            self.head,
+            self.matrix,
+            spectrum,
+            baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
+            warn_only=run.warn_only,
+        )
         geometry = run.checkpoint.geometry
         self.record = item_record(
             nodeid=self.nodeid,

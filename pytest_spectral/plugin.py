@@ -42,6 +42,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -109,6 +119,40 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--spectral-no-cache",
         action="store_true",
         help="do not read or write cached singular values (cold run).",
+    )
+    group.addoption(
+        "--spectral-baseline",
+        metavar="REPORT",
+        help="JSON report of an earlier run (--spectral-report) for rules with min_change / "
+        "max_change; items are matched by node id.",
+    )
+    group.addoption(
+        "--spectral-calibrate",
+        metavar="TOML",
+        help="write a rules file bounding each metric by this (known-good) checkpoint's range.",
+    )
+    group.addoption(
+        "--spectral-calibrate-margin",
+        metavar="M",
+        type=_non_negative,
+        default=0.25,
+        help="calibration widens each observed range by M x its 5th-95th percentile spread "
+        "(default 0.25).",
+    )
+    group.addoption(
+        "--spectral-heatmap",
+        metavar="METRIC",
+        help="print a layers x heads heatmap of METRIC per matrix type in the summary.",
+    )
+    group.addoption(
+        "--spectral-html",
+        metavar="PATH",
+        help="write a self-contained HTML report with plots (needs pytest-spectral[plot]).",
+    )
+    group.addoption(
+        "--spectral-warn-only",
+        action="store_true",
+        help="report every broken rule (and non-finite or zero slice) as a warning; never fail.",
     )
     parser.addini(
         "spectral_thresholds",

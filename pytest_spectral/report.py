@@ -65,11 +65,14 @@ def item_record(
         "metrics": {key: json_number(v) for key, v in spectrum.metrics.items()},
         "broken_rules": [
             {
-                "rule": b.rule,
-                "metric": b.metric,
+                "rule": b.rule.name,
+                "metric": b.rule.request.key,
                 "value": json_number(b.value),
-                "min": b.min,
-                "max": b.max,
+                "min": b.rule.min,
+                "max": b.rule.max,
+                "min_change": b.rule.min_change,
+                "max_change": b.rule.max_change,
+                "baseline": None if b.baseline is None else json_number(b.baseline),
                 "severity": b.severity,
             }
             for b in verdict.broken
@@ -155,7 +158,12 @@ def build_report(
 
 
 def write_report(path: Path, report: Mapping[str, object]) -> None:
+    write_text_atomically(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     temporary.replace(path)

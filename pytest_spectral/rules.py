@@ -28,7 +28,18 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 Severity = Literal["fail", "warn"]
 _Fail = Callable[[str, str], "RulesError"]
-_RULE_KEYS = ("name", "metric", "min", "max", "matrices", "layers", "heads", "severity")
+_RULE_KEYS = (
+    "name",
+    "metric",
+    "min",
+    "max",
+    "min_change",
+    "max_change",
+    "matrices",
+    "layers",
+    "heads",
+    "severity",
+)
 
 
 class RulesError(ValueError):
@@ -47,18 +58,44 @@ class Rule:
     layers: IndexSet
     heads: IndexSet
     severity: Severity
+    #: bounds on the relative change (value - baseline) / |baseline| against --spectral-baseline
+    min_change: float | None = None
+    max_change: float | None = None
+
+    @property
+    def is_relative(self) -> bool:
+        return self.min_change is not None or self.max_change is not None
 
     def applies_to(self, layer: int, head: int, matrix: str) -> bool:
         return matrix in self.matrices and layer in self.layers and head in self.heads
 
     def violation(self, value: float) -> str | None:
-        """Why ``value`` breaks this rule, or ``None`` when it does not."""
+        """Why ``value`` breaks this rule's absolute bounds, or ``None`` when it does not."""
+        if self.min is None and self.max is None:
+            return None
         if math.isnan(value):
             return "is undefined (nan)"
         if self.min is not None and value < self.min:
             return f"< min {self.min:g}"
         if self.max is not None and value > self.max:
             return f"> max {self.max:g}"
+        return None
+
+    def change_violation(self, value: float, baseline: float | None) -> str | None:
+        """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not."""
+        if not self.is_relative:
+            return None
+        if baseline is None:
+            return "has no baseline value to compare with (item or metric missing from baseline)"
+        shown = f"vs baseline {baseline:.6g}"
+        if math.isnan(value) or math.isnan(baseline) or baseline == 0:
+            return f"{shown}: relative change undefined"
+        change = (value - baseline) / abs(baseline)
+        shown += f" ({change:+.1%})"
+        if self.min_change is not None and change < self.min_change:
+            return f"{shown} < min_change {self.min_change:+g}"
+        if self.max_change is not None and change > self.max_change:
+            return f"{shown} > max_change {self.max_change:+g}"
         return None
 
 
@@ -71,6 +108,10 @@ class RuleSet:
     @classmethod
     def empty(cls) -> RuleSet:
         return cls(None, None, ())
+
+    @property
+    def needs_baseline(self) -> bool:
+        return any(rule.is_relative for rule in self.rules)
 
     def requests(self) -> tuple[MetricRequest, ...]:
         """The distinct metric requests the rules need, in first-use order."""
@@ -99,7 +140,7 @@ def _parse_document(document: Mapping[str, object], where: _LineLocator) -> tupl
     for key in document:
         if key != "rules":
             raise RulesError(
-                f"{where.top(key)}: unknown top-level key {key!r}{_hint(key, ['rules'])}"
+                f"{where.top(key)}: unknown top-level key {key!r}{hint(key, ['rules'])}"
             )
     entries = document.get("rules", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -115,7 +156,7 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
     if metric is None:
         raise RulesError(f"{where.rule(index)}: rule {index + 1} has no 'metric' key")
     if not isinstance(metric, str) or metric not in METRICS:
-        raise fail("metric", f"unknown metric {metric!r}{_hint(str(metric), METRICS)}")
+        raise fail("metric", f"unknown metric {metric!r}{hint(str(metric), METRICS)}")
     spec = METRICS[metric]
 
     for key in entry:
@@ -125,7 +166,7 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
                 raise fail(
                     key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})"
                 )
-            raise fail(key, f"unknown key{_hint(key, (*_RULE_KEYS, *spec.params))}")
+            raise fail(key, f"unknown key{hint(key, (*_RULE_KEYS, *spec.params))}")
 
     params: dict[str, float | int] = {}
     for key, param in spec.params.items():
@@ -135,11 +176,15 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
                 raise fail(key, problem)
             params[key] = entry[key]  # type: ignore[assignment]
 
-    bounds = {key: _number(entry, key, fail) for key in ("min", "max")}
-    if bounds["min"] is None and bounds["max"] is None:
-        raise RulesError(f"{where.rule(index)}: rule {index + 1} needs 'min', 'max' or both")
-    if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
-        raise fail("min", f"min {bounds['min']} is larger than max {bounds['max']}")
+    bounds = {key: _number(entry, key, fail) for key in ("min", "max", "min_change", "max_change")}
+    if all(value is None for value in bounds.values()):
+        raise RulesError(
+            f"{where.rule(index)}: rule {index + 1} needs "
+            "'min', 'max', 'min_change' or 'max_change'"
+        )
+    for low, high in (("min", "max"), ("min_change", "max_change")):
+        if bounds[low] is not None and bounds[high] is not None and bounds[low] > bounds[high]:
+            raise fail(low, f"{low} {bounds[low]} is larger than {high} {bounds[high]}")
 
     severity = entry.get("severity", "fail")
     if severity not in ("fail", "warn"):
@@ -157,6 +202,8 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
         layers=_index_set(entry, "layers", fail),
         heads=_index_set(entry, "heads", fail),
         severity=severity,  # type: ignore[arg-type]
+        min_change=bounds["min_change"],
+        max_change=bounds["max_change"],
     )
 
 
@@ -191,7 +238,8 @@ def _index_set(entry: Mapping[str, object], key: str, fail: _Fail) -> IndexSet:
         raise fail(key, str(exc)) from None
 
 
-def _hint(word: str, choices: Iterable[str]) -> str:
+def hint(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_spectral.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
-from pytest_spectral.metrics import DEFAULT_REQUESTS, MetricRequest, default_request
+from pytest_spectral.metrics import DEFAULT_REQUESTS, METRICS, MetricRequest, default_request
 from pytest_spectral.ranges import IndexSet
-from pytest_spectral.rules import RulesError, RuleSet, load_rules
+from pytest_spectral.rules import RulesError, RuleSet, hint, load_rules
 
 if TYPE_CHECKING:
     from pytest_spectral.engine import SpectraEngine
@@ -40,6 +41,12 @@ class SpectralRun:
     precision: str
     threads: int
     cache_dir: Path | None
+    baseline: Baseline | None = None
+    warn_only: bool = False
+    calibrate_path: Path | None = None
+    calibrate_margin: float = 0.25
+    heatmap_metric: str | None = None
+    html_path: Path | None = None
     #: (layer, matrix) pairs of the items this process will run, in order
     needed: list[tuple[int, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
@@ -58,7 +65,14 @@ class SpectralRun:
             device = config.getoption("spectral_device").strip().lower()
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
-        except (CheckpointError, RulesError, DeviceError) as exc:
+            baseline = _baseline(config, checkpoint, rules)
+            heatmap = _heatmap_metric(config)
+            html = _path_option(config, "spectral_html")
+            if html is not None:
+                from pytest_spectral.html_report import require_matplotlib
+
+                require_matplotlib()
+        except (CheckpointError, RulesError, DeviceError, BaselineError, ImportError) as exc:
             raise pytest.UsageError(str(exc)) from None
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
@@ -67,7 +81,6 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: layer(s) {missing} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
-        report = config.getoption("spectral_report")
         return cls(
             model_argument=model_argument,
             checkpoint=checkpoint,
@@ -75,11 +88,17 @@ class SpectralRun:
             layers=[layer for layer in range(count) if layer in selection],
             matrices=config.getoption("spectral_matrices") or MATRICES,
             energy=config.getoption("spectral_energy"),
-            report_path=Path(report).absolute() if report else None,
+            report_path=_path_option(config, "spectral_report"),
             device=device,
             precision=precision,
             threads=config.getoption("spectral_threads") or default_threads(),
             cache_dir=_cache_dir(config),
+            baseline=baseline,
+            warn_only=config.getoption("spectral_warn_only"),
+            calibrate_path=_path_option(config, "spectral_calibrate"),
+            calibrate_margin=config.getoption("spectral_calibrate_margin"),
+            heatmap_metric=heatmap,
+            html_path=html,
         )
 
     @property
@@ -135,6 +154,32 @@ def _rules_path(config: pytest.Config) -> Path | None:
         return None
     base = config.inipath.parent if config.inipath else config.rootpath
     return (base / ini).absolute()
+
+
+def _path_option(config: pytest.Config, name: str) -> Path | None:
+    value = config.getoption(name)
+    return Path(value).expanduser().absolute() if value else None
+
+
+def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
+    path = _path_option(config, "spectral_baseline")
+    if path is None:
+        relative = next((r for r in rules.rules if r.is_relative), None)
+        if relative is not None:
+            raise RulesError(
+                f"{rules.path}: rule {relative.name!r} bounds the change against a baseline; "
+                "give one with --spectral-baseline REPORT.json (a --spectral-report of a "
+                "known-good run)"
+            )
+        return None
+    return load_baseline(path, checkpoint)
+
+
+def _heatmap_metric(config: pytest.Config) -> str | None:
+    metric = config.getoption("spectral_heatmap")
+    if metric is not None and metric not in METRICS:
+        raise RulesError(f"--spectral-heatmap: unknown metric {metric!r}{hint(metric, METRICS)}")
+    return metric
 
 
 def _cache_dir(config: pytest.Config) -> Path | None:

@@ -76,6 +76,7 @@ def _table(candidates: Sequence[Candidate], energy: float) -> Table:
         label = f"L{r['layer']} H{r['head']} {r['matrix']}"
         broken = [
             f"{b['rule']} {b['metric']}={_short(b['value'])}"
+            + (f" (baseline {_short(b['baseline'])})" if b.get("baseline") is not None else "")
             + (" (warn)" if b["severity"] == "warn" else "")
             for b in r["broken_rules"]  # type: ignore[attr-defined]
         ]

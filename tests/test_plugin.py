@@ -225,6 +225,9 @@ class TestJsonReport:
                 "value": pytest.approx(1.0, rel=1e-4),
                 "min": 1.5,
                 "max": None,
+                "min_change": None,
+                "max_change": None,
+                "baseline": None,
                 "severity": "fail",
             }
         ]

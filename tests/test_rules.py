@@ -127,7 +127,14 @@ class TestMistakesNameFileLineAndKey:
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nseverity = "error"\n',
                 ":4: rule 1, key 'severity': must be 'fail' or 'warn'",
             ),
-            ('[[rules]]\nmetric = "stable_rank"\n', ":1: rule 1 needs 'min', 'max' or both"),
+            (
+                '[[rules]]\nmetric = "stable_rank"\n',
+                ":1: rule 1 needs 'min', 'max', 'min_change' or 'max_change'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmin_change = 0.5\nmax_change = -0.5\n',
+                ":3: rule 1, key 'min_change': min_change 0.5 is larger than max_change -0.5",
+            ),
             ("[[rules]]\nmax = 1\n", ":1: rule 1 has no 'metric' key"),
             (
                 '[[rule]]\nmetric = "stable_rank"\n',

@@ -1,0 +1,69 @@
+"""A baseline: the JSON report of an earlier run, for rules on relative change (drift).
+
+Items are matched by node id, which carries no model name, so a report from step 10,000
+compares directly with step 20,000. A report from a model with another architecture or head
+layout would match ids to different weights, so it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_spectral.checkpoint import Checkpoint
+from pytest_spectral.report import SCHEMA, SCHEMA_VERSION
+
+_LAYOUT_FIELDS = {
+    "model_type": lambda c: c.model_type,
+    "num_hidden_layers": lambda c: c.geometry.layers,
+    "num_attention_heads": lambda c: c.geometry.heads,
+    "num_key_value_heads": lambda c: c.geometry.kv_heads,
+    "head_dim": lambda c: c.geometry.head_dim,
+    "hidden_size": lambda c: c.geometry.hidden,
+}
+
+
+class BaselineError(ValueError):
+    """A baseline report that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    path: Path
+    metrics: Mapping[str, Mapping[str, float]]  # node id -> metric key -> value
+
+    def for_item(self, nodeid: str) -> Mapping[str, float] | None:
+        return self.metrics.get(nodeid)
+
+
+def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaselineError(f"{path}: baseline is not a JSON report ({exc})") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        raise BaselineError(
+            f"{path}: report schema version {report.get('schema_version')!r}; this plugin reads "
+            f"version {SCHEMA_VERSION}: regenerate the baseline with this version"
+        )
+    model = report.get("model", {})
+    for field, current in _LAYOUT_FIELDS.items():
+        if model.get(field) != current(checkpoint):
+            raise BaselineError(
+                f"{path}: baseline is for a different model layout: {field} is "
+                f"{model.get(field)!r} there and {current(checkpoint)!r} here"
+            )
+    try:
+        metrics = {
+            item["nodeid"]: {key: float(value) for key, value in item["metrics"].items()}
+            for item in report["items"]
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BaselineError(f"{path}: malformed items ({type(exc).__name__}: {exc})") from None
+    return Baseline(path, metrics)

@@ -1,0 +1,93 @@
+"""Writing a rules file from a known-good checkpoint's observed metrics.
+
+Guessed thresholds either pass everything or fail healthy models (WeightWatcher's 2 < alpha < 6
+flags a quarter of Llama-2-70B's matrices). Calibration takes the checkpoint you trust and
+bounds each metric, per matrix type, by the range it actually spans there, widened by a
+margin proportional to a robust spread (the 5th-95th percentile range). Every value of the
+calibration checkpoint is inside its bounds by construction, so a calibrate-then-test round
+trip passes, and a head that leaves the healthy range fails.
+
+Scale quantities (norms, condition number) are bounded on a log scale, where their spread is
+symmetric; ratios and ranks on a linear one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+
+from pytest_spectral.checkpoint import MATRICES
+from pytest_spectral.report import Record
+
+#: (metric, scale) pairs that calibration bounds.
+CALIBRATED: tuple[tuple[str, str], ...] = (
+    ("top_k_ratio", "linear"),
+    ("least_k_ratio", "linear"),
+    ("stable_rank", "linear"),
+    ("effective_rank", "linear"),
+    ("energy_rank", "linear"),
+    ("spectral_norm", "log"),
+    ("frobenius_norm", "log"),
+    ("first_last_ratio", "log"),
+)
+
+
+def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -> str:
+    """The text of a rules file bounding every calibrated metric per matrix type."""
+    healthy = [r for r in records if r["status"] == "ok"]
+    lines = [
+        f"# Calibrated by pytest-spectral on {source}",
+        f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from "
+        f"{len(healthy)} healthy head slices.",
+        "# Each bound is the observed range widened on both sides by",
+        f"# margin x (95th - 5th percentile), margin = {margin:g}; log-scale metrics are",
+        "# widened by that factor of their log10 spread. Values of the calibration checkpoint",
+        "# all lie inside, so testing it with this file passes.",
+    ]
+    for matrix in MATRICES:
+        rows = [r for r in healthy if r["matrix"] == matrix]
+        if not rows:
+            continue
+        for metric, scale in CALIBRATED:
+            values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
+            if values.size:
+                lines += ["", *_rule(matrix, metric, scale, values, margin)]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(values: Sequence[object]) -> np.ndarray:
+    numbers = np.array([float(v) for v in values if isinstance(v, int | float)], dtype=float)
+    return numbers[np.isfinite(numbers)]
+
+
+def _rule(matrix: str, metric: str, scale: str, values: np.ndarray, margin: float) -> list[str]:
+    log = scale == "log" and bool((values > 0).all())
+    data = np.log10(values) if log else values
+    low, high = float(data.min()), float(data.max())
+    p5, p95 = (float(x) for x in np.percentile(data, [5, 95]))
+    widen = margin * (p95 - p5)
+    lower, upper = low - widen, high + widen
+    if log:
+        lower, upper = 10**lower, 10**upper
+    lower = min(lower, float(values.min()))  # never inside the observed range after rounding
+    upper = max(upper, float(values.max()))
+    how = "log10 " if log else ""
+    return [
+        f"# {matrix} heads (n={values.size}): observed {values.min():.6g} .. {values.max():.6g}, "
+        f"{how}p5-p95 spread {p95 - p5:.4g}",
+        "[[rules]]",
+        f'name = "calibrated-{matrix}-{metric}"',
+        f'metric = "{metric}"',
+        f"min = {_toml_float(lower)}",
+        f"max = {_toml_float(upper)}",
+        f'matrices = ["{matrix}"]',
+    ]
+
+
+def _toml_float(value: float) -> str:
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(float(value))

@@ -1,0 +1,339 @@
+"""Gating checkpoints in CI: baselines, calibration, warn-only runs and readable reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_spectral.heatmap import render_heatmap
+from pytest_spectral.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
+
+SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+DRIFT_RULES = """
+[[rules]]
+name = "drift"
+metric = "spectral_norm"
+max_change = 0.5
+min_change = -0.5
+"""
+
+
+@pytest.fixture(autouse=True)
+def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\n")
+
+
+def write_model(pytester: pytest.Pytester, name: str, edit=None) -> Path:
+    tensors = random_llama_weights(SHAPE, seed=11)
+    if edit is not None:
+        edit(tensors)
+    return write_checkpoint(pytester.path / name, tensors, SHAPE.config())
+
+
+def scale_q_head_1_of_layer_0(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[attention_name(0, "q")][8:16] *= 3
+
+
+def collapse_k_head_1_of_layer_1(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[attention_name(1, "k")][8:16] = torch.outer(torch.ones(8), torch.linspace(-1, 1, 32))
+
+
+def rules_file(pytester: pytest.Pytester, text: str) -> str:
+    path = pytester.path / "rules.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def report_of(pytester: pytest.Pytester, model: Path, name: str, *extra: str) -> Path:
+    pytester.runpytest("--spectral-model", str(model), "--spectral-report", name, *extra)
+    return pytester.path / name
+
+
+class TestBaseline:
+    def test_scaled_head_fails_exactly_there(self, pytester) -> None:
+        original = write_model(pytester, "original")
+        baseline = report_of(pytester, original, "baseline.json")
+        perturbed = write_model(pytester, "perturbed", scale_q_head_1_of_layer_0)
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(perturbed),
+            "--spectral-baseline",
+            str(baseline),
+            "--spectral-thresholds",
+            rules_file(pytester, DRIFT_RULES),
+        )
+        result.assert_outcomes(passed=31, failed=1)
+        result.stdout.fnmatch_lines(
+            [
+                "  FAIL drift: spectral_norm = * vs baseline * (+200.0%) > max_change +0.5",
+                "FAILED spectral::layer00::head01-q - drift: spectral_norm*",
+            ]
+        )
+
+    def test_unchanged_checkpoint_passes_against_its_own_report(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "baseline.json")
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(model),
+            "--spectral-baseline",
+            str(baseline),
+            "--spectral-thresholds",
+            rules_file(pytester, DRIFT_RULES),
+        )
+        result.assert_outcomes(passed=32)
+
+    def test_items_missing_from_the_baseline_are_reported(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "partial.json", "--spectral-layers", "0")
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(model),
+            "--spectral-baseline",
+            str(baseline),
+            "--spectral-thresholds",
+            rules_file(pytester, DRIFT_RULES),
+        )
+        result.assert_outcomes(passed=16, failed=16)
+        result.stdout.fnmatch_lines(
+            ["  FAIL drift: spectral_norm = * has no baseline value to compare with*"]
+        )
+
+    def test_baseline_of_another_layout_is_a_usage_error(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        other = LlamaShape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=False)
+        different = write_checkpoint(
+            pytester.path / "other", random_llama_weights(other), other.config()
+        )
+        baseline = report_of(pytester, different, "other.json")
+        result = pytester.runpytest(
+            "--spectral-model", str(model), "--spectral-baseline", str(baseline)
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "ERROR: *other.json: baseline is for a different model layout: "
+                "num_key_value_heads is 4 there and 2 here"
+            ]
+        )
+
+    def test_relative_rule_without_baseline_is_a_usage_error(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(model),
+            "--spectral-thresholds",
+            rules_file(pytester, DRIFT_RULES),
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*rule 'drift' bounds the change against a baseline; give*"])
+
+    def test_not_a_report(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        (pytester.path / "x.json").write_text("[]")
+        result = pytester.runpytest("--spectral-model", str(model), "--spectral-baseline", "x.json")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*x.json: not a pytest-spectral report*"])
+
+
+class TestCalibration:
+    def test_round_trip_passes_and_a_planted_collapse_fails_there(self, pytester) -> None:
+        healthy = write_model(pytester, "healthy")
+        pytester.runpytest(
+            "--spectral-model", str(healthy), "--spectral-calibrate", "calibrated.toml"
+        ).assert_outcomes(passed=32)
+        rules = (pytester.path / "calibrated.toml").read_text()
+        assert "# q heads (n=8): observed" in rules
+        assert 'name = "calibrated-k-effective_rank"' in rules
+        args = ("--spectral-thresholds", "calibrated.toml")
+        pytester.runpytest("--spectral-model", str(healthy), *args).assert_outcomes(passed=32)
+        collapsed = write_model(pytester, "collapsed", collapse_k_head_1_of_layer_1)
+        result = pytester.runpytest("--spectral-model", str(collapsed), *args)
+        # K/V head 1 is shared by query heads 2 and 3: both of their k items fail.
+        result.assert_outcomes(passed=30, failed=2)
+        result.stdout.fnmatch_lines(
+            [
+                "FAILED spectral::layer01::head02-k - calibrated-k-*",
+                "FAILED spectral::layer01::head03-k - calibrated-k-*",
+            ]
+        )
+
+    def test_margin_widens_the_bounds(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        for margin in ("0", "1"):
+            pytester.runpytest(
+                "--spectral-model",
+                str(model),
+                "--spectral-calibrate",
+                f"m{margin}.toml",
+                "--spectral-calibrate-margin",
+                margin,
+            )
+        tight, wide = (self.bounds(pytester.path / f"m{m}.toml") for m in ("0", "1"))
+        name = "calibrated-q-effective_rank"
+        assert wide[name][0] < tight[name][0] <= tight[name][1] < wide[name][1]
+
+    @staticmethod
+    def bounds(path: Path) -> dict[str, tuple[float, float]]:
+        import tomllib
+
+        rules = tomllib.loads(path.read_text())["rules"]
+        return {r["name"]: (r["min"], r["max"]) for r in rules}
+
+
+class TestWarnOnly:
+    def test_nothing_fails_and_candidates_are_listed(self, pytester) -> None:
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(model),
+            "--spectral-warn-only",
+            "--spectral-thresholds",
+            rules_file(
+                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
+            ),
+        )
+        assert result.ret == pytest.ExitCode.OK
+        result.assert_outcomes(passed=32, warnings=2)
+        result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2 k*collapsed*"])
+
+
+class TestHeatmap:
+    def test_terminal_heatmap_of_a_32_by_32_model_fits_80_columns(self) -> None:
+        records = [
+            {
+                "layer": layer,
+                "head": head,
+                "matrix": matrix,
+                "metrics": {"effective_rank": float(layer * 32 + head)},
+            }
+            for layer in range(32)
+            for head in range(32)
+            for matrix in "qkvo"
+        ]
+        text = render_heatmap(records, "effective_rank", layers=32, heads=32, width=80, color=False)
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        assert sum(line.startswith("q: ") for line in lines) == 1
+        assert any(line.startswith(" 31  ") and line.rstrip().endswith("█") for line in lines)
+
+    def test_heatmap_in_the_summary(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        result = pytester.runpytest(
+            "--spectral-model", str(model), "--spectral-heatmap", "effective_rank"
+        )
+        result.stdout.fnmatch_lines(["effective_rank per head (rows: layers, *", "q: *k: *"])
+
+    def test_unknown_heatmap_metric(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        result = pytester.runpytest("--spectral-model", str(model), "--spectral-heatmap", "erank")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class TestHtmlReport:
+    def test_self_contained_report(self, pytester) -> None:
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(model),
+            "--spectral-html",
+            "out/report.html",
+            "--spectral-thresholds",
+            rules_file(
+                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
+            ),
+        )
+        result.stdout.fnmatch_lines(["spectral HTML report: *out/report.html"])
+        page = (pytester.path / "out/report.html").read_text()
+        assert page.count('src="data:image/png;base64,') == 5  # 4 heatmaps + layer 1 curves
+        assert "http://" not in page
+        assert "https://" not in page
+        assert '<table class="candidates">' in page
+        assert "collapsed: stable_rank" in page
+
+    @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+    def test_renders_in_headless_chromium(self, pytester) -> None:
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
+        pytester.runpytest("--spectral-model", str(model), "--spectral-html", "report.html")
+        done = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={pytester.path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                (pytester.path / "report.html").as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert 'data-images-rendered="5"' in done.stdout
+        assert "Low-rank pruning candidates" in done.stdout
+
+    def test_missing_matplotlib_is_explained(self, pytester, monkeypatch) -> None:
+        model = write_model(pytester, "model")
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        result = pytester.runpytest("--spectral-model", str(model), "--spectral-html", "r.html")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            ["ERROR: --spectral-html needs matplotlib: pip install 'pytest-spectral[plot]'"]
+        )
+
+
+def test_parallel_runs_gate_and_report_the_same(pytester) -> None:
+    original = write_model(pytester, "original")
+    report_of(pytester, original, "baseline.json")
+    perturbed = write_model(pytester, "perturbed", scale_q_head_1_of_layer_0)
+    rules = rules_file(pytester, DRIFT_RULES)
+    outputs = {}
+    for label, extra in (("one", ("-p", "no:xdist")), ("two", ("-n", "2"))):
+        result = pytester.runpytest_subprocess(
+            "--spectral-model",
+            str(perturbed),
+            "--spectral-baseline",
+            "baseline.json",
+            "--spectral-thresholds",
+            rules,
+            "--spectral-report",
+            f"{label}.json",
+            "--spectral-calibrate",
+            f"{label}.toml",
+            "--spectral-html",
+            f"{label}.html",
+            *extra,
+        )
+        result.assert_outcomes(passed=31, failed=1)
+        outputs[label] = {
+            "items": json.loads((pytester.path / f"{label}.json").read_text())["items"],
+            "rules": [
+                line
+                for line in (pytester.path / f"{label}.toml").read_text().splitlines()
+                if not line.startswith("# at ")
+            ],
+            "images": (pytester.path / f"{label}.html").read_text().count("data:image/png"),
+        }
+    assert outputs["one"] == outputs["two"]
