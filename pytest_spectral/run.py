@@ -59,6 +59,7 @@ class SpectralRun:
         model_argument: str = config.getoption("spectral_model")
         try:
             checkpoint = open_checkpoint(Path(model_argument).expanduser())
+            _refuse_checkpoint_as_rootdir(config, model_argument, checkpoint)
             rules_path = _rules_path(config)
             rules = load_rules(rules_path) if rules_path else RuleSet.empty()
             precision = config.getoption("spectral_dtype")
@@ -154,6 +155,31 @@ def _rules_path(config: pytest.Config) -> Path | None:
         return None
     base = config.inipath.parent if config.inipath else config.rootpath
     return (base / ini).absolute()
+
+
+def _refuse_checkpoint_as_rootdir(
+    config: pytest.Config, model_argument: str, checkpoint: Checkpoint
+) -> None:
+    """Stop pytest from writing its cache into the checkpoint.
+
+    pytest chooses its rootdir before plugins register their options, so in
+    ``--spectral-model /data/ckpt`` it takes ``/data/ckpt`` for a test path; outside any project
+    with an ini file, the checkpoint directory becomes the rootdir, where ``.pytest_cache``
+    would be written and the project's ini file would be missed.
+    """
+    root = checkpoint.root.resolve()
+    invoked_inside = root in (
+        config.invocation_params.dir.resolve(),
+        *config.invocation_params.dir.resolve().parents,
+    )
+    if config.option.rootdir or config.rootpath.resolve() != root or invoked_inside:
+        return
+    raise CheckpointError(
+        f"--spectral-model {model_argument}: pytest read this path as a test path and made the "
+        "checkpoint directory its rootdir, where it would write .pytest_cache (and miss your "
+        f"project's ini file). Write --spectral-model={model_argument} (with '=') or add "
+        "--rootdir=DIR."
+    )
 
 
 def _path_option(config: pytest.Config, name: str) -> Path | None:

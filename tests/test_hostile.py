@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -325,3 +326,33 @@ def test_peak_memory_stays_near_one_layer(tmp_path) -> None:
     )
     growth = json.loads(done.stdout)["growth_mb"]
     assert growth < 2 * layer_mb, f"peak grew {growth:.0f} MB; the whole model is {total_mb:.0f} MB"
+
+
+@pytest.fixture
+def checkpoint_on_another_tree() -> Path:
+    """A checkpoint whose only common ancestor with the test directory is '/'."""
+    import tempfile
+
+    base = Path("/var/tmp")
+    if not base.is_dir() or str(Path.cwd()).startswith(str(base)):
+        pytest.skip("needs /var/tmp outside the test directory")
+    directory = Path(tempfile.mkdtemp(dir=base)) / "model"
+    write_checkpoint(directory, random_llama_weights(SHAPE, seed=2), SHAPE.config())
+    yield directory
+    shutil.rmtree(directory.parent)
+
+
+def test_pytest_cache_is_never_written_into_the_checkpoint(
+    pytester, checkpoint_on_another_tree
+) -> None:
+    model = str(checkpoint_on_another_tree)
+    result = pytester.runpytest("--spectral-model", model)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*Write --spectral-model={model} (with '=') or add --rootdir=DIR."]
+    )
+    pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=32)
+    assert sorted(p.name for p in checkpoint_on_another_tree.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
