@@ -78,6 +78,7 @@ def _curve_layers(records: Sequence[Record], candidates: Sequence[Candidate]) ->
 
 def _heatmaps(records: Sequence[Record], metric: str, log: bool, layers: int, heads: int):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
     for axis, matrix in zip(axes, MATRICES, strict=True):
@@ -91,6 +92,8 @@ def _heatmaps(records: Sequence[Record], metric: str, log: bool, layers: int, he
         axis.set_title(f"{matrix}" + (" (log10)" if log else ""))
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         figure.colorbar(image, ax=axis, shrink=0.8)
     return figure
 
@@ -177,7 +180,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
     for c in candidates:
         r = c.record
         broken = "<br>".join(
-            html.escape(f"{b['rule']}: {b['metric']} = {b['value']}")
+            html.escape(f"{b['rule']}: {b['metric']} = {_number(b['value'])}")
             for b in r["broken_rules"]  # type: ignore[attr-defined]
         ) or html.escape(str(r["status"]))
         rows.append(
@@ -192,6 +195,10 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
         "for data-aware compression (ASVD, SVD-LLM), not safe truncations.</p>"
     )
     return f'<table class="candidates">{header}{"".join(rows)}</table>{note}'
+
+
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 _PAGE = """<!DOCTYPE html>
