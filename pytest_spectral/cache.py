@@ -34,7 +34,7 @@ from pytest_spectral.safetensors_header import TensorEntry
 FORMAT_VERSION = 1
 
 
-def entry_key(entry: TensorEntry, layout: tuple[str, int, int], precision: str) -> str:
+def entry_key(entry: TensorEntry, layout: tuple[object, ...], precision: str) -> str:
     """The cache key of one (layer, matrix): see the module docstring for what it covers."""
     stat = entry.file.stat()
     material = {
@@ -57,10 +57,11 @@ def sample_bytes(entry: TensorEntry, blocks: int = 16, block_bytes: int = 4096) 
 
     Plain reads: checking the cache needs neither torch nor the whole tensor.
     """
+    first = max(entry.offset, 0)  # a torch.save file is sampled whole
     stride = max(1, entry.nbytes // blocks)
-    starts = [entry.offset + i * stride for i in range(blocks)]
-    starts.append(entry.offset + max(0, entry.nbytes - block_bytes))
-    end = entry.offset + entry.nbytes
+    starts = [first + i * stride for i in range(blocks)]
+    starts.append(first + max(0, entry.nbytes - block_bytes))
+    end = first + entry.nbytes
     pieces = []
     with entry.file.open("rb") as handle:
         for start in starts:

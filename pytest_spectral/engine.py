@@ -137,7 +137,15 @@ class SpectraEngine:
         geometry = self.checkpoint.geometry
         if self.cache is None:
             return self._decompose(layer, matrix), False
-        layout = (matrix, geometry.distinct_heads(matrix), geometry.head_dim)
+        stored = self.checkpoint.layout
+        layout = (
+            matrix,
+            geometry.distinct_heads(matrix),
+            geometry.head_dim,
+            geometry.heads,
+            stored.fused,
+            stored.conv1d,
+        )
         key = entry_key(entry, layout, self.precision)
         hit = self.cache.load(key)
         if hit is not None:
@@ -161,7 +169,7 @@ class SpectraEngine:
             self._reader_instance = WeightReader()
         entry = self.checkpoint.tensors[(layer, matrix)]
         weight = self._reader_instance.tensor(entry)
-        blocks = head_blocks(weight, matrix, self.checkpoint.geometry)
+        blocks = head_blocks(weight, matrix, self.checkpoint.geometry, self.checkpoint.layout)
         dtype = torch.float64 if self.precision == "float64" else torch.float32
         spectra = slice_singular_values(blocks, device=self.device, dtype=dtype)
         del weight, blocks

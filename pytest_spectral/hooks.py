@@ -22,7 +22,7 @@ from pytest_spectral.report import (
     write_text_atomically,
 )
 from pytest_spectral.results import LayerStats
-from pytest_spectral.run import SpectralRun
+from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
 from pytest_spectral.summary import render_summary
 
 
@@ -155,3 +155,13 @@ class SpectralPlugin:
 
     def _candidates(self) -> list[Candidate]:
         return pruning_candidates(self.run.records.values(), self.run.rank_request.key)
+
+
+class XdistControllerPlugin:
+    """Hands workers the checkpoint's local path, so a hub id is resolved only once."""
+
+    def __init__(self, run: SpectralRun) -> None:
+        self.run = run
+
+    def pytest_configure_node(self, node: object) -> None:
+        node.workerinput[MODEL_PATH_KEY] = str(self.run.model_path)  # type: ignore[attr-defined]

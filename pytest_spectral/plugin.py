@@ -63,8 +63,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-model",
         metavar="PATH",
-        help="checkpoint to analyse: a Hugging Face directory (config.json + safetensors) "
-        "or a .safetensors file with config.json beside it. Enables the spectral items.",
+        help="checkpoint to analyse: a Hugging Face hub id, a directory (config.json + "
+        "safetensors or pytorch_model.bin) or a single weight file. Enables the spectral items.",
+    )
+    group.addoption(
+        "--spectral-revision",
+        metavar="REV",
+        help="branch, tag or commit of a hub id given to --spectral-model (default main).",
+    )
+    group.addoption(
+        "--spectral-config",
+        metavar="JSON",
+        help="config.json to use with a single weight file that has none beside it.",
+    )
+    group.addoption(
+        "--spectral-architecture",
+        metavar="TOML",
+        help="describe an architecture the plugin does not know ([architecture] table).",
     )
     group.addoption(
         "--spectral-thresholds",
@@ -173,3 +188,7 @@ def pytest_configure(config: pytest.Config) -> None:
     run = SpectralRun.from_config(config)
     config.stash[RUN_KEY] = run
     config.pluginmanager.register(SpectralPlugin(run, config), "spectral-run")
+    if config.pluginmanager.hasplugin("xdist"):
+        from pytest_spectral.hooks import XdistControllerPlugin
+
+        config.pluginmanager.register(XdistControllerPlugin(run), "spectral-xdist")

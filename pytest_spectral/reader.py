@@ -23,12 +23,28 @@ TORCH_DTYPES = {
 }
 
 
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` state dict, memory-mapped: tensors are read only when touched.
+
+    ``weights_only`` refuses pickled code, so a hostile ``.bin`` cannot run anything.
+    """
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a dict of tensors, got {type(state).__name__}")
+    return state.get("state_dict", state) if "state_dict" in state else state
+
+
 class WeightReader:
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._torch_files: dict[Path, dict[str, torch.Tensor]] = {}
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
         """The tensor as stored, backed by the file's pages (do not write to it)."""
+        if entry.offset < 0:  # a torch.save file
+            if entry.file not in self._torch_files:
+                self._torch_files[entry.file] = load_torch_file(entry.file)
+            return self._torch_files[entry.file][entry.name]
         dtype = TORCH_DTYPES[entry.dtype]
         with warnings.catch_warnings():
             # The map is read-only on purpose; torch warns that it cannot write to it.
@@ -48,7 +64,7 @@ class WeightReader:
         a whole run holds about one layer however large the checkpoint.
         """
         mapping = self._maps.get(entry.file)
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if mapping is None or entry.offset < 0 or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = entry.offset - entry.offset % mmap.PAGESIZE
         mapping.madvise(mmap.MADV_DONTNEED, start, entry.offset + entry.nbytes - start)

@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_spectral.architectures import ArchitectureError, Family, custom_family
 from pytest_spectral.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
+from pytest_spectral.hub import looks_like_hub_id, resolve_hub_model
 from pytest_spectral.metrics import DEFAULT_REQUESTS, METRICS, MetricRequest, default_request
 from pytest_spectral.ranges import IndexSet
-from pytest_spectral.rules import RulesError, RuleSet, hint, load_rules
+from pytest_spectral.rules import RulesError, RuleSet, hint, load_rules, tomllib
 
 if TYPE_CHECKING:
     from pytest_spectral.engine import SpectraEngine
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 @dataclass
 class SpectralRun:
     model_argument: str
+    model_path: Path  # local: a hub id's snapshot, or the path as given
     checkpoint: Checkpoint
     rules: RuleSet
     layers: list[int]
@@ -58,7 +61,12 @@ class SpectralRun:
         """Validate every option; raises ``pytest.UsageError`` with a precise message."""
         model_argument: str = config.getoption("spectral_model")
         try:
-            checkpoint = open_checkpoint(Path(model_argument).expanduser())
+            model_path = local_model_path(config)
+            checkpoint = open_checkpoint(
+                model_path,
+                config_path=_path_option(config, "spectral_config"),
+                family=_custom_family(config),
+            )
             _refuse_checkpoint_as_rootdir(config, model_argument, checkpoint)
             rules_path = _rules_path(config)
             rules = load_rules(rules_path) if rules_path else RuleSet.empty()
@@ -73,7 +81,14 @@ class SpectralRun:
                 from pytest_spectral.html_report import require_matplotlib
 
                 require_matplotlib()
-        except (CheckpointError, RulesError, DeviceError, BaselineError, ImportError) as exc:
+        except (
+            CheckpointError,
+            RulesError,
+            DeviceError,
+            BaselineError,
+            ArchitectureError,
+            ImportError,
+        ) as exc:
             raise pytest.UsageError(str(exc)) from None
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
@@ -84,6 +99,7 @@ class SpectralRun:
             )
         return cls(
             model_argument=model_argument,
+            model_path=model_path,
             checkpoint=checkpoint,
             rules=rules,
             layers=[layer for layer in range(count) if layer in selection],
@@ -182,6 +198,33 @@ def _refuse_checkpoint_as_rootdir(
     )
 
 
+def local_model_path(config: pytest.Config) -> Path:
+    """Where the checkpoint is on disk: a path as given, or a hub id's snapshot.
+
+    pytest-xdist workers receive the controller's answer, so a hub id is resolved once.
+    """
+    worker_input = getattr(config, "workerinput", {})
+    if MODEL_PATH_KEY in worker_input:
+        return Path(worker_input[MODEL_PATH_KEY])
+    argument: str = config.getoption("spectral_model")
+    if looks_like_hub_id(argument):
+        return resolve_hub_model(argument, config.getoption("spectral_revision"))
+    return Path(argument).expanduser()
+
+
+def _custom_family(config: pytest.Config) -> Family | None:
+    path = _path_option(config, "spectral_architecture")
+    if path is None:
+        return None
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ArchitectureError(f"{path}: cannot read architecture file: {exc}") from None
+    if not isinstance(table.get("architecture"), dict):
+        raise ArchitectureError(f"{path}: needs an [architecture] table (see the README)")
+    return custom_family(table["architecture"], str(path))
+
+
 def _path_option(config: pytest.Config, name: str) -> Path | None:
     value = config.getoption(name)
     return Path(value).expanduser().absolute() if value else None
@@ -215,4 +258,6 @@ def _cache_dir(config: pytest.Config) -> Path | None:
     return cache.mkdir("spectral")
 
 
+#: key of the resolved checkpoint path in pytest-xdist's workerinput
+MODEL_PATH_KEY = "spectral_model_path"
 RUN_KEY = pytest.StashKey[SpectralRun]()

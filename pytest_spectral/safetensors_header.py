@@ -50,7 +50,9 @@ class TensorEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the first element in the file
+    #: absolute byte offset of the first element; -1 for a tensor in a torch.save file,
+    #: whose ``nbytes`` is then the whole file's size
+    offset: int
     nbytes: int
     header_sha256: str  # of the whole JSON header: changes when any tensor moves or is added
 

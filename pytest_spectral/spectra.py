@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pytest_spectral.checkpoint import Geometry
+from pytest_spectral.checkpoint import Geometry, Layout
 from pytest_spectral.results import SliceSpectra
 
 #: Relative error on singular values that the Gram route must provably stay under.
@@ -29,18 +29,43 @@ _GRAM_ERROR_CONSTANT = 1.0
 _GRAM_TRUST_RATIO = _GRAM_ERROR_CONSTANT * _EPS64 / TARGET_RELATIVE_ERROR
 
 
-def head_blocks(weight: torch.Tensor, matrix: str, geometry: Geometry) -> torch.Tensor:
-    """View ``weight`` as a batch of head slices, one per distinct head, without copying.
+def head_blocks(
+    weight: torch.Tensor, matrix: str, geometry: Geometry, layout: Layout
+) -> torch.Tensor:
+    """View the stored ``weight`` as a batch of head slices, one per distinct head.
 
-    Q/K/V heads are row blocks ``[h*d:(h+1)*d, :]``, viewed as ``[slices, d, hidden]``. An O
-    head is the column block ``[:, h*d:(h+1)*d]``, viewed as ``[slices, hidden, d]``: keeping
-    it upright (rather than transposed) makes each row of the block a contiguous run of
-    memory, which upcasts about 2.5x faster than a transposing copy.
+    A Q/K/V head is ``head_dim`` rows of the projection in ``nn.Linear`` orientation, found
+    through the family's fused layout (see :mod:`pytest_spectral.architectures`); an O head is
+    ``head_dim`` columns of the output projection. Slices come back as ``[slices, d, in]`` or
+    ``[slices, in, d]``, whichever keeps rows contiguous in memory (transposing a slice leaves
+    its singular values unchanged, and a transposing copy upcasts 2.5x slower). Only grouped
+    (Falcon-40B-style) queries need a copy.
     """
-    slices, d = geometry.distinct_heads(matrix), geometry.head_dim
+    d = geometry.head_dim
     if matrix == "o":
-        return weight.view(weight.shape[0], slices, d).permute(1, 0, 2)
-    return weight.view(slices, d, weight.shape[1])
+        if layout.conv1d:  # stored [heads * d, hidden]: a head is a row block
+            return weight.view(geometry.heads, d, weight.shape[1])
+        return weight.view(weight.shape[0], geometry.heads, d).permute(1, 0, 2)
+    groups, per_group, (start, stop) = _fused_grid(matrix, geometry, layout.fused)
+    if layout.conv1d:  # stored [in, rows]: a head is a column block
+        grid = weight.view(weight.shape[0], groups, per_group, d)[:, :, start:stop]
+        return grid.permute(1, 2, 0, 3).reshape(-1, weight.shape[0], d)
+    grid = weight.view(groups, per_group, d, weight.shape[1])[:, start:stop]
+    return grid.reshape(-1, d, weight.shape[1])
+
+
+def _fused_grid(matrix: str, g: Geometry, fused: str | None) -> tuple[int, int, tuple[int, int]]:
+    """Rows as a [groups, per_group] grid of head blocks, and the range ``matrix`` occupies."""
+    h, kv = g.heads, g.kv_heads
+    if fused is None:
+        return g.distinct_heads(matrix), 1, (0, 1)
+    if fused == "concat":
+        ranges = {"q": (0, h), "k": (h, h + kv), "v": (h + kv, h + 2 * kv)}
+        return 1, h + 2 * kv, ranges[matrix]
+    if fused == "interleaved":
+        return h, 3, {"q": (0, 1), "k": (1, 2), "v": (2, 3)}[matrix]
+    n = g.group_size  # grouped: per K/V head, its n query heads, then k, then v
+    return kv, n + 2, {"q": (0, n), "k": (n, n + 1), "v": (n + 1, n + 2)}[matrix]
 
 
 def slice_singular_values(

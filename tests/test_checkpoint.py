@@ -65,8 +65,12 @@ class TestErrors:
         self.expect(tiny_checkpoint, "config.json: missing")
 
     def test_unknown_architecture_lists_supported(self, tiny_checkpoint: Path) -> None:
-        edit_config(tiny_checkpoint, model_type="gpt2")
-        self.expect(tiny_checkpoint, "model_type 'gpt2' is not supported", "llama, mistral")
+        edit_config(tiny_checkpoint, model_type="mamba")
+        self.expect(
+            tiny_checkpoint,
+            "model_type 'mamba' is not supported; supported: llama, mistral",
+            "--spectral-architecture",
+        )
 
     def test_missing_head_count(self, tiny_checkpoint: Path) -> None:
         edit_config(tiny_checkpoint, num_attention_heads=None)
@@ -77,7 +81,7 @@ class TestErrors:
         self.expect(
             tiny_checkpoint,
             "model.layers.0.self_attn.k_proj.weight' has shape [32, 64]",
-            "implies [64, 64] (num_key_value_heads=4 x head_dim=16",
+            "implies [64, 64] (4 key/value heads x head_dim 16)",
         )
 
     def test_more_layers_in_config_than_in_weights(self, tiny_checkpoint: Path) -> None:
@@ -86,7 +90,7 @@ class TestErrors:
 
     def test_no_weights(self, tiny_checkpoint: Path) -> None:
         (tiny_checkpoint / "model.safetensors").unlink()
-        self.expect(tiny_checkpoint, "no model.safetensors or model.safetensors.index.json")
+        self.expect(tiny_checkpoint, "no model.safetensors, model.safetensors.index.json")
 
     def test_index_naming_a_missing_shard(self, make_checkpoint) -> None:
         directory = make_checkpoint(shards=2)

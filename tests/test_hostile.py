@@ -139,7 +139,7 @@ BROKEN_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
         "implies [32, 32]",
     ),
     "zero-byte file": (lambda d: first_shard(d).write_bytes(b""), "file is 0 bytes"),
-    "no weights": (lambda d: [p.unlink() for p in d.glob("model*")], "no model.safetensors or"),
+    "no weights": (lambda d: [p.unlink() for p in d.glob("model*")], "no model.safetensors, "),
     "broken symlink shard": (broken_symlink_shard, "is a broken symlink"),
 }
 
