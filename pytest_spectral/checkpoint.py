@@ -258,7 +258,11 @@ def _attention_tensors(
             name = prefix + family.tensor_name(layer, matrix)
             entry = entries.get(name)
             if entry is None:
-                raise CheckpointError(_missing(name, entries, geometry))
+                raise CheckpointError(
+                    _quantized(name, entries)
+                    or f"tensor {name!r} is missing from the checkpoint "
+                    f"(the config says {geometry.layers} layers)"
+                )
             expected = expected_shape(matrix, geometry, layout)
             if entry.shape != expected:
                 raise CheckpointError(
@@ -285,14 +289,15 @@ def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:
     return (out_in[1], out_in[0]) if layout.conv1d else out_in
 
 
-def _missing(name: str, entries: Mapping[str, TensorEntry], g: Geometry) -> str:
+def _quantized(name: str, entries: Mapping[str, TensorEntry]) -> str | None:
+    """The error for a weight stored GPTQ/AWQ-packed as ``.qweight``, if it is."""
     stem = name.removesuffix(".weight")
-    if f"{stem}.qweight" in entries:
-        return (
-            f"tensor {name!r} is stored quantized ({stem}.qweight, GPTQ/AWQ packed); "
-            "quantized checkpoints cannot be analysed: dequantize first"
-        )
-    return f"tensor {name!r} is missing from the checkpoint (the config says {g.layers} layers)"
+    if f"{stem}.qweight" not in entries:
+        return None
+    return (
+        f"tensor {name!r} is stored quantized ({stem}.qweight, GPTQ/AWQ packed); "
+        "quantized checkpoints cannot be analysed: dequantize first"
+    )
 
 
 def _decoder_prefix(entries: Mapping[str, TensorEntry], family: Family) -> str:
@@ -305,6 +310,12 @@ def _decoder_prefix(entries: Mapping[str, TensorEntry], family: Family) -> str:
     pattern = re.compile(rf"^(.*?){first}$")
     prefixes = [m.group(1) for name in entries if (m := pattern.match(name))]
     if not prefixes:
+        quantized = first.removesuffix(re.escape(".weight")) + re.escape(".qweight")
+        packed = next((n for n in entries if re.match(rf"^.*?{quantized}$", n)), None)
+        if packed is not None:
+            raise CheckpointError(
+                str(_quantized(packed.removesuffix("qweight") + "weight", entries))
+            )
         raise CheckpointError(
             f"no tensor named like '...{family.tensor_name(0, 'q')}': this checkpoint does not "
             f"have the {family.name} layout its config.json announces"
