@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pytest_spectral.cache import SpectraCache, entry_key
 from pytest_spectral.checkpoint import MATRICES, Checkpoint
 from pytest_spectral.metrics import MetricRequest
@@ -120,7 +122,7 @@ class SpectraEngine:
     def _matrix(self, layer: int, matrix: str) -> tuple[list[HeadSpectrum], bool]:
         spectra, from_cache = self._spectra(layer, matrix)
         values = spectra.singular_values
-        metrics = {request.key: request.compute(values).tolist() for request in self.requests}
+        metrics = {request.key: _column(request, values) for request in self.requests}
         heads = [
             HeadSpectrum(
                 singular_values=row,
@@ -175,3 +177,21 @@ class SpectraEngine:
         del weight, blocks
         self._reader_instance.release(entry)
         return spectra
+
+
+class MetricError(ValueError):
+    """A metric function (typically a user's) that failed or returned the wrong shape."""
+
+
+def _column(request: MetricRequest, values: np.ndarray) -> list[float]:
+    """One value per slice, or an error naming the metric that misbehaved."""
+    try:
+        column = np.asarray(request.compute(values), dtype=np.float64)
+    except Exception as exc:
+        raise MetricError(f"metric {request.key!r} failed: {type(exc).__name__}: {exc}") from None
+    if column.shape != values.shape[:1]:
+        raise MetricError(
+            f"metric {request.key!r} returned shape {list(column.shape)} for {values.shape[0]} "
+            "slices; it must reduce the last axis (one value per slice)"
+        )
+    return column.tolist()

@@ -125,8 +125,10 @@ class ParamSpec:
     help: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MetricSpec:
+    """A named metric: ``function(singular_values, **params)`` reducing the last axis."""
+
     name: str
     function: Callable[..., Values]
     summary: str
@@ -178,27 +180,76 @@ METRICS: dict[str, MetricSpec] = {
 class MetricRequest:
     """One metric with concrete parameters; ``key`` is how it is named in reports."""
 
-    name: str
+    spec: MetricSpec
     params: tuple[tuple[str, float | int], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @cached_property
     def key(self) -> str:
-        spec = METRICS[self.name]
-        differing = [(k, v) for k, v in self.params if spec.params[k].default != v]
+        differing = [(k, v) for k, v in self.params if self.spec.params[k].default != v]
         if not differing:
             return self.name
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in differing)})"
 
     def compute(self, sv: ArrayLike) -> Values:
-        return METRICS[self.name].function(sv, **dict(self.params))
+        return self.spec.function(sv, **dict(self.params))
+
+
+def request(spec: MetricSpec, **overrides: float | int) -> MetricRequest:
+    """The request for ``spec`` with its default parameters, overridden where given."""
+    params = {key: p.default for key, p in spec.params.items()}
+    params.update(overrides)
+    return MetricRequest(spec, tuple(sorted(params.items())))
 
 
 def default_request(name: str, **overrides: float | int) -> MetricRequest:
-    """The request for ``name`` with its default parameters, overridden where given."""
-    spec = METRICS[name]
-    params = {key: p.default for key, p in spec.params.items()}
-    params.update(overrides)
-    return MetricRequest(name, tuple(sorted(params.items())))
+    """The request for the built-in metric ``name``."""
+    return request(METRICS[name], **overrides)
 
 
-DEFAULT_REQUESTS: tuple[MetricRequest, ...] = tuple(default_request(name) for name in METRICS)
+DEFAULT_REQUESTS: tuple[MetricRequest, ...] = tuple(request(spec) for spec in METRICS.values())
+
+
+def _number(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number, got {value!r}"
+    return None
+
+
+class MetricRegistry:
+    """The metrics a run knows: the built-in ones, plus those conftests and plugins add.
+
+    Passed to the ``pytest_spectral_register_metrics`` hook, whose implementations call
+    :meth:`add`.
+    """
+
+    def __init__(self) -> None:
+        self.specs: dict[str, MetricSpec] = dict(METRICS)
+
+    def add(
+        self,
+        name: str,
+        function: Callable[..., Values],
+        summary: str = "",
+        **defaults: float | int,
+    ) -> None:
+        """Register ``function(singular_values, **params)`` as metric ``name``.
+
+        It receives a float64 array whose last axis holds one slice's singular values in
+        descending order (a whole layer's heads at once: shape ``[heads, r]``) and must return
+        one value per slice (shape ``[heads]``). Keyword ``defaults`` declare its parameters,
+        which rules may set like ``k`` of ``top_k_ratio``.
+        """
+        if not name.isidentifier():
+            raise ValueError(f"metric name {name!r} must be an identifier")
+        if name in self.specs:
+            raise ValueError(f"metric {name!r} is already registered")
+        params = {key: ParamSpec(value, _number, "") for key, value in defaults.items()}
+        self.specs[name] = MetricSpec(name, function, summary or name, params)
+
+    def user_requests(self) -> tuple[MetricRequest, ...]:
+        """Default requests of the metrics added on top of the built-in ones."""
+        return tuple(request(spec) for name, spec in self.specs.items() if name not in METRICS)

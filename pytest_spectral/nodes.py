@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_spectral.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.evaluation import Verdict, judge
 from pytest_spectral.report import Record, item_record
@@ -85,6 +86,8 @@ class SpectralItem(pytest.Item):
         run = self.config.stash[RUN_KEY]
         try:
             spectrum = run.engine().head(self.layer, self.matrix, self.head)
+        except MetricError as exc:
+            raise SpectralCheckError(str(exc)) from None
         except (OSError, ValueError) as exc:
             entry = run.checkpoint.tensors[(self.layer, self.matrix)]
             raise SpectralCheckError(

@@ -58,6 +58,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_spectral import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("spectral", "spectral health checks of transformer checkpoints")
     group.addoption(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.metrics import METRICS, MetricRequest, default_request
+from pytest_spectral.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
 if sys.version_info >= (3, 11):
@@ -118,8 +118,11 @@ class RuleSet:
         return tuple(dict.fromkeys(rule.request for rule in self.rules))
 
 
-def load_rules(path: Path) -> RuleSet:
-    """Read and validate a rules file; raises :class:`RulesError` on any problem."""
+def load_rules(path: Path, metrics: Mapping[str, MetricSpec] = METRICS) -> RuleSet:
+    """Read and validate a rules file; raises :class:`RulesError` on any problem.
+
+    ``metrics`` are the names rules may use (the built-in ones, plus any registered).
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -132,11 +135,13 @@ def load_rules(path: Path) -> RuleSet:
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"{path}: TOML syntax error: {exc}") from None
     locator = _LineLocator(path, text)
-    rules = _parse_document(document, locator)
+    rules = _parse_document(document, locator, metrics)
     return RuleSet(path, hashlib.sha256(raw).hexdigest(), rules)
 
 
-def _parse_document(document: Mapping[str, object], where: _LineLocator) -> tuple[Rule, ...]:
+def _parse_document(
+    document: Mapping[str, object], where: _LineLocator, metrics: Mapping[str, MetricSpec]
+) -> tuple[Rule, ...]:
     for key in document:
         if key != "rules":
             raise RulesError(
@@ -145,23 +150,25 @@ def _parse_document(document: Mapping[str, object], where: _LineLocator) -> tupl
     entries = document.get("rules", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise RulesError(f"{where.top('rules')}: 'rules' must be an array of tables ([[rules]])")
-    return tuple(_parse_rule(index, entry, where) for index, entry in enumerate(entries))
+    return tuple(_parse_rule(index, entry, where, metrics) for index, entry in enumerate(entries))
 
 
-def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) -> Rule:
+def _parse_rule(
+    index: int, entry: Mapping[str, object], where: _LineLocator, metrics: Mapping[str, MetricSpec]
+) -> Rule:
     def fail(key: str, message: str) -> RulesError:
         return RulesError(f"{where.key(index, key)}: rule {index + 1}, key {key!r}: {message}")
 
     metric = entry.get("metric")
     if metric is None:
         raise RulesError(f"{where.rule(index)}: rule {index + 1} has no 'metric' key")
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise fail("metric", f"unknown metric {metric!r}{hint(str(metric), METRICS)}")
-    spec = METRICS[metric]
+    if not isinstance(metric, str) or metric not in metrics:
+        raise fail("metric", f"unknown metric {metric!r}{hint(str(metric), metrics)}")
+    spec = metrics[metric]
 
     for key in entry:
         if key not in _RULE_KEYS and key not in spec.params:
-            other = [m for m, s in METRICS.items() if key in s.params]
+            other = [m for m, s in metrics.items() if key in s.params]
             if other:
                 raise fail(
                     key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})"
@@ -195,7 +202,7 @@ def _parse_rule(index: int, entry: Mapping[str, object], where: _LineLocator) ->
 
     return Rule(
         name=name,
-        request=default_request(metric, **params),
+        request=request(spec, **params),
         min=bounds["min"],
         max=bounds["max"],
         matrices=_matrices(entry.get("matrices", list(MATRICES)), fail),

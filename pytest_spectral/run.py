@@ -20,7 +20,12 @@ from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
 from pytest_spectral.hub import looks_like_hub_id, resolve_hub_model
-from pytest_spectral.metrics import DEFAULT_REQUESTS, METRICS, MetricRequest, default_request
+from pytest_spectral.metrics import (
+    DEFAULT_REQUESTS,
+    MetricRegistry,
+    MetricRequest,
+    default_request,
+)
 from pytest_spectral.ranges import IndexSet
 from pytest_spectral.rules import RulesError, RuleSet, hint, load_rules, tomllib
 
@@ -50,6 +55,8 @@ class SpectralRun:
     calibrate_margin: float = 0.25
     heatmap_metric: str | None = None
     html_path: Path | None = None
+    #: metrics added through pytest_spectral_register_metrics, recorded for every item
+    user_requests: tuple[MetricRequest, ...] = ()
     #: (layer, matrix) pairs of the items this process will run, in order
     needed: list[tuple[int, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
@@ -68,14 +75,16 @@ class SpectralRun:
                 family=_custom_family(config),
             )
             _refuse_checkpoint_as_rootdir(config, model_argument, checkpoint)
+            metrics = MetricRegistry()
+            config.hook.pytest_spectral_register_metrics(metrics=metrics)
             rules_path = _rules_path(config)
-            rules = load_rules(rules_path) if rules_path else RuleSet.empty()
+            rules = load_rules(rules_path, metrics.specs) if rules_path else RuleSet.empty()
             precision = config.getoption("spectral_dtype")
             device = config.getoption("spectral_device").strip().lower()
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
             baseline = _baseline(config, checkpoint, rules)
-            heatmap = _heatmap_metric(config)
+            heatmap = _heatmap_metric(config, metrics)
             html = _path_option(config, "spectral_html")
             if html is not None:
                 from pytest_spectral.html_report import require_matplotlib
@@ -106,6 +115,7 @@ class SpectralRun:
             matrices=config.getoption("spectral_matrices") or MATRICES,
             energy=config.getoption("spectral_energy"),
             report_path=_path_option(config, "spectral_report"),
+            user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
             threads=config.getoption("spectral_threads") or default_threads(),
@@ -125,7 +135,11 @@ class SpectralRun:
 
     def requests(self) -> tuple[MetricRequest, ...]:
         """Metrics every item records: the defaults, the rules' variants and the rank."""
-        return tuple(dict.fromkeys((*DEFAULT_REQUESTS, *self.rules.requests(), self.rank_request)))
+        return tuple(
+            dict.fromkeys(
+                (*DEFAULT_REQUESTS, *self.user_requests, *self.rules.requests(), self.rank_request)
+            )
+        )
 
     def engine(self) -> SpectraEngine:
         """The engine, created on first use (so collection alone never computes)."""
@@ -244,10 +258,11 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
     return load_baseline(path, checkpoint)
 
 
-def _heatmap_metric(config: pytest.Config) -> str | None:
+def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> str | None:
     metric = config.getoption("spectral_heatmap")
-    if metric is not None and metric not in METRICS:
-        raise RulesError(f"--spectral-heatmap: unknown metric {metric!r}{hint(metric, METRICS)}")
+    if metric is not None and metric not in metrics.specs:
+        known = metrics.specs
+        raise RulesError(f"--spectral-heatmap: unknown metric {metric!r}{hint(metric, known)}")
     return metric
 
 

@@ -14,6 +14,17 @@ MakeCheckpoint = Callable[..., Path]
 
 
 @pytest.fixture
+def pytester(pytester: pytest.Pytester) -> pytest.Pytester:
+    """pytester with an ini file in its directory, so that it is pytest's rootdir.
+
+    Users run pytest from their project root, where node ids print as they are; without the
+    ini, pytest would root the run at a common ancestor of the test and checkpoint paths.
+    """
+    pytester.makeini("[pytest]\n")
+    return pytester
+
+
+@pytest.fixture
 def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
     """Write a random Llama-layout checkpoint; keyword arguments go to :class:`LlamaShape`."""
     counter = iter(range(1000))

@@ -206,7 +206,6 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
 
 def test_whole_run_through_pytest(family, pytester) -> None:
     _, checkpoint = family
-    pytester.makeini("[pytest]\n")
     result = pytester.runpytest(f"--spectral-model={checkpoint.root}", "-p", "no:cacheprovider")
     g = checkpoint.geometry
     result.assert_outcomes(passed=g.layers * g.heads * 4)

@@ -30,11 +30,6 @@ min_change = -0.5
 """
 
 
-@pytest.fixture(autouse=True)
-def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\n")
-
-
 def write_model(pytester: pytest.Pytester, name: str, edit=None) -> Path:
     tensors = random_llama_weights(SHAPE, seed=11)
     if edit is not None:

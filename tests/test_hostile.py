@@ -35,11 +35,6 @@ from pytest_spectral.synthetic import (
 SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
 
 
-@pytest.fixture(autouse=True)
-def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\n")
-
-
 @pytest.fixture
 def sharded(pytester: pytest.Pytester) -> Path:
     tensors = random_llama_weights(SHAPE, seed=5)

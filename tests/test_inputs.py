@@ -19,11 +19,6 @@ SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=Fal
 ITEMS = SHAPE.layers * SHAPE.heads * 4
 
 
-@pytest.fixture(autouse=True)
-def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\n")
-
-
 @pytest.fixture
 def model(pytester: pytest.Pytester) -> Path:
     return write_checkpoint(

@@ -23,12 +23,6 @@ SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=Fal
 COLLAPSED = "spectral::layer01::head02-q"
 
 
-@pytest.fixture(autouse=True)
-def rootdir_is_the_test_directory(pytester: pytest.Pytester) -> None:
-    """Users run pytest from their project root; node ids then print as-is."""
-    pytester.makeini("[pytest]\n")
-
-
 @pytest.fixture
 def planted(pytester: pytest.Pytester) -> Path:
     """The SHAPE model with query head 2 of layer 1 collapsed to rank 1 in Q."""
@@ -395,3 +389,55 @@ def test_plain_pytest_run_does_not_import_torch(pytester) -> None:
         test_user="import sys\ndef test_user():\n    assert 'torch' not in sys.modules\n"
     )
     pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(passed=1)
+
+
+class TestUserMetrics:
+    CONFTEST = """
+        import numpy as np
+
+        def pytest_spectral_register_metrics(metrics):
+            metrics.add(
+                "tail_share",
+                lambda sv, k=2: sv[..., -k:].sum(-1) / sv.sum(-1),
+                "share of the k smallest singular values",
+                k=2,
+            )
+    """
+
+    def test_conftest_metric_fails_a_head(self, pytester, planted) -> None:
+        pytester.makeconftest(self.CONFTEST)
+        path = rules(
+            pytester,
+            '[[rules]]\nname = "thin-tail"\nmetric = "tail_share"\nk = 3\n'
+            "min = 0.01\nmatrices = ['q']\n",
+        )
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(planted),
+            "--spectral-thresholds",
+            str(path),
+            "--spectral-report",
+            "r.json",
+        )
+        result.assert_outcomes(passed=31, failed=1)
+        result.stdout.fnmatch_lines([f"FAILED {COLLAPSED} - thin-tail: tail_share(k=3) = *"])
+        item = json.loads((pytester.path / "r.json").read_text())["items"][0]
+        assert {"tail_share", "tail_share(k=3)"} <= set(item["metrics"])
+
+    def test_misspelt_user_metric_is_suggested(self, pytester, planted) -> None:
+        pytester.makeconftest(self.CONFTEST)
+        path = rules(pytester, '[[rules]]\nmetric = "tail_shar"\nmax = 1\n')
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*unknown metric 'tail_shar' (did you mean 'tail_share'?)"])
+
+    def test_broken_user_metric_fails_items_with_its_name(self, pytester, planted) -> None:
+        pytester.makeconftest(
+            "def pytest_spectral_register_metrics(metrics):\n"
+            "    metrics.add('broken', lambda sv: sv.sum())\n"
+        )
+        result = pytester.runpytest("--spectral-model", str(planted), "-x")
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*metric 'broken' returned shape [] for 4 slices; it must*"])
