@@ -32,6 +32,9 @@ class Family:
     layer: str
     #: tensor names under ``layer``: keys q, k, v, o, or qkv (fused) and o
     tensors: MatrixNames
+    #: MLP tensors for whole-matrix items: prefix (with {layer}) and matrix name -> tensor
+    mlp_prefix: str = ""
+    mlp: MatrixNames = field(default_factory=dict)
     fused: str | None = None
     conv1d: bool = False
     #: config keys, first present wins
@@ -46,6 +49,8 @@ class Family:
     )
 
     def tensor_name(self, layer: int, matrix: str) -> str:
+        if matrix in self.mlp:
+            return self.mlp_prefix.format(layer=layer) + self.mlp[matrix]
         key = "qkv" if self.fused and matrix in ("q", "k", "v") else matrix
         return self.layer.format(layer=layer) + self.tensors[key]
 
@@ -60,26 +65,35 @@ def _falcon_variant(config: Mapping[str, object]) -> tuple[str | None, int | Non
 
 
 _LLAMA_NAMES = {m: f"{m}_proj.weight" for m in "qkvo"}
+_FC_H_TO_4H = {"fc1": "dense_h_to_4h.weight", "fc2": "dense_4h_to_h.weight"}
+#: names of whole-matrix MLP items, across families
+MLP_MATRICES: tuple[str, ...] = ("gate", "up", "gate_up", "down", "fc1", "fc2")
 
 FAMILIES: tuple[Family, ...] = (
     Family(
         "llama",
         ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"),
-        "layers.{layer}.self_attn.",
-        _LLAMA_NAMES,
+        layer="layers.{layer}.self_attn.",
+        tensors=_LLAMA_NAMES,
+        mlp_prefix="layers.{layer}.mlp.",
+        mlp={m: f"{m}_proj.weight" for m in ("gate", "up", "down")},
     ),
     Family(
         "phi3",
         ("phi3",),
-        "layers.{layer}.self_attn.",
-        {"qkv": "qkv_proj.weight", "o": "o_proj.weight"},
+        layer="layers.{layer}.self_attn.",
+        tensors={"qkv": "qkv_proj.weight", "o": "o_proj.weight"},
+        mlp_prefix="layers.{layer}.mlp.",
+        mlp={"gate_up": "gate_up_proj.weight", "down": "down_proj.weight"},
         fused="concat",
     ),
     Family(
         "gpt2",
         ("gpt2",),
-        "h.{layer}.attn.",
-        {"qkv": "c_attn.weight", "o": "c_proj.weight"},
+        layer="h.{layer}.attn.",
+        tensors={"qkv": "c_attn.weight", "o": "c_proj.weight"},
+        mlp_prefix="h.{layer}.mlp.",
+        mlp={"fc1": "c_fc.weight", "fc2": "c_proj.weight"},
         fused="concat",
         conv1d=True,
         layers_keys=("n_layer",),
@@ -90,16 +104,20 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "gpt_neox",
         ("gpt_neox",),
-        "layers.{layer}.attention.",
-        {"qkv": "query_key_value.weight", "o": "dense.weight"},
+        layer="layers.{layer}.attention.",
+        tensors={"qkv": "query_key_value.weight", "o": "dense.weight"},
+        mlp_prefix="layers.{layer}.mlp.",
+        mlp=_FC_H_TO_4H,
         fused="interleaved",
         kv_heads_keys=(),
     ),
     Family(
         "falcon",
         ("falcon",),
-        "h.{layer}.self_attention.",
-        {"qkv": "query_key_value.weight", "o": "dense.weight"},
+        layer="h.{layer}.self_attention.",
+        tensors={"qkv": "query_key_value.weight", "o": "dense.weight"},
+        mlp_prefix="h.{layer}.mlp.",
+        mlp=_FC_H_TO_4H,
         fused="concat",
         kv_heads_keys=(),
         variant=_falcon_variant,
@@ -107,20 +125,24 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "opt",
         ("opt",),
-        "decoder.layers.{layer}.self_attn.",
-        {"q": "q_proj.weight", "k": "k_proj.weight", "v": "v_proj.weight", "o": "out_proj.weight"},
+        layer="decoder.layers.{layer}.self_attn.",
+        tensors={**_LLAMA_NAMES, "o": "out_proj.weight"},
+        mlp_prefix="decoder.layers.{layer}.",
+        mlp={"fc1": "fc1.weight", "fc2": "fc2.weight"},
         kv_heads_keys=(),
     ),
     Family(
         "bert",
         ("bert", "roberta", "xlm-roberta"),
-        "encoder.layer.{layer}.attention.",
-        {
+        layer="encoder.layer.{layer}.attention.",
+        tensors={
             "q": "self.query.weight",
             "k": "self.key.weight",
             "v": "self.value.weight",
             "o": "output.dense.weight",
         },
+        mlp_prefix="encoder.layer.{layer}.",
+        mlp={"fc1": "intermediate.dense.weight", "fc2": "output.dense.weight"},
         kv_heads_keys=(),
     ),
 )

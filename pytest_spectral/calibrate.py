@@ -47,14 +47,17 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
         "# widened by that factor of their log10 spread. Values of the calibration checkpoint",
         "# all lie inside, so testing it with this file passes.",
     ]
-    for matrix in MATRICES:
-        rows = [r for r in healthy if r["matrix"] == matrix]
-        if not rows:
-            continue
-        for metric, scale in CALIBRATED:
-            values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
-            if values.size:
-                lines += ["", *_rule(matrix, metric, scale, values, margin)]
+    matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
+    for scope in ("head", "matrix"):
+        for matrix in sorted(
+            matrices,
+            key=lambda m: (m not in MATRICES, MATRICES.index(m) if m in MATRICES else 0, m),
+        ):
+            rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
+            for metric, scale in CALIBRATED:
+                values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
+                if values.size:
+                    lines += ["", *_rule(scope, matrix, metric, scale, values, margin)]
     return "\n".join(lines) + "\n"
 
 
@@ -63,7 +66,9 @@ def _finite(values: Sequence[object]) -> np.ndarray:
     return numbers[np.isfinite(numbers)]
 
 
-def _rule(matrix: str, metric: str, scale: str, values: np.ndarray, margin: float) -> list[str]:
+def _rule(
+    scope: str, matrix: str, metric: str, scale: str, values: np.ndarray, margin: float
+) -> list[str]:
     log = scale == "log" and bool((values > 0).all())
     data = np.log10(values) if log else values
     low, high = float(data.min()), float(data.max())
@@ -75,15 +80,18 @@ def _rule(matrix: str, metric: str, scale: str, values: np.ndarray, margin: floa
     lower = min(lower, float(values.min()))  # never inside the observed range after rounding
     upper = max(upper, float(values.max()))
     how = "log10 " if log else ""
+    what = "heads" if scope == "head" else "whole matrices"
+    name = f"calibrated-{matrix}-{metric}" + ("" if scope == "head" else "-whole")
     return [
-        f"# {matrix} heads (n={values.size}): observed {values.min():.6g} .. {values.max():.6g}, "
-        f"{how}p5-p95 spread {p95 - p5:.4g}",
+        f"# {matrix} {what} (n={values.size}): observed {values.min():.6g} .. "
+        f"{values.max():.6g}, {how}p5-p95 spread {p95 - p5:.4g}",
         "[[rules]]",
-        f'name = "calibrated-{matrix}-{metric}"',
+        f'name = "{name}"',
         f'metric = "{metric}"',
         f"min = {_toml_float(lower)}",
         f"max = {_toml_float(upper)}",
         f'matrices = ["{matrix}"]',
+        f'scope = "{scope}"',
     ]
 
 

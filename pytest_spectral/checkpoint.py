@@ -72,7 +72,10 @@ class Checkpoint:
     model_type: str
     geometry: Geometry
     layout: Layout
+    #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices present
     tensors: dict[tuple[int, str], TensorEntry]
+    #: MLP matrices the checkpoint has (whole-matrix items only)
+    mlp: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> str:
@@ -82,6 +85,23 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         return sorted({t.file for t in self.tensors.values()})
+
+    def item_shape(self, matrix: str, *, whole: bool) -> tuple[int, int]:
+        """Shape ``[m, n]`` of an item's matrix in ``nn.Linear`` orientation (out x in)."""
+        g = self.geometry
+        if not whole:
+            return g.slice_shape(matrix)
+        if matrix in MATRICES:
+            return (
+                (g.hidden, g.heads * g.head_dim)
+                if matrix == "o"
+                else (
+                    g.distinct_heads(matrix) * g.head_dim,
+                    g.hidden,
+                )
+            )
+        rows, cols = self.tensors[(0, matrix)].shape
+        return (cols, rows) if self.layout.conv1d else (rows, cols)
 
 
 def open_checkpoint(
@@ -111,8 +131,12 @@ def open_checkpoint(
     geometry = _geometry(config_file, config, family, kv_override)
     layout = Layout(family.name, fused, family.conv1d)
     entries = _weight_entries(path)
-    tensors = _attention_tensors(entries, family, geometry, layout)
-    return Checkpoint(root, config, model_type, geometry, layout, tensors)
+    prefix = _decoder_prefix(entries, family)
+    tensors = _attention_tensors(entries, prefix, family, geometry, layout)
+    mlp = _mlp_tensors(entries, prefix, family, geometry)
+    tensors.update(mlp)
+    names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
+    return Checkpoint(root, config, model_type, geometry, layout, tensors, names)
 
 
 def _read_config(path: Path) -> dict[str, object]:
@@ -249,9 +273,12 @@ _TORCH_DTYPE_NAMES = {
 
 
 def _attention_tensors(
-    entries: Mapping[str, TensorEntry], family: Family, geometry: Geometry, layout: Layout
+    entries: Mapping[str, TensorEntry],
+    prefix: str,
+    family: Family,
+    geometry: Geometry,
+    layout: Layout,
 ) -> dict[tuple[int, str], TensorEntry]:
-    prefix = _decoder_prefix(entries, family)
     tensors: dict[tuple[int, str], TensorEntry] = {}
     for layer in range(geometry.layers):
         for matrix in MATRICES:
@@ -276,6 +303,28 @@ def _attention_tensors(
                 )
             tensors[(layer, matrix)] = entry
     return tensors
+
+
+def _mlp_tensors(
+    entries: Mapping[str, TensorEntry], prefix: str, family: Family, geometry: Geometry
+) -> dict[tuple[int, str], TensorEntry]:
+    """The MLP matrices present in every layer (a mixture of experts has none of them)."""
+    found: dict[tuple[int, str], TensorEntry] = {}
+    for matrix in family.mlp:
+        names = [prefix + family.tensor_name(layer, matrix) for layer in range(geometry.layers)]
+        if names[0] not in entries:
+            continue
+        for layer, name in enumerate(names):
+            entry = entries.get(name)
+            if entry is None:
+                raise CheckpointError(f"tensor {name!r} is missing (layer 0 has its {matrix})")
+            if len(entry.shape) != 2 or entry.dtype not in DTYPE_SIZES:
+                raise CheckpointError(
+                    f"{entry.file}: tensor {name!r} ({entry.dtype} {list(entry.shape)}) is not a "
+                    f"2-D {', '.join(DTYPE_SIZES)} matrix"
+                )
+            found[(layer, matrix)] = entry
+    return found
 
 
 def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:

@@ -24,7 +24,9 @@ from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
 if TYPE_CHECKING:
     from pytest_spectral.reader import WeightReader
 
-LayerResults = dict[str, list[HeadSpectrum]]
+#: (matrix, scope) -> one spectrum per distinct head ("head"), or a single one ("matrix")
+LayerResults = dict[tuple[str, str], list[HeadSpectrum]]
+Unit = tuple[str, str]
 
 
 class SpectraEngine:
@@ -49,34 +51,39 @@ class SpectraEngine:
         self.prefetch = prefetch
         self.on_layer = on_layer
         self._reader_instance: WeightReader | None = None
-        self._plan: dict[int, tuple[str, ...]] = {}
+        self._plan: dict[int, tuple[Unit, ...]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pytest-spectral")
         self._futures: dict[int, Future[tuple[LayerResults, LayerStats]]] = {}
         self._consumed: set[int] = set()
 
-    def plan(self, needed: Sequence[tuple[int, str]]) -> None:
-        """Declare which (layer, matrix) pairs will be asked for, in the order of the run.
+    def plan(self, needed: Sequence[tuple[int, str, str]]) -> None:
+        """Declare which (layer, matrix, scope) triples will be asked for, in run order.
 
-        Only those tensors are read; without a plan every matrix of a requested layer is.
+        Only those tensors are read; without a plan every head matrix of a requested layer is.
         """
-        plan: dict[int, list[str]] = {}
-        for layer, matrix in needed:
-            matrices = plan.setdefault(layer, [])
-            if matrix not in matrices:
-                matrices.append(matrix)
-        self._plan = {layer: tuple(m for m in MATRICES if m in ms) for layer, ms in plan.items()}
+        plan: dict[int, dict[Unit, None]] = {}
+        for layer, matrix, scope in needed:
+            plan.setdefault(layer, {})[(matrix, scope)] = None
+        self._plan = {layer: tuple(units) for layer, units in plan.items()}
         if self.prefetch and self._plan:
             # Start on the first layer (and torch's import) while pytest finishes starting up.
             self._submit(next(iter(self._plan)))
 
     def head(self, layer: int, matrix: str, head: int) -> HeadSpectrum:
         """The spectrum of query head ``head`` (its shared K/V head for k and v)."""
-        results = self._layer(layer)
-        if matrix not in results:  # asked for outside the plan
-            results[matrix] = self._matrix(layer, matrix)[0]
         geometry = self.checkpoint.geometry
         index = geometry.kv_head_of(head) if matrix in ("k", "v") else head
-        return results[matrix][index]
+        return self._unit(layer, (matrix, "head"))[index]
+
+    def whole(self, layer: int, matrix: str) -> HeadSpectrum:
+        """The spectrum of the whole matrix (q, k, v, o or an MLP matrix) of ``layer``."""
+        return self._unit(layer, (matrix, "matrix"))[0]
+
+    def _unit(self, layer: int, unit: Unit) -> list[HeadSpectrum]:
+        results = self._layer(layer)
+        if unit not in results:  # asked for outside the plan
+            results[unit] = self._matrix(layer, unit)[0]
+        return results[unit]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -110,17 +117,17 @@ class SpectraEngine:
         start = time.perf_counter()
         results: LayerResults = {}
         slices = direct = cached = 0
-        for matrix in self._plan.get(layer, MATRICES):
-            heads, from_cache = self._matrix(layer, matrix)
-            results[matrix] = heads
+        for unit in self._plan.get(layer, tuple((m, "head") for m in MATRICES)):
+            heads, from_cache = self._matrix(layer, unit)
+            results[unit] = heads
             slices += len(heads)
             direct += sum(h.method != "gram" for h in heads)
             cached += from_cache
         stats = LayerStats(layer, slices, direct, cached, time.perf_counter() - start)
         return results, stats
 
-    def _matrix(self, layer: int, matrix: str) -> tuple[list[HeadSpectrum], bool]:
-        spectra, from_cache = self._spectra(layer, matrix)
+    def _matrix(self, layer: int, unit: Unit) -> tuple[list[HeadSpectrum], bool]:
+        spectra, from_cache = self._spectra(layer, unit)
         values = spectra.singular_values
         metrics = {request.key: _column(request, values) for request in self.requests}
         heads = [
@@ -134,44 +141,41 @@ class SpectraEngine:
         ]
         return heads, from_cache
 
-    def _spectra(self, layer: int, matrix: str) -> tuple[SliceSpectra, bool]:
-        entry = self.checkpoint.tensors[(layer, matrix)]
-        geometry = self.checkpoint.geometry
+    def _spectra(self, layer: int, unit: Unit) -> tuple[SliceSpectra, bool]:
         if self.cache is None:
-            return self._decompose(layer, matrix), False
-        stored = self.checkpoint.layout
-        layout = (
-            matrix,
-            geometry.distinct_heads(matrix),
-            geometry.head_dim,
-            geometry.heads,
-            stored.fused,
-            stored.conv1d,
-        )
-        key = entry_key(entry, layout, self.precision)
+            return self._decompose(layer, unit), False
+        matrix, scope = unit
+        g, stored = self.checkpoint.geometry, self.checkpoint.layout
+        layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
+        key = entry_key(self.checkpoint.tensors[(layer, matrix)], layout, self.precision)
         hit = self.cache.load(key)
         if hit is not None:
             return hit, True
-        spectra = self._decompose(layer, matrix)
+        spectra = self._decompose(layer, unit)
         self.cache.store(key, spectra)
         return spectra, False
 
-    def _decompose(self, layer: int, matrix: str) -> SliceSpectra:
+    def _decompose(self, layer: int, unit: Unit) -> SliceSpectra:
         """The only place torch is needed: a run served from the cache never imports it."""
         import torch
 
         from pytest_spectral.device import resolve_device
         from pytest_spectral.reader import WeightReader
-        from pytest_spectral.spectra import head_blocks, slice_singular_values
+        from pytest_spectral.spectra import head_blocks, slice_singular_values, whole_matrix
 
         if self._reader_instance is None:
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.device = resolve_device(self.device, self.precision)
             self._reader_instance = WeightReader()
+        matrix, scope = unit
         entry = self.checkpoint.tensors[(layer, matrix)]
         weight = self._reader_instance.tensor(entry)
-        blocks = head_blocks(weight, matrix, self.checkpoint.geometry, self.checkpoint.layout)
+        geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
+        if scope == "head":
+            blocks = head_blocks(weight, matrix, geometry, layout)
+        else:
+            blocks = whole_matrix(weight, matrix, geometry, layout)[None]
         dtype = torch.float64 if self.precision == "float64" else torch.float32
         spectra = slice_singular_values(blocks, device=self.device, dtype=dtype)
         del weight, blocks

@@ -62,7 +62,7 @@ def _panel(
     grid = np.full((layers, heads), np.nan)
     present = np.zeros((layers, heads), dtype=bool)
     for record in records:
-        if record["matrix"] != matrix:
+        if record["matrix"] != matrix or record["head"] is None:
             continue
         value = record["metrics"].get(metric)  # type: ignore[attr-defined]
         layer, head = int(record["layer"]), int(record["head"])  # type: ignore[arg-type]

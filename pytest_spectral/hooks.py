@@ -58,7 +58,9 @@ class SpectralPlugin:
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.run.needed = [
-            (item.layer, item.matrix) for item in session.items if isinstance(item, SpectralItem)
+            (item.layer, item.matrix, item.scope)
+            for item in session.items
+            if isinstance(item, SpectralItem)
         ]
         if self.run.needed and not session.config.option.collectonly:
             self.run.engine()  # a single process starts computing the first layer now

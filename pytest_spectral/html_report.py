@@ -48,7 +48,7 @@ def render_html(
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    records: list[Record] = list(report["items"])  # type: ignore[call-overload]
+    records: list[Record] = [r for r in report["items"] if r["head"] is not None]  # type: ignore[attr-defined, index]
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
     layers, heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
     sections = [
@@ -71,7 +71,7 @@ def render_html(
 
 
 def _curve_layers(records: Sequence[Record], candidates: Sequence[Candidate]) -> list[int]:
-    flagged = sorted({int(c.record["layer"]) for c in candidates})  # type: ignore[call-overload]
+    flagged = sorted({int(c.record["layer"]) for c in candidates if c.record["head"] is not None})  # type: ignore[call-overload]
     present = sorted({int(r["layer"]) for r in records})  # type: ignore[call-overload]
     return (flagged or present[:1])[:MAX_CURVE_LAYERS]
 

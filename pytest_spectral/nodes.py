@@ -59,11 +59,19 @@ class LayerCollector(pytest.Collector):
         self.layer = layer
 
     def collect(self) -> Iterator[pytest.Item]:
+        """Whole-matrix items first (``layer03::q``), then head items (``layer03::head17-q``)."""
         run = self.config.stash[RUN_KEY]
+        if "matrix" in run.scopes:
+            for matrix in run.whole_matrices:
+                yield SpectralItem.from_parent(
+                    self, name=matrix, layer=self.layer, head=None, matrix=matrix
+                )
+        if "head" not in run.scopes:
+            return
         heads = run.checkpoint.geometry.heads
         width = max(2, len(str(heads - 1)))
         for head in range(heads):
-            for matrix in run.matrices:
+            for matrix in run.head_matrices:
                 yield SpectralItem.from_parent(
                     self,
                     name=f"head{head:0{width}d}-{matrix}",
@@ -74,18 +82,30 @@ class LayerCollector(pytest.Collector):
 
 
 class SpectralItem(pytest.Item):
-    """One (layer, head, matrix): computes nothing itself, asks the run's engine."""
+    """One (layer, head, matrix), or a whole (layer, matrix) when ``head`` is None.
 
-    def __init__(self, *, layer: int, head: int, matrix: str, **kwargs: object) -> None:
+    It computes nothing itself: it asks the run's engine, which batches per layer.
+    """
+
+    def __init__(self, *, layer: int, head: int | None, matrix: str, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.layer, self.head, self.matrix = layer, head, matrix
         self.record: Record | None = None
         self.add_marker("spectral")
 
+    @property
+    def scope(self) -> str:
+        return "matrix" if self.head is None else "head"
+
     def runtest(self) -> None:
         run = self.config.stash[RUN_KEY]
         try:
-            spectrum = run.engine().head(self.layer, self.matrix, self.head)
+            engine = run.engine()
+            spectrum = (
+                engine.whole(self.layer, self.matrix)
+                if self.head is None
+                else engine.head(self.layer, self.matrix, self.head)
+            )
         except MetricError as exc:
             raise SpectralCheckError(str(exc)) from None
         except (OSError, ValueError) as exc:
@@ -104,13 +124,14 @@ class SpectralItem(pytest.Item):
             warn_only=run.warn_only,
         )
         geometry = run.checkpoint.geometry
+        shared = self.head is not None and self.matrix in ("k", "v")
         self.record = item_record(
             nodeid=self.nodeid,
             layer=self.layer,
             head=self.head,
             matrix=self.matrix,
-            kv_head=geometry.kv_head_of(self.head) if self.matrix in ("k", "v") else None,
-            shape=geometry.slice_shape(self.matrix),
+            kv_head=geometry.kv_head_of(self.head) if shared else None,  # type: ignore[arg-type]
+            shape=run.checkpoint.item_shape(self.matrix, whole=self.head is None),
             spectrum=spectrum,
             verdict=verdict,
         )
@@ -149,6 +170,9 @@ class SpectralItem(pytest.Item):
     def _where(self, run: SpectralRun) -> str:
         g = run.checkpoint.geometry
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
+        if self.head is None:
+            m, n = run.checkpoint.item_shape(self.matrix, whole=True)
+            return f"layer {self.layer}, whole {self.matrix}: {entry.name} ({m}x{n})"
         index = g.kv_head_of(self.head) if self.matrix in ("k", "v") else self.head
         span = f"{index * g.head_dim}:{(index + 1) * g.head_dim}"
         part = f"columns {span}" if self.matrix == "o" else f"rows {span}"
@@ -172,4 +196,5 @@ class SpectralItem(pytest.Item):
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[str, None, str]:
-        return ROOT_NAME, None, f"spectral layer {self.layer} head {self.head} {self.matrix}"
+        where = f"head {self.head} " if self.head is not None else "whole "
+        return ROOT_NAME, None, f"spectral layer {self.layer} {where}{self.matrix}"

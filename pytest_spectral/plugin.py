@@ -10,6 +10,7 @@ import argparse
 
 import pytest
 
+from pytest_spectral.architectures import MLP_MATRICES
 from pytest_spectral.checkpoint import MATRICES
 from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
@@ -22,14 +23,15 @@ def _layers(text: str) -> IndexSet:
 
 
 def _matrices(text: str) -> tuple[str, ...]:
+    known = MATRICES + MLP_MATRICES
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in MATRICES]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown matrix {', '.join(map(repr, unknown)) or repr(text)}; "
-            f"use a comma-separated subset of {','.join(MATRICES)}"
+            f"use a comma-separated subset of {','.join(known)}"
         )
-    return tuple(m for m in MATRICES if m in names)
+    return tuple(m for m in known if m in names)
 
 
 def _fraction(text: str) -> float:
@@ -102,7 +104,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--spectral-matrices",
         metavar="LIST",
         type=_matrices,
-        help="only these matrices, a comma-separated subset of q,k,v,o (default: all).",
+        help="only these matrices, e.g. q,k (heads and whole) or gate,down (whole only).",
+    )
+    group.addoption(
+        "--spectral-scope",
+        choices=("head", "matrix", "both"),
+        default="head",
+        help="items per head (default), per whole matrix (q, k, v, o and the MLP's), or both.",
     )
     group.addoption(
         "--spectral-report",

@@ -39,7 +39,7 @@ def item_record(
     *,
     nodeid: str,
     layer: int,
-    head: int,
+    head: int | None,
     matrix: str,
     kv_head: int | None,
     shape: tuple[int, int],
@@ -49,6 +49,7 @@ def item_record(
     return {
         "nodeid": nodeid,
         "layer": layer,
+        "scope": "matrix" if head is None else "head",
         "head": head,
         "matrix": matrix,
         "kv_head": kv_head,

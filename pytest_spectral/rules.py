@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pytest_spectral.architectures import MLP_MATRICES
 from pytest_spectral.checkpoint import MATRICES
 from pytest_spectral.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
@@ -27,6 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 Severity = Literal["fail", "warn"]
+ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
 _RULE_KEYS = (
     "name",
@@ -39,6 +41,7 @@ _RULE_KEYS = (
     "layers",
     "heads",
     "severity",
+    "scope",
 )
 
 
@@ -61,13 +64,22 @@ class Rule:
     #: bounds on the relative change (value - baseline) / |baseline| against --spectral-baseline
     min_change: float | None = None
     max_change: float | None = None
+    #: "head" items (the default) or whole-"matrix" items (--spectral-scope)
+    scope: str = "head"
 
     @property
     def is_relative(self) -> bool:
         return self.min_change is not None or self.max_change is not None
 
-    def applies_to(self, layer: int, head: int, matrix: str) -> bool:
-        return matrix in self.matrices and layer in self.layers and head in self.heads
+    def applies_to(self, layer: int, head: int | None, matrix: str) -> bool:
+        """Whether the rule judges this item; ``head`` is None for a whole-matrix item."""
+        if self.scope != ("matrix" if head is None else "head"):
+            return False
+        return (
+            matrix in self.matrices
+            and layer in self.layers
+            and (head is None or head in self.heads)
+        )
 
     def violation(self, value: float) -> str | None:
         """Why ``value`` breaks this rule's absolute bounds, or ``None`` when it does not."""
@@ -193,6 +205,9 @@ def _parse_rule(
         if bounds[low] is not None and bounds[high] is not None and bounds[low] > bounds[high]:
             raise fail(low, f"{low} {bounds[low]} is larger than {high} {bounds[high]}")
 
+    scope = entry.get("scope", "head")
+    if scope not in ("head", "matrix"):
+        raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
     severity = entry.get("severity", "fail")
     if severity not in ("fail", "warn"):
         raise fail("severity", f"must be 'fail' or 'warn', got {severity!r}")
@@ -205,12 +220,13 @@ def _parse_rule(
         request=request(spec, **params),
         min=bounds["min"],
         max=bounds["max"],
-        matrices=_matrices(entry.get("matrices", list(MATRICES)), fail),
+        matrices=_matrices(entry.get("matrices", list(ALL_MATRICES)), fail),
         layers=_index_set(entry, "layers", fail),
         heads=_index_set(entry, "heads", fail),
         severity=severity,  # type: ignore[arg-type]
         min_change=bounds["min_change"],
         max_change=bounds["max_change"],
+        scope=scope,
     )
 
 
@@ -230,8 +246,10 @@ def _matrices(value: object, fail: _Fail) -> frozenset[str]:
     result = set()
     for name in names:
         clean = name.strip().lower() if isinstance(name, str) else name
-        if clean not in MATRICES:
-            raise fail("matrices", f"unknown matrix {name!r}; choose from {', '.join(MATRICES)}")
+        if clean not in ALL_MATRICES:
+            raise fail(
+                "matrices", f"unknown matrix {name!r}; choose from {', '.join(ALL_MATRICES)}"
+            )
         result.add(clean)
     return frozenset(result)
 

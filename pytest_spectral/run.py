@@ -42,7 +42,11 @@ class SpectralRun:
     checkpoint: Checkpoint
     rules: RuleSet
     layers: list[int]
-    matrices: tuple[str, ...]
+    #: matrices of head items, and of whole-matrix items (which add the MLP's)
+    head_matrices: tuple[str, ...]
+    whole_matrices: tuple[str, ...]
+    #: "head", "matrix" or both (--spectral-scope)
+    scopes: tuple[str, ...]
     energy: float
     report_path: Path | None
     device: str  # as requested; "auto" is resolved when something must be computed
@@ -57,8 +61,8 @@ class SpectralRun:
     html_path: Path | None = None
     #: metrics added through pytest_spectral_register_metrics, recorded for every item
     user_requests: tuple[MetricRequest, ...] = ()
-    #: (layer, matrix) pairs of the items this process will run, in order
-    needed: list[tuple[int, str]] = field(default_factory=list)
+    #: (layer, matrix, scope) of the items this process will run, in order
+    needed: list[tuple[int, str, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
     on_layer: Callable[[LayerStats], None] | None = None
     _engine: SpectraEngine | None = None
@@ -99,6 +103,8 @@ class SpectralRun:
             ImportError,
         ) as exc:
             raise pytest.UsageError(str(exc)) from None
+        scope = config.getoption("spectral_scope")
+        selected = _selected_matrices(config, checkpoint)
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
@@ -112,7 +118,9 @@ class SpectralRun:
             checkpoint=checkpoint,
             rules=rules,
             layers=[layer for layer in range(count) if layer in selection],
-            matrices=config.getoption("spectral_matrices") or MATRICES,
+            head_matrices=tuple(m for m in selected if m in MATRICES),
+            whole_matrices=selected,
+            scopes=("head", "matrix") if scope == "both" else (scope,),
             energy=config.getoption("spectral_energy"),
             report_path=_path_option(config, "spectral_report"),
             user_requests=metrics.user_requests(),
@@ -169,7 +177,10 @@ class SpectralRun:
     def settings(self) -> dict[str, object]:
         return {
             "layers": self.layers,
-            "matrices": list(self.matrices),
+            "scopes": list(self.scopes),
+            "matrices": list(
+                self.whole_matrices if "matrix" in self.scopes else self.head_matrices
+            ),
             "candidate_energy": self.energy,
             "precision": self.precision,
             "device": self.device,
@@ -237,6 +248,21 @@ def _custom_family(config: pytest.Config) -> Family | None:
     if not isinstance(table.get("architecture"), dict):
         raise ArchitectureError(f"{path}: needs an [architecture] table (see the README)")
     return custom_family(table["architecture"], str(path))
+
+
+def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
+    """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
+    available = MATRICES + checkpoint.mlp
+    chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
+    if chosen is None:
+        return available
+    missing = [m for m in chosen if m not in available]
+    if missing:
+        raise pytest.UsageError(
+            f"--spectral-matrices: this checkpoint has no {', '.join(missing)} "
+            f"(it has {', '.join(available)})"
+        )
+    return chosen
 
 
 def _path_option(config: pytest.Config, name: str) -> Path | None:

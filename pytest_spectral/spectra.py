@@ -54,6 +54,19 @@ def head_blocks(
     return grid.reshape(-1, d, weight.shape[1])
 
 
+def whole_matrix(
+    weight: torch.Tensor, matrix: str, geometry: Geometry, layout: Layout
+) -> torch.Tensor:
+    """The whole matrix for a matrix-scope item: the stored weight, or Q, K or V's share of a
+    fused one (in whatever orientation is cheapest: singular values do not care)."""
+    if matrix not in ("q", "k", "v") or not layout.fused:
+        return weight
+    blocks = head_blocks(weight, matrix, geometry, layout)
+    if layout.conv1d:  # [slices, in, d] -> [in, slices * d]
+        return blocks.permute(1, 0, 2).reshape(blocks.shape[1], -1)
+    return blocks.reshape(-1, blocks.shape[2])
+
+
 def _fused_grid(matrix: str, g: Geometry, fused: str | None) -> tuple[int, int, tuple[int, int]]:
     """Rows as a [groups, per_group] grid of head blocks, and the range ``matrix`` occupies."""
     h, kv = g.heads, g.kv_heads

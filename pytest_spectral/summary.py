@@ -39,7 +39,7 @@ def render_summary(
     )
     console.print(_counts_line(records))
     if not candidates:
-        console.print("No head broke a rule: no pruning candidates.")
+        console.print("Nothing broke a rule: no pruning candidates.")
         return buffer.getvalue()
     console.print(_table(candidates[:MAX_ROWS], energy))
     if len(candidates) > MAX_ROWS:
@@ -60,20 +60,27 @@ def _counts_line(records: Sequence[Record]) -> str:
     for outcome in ("failed", "warned"):
         per_matrix = Counter(str(r["matrix"]) for r in records if r["outcome"] == outcome)
         if per_matrix:
-            detail = ", ".join(f"{m} {per_matrix[m]}" for m in MATRICES if per_matrix[m])
+            detail = ", ".join(f"{m} {n}" for m, n in sorted(per_matrix.items(), key=_order))
             parts.append(f"{outcomes[outcome]} {outcome} ({detail})")
-    return f"{len(records)} heads analysed: " + "; ".join(parts)
+    return f"{len(records)} items analysed: " + "; ".join(parts)
+
+
+def _order(item: tuple[str, int]) -> tuple[int, str]:
+    """q, k, v, o first, then MLP matrices by name."""
+    matrix = item[0]
+    return (MATRICES.index(matrix) if matrix in MATRICES else len(MATRICES), matrix)
 
 
 def _table(candidates: Sequence[Candidate], energy: float) -> Table:
     table = Table(title="Low-rank pruning candidates", title_justify="left")
-    table.add_column("head", no_wrap=True)
+    table.add_column("item", no_wrap=True)
     table.add_column("rules broken (value)", overflow="fold")
     table.add_column(f"rank@{energy:.0%}", justify="right", no_wrap=True)
     table.add_column("params saved", justify="right", no_wrap=True)
     for c in candidates:
         r = c.record
-        label = f"L{r['layer']} H{r['head']} {r['matrix']}"
+        head = f" H{r['head']}" if r["head"] is not None else ""
+        label = f"L{r['layer']}{head} {r['matrix']}"
         broken = [
             f"{b['rule']} {b['metric']}={_short(b['value'])}"
             + (f" (baseline {_short(b['baseline'])})" if b.get("baseline") is not None else "")

@@ -59,6 +59,14 @@ FAMILIES = {
 }
 
 
+GATED = ("gate", "up", "down")
+EXPECTED_MLP = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), GATED),
+    "mixtral": (),  # experts: no single MLP matrix per layer
+    "phi3": ("gate_up", "down"),
+}
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory) -> tuple[object, Checkpoint]:
     model_type, options = FAMILIES[request.param]
@@ -206,7 +214,10 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
 
 def test_whole_run_through_pytest(family, pytester) -> None:
     _, checkpoint = family
-    result = pytester.runpytest(f"--spectral-model={checkpoint.root}", "-p", "no:cacheprovider")
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", "-p", "no:cacheprovider", "--spectral-scope", "both"
+    )
     g = checkpoint.geometry
-    result.assert_outcomes(passed=g.layers * g.heads * 4)
+    assert checkpoint.mlp == EXPECTED_MLP.get(checkpoint.model_type, ("fc1", "fc2"))
+    result.assert_outcomes(passed=g.layers * (g.heads * 4 + 4 + len(checkpoint.mlp)))
     assert json.loads((checkpoint.root / "config.json").read_text())["model_type"]

@@ -49,21 +49,21 @@ def all_values(engine: SpectraEngine, layers: range) -> list[list[float]]:
 class TestPlanAndPrefetch:
     def test_only_planned_matrices_are_read(self, checkpoint, decompositions) -> None:
         engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
-        engine.plan([(1, "q"), (1, "k")])
+        engine.plan([(1, "q", "head"), (1, "k", "head")])
         engine.head(1, "q", 0)
         engine.head(1, "k", 3)
         assert decompositions == [(4, 8, 32), (2, 8, 32)]
 
     def test_prefetch_computes_the_next_layer_ahead(self, checkpoint, decompositions) -> None:
         engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
-        engine.plan([(layer, m) for layer in (0, 2) for m in MATRICES])
+        engine.plan([(layer, m, "head") for layer in (0, 2) for m in MATRICES])
         engine.head(0, "q", 0)
         engine._futures[2].result()  # layer 2 is being computed before anyone asks for it
         assert len(decompositions) == 8
         engine.close()
 
     def test_prefetch_gives_the_same_values(self, checkpoint) -> None:
-        plan = [(layer, m) for layer in range(3) for m in MATRICES]
+        plan = [(layer, m, "head") for layer in range(3) for m in MATRICES]
         plain = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
         ahead = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
         plain.plan(plan)
@@ -73,7 +73,7 @@ class TestPlanAndPrefetch:
 
     def test_old_layers_are_released(self, checkpoint) -> None:
         engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
-        engine.plan([(layer, m) for layer in range(3) for m in MATRICES])
+        engine.plan([(layer, m, "head") for layer in range(3) for m in MATRICES])
         for layer in range(3):
             engine.head(layer, "q", 0)
         assert set(engine._futures) == {2}

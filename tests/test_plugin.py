@@ -95,7 +95,7 @@ class TestOutcomes:
     def test_no_rules_file_everything_passes(self, pytester, planted) -> None:
         result = pytester.runpytest("--spectral-model", str(planted))
         result.assert_outcomes(passed=32)
-        result.stdout.fnmatch_lines(["*spectral summary*", "32 heads analysed: 32 passed"])
+        result.stdout.fnmatch_lines(["*spectral summary*", "32 items analysed: 32 passed"])
 
     def test_broken_rule_fails_exactly_that_head(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
@@ -441,3 +441,68 @@ class TestUserMetrics:
         result = pytester.runpytest("--spectral-model", str(planted), "-x")
         result.assert_outcomes(failed=1)
         result.stdout.fnmatch_lines(["*metric 'broken' returned shape [] for 4 slices; it must*"])
+
+
+class TestScopes:
+    @pytest.fixture
+    def with_mlp(self, pytester) -> Path:
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
+        return write_checkpoint(
+            pytester.path / "mlp", random_llama_weights(shape, seed=8), shape.config()
+        )
+
+    def test_both_scopes(self, pytester, with_mlp) -> None:
+        result = pytester.runpytest(
+            "--spectral-model", str(with_mlp), "--spectral-scope", "both", "--collect-only", "-q"
+        )
+        ids = [line for line in result.outlines if line.startswith("spectral::")]
+        whole = [i for i in ids if "head" not in i]
+        assert whole[:7] == [
+            f"spectral::layer00::{m}" for m in ("q", "k", "v", "o", "gate", "up", "down")
+        ]
+        assert len(whole) == 2 * 7
+        assert len(ids) - len(whole) == 2 * 4 * 4
+
+    def test_whole_matrices_match_numpy_and_rules_select_them(self, pytester, with_mlp) -> None:
+        path = rules(
+            pytester,
+            """
+            [[rules]]
+            name = "gate-energy"
+            metric = "frobenius_norm"
+            max = 0.0001
+            matrices = ["gate"]
+            scope = "matrix"
+            """,
+        )
+        result = pytester.runpytest(
+            "--spectral-model",
+            str(with_mlp),
+            "--spectral-scope",
+            "both",
+            "--spectral-thresholds",
+            str(path),
+            "--spectral-report",
+            "r.json",
+        )
+        result.assert_outcomes(passed=2 * 7 + 32 - 2, failed=2)
+        result.stdout.fnmatch_lines(["FAILED spectral::layer00::gate - gate-energy: *"])
+        from safetensors.torch import load_file
+
+        weights = {
+            k: v.double().numpy() for k, v in load_file(with_mlp / "model.safetensors").items()
+        }
+        items = json.loads((pytester.path / "r.json").read_text())["items"]
+        whole = [i for i in items if i["scope"] == "matrix"]
+        assert all(i["head"] is None and i["kv_head"] is None for i in whole)
+        down = next(i for i in whole if i["nodeid"] == "spectral::layer01::down")
+        reference = np.linalg.svd(weights["model.layers.1.mlp.down_proj.weight"], compute_uv=False)
+        assert down["shape"] == [32, 48]
+        np.testing.assert_allclose(down["singular_values"], reference, rtol=1e-9)
+
+    def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-matrices", "q,gate"
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o)"])

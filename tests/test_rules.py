@@ -65,7 +65,8 @@ severity = "warn"
         (rule,) = load_rules(write(tmp_path, '[[rules]]\nmetric = "stable_rank"\nmin = 2\n')).rules
         assert rule.name == "rule-1"
         assert rule.severity == "fail"
-        assert rule.matrices == {"q", "k", "v", "o"}
+        assert rule.matrices >= {"q", "k", "v", "o", "gate", "fc1"}
+        assert rule.scope == "head"
         assert rule.applies_to(99, 99, "o")
 
     def test_violation_messages(self, tmp_path: Path) -> None:
