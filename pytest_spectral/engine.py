@@ -18,7 +18,7 @@ import numpy as np
 
 from pytest_spectral.cache import SpectraCache, entry_key
 from pytest_spectral.checkpoint import MATRICES, Checkpoint
-from pytest_spectral.metrics import MetricRequest
+from pytest_spectral.metrics import MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
 
 if TYPE_CHECKING:
@@ -129,13 +129,23 @@ class SpectraEngine:
     def _matrix(self, layer: int, unit: Unit) -> tuple[list[HeadSpectrum], bool]:
         spectra, from_cache = self._spectra(layer, unit)
         values = spectra.singular_values
-        metrics = {request.key: _column(request, values) for request in self.requests}
+        matrix, scope = unit
+        context = MetricContext(
+            self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
+            self.checkpoint.tensors[(layer, matrix)].dtype,
+        )
+        metrics = {request.key: _column(request, values, context) for request in self.requests}
+        if "nonfinite_count" in metrics:
+            metrics["nonfinite_count"] = [float(n) for n in spectra.nonfinite]
+        with np.errstate(invalid="ignore"):
+            limited = (values[:, -1] < measurement_floor(values, context)).tolist()
         heads = [
             HeadSpectrum(
                 singular_values=row,
                 metrics={key: column[i] for key, column in metrics.items()},
                 nonfinite=spectra.nonfinite[i],
                 method=spectra.methods[i],
+                floor_limited=bool(limited[i]),
             )
             for i, row in enumerate(values.tolist())
         ]
@@ -187,10 +197,10 @@ class MetricError(ValueError):
     """A metric function (typically a user's) that failed or returned the wrong shape."""
 
 
-def _column(request: MetricRequest, values: np.ndarray) -> list[float]:
+def _column(request: MetricRequest, values: np.ndarray, context: MetricContext) -> list[float]:
     """One value per slice, or an error naming the metric that misbehaved."""
     try:
-        column = np.asarray(request.compute(values), dtype=np.float64)
+        column = np.asarray(request.compute(values, context), dtype=np.float64)
     except Exception as exc:
         raise MetricError(f"metric {request.key!r} failed: {type(exc).__name__}: {exc}") from None
     if column.shape != values.shape[:1]:

@@ -27,8 +27,13 @@ class BrokenRule:
     reason: str
     baseline: float | None = None
 
+    floor_limited: bool = False
+
     def describe(self) -> str:
-        return f"{self.rule.name}: {self.rule.request.key} = {_fmt(self.value)} {self.reason}"
+        value = _fmt(self.value)
+        if self.floor_limited:
+            value = f">= {value} (floor-limited: sigma_min is below the storage/rounding floor)"
+        return f"{self.rule.name}: {self.rule.request.key} = {value} {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ def judge(
         reason = rule.violation(value) or rule.change_violation(value, base)
         if reason is not None:
             severity: Severity = "warn" if warn_only else rule.severity
-            broken.append(BrokenRule(rule, value, severity, reason, base))
+            limited = spectrum.floor_limited and rule.request.name == "first_last_ratio"
+            broken.append(BrokenRule(rule, value, severity, reason, base, limited))
     return Verdict(status, tuple(broken), warn_only)
 
 

@@ -28,6 +28,8 @@ from functools import cached_property
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from pytest_spectral.powerlaw import PowerLawFit, fit_power_law
+
 Values = NDArray[np.float64]
 
 
@@ -66,10 +68,44 @@ def least_k_ratio(sv: ArrayLike, k: int = 10) -> Values:
     return _poison_nonfinite(sv, _share(s[..., -_clamp_k(k, s) :].sum(-1), s.sum(-1)))
 
 
-def first_last_ratio(sv: ArrayLike) -> Values:
-    """Condition number sigma_max / sigma_min: ``inf`` when sigma_min is 0, ``nan`` if all are 0."""
+@dataclass(frozen=True)
+class MetricContext:
+    """What some metrics need besides the singular values: the matrix and its storage."""
+
+    shape: tuple[int, int]  # [m, n]
+    storage: str | None = None  # safetensors dtype name, e.g. "BF16"
+
+
+#: relative precision of each storage dtype (unit roundoff)
+_STORAGE_EPS = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def measurement_floor(sv: ArrayLike, context: MetricContext) -> Values:
+    """The smallest singular value that can be told apart from rounding, per slice.
+
+    The larger of the float64 numerical floor ``sigma_max * max(m, n) * eps64`` and the storage
+    floor ``u * rms(W) * (sqrt(m) + sqrt(n))``: rounding every weight to a dtype of unit
+    roundoff ``u`` adds noise whose spectral norm is about that (``shared notes``, section 5).
+    """
+    s = _descending(sv)
+    m, n = context.shape
+    numerical = s[..., 0] * max(m, n) * np.finfo(np.float64).eps
+    rms = np.sqrt((s * s).sum(-1) / (m * n))
+    storage = _STORAGE_EPS.get(context.storage or "F64", 2.0**-53) * rms * (np.sqrt(m) + np.sqrt(n))
+    return np.maximum(numerical, storage)
+
+
+def first_last_ratio(sv: ArrayLike, context: MetricContext | None = None) -> Values:
+    """Condition number sigma_max / sigma_min: ``inf`` when sigma_min is 0, ``nan`` if all are 0.
+
+    With a ``context``, floor-aware: a sigma_min below :func:`measurement_floor` is rounding
+    noise, so the ratio is reported as sigma_max / floor, the largest value that can be
+    measured (the true one is at least that); the engine flags such values as floor-limited.
+    """
     s = _descending(sv)
     first, last = s[..., 0], s[..., -1]
+    if context is not None:
+        last = np.maximum(last, measurement_floor(s, context))
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.where(first > 0, first / last, np.nan)
     return _poison_nonfinite(sv, value)
@@ -116,6 +152,124 @@ def energy_rank(sv: ArrayLike, p: float = 0.9) -> Values:
     return _poison_nonfinite(sv, np.where(total[..., 0] > 0, rank, np.nan))
 
 
+def nuclear_norm(sv: ArrayLike) -> Values:
+    """sum(sigma), the trace norm."""
+    return _poison_nonfinite(sv, _as_float64(sv).sum(-1))
+
+
+def spectral_entropy(sv: ArrayLike) -> Values:
+    """Entropy of p = sigma^2 / sum(sigma^2), divided by ln(r): 0 (rank 1) to 1 (flat)."""
+    s = _as_float64(sv)
+    energy = s * s
+    p = _share(energy, energy.sum(-1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+        value = -plogp.sum(-1) / np.log(s.shape[-1]) if s.shape[-1] > 1 else np.zeros(s.shape[:-1])
+    value = np.where(energy.sum(-1) > 0, value, np.nan)
+    return _poison_nonfinite(sv, value)
+
+
+def participation_ratio(sv: ArrayLike) -> Values:
+    """(sum lambda)^2 / sum lambda^2 with lambda = sigma^2, in [1, r]."""
+    s = _as_float64(sv)
+    energy = s * s
+    return _poison_nonfinite(sv, _share(energy.sum(-1) ** 2, (energy * energy).sum(-1)))
+
+
+def numerical_rank(sv: ArrayLike, context: MetricContext) -> Values:
+    """#sigma > sigma_max * max(m, n) * eps64, as numpy.linalg.matrix_rank counts."""
+    s = _descending(sv)
+    tolerance = s[..., :1] * max(context.shape) * np.finfo(np.float64).eps
+    return _poison_nonfinite(sv, (s > tolerance).sum(-1).astype(np.float64))
+
+
+def _gavish_donoho_omega(beta: float) -> float:
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def gd_spikes(sv: ArrayLike, context: MetricContext) -> Values:
+    """Gavish & Donoho (2014): #sigma > omega(beta) * median(sigma), beta = min/max side.
+
+    The optimal hard threshold for a low-rank signal in noise of unknown level: a count of
+    singular values that stand out of the noise bulk.
+    """
+    s = _descending(sv)
+    m, n = context.shape
+    threshold = _gavish_donoho_omega(min(m, n) / max(m, n)) * np.median(s, axis=-1)
+    return _poison_nonfinite(sv, (s > threshold[..., None]).sum(-1).astype(np.float64))
+
+
+def mp_spikes(sv: ArrayLike, context: MetricContext) -> Values:
+    """#sigma above the Marchenko-Pastur bulk edge fitted to the slice's own median.
+
+    The noise level is set so that the median singular value sits at the median of the MP law
+    for the slice's aspect ratio (robust to the spikes being counted); the edge is then
+    ``noise * (sqrt(m) + sqrt(n))``, widened by ``min(m, n) ** (-2/3)``, the relative scale of
+    the Tracy-Widom fluctuations of the largest noise value. A random matrix has none.
+    """
+    s = _descending(sv)
+    m, n = context.shape
+    small, large = sorted((m, n))
+    noise = np.median(s, axis=-1) / np.sqrt(large * _mp_median(small / large))
+    edge = noise * (np.sqrt(m) + np.sqrt(n)) * (1 + small ** (-2 / 3))
+    return _poison_nonfinite(sv, (s > edge[..., None]).sum(-1).astype(np.float64))
+
+
+def _mp_median(beta: float) -> float:
+    """Median eigenvalue of the Marchenko-Pastur law of ratio beta <= 1 (unit variance).
+
+    Integrated in theta with x = low + (high - low)(1 - cos theta)/2, which removes the
+    square-root singularities of the density at the edges of its support.
+    """
+    low, high = (1 - np.sqrt(beta)) ** 2, (1 + np.sqrt(beta)) ** 2
+    theta = np.linspace(0, np.pi, 40001)
+    x = low + (high - low) * (1 - np.cos(theta)) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        density = np.sqrt(np.clip((high - x) * (x - low), 0, None)) / (2 * np.pi * beta * x)
+    integrand = np.nan_to_num(density * (high - low) / 2 * np.sin(theta))
+    steps = (integrand[1:] + integrand[:-1]) / 2 * np.diff(theta)
+    cumulative = np.concatenate([[0.0], np.cumsum(steps)])
+    return float(np.interp(0.5 * cumulative[-1], cumulative, x))
+
+
+def _fit_rows(sv: ArrayLike) -> list[PowerLawFit]:
+    s = _as_float64(sv)
+    return [fit_power_law(row) for row in s.reshape(-1, s.shape[-1])]
+
+
+def _fit_column(sv: ArrayLike, field: str) -> Values:
+    s = _as_float64(sv)
+    values = np.array([getattr(fit, field) for fit in _fit_rows(s)], dtype=np.float64)
+    return values.reshape(s.shape[:-1])
+
+
+def alpha(sv: ArrayLike) -> Values:
+    """Power-law exponent of the eigenvalue tail (see :mod:`pytest_spectral.powerlaw`)."""
+    return _fit_column(sv, "alpha")
+
+
+def alpha_ks_distance(sv: ArrayLike) -> Values:
+    """Kolmogorov-Smirnov distance of the chosen power-law fit (smaller is a better fit)."""
+    return _fit_column(sv, "ks_distance")
+
+
+def alpha_xmin(sv: ArrayLike) -> Values:
+    """Smallest eigenvalue of the fitted tail."""
+    return _fit_column(sv, "xmin")
+
+
+def alpha_weighted(sv: ArrayLike) -> Values:
+    """alpha * log10(lambda_max), WeightWatcher's alpha-hat."""
+    s = _descending(sv)
+    with np.errstate(divide="ignore"):
+        return alpha(s) * np.log10(s[..., 0] ** 2)
+
+
+def nonfinite_count(sv: ArrayLike) -> Values:
+    """Non-finite weights in the slice; filled in by the engine, which sees the weights."""
+    return np.zeros(np.shape(sv)[:-1])
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """A metric parameter: its default and a check that returns an error text or ``None``."""
@@ -133,6 +287,8 @@ class MetricSpec:
     function: Callable[..., Values]
     summary: str
     params: Mapping[str, ParamSpec] = field(default_factory=dict)
+    #: the function takes ``context=MetricContext(...)`` (shape, storage dtype)
+    needs_context: bool = False
 
 
 def _positive_int(value: object) -> str | None:
@@ -160,7 +316,10 @@ METRICS: dict[str, MetricSpec] = {
             "least_k_ratio", least_k_ratio, "sum of the k smallest sigma / sum of all", {"k": _K}
         ),
         MetricSpec(
-            "first_last_ratio", first_last_ratio, "sigma_max / sigma_min (condition number)"
+            "first_last_ratio",
+            first_last_ratio,
+            "sigma_max / sigma_min (condition number), floor-aware",
+            needs_context=True,
         ),
         MetricSpec("spectral_norm", spectral_norm, "sigma_max"),
         MetricSpec("frobenius_norm", frobenius_norm, "sqrt(sum sigma^2)"),
@@ -172,6 +331,19 @@ METRICS: dict[str, MetricSpec] = {
             "smallest r with sum sigma[:r]^2 >= p sum sigma^2",
             {"p": _P},
         ),
+        MetricSpec("nuclear_norm", nuclear_norm, "sum sigma"),
+        MetricSpec("spectral_entropy", spectral_entropy, "entropy of sigma^2 shares / ln r"),
+        MetricSpec("participation_ratio", participation_ratio, "(sum s^2)^2 / sum s^4"),
+        MetricSpec(
+            "numerical_rank", numerical_rank, "#sigma > sigma_1 max(m,n) eps", needs_context=True
+        ),
+        MetricSpec("gd_spikes", gd_spikes, "Gavish-Donoho spike count", needs_context=True),
+        MetricSpec("mp_spikes", mp_spikes, "#sigma above the MP bulk edge", needs_context=True),
+        MetricSpec("alpha", alpha, "power-law exponent of the lambda tail"),
+        MetricSpec("alpha_ks_distance", alpha_ks_distance, "KS distance of the alpha fit"),
+        MetricSpec("alpha_xmin", alpha_xmin, "start of the fitted lambda tail"),
+        MetricSpec("alpha_weighted", alpha_weighted, "alpha * log10(lambda_max)"),
+        MetricSpec("nonfinite_count", nonfinite_count, "NaN/Inf weights in the slice"),
     )
 }
 
@@ -194,8 +366,11 @@ class MetricRequest:
             return self.name
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in differing)})"
 
-    def compute(self, sv: ArrayLike) -> Values:
-        return self.spec.function(sv, **dict(self.params))
+    def compute(self, sv: ArrayLike, context: MetricContext | None = None) -> Values:
+        params = dict(self.params)
+        if self.spec.needs_context and context is not None:
+            params["context"] = context
+        return self.spec.function(sv, **params)
 
 
 def request(spec: MetricSpec, **overrides: float | int) -> MetricRequest:

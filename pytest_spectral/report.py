@@ -58,6 +58,7 @@ def item_record(
         "outcome": verdict.outcome,
         "nonfinite_count": spectrum.nonfinite,
         "method": spectrum.method,
+        "floor_limited": spectrum.floor_limited,
         "singular_values": (
             spectrum.singular_values  # finite unless the weights were not
             if not spectrum.nonfinite

@@ -26,6 +26,9 @@ class HeadSpectrum:
     metrics: dict[str, float]
     nonfinite: int
     method: str
+    #: sigma_min is below what storage and float64 rounding let one measure, so the
+    #: condition number is a lower bound (see metrics.measurement_floor)
+    floor_limited: bool = False
 
 
 @dataclass(frozen=True)
