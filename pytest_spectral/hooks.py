@@ -156,7 +156,9 @@ class SpectralPlugin:
             self._written.append(("calibrated rules", run.calibrate_path))
 
     def _candidates(self) -> list[Candidate]:
-        return pruning_candidates(self.run.records.values(), self.run.rank_request.key)
+        return pruning_candidates(
+            self.run.records.values(), self.run.rank_request.key, self.run.checkpoint.geometry
+        )
 
 
 class XdistControllerPlugin:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_spectral import __version__
-from pytest_spectral.checkpoint import Checkpoint
+from pytest_spectral.checkpoint import Checkpoint, Geometry
 from pytest_spectral.evaluation import Verdict
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.rules import RuleSet
@@ -76,6 +76,7 @@ def item_record(
                 "max_change": b.rule.max_change,
                 "baseline": None if b.baseline is None else json_number(b.baseline),
                 "severity": b.severity,
+                "suggest": b.rule.suggest,
             }
             for b in verdict.broken
         ],
@@ -84,27 +85,42 @@ def item_record(
 
 @dataclass(frozen=True)
 class Candidate:
-    """A failing or warned head and what a rank-``rank`` factorisation of it would save."""
+    """A failed or warned item, and what compressing it would save (an upper bound).
+
+    ``rank`` is the smallest rank keeping the configured energy; a rank-r factorisation of an
+    m x n matrix keeps ``r (m + n)`` of its ``m n`` parameters, which saves anything only below
+    the break-even rank ``m n / (m + n)``; its relative Frobenius error is ``sqrt(1 - E_r)``
+    (Eckart-Young). ``removal`` is what dropping the whole head saves, when a rule asks for it.
+    """
 
     record: Record
     rank: int | None
+    error: float | None
     params_before: int
     params_after: int
+    removal: int | None = None
+
+    @property
+    def break_even(self) -> float:
+        m, n = self.record["shape"]  # type: ignore[misc]
+        return m * n / (m + n)
 
     @property
     def saved(self) -> int:
-        return max(0, self.params_before - self.params_after)
+        return max(self.removal or 0, self.params_before - self.params_after)
 
     @property
     def saving_fraction(self) -> float:
-        return self.saved / self.params_before if self.params_before else 0.0
+        return max(0, self.params_before - self.params_after) / self.params_before
 
 
-def pruning_candidates(records: Iterable[Record], rank_metric: str) -> list[Candidate]:
-    """Failed and warned items as low-rank candidates, largest saving first.
+def pruning_candidates(
+    records: Iterable[Record], rank_metric: str, geometry: Geometry | None = None
+) -> list[Candidate]:
+    """Failed and warned items as candidates, largest saving first.
 
-    ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank; a
-    rank-r factorisation of an m x n slice keeps ``r (m + n)`` parameters of ``m n``.
+    ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank.
+    ``geometry`` sizes whole-head removal for rules with ``suggest = "remove_head"``.
     """
     result = []
     for record in records:
@@ -112,11 +128,45 @@ def pruning_candidates(records: Iterable[Record], rank_metric: str) -> list[Cand
             continue
         m, n = record["shape"]  # type: ignore[misc]
         value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
-        rank = int(value) if isinstance(value, int | float) else None
+        rank = int(value) if isinstance(value, int | float) and math.isfinite(value) else None
         before = m * n
         after = before if rank is None else min(before, rank * (m + n))
-        result.append(Candidate(record, rank, before, after))
+        result.append(
+            Candidate(
+                record,
+                rank,
+                _truncation_error(record, rank),
+                before,
+                after,
+                _removal(record, geometry),
+            )
+        )
     return sorted(result, key=lambda c: (-c.saved, c.record["nodeid"]))
+
+
+def _truncation_error(record: Record, rank: int | None) -> float | None:
+    """sqrt(1 - E_r): the relative Frobenius error of the best rank-r approximation."""
+    values = [v for v in record["singular_values"] if isinstance(v, float)]  # type: ignore[attr-defined]
+    if rank is None or not values:
+        return None
+    energy = [v * v for v in values]
+    total = sum(energy)
+    return math.sqrt(max(0.0, 1 - sum(energy[:rank]) / total)) if total > 0 else None
+
+
+def _removal(record: Record, geometry: Geometry | None) -> int | None:
+    """Parameters freed by dropping the head, if a broken rule suggests it.
+
+    A query head takes its Q rows and O columns with it; a K/V head can only go together with
+    every query head that shares it (their Q rows and O columns, and its K and V rows).
+    """
+    asked = any(b.get("suggest") == "remove_head" for b in record["broken_rules"])  # type: ignore[attr-defined, union-attr]
+    if not asked or geometry is None or record["head"] is None:
+        return None
+    per_query_head = 2 * geometry.head_dim * geometry.hidden
+    if record["matrix"] in ("k", "v"):
+        return geometry.group_size * per_query_head + 2 * geometry.head_dim * geometry.hidden
+    return per_query_head
 
 
 def build_report(

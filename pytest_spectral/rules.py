@@ -42,6 +42,7 @@ _RULE_KEYS = (
     "heads",
     "severity",
     "scope",
+    "suggest",
 )
 
 
@@ -66,6 +67,8 @@ class Rule:
     max_change: float | None = None
     #: "head" items (the default) or whole-"matrix" items (--spectral-scope)
     scope: str = "head"
+    #: what a break suggests: "low_rank" factorisation (default) or "remove_head"
+    suggest: str = "low_rank"
 
     @property
     def is_relative(self) -> bool:
@@ -205,6 +208,9 @@ def _parse_rule(
         if bounds[low] is not None and bounds[high] is not None and bounds[low] > bounds[high]:
             raise fail(low, f"{low} {bounds[low]} is larger than {high} {bounds[high]}")
 
+    suggest = entry.get("suggest", "low_rank")
+    if suggest not in ("low_rank", "remove_head"):
+        raise fail("suggest", f"must be 'low_rank' or 'remove_head', got {suggest!r}")
     scope = entry.get("scope", "head")
     if scope not in ("head", "matrix"):
         raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
@@ -227,6 +233,7 @@ def _parse_rule(
         min_change=bounds["min_change"],
         max_change=bounds["max_change"],
         scope=scope,
+        suggest=suggest,
     )
 
 

@@ -47,8 +47,10 @@ def render_summary(
             f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report)."
         )
     console.print(
-        f"Rank r keeps {energy:.0%} of each slice's energy (sum of sigma^2). These are candidates "
-        "for data-aware low-rank compression (ASVD, SVD-LLM), not safe truncations.",
+        f"Rank r keeps {energy:.0%} of the energy (sum of sigma^2); err is the relative Frobenius "
+        "error sqrt(1 - E_r); a factorisation saves only below the break-even rank mn/(m+n). "
+        "These are candidates for data-aware compression (ASVD, SVD-LLM, Palu), not safe "
+        "truncations.",
         style="dim",
     )
     return buffer.getvalue()
@@ -74,27 +76,33 @@ def _order(item: tuple[str, int]) -> tuple[int, str]:
 def _table(candidates: Sequence[Candidate], energy: float) -> Table:
     table = Table(title="Low-rank pruning candidates", title_justify="left")
     table.add_column("item", no_wrap=True)
-    table.add_column("rules broken (value)", overflow="fold")
-    table.add_column(f"rank@{energy:.0%}", justify="right", no_wrap=True)
+    table.add_column("rules broken (=value)", overflow="fold")
+    table.add_column(f"rank@{energy:.0%} (err)", justify="right", no_wrap=True)
+    table.add_column("break-even", justify="right", no_wrap=True)
     table.add_column("params saved", justify="right", no_wrap=True)
     for c in candidates:
         r = c.record
         head = f" H{r['head']}" if r["head"] is not None else ""
         label = f"L{r['layer']}{head} {r['matrix']}"
         broken = [
-            f"{b['rule']} {b['metric']}={_short(b['value'])}"
+            f"{b['rule']}={_short(b['value'])}"
             + (f" (baseline {_short(b['baseline'])})" if b.get("baseline") is not None else "")
             + (" (warn)" if b["severity"] == "warn" else "")
             for b in r["broken_rules"]  # type: ignore[attr-defined]
         ]
         if r["status"] != "ok":
             broken.insert(0, str(r["status"]))
-        m, n = r["shape"]  # type: ignore[misc]
-        saved = f"{c.saved:,} of {m}x{n} ({c.saving_fraction:.0%})" if c.saved else "none"
+        saved = f"{c.params_before - c.params_after:,} ({c.saving_fraction:.0%})"
+        if c.params_after >= c.params_before:
+            saved = "none"
+        if c.removal:
+            saved += f"\nremove head: {c.removal:,}"
         rank = "-" if c.rank is None else str(c.rank)
-        table.add_row(label, "\n".join(broken), rank, saved)
+        if c.error is not None:
+            rank += f" ({c.error:.2f})"
+        table.add_row(label, "\n".join(broken), rank, f"{c.break_even:.0f}", saved)
     return table
 
 
 def _short(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -111,7 +111,7 @@ class TestOutcomes:
                 "  FAIL collapsed: stable_rank = 1 < min 1.5",
                 "  top singular values (8 of 8): *",
                 "*Low-rank pruning candidates*",
-                "*L1 H2 q*collapsed stable_rank=1*",
+                "*L1 H2 q*collapsed=1*",
                 f"FAILED {COLLAPSED} - collapsed: stable_rank = 1 < min 1.5",
             ]
         )
@@ -223,6 +223,7 @@ class TestJsonReport:
                 "max_change": None,
                 "baseline": None,
                 "severity": "fail",
+                "suggest": "low_rank",
             }
         ]
         k_item = items["spectral::layer01::head03-k"]
@@ -506,3 +507,22 @@ class TestScopes:
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o)"])
+
+
+def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:
+    path = rules(pytester, STABLE_RANK_RULE + 'suggest = "remove_head"\n')
+    result = pytester.runpytest(
+        "--spectral-model",
+        str(planted),
+        "--spectral-thresholds",
+        str(path),
+        "--spectral-report",
+        "r.json",
+    )
+    result.stdout.fnmatch_lines(["*remove head: 512*"])  # 8 Q rows + 8 O columns of 32
+    item = next(
+        i
+        for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        if i["nodeid"] == COLLAPSED
+    )
+    assert item["broken_rules"][0]["suggest"] == "remove_head"
