@@ -62,7 +62,9 @@ def matrices_with_spectrum(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(matrix, spectrum)``: a matrix with exactly the drawn singular values."""
     rank = min(rows, cols)
-    values = draw(spectrum or singular_values(min_rank=rank, max_rank=rank))
+    if spectrum is None:
+        spectrum = singular_values(min_rank=rank, max_rank=rank)
+    values = draw(spectrum)
     return matrix_from_spectrum(values, rows, cols, draw(_SEEDS)), values
 
 

@@ -290,3 +290,25 @@ class TestBeyondTheSeed:
         assert m.first_last_ratio(values, bf16).item() == pytest.approx(1 / floor)
         assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6)
         assert m.first_last_ratio(values).item() == pytest.approx(1e6)
+
+    @given(
+        sst.matrices_with_spectrum(
+            rows=12,
+            cols=30,
+            spectrum=sst.singular_values(min_rank=12, max_rank=12, smallest=1e-3, largest=1e2),
+        )
+    )
+    def test_numerical_rank_of_full_rank_matrices(self, case) -> None:
+        matrix, _ = case
+        values = svals(matrix)
+        assert m.numerical_rank(values, m.MetricContext(matrix.shape)).item() == 12
+        deficient = np.r_[values[:-3], np.zeros(3)]
+        assert m.numerical_rank(deficient, m.MetricContext(matrix.shape)).item() == 9
+
+    @given(spectra.filter(lambda v: len(v) >= 20 and v.min() > 0.01))
+    def test_alpha_fit_diagnostics(self, values) -> None:
+        xmin = m.alpha_xmin(values).item()
+        distance = m.alpha_ks_distance(values).item()
+        if not math.isnan(xmin):
+            assert np.isclose(values**2, xmin, rtol=1e-12).any()  # an eigenvalue of the tail
+            assert 0 <= distance <= 1

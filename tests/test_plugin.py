@@ -137,9 +137,13 @@ class TestOutcomes:
         tensors[attention_name(0, "v")][0, 5] = float("nan")  # K/V head 0: query heads 0, 1
         tensors[attention_name(1, "o")][:, 8:16] = 0.0  # query head 1
         directory = write_checkpoint(pytester.path / "broken", tensors, SHAPE.config())
-        result = pytester.runpytest("--spectral-model", str(directory), "--spectral-report", "r.json")
+        result = pytester.runpytest(
+            "--spectral-model", str(directory), "--spectral-report", "r.json"
+        )
         result.assert_outcomes(passed=29, failed=3)
-        items = {i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]}
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
         assert items["spectral::layer00::head00-v"]["metrics"]["nonfinite_count"] == 1
         assert items["spectral::layer00::head00-v"]["status"] == "nonfinite"
         assert items["spectral::layer00::head02-v"]["metrics"]["nonfinite_count"] == 0
