@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pytest_spectral.powerlaw import PowerLawFit, fit_power_law
+from pytest_spectral.powerlaw import PowerLawFits, fit_power_laws
 
 Values = NDArray[np.float64]
 
@@ -215,6 +215,7 @@ def mp_spikes(sv: ArrayLike, context: MetricContext) -> Values:
     return _poison_nonfinite(sv, (s > edge[..., None]).sum(-1).astype(np.float64))
 
 
+@lru_cache(maxsize=64)
 def _mp_median(beta: float) -> float:
     """Median eigenvalue of the Marchenko-Pastur law of ratio beta <= 1 (unit variance).
 
@@ -232,15 +233,19 @@ def _mp_median(beta: float) -> float:
     return float(np.interp(0.5 * cumulative[-1], cumulative, x))
 
 
-def _fit_rows(sv: ArrayLike) -> list[PowerLawFit]:
-    s = _as_float64(sv)
-    return [fit_power_law(row) for row in s.reshape(-1, s.shape[-1])]
+@lru_cache(maxsize=16)
+def _cached_fits(data: bytes, shape: tuple[int, ...]) -> PowerLawFits:
+    return fit_power_laws(np.frombuffer(data, dtype=np.float64).reshape(shape))
+
+
+def _fits(sv: ArrayLike) -> PowerLawFits:
+    """The power-law fits of a batch, computed once for the four alpha metrics."""
+    s = np.ascontiguousarray(_descending(sv))
+    return _cached_fits(s.tobytes(), s.shape)
 
 
 def _fit_column(sv: ArrayLike, field: str) -> Values:
-    s = _as_float64(sv)
-    values = np.array([getattr(fit, field) for fit in _fit_rows(s)], dtype=np.float64)
-    return values.reshape(s.shape[:-1])
+    return getattr(_fits(sv), field)
 
 
 def alpha(sv: ArrayLike) -> Values:

@@ -21,55 +21,67 @@ import numpy as np
 #: eigenvalues at or below this are treated as zero (WeightWatcher's EVALS_THRESH)
 ZERO_THRESHOLD = 1e-5
 MIN_EIGENVALUES = 20
-_CHUNK = 256
+#: bound on the temporary [rows, candidates, eigenvalues] array of the KS distances
+_ELEMENTS_PER_CHUNK = 4_000_000
 
 
 @dataclass(frozen=True)
-class PowerLawFit:
-    alpha: float
-    ks_distance: float
-    xmin: float
-    spikes: int  # eigenvalues >= xmin: the fitted tail
+class PowerLawFits:
+    """Fits of a batch of spectra, one entry per slice (``nan`` where not fitted)."""
+
+    alpha: np.ndarray
+    ks_distance: np.ndarray
+    xmin: np.ndarray
 
 
-_FAILED = PowerLawFit(float("nan"), float("nan"), float("nan"), 0)
+def fit_power_laws(singular_values: np.ndarray) -> PowerLawFits:
+    """Fit the tail of ``singular_values ** 2`` for every row of a ``[slices, r]`` batch.
+
+    Rows with the same number of eigenvalues above the zero threshold (usually all of them)
+    are fitted together, every candidate ``xmin`` of every row at once.
+    """
+    values = np.asarray(singular_values, dtype=np.float64)
+    batch = values.reshape(-1, values.shape[-1])
+    eigenvalues = np.sort(batch * batch, axis=1)
+    finite = np.isfinite(eigenvalues).all(axis=1)
+    counts = np.where(finite, (eigenvalues > ZERO_THRESHOLD).sum(axis=1), 0)
+    alpha, distance, xmin = (np.full(len(batch), np.nan) for _ in range(3))
+    for count in np.unique(counts[counts >= MIN_EIGENVALUES]):
+        rows = np.flatnonzero(counts == count)
+        fitted = _fit_equal_length(eigenvalues[rows, -count:])
+        alpha[rows], distance[rows], xmin[rows] = fitted
+    shape = values.shape[:-1]
+    return PowerLawFits(alpha.reshape(shape), distance.reshape(shape), xmin.reshape(shape))
 
 
-def fit_power_law(singular_values: np.ndarray) -> PowerLawFit:
-    """Fit the tail of the eigenvalues ``singular_values ** 2`` of one matrix."""
-    eigenvalues = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)
-    if not np.isfinite(eigenvalues).all():
-        return _FAILED
-    data = eigenvalues[eigenvalues > ZERO_THRESHOLD]
-    count = len(data)
-    if count < MIN_EIGENVALUES:
-        return _FAILED
+def _fit_equal_length(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """WWFit on each row of ``data`` (ascending eigenvalues above the threshold)."""
+    rows, count = data.shape
     logs = np.log(data)
-    tail_sums = np.cumsum(logs[::-1])[::-1]  # sum of logs from i to the end
+    tail_sums = np.cumsum(logs[:, ::-1], axis=1)[:, ::-1]  # sum of logs from i to the end
     starts = np.arange(count - 1)
     sizes = (count - starts).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        alphas = 1 + sizes / (tail_sums[:-1] - sizes * logs[:-1])
-    distances = np.ones(count - 1)
-    for first in range(0, count - 1, _CHUNK):
-        block = starts[first : first + _CHUNK]
-        distances[block] = _ks_distances(data, block, alphas[block])
-    best = int(np.argmin(distances))
-    return PowerLawFit(
-        float(alphas[best]), float(distances[best]), float(data[best]), int(count - best)
-    )
-
-
-def _ks_distances(data: np.ndarray, starts: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """KS distance of each candidate tail ``data[start:]`` from its fitted power law."""
-    count = len(data)
+        alphas = 1 + sizes / (tail_sums[:, :-1] - sizes * logs[:, :-1])
+    distances = np.ones((rows, count - 1))
+    chunk = max(1, _ELEMENTS_PER_CHUNK // (rows * count))
     positions = np.arange(count)
-    offsets = positions[None, :] - starts[:, None]  # index within each tail
-    in_tail = offsets >= 0
-    sizes = (count - starts)[:, None].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = data[None, :] / data[starts][:, None]
-        theoretical = 1 - ratio ** (1 - alphas[:, None])
-        gaps = np.abs(theoretical - offsets / sizes)
-    distances = np.where(in_tail, gaps, -np.inf).max(axis=1)
-    return np.where(alphas > 1, distances, 1.0)
+    for first in range(0, count - 1, chunk):
+        block = starts[first : first + chunk]
+        offsets = positions[None, :] - block[:, None]  # index within each candidate tail
+        outside = offsets < 0
+        # theoretical CDF 1 - (x / xmin)^(1 - alpha), with the power taken in log space
+        gaps = logs[:, None, :] - logs[:, block, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            gaps *= (1 - alphas[:, block])[:, :, None]
+            gaps[np.isnan(gaps)] = 0  # x == xmin with an infinite alpha: (x/xmin)^-inf is 1
+            np.exp(gaps, out=gaps)
+        np.subtract(1, gaps, out=gaps)
+        gaps -= (offsets / sizes[block][:, None])[None]  # empirical CDF
+        np.abs(gaps, out=gaps)
+        gaps[:, outside] = 0  # distances are >= 0, so 0 never wins the max
+        found = gaps.max(axis=2)
+        distances[:, block] = np.where(alphas[:, block] > 1, found, 1.0)
+    best = np.argmin(distances, axis=1)
+    picked = np.arange(rows)
+    return alphas[picked, best], distances[picked, best], data[picked, best]
