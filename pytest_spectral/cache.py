@@ -1,7 +1,8 @@
 """On-disk cache of per-(layer, matrix) singular values, so re-runs cost only pytest's time.
 
-Thresholds change far more often than checkpoints, and metrics are cheap to recompute from
-singular values, so only the singular values are cached (in pytest's cache directory).
+Thresholds change far more often than checkpoints, so singular values are cached (in pytest's
+cache directory) with the built-in metrics computed from them; metrics added by conftests, or
+parameter variants not cached yet, are computed from the cached singular values.
 
 The guarantee: an entry is used only if all of these match what was stored —
 the file's resolved path, size, modification time (ns) and inode; the SHA-256 of the file's
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from pytest_spectral.results import SliceSpectra
 from pytest_spectral.safetensors_header import TensorEntry
 
 #: Bump when the meaning of a cached value changes (method, layout, format).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_METRIC = "metric:"
 
 
 def entry_key(entry: TensorEntry, layout: tuple[object, ...], precision: str) -> str:
@@ -86,6 +89,11 @@ class SpectraCache:
                 methods = [str(m) for m in data["methods"]]
                 stored_key = str(data["key"])
                 checksum = str(data["checksum"])
+                metrics = {
+                    name.removeprefix(_METRIC): np.array(data[name])
+                    for name in data.files
+                    if name.startswith(_METRIC)
+                }
         except FileNotFoundError:
             return None
         except Exception:  # any corruption: never trust it, recompute
@@ -93,14 +101,14 @@ class SpectraCache:
             return None
         consistent = (
             stored_key == key
-            and checksum == _checksum(values)
+            and checksum == _checksum(values, metrics)
             and values.ndim == 2
             and len(nonfinite) == len(methods) == values.shape[0]
         )
         if not consistent:
             path.unlink(missing_ok=True)
             return None
-        return SliceSpectra(values, nonfinite, methods)
+        return SliceSpectra(values, nonfinite, methods, metrics)
 
     def store(self, key: str, spectra: SliceSpectra) -> None:
         values = spectra.singular_values
@@ -111,7 +119,8 @@ class SpectraCache:
             nonfinite=np.asarray(spectra.nonfinite, dtype=np.int64),
             methods=np.asarray(spectra.methods, dtype=str),
             key=np.asarray(key),
-            checksum=np.asarray(_checksum(values)),
+            checksum=np.asarray(_checksum(values, spectra.metrics)),
+            **{_METRIC + name: column for name, column in spectra.metrics.items()},
         )
         self.directory.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
@@ -123,5 +132,9 @@ class SpectraCache:
             Path(temporary).unlink(missing_ok=True)  # a cache that cannot be written is no cache
 
 
-def _checksum(values: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
+def _checksum(values: np.ndarray, metrics: Mapping[str, np.ndarray]) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+    for name in sorted(metrics):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(metrics[name], dtype=np.float64).tobytes())
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ the two overlap on separate cores.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +19,7 @@ import numpy as np
 
 from pytest_spectral.cache import SpectraCache, entry_key
 from pytest_spectral.checkpoint import MATRICES, Checkpoint
-from pytest_spectral.metrics import MetricContext, MetricRequest, measurement_floor
+from pytest_spectral.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
 
 if TYPE_CHECKING:
@@ -129,12 +130,15 @@ class SpectraEngine:
     def _matrix(self, layer: int, unit: Unit) -> tuple[list[HeadSpectrum], bool]:
         spectra, from_cache = self._spectra(layer, unit)
         values = spectra.singular_values
-        matrix, scope = unit
-        context = MetricContext(
-            self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
-            self.checkpoint.tensors[(layer, matrix)].dtype,
-        )
-        metrics = {request.key: _column(request, values, context) for request in self.requests}
+        context = self._context(layer, unit)
+        metrics = {
+            request.key: (
+                spectra.metrics[request.key].tolist()
+                if request.key in spectra.metrics
+                else _column(request, values, context)
+            )
+            for request in self.requests
+        }
         if "nonfinite_count" in metrics:
             metrics["nonfinite_count"] = [float(n) for n in spectra.nonfinite]
         with np.errstate(invalid="ignore"):
@@ -151,6 +155,13 @@ class SpectraEngine:
         ]
         return heads, from_cache
 
+    def _context(self, layer: int, unit: Unit) -> MetricContext:
+        matrix, scope = unit
+        return MetricContext(
+            self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
+            self.checkpoint.tensors[(layer, matrix)].dtype,
+        )
+
     def _spectra(self, layer: int, unit: Unit) -> tuple[SliceSpectra, bool]:
         if self.cache is None:
             return self._decompose(layer, unit), False
@@ -161,9 +172,22 @@ class SpectraEngine:
         hit = self.cache.load(key)
         if hit is not None:
             return hit, True
-        spectra = self._decompose(layer, unit)
+        spectra = self._with_builtin_metrics(self._decompose(layer, unit), layer, unit)
         self.cache.store(key, spectra)
         return spectra, False
+
+    def _with_builtin_metrics(self, spectra: SliceSpectra, layer: int, unit: Unit) -> SliceSpectra:
+        """The spectra plus the built-in metric columns, for the cache.
+
+        Only metrics of this package: a conftest's metric may change without the cache knowing.
+        """
+        context = self._context(layer, unit)
+        columns = {
+            request.key: np.asarray(_column(request, spectra.singular_values, context))
+            for request in self.requests
+            if METRICS.get(request.name) is request.spec
+        }
+        return dataclasses.replace(spectra, metrics=columns)
 
     def _decompose(self, layer: int, unit: Unit) -> SliceSpectra:
         """The only place torch is needed: a run served from the cache never imports it."""

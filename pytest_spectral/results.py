@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +17,8 @@ class SliceSpectra:
     #: per slice: "gram" (float64 Gram + eigvalsh), "svd" (float64 SVD, where the Gram
     #: route could not be certified) or "svd32" (float32 SVD, ``--spectral-dtype float32``)
     methods: list[str]
+    #: built-in metric columns (metric key -> one value per slice), kept in the cache
+    metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -534,3 +534,25 @@ def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:
         if i["nodeid"] == COLLAPSED
     )
     assert item["broken_rules"][0]["suggest"] == "remove_head"
+
+
+def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> None:
+    """The cache keeps built-in metrics; a conftest's metric may change between runs."""
+    for constant in (1.0, 2.0):
+        pytester.makeconftest(
+            "import numpy as np\n"
+            "def pytest_spectral_register_metrics(metrics):\n"
+            f"    metrics.add('constant', lambda sv: np.full(sv.shape[:-1], {constant}))\n"
+        )
+        result = pytester.runpytest_subprocess(
+            "--spectral-model",
+            str(planted),
+            "--spectral-report",
+            "r.json",
+            "-v",
+            "-p",
+            "no:xdist",
+        )
+        item = json.loads((pytester.path / "r.json").read_text())["items"][0]
+        assert item["metrics"]["constant"] == constant
+    result.stdout.fnmatch_lines(["spectral: layer 0: * (4 matrices from cache, *"])
