@@ -118,12 +118,17 @@ class SpectraEngine:
         start = time.perf_counter()
         results: LayerResults = {}
         slices = direct = cached = 0
-        for unit in self._plan.get(layer, tuple((m, "head") for m in MATRICES)):
+        units = self._plan.get(layer, tuple((m, "head") for m in MATRICES))
+        for unit in units:
             heads, from_cache = self._matrix(layer, unit)
             results[unit] = heads
             slices += len(heads)
             direct += sum(h.method != "gram" for h in heads)
             cached += from_cache
+        if self._reader_instance is not None:
+            # Once per layer, not per matrix: a fused Q/K/V tensor serves three units.
+            for matrix in dict.fromkeys(matrix for matrix, _ in units):
+                self._reader_instance.release(self.checkpoint.tensors[(layer, matrix)])
         stats = LayerStats(layer, slices, direct, cached, time.perf_counter() - start)
         return results, stats
 
@@ -211,10 +216,7 @@ class SpectraEngine:
         else:
             blocks = whole_matrix(weight, matrix, geometry, layout)[None]
         dtype = torch.float64 if self.precision == "float64" else torch.float32
-        spectra = slice_singular_values(blocks, device=self.device, dtype=dtype)
-        del weight, blocks
-        self._reader_instance.release(entry)
-        return spectra
+        return slice_singular_values(blocks, device=self.device, dtype=dtype)
 
 
 class MetricError(ValueError):

@@ -124,10 +124,6 @@ class RuleSet:
     def empty(cls) -> RuleSet:
         return cls(None, None, ())
 
-    @property
-    def needs_baseline(self) -> bool:
-        return any(rule.is_relative for rule in self.rules)
-
     def requests(self) -> tuple[MetricRequest, ...]:
         """The distinct metric requests the rules need, in first-use order."""
         return tuple(dict.fromkeys(rule.request for rule in self.rules))
