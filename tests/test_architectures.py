@@ -9,8 +9,6 @@ what multiplies the head's segment of the output projection's input.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -220,4 +218,3 @@ def test_whole_run_through_pytest(family, pytester) -> None:
     g = checkpoint.geometry
     assert checkpoint.mlp == EXPECTED_MLP.get(checkpoint.model_type, ("fc1", "fc2"))
     result.assert_outcomes(passed=g.layers * (g.heads * 4 + 4 + len(checkpoint.mlp)))
-    assert json.loads((checkpoint.root / "config.json").read_text())["model_type"]

@@ -73,10 +73,13 @@ class TestEdgeCases:
             "stable_rank",
             "effective_rank",
             "energy_rank",
+            "spectral_entropy",
+            "participation_ratio",
         ):
             assert math.isnan(m.METRICS[name].function(zero).item()), name
         assert m.spectral_norm(zero).item() == 0
         assert m.frobenius_norm(zero).item() == 0
+        assert m.nuclear_norm(zero).item() == 0
 
     def test_first_last_ratio_is_inf_when_smallest_is_zero(self) -> None:
         assert m.first_last_ratio(sv(2, 1, 0)).item() == INF
