@@ -21,6 +21,7 @@ resident set of each measured process.
 
     python benchmarks/bench_llama_shaped.py                 # full 32 layers
     python benchmarks/bench_llama_shaped.py --layers 4      # quicker
+    python benchmarks/bench_llama_shaped.py --device cuda   # adds baseline and plugin rows on a GPU
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ start = time.perf_counter()
 count = 0
 for layer in range(layers):
     for m, n in (("q", heads), ("k", kv), ("v", kv), ("o", heads)):
-        w = tensor(f"model.layers.{{layer}}.self_attn.{{m}}_proj.weight").to(torch.float64)
+        w = tensor(f"model.layers.{{layer}}.self_attn.{{m}}_proj.weight")
+        w = w.to("{device}").to(torch.float64)
         blocks = w.view(w.shape[0], n, d).permute(1, 2, 0) if m == "o" else w.view(n, d, -1)
         gram = blocks @ blocks.transpose(1, 2)
         values = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
         count += values.shape[0]
+values.sum().item()  # waits for the device to finish
 print(json.dumps({{"slices": count, "rss_mb": {peak}}}))
 """
 
@@ -171,6 +174,11 @@ def main() -> None:
     parser.add_argument("--xdist", type=int, default=0, help="also time -n N")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="also time the baseline and the plugin on this device (cuda, cuda:N, mps)",
+    )
     args = parser.parse_args()
 
     model = args.dir / f"llama3-8b-shaped-{args.layers}l{'-full' if args.full else ''}"
@@ -201,13 +209,21 @@ def main() -> None:
         "addopts=",
     ]
     spectral = [*base_pytest, "--spectral-model", str(model)]
+    rules_a_cold = ["--spectral-thresholds", "rules_a.toml", "--spectral-no-cache"]
+    # The CPU rows stay on the CPU even where auto would pick a GPU; --device adds its own rows.
+    cold = [*spectral, *rules_a_cold, "--spectral-device", "cpu"]
+
+    def baseline_on(device: str) -> list[str]:
+        script = BASELINE.format(threads=args.threads, peak=PEAK, device=device)
+        return [py, "-c", script, str(model)]
 
     results: dict[str, tuple[float, float]] = {}
-    results["baseline"] = median_run(
-        [py, "-c", BASELINE.format(threads=args.threads, peak=PEAK), str(model)], work, args.repeat
-    )
-    cold = [*spectral, "--spectral-thresholds", "rules_a.toml", "--spectral-no-cache"]
+    results["baseline"] = median_run(baseline_on("cpu"), work, args.repeat)
     results["plugin-cold"] = median_run(cold, work, args.repeat)
+    if args.device != "cpu":
+        results[f"baseline {args.device}"] = median_run(baseline_on(args.device), work, args.repeat)
+        on_device = [*spectral, *rules_a_cold, "--spectral-device", args.device]
+        results[f"plugin-cold {args.device}"] = median_run(on_device, work, args.repeat)
     timed([*spectral, "--spectral-thresholds", "rules_a.toml", "--cache-clear"], work)  # warm
     results["plugin-cached"] = median_run(
         [*spectral, "--spectral-thresholds", "rules_b.toml"], work, args.repeat

@@ -370,6 +370,38 @@ class TestEngineOptions:
             ["ERROR: --spectral-device cuda: CUDA is not available here (available: cpu*)"]
         )
 
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    def test_cuda_run_gives_the_cpu_report(self, pytester, planted) -> None:
+        """Same outcomes, singular values within 1e-9 and metrics, in one process and under -n 2."""
+        path = rules(pytester, STABLE_RANK_RULE)
+        common = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        common += ("--spectral-no-cache",)
+        runs = {
+            "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
+            "cuda": ("--spectral-device", "cuda", "-p", "no:xdist"),
+            "cuda-n2": ("--spectral-device", "cuda", "-n", "2", "--dist", "loadscope"),
+        }
+        reports = {}
+        for name, extra in runs.items():
+            result = pytester.runpytest_subprocess(*common, *extra, "--spectral-report", name)
+            result.assert_outcomes(passed=31, failed=1)
+            items = json.loads((pytester.path / name).read_text())["items"]
+            reports[name] = {item["nodeid"]: item for item in items}
+        for name in ("cuda", "cuda-n2"):
+            assert reports[name].keys() == reports["cpu"].keys()
+            for nodeid, expected in reports["cpu"].items():
+                got = reports[name][nodeid]
+                assert got["outcome"] == expected["outcome"], nodeid
+                top = expected["singular_values"][0]
+                np.testing.assert_allclose(
+                    got["singular_values"], expected["singular_values"], rtol=1e-9, atol=top * 1e-14
+                )
+                for metric, value in expected["metrics"].items():
+                    assert got["metrics"][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (
+                        nodeid,
+                        metric,
+                    )
+
     def test_float32_precision_is_recorded(self, pytester, planted) -> None:
         pytester.runpytest(
             "--spectral-model",

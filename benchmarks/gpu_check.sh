@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks, as one run on a machine with CUDA: the CUDA correctness tests (engine against
+# numpy float64 up to condition number 1e6; a whole pytest run on cuda, in one process and under
+# -n 2, against the CPU run), then the Llama-3-8B-shaped benchmark with rows on the GPU.
+#
+#     bash benchmarks/gpu_check.sh                     # 32 layers, median of 3
+#     LAYERS=4 REPEAT=1 bash benchmarks/gpu_check.sh   # a quick try
+#
+# It needs python3 with torch (CUDA build), pytest, pytest-xdist, safetensors, numpy, hypothesis
+# and rich, and installs this package into it without the network. Logs and the figures go to
+# $OUT (default .bench/gpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-.bench/gpu}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+python3 -m pip install --quiet --no-deps --no-build-isolation --no-index -e . \
+    || { echo "could not install pytest-spectral into $(command -v python3)"; exit 1; }
+python3 - <<'EOF' | tee "$out/device.txt"
+import torch
+print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+for index in range(torch.cuda.device_count()):
+    print(f"cuda:{index}: {torch.cuda.get_device_name(index)}")
+EOF
+
+# A failing test does not stop the benchmark; the script still exits with the tests' status.
+tests=0
+python3 -m pytest tests/test_engine.py tests/test_plugin.py -k "cuda or device" \
+    -p no:randomly -p no:cacheprovider -rs -v 2>&1 | tee "$out/cuda_tests.log" || tests=$?
+
+python3 benchmarks/bench_llama_shaped.py --layers "${LAYERS:-32}" --repeat "${REPEAT:-3}" \
+    --device "${DEVICE:-cuda}" --dir "${BENCH_DIR:-/tmp/spectral-bench}" \
+    --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+exit "$tests"
