@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.calibrate import calibrated_rules
+from pytest_spectral.candidates import Candidate, candidate_record, pruning_candidates
 from pytest_spectral.heatmap import render_heatmap
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
-from pytest_spectral.report import (
-    Candidate,
-    build_report,
-    pruning_candidates,
-    write_report,
-    write_text_atomically,
-)
+from pytest_spectral.report import build_report, write_report, write_text_atomically
 from pytest_spectral.results import LayerStats
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
 from pytest_spectral.summary import render_summary
@@ -130,12 +125,14 @@ class SpectralPlugin:
         if _is_xdist_worker(session.config) or not self.run.records:
             return
         run = self.run
+        candidates = self._candidates()
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
             rules=run.rules,
             settings=run.settings(),
             records=run.records.values(),
+            candidates=[candidate_record(c) for c in candidates],
         )
         if run.report_path:
             write_report(run.report_path, report)
@@ -143,7 +140,7 @@ class SpectralPlugin:
         if run.html_path:
             from pytest_spectral.html_report import render_html
 
-            page = render_html(report, self._candidates(), energy=run.energy)
+            page = render_html(report, candidates, energy=run.energy)
             write_text_atomically(run.html_path, page)
             self._written.append(("HTML report", run.html_path))
         if run.calibrate_path:

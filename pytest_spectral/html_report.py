@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from pytest_spectral.candidates import Candidate
 from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Candidate, Record
+from pytest_spectral.report import Record
 
 #: Metrics drawn as layer x head heatmaps, with whether to show them on a log scale.
 HEATMAP_METRICS: tuple[tuple[str, bool], ...] = (
@@ -184,7 +185,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
             for b in r["broken_rules"]  # type: ignore[attr-defined]
         ) or html.escape(str(r["status"]))
         rows.append(
-            f'<tr class="{r["outcome"]}"><td>{r["layer"]}</td><td>{r["head"]}</td>'
+            f'<tr class="{r["outcome"]}"><td>{r["layer"]}</td><td>{_heads(c)}</td>'
             f"<td>{r['matrix']}</td><td>{r['outcome']}</td><td>{broken}</td>"
             f"<td>{'-' if c.rank is None else c.rank}</td>"
             f"<td>{'x'.join(map(str, r['shape']))}</td>"  # type: ignore[call-overload]
@@ -195,6 +196,11 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
         "for data-aware compression (ASVD, SVD-LLM), not safe truncations.</p>"
     )
     return f'<table class="candidates">{header}{"".join(rows)}</table>{note}'
+
+
+def _heads(candidate: Candidate) -> str:
+    """The query heads sharing the slice ("4, 5, 6, 7" for a K/V group); "-" for a matrix."""
+    return ", ".join(map(str, candidate.heads)) or "-"
 
 
 def _number(value: object) -> str:

@@ -1,4 +1,4 @@
-"""Per-item records, pruning candidates and the JSON report (the machine interface for CI).
+"""Per-item records and the JSON report (the machine interface for CI).
 
 A record is a plain JSON-ready dict. It is attached to the item's ``TestReport``, which is
 how it crosses from pytest-xdist workers to the controller, so a parallel run produces
@@ -11,12 +11,11 @@ import json
 import math
 import platform
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_spectral import __version__
-from pytest_spectral.checkpoint import Checkpoint, Geometry
+from pytest_spectral.checkpoint import Checkpoint
 from pytest_spectral.evaluation import Verdict
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.rules import RuleSet
@@ -83,92 +82,6 @@ def item_record(
     }
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A failed or warned item, and what compressing it would save (an upper bound).
-
-    ``rank`` is the smallest rank keeping the configured energy; a rank-r factorisation of an
-    m x n matrix keeps ``r (m + n)`` of its ``m n`` parameters, which saves anything only below
-    the break-even rank ``m n / (m + n)``; its relative Frobenius error is ``sqrt(1 - E_r)``
-    (Eckart-Young). ``removal`` is what dropping the whole head saves, when a rule asks for it.
-    """
-
-    record: Record
-    rank: int | None
-    error: float | None
-    params_before: int
-    params_after: int
-    removal: int | None = None
-
-    @property
-    def break_even(self) -> float:
-        m, n = self.record["shape"]  # type: ignore[misc]
-        return m * n / (m + n)
-
-    @property
-    def saved(self) -> int:
-        return max(self.removal or 0, self.params_before - self.params_after)
-
-    @property
-    def saving_fraction(self) -> float:
-        return max(0, self.params_before - self.params_after) / self.params_before
-
-
-def pruning_candidates(
-    records: Iterable[Record], rank_metric: str, geometry: Geometry | None = None
-) -> list[Candidate]:
-    """Failed and warned items as candidates, largest saving first.
-
-    ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank.
-    ``geometry`` sizes whole-head removal for rules with ``suggest = "remove_head"``.
-    """
-    result = []
-    for record in records:
-        if record["outcome"] == "passed":
-            continue
-        m, n = record["shape"]  # type: ignore[misc]
-        value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
-        rank = int(value) if isinstance(value, int | float) and math.isfinite(value) else None
-        before = m * n
-        after = before if rank is None else min(before, rank * (m + n))
-        result.append(
-            Candidate(
-                record,
-                rank,
-                _truncation_error(record, rank),
-                before,
-                after,
-                _removal(record, geometry),
-            )
-        )
-    return sorted(result, key=lambda c: (-c.saved, c.record["nodeid"]))
-
-
-def _truncation_error(record: Record, rank: int | None) -> float | None:
-    """sqrt(1 - E_r): the relative Frobenius error of the best rank-r approximation."""
-    values = [v for v in record["singular_values"] if isinstance(v, float)]  # type: ignore[attr-defined]
-    if rank is None or not values:
-        return None
-    energy = [v * v for v in values]
-    total = sum(energy)
-    return math.sqrt(max(0.0, 1 - sum(energy[:rank]) / total)) if total > 0 else None
-
-
-def _removal(record: Record, geometry: Geometry | None) -> int | None:
-    """Parameters freed by dropping the head, if a broken rule suggests it.
-
-    A query head takes its Q rows and O columns with it; a K/V head can only go together with
-    every query head that shares it (their Q rows and O columns, and its K and V rows).
-    """
-    asked = any(b.get("suggest") == "remove_head" for b in record["broken_rules"])  # type: ignore[attr-defined, union-attr]
-    if not asked or geometry is None or record["head"] is None:
-        return None
-    per_query_head = 2 * geometry.head_dim * geometry.hidden
-    if record["matrix"] in ("k", "v"):
-        return geometry.group_size * per_query_head + 2 * geometry.head_dim * geometry.hidden
-    return per_query_head
-
-
 def build_report(
     *,
     checkpoint: Checkpoint,
@@ -176,7 +89,12 @@ def build_report(
     rules: RuleSet,
     settings: Mapping[str, object],
     records: Iterable[Record],
+    candidates: Iterable[Record],
 ) -> dict[str, object]:
+    """The report: model, rules and settings, a summary, every item, then the candidates.
+
+    ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first.
+    """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
     counts = {o: sum(r["outcome"] == o for r in items) for o in ("passed", "failed", "warned")}
@@ -206,6 +124,7 @@ def build_report(
         "settings": dict(settings),
         "summary": {"items": len(items), **counts},
         "items": items,
+        "candidates": list(candidates),
     }
 
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from pytest_spectral.candidates import Candidate
 from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Candidate, Record
+from pytest_spectral.report import Record
 
 #: Rows shown in the terminal; the JSON report always has all of them.
 MAX_ROWS = 25
@@ -46,6 +47,15 @@ def render_summary(
         console.print(
             f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report)."
         )
+    total = sum(c.saved for c in candidates)
+    console.print(
+        f"{len(candidates)} candidate slices; "
+        + (
+            f"acting on every suggestion would save at most {total:,} parameters."
+            if total
+            else "none saves parameters at its suggested rank."
+        )
+    )
     console.print(
         f"Rank r keeps {energy:.0%} of the energy (sum of sigma^2); err is the relative Frobenius "
         "error sqrt(1 - E_r); a factorisation saves only below the break-even rank mn/(m+n). "
@@ -77,13 +87,11 @@ def _table(candidates: Sequence[Candidate], energy: float) -> Table:
     table = Table(title="Low-rank pruning candidates", title_justify="left")
     table.add_column("item", no_wrap=True)
     table.add_column("rules broken (=value)", overflow="fold")
-    table.add_column(f"rank@{energy:.0%} (err)", justify="right", no_wrap=True)
+    table.add_column(f"rank@{energy:.0%}\n(err)", justify="right", no_wrap=True)
     table.add_column("break-even", justify="right", no_wrap=True)
-    table.add_column("params saved", justify="right", no_wrap=True)
+    table.add_column("params\nsaved", justify="right", no_wrap=True)
     for c in candidates:
         r = c.record
-        head = f" H{r['head']}" if r["head"] is not None else ""
-        label = f"L{r['layer']}{head} {r['matrix']}"
         broken = [
             f"{b['rule']}={_short(b['value'])}"
             + (f" (baseline {_short(b['baseline'])})" if b.get("baseline") is not None else "")
@@ -100,7 +108,7 @@ def _table(candidates: Sequence[Candidate], energy: float) -> Table:
         rank = "-" if c.rank is None else str(c.rank)
         if c.error is not None:
             rank += f" ({c.error:.2f})"
-        table.add_row(label, "\n".join(broken), rank, f"{c.break_even:.0f}", saved)
+        table.add_row(c.label, "\n".join(broken), rank, f"{c.break_even:.0f}", saved)
     return table
 
 

@@ -6,25 +6,38 @@ import math
 
 import pytest
 
+from pytest_spectral.candidates import candidate_record, pruning_candidates
 from pytest_spectral.checkpoint import Geometry
-from pytest_spectral.report import pruning_candidates
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
 
 
-def record(matrix: str = "q", suggest: str = "low_rank", rank: float = 2.0, head=3) -> dict:
+def record(
+    matrix: str = "q",
+    suggest: str = "low_rank",
+    rank: float = 2.0,
+    head: int | None = 3,
+    rules: tuple[str, ...] = ("r",),
+) -> dict:
+    """An item record as the plugin writes it (GEOMETRY: query heads 4h..4h+3 share K/V h)."""
     shape = [32, 8] if matrix == "o" else [8, 32]
+    shared = matrix in ("k", "v") and head is not None
     return {
-        "nodeid": f"spectral::layer00::head03-{matrix}",
+        "nodeid": f"spectral::layer00::head{head:02d}-{matrix}" if head is not None else matrix,
         "layer": 0,
+        "scope": "head" if head is not None else "matrix",
         "head": head,
+        "kv_head": head // 4 if shared else None,
         "matrix": matrix,
         "shape": shape,
         "outcome": "failed",
         "status": "ok",
         "singular_values": [4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         "metrics": {"energy_rank(p=0.95)": rank},
-        "broken_rules": [{"rule": "r", "suggest": suggest}],
+        "broken_rules": [
+            {"rule": name, "severity": "fail", "baseline": None, "suggest": suggest}
+            for name in rules
+        ],
     }
 
 
@@ -67,3 +80,36 @@ def test_whole_matrix_items_are_never_removed_as_heads() -> None:
         [record("q", "remove_head", head=None)], "energy_rank(p=0.95)", GEOMETRY
     )
     assert candidate.removal is None
+
+
+def test_items_of_a_shared_kv_slice_are_one_candidate() -> None:
+    items = [record("k", head=h) for h in (4, 5, 6, 7)] + [record("q", head=5)]
+    key, query = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert key.heads == (4, 5, 6, 7)
+    assert key.nodeids == tuple(f"spectral::layer00::head0{h}-k" for h in (4, 5, 6, 7))
+    assert key.label == "L0 H4-7 k"
+    assert key.saved == 176  # priced once, not four times
+    assert (query.heads, query.label) == ((5,), "L0 H5 q")
+
+
+def test_shared_slice_items_with_different_verdicts_stay_apart() -> None:
+    """A rule limited to some query heads breaks only their items of the shared slice."""
+    items = [record("v", head=4, rules=("r", "only-head-4")), record("v", head=5)]
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.heads for c in candidates) == [(4,), (5,)]
+
+
+def test_query_heads_and_other_kv_groups_never_merge() -> None:
+    items = [record("q", head=h) for h in (0, 1)] + [record("k", head=h) for h in (3, 4)]
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.label for c in candidates) == ["L0 H0 q", "L0 H1 q", "L0 H3 k", "L0 H4 k"]
+
+
+def test_whole_matrix_label_and_json_entry() -> None:
+    (candidate,) = pruning_candidates([record("q", head=None)], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.label == "L0 q"
+    entry = candidate_record(candidate)
+    assert entry["heads"] == []
+    assert (entry["suggested_rank"], entry["params"], entry["params_saved"]) == (2, 256, 176)
+    assert entry["break_even_rank"] == pytest.approx(6.4)
+    assert entry["rules"] == ["r"]

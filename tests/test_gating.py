@@ -202,7 +202,7 @@ class TestWarnOnly:
         )
         assert result.ret == pytest.ExitCode.OK
         result.assert_outcomes(passed=32, warnings=2)
-        result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2 k*collapsed*"])
+        result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2-3 k*collapsed*"])
 
 
 class TestHeatmap:

@@ -238,6 +238,29 @@ class TestJsonReport:
         assert (k_item["kv_head"], k_item["shape"]) == (1, [8, 32])
         assert items["spectral::layer01::head03-o"]["shape"] == [32, 8]
         assert set(k_item["metrics"]) >= {"top_k_ratio", "effective_rank", "energy_rank"}
+        (candidate,) = report["candidates"]
+        assert candidate["nodeids"] == [COLLAPSED]
+        assert (candidate["heads"], candidate["rules"]) == ([2], ["collapsed"])
+        rank = candidate["suggested_rank"]
+        assert rank == collapsed["metrics"]["energy_rank(p=0.95)"]
+        assert candidate["params_saved"] == 8 * 32 - rank * (8 + 32)
+
+    def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
+        """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
+        path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = ["k"]\n')
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=24, failed=8)
+        result.stdout.fnmatch_lines(["*L1 H2-3 k*", "4 candidate slices; *"])
+        candidates = json.loads((pytester.path / "r.json").read_text())["candidates"]
+        assert sorted((c["layer"], c["kv_head"], tuple(c["heads"])) for c in candidates) == [
+            (0, 0, (0, 1)),
+            (0, 1, (2, 3)),
+            (1, 0, (0, 1)),
+            (1, 1, (2, 3)),
+        ]
 
     def test_singular_values_agree_with_numpy(self, pytester, planted) -> None:
         pytester.runpytest("--spectral-model", str(planted), "--spectral-report", "r.json")

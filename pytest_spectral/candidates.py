@@ -1,0 +1,168 @@
+"""Pruning candidates: what breaking a rule suggests doing to a slice, and what it would save.
+
+Under grouped-query attention the query heads of a group share one K and one V slice, so
+their K (or V) items hold the same spectrum and break the same rules. Counting each of them
+would list one matrix several times and add its savings several times over; a candidate is
+therefore one *slice*, naming every query head whose item shares it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pytest_spectral.checkpoint import Geometry
+from pytest_spectral.report import Record
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A failed or warned slice, and what compressing it would save (an upper bound).
+
+    ``rank`` is the smallest rank keeping the configured energy; a rank-r factorisation of an
+    m x n matrix keeps ``r (m + n)`` of its ``m n`` parameters, which saves anything only below
+    the break-even rank ``m n / (m + n)``; its relative Frobenius error is ``sqrt(1 - E_r)``
+    (Eckart-Young). ``removal`` is what dropping the whole head saves, when a rule asks for it.
+    ``record`` is the item of the lowest query head; ``heads`` lists every query head whose
+    item shares the slice (one head for Q and O, a whole group for a shared K/V slice).
+    """
+
+    record: Record
+    rank: int | None
+    error: float | None
+    params_before: int
+    params_after: int
+    removal: int | None = None
+    heads: tuple[int, ...] = ()
+    nodeids: tuple[str, ...] = ()
+
+    @property
+    def break_even(self) -> float:
+        m, n = self.record["shape"]  # type: ignore[misc]
+        return m * n / (m + n)
+
+    @property
+    def saved(self) -> int:
+        return max(self.removal or 0, self.params_before - self.params_after)
+
+    @property
+    def saving_fraction(self) -> float:
+        return max(0, self.params_before - self.params_after) / self.params_before
+
+    @property
+    def label(self) -> str:
+        """``L2 H4-7 k`` for a K slice shared by query heads 4 to 7; ``L0 gate`` for a matrix."""
+        r = self.record
+        heads = f" H{_head_list(self.heads)}" if self.heads else ""
+        return f"L{r['layer']}{heads} {r['matrix']}"
+
+
+def pruning_candidates(
+    records: Iterable[Record], rank_metric: str, geometry: Geometry | None = None
+) -> list[Candidate]:
+    """Failed and warned slices as candidates, largest saving first.
+
+    ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank.
+    ``geometry`` sizes whole-head removal for rules with ``suggest = "remove_head"``.
+    Items of one shared K/V slice that broke the same rules become one candidate.
+    """
+    groups: dict[tuple[object, ...], list[Record]] = {}
+    for record in sorted(records, key=lambda r: str(r["nodeid"])):
+        if record["outcome"] != "passed":
+            groups.setdefault(_slice_key(record), []).append(record)
+    result = []
+    for members in groups.values():
+        record = members[0]
+        m, n = record["shape"]  # type: ignore[misc]
+        value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
+        rank = int(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        before = m * n
+        after = before if rank is None else min(before, rank * (m + n))
+        heads = tuple(sorted(int(r["head"]) for r in members if r["head"] is not None))  # type: ignore[call-overload]
+        result.append(
+            Candidate(
+                record,
+                rank,
+                _truncation_error(record, rank),
+                before,
+                after,
+                _removal(record, geometry),
+                heads,
+                tuple(str(r["nodeid"]) for r in members),
+            )
+        )
+    return sorted(result, key=lambda c: (-c.saved, c.nodeids))
+
+
+def candidate_record(candidate: Candidate) -> Record:
+    """The JSON report's entry for a candidate."""
+    r = candidate.record
+    return {
+        "nodeids": list(candidate.nodeids),
+        "layer": r["layer"],
+        "matrix": r["matrix"],
+        "heads": list(candidate.heads),
+        "kv_head": r["kv_head"],
+        "shape": r["shape"],
+        "outcome": r["outcome"],
+        "rules": [b["rule"] for b in r["broken_rules"]],  # type: ignore[attr-defined]
+        "suggested_rank": candidate.rank,
+        "relative_error": candidate.error,
+        "break_even_rank": candidate.break_even,
+        "params": candidate.params_before,
+        "params_after_factorisation": candidate.params_after,
+        "params_saved": candidate.saved,
+        "params_saved_by_removal": candidate.removal,
+    }
+
+
+def _slice_key(record: Record) -> tuple[object, ...]:
+    """Items of the same slice with the same verdict share a key; other items never do."""
+    shared = record["matrix"] in ("k", "v") and record["kv_head"] is not None
+    slice_index = ("kv", record["kv_head"]) if shared else ("head", record["head"])
+    verdict = tuple(
+        (b["rule"], b["severity"], b["baseline"])  # type: ignore[index]
+        for b in record["broken_rules"]  # type: ignore[attr-defined]
+    )
+    return (
+        record["layer"],
+        record["matrix"],
+        record["scope"],
+        slice_index,
+        record["outcome"],
+        record["status"],
+        verdict,
+    )
+
+
+def _head_list(heads: tuple[int, ...]) -> str:
+    """4-7 for a contiguous run, 1,5 otherwise."""
+    if len(heads) > 1 and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return f"{heads[0]}-{heads[-1]}"
+    return ",".join(map(str, heads))
+
+
+def _truncation_error(record: Record, rank: int | None) -> float | None:
+    """sqrt(1 - E_r): the relative Frobenius error of the best rank-r approximation."""
+    values = [v for v in record["singular_values"] if isinstance(v, float)]  # type: ignore[attr-defined]
+    if rank is None or not values:
+        return None
+    energy = [v * v for v in values]
+    total = sum(energy)
+    return math.sqrt(max(0.0, 1 - sum(energy[:rank]) / total)) if total > 0 else None
+
+
+def _removal(record: Record, geometry: Geometry | None) -> int | None:
+    """Parameters freed by dropping the head, if a broken rule suggests it.
+
+    A query head takes its Q rows and O columns with it; a K/V head can only go together with
+    every query head that shares it (their Q rows and O columns, and its K and V rows).
+    """
+    asked = any(b.get("suggest") == "remove_head" for b in record["broken_rules"])  # type: ignore[attr-defined, union-attr]
+    if not asked or geometry is None or record["head"] is None:
+        return None
+    per_query_head = 2 * geometry.head_dim * geometry.hidden
+    if record["matrix"] in ("k", "v"):
+        return geometry.group_size * per_query_head + 2 * geometry.head_dim * geometry.hidden
+    return per_query_head
