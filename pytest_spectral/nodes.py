@@ -19,6 +19,7 @@ from pytest_spectral.evaluation import Verdict, judge
 from pytest_spectral.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
+from pytest_spectral.slices import slice_span
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle
@@ -174,8 +175,8 @@ class SpectralItem(pytest.Item):
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
             return f"layer {self.layer}, whole {self.matrix}: {entry.name} ({m}x{n})"
         index = g.kv_head_of(self.head) if self.matrix in ("k", "v") else self.head
-        span = f"{index * g.head_dim}:{(index + 1) * g.head_dim}"
-        part = f"columns {span}" if self.matrix == "o" else f"rows {span}"
+        axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout)
+        part = f"{axis} {start}:{stop}"
         shared = ""
         if self.matrix in ("k", "v") and g.group_size > 1:
             first = index * g.group_size

@@ -18,6 +18,7 @@ import torch
 
 from pytest_spectral.checkpoint import Geometry, Layout
 from pytest_spectral.results import SliceSpectra
+from pytest_spectral.slices import fused_grid
 
 #: Relative error on singular values that the Gram route must provably stay under.
 TARGET_RELATIVE_ERROR = 1e-10
@@ -46,7 +47,7 @@ def head_blocks(
         if layout.conv1d:  # stored [heads * d, hidden]: a head is a row block
             return weight.view(geometry.heads, d, weight.shape[1])
         return weight.view(weight.shape[0], geometry.heads, d).permute(1, 0, 2)
-    groups, per_group, (start, stop) = _fused_grid(matrix, geometry, layout.fused)
+    groups, per_group, (start, stop) = fused_grid(matrix, geometry, layout.fused)
     if layout.conv1d:  # stored [in, rows]: a head is a column block
         grid = weight.view(weight.shape[0], groups, per_group, d)[:, :, start:stop]
         return grid.permute(1, 2, 0, 3).reshape(-1, weight.shape[0], d)
@@ -65,20 +66,6 @@ def whole_matrix(
     if layout.conv1d:  # [slices, in, d] -> [in, slices * d]
         return blocks.permute(1, 0, 2).reshape(blocks.shape[1], -1)
     return blocks.reshape(-1, blocks.shape[2])
-
-
-def _fused_grid(matrix: str, g: Geometry, fused: str | None) -> tuple[int, int, tuple[int, int]]:
-    """Rows as a [groups, per_group] grid of head blocks, and the range ``matrix`` occupies."""
-    h, kv = g.heads, g.kv_heads
-    if fused is None:
-        return g.distinct_heads(matrix), 1, (0, 1)
-    if fused == "concat":
-        ranges = {"q": (0, h), "k": (h, h + kv), "v": (h + kv, h + 2 * kv)}
-        return 1, h + 2 * kv, ranges[matrix]
-    if fused == "interleaved":
-        return h, 3, {"q": (0, 1), "k": (1, 2), "v": (2, 3)}[matrix]
-    n = g.group_size  # grouped: per K/V head, its n query heads, then k, then v
-    return kv, n + 2, {"q": (0, n), "k": (n, n + 1), "v": (n + 1, n + 2)}[matrix]
 
 
 def slice_singular_values(

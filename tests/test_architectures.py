@@ -16,6 +16,7 @@ import torch
 from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.engine import SpectraEngine
 from pytest_spectral.metrics import DEFAULT_REQUESTS
+from pytest_spectral.slices import slice_span
 from pytest_spectral.spectra import head_blocks
 
 transformers = pytest.importorskip("transformers")
@@ -208,6 +209,19 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
             reference = np.linalg.svd(block, compute_uv=False)
             values = engine.head(0, matrix, head).singular_values
             np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
+    """In fused and transposed tensors a head's weights are not at head * head_dim."""
+    _, checkpoint = family
+    g = checkpoint.geometry
+    for matrix in MATRICES:
+        entry = checkpoint.tensors[(0, matrix)]
+        positions = torch.arange(int(np.prod(entry.shape))).view(entry.shape)
+        for index in range(g.distinct_heads(matrix)):
+            axis, start, stop = slice_span(matrix, index, g, checkpoint.layout)
+            named = positions[start:stop] if axis == "rows" else positions[:, start:stop]
+            torch.testing.assert_close(named, slice_positions(checkpoint, matrix, index))
 
 
 def test_whole_run_through_pytest(family, pytester) -> None:
