@@ -173,7 +173,9 @@ class SpectralItem(pytest.Item):
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
-            return f"layer {self.layer}, whole {self.matrix}: {entry.name} ({m}x{n})"
+            fused = run.checkpoint.layout.fused and self.matrix in ("q", "k", "v")
+            source = f"{self.matrix.upper()}'s share of fused {entry.name}" if fused else entry.name
+            return f"layer {self.layer}, whole {self.matrix}: {source} ({m}x{n})"
         index = g.kv_head_of(self.head) if self.matrix in ("k", "v") else self.head
         axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout)
         part = f"{axis} {start}:{stop}"

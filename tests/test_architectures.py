@@ -232,3 +232,26 @@ def test_whole_run_through_pytest(family, pytester) -> None:
     g = checkpoint.geometry
     assert checkpoint.mlp == EXPECTED_MLP.get(checkpoint.model_type, ("fc1", "fc2"))
     result.assert_outcomes(passed=g.layers * (g.heads * 4 + 4 + len(checkpoint.mlp)))
+
+
+def test_failure_report_locates_the_slice_in_the_stored_tensor(family, pytester) -> None:
+    _, checkpoint = family
+    bound = 'metric = "stable_rank"\nmax = 0.5\n'  # breaks every item: stable rank >= 1
+    rules = pytester.makefile(
+        ".toml", rules=f'[[rules]]\n{bound}[[rules]]\n{bound}scope = "matrix"\n'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", f"--spectral-thresholds={rules}",
+        "--spectral-layers=0", "--spectral-matrices=q", "--spectral-scope=both",
+        "-p", "no:cacheprovider",
+    )  # fmt: skip
+    name = checkpoint.tensors[(0, "q")].name
+    axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
+    whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
+    result.stdout.fnmatch_lines(
+        [
+            f"layer 0, whole q: {whole} (*)",
+            f"layer 0, head 1, q: {axis} {start}:{stop} of {name} (*)",
+        ],
+        consecutive=False,
+    )
