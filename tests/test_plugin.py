@@ -419,11 +419,12 @@ class TestEngineOptions:
                 np.testing.assert_allclose(
                     got["singular_values"], expected["singular_values"], rtol=1e-9, atol=top * 1e-14
                 )
+                if expected["floor_limited"]:
+                    continue  # metrics of rounding-noise values (the planted head) may differ
                 for metric, value in expected["metrics"].items():
-                    assert got["metrics"][metric] == pytest.approx(value, rel=1e-6, abs=1e-9), (
-                        nodeid,
-                        metric,
-                    )
+                    # "nan" and "inf" are strings in the report; numbers agree to rounding
+                    same = value if isinstance(value, str) else pytest.approx(value, rel=1e-6)
+                    assert got["metrics"][metric] == same, (nodeid, metric)
 
     def test_float32_precision_is_recorded(self, pytester, planted) -> None:
         pytester.runpytest(
