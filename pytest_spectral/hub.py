@@ -34,8 +34,9 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> Path:
             "pip install 'pytest-spectral[hub]'"
         ) from None
     where = f"hub model {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    offline_mode = bool(constants.HF_HUB_OFFLINE)
     try:
-        if constants.HF_HUB_OFFLINE:
+        if offline_mode:
             patterns = SAFETENSORS_FILES + BIN_FILES  # whatever the cache holds
         else:
             files = HfApi().list_repo_files(repo_id, revision=revision)
@@ -43,12 +44,36 @@ def resolve_hub_model(repo_id: str, revision: str | None) -> Path:
             patterns = SAFETENSORS_FILES if has_safetensors else BIN_FILES
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises a dozen types; all mean "not available"
-        offline = (
-            " (HF_HUB_OFFLINE is set: only the local cache is used)"
-            if (constants.HF_HUB_OFFLINE)
-            else ""
-        )
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if offline_mode else ""
+        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(
-            f"{where}: cannot resolve{offline}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            f"{where}: cannot resolve{offline}: {type(exc).__name__}: {detail.rstrip('.')}; "
+            f"{_advice(exc, offline_mode, revision)}"
         ) from None
+
+
+def _advice(exc: Exception, offline_mode: bool, revision: str | None) -> str:
+    """What to do about a failed resolution, by the kind of failure (matched by class name,
+    since the hub client's exception classes move between its versions)."""
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    if "GatedRepoError" in kinds:
+        return (
+            "the repository is gated: accept its licence on the hub, then log in "
+            "(huggingface-cli login, or set HF_TOKEN)."
+        )
+    if "RevisionNotFoundError" in kinds:
+        return f"the repository has no revision {revision!r}: check --spectral-revision."
+    if "RepositoryNotFoundError" in kinds:
+        return (
+            "no such repository, or it is private: check the id, or log in "
+            "(huggingface-cli login, or set HF_TOKEN)."
+        )
+    if offline_mode:
+        return (
+            "it is not in the local cache (HF_HUB_CACHE): unset HF_HUB_OFFLINE to download it, "
+            "or pass a local checkpoint directory."
+        )
+    return (
+        "the hub could not be reached: check the network, set HF_HUB_OFFLINE=1 to use a "
+        "snapshot already in the cache, or pass a local checkpoint directory."
+    )

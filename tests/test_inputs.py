@@ -75,7 +75,40 @@ class TestHubIds:
         result = pytester.runpytest_subprocess("--spectral-model", "org/missing")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
-            ["ERROR: hub model 'org/missing': cannot resolve (HF_HUB_OFFLINE is set*"]
+            [
+                "ERROR: hub model 'org/missing': cannot resolve (HF_HUB_OFFLINE is set*; "
+                "it is not in the local cache (HF_HUB_CACHE): unset HF_HUB_OFFLINE*"
+            ]
+        )
+
+    @pytest.mark.parametrize(
+        ("error", "advice"),
+        [
+            ("GatedRepoError", "the repository is gated: accept its licence*HF_TOKEN*"),
+            ("RepositoryNotFoundError", "no such repository, or it is private*HF_TOKEN*"),
+            ("RevisionNotFoundError", "the repository has no revision 'v9'*--spectral-revision*"),
+            ("ConnectError", "the hub could not be reached*HF_HUB_OFFLINE=1*local checkpoint*"),
+        ],
+    )
+    def test_online_failures_say_what_to_do(self, pytester, monkeypatch, error, advice) -> None:
+        hub = pytest.importorskip("huggingface_hub")
+        constants = pytest.importorskip("huggingface_hub.constants")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        # The hub client's own classes need an HTTP response to exist; the plugin goes by
+        # class name (GatedRepoError is a RepositoryNotFoundError there too).
+        not_found = type("RepositoryNotFoundError", (OSError,), {})
+        failure = {"GatedRepoError": type("GatedRepoError", (not_found,), {})}.get(
+            error, type(error, (OSError,), {})
+        )
+
+        def list_repo_files(self, repo_id: str, revision: str | None = None) -> list[str]:
+            raise failure("401 Client Error")
+
+        monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+        result = pytester.runpytest("--spectral-model", "org/tiny", "--spectral-revision", "v9")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [f"ERROR: hub model 'org/tiny' at revision 'v9': cannot resolve: {error}: *; {advice}"]
         )
 
 
