@@ -49,7 +49,7 @@ def render_summary(
         )
     total = sum(c.saved for c in candidates)
     console.print(
-        f"{len(candidates)} candidate slices; "
+        f"{len(candidates)} candidate slice{'s' if len(candidates) != 1 else ''}; "
         + (
             f"acting on every suggestion would save at most {total:,} parameters."
             if total
