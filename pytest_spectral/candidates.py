@@ -95,6 +95,44 @@ def pruning_candidates(
     return sorted(result, key=lambda c: (-c.saved, c.nodeids))
 
 
+def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
+    """Parameters freed by acting on every candidate, each weight counted once.
+
+    Candidates overlap: a removed query head takes its Q and O slices with it whatever else was
+    suggested for them, a removed K/V head takes its whole group, and a whole-matrix
+    factorisation is an alternative to factorising that matrix's heads (it counts only where
+    the matrix has no head candidates).
+    """
+    candidates = list(candidates)
+    removed_query: set[tuple[object, int]] = set()  # (layer, query head): its Q rows, O columns
+    removed_kv: set[tuple[object, object]] = set()  # (layer, K/V head): its K and V rows
+    for c in candidates:
+        layer, matrix = c.record["layer"], c.record["matrix"]
+        if not c.removal:
+            continue
+        if matrix in ("k", "v"):
+            kv = int(c.record["kv_head"])  # type: ignore[call-overload]
+            removed_kv.add((layer, kv))
+            group = range(kv * geometry.group_size, (kv + 1) * geometry.group_size)
+            removed_query.update((layer, head) for head in group)
+        else:
+            removed_query.update((layer, head) for head in c.heads)
+    slice_params = geometry.head_dim * geometry.hidden
+    total = 2 * slice_params * (len(removed_query) + len(removed_kv))
+    with_heads = {(c.record["layer"], c.record["matrix"]) for c in candidates if c.heads}
+    for c in candidates:
+        layer, matrix = c.record["layer"], c.record["matrix"]
+        if not c.heads:  # a whole matrix: its heads' suggestions stand instead, if any
+            superseded = (layer, matrix) in with_heads
+        elif matrix in ("k", "v"):
+            superseded = (layer, c.record["kv_head"]) in removed_kv
+        else:
+            superseded = all((layer, head) in removed_query for head in c.heads)
+        if not superseded:
+            total += c.params_before - c.params_after
+    return total
+
+
 def candidate_record(candidate: Candidate) -> Record:
     """The JSON report's entry for a candidate."""
     r = candidate.record

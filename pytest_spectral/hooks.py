@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.calibrate import calibrated_rules
-from pytest_spectral.candidates import Candidate, candidate_record, pruning_candidates
+from pytest_spectral.candidates import (
+    Candidate,
+    candidate_record,
+    pruning_candidates,
+    total_saving,
+)
 from pytest_spectral.heatmap import render_heatmap
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
 from pytest_spectral.report import build_report, write_report, write_text_atomically
@@ -96,9 +101,11 @@ class SpectralPlugin:
             return
         writer = config.get_terminal_writer()
         records = list(self.run.records.values())
+        candidates = self._candidates()
         text = render_summary(
             records,
-            self._candidates(),
+            candidates,
+            total_saved=total_saving(candidates, self.run.checkpoint.geometry),
             energy=self.run.energy,
             width=writer.fullwidth,
             color=writer.hasmarkup,
@@ -133,6 +140,7 @@ class SpectralPlugin:
             settings=run.settings(),
             records=run.records.values(),
             candidates=[candidate_record(c) for c in candidates],
+            params_saved=total_saving(candidates, run.checkpoint.geometry),
         )
         if run.report_path:
             write_report(run.report_path, report)

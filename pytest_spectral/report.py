@@ -90,10 +90,12 @@ def build_report(
     settings: Mapping[str, object],
     records: Iterable[Record],
     candidates: Iterable[Record],
+    params_saved: int,
 ) -> dict[str, object]:
     """The report: model, rules and settings, a summary, every item, then the candidates.
 
-    ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first.
+    ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first;
+    ``params_saved`` is what acting on all of them frees, each weight counted once.
     """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
@@ -122,7 +124,7 @@ def build_report(
             "count": len(rules.rules),
         },
         "settings": dict(settings),
-        "summary": {"items": len(items), **counts},
+        "summary": {"items": len(items), **counts, "params_saved": params_saved},
         "items": items,
         "candidates": list(candidates),
     }

@@ -25,6 +25,7 @@ def render_summary(
     records: Sequence[Record],
     candidates: Sequence[Candidate],
     *,
+    total_saved: int,
     energy: float,
     width: int,
     color: bool,
@@ -47,12 +48,12 @@ def render_summary(
         console.print(
             f"... and {len(candidates) - MAX_ROWS} more in the JSON report (--spectral-report)."
         )
-    total = sum(c.saved for c in candidates)
     console.print(
         f"{len(candidates)} candidate slice{'s' if len(candidates) != 1 else ''}; "
         + (
-            f"acting on every suggestion would save at most {total:,} parameters."
-            if total
+            f"acting on every suggestion would save at most {total_saved:,} parameters "
+            "(each weight counted once)."
+            if total_saved
             else "none saves parameters at its suggested rank."
         )
     )

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pytest_spectral.candidates import candidate_record, pruning_candidates
+from pytest_spectral.candidates import candidate_record, pruning_candidates, total_saving
 from pytest_spectral.checkpoint import Geometry
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
@@ -113,3 +113,32 @@ def test_whole_matrix_label_and_json_entry() -> None:
     assert (entry["suggested_rank"], entry["params"], entry["params_saved"]) == (2, 256, 176)
     assert entry["break_even_rank"] == pytest.approx(6.4)
     assert entry["rules"] == ["r"]
+
+
+class TestTotalSaving:
+    """What acting on every suggestion frees, each weight once (GEOMETRY: 8 x 32 slices)."""
+
+    SLICE = 8 * 32
+
+    def total(self, *records: dict) -> int:
+        return total_saving(pruning_candidates(records, "energy_rank(p=0.95)", GEOMETRY), GEOMETRY)
+
+    def test_factorisations_add_up(self) -> None:
+        assert self.total(record("q", head=1), record("o", head=2)) == 176 + 176
+
+    def test_a_head_removed_through_q_and_o_counts_once(self) -> None:
+        both = self.total(record("q", "remove_head", head=1), record("o", "remove_head", head=1))
+        assert both == 2 * self.SLICE  # its Q rows and O columns
+
+    def test_removing_a_kv_head_supersedes_its_groups_other_suggestions(self) -> None:
+        total = self.total(
+            record("k", "remove_head", head=4),  # K/V head 1: query heads 4-7
+            record("q", head=5),  # factorising a Q slice that goes anyway
+            record("q", head=0),  # another group: still counts
+        )
+        assert total == 4 * 2 * self.SLICE + 2 * self.SLICE + 176
+
+    def test_whole_matrix_counts_only_without_head_candidates(self) -> None:
+        whole_q, whole_up = record("q", head=None), {**record("q", head=None), "matrix": "up"}
+        assert self.total(whole_q, record("q", head=3)) == 176
+        assert self.total(whole_up, record("q", head=3)) == 176 + 176

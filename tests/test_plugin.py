@@ -216,7 +216,9 @@ class TestJsonReport:
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
-        assert report["summary"] == {"items": 32, "passed": 31, "failed": 1, "warned": 0}
+        saved = report["candidates"][0]["params_saved"]  # one candidate: checked below
+        counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
+        assert report["summary"] == {**counts, "params_saved": saved}
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
         assert collapsed["outcome"] == "failed"
