@@ -31,13 +31,9 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
 
 
 class SpectralPlugin:
-    def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
+    def __init__(self, run: SpectralRun) -> None:
         self.run = run
-        self._config = config
-        self._finished_layers: list[LayerStats] = []
         self._written: list[tuple[str, Path]] = []
-        if config.get_verbosity() >= 1:
-            run.on_layer = self._finished_layers.append
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items."""
@@ -64,20 +60,6 @@ class SpectralPlugin:
         ]
         if self.run.needed and not session.config.option.collectonly:
             self.run.engine()  # a single process starts computing the first layer now
-
-    def pytest_runtest_logfinish(self) -> None:
-        """In verbose mode, a line per computed layer, after the item that waited for it."""
-        if not self._finished_layers:
-            return
-        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
-        for stats in self._finished_layers:
-            if reporter is not None:
-                reporter.write_line(
-                    f"spectral: layer {stats.layer}: {stats.slices} head slices in "
-                    f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
-                    f"{stats.direct_svd} direct SVD)"
-                )
-        self._finished_layers.clear()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -164,6 +146,31 @@ class SpectralPlugin:
         return pruning_candidates(
             self.run.records.values(), self.run.rank_request.key, self.run.checkpoint.geometry
         )
+
+
+class LayerProgressPlugin:
+    """In verbose mode, a line per computed layer, after the item that waited for it.
+
+    A plugin of its own, registered only with ``-v``, so that other runs pay nothing per item.
+    """
+
+    def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
+        self._config = config
+        self._finished_layers: list[LayerStats] = []
+        run.on_layer = self._finished_layers.append
+
+    def pytest_runtest_logfinish(self) -> None:
+        if not self._finished_layers:
+            return
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        for stats in self._finished_layers:
+            if reporter is not None:
+                reporter.write_line(
+                    f"spectral: layer {stats.layer}: {stats.slices} head slices in "
+                    f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
+                    f"{stats.direct_svd} direct SVD)"
+                )
+        self._finished_layers.clear()
 
 
 class XdistControllerPlugin:

@@ -45,7 +45,15 @@ def _headline(spectrum: HeadSpectrum, verdict: Verdict) -> str:
 
 
 class SpectralRoot(pytest.Collector):
-    """Top-level collector appended to the session when ``--spectral-model`` is given."""
+    """Top-level collector appended to the session when ``--spectral-model`` is given.
+
+    It carries the ``spectral`` marker: items inherit it (``-m spectral`` selects them all)
+    without a marker object per item.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.add_marker("spectral")
 
     def collect(self) -> Iterator[pytest.Collector]:
         run = self.config.stash[RUN_KEY]
@@ -92,7 +100,6 @@ class SpectralItem(pytest.Item):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.layer, self.head, self.matrix = layer, head, matrix
         self.record: Record | None = None
-        self.add_marker("spectral")
 
     @property
     def scope(self) -> str:

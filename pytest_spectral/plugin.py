@@ -201,7 +201,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     run = SpectralRun.from_config(config)
     config.stash[RUN_KEY] = run
-    config.pluginmanager.register(SpectralPlugin(run, config), "spectral-run")
+    config.pluginmanager.register(SpectralPlugin(run), "spectral-run")
+    if config.get_verbosity() >= 1:
+        from pytest_spectral.hooks import LayerProgressPlugin
+
+        config.pluginmanager.register(LayerProgressPlugin(run, config), "spectral-progress")
     if config.pluginmanager.hasplugin("xdist"):
         from pytest_spectral.hooks import XdistControllerPlugin
 
