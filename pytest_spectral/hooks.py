@@ -34,6 +34,7 @@ class SpectralPlugin:
     def __init__(self, run: SpectralRun) -> None:
         self.run = run
         self._written: list[tuple[str, Path]] = []
+        self._pruning_result: tuple[list[Candidate], int] | None = None
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items."""
@@ -83,11 +84,11 @@ class SpectralPlugin:
             return
         writer = config.get_terminal_writer()
         records = list(self.run.records.values())
-        candidates = self._candidates()
+        candidates, total_saved = self._pruning()
         text = render_summary(
             records,
             candidates,
-            total_saved=total_saving(candidates, self.run.checkpoint.geometry),
+            total_saved=total_saved,
             energy=self.run.energy,
             width=writer.fullwidth,
             color=writer.hasmarkup,
@@ -114,7 +115,7 @@ class SpectralPlugin:
         if _is_xdist_worker(session.config) or not self.run.records:
             return
         run = self.run
-        candidates = self._candidates()
+        candidates, total_saved = self._pruning()
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
@@ -122,7 +123,7 @@ class SpectralPlugin:
             settings=run.settings(),
             records=run.records.values(),
             candidates=[candidate_record(c) for c in candidates],
-            params_saved=total_saving(candidates, run.checkpoint.geometry),
+            params_saved=total_saved,
         )
         if run.report_path:
             write_report(run.report_path, report)
@@ -142,10 +143,18 @@ class SpectralPlugin:
             write_text_atomically(run.calibrate_path, rules)
             self._written.append(("calibrated rules", run.calibrate_path))
 
-    def _candidates(self) -> list[Candidate]:
-        return pruning_candidates(
-            self.run.records.values(), self.run.rank_request.key, self.run.checkpoint.geometry
-        )
+    def _pruning(self) -> tuple[list[Candidate], int]:
+        """Candidates and their total saving, computed once all records are in.
+
+        Both the reports (session finish) and the terminal summary (after it) need them.
+        """
+        if self._pruning_result is None:
+            geometry = self.run.checkpoint.geometry
+            candidates = pruning_candidates(
+                self.run.records.values(), self.run.rank_request.key, geometry
+            )
+            self._pruning_result = (candidates, total_saving(candidates, geometry))
+        return self._pruning_result
 
 
 class LayerProgressPlugin:
