@@ -130,7 +130,7 @@ def write_model(directory: Path, layers: int, attention_only: bool) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from pytest_spectral.synthetic import LlamaShape, random_llama_weights, write_checkpoint
+    from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
 
     shape = LlamaShape(
         layers=layers,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pytest_spectral.synthetic import (
+from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
     random_llama_weights,

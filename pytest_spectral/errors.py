@@ -1,7 +1,8 @@
 """Exceptions with messages meant for the person running pytest.
 
-The plugin turns :class:`CheckpointError` and :class:`~pytest_spectral.rules.RulesError` into
-``pytest.UsageError`` (exit code 4); nothing else in the package raises at the user.
+The plugin turns :class:`CheckpointError` and
+:class:`~pytest_spectral.judging.rules.RulesError` into ``pytest.UsageError`` (exit code 4);
+nothing else in the package raises at the user.
 """
 
 from __future__ import annotations

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.calibrate import calibrated_rules
-from pytest_spectral.candidates import (
+from pytest_spectral.judging.calibrate import calibrated_rules
+from pytest_spectral.judging.candidates import (
     Candidate,
     candidate_record,
     pruning_candidates,
     total_saving,
 )
-from pytest_spectral.heatmap import render_heatmap
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
-from pytest_spectral.report import build_report, write_report, write_text_atomically
+from pytest_spectral.reporting.heatmap import render_heatmap
+from pytest_spectral.reporting.report import build_report, write_report, write_text_atomically
+from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
-from pytest_spectral.summary import render_summary
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
@@ -129,7 +129,7 @@ class SpectralPlugin:
             write_report(run.report_path, report)
             self._written.append(("report", run.report_path))
         if run.html_path:
-            from pytest_spectral.html_report import render_html
+            from pytest_spectral.reporting.html_report import render_html
 
             page = render_html(report, candidates, energy=run.energy)
             write_text_atomically(run.html_path, page)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_spectral.metrics import MetricRegistry
+    from pytest_spectral.judging.metrics import MetricRegistry
 
 
 @pytest.hookspec

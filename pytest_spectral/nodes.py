@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_spectral.engine import MetricError
+from pytest_spectral.checkpoints.slices import slice_span
+from pytest_spectral.compute.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
-from pytest_spectral.evaluation import Verdict, judge
-from pytest_spectral.report import Record, item_record
+from pytest_spectral.judging.evaluation import Verdict, judge
+from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
-from pytest_spectral.slices import slice_span
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle

@@ -10,9 +10,9 @@ import argparse
 
 import pytest
 
-from pytest_spectral.architectures import MLP_MATRICES
-from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.ranges import IndexSet, RangeSyntaxError, parse_index_set
+from pytest_spectral.checkpoints.architectures import MLP_MATRICES
+from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
 
 def _layers(text: str) -> IndexSet:

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: A JSON-ready record of one item, as it appears in the report's ``items``.
+Record = dict[str, object]
+#: Identifies a JSON report (``--spectral-report``) and the version of its layout.
+SCHEMA = "pytest-spectral-report"
+SCHEMA_VERSION = 1
+
 
 @dataclass(frozen=True)
 class SliceSpectra:

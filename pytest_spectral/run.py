@@ -14,25 +14,24 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_spectral.architectures import ArchitectureError, Family, custom_family
-from pytest_spectral.baseline import Baseline, BaselineError, load_baseline
-from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.device import default_threads, resolve_device, xdist_worker_index
+from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
+from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.hub import looks_like_hub_id, resolve_hub_model
+from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
-from pytest_spectral.hub import looks_like_hub_id, resolve_hub_model
-from pytest_spectral.metrics import (
+from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
+from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
     MetricRequest,
     default_request,
 )
-from pytest_spectral.ranges import IndexSet
-from pytest_spectral.rules import RulesError, RuleSet, hint, load_rules, tomllib
+from pytest_spectral.judging.ranges import IndexSet
+from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules, tomllib
 
 if TYPE_CHECKING:
-    from pytest_spectral.engine import SpectraEngine
-    from pytest_spectral.report import Record
-    from pytest_spectral.results import LayerStats
+    from pytest_spectral.compute.engine import SpectraEngine
+    from pytest_spectral.results import LayerStats, Record
 
 
 @dataclass
@@ -91,7 +90,7 @@ class SpectralRun:
             heatmap = _heatmap_metric(config, metrics)
             html = _path_option(config, "spectral_html")
             if html is not None:
-                from pytest_spectral.html_report import require_matplotlib
+                from pytest_spectral.reporting.html_report import require_matplotlib
 
                 require_matplotlib()
         except (
@@ -152,8 +151,8 @@ class SpectralRun:
     def engine(self) -> SpectraEngine:
         """The engine, created on first use (so collection alone never computes)."""
         if self._engine is None:
-            from pytest_spectral.cache import SpectraCache
-            from pytest_spectral.engine import SpectraEngine
+            from pytest_spectral.compute.cache import SpectraCache
+            from pytest_spectral.compute.engine import SpectraEngine
 
             self._engine = SpectraEngine(
                 self.checkpoint,

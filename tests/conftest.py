@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from pytest_spectral.synthetic import LlamaShape, write_random_llama
+from pytest_spectral.testing.synthetic import LlamaShape, write_random_llama
 
 MakeCheckpoint = Callable[..., Path]
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_spectral.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.engine import SpectraEngine
-from pytest_spectral.metrics import DEFAULT_REQUESTS
-from pytest_spectral.slices import slice_span
-from pytest_spectral.spectra import head_blocks
+from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.slices import slice_span
+from pytest_spectral.compute.engine import SpectraEngine
+from pytest_spectral.compute.spectra import head_blocks
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pytest_spectral.candidates import candidate_record, pruning_candidates, total_saving
-from pytest_spectral.checkpoint import Geometry
+from pytest_spectral.checkpoints.checkpoint import Geometry
+from pytest_spectral.judging.candidates import candidate_record, pruning_candidates, total_saving
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
 

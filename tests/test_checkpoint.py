@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pytest_spectral.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.safetensors_header import read_header
 from pytest_spectral.errors import CheckpointError
-from pytest_spectral.safetensors_header import read_header
 
 
 def edit_config(directory: Path, **changes: object) -> None:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_spectral import device, spectra
-from pytest_spectral.cache import SpectraCache, entry_key
-from pytest_spectral.checkpoint import MATRICES, open_checkpoint
-from pytest_spectral.engine import SpectraEngine
+from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
+from pytest_spectral.compute import device, spectra
+from pytest_spectral.compute.cache import SpectraCache, entry_key
+from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import DeviceError
-from pytest_spectral.metrics import DEFAULT_REQUESTS
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 from pytest_spectral.results import SliceSpectra
 
 

@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pytest_spectral.checkpoint import MATRICES, open_checkpoint
-from pytest_spectral.engine import SpectraEngine
+from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
+from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import CheckpointError
-from pytest_spectral.evaluation import judge
-from pytest_spectral.metrics import DEFAULT_REQUESTS, default_request
-from pytest_spectral.ranges import IndexSet
-from pytest_spectral.rules import Rule
-from pytest_spectral.synthetic import LlamaShape, random_llama_weights, write_checkpoint
+from pytest_spectral.judging.evaluation import judge
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS, default_request
+from pytest_spectral.judging.ranges import IndexSet
+from pytest_spectral.judging.rules import Rule
+from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
 
 SHAPE = LlamaShape(layers=1, heads=2, kv_heads=1, head_dim=4, hidden=8, mlp=False)
 RULE = Rule(

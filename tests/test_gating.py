@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_spectral.heatmap import render_heatmap
-from pytest_spectral.synthetic import (
+from pytest_spectral.reporting.heatmap import render_heatmap
+from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
     random_llama_weights,

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pytest_spectral.cache import SpectraCache
-from pytest_spectral.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.safetensors_header import read_header
+from pytest_spectral.compute.cache import SpectraCache
+from pytest_spectral.compute.spectra import slice_singular_values
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.results import SliceSpectra
-from pytest_spectral.safetensors_header import read_header
-from pytest_spectral.spectra import slice_singular_values
-from pytest_spectral.synthetic import (
+from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
     random_llama_weights,
@@ -293,9 +293,9 @@ def test_concurrent_cache_writers_never_expose_half_entries(tmp_path) -> None:
 MEMORY_PROBE = """
 import json, sys
 from pathlib import Path
-from pytest_spectral.checkpoint import open_checkpoint
-from pytest_spectral.engine import SpectraEngine
-from pytest_spectral.metrics import DEFAULT_REQUESTS
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.compute.engine import SpectraEngine
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 import torch
 
 def peak_mb():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pytest_spectral.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
 from pytest_spectral.errors import CheckpointError
-from pytest_spectral.synthetic import LlamaShape, random_llama_weights, write_checkpoint
+from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
 
 SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
 ITEMS = SHAPE.layers * SHAPE.heads * 4

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pytest_spectral import metrics as m
-from pytest_spectral import strategies as sst
+from pytest_spectral.judging import metrics as m
+from pytest_spectral.testing import strategies as sst
 
 INF, NAN = float("inf"), float("nan")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_spectral.synthetic import (
+from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
     random_llama_weights,
@@ -446,7 +446,7 @@ def test_plugin_import_does_not_import_torch() -> None:
     code = (
         "import sys, pytest_spectral.plugin; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert 'pytest_spectral.metrics' not in sys.modules"
+        "assert 'pytest_spectral.judging.metrics' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

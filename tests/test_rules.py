@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.ranges import RangeSyntaxError, parse_index_set
-from pytest_spectral.rules import RulesError, load_rules
+from pytest_spectral.judging.ranges import RangeSyntaxError, parse_index_set
+from pytest_spectral.judging.rules import RulesError, load_rules
 
 
 def write(tmp_path: Path, text: str) -> Path:

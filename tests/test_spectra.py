@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pytest_spectral import spectra
-from pytest_spectral.checkpoint import MATRICES, open_checkpoint
-from pytest_spectral.engine import SpectraEngine
-from pytest_spectral.metrics import DEFAULT_REQUESTS
-from pytest_spectral.spectra import slice_singular_values
-from pytest_spectral.synthetic import (
+from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
+from pytest_spectral.compute import spectra
+from pytest_spectral.compute.engine import SpectraEngine
+from pytest_spectral.compute.spectra import slice_singular_values
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
     random_llama_weights,

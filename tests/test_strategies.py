@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_spectral import metrics
-from pytest_spectral import strategies as sst
-from pytest_spectral.spectra import slice_singular_values
+from pytest_spectral.compute.spectra import slice_singular_values
+from pytest_spectral.judging import metrics
+from pytest_spectral.testing import strategies as sst
 
 
 @given(sst.matrices_with_spectrum(rows=12, cols=40))

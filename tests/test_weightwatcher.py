@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_spectral.synthetic import LlamaShape, random_llama_weights, write_checkpoint
+from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
 
 weightwatcher = pytest.importorskip("weightwatcher")
 

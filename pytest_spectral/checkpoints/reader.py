@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pytest_spectral.safetensors_header import TensorEntry
+from pytest_spectral.checkpoints.safetensors_header import TensorEntry
 
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,

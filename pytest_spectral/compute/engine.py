@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pytest_spectral.cache import SpectraCache, entry_key
-from pytest_spectral.checkpoint import MATRICES, Checkpoint
-from pytest_spectral.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
+from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint
+from pytest_spectral.compute.cache import SpectraCache, entry_key
+from pytest_spectral.judging.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
 
 if TYPE_CHECKING:
-    from pytest_spectral.reader import WeightReader
+    from pytest_spectral.checkpoints.reader import WeightReader
 
 #: (matrix, scope) -> one spectrum per distinct head ("head"), or a single one ("matrix")
 LayerResults = dict[tuple[str, str], list[HeadSpectrum]]
@@ -198,9 +198,9 @@ class SpectraEngine:
         """The only place torch is needed: a run served from the cache never imports it."""
         import torch
 
-        from pytest_spectral.device import resolve_device
-        from pytest_spectral.reader import WeightReader
-        from pytest_spectral.spectra import head_blocks, slice_singular_values, whole_matrix
+        from pytest_spectral.checkpoints.reader import WeightReader
+        from pytest_spectral.compute.device import resolve_device
+        from pytest_spectral.compute.spectra import head_blocks, slice_singular_values, whole_matrix
 
         if self._reader_instance is None:
             if self.threads:

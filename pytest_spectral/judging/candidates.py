@@ -12,8 +12,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pytest_spectral.checkpoint import Geometry
-from pytest_spectral.report import Record
+from pytest_spectral.checkpoints.checkpoint import Geometry
+from pytest_spectral.results import Record
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pytest_spectral.judging.rules import Rule, Severity
 from pytest_spectral.results import HeadSpectrum
-from pytest_spectral.rules import Rule, Severity
 
 Status = Literal["ok", "nonfinite", "zero_matrix"]
 Outcome = Literal["passed", "failed", "warned"]

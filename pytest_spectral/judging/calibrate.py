@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Record
+from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.results import Record
 
 #: (metric, scale) pairs that calibration bounds.
 CALIBRATED: tuple[tuple[str, str], ...] = (

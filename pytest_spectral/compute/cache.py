@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pytest_spectral.checkpoints.safetensors_header import TensorEntry
 from pytest_spectral.results import SliceSpectra
-from pytest_spectral.safetensors_header import TensorEntry
 
 #: Bump when the meaning of a cached value changes (method, layout, format).
 FORMAT_VERSION = 2

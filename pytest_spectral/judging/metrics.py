@@ -28,7 +28,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pytest_spectral.powerlaw import PowerLawFits, fit_power_laws
+from pytest_spectral.judging.powerlaw import PowerLawFits, fit_power_laws
 
 Values = NDArray[np.float64]
 
@@ -249,7 +249,7 @@ def _fit_column(sv: ArrayLike, field: str) -> Values:
 
 
 def alpha(sv: ArrayLike) -> Values:
-    """Power-law exponent of the eigenvalue tail (see :mod:`pytest_spectral.powerlaw`)."""
+    """Power-law exponent of the eigenvalue tail (see :mod:`pytest_spectral.judging.powerlaw`)."""
     return _fit_column(sv, "alpha")
 
 

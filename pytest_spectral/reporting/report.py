@@ -15,14 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_spectral import __version__
-from pytest_spectral.checkpoint import Checkpoint
-from pytest_spectral.evaluation import Verdict
-from pytest_spectral.results import HeadSpectrum
-from pytest_spectral.rules import RuleSet
-
-SCHEMA = "pytest-spectral-report"
-SCHEMA_VERSION = 1
-Record = dict[str, object]
+from pytest_spectral.checkpoints.checkpoint import Checkpoint
+from pytest_spectral.judging.evaluation import Verdict
+from pytest_spectral.judging.rules import RuleSet
+from pytest_spectral.results import SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
 
 
 def json_number(value: float) -> float | str:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoint import Checkpoint
-from pytest_spectral.report import SCHEMA, SCHEMA_VERSION
+from pytest_spectral.checkpoints.checkpoint import Checkpoint
+from pytest_spectral.results import SCHEMA, SCHEMA_VERSION
 
 _LAYOUT_FIELDS = {
     "model_type": lambda c: c.model_type,

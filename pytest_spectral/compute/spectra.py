@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from pytest_spectral.checkpoint import Geometry, Layout
+from pytest_spectral.checkpoints.checkpoint import Geometry, Layout
+from pytest_spectral.checkpoints.slices import fused_grid
 from pytest_spectral.results import SliceSpectra
-from pytest_spectral.slices import fused_grid
 
 #: Relative error on singular values that the Gram route must provably stay under.
 TARGET_RELATIVE_ERROR = 1e-10
@@ -36,11 +36,11 @@ def head_blocks(
     """View the stored ``weight`` as a batch of head slices, one per distinct head.
 
     A Q/K/V head is ``head_dim`` rows of the projection in ``nn.Linear`` orientation, found
-    through the family's fused layout (see :mod:`pytest_spectral.architectures`); an O head is
-    ``head_dim`` columns of the output projection. Slices come back as ``[slices, d, in]`` or
-    ``[slices, in, d]``, whichever keeps rows contiguous in memory (transposing a slice leaves
-    its singular values unchanged, and a transposing copy upcasts 2.5x slower). Only grouped
-    (Falcon-40B-style) queries need a copy.
+    through the family's fused layout (see :mod:`pytest_spectral.checkpoints.architectures`);
+    an O head is ``head_dim`` columns of the output projection. Slices come back as
+    ``[slices, d, in]`` or ``[slices, in, d]``, whichever keeps rows contiguous in memory
+    (transposing a slice leaves its singular values unchanged, and a transposing copy upcasts
+    2.5x slower). Only grouped (Falcon-40B-style) queries need a copy.
     """
     d = geometry.head_dim
     if matrix == "o":

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pytest_spectral.candidates import Candidate
-from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Record
+from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.judging.candidates import Candidate
+from pytest_spectral.reporting.report import Record
 
 #: Rows shown in the terminal; the JSON report always has all of them.
 MAX_ROWS = 25

@@ -7,7 +7,7 @@ that may never import torch (a re-run served from the cache), locate a slice wit
 
 from __future__ import annotations
 
-from pytest_spectral.checkpoint import Geometry, Layout
+from pytest_spectral.checkpoints.checkpoint import Geometry, Layout
 
 
 def fused_grid(matrix: str, g: Geometry, fused: str | None) -> tuple[int, int, tuple[int, int]]:

@@ -16,8 +16,8 @@ import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Record
+from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.reporting.report import Record
 
 SHADES = " ░▒▓█"
 _COLOURS = ("blue", "cyan", "green", "yellow", "red")

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pytest_spectral.candidates import Candidate
-from pytest_spectral.checkpoint import MATRICES
-from pytest_spectral.report import Record
+from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.judging.candidates import Candidate
+from pytest_spectral.reporting.report import Record
 
 #: Metrics drawn as layer x head heatmaps, with whether to show them on a log scale.
 HEATMAP_METRICS: tuple[tuple[str, bool], ...] = (

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.architectures import SUPPORTED_MODEL_TYPES, Family, family_for
+from pytest_spectral.checkpoints.architectures import SUPPORTED_MODEL_TYPES, Family, family_for
+from pytest_spectral.checkpoints.safetensors_header import DTYPE_SIZES, TensorEntry, read_header
 from pytest_spectral.errors import CheckpointError
-from pytest_spectral.safetensors_header import DTYPE_SIZES, TensorEntry, read_header
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
 _INDEX_FILE = "model.safetensors.index.json"
@@ -244,7 +244,7 @@ def _sharded_entries(
 
 def _torch_entries(path: Path) -> dict[str, TensorEntry]:
     """Names, dtypes and shapes from a ``torch.save`` file, mapped rather than read."""
-    from pytest_spectral.reader import load_torch_file
+    from pytest_spectral.checkpoints.reader import load_torch_file
 
     try:
         state = load_torch_file(path)

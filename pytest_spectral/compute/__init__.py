@@ -1,0 +1,1 @@
+"""Computing singular values: batching per (layer, matrix), the decomposition, cache, device."""

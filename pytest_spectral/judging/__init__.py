@@ -1,0 +1,1 @@
+"""Judging spectra: metrics, the power-law fit, rules, baselines, calibration, candidates."""

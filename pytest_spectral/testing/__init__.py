@@ -1,0 +1,1 @@
+"""Test aids: small synthetic checkpoints and hypothesis strategies (public)."""
