@@ -108,7 +108,7 @@ class SpectralRun:
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
-                f"--spectral-layers {selection.spec}: layer(s) {missing} do not exist; "
+                f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
         return cls(
