@@ -7,6 +7,7 @@ its own layers. Node ids carry no model id, so ``--lf`` and baselines work acros
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, judge
+from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
@@ -26,10 +28,29 @@ if TYPE_CHECKING:
 
 ROOT_NAME = "spectral"
 _TOP_VALUES_SHOWN = 8
+#: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
+_NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
+
+
+def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
+    """``(layer, head, matrix)`` of an item's node id (head ``None`` for a whole matrix), as
+    the collectors below name them; ``None`` for another id."""
+    match = _NODEID.match(nodeid)
+    if match is None:
+        return None
+    layer, head, matrix = match.groups()
+    return int(layer), None if head is None else int(head), matrix
 
 
 class SpectralCheckError(Exception):
-    """Raised by an item whose head broke a rule; its text is the whole failure report."""
+    """Raised by an item whose head broke a rule; its text is the whole failure report.
+
+    The text is made printable here (control characters escaped, lines kept), so that no
+    tensor, file or rule name reaches the terminal raw, whichever way pytest shows it.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(printable(text, keep_newlines=True))
 
 
 def _headline(spectrum: HeadSpectrum, verdict: Verdict) -> str:
@@ -131,15 +152,14 @@ class SpectralItem(pytest.Item):
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
             warn_only=run.warn_only,
         )
-        geometry = run.checkpoint.geometry
-        shared = self.head is not None and self.matrix in ("k", "v")
+        kv_head, shape = run.item_place(self.head, self.matrix)
         self.record = item_record(
             nodeid=self.nodeid,
             layer=self.layer,
             head=self.head,
             matrix=self.matrix,
-            kv_head=geometry.kv_head_of(self.head) if shared else None,  # type: ignore[arg-type]
-            shape=run.checkpoint.item_shape(self.matrix, whole=self.head is None),
+            kv_head=kv_head,
+            shape=shape,
             spectrum=spectrum,
             verdict=verdict,
         )
@@ -148,7 +168,9 @@ class SpectralItem(pytest.Item):
             raise SpectralCheckError(self._describe(run, spectrum, verdict))
         if verdict.outcome == "warned":
             warnings.warn_explicit(
-                SpectralRuleWarning(self._describe(run, spectrum, verdict)),
+                SpectralRuleWarning(
+                    printable(self._describe(run, spectrum, verdict), keep_newlines=True)
+                ),
                 SpectralRuleWarning,
                 filename=self.nodeid,
                 lineno=0,

@@ -12,6 +12,11 @@ import pytest
 
 from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.invocation import (
+    checkpoint_directory,
+    refuse_configuration_inside,
+    refuse_space_form,
+)
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
 
@@ -190,6 +195,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """The earliest point an installed plugin gets the parsed command line and pytest's
+    choice of rootdir and ini file: refuse a run the checkpoint could configure or write into,
+    before any conftest.py is imported or any output file is opened (see invocation.py)."""
+    argument = getattr(early_config.known_args_namespace, "spectral_model", None)
+    if argument is None:
+        return
+    refuse_space_form(early_config)
+    directory = checkpoint_directory(argument)
+    if directory is not None:
+        refuse_configuration_inside(early_config, [directory])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "spectral: a spectral health check of one attention head (pytest-spectral)"
@@ -197,11 +216,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("spectral_model") is None:
         return
     from pytest_spectral.hooks import SpectralPlugin
+    from pytest_spectral.outcomes import ItemLedger
     from pytest_spectral.run import RUN_KEY, SpectralRun
 
     run = SpectralRun.from_config(config)
     config.stash[RUN_KEY] = run
-    config.pluginmanager.register(SpectralPlugin(run), "spectral-run")
+    ledger = ItemLedger()
+    config.pluginmanager.register(SpectralPlugin(run, ledger), "spectral-run")
     if config.get_verbosity() >= 1:
         from pytest_spectral.hooks import LayerProgressPlugin
 
@@ -209,4 +230,4 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         from pytest_spectral.hooks import XdistControllerPlugin
 
-        config.pluginmanager.register(XdistControllerPlugin(run), "spectral-xdist")
+        config.pluginmanager.register(XdistControllerPlugin(run, ledger), "spectral-xdist")

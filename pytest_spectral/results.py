@@ -12,6 +12,9 @@ Record = dict[str, object]
 #: Identifies a JSON report (``--spectral-report``) and the version of its layout.
 SCHEMA = "pytest-spectral-report"
 SCHEMA_VERSION = 1
+#: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
+#: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
+OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")
 
 
 @dataclass(frozen=True)

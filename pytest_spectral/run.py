@@ -19,6 +19,7 @@ from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_ch
 from pytest_spectral.checkpoints.hub import looks_like_hub_id, resolve_hub_model
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
+from pytest_spectral.invocation import inside, refuse_configuration_inside
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
@@ -28,6 +29,8 @@ from pytest_spectral.judging.metrics import (
 )
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules, tomllib
+from pytest_spectral.printable import printable
+from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
@@ -77,7 +80,8 @@ class SpectralRun:
                 config_path=_path_option(config, "spectral_config"),
                 family=_custom_family(config),
             )
-            _refuse_checkpoint_as_rootdir(config, model_argument, checkpoint)
+            protected = checkpoint_directories(checkpoint)
+            refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
             metrics = MetricRegistry()
             config.hook.pytest_spectral_register_metrics(metrics=metrics)
             rules_path = _rules_path(config)
@@ -101,7 +105,7 @@ class SpectralRun:
             ArchitectureError,
             ImportError,
         ) as exc:
-            raise pytest.UsageError(str(exc)) from None
+            raise pytest.UsageError(printable(str(exc))) from None
         scope = config.getoption("spectral_scope")
         selected = _selected_matrices(config, checkpoint)
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
@@ -111,6 +115,7 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
+        outputs = _outputs(config, protected)  # last: it removes stale reports
         return cls(
             model_argument=model_argument,
             model_path=model_path,
@@ -121,7 +126,7 @@ class SpectralRun:
             whole_matrices=selected,
             scopes=("head", "matrix") if scope == "both" else (scope,),
             energy=config.getoption("spectral_energy"),
-            report_path=_path_option(config, "spectral_report"),
+            report_path=outputs["spectral_report"],
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
@@ -129,11 +134,19 @@ class SpectralRun:
             cache_dir=_cache_dir(config),
             baseline=baseline,
             warn_only=config.getoption("spectral_warn_only"),
-            calibrate_path=_path_option(config, "spectral_calibrate"),
+            calibrate_path=outputs["spectral_calibrate"],
             calibrate_margin=config.getoption("spectral_calibrate_margin"),
             heatmap_metric=heatmap,
-            html_path=html,
+            html_path=outputs["spectral_html"],
         )
+
+    def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
+        """``(kv_head, shape)`` of an item: the K/V head a k or v head item reads (``None``
+        otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
+        geometry = self.checkpoint.geometry
+        shared = head is not None and matrix in ("k", "v")
+        kv_head = geometry.kv_head_of(head) if shared else None  # type: ignore[arg-type]
+        return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
     @property
     def rank_request(self) -> MetricRequest:
@@ -197,29 +210,54 @@ def _rules_path(config: pytest.Config) -> Path | None:
     return (base / ini).absolute()
 
 
-def _refuse_checkpoint_as_rootdir(
-    config: pytest.Config, model_argument: str, checkpoint: Checkpoint
-) -> None:
-    """Stop pytest from writing its cache into the checkpoint.
+#: options naming files the run writes, each created through a temporary file at the end
+_OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
+#: options naming files the run reads, which are never removed as stale outputs
+_INPUT_OPTIONS = ("spectral_baseline", "spectral_thresholds", "spectral_config")
 
-    pytest chooses its rootdir before plugins register their options, so in
-    ``--spectral-model /data/ckpt`` it takes ``/data/ckpt`` for a test path; outside any project
-    with an ini file, the checkpoint directory becomes the rootdir, where ``.pytest_cache``
-    would be written and the project's ini file would be missed.
+
+def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
+    """Resolved directories holding the checkpoint's files: its root, and wherever its weight
+    files really are (a hub snapshot's blobs, a symlinked shard's target)."""
+    return {checkpoint.root.resolve(), *(f.resolve().parent for f in checkpoint.files)}
+
+
+def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | None]:
+    """The output paths, checked before anything runs; an earlier run's files there are
+    removed (by the controller), so that none can pass for this run's.
+
+    Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
+    inside the checkpoint, or one path given to two options.
     """
-    root = checkpoint.root.resolve()
-    invoked_inside = root in (
-        config.invocation_params.dir.resolve(),
-        *config.invocation_params.dir.resolve().parents,
-    )
-    if config.option.rootdir or config.rootpath.resolve() != root or invoked_inside:
-        return
-    raise CheckpointError(
-        f"--spectral-model {model_argument}: pytest read this path as a test path and made the "
-        "checkpoint directory its rootdir, where it would write .pytest_cache (and miss your "
-        f"project's ini file). Write --spectral-model={model_argument} (with '=') or add "
-        "--rootdir=DIR."
-    )
+    outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
+    seen: dict[Path, str] = {}
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        try:
+            check_output_path(path, option)
+        except OutputPathError as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
+        holder = inside(path, protected)
+        if holder is not None:
+            raise pytest.UsageError(
+                printable(
+                    f"{option} {path}: lies inside the checkpoint directory {holder}; "
+                    "pytest-spectral never writes into a checkpoint: choose a path outside it"
+                )
+            )
+        if path.resolve() in seen:
+            raise pytest.UsageError(
+                printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
+            )
+        seen[path.resolve()] = option
+    if not hasattr(config, "workerinput"):
+        inputs = {p.resolve() for n in _INPUT_OPTIONS if (p := _path_option(config, n))}
+        for path in outputs.values():
+            if path is not None and path.resolve() not in inputs:
+                remove_stale(path)
+    return outputs
 
 
 def local_model_path(config: pytest.Config) -> Path:

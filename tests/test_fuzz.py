@@ -172,7 +172,7 @@ def test_pytest_never_shows_an_internal_traceback(pristine, pytester, data) -> N
     directory = pytester.path / f"model-{abs(hash(repr(mutation)))}"
     shutil.copytree(pristine, directory)
     apply(directory, mutation)
-    result = pytester.runpytest("--spectral-model", str(directory), "-p", "no:cacheprovider")
+    result = pytester.runpytest(f"--spectral-model={directory}", "-p", "no:cacheprovider")
     output = result.stdout.str() + result.stderr.str()
     assert result.ret in (
         pytest.ExitCode.OK,

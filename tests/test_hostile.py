@@ -142,7 +142,7 @@ BROKEN_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
 def test_broken_file_is_a_usage_error_naming_it(pytester, sharded, case: str) -> None:
     damage, message = BROKEN_FILES[case]
     damage(sharded)
-    result = pytester.runpytest("--spectral-model", str(sharded))
+    result = pytester.runpytest(f"--spectral-model={sharded}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     output = result.stdout.str() + result.stderr.str()
     assert message in output
@@ -153,7 +153,7 @@ def test_broken_file_is_a_usage_error_naming_it(pytester, sharded, case: str) ->
 def test_model_path_that_is_a_broken_symlink(pytester) -> None:
     link = pytester.path / "link"
     link.symlink_to(pytester.path / "nowhere")
-    result = pytester.runpytest("--spectral-model", str(link))
+    result = pytester.runpytest(f"--spectral-model={link}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*link: no such file or directory (a broken symlink)"])
 
@@ -259,7 +259,7 @@ def test_checkpoint_files_are_never_modified(pytester, sharded) -> None:
     before = digests(sharded)
     rules = pytester.path / "rules.toml"
     rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 100\n')
-    args = ("--spectral-model", str(sharded), "--spectral-thresholds", str(rules))
+    args = (f"--spectral-model={sharded}", "--spectral-thresholds", str(rules))
     pytester.runpytest(*args).assert_outcomes(failed=32)  # fills the cache
     pytester.runpytest(*args).assert_outcomes(failed=32)  # reads it
     pytester.runpytest_subprocess(*args, "-n", "2", "--spectral-no-cache").assert_outcomes(
@@ -351,9 +351,7 @@ def test_pytest_cache_is_never_written_into_the_checkpoint(
     model = str(checkpoint_on_another_tree)
     result = pytester.runpytest("--spectral-model", model)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(
-        [f"*Write --spectral-model={model} (with '=') or add --rootdir=DIR."]
-    )
+    result.stderr.fnmatch_lines([f"  pytest --spectral-model={model} *"])
     pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=32)
     assert sorted(p.name for p in checkpoint_on_another_tree.iterdir()) == [
         "config.json",

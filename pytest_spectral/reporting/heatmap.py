@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
 
 SHADES = " ░▒▓█"
@@ -36,14 +37,16 @@ def render_heatmap(
         no_color=not color,
         color_system="standard" if color else None,
         highlight=False,
+        markup=False,
+        emoji=False,
     )
     panels = [_panel(records, metric, m, layers, heads) for m in MATRICES]
     panels = [p for p in panels if p is not None]
     panel_width = 5 + heads + 2
     per_row = max(1, console.width // panel_width)
     console.print(
-        f"{metric} per head (rows: layers, columns: heads; shades are quantiles of each panel, "
-        f"'{SHADES[0]}' lowest to '{SHADES[-1]}' highest, '{_UNDEFINED}' undefined)"
+        f"{printable(metric)} per head (rows: layers, columns: heads; shades are quantiles of "
+        f"each panel, '{SHADES[0]}' lowest to '{SHADES[-1]}' highest, '{_UNDEFINED}' undefined)"
     )
     for start in range(0, len(panels), per_row):
         group = panels[start : start + per_row]

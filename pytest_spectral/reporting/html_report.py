@@ -17,6 +17,7 @@ import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.judging.candidates import Candidate
+from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
 
 #: Metrics drawn as layer x head heatmaps, with whether to show them on a log scale.
@@ -49,13 +50,17 @@ def render_html(
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    records: list[Record] = [r for r in report["items"] if r["head"] is not None]  # type: ignore[attr-defined, index]
+    items: list[Record] = report["items"]  # type: ignore[assignment]
+    records = [r for r in items if r["head"] is not None and r["status"] != "no_result"]
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
     layers, heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
     sections = [
         _section("Run", _metadata_table(report)),
         _section("Low-rank pruning candidates", _candidates_table(candidates, energy)),
     ]
+    unfinished = [r for r in items if r["status"] == "no_result"]
+    if unfinished:
+        sections.append(_section("Items without a result", _unfinished_table(unfinished)))
     for metric, log in HEATMAP_METRICS:
         if any(metric in r["metrics"] for r in records):  # type: ignore[operator]
             figure = _heatmaps(records, metric, log, layers, heads)
@@ -67,7 +72,7 @@ def render_html(
                 _img(_curves(records, layer), f"singular values, layer {layer}"),
             )
         )
-    title = f"pytest-spectral: {html.escape(str(model.get('argument', '')))}"
+    title = f"pytest-spectral: {_text(model.get('argument', ''))}"
     return _PAGE.format(title=title, body="\n".join(sections))
 
 
@@ -132,11 +137,11 @@ def _img(figure, alt: str) -> str:
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{_text(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _section(title: str, content: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>\n{content}\n</section>"
+    return f"<section><h2>{_text(title)}</h2>\n{content}\n</section>"
 
 
 def _metadata_table(report: Mapping[str, object]) -> str:
@@ -164,9 +169,7 @@ def _metadata_table(report: Mapping[str, object]) -> str:
         ("settings", report.get("settings")),
         ("plugin", f"pytest-spectral {report.get('plugin_version')}, {report.get('created')}"),
     ]
-    body = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-    )
+    body = "".join(f"<tr><th>{_text(k)}</th><td>{_text(v)}</td></tr>" for k, v in rows)
     return f'<table class="meta">{body}</table>'
 
 
@@ -181,9 +184,9 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
     for c in candidates:
         r = c.record
         broken = "<br>".join(
-            html.escape(f"{b['rule']}: {b['metric']} = {_number(b['value'])}")
+            _text(f"{b['rule']}: {b['metric']} = {_number(b['value'])}")
             for b in r["broken_rules"]  # type: ignore[attr-defined]
-        ) or html.escape(str(r["status"]))
+        ) or _text(r["status"])
         rows.append(
             f'<tr class="{r["outcome"]}"><td>{r["layer"]}</td><td>{_heads(c)}</td>'
             f"<td>{r['matrix']}</td><td>{r['outcome']}</td><td>{broken}</td>"
@@ -196,6 +199,22 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
         "for data-aware compression (ASVD, SVD-LLM), not safe truncations.</p>"
     )
     return f'<table class="candidates">{header}{"".join(rows)}</table>{note}'
+
+
+def _unfinished_table(items: Sequence[Record]) -> str:
+    """Items that crashed, raised, were skipped or never ran, with pytest's message."""
+    rows = "".join(
+        f"<tr><td>{_text(r['nodeid'])}</td><td>{_text(r['outcome'])}</td>"
+        f"<td>{_text(r['error'] or '')}</td></tr>"
+        for r in items
+    )
+    header = "<tr><th>item</th><th>outcome</th><th>why</th></tr>"
+    return f'<table class="unfinished">{header}{rows}</table>'
+
+
+def _text(value: object) -> str:
+    """Text from a report, safe in HTML: control characters escaped, then HTML-escaped."""
+    return html.escape(printable(value))
 
 
 def _heads(candidate: Candidate) -> str:

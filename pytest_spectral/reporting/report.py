@@ -18,7 +18,8 @@ from pytest_spectral import __version__
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.judging.evaluation import Verdict
 from pytest_spectral.judging.rules import RuleSet
-from pytest_spectral.results import SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
+from pytest_spectral.reporting.files import write_text_atomically
+from pytest_spectral.results import OUTCOMES, SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
 
 
 def json_number(value: float) -> float | str:
@@ -75,6 +76,40 @@ def item_record(
             }
             for b in verdict.broken
         ],
+        "error": None,
+    }
+
+
+def unrecorded_record(
+    *,
+    nodeid: str,
+    layer: int,
+    head: int | None,
+    matrix: str,
+    kv_head: int | None,
+    shape: tuple[int, int],
+    outcome: str,
+    error: str | None,
+) -> Record:
+    """The record of an item that has no result (it crashed, raised, was skipped or never
+    ran): where it is, its ``outcome`` and pytest's one-line ``error``; no values."""
+    return {
+        "nodeid": nodeid,
+        "layer": layer,
+        "scope": "matrix" if head is None else "head",
+        "head": head,
+        "matrix": matrix,
+        "kv_head": kv_head,
+        "shape": list(shape),
+        "status": "no_result",
+        "outcome": outcome,
+        "nonfinite_count": None,
+        "method": None,
+        "floor_limited": False,
+        "singular_values": [],
+        "metrics": {},
+        "broken_rules": [],
+        "error": error,
     }
 
 
@@ -90,12 +125,15 @@ def build_report(
 ) -> dict[str, object]:
     """The report: model, rules and settings, a summary, every item, then the candidates.
 
+    ``records`` hold every collected item, those without a result included (see
+    :func:`unrecorded_record`); the summary counts them by outcome.
+
     ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first;
     ``params_saved`` is what acting on all of them frees, each weight counted once.
     """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
-    counts = {o: sum(r["outcome"] == o for r in items) for o in ("passed", "failed", "warned")}
+    counts = {o: sum(r["outcome"] == o for r in items) for o in OUTCOMES}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -128,11 +166,3 @@ def build_report(
 
 def write_report(path: Path, report: Mapping[str, object]) -> None:
     write_text_atomically(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)

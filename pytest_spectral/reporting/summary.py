@@ -1,7 +1,9 @@
 """The terminal summary: pruning candidates as a rich table, rendered to text.
 
 Rendering into a string (rather than printing) lets pytest's terminal reporter place it in
-its own section and decide about colour, so ``--color=no`` and output capture behave.
+its own section and decide about colour, so ``--color=no`` and output capture behave. Rule
+names come from a file: cells are plain ``Text`` with control characters escaped, and the
+console parses no markup or emoji codes, so ``[bold]`` or ``:x:`` in a name shows as written.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.judging.candidates import Candidate
+from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
+from pytest_spectral.results import OUTCOMES
 
 #: Rows shown in the terminal; the JSON report always has all of them.
 MAX_ROWS = 25
@@ -38,6 +43,8 @@ def render_summary(
         no_color=not color,
         color_system="standard" if color else None,
         highlight=False,
+        markup=False,
+        emoji=False,
     )
     console.print(_counts_line(records))
     if not candidates:
@@ -68,14 +75,15 @@ def render_summary(
 
 
 def _counts_line(records: Sequence[Record]) -> str:
+    """Every item by outcome, as pytest counts them, with the matrices of the bad ones."""
     outcomes = Counter(str(r["outcome"]) for r in records)
     parts = [f"{outcomes.get('passed', 0)} passed"]
-    for outcome in ("failed", "warned"):
+    for outcome in OUTCOMES[1:]:
         per_matrix = Counter(str(r["matrix"]) for r in records if r["outcome"] == outcome)
         if per_matrix:
             detail = ", ".join(f"{m} {n}" for m, n in sorted(per_matrix.items(), key=_order))
-            parts.append(f"{outcomes[outcome]} {outcome} ({detail})")
-    return f"{len(records)} items analysed: " + "; ".join(parts)
+            parts.append(f"{outcomes[outcome]} {outcome.replace('_', ' ')} ({detail})")
+    return f"{len(records)} items: " + "; ".join(parts)
 
 
 def _order(item: tuple[str, int]) -> tuple[int, str]:
@@ -109,7 +117,8 @@ def _table(candidates: Sequence[Candidate], energy: float) -> Table:
         rank = "-" if c.rank is None else str(c.rank)
         if c.error is not None:
             rank += f" ({c.error:.2f})"
-        table.add_row(c.label, "\n".join(broken), rank, f"{c.break_even:.0f}", saved)
+        cells = (c.label, "\n".join(map(printable, broken)), rank, f"{c.break_even:.0f}", saved)
+        table.add_row(*(Text(cell) for cell in cells))
     return table
 
 
