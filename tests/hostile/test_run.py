@@ -1,0 +1,273 @@
+"""Hostile inputs against the run itself: a checkpoint that tries to configure pytest, reports
+that could lie by omission, values that slip through validation, and text that tries to
+drive the terminal.
+
+Every case ends in a usage error (exit 4) naming the file and key, or in failing items;
+never a traceback or INTERNALERROR; the checkpoint's bytes unchanged and nothing written
+outside the cache and report paths. Inputs are built by the tests in temporary directories;
+runs that matter for pytest's own start-up go through real subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_spectral.testing.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
+
+SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+ITEMS = SHAPE.layers * SHAPE.heads * 4
+#: a hang guard for subprocess runs; each case is also timed against the 10 s budget
+TIMEOUT = 120
+BUDGET_S = 10
+
+
+def nan_checkpoint(directory: Path) -> Path:
+    """The SHAPE model with one NaN in layer 0's V (K/V head 0: query heads 0 and 1)."""
+    tensors = random_llama_weights(SHAPE, seed=11)
+    tensors[attention_name(0, "v")][0, 3] = float("nan")
+    return write_checkpoint(directory, tensors, SHAPE.config())
+
+
+def snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``directory`` (names, bytes, mtimes): what must never change."""
+    return {
+        str(p.relative_to(directory)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def output(result: pytest.RunResult) -> str:
+    return result.stdout.str() + "\n" + result.stderr.str()
+
+
+def assert_clean_usage_error(result: pytest.RunResult, *fragments: str) -> None:
+    text = output(result)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    assert "Traceback" not in text
+    assert "INTERNALERROR" not in text
+    assert getattr(result, "seconds", 0) < BUDGET_S
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """pytest in a subprocess (pytest's start-up is what is tested), timed."""
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
+    result.seconds = time.monotonic() - start  # type: ignore[attr-defined]
+    return result
+
+
+class TestTheCheckpointNeverConfiguresTheRun:
+    """Kind 1: pytest reads its configuration before any plugin loads (see invocation.py)."""
+
+    @pytest.fixture
+    def hostile(self, pytester: pytest.Pytester) -> Path:
+        """A checkpoint with a NaN head whose pytest.ini asks pytest to pass everything."""
+        directory = nan_checkpoint(pytester.path / "ckpt")
+        (directory / "pytest.ini").write_text(
+            "[pytest]\naddopts = --rootdir=. --spectral-warn-only\n"
+        )
+        return directory
+
+    def test_space_form_with_a_local_path_never_runs(self, pytester, hostile) -> None:
+        before = snapshot(hostile)
+        report = pytester.path / "r.json"
+        result = run(pytester, "--spectral-model", str(hostile), "--spectral-report", str(report))
+        assert_clean_usage_error(
+            result,
+            f"--spectral-model {hostile} (on the command line): with a space, pytest reads",
+            "python -m pytest --basetemp=",
+            f" --spectral-model={hostile} --spectral-report {report}\n",
+        )
+        assert not report.exists()
+        assert snapshot(hostile) == before  # no .pytest_cache, nothing else
+
+    def test_equals_form_fails_the_nan_head(self, pytester, hostile) -> None:
+        before = snapshot(hostile)
+        result = run(pytester, f"--spectral-model={hostile}", "--spectral-report", "r.json")
+        result.assert_outcomes(passed=ITEMS - 2, failed=2)  # the ini in the checkpoint is unread
+        summary = json.loads((pytester.path / "r.json").read_text())["summary"]
+        assert (summary["failed"], summary["warned"]) == (2, 0)
+        assert snapshot(hostile) == before
+
+    def test_space_form_in_pytest_addopts(self, pytester, hostile, monkeypatch) -> None:
+        monkeypatch.setenv("PYTEST_ADDOPTS", f"--spectral-model {hostile}")
+        assert_clean_usage_error(run(pytester), f"set PYTEST_ADDOPTS=--spectral-model={hostile}")
+
+    def test_running_inside_the_checkpoint_is_refused(self, pytester, hostile, monkeypatch) -> None:
+        """``cd CKPT && pytest --spectral-model=.``: pytest would take its ini and conftest.py
+        from the checkpoint and write .pytest_cache there; refused before conftest.py loads."""
+        (hostile / "pytest.ini").unlink()
+        marker = pytester.path / "conftest-ran"
+        (hostile / "conftest.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        before = snapshot(hostile)
+        monkeypatch.chdir(hostile)
+        result = run(pytester, "--spectral-model=.")
+        assert_clean_usage_error(
+            result, f"the directory pytest was started in ({hostile}) lies inside the checkpoint"
+        )
+        assert not marker.exists()
+        assert snapshot(hostile) == before
+
+    def test_rootdir_from_addopts_does_not_bypass_the_check(self, pytester, hostile, monkeypatch):
+        """Started in a subdirectory of the checkpoint with its own --rootdir elsewhere: the ini
+        file is still the checkpoint's."""
+        inner = hostile / "sub"
+        inner.mkdir()
+        monkeypatch.chdir(inner)
+        result = run(pytester, f"--spectral-model={hostile}", f"--rootdir={pytester.path}")
+        assert_clean_usage_error(result, "lies inside the checkpoint directory")
+
+    @pytest.mark.parametrize(
+        ("ini", "victim_option"),
+        [
+            ("log_file = {victim}\n", None),
+            ("addopts = --junitxml={victim}\n", None),
+            ("", "--junitxml"),
+        ],
+        ids=["log_file", "junitxml-in-addopts", "junitxml-on-command-line"],
+    )
+    def test_files_outside_are_untouched(self, pytester, ini, victim_option) -> None:
+        victim = pytester.path / "precious.txt"
+        victim.write_text("keep me\n")
+        mtime = victim.stat().st_mtime_ns
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        (ckpt / "pytest.ini").write_text("[pytest]\n" + ini.format(victim=victim))
+        extra = [f"{victim_option}={ckpt / 'junit.xml'}"] if victim_option else []
+        result = run(pytester, "--spectral-model", str(ckpt), *extra)
+        assert_clean_usage_error(result)
+        assert victim.read_text() == "keep me\n"
+        assert victim.stat().st_mtime_ns == mtime
+        assert not (ckpt / "junit.xml").exists()
+
+    def test_junitxml_and_log_file_inside_the_checkpoint_are_refused(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        before = snapshot(ckpt)
+        for option in (f"--junitxml={ckpt / 'j.xml'}", f"--log-file={ckpt / 'log.txt'}"):
+            result = run(pytester, f"--spectral-model={ckpt}", option)
+            assert_clean_usage_error(result, "lies inside the checkpoint directory")
+        assert snapshot(ckpt) == before
+
+    def test_cache_dir_and_test_paths_inside_the_checkpoint_are_refused(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        before = snapshot(ckpt)
+        cache = run(pytester, f"--spectral-model={ckpt}", "-o", f"cache_dir={ckpt / 'c'}")
+        assert_clean_usage_error(cache, f"pytest's cache directory ({ckpt / 'c'}) lies inside")
+        path = run(pytester, f"--spectral-model={ckpt}", str(ckpt))
+        assert_clean_usage_error(path, f"the test path ({ckpt}) lies inside")
+        assert snapshot(ckpt) == before
+
+    def test_plugin_module_in_the_checkpoint_is_never_imported_with_equals(self, pytester) -> None:
+        """``pythonpath = .`` and ``-p evil`` in the checkpoint's ini: with '=', pytest never
+        reads that ini, so the module (which would leave a marker file) never runs."""
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        marker = pytester.path / "evil-ran"
+        (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        (ckpt / "pytest.ini").write_text("[pytest]\npythonpath = .\naddopts = -p evil\n")
+        result = run(pytester, f"--spectral-model={ckpt}")
+        result.assert_outcomes(passed=ITEMS - 2, failed=2)
+        assert not marker.exists()
+
+    def test_residual_pytest_imports_the_ini_plugins_before_any_plugin_loads(
+        self, pytester
+    ) -> None:
+        """What no plugin can stop, documented in the README's threat model: in the space
+        form pytest itself applies the checkpoint's ``pythonpath`` and imports its ``-p``
+        modules (``Config.parse``: ``_configure_python_path()`` and ``consider_preparse()``
+        run before ``load_setuptools_entrypoints("pytest11")``). The run is still refused
+        before any conftest.py, output file or item; only the '=' form keeps the module out."""
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        marker = pytester.path / "evil-ran"
+        (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        (ckpt / "pytest.ini").write_text("[pytest]\npythonpath = .\naddopts = -p evil\n")
+        result = run(pytester, "--spectral-model", str(ckpt))
+        assert_clean_usage_error(result, f"--spectral-model={ckpt}")
+        assert marker.exists()  # pytest imported it before loading any plugin
+
+    def test_project_ini_is_read_with_a_checkpoint_elsewhere(self, pytester, monkeypatch) -> None:
+        """Without malice: checkpoint outside the project. The space form would root pytest at a
+        common ancestor and miss the project's spectral_thresholds (every head passing); it is
+        refused, and the '=' form reads the project's ini."""
+        (pytester.path / "tox.ini").unlink()  # no ini above both directories
+        project = pytester.path / "project"
+        project.mkdir()
+        (project / "rules.toml").write_text(
+            '[[rules]]\nname = "tight"\nmetric = "stable_rank"\nmin = 100\n'
+        )
+        (project / "pytest.ini").write_text("[pytest]\nspectral_thresholds = rules.toml\n")
+        ckpt = nan_checkpoint(pytester.path / "models" / "ckpt")
+        monkeypatch.chdir(project)
+        assert_clean_usage_error(run(pytester, "--spectral-model", str(ckpt)))
+        result = run(pytester, f"--spectral-model={ckpt}")
+        result.assert_outcomes(failed=ITEMS)
+        result.stdout.fnmatch_lines([f"rootdir: {project}", "configfile: pytest.ini"])
+
+
+def hub_cache(root: Path, repo: str, source: Path) -> None:
+    """A Hugging Face cache in its real layout: files are symlinks into blobs."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    commit = "1" * 40
+    snapshot_dir = repo_dir / "snapshots" / commit
+    snapshot_dir.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for file in source.iterdir():
+        blob = repo_dir / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        (snapshot_dir / file.name).symlink_to(os.path.relpath(blob, snapshot_dir))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
+class TestHubIdsInTheSpaceForm:
+    @pytest.fixture
+    def offline_hub(self, pytester, monkeypatch) -> Path:
+        pytest.importorskip("huggingface_hub")
+        source = write_checkpoint(
+            pytester.path / "source", random_llama_weights(SHAPE, seed=2), SHAPE.config()
+        )
+        hub_cache(pytester.path / "hf", "org/tiny", source)
+        monkeypatch.setenv("HF_HUB_CACHE", str(pytester.path / "hf"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return pytester.path / "hf"
+
+    def test_space_form_keeps_working_and_leaves_the_rootdir_alone(
+        self, pytester, offline_hub, monkeypatch
+    ) -> None:
+        """pytest ignores arguments that are no local path when it picks its rootdir
+        (findpaths.get_dirs_from_args), so the hub id changes nothing about it."""
+        (pytester.path / "tox.ini").unlink()
+        work = pytester.path / "work"
+        work.mkdir()
+        (work / "org").mkdir()  # even a directory named like the organisation
+        monkeypatch.chdir(work)
+        before = snapshot(offline_hub)
+        space = run(pytester, "--spectral-model", "org/tiny")
+        space.assert_outcomes(passed=ITEMS)
+        space.stdout.fnmatch_lines([f"rootdir: {work}"])
+        equals = run(pytester, "--spectral-model=org/tiny")
+        equals.assert_outcomes(passed=ITEMS)
+        equals.stdout.fnmatch_lines([f"rootdir: {work}"])
+        assert (work / ".pytest_cache").is_dir()
+        assert snapshot(offline_hub) == before
+
+    def test_running_inside_the_snapshot_is_refused(self, pytester, offline_hub, monkeypatch):
+        snapshot_dir = next((offline_hub / "models--org--tiny" / "snapshots").iterdir())
+        monkeypatch.chdir(snapshot_dir)
+        result = run(pytester, "--spectral-model=org/tiny", "-p", "no:cacheprovider")
+        assert_clean_usage_error(result, "lies inside the checkpoint directory")
