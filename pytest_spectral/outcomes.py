@@ -63,9 +63,15 @@ class ItemLedger:
 
 
 def _first_line(report: pytest.TestReport) -> str:
-    crash = getattr(report.longrepr, "reprcrash", None)
-    text = getattr(crash, "message", None) or report.longreprtext
-    if isinstance(report.longrepr, tuple):  # a skip: (path, line, reason)
-        text = str(report.longrepr[2])
-    line = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    """pytest's one-line account of a failure or skip (not ``longreprtext``, which starts
+    with pytest-xdist's worker line)."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        text = str(longrepr[2])
+    elif isinstance(longrepr, str):
+        text = longrepr
+    else:
+        crash = getattr(longrepr, "reprcrash", None)
+        text = getattr(crash, "message", None) or str(longrepr or "")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return line[:_MESSAGE_LIMIT] or f"{report.when}: {report.outcome}"

@@ -271,3 +271,201 @@ class TestHubIdsInTheSpaceForm:
         monkeypatch.chdir(snapshot_dir)
         result = run(pytester, "--spectral-model=org/tiny", "-p", "no:cacheprovider")
         assert_clean_usage_error(result, "lies inside the checkpoint directory")
+
+
+def healthy_checkpoint(directory: Path) -> Path:
+    return write_checkpoint(directory, random_llama_weights(SHAPE, seed=12), SHAPE.config())
+
+
+def assert_counts_agree(result: pytest.RunResult, summary: dict[str, int]) -> None:
+    """The report's counts are pytest's: warned items passed for pytest, errors failed."""
+    seen = result.parseoutcomes()
+    assert summary["passed"] + summary["warned"] == seen.get("passed", 0)
+    assert summary["failed"] + summary["error"] == seen.get("failed", 0) + seen.get("errors", 0)
+    assert summary["items"] == sum(
+        summary[o] for o in ("passed", "failed", "warned", "error", "skipped", "not_run")
+    )
+
+
+#: a user metric that raises on the spectra of layer 0's V (the NaN slice's batch)
+FAILING_METRIC = """
+    import numpy as np
+
+    def pytest_spectral_register_metrics(metrics):
+        def fragile(sv):
+            if np.isnan(sv).any():
+                raise ValueError("cannot handle nan")
+            return sv[..., 0]
+        metrics.add("fragile", fragile)
+"""
+
+
+class TestReportsLeaveNothingOut:
+    """Kind 5: every collected item in the report, with the outcome pytest saw."""
+
+    def test_worker_dying_mid_item_is_an_error(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        dying = "spectral::layer01::head02-q"
+        pytester.makeconftest(
+            f"""
+            import os
+
+            def pytest_runtest_call(item):
+                if item.nodeid == {dying!r} and os.environ.get("PYTEST_XDIST_WORKER"):
+                    os._exit(1)
+            """
+        )
+        result = run(pytester, f"--spectral-model={ckpt}", "-n", "2", "--spectral-report=r.json")
+        result.assert_outcomes(passed=ITEMS - 1, failed=1)
+        report = json.loads((pytester.path / "r.json").read_text())
+        assert_counts_agree(result, report["summary"])
+        assert report["summary"]["error"] == 1
+        items = {i["nodeid"]: i for i in report["items"]}
+        assert len(items) == ITEMS
+        assert items[dying]["outcome"] == "error"
+        assert items[dying]["status"] == "no_result"
+        assert "crashed while running" in items[dying]["error"]
+        assert (items[dying]["layer"], items[dying]["head"], items[dying]["matrix"]) == (1, 2, "q")
+        result.stdout.fnmatch_lines([f"{ITEMS} items: {ITEMS - 1} passed; 1 error (q 1)"])
+
+    def test_items_that_raise_before_their_record_are_errors(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        pytester.makeconftest(FAILING_METRIC)
+        result = run(pytester, f"--spectral-model={ckpt}", "--spectral-report=r.json")
+        layer = SHAPE.heads * 4
+        result.assert_outcomes(passed=ITEMS - layer, failed=layer)  # the metric runs per layer
+        report = json.loads((pytester.path / "r.json").read_text())
+        assert_counts_agree(result, report["summary"])
+        errors = [i for i in report["items"] if i["outcome"] == "error"]
+        assert {i["nodeid"].split("::")[1] for i in errors} == {"layer00"}
+        assert len(errors) == layer
+        assert all(
+            i["error"] == "metric 'fragile' failed: ValueError: cannot handle nan" for i in errors
+        )
+        shared = next(i for i in errors if i["nodeid"] == "spectral::layer00::head02-v")
+        assert (shared["kv_head"], shared["shape"], shared["metrics"]) == (1, [8, 32], {})
+
+    def test_stopping_early_leaves_the_rest_not_run(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        result = run(pytester, f"--spectral-model={ckpt}", "-x", "--spectral-report=r.json")
+        report = json.loads((pytester.path / "r.json").read_text())
+        assert_counts_agree(result, report["summary"])
+        summary = report["summary"]
+        assert (summary["items"], summary["failed"]) == (ITEMS, 1)
+        assert summary["not_run"] == ITEMS - 1 - summary["passed"] > 0
+
+    def test_a_stale_report_never_survives_a_run_without_records(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        stale = {"schema": "pytest-spectral-report", "summary": {"failed": 0}, "items": []}
+        (pytester.path / "r.json").write_text(json.dumps(stale))
+        pytester.makeconftest(
+            "def pytest_spectral_register_metrics(metrics):\n"
+            "    metrics.add('broken', lambda sv: 1 / 0)\n"
+        )
+        result = run(pytester, f"--spectral-model={ckpt}", "--spectral-report=r.json")
+        result.assert_outcomes(failed=ITEMS)
+        report = json.loads((pytester.path / "r.json").read_text())
+        assert report["summary"]["error"] == ITEMS
+        assert len(report["items"]) == ITEMS
+
+    def test_a_stale_report_is_gone_even_when_the_run_is_killed(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        for name in ("r.json", "r.html", "rules.toml"):
+            (pytester.path / name).write_text("from an earlier, passing run\n")
+        pytester.makeconftest(
+            "import os\ndef pytest_collection_finish(session):\n    os._exit(3)\n"
+        )
+        result = run(
+            pytester,
+            f"--spectral-model={ckpt}",
+            "--spectral-report=r.json",
+            "--spectral-html=r.html",
+            "--spectral-calibrate=rules.toml",
+        )
+        assert result.ret == 3
+        assert not any((pytester.path / n).exists() for n in ("r.json", "r.html", "rules.toml"))
+
+    def test_calibration_is_not_written_from_an_incomplete_run(self, pytester) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        pytester.makeconftest(FAILING_METRIC)
+        result = run(pytester, f"--spectral-model={ckpt}", "--spectral-calibrate=rules.toml")
+        result.stdout.fnmatch_lines(
+            ["spectral calibrated rules: not written to *rules.toml: 16 of 32 items have no *"]
+        )
+        assert not (pytester.path / "rules.toml").exists()
+
+    def test_planted_symlinks_are_never_written_through(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        victims = [pytester.path / "victim-1", pytester.path / "victim-2"]
+        for victim in victims:
+            victim.write_text("keep me\n")
+        (pytester.path / "r.json.tmp").symlink_to(victims[0])  # the old fixed temporary name
+        (pytester.path / "r.json").symlink_to(victims[1])
+        run(pytester, f"--spectral-model={ckpt}", "--spectral-report=r.json").assert_outcomes(
+            passed=ITEMS
+        )
+        assert [v.read_text() for v in victims] == ["keep me\n"] * 2
+        report = pytester.path / "r.json"
+        assert not report.is_symlink()
+        assert json.loads(report.read_text())["summary"]["passed"] == ITEMS
+        assert sorted(p.name for p in pytester.path.glob("*.tmp")) == ["r.json.tmp"]
+
+    @pytest.mark.parametrize(
+        "option", ["--spectral-report", "--spectral-html", "--spectral-calibrate"]
+    )
+    @pytest.mark.parametrize(
+        ("where", "message"),
+        [
+            ("a-directory", "is a directory; give a file name"),
+            ("missing/r.out", "/missing does not exist; create it first"),
+            ("ckpt/r.out", "lies inside the checkpoint directory"),
+        ],
+    )
+    def test_bad_output_paths_are_usage_errors_at_startup(
+        self, pytester, option, where, message
+    ) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        (pytester.path / "a-directory").mkdir()
+        before = snapshot(ckpt)
+        result = run(pytester, f"--spectral-model={ckpt}", f"{option}={where}")
+        assert_clean_usage_error(result, f"{option} {pytester.path / where}: ", message)
+        assert "passed" not in result.stdout.str()  # before any item ran
+        assert snapshot(ckpt) == before
+
+    def test_unwritable_report_directory(self, pytester, monkeypatch) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        locked = pytester.path / "locked"
+        locked.mkdir()
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and access(p, mode))
+        result = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-report=locked/r.json")
+        assert_clean_usage_error(result, f"cannot create files in {locked} (permission)")
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any directory")
+    def test_unwritable_report_directory_for_real(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        locked = pytester.path / "locked"
+        locked.mkdir(mode=0o500)
+        result = run(pytester, f"--spectral-model={ckpt}", "--spectral-report=locked/r.json")
+        assert_clean_usage_error(result, "(permission)")
+
+    def test_two_options_naming_one_file(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        result = run(
+            pytester, f"--spectral-model={ckpt}", "--spectral-report=x", "--spectral-html=x"
+        )
+        assert_clean_usage_error(result, "--spectral-report writes the same file")
+
+    def test_the_baseline_is_not_removed_as_a_stale_report(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        run(pytester, f"--spectral-model={ckpt}", "--spectral-report=good.json")
+        rules = pytester.path / "drift.toml"
+        rules.write_text('[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n')
+        again = (
+            f"--spectral-model={ckpt}",
+            "--spectral-baseline=good.json",
+            f"--spectral-thresholds={rules}",
+            "--spectral-report=good.json",
+        )
+        run(pytester, *again, "-n", "2").assert_outcomes(passed=ITEMS)
+        assert json.loads((pytester.path / "good.json").read_text())["summary"]["passed"] == ITEMS
