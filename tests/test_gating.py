@@ -117,7 +117,7 @@ class TestBaseline:
         result.stderr.fnmatch_lines(
             [
                 "ERROR: *other.json: baseline is for a different model layout: "
-                "num_key_value_heads is 4 there and 2 here"
+                "model.num_key_value_heads is 4 there and 2 here"
             ]
         )
 

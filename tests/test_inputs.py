@@ -252,4 +252,4 @@ class TestCustomArchitecture:
             f"--spectral-model={model}", "--spectral-architecture", "arch.toml"
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*'layer' must be a string containing '{layer}'*"])
+        result.stderr.fnmatch_lines(["*arch.toml: [[]architecture] key 'layer': must be a string*"])

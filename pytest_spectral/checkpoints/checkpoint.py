@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.architectures import SUPPORTED_MODEL_TYPES, Family, family_for
+from pytest_spectral.checkpoints.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    ArchitectureError,
+    Family,
+    Variant,
+    family_for,
+)
 from pytest_spectral.checkpoints.safetensors_header import DTYPE_SIZES, TensorEntry, read_header
 from pytest_spectral.errors import CheckpointError
 
@@ -127,9 +133,12 @@ def open_checkpoint(
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
             "--spectral-architecture FILE.toml (see the README)"
         )
-    fused, kv_override = family.variant(config) if family.variant else (family.fused, None)
-    geometry = _geometry(config_file, config, family, kv_override)
-    layout = Layout(family.name, fused, family.conv1d)
+    try:
+        variant = family.layout_of(config)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    geometry = _geometry(config_file, config, family, variant)
+    layout = Layout(family.name, variant.fused, family.conv1d)
     entries = _weight_entries(path)
     prefix = _decoder_prefix(entries, family)
     tensors = _attention_tensors(entries, prefix, family, geometry, layout)
@@ -165,7 +174,7 @@ def _text_config(config: dict[str, object]) -> dict[str, object]:
 
 
 def _geometry(
-    path: Path, config: Mapping[str, object], family: Family, kv_override: int | None
+    path: Path, config: Mapping[str, object], family: Family, variant: Variant
 ) -> Geometry:
     def value(keys: tuple[str, ...], default: object = None) -> tuple[str, object]:
         for key in keys:
@@ -182,7 +191,7 @@ def _geometry(
     layers = positive(family.layers_keys)
     heads = positive(family.heads_keys)
     hidden = positive(family.hidden_keys)
-    kv_heads = kv_override or positive(family.kv_heads_keys, heads)
+    kv_heads = variant.kv_heads or positive(variant.kv_heads_keys, heads)
     if value(family.head_dim_keys)[1] is not None:
         head_dim = positive(family.head_dim_keys)
     elif hidden % heads:

@@ -25,6 +25,9 @@ _LAYOUT_FIELDS = {
 }
 
 
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
 class BaselineError(ValueError):
     """A baseline report that cannot be used; the message names the file and the problem."""
 
@@ -43,7 +46,7 @@ def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
         report = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or a 5,000-digit int
         raise BaselineError(f"{path}: baseline is not a JSON report ({exc})") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
@@ -52,18 +55,54 @@ def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
             f"{path}: report schema version {report.get('schema_version')!r}; this plugin reads "
             f"version {SCHEMA_VERSION}: regenerate the baseline with this version"
         )
-    model = report.get("model", {})
+    model = report.get("model")
+    if not isinstance(model, dict):
+        raise BaselineError(f"{path}: key 'model' must be an object, got {_kind(model)}")
     for field, current in _LAYOUT_FIELDS.items():
         if model.get(field) != current(checkpoint):
             raise BaselineError(
-                f"{path}: baseline is for a different model layout: {field} is "
+                f"{path}: baseline is for a different model layout: model.{field} is "
                 f"{model.get(field)!r} there and {current(checkpoint)!r} here"
             )
-    try:
-        metrics = {
-            item["nodeid"]: {key: float(value) for key, value in item["metrics"].items()}
-            for item in report["items"]
+    return Baseline(path, _item_metrics(path, report.get("items")))
+
+
+def _item_metrics(path: Path, items: object) -> dict[str, dict[str, float]]:
+    """node id -> metric -> value, every field checked; errors name the key that is wrong."""
+    if not isinstance(items, list):
+        raise BaselineError(f"{path}: key 'items' must be a list, got {_kind(items)}")
+    metrics: dict[str, dict[str, float]] = {}
+    for index, item in enumerate(items):
+        where = f"items[{index}]"
+        if not isinstance(item, dict):
+            raise BaselineError(f"{path}: {where} must be an object, got {_kind(item)}")
+        nodeid, values = item.get("nodeid"), item.get("metrics")
+        if not isinstance(nodeid, str):
+            raise BaselineError(f"{path}: {where}.nodeid must be a string, got {_kind(nodeid)}")
+        if nodeid in metrics:
+            raise BaselineError(f"{path}: {where}.nodeid {nodeid!r} appears twice")
+        if not isinstance(values, dict):
+            raise BaselineError(f"{path}: {where}.metrics must be an object, got {_kind(values)}")
+        metrics[nodeid] = {
+            str(key): _number(path, f"{where}.metrics.{key}", value)
+            for key, value in values.items()
         }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BaselineError(f"{path}: malformed items ({type(exc).__name__}: {exc})") from None
-    return Baseline(path, metrics)
+    return metrics
+
+
+def _number(path: Path, where: str, value: object) -> float:
+    """A metric value as the report writes it: a JSON number, or "nan", "inf", "-inf"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise BaselineError(f"{path}: {where} is out of range: {value}") from None
+    if value in _NON_FINITE:
+        return float(value)  # type: ignore[arg-type]
+    raise BaselineError(
+        f'{path}: {where} must be a number (or "nan", "inf", "-inf"), got {value!r}'
+    )
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
 
 #: (metric, scale) pairs that calibration bounds.
@@ -39,7 +40,7 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
     """The text of a rules file bounding every calibrated metric per matrix type."""
     healthy = [r for r in records if r["status"] == "ok"]
     lines = [
-        f"# Calibrated by pytest-spectral on {source}",
+        f"# Calibrated by pytest-spectral on {printable(source)}",  # one line, whatever the path
         f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from "
         f"{len(healthy)} healthy head slices.",
         "# Each bound is the observed range widened on both sides by",

@@ -97,13 +97,17 @@ class Rule:
         return None
 
     def change_violation(self, value: float, baseline: float | None) -> str | None:
-        """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not."""
+        """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not.
+
+        A relative change from or to a non-finite value, or from zero, is undefined and breaks
+        the rule: an ``inf`` baseline would otherwise make every change look like -100%.
+        """
         if not self.is_relative:
             return None
         if baseline is None:
             return "has no baseline value to compare with (item or metric missing from baseline)"
         shown = f"vs baseline {baseline:.6g}"
-        if math.isnan(value) or math.isnan(baseline) or baseline == 0:
+        if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
             return f"{shown}: relative change undefined"
         change = (value - baseline) / abs(baseline)
         shown += f" ({change:+.1%})"
@@ -237,9 +241,15 @@ def _number(entry: Mapping[str, object], key: str, fail: _Fail) -> float | None:
     value = entry.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise fail(key, f"must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # TOML integers can be longer than any float
+        raise fail(key, f"{value} is beyond the range of a float") from None
+    if math.isnan(number):
+        raise fail(key, "must be a number, got nan")
+    return number
 
 
 def _matrices(value: object, fail: _Fail) -> frozenset[str]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
@@ -469,3 +470,296 @@ class TestReportsLeaveNothingOut:
         )
         run(pytester, *again, "-n", "2").assert_outcomes(passed=ITEMS)
         assert json.loads((pytester.path / "good.json").read_text())["summary"]["passed"] == ITEMS
+
+
+def usage_error_in_process(result: pytest.RunResult, *fragments: str) -> None:
+    """An in-process run (no subprocess needed: pytest's start-up is not what is tested)."""
+    assert_clean_usage_error(result, *fragments)
+
+
+class TestValuesThatSlipThrough:
+    """Kind 6: every value read from a file is checked for type and range before use."""
+
+    @pytest.fixture
+    def baseline(self, pytester) -> tuple[Path, Path]:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-report=good.json")
+        return ckpt, pytester.path / "good.json"
+
+    @pytest.mark.parametrize("planted", ["inf", "-inf", "nan"])
+    def test_non_finite_baseline_breaks_drift_rules(self, pytester, baseline, planted) -> None:
+        ckpt, path = baseline
+        report = json.loads(path.read_text())
+        for item in report["items"]:
+            item["metrics"]["spectral_norm"] = planted
+        path.write_text(json.dumps(report))
+        rules = pytester.path / "drift.toml"
+        rules.write_text('[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n')
+        result = pytester.runpytest(
+            f"--spectral-model={ckpt}",
+            f"--spectral-baseline={path}",
+            f"--spectral-thresholds={rules}",
+        )
+        result.assert_outcomes(failed=ITEMS)
+        result.stdout.fnmatch_lines(
+            [f"*spectral_norm = * vs baseline {planted}: relative change undefined"]
+        )
+
+    @pytest.mark.parametrize(
+        ("edit", "message"),
+        [
+            (lambda r: r.update(model="llama"), "key 'model' must be an object, got str 'llama'"),
+            (lambda r: r.update(items={}), "key 'items' must be a list, got dict {}"),
+            (lambda r: r["items"].__setitem__(0, 7), "items[0] must be an object, got int 7"),
+            (lambda r: r["items"][1].update(metrics=[1, 2]), "items[1].metrics must be an object"),
+            (lambda r: r["items"][2].update(nodeid=3), "items[2].nodeid must be a string"),
+            (
+                lambda r: r["items"][3]["metrics"].update(top_k_ratio="0.5"),
+                "items[3].metrics.top_k_ratio must be a number",
+            ),
+            (
+                lambda r: r["items"][4]["metrics"].update(top_k_ratio=True),
+                "items[4].metrics.top_k_ratio must be a number",
+            ),
+            (
+                lambda r: r["items"][5]["metrics"].update(top_k_ratio=10**400),
+                "items[5].metrics.top_k_ratio is out of range",
+            ),
+            (lambda r: r["items"].append(r["items"][0]), "appears twice"),
+        ],
+        ids=[
+            "model-str",
+            "items-dict",
+            "item-int",
+            "metrics-list",
+            "nodeid-int",
+            "value-str",
+            "value-bool",
+            "value-huge",
+            "duplicate",
+        ],
+    )
+    def test_malformed_baseline_names_the_key(self, pytester, baseline, edit, message) -> None:
+        ckpt, path = baseline
+        report = json.loads(path.read_text())
+        edit(report)
+        path.write_text(json.dumps(report))
+        result = pytester.runpytest(f"--spectral-model={ckpt}", f"--spectral-baseline={path}")
+        usage_error_in_process(result, f"{path}: ", message)
+
+    @pytest.mark.parametrize(
+        ("lines", "message"),
+        [
+            ('conv1d = "false"', "key 'conv1d': must be true or false (not quoted), got 'false'"),
+            ("conv1d = 0", "key 'conv1d': must be true or false"),
+            (
+                'layer = "blocks.{x}.attn."',
+                "key 'layer': must be a string with the one placeholder",
+            ),
+            ('layer = "blocks.{layer}.{layer}."', "key 'layer': must be a string with the one"),
+            ('layer = "blocks.{layer:>999999999}."', "key 'layer': must be a string with the one"),
+            ('layer = "blocks.{layer.__class__}."', "key 'layer': must be a string with the one"),
+            ('layer = "blocks.{layer."', "key 'layer': must be a string with the one"),
+            ("layer = 3", "key 'layer': must be a string with the one"),
+            ("fused = true", "key 'fused': must be one of concat, interleaved, grouped, got True"),
+            ("qkv = 3", "key 'qkv': needs a tensor name (a non-empty string), got 3"),
+            ('q = "wq"', "key 'q': does not apply to a fused layout"),
+            ("heads_key = 7", "key 'heads_key': must name a config.json key"),
+        ],
+    )
+    def test_architecture_file_values_are_checked(self, pytester, lines, message) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        valid = {
+            "layer": '"model.layers.{layer}.self_attn."',
+            "qkv": '"qkv_proj.weight"',
+            "o": '"o_proj.weight"',
+            "fused": '"concat"',
+        }
+        key = lines.split(" = ")[0]
+        valid[key] = lines.split(" = ", 1)[1]
+        text = "[architecture]\n" + "".join(f"{k} = {v}\n" for k, v in valid.items())
+        (pytester.path / "arch.toml").write_text(text)
+        result = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-architecture=arch.toml")
+        usage_error_in_process(result, f"{pytester.path / 'arch.toml'}: [architecture] {message}")
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            ({"num_kv_heads": "two"}, "'num_kv_heads' must be a positive integer, got 'two'"),
+            ({"num_kv_heads": [2]}, "'num_kv_heads' must be a positive integer, got [2]"),
+            ({"num_kv_heads": -1}, "'num_kv_heads' must be a positive integer, got -1"),
+            ({"num_kv_heads": 0}, "'num_kv_heads' must be a positive integer, got 0"),
+            ({"num_kv_heads": True}, "'num_kv_heads' must be a positive integer, got True"),
+            (
+                {"new_decoder_architecture": "false"},
+                "'new_decoder_architecture' must be true or false, got 'false'",
+            ),
+            (
+                {"new_decoder_architecture": False, "multi_query": 1},
+                "'multi_query' must be true or false, got 1",
+            ),
+        ],
+    )
+    def test_falcon_config_values_are_checked(self, pytester, values, message) -> None:
+        """Checked before any weight is read; the config names the key that is wrong."""
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        config = {
+            "model_type": "falcon",
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "new_decoder_architecture": True,
+            **values,
+        }
+        (ckpt / "config.json").write_text(json.dumps(config))
+        result = pytester.runpytest(f"--spectral-model={ckpt}")
+        usage_error_in_process(result, f"{ckpt / 'config.json'}: {message}")
+
+    def test_falcon_without_num_kv_heads_has_one_per_query_head(self, tmp_path) -> None:
+        """As transformers' FalconConfig: num_kv_heads defaults to num_attention_heads."""
+        from safetensors.torch import save_file
+
+        from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+
+        heads, d, hidden = 4, 8, 32
+        tensors = {}
+        for layer in range(2):
+            prefix = f"transformer.h.{layer}.self_attention."
+            tensors[prefix + "query_key_value.weight"] = torch.zeros(3 * heads * d, hidden)
+            tensors[prefix + "dense.weight"] = torch.zeros(hidden, heads * d)
+        save_file(tensors, tmp_path / "model.safetensors")
+        config = {
+            "model_type": "falcon",
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "num_hidden_layers": 2,
+            "new_decoder_architecture": True,
+        }
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert open_checkpoint(tmp_path).geometry.kv_heads == heads
+
+    def test_rule_bounds_beyond_float_range(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        rules = pytester.path / "rules.toml"
+        rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 1' + "0" * 400 + "\n")
+        result = pytester.runpytest(f"--spectral-model={ckpt}", f"--spectral-thresholds={rules}")
+        usage_error_in_process(result, f"{rules}:3: rule 1, key 'min': 1000", "beyond the range")
+
+
+ESC = "\x1b"
+#: rule names a terminal or rich would otherwise act on: markup, an emoji code, escape
+#: sequences (colour, clear screen, window title), CR, and a bidi override
+HOSTILE_NAMES = [
+    "attn[/k] collapse",
+    "[/]",
+    "[bold]x",
+    ":x: gone",
+    f"{ESC}[31mred{ESC}[0m",
+    f"{ESC}[2J{ESC}]0;title\x07",
+    "over\rwritten",
+    "\u202eevil",
+]
+
+
+def toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string with \\uXXXX escapes is a TOML basic string
+
+
+def assert_no_raw_control_characters(text: str) -> None:
+    raw = [c for c in set(text) if c != "\n" and not c.isprintable()]
+    assert not raw, f"raw control characters reached the terminal: {raw!r}"
+
+
+class TestTextFromFilesReachingTheTerminal:
+    """Kind 7: control characters escaped wherever file content is shown; no markup parsed."""
+
+    def test_hostile_rule_names_show_literally(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        rules = "".join(
+            f'[[rules]]\nname = {toml_string(name)}\nmetric = "stable_rank"\nmin = 100\n'
+            f'matrices = ["q"]\nlayers = "{index % 2}"\nheads = "{index // 2}"\n'
+            + ('severity = "warn"\n' if index == 0 else "")
+            for index, name in enumerate(HOSTILE_NAMES)
+        )
+        (pytester.path / "rules.toml").write_text(rules)
+        result = pytester.runpytest_subprocess(
+            f"--spectral-model={ckpt}",
+            "--spectral-thresholds=rules.toml",
+            "--spectral-html=r.html",
+            "--spectral-heatmap=stable_rank",
+            "--color=yes",
+            timeout=TIMEOUT,
+        )
+        result.assert_outcomes(passed=ITEMS - 7, failed=7, warnings=1)
+        text = output(result)
+        assert "Traceback" not in text
+        assert "MarkupError" not in text
+        # colour is on, so pytest and rich emit their own escapes: look at what is left
+        plain = text.replace(ESC + "[", "<CSI>")
+        for shown in (
+            "attn[/k] collapse",
+            "[/]",
+            "[bold]x",
+            ":x: gone",
+            "\\x1b[31mred\\x1b[0m",
+            "\\x1b[2J\\x1b]0;title\\x07",
+            "over\\x0dwritten",
+            "\\u202eevil",
+        ):
+            assert shown in plain, shown
+        assert "\r" not in text.replace("\r\n", "\n")
+        assert "\u202e" not in text
+        assert ESC + "]" not in text
+        assert ESC + "[2J" not in text
+        page = (pytester.path / "r.html").read_text()
+        assert ESC not in page
+        assert "\\x1b[31mred" in page
+        assert "attn[/k] collapse" in page
+
+    def test_hostile_tensor_and_shard_names(self, pytester) -> None:
+        """Names from the weight files (via a custom layout) in a failure report."""
+        from safetensors.torch import save_file
+
+        prefix = f"blk{ESC}]0;pwned\x07{ESC}[2J.{{layer}}."
+        tensors = random_llama_weights(SHAPE, seed=3, attention_only=True)
+        renamed = {}
+        for name, tensor in tensors.items():
+            layer, matrix = name.split(".")[2], name.split(".")[4][0]
+            renamed[prefix.format(layer=layer) + matrix] = tensor
+        renamed[prefix.format(layer=0) + "q"][0, 0] = float("nan")
+        ckpt = pytester.path / "ckpt"
+        ckpt.mkdir()
+        save_file(renamed, ckpt / "model.safetensors")
+        (ckpt / "config.json").write_text(json.dumps(SHAPE.config()))
+        arch = "\n".join(
+            [
+                "[architecture]",
+                f"layer = {toml_string(prefix)}",
+                *(f'{m} = "{m}"' for m in "qkvo"),
+            ]
+        )
+        (pytester.path / "arch.toml").write_text(arch + "\n")
+        result = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-architecture=arch.toml")
+        result.assert_outcomes(passed=ITEMS - 1, failed=1)
+        text = output(result)
+        assert_no_raw_control_characters(text)
+        assert "blk\\x1b]0;pwned\\x07\\x1b[2J.0.q" in text
+
+        shard = f"model{ESC}[2J-00001.safetensors"
+        index = {"weight_map": {name: shard for name in renamed}}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+        missing = pytester.runpytest(
+            f"--spectral-model={ckpt}", "--spectral-architecture=arch.toml"
+        )
+        assert missing.ret == pytest.ExitCode.USAGE_ERROR
+        assert_no_raw_control_characters(output(missing))
+        assert "model\\x1b[2J-00001.safetensors" in output(missing)
+
+    def test_calibrated_rules_keep_a_hostile_path_in_its_comment(self, pytester) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt\n[[rules]]")
+        result = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-calibrate=cal.toml")
+        result.assert_outcomes(passed=ITEMS)
+        text = (pytester.path / "cal.toml").read_text()
+        assert text.splitlines()[0].endswith("ckpt\\x0a[[rules]]")
+        check = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-thresholds=cal.toml")
+        check.assert_outcomes(passed=ITEMS)
