@@ -90,7 +90,7 @@ class SpectralPlugin:
         if _is_xdist_worker(config):
             return
         items = self._all_items()
-        if items:
+        if items and not config.option.collectonly:
             writer = config.get_terminal_writer()
             candidates, total_saved = self._pruning()
             text = render_summary(

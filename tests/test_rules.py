@@ -193,3 +193,27 @@ class TestMistakesNameFileLineAndKey:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(RulesError, match="cannot read rules file"):
             load_rules(tmp_path / "absent.toml")
+
+
+class TestRelativeChange:
+    @pytest.mark.parametrize(
+        ("value", "baseline"),
+        [
+            (1.0, float("inf")),
+            (1.0, float("-inf")),
+            (1.0, float("nan")),
+            (1.0, 0.0),
+            (float("inf"), 1.0),
+            (float("nan"), 1.0),
+        ],
+    )
+    def test_undefined_change_breaks_the_rule(self, tmp_path, value, baseline) -> None:
+        (rule,) = load_rules(
+            write(
+                tmp_path,
+                '[[rules]]\nmetric = "spectral_norm"\nmin_change = -0.5\nmax_change = 0.5\n',
+            )
+        ).rules
+        assert rule.change_violation(value, baseline).endswith("relative change undefined")
+        assert rule.change_violation(1.2, 1.0) is None
+        assert "> max_change" in rule.change_violation(2.0, 1.0)

@@ -332,7 +332,12 @@ class TestReportsLeaveNothingOut:
     def test_items_that_raise_before_their_record_are_errors(self, pytester) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
         pytester.makeconftest(FAILING_METRIC)
-        result = run(pytester, f"--spectral-model={ckpt}", "--spectral-report=r.json")
+        result = run(
+            pytester,
+            f"--spectral-model={ckpt}",
+            "--spectral-report=r.json",
+            "--spectral-html=r.html",
+        )
         layer = SHAPE.heads * 4
         result.assert_outcomes(passed=ITEMS - layer, failed=layer)  # the metric runs per layer
         report = json.loads((pytester.path / "r.json").read_text())
@@ -345,6 +350,9 @@ class TestReportsLeaveNothingOut:
         )
         shared = next(i for i in errors if i["nodeid"] == "spectral::layer00::head02-v")
         assert (shared["kv_head"], shared["shape"], shared["metrics"]) == (1, [8, 32], {})
+        page = (pytester.path / "r.html").read_text()
+        assert "<h2>Items without a result</h2>" in page
+        assert "<td>spectral::layer00::head02-v</td><td>error</td>" in page
 
     def test_stopping_early_leaves_the_rest_not_run(self, pytester) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
@@ -456,6 +464,28 @@ class TestReportsLeaveNothingOut:
             pytester, f"--spectral-model={ckpt}", "--spectral-report=x", "--spectral-html=x"
         )
         assert_clean_usage_error(result, "--spectral-report writes the same file")
+
+    def test_atomic_write_leaves_no_temporary_file_and_normal_permissions(self, tmp_path) -> None:
+        from pytest_spectral.reporting.files import write_text_atomically
+
+        target = tmp_path / "r.json"
+        umask = os.umask(0o022)
+        try:
+            write_text_atomically(target, "first\n")
+            write_text_atomically(target, "second\n")
+        finally:
+            os.umask(umask)
+        assert target.read_text() == "second\n"
+        assert target.stat().st_mode & 0o777 == 0o644
+        assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+    def test_atomic_write_that_fails_removes_its_temporary_file(self, tmp_path) -> None:
+        from pytest_spectral.reporting.files import write_text_atomically
+
+        (tmp_path / "r.json").mkdir()  # os.replace cannot put a file over a directory
+        with pytest.raises(IsADirectoryError):
+            write_text_atomically(tmp_path / "r.json", "text")
+        assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
     def test_the_baseline_is_not_removed_as_a_stale_report(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
@@ -672,6 +702,24 @@ def assert_no_raw_control_characters(text: str) -> None:
 
 class TestTextFromFilesReachingTheTerminal:
     """Kind 7: control characters escaped wherever file content is shown; no markup parsed."""
+
+    @pytest.mark.parametrize(
+        ("raw", "shown"),
+        [
+            ("plain name [x] :y: ü 中", "plain name [x] :y: ü 中"),
+            (f"{ESC}[31m", "\\x1b[31m"),
+            ("a\rb\tc\x00\x7f\x9b", "a\\x0db\\x09c\\x00\\x7f\\x9b"),
+            ("\u202eabc\u2066\u200b", "\\u202eabc\\u2066\\u200b"),
+            ("line\u2028sep\xa0", "line\\u2028sep\\xa0"),
+            ("\U000e0001\ud800", "\\U000e0001\\ud800"),
+        ],
+    )
+    def test_printable_escapes_what_is_not_printable(self, raw: str, shown: str) -> None:
+        from pytest_spectral.printable import printable
+
+        assert printable(raw) == shown
+        assert printable("a\nb") == "a\\x0ab"
+        assert printable("a\nb", keep_newlines=True) == "a\nb"
 
     def test_hostile_rule_names_show_literally(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
