@@ -126,7 +126,9 @@ class TestTheCheckpointNeverConfiguresTheRun:
         assert not marker.exists()
         assert snapshot(hostile) == before
 
-    def test_rootdir_from_addopts_does_not_bypass_the_check(self, pytester, hostile, monkeypatch):
+    def test_a_rootdir_elsewhere_does_not_bypass_the_ini_check(
+        self, pytester, hostile, monkeypatch
+    ):
         """Started in a subdirectory of the checkpoint with its own --rootdir elsewhere: the ini
         file is still the checkpoint's."""
         inner = hostile / "sub"
@@ -502,9 +504,12 @@ class TestReportsLeaveNothingOut:
         assert json.loads((pytester.path / "good.json").read_text())["summary"]["passed"] == ITEMS
 
 
-def usage_error_in_process(result: pytest.RunResult, *fragments: str) -> None:
-    """An in-process run (no subprocess needed: pytest's start-up is not what is tested)."""
-    assert_clean_usage_error(result, *fragments)
+def run_in_process(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """pytest in this process (its start-up is not what is tested), timed."""
+    start = time.monotonic()
+    result = pytester.runpytest(*args)
+    result.seconds = time.monotonic() - start  # type: ignore[attr-defined]
+    return result
 
 
 class TestValuesThatSlipThrough:
@@ -525,7 +530,8 @@ class TestValuesThatSlipThrough:
         path.write_text(json.dumps(report))
         rules = pytester.path / "drift.toml"
         rules.write_text('[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n')
-        result = pytester.runpytest(
+        result = run_in_process(
+            pytester,
             f"--spectral-model={ckpt}",
             f"--spectral-baseline={path}",
             f"--spectral-thresholds={rules}",
@@ -574,8 +580,8 @@ class TestValuesThatSlipThrough:
         report = json.loads(path.read_text())
         edit(report)
         path.write_text(json.dumps(report))
-        result = pytester.runpytest(f"--spectral-model={ckpt}", f"--spectral-baseline={path}")
-        usage_error_in_process(result, f"{path}: ", message)
+        result = run_in_process(pytester, f"--spectral-model={ckpt}", f"--spectral-baseline={path}")
+        assert_clean_usage_error(result, f"{path}: ", message)
 
     @pytest.mark.parametrize(
         ("lines", "message"),
@@ -609,8 +615,10 @@ class TestValuesThatSlipThrough:
         valid[key] = lines.split(" = ", 1)[1]
         text = "[architecture]\n" + "".join(f"{k} = {v}\n" for k, v in valid.items())
         (pytester.path / "arch.toml").write_text(text)
-        result = pytester.runpytest(f"--spectral-model={ckpt}", "--spectral-architecture=arch.toml")
-        usage_error_in_process(result, f"{pytester.path / 'arch.toml'}: [architecture] {message}")
+        result = run_in_process(
+            pytester, f"--spectral-model={ckpt}", "--spectral-architecture=arch.toml"
+        )
+        assert_clean_usage_error(result, f"{pytester.path / 'arch.toml'}: [architecture] {message}")
 
     @pytest.mark.parametrize(
         ("values", "message"),
@@ -642,8 +650,8 @@ class TestValuesThatSlipThrough:
             **values,
         }
         (ckpt / "config.json").write_text(json.dumps(config))
-        result = pytester.runpytest(f"--spectral-model={ckpt}")
-        usage_error_in_process(result, f"{ckpt / 'config.json'}: {message}")
+        result = run_in_process(pytester, f"--spectral-model={ckpt}")
+        assert_clean_usage_error(result, f"{ckpt / 'config.json'}: {message}")
 
     def test_falcon_without_num_kv_heads_has_one_per_query_head(self, tmp_path) -> None:
         """As transformers' FalconConfig: num_kv_heads defaults to num_attention_heads."""
@@ -672,8 +680,10 @@ class TestValuesThatSlipThrough:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
         rules = pytester.path / "rules.toml"
         rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 1' + "0" * 400 + "\n")
-        result = pytester.runpytest(f"--spectral-model={ckpt}", f"--spectral-thresholds={rules}")
-        usage_error_in_process(result, f"{rules}:3: rule 1, key 'min': 1000", "beyond the range")
+        result = run_in_process(
+            pytester, f"--spectral-model={ckpt}", f"--spectral-thresholds={rules}"
+        )
+        assert_clean_usage_error(result, f"{rules}:3: rule 1, key 'min': 1000", "beyond the range")
 
 
 ESC = "\x1b"
