@@ -177,7 +177,8 @@ def read_capped(path: Path, limit: int, what: str) -> bytes:
         with open_regular(path) as (descriptor, status):
             if status.st_size > limit:
                 raise UntrustedFileError(_too_large(path, what, limit, status.st_size))
-            data = read_at(descriptor, 0, limit + 1)  # the file may have grown since fstat
+            # one byte more than fstat said: the file may have grown since
+            data = read_at(descriptor, 0, status.st_size + 1)
     except OSError as exc:
         raise UntrustedFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > limit:

@@ -321,7 +321,7 @@ def _weight_entries(path: Path, wanted: Callable[[str], bool]) -> dict[str, Tens
             return _sharded_entries(path / name, reader, wanted)
     for name in (_SINGLE_FILE, _BIN_FILE):
         if os.path.lexists(path / name):
-            _check_inside(path, path / name, f"{path / name}")
+            _check_regular_inside(path, path / name, str(path / name))
             return _read_weight_file(path / name, MAX_TOTAL_HEADER_BYTES, wanted).entries
     found = sorted(p.name for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
     raise CheckpointError(
@@ -403,26 +403,27 @@ def _shard_path(index: Path, tensor: str, shard: object) -> Path:
     if normal == os.pardir or normal.startswith(os.pardir + os.sep):
         raise CheckpointError(f"{where} leaves the checkpoint directory ('..'); refused")
     path = index.parent / normal
-    try:
-        check_regular(path)
-    except UntrustedFileError as exc:
-        raise CheckpointError(f"{where}: {str(exc).removeprefix(f'{path}: ')}") from None
-    _check_inside(index.parent, path, where)
+    _check_regular_inside(index.parent, path, where)
     return path
 
 
-def _check_inside(root: Path, path: Path, where: str) -> None:
-    """Refuse a weight file whose real location (symlinks resolved) is outside ``root``.
+def _check_regular_inside(root: Path, path: Path, where: str) -> None:
+    """Refuse a weight file that is not a regular file, or whose real location (symlinks
+    resolved) is outside ``root``; ``where`` starts the message.
 
     A Hugging Face cache snapshot holds symlinks into its repository's ``blobs/`` folder:
     exactly that folder is allowed too.
     """
+    try:
+        check_regular(path)
+    except UntrustedFileError as exc:
+        raise CheckpointError(f"{where}: {str(exc).removeprefix(f'{path}: ')}") from None
     real = os.path.realpath(path)
     allowed = [os.path.realpath(root)]
     allowed.extend(_hub_blobs(Path(allowed[0])))
     if not any(os.path.commonpath([real, place]) == place for place in allowed):
         raise CheckpointError(
-            f"{where} resolves to {real}, outside the checkpoint directory; refused (copy the "
+            f"{where}: resolves to {real}, outside the checkpoint directory; refused (copy the "
             "file into the checkpoint, or pass a single weight file itself as --spectral-model)"
         )
 

@@ -104,7 +104,7 @@ def read_header(
                 budget = (
                     "any real safetensors header stays under"
                     if limit >= MAX_HEADER_BYTES
-                    else "left of the checkpoint's total header budget"
+                    else "left of the budget for all of the checkpoint's headers together"
                 )
                 raise CheckpointError(
                     f"{path}: header claims {header_len} bytes, over the {_mib(limit)} MiB "

@@ -204,7 +204,8 @@ def read_torch_file(
     """The tensors of the ``torch.save`` file ``path``, located without reading their bytes.
 
     ``limit`` caps the pickle (a checkpoint passes what is left of its total header budget);
-    only tensors whose names ``wanted`` accepts (all by default) are kept.
+    every tensor is validated, but only those whose names ``wanted`` accepts (all by default)
+    are kept.
     Raises :class:`CheckpointError` naming the file and what is wrong with it.
     """
     try:
@@ -242,11 +243,12 @@ def read_torch_file(
     state = _unpickle(path, data)
     identity = FileIdentity.of(status)
     digest = hashlib.sha256(data).hexdigest()
-    entries = {
+    tensors = {
         name: _entry(path, name, tensor, offsets, digest, identity)
         for name, tensor in state.items()
-        if isinstance(tensor, _Tensor) and (wanted is None or wanted(str(name)))
+        if isinstance(tensor, _Tensor)
     }
+    entries = {name: e for name, e in tensors.items() if wanted is None or wanted(name)}
     return WeightFile(path, identity, len(data), entries)
 
 
@@ -367,7 +369,7 @@ def _entry(
     if storage_bytes > record.file_size or begin + nbytes > storage_bytes:
         raise CheckpointError(
             f"{where}: shape {list(tensor.shape)} at element {tensor.offset} needs "
-            f"{begin + nbytes:g} bytes but its storage holds {record.file_size}"
+            f"{begin + nbytes} bytes but its storage holds {record.file_size}"
         )
     contiguous = all(
         stride == math.prod(tensor.shape[axis + 1 :])
