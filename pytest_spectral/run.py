@@ -257,7 +257,7 @@ def _custom_family(config: pytest.Config) -> Family | None:
     if path is None:
         return None
     try:
-        table, _, _ = load_toml(path, MAX_TOML_BYTES, "architecture file")
+        table, _, _ = load_toml(path, MAX_TOML_BYTES, "architecture description")
     except UntrustedFileError as exc:
         raise ArchitectureError(str(exc)) from None
     if not isinstance(table.get("architecture"), dict):

@@ -116,9 +116,8 @@ def check_regular(path: Path) -> None:
 
 
 def _not_regular(path: Path, mode: int) -> UntrustedFileError:
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    target = os.path.realpath(path)
-    via = f" (a symlink to {target})" if target != os.path.abspath(path) else ""
+    kind = next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+    via = f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""
     return UntrustedFileError(
         f"{path}: is {kind}{via}, not a regular file; only regular files are read"
     )
@@ -187,10 +186,8 @@ def read_capped(path: Path, limit: int, what: str) -> bytes:
 
 
 def _too_large(path: Path, what: str, limit: int, size: int) -> str:
-    return (
-        f"{path}: {size} bytes, over the {limit // MiB} MiB a {what} may have "
-        "(refused before parsing)"
-    )
+    cap = f"{limit // MiB} MiB"
+    return f"{path}: {size} bytes, over the {cap} cap for this {what}; refused unparsed"
 
 
 def load_json(path: Path, limit: int, what: str) -> object:

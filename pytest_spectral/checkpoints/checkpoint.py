@@ -264,14 +264,14 @@ def _geometry(
             f"{path}: {heads} attention heads is not a multiple of {kv_heads} key/value heads"
         )
     geometry = Geometry(layers, heads, kv_heads, head_dim, hidden)
-    keys = {
+    keys = {  # the config keys each value came from, for messages
         "layers": value(family.layers_keys)[0],
         "heads": value(family.heads_keys)[0],
         "hidden": value(family.hidden_keys)[0],
-        "head_dim": value(family.head_dim_keys)[0]
-        if value(family.head_dim_keys)[1] is not None
-        else f"{value(family.hidden_keys)[0]} / {value(family.heads_keys)[0]}",
+        "head_dim": value(family.head_dim_keys)[0],
     }
+    if value(family.head_dim_keys)[1] is None:
+        keys["head_dim"] = f"{keys['hidden']} / {keys['heads']}"
     _check_plausible(path, geometry, keys)
     return geometry
 
@@ -367,14 +367,12 @@ def _sharded_entries(
             continue  # never read: only its shard's name is checked
         weight_file = by_name.get(str(shard_path))
         if weight_file is None:
-            status = shard_path.stat()  # a regular file: _shard_path checked it
-            weight_file = by_identity.get((status.st_dev, status.st_ino))
+            identity = _file_key(shard_path)
+            weight_file = by_identity.get(identity)
             if weight_file is None:
-                if budget <= 0:
-                    raise CheckpointError(_over_budget(index, shard))
                 weight_file = reader(shard_path, min(budget, MAX_HEADER_BYTES), wanted)
                 budget -= weight_file.header_bytes
-                by_identity[(status.st_dev, status.st_ino)] = weight_file
+                by_identity[identity] = weight_file
             by_name[str(shard_path)] = weight_file
         entry = weight_file.entries.get(name)
         if entry is None:
@@ -385,11 +383,13 @@ def _sharded_entries(
     return entries
 
 
-def _over_budget(index: Path, shard: str) -> str:
-    return (
-        f"{index}: the headers of its shards exceed {MAX_TOTAL_HEADER_BYTES // MiB} MiB "
-        f"together before {shard!r}, more than any real checkpoint needs; refused"
-    )
+def _file_key(path: Path) -> tuple[int, int]:
+    """Device and inode: the same physical file under any name or link."""
+    try:
+        status = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return status.st_dev, status.st_ino
 
 
 def _shard_path(index: Path, tensor: str, shard: object) -> Path:

@@ -366,10 +366,15 @@ def _entry(
     itemsize = ELEMENT_SIZES[tensor.dtype]
     begin = tensor.offset * itemsize
     nbytes = math.prod(tensor.shape) * itemsize
-    if storage_bytes > record.file_size or begin + nbytes > storage_bytes:
+    if storage_bytes > record.file_size:
+        raise CheckpointError(
+            f"{where}: its storage claims {storage_bytes} bytes but its record "
+            f"data/{tensor.storage.key} holds {record.file_size}"
+        )
+    if begin + nbytes > storage_bytes:
         raise CheckpointError(
             f"{where}: shape {list(tensor.shape)} at element {tensor.offset} needs "
-            f"{begin + nbytes} bytes but its storage holds {record.file_size}"
+            f"{begin + nbytes} bytes but its storage holds {storage_bytes}"
         )
     contiguous = all(
         stride == math.prod(tensor.shape[axis + 1 :])

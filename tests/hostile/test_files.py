@@ -362,11 +362,11 @@ class TestDeepAndLargeTextInputs:
     @pytest.mark.parametrize(
         ("target", "mib", "cap"),
         [
-            ("config.json", 5, "4 MiB a config"),
-            ("index", 17, "16 MiB a weight index"),
-            ("rules", 2, "1 MiB a rules file"),
-            ("architecture", 2, "1 MiB a architecture file"),
-            ("baseline", 1025, "1024 MiB a baseline report"),
+            ("config.json", 5, "over the 4 MiB cap for this config"),
+            ("index", 17, "over the 16 MiB cap for this weight index"),
+            ("rules", 2, "over the 1 MiB cap for this rules file"),
+            ("architecture", 2, "over the 1 MiB cap for this architecture description"),
+            ("baseline", 1025, "over the 1024 MiB cap for this baseline report"),
         ],
     )
     def test_oversized_text_refused_unread(
@@ -408,21 +408,10 @@ def pickled(state: object, protocol: int = 2) -> bytes:
     return buffer.getvalue()
 
 
-def tensor(key: str, shape: list[int], stride: list[int], offset: int = 0) -> Reduce:
-    numel = (
-        1
-        if not shape
-        else max(1, offset + sum((s - 1) * t for s, t in zip(shape, stride, strict=True)) + 1)
-    )
-    return Reduce(
-        torch._utils._rebuild_tensor_v2,
-        StorageRef(key, torch.BFloat16Storage, numel),
-        offset,
-        tuple(shape),
-        tuple(stride),
-        False,
-        collections.OrderedDict(),
-    )
+def tensor(storage: StorageRef, shape: tuple[int, ...], stride: tuple[int, ...]) -> Reduce:
+    """Pickles as torch.save writes a tensor: ``_rebuild_tensor_v2`` over a storage."""
+    hooks = collections.OrderedDict()
+    return Reduce(torch._utils._rebuild_tensor_v2, storage, 0, shape, stride, False, hooks)
 
 
 def torch_archive(
@@ -483,17 +472,8 @@ class TestPickles:
     def test_broadcast_tensor_over_a_tiny_storage(self, pytester, hostile) -> None:
         """Shape [4096, 4096] on stride 0: one element pretending to be 32 MB."""
         model = bin_model(pytester.path)
-        state = {
-            "w": Reduce(
-                torch._utils._rebuild_tensor_v2,
-                StorageRef("0", torch.BFloat16Storage, 1),
-                0,
-                (4096, 4096),
-                (0, 0),
-                False,
-                collections.OrderedDict(),
-            )
-        }
+        one_element = StorageRef("0", torch.BFloat16Storage, 1)
+        state = {"w": tensor(one_element, (4096, 4096), (0, 0))}
         torch_archive(model / "pytorch_model.bin", pickled(state), {"0": b"\0\0"})
         hostile.refused(
             model_arg(model), naming=["tensor 'w'", "needs 33554432 bytes but its storage holds 2"]
@@ -501,9 +481,11 @@ class TestPickles:
 
     def test_storage_larger_than_its_record(self, pytester, hostile) -> None:
         model = bin_model(pytester.path)
-        state = {"w": tensor("0", [1024], [1])}
+        state = {"w": tensor(StorageRef("0", torch.BFloat16Storage, 1024), (1024,), (1,))}
         torch_archive(model / "pytorch_model.bin", pickled(state), {"0": b"\0" * 16})
-        hostile.refused(model_arg(model), naming=["tensor 'w'", "its storage holds 16"])
+        hostile.refused(
+            model_arg(model), naming=["tensor 'w'", "2048 bytes but its record data/0 holds 16"]
+        )
 
     def test_pickle_over_2_mib(self, pytester, hostile) -> None:
         model = bin_model(pytester.path)
@@ -746,4 +728,31 @@ class TestUnreadTensors:
         hostile.refused(
             model_arg(model),
             naming=["'model.layers.1.self_attn.q_proj.weight' has shape [16, 32]"],
+        )
+
+    def test_views_parameters_and_float8_in_a_bin(self, pytester, hostile) -> None:
+        """torch.save writes views with storage offsets, parameters through
+        ``_rebuild_parameter`` and float8 through ``_rebuild_tensor_v3``: all located right."""
+        reference = write_model(pytester.path)
+        tensors = load_file(reference / "model.safetensors")
+        q, k, down = (
+            attention_name(0, "q"),
+            attention_name(0, "k"),
+            "model.layers.0.mlp.down_proj.weight",
+        )
+        padded = torch.cat([torch.ones(3, SHAPE.hidden, dtype=torch.bfloat16), tensors[q]])
+        tensors[q] = padded[3:]  # a view 3 rows into its storage
+        tensors[k] = torch.nn.Parameter(tensors[k], requires_grad=False)
+        tensors[down] = tensors[down].float().to(torch.float8_e4m3fn)
+        binary = bin_model(pytester.path)
+        torch.save(tensors, binary / "pytorch_model.bin")
+        for model, report in ((reference, "st.json"), (binary, "bin.json")):
+            result = pytester.runpytest(model_arg(model), f"--spectral-report={report}")
+            result.assert_outcomes(passed=ITEMS)
+        st, bin_ = (
+            json.loads((pytester.path / n).read_text())["items"] for n in ("st.json", "bin.json")
+        )
+        assert [i["singular_values"] for i in st] == [i["singular_values"] for i in bin_]
+        hostile.refused(
+            model_arg(binary), "--spectral-scope=matrix", naming=[f"'{down}' has dtype F8_E4M3"]
         )
