@@ -72,8 +72,8 @@ def checkpoint_directory(argument: str) -> Path | None:
     """The directory a local ``--spectral-model`` argument points into, resolved; ``None`` for
     a hub id (its snapshot is checked once resolved)."""
     path = Path(argument).expanduser()
-    if not path.exists():  # nothing there (or a broken symlink): opening it will say so
-        return None
+    if not (path.is_dir() or path.is_file()):  # nothing there, a FIFO, a device...: opening
+        return None  # it says what it is
     return (path if path.is_dir() else path.parent).resolve()
 
 

@@ -22,6 +22,7 @@ from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
+from pytest_spectral.untrusted import FileChangedError
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle
@@ -135,7 +136,7 @@ class SpectralItem(pytest.Item):
                 if self.head is None
                 else engine.head(self.layer, self.matrix, self.head)
             )
-        except MetricError as exc:
+        except (MetricError, FileChangedError) as exc:
             raise SpectralCheckError(str(exc)) from None
         except (OSError, ValueError) as exc:
             entry = run.checkpoint.tensors[(self.layer, self.matrix)]

@@ -28,9 +28,10 @@ from pytest_spectral.judging.metrics import (
     default_request,
 )
 from pytest_spectral.judging.ranges import IndexSet
-from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules, tomllib
+from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
+from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
@@ -115,8 +116,8 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
-        outputs = _outputs(config, protected)  # last: it removes stale reports
-        return cls(
+        outputs = _outputs(config, protected)  # last but one: it removes stale reports
+        run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
@@ -139,6 +140,21 @@ class SpectralRun:
             heatmap_metric=heatmap,
             html_path=outputs["spectral_html"],
         )
+        run.check_readable()
+        return run
+
+    def check_readable(self) -> None:
+        """Refuse now, naming the tensor, anything the selected items could not read."""
+        matrices = {
+            matrix
+            for scope in self.scopes
+            for matrix in (self.whole_matrices if scope == "matrix" else self.head_matrices)
+        }
+        try:
+            needed = ((layer, matrix) for layer in self.layers for matrix in matrices)
+            self.checkpoint.check_readable(needed)
+        except CheckpointError as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
 
     def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
         """``(kv_head, shape)`` of an item: the K/V head a k or v head item reads (``None``
@@ -279,9 +295,9 @@ def _custom_family(config: pytest.Config) -> Family | None:
     if path is None:
         return None
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ArchitectureError(f"{path}: cannot read architecture file: {exc}") from None
+        table, _, _ = load_toml(path, MAX_TOML_BYTES, "architecture description")
+    except UntrustedFileError as exc:
+        raise ArchitectureError(str(exc)) from None
     if not isinstance(table.get("architecture"), dict):
         raise ArchitectureError(f"{path}: needs an [architecture] table (see the README)")
     return custom_family(table["architecture"], str(path))

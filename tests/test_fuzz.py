@@ -132,6 +132,7 @@ def apply(directory: Path, mutation: tuple[str, object]) -> None:
 def analyse(directory: Path) -> None:
     """What the plugin does, minus pytest: open, compute every head, judge it."""
     checkpoint = open_checkpoint(directory)
+    checkpoint.check_readable(checkpoint.tensors)  # as the plugin does for the items it runs
     engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
     try:
         for head in range(checkpoint.geometry.heads):

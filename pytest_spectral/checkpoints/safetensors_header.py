@@ -10,18 +10,26 @@ Format: an 8-byte little-endian header length N, N bytes of JSON, then the data 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.errors import CheckpointError
+from pytest_spectral.untrusted import (
+    FileIdentity,
+    MiB,
+    UntrustedFileError,
+    open_regular,
+    read_at,
+)
 
 #: Bytes per element of the dtypes whose spectra can be computed.
 DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-_KNOWN_DTYPE_SIZES: dict[str, float] = {
+ELEMENT_SIZES: dict[str, float] = {
     **DTYPE_SIZES,
     "BOOL": 1,
     "U8": 1,
@@ -38,109 +46,155 @@ _KNOWN_DTYPE_SIZES: dict[str, float] = {
     "F6_E2M3": 0.75,
     "F6_E3M2": 0.75,
 }
-#: Headers larger than this are refused before being read (real ones are well under 10 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: A header larger than this is refused before it is read. Real ones hold about 120 bytes per
+#: tensor: a 5 GB shard of the largest mixtures of experts stays under 1 MiB.
+MAX_HEADER_BYTES = 16 * MiB
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """Where one tensor lives in a safetensors file."""
+    """Where one tensor lives in a weight file (safetensors, or a ``torch.save`` archive)."""
 
     file: Path
     name: str
     dtype: str
     shape: tuple[int, ...]
-    #: absolute byte offset of the first element; -1 for a tensor in a torch.save file,
-    #: whose ``nbytes`` is then the whole file's size
+    #: absolute byte offset of the first element in ``file``
     offset: int
     nbytes: int
-    header_sha256: str  # of the whole JSON header: changes when any tensor moves or is added
+    #: SHA-256 of the file's whole header (its pickle for torch.save files): changes when any
+    #: tensor moves or is added
+    header_sha256: str
+    #: the file as collected; reads verify it is still the same
+    identity: FileIdentity
+    #: why the tensor cannot be read although its file is sound ("" when it can be)
+    problem: str = ""
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and validate the header of ``path``; errors name the file and what is wrong."""
+@dataclass(frozen=True)
+class WeightFile:
+    """One weight file as collected: what it is, how large its header was, and its tensors."""
+
+    path: Path
+    identity: FileIdentity
+    header_bytes: int
+    entries: dict[str, TensorEntry]
+
+
+def read_header(
+    path: Path, limit: int = MAX_HEADER_BYTES, wanted: Callable[[str], bool] | None = None
+) -> WeightFile:
+    """Parse and validate the header of ``path``; errors name the file and what is wrong.
+
+    A header over ``limit`` bytes is refused before it is read (a checkpoint passes what is
+    left of its total budget, see ``checkpoint.MAX_TOTAL_HEADER_BYTES``). Every entry is
+    validated, but only those whose names ``wanted`` accepts (all by default) are kept.
+    """
     try:
-        with path.open("rb") as handle:
-            size = path.stat().st_size
-            prefix = handle.read(8)
+        with open_regular(path) as (descriptor, status):
+            size = status.st_size
+            prefix = read_at(descriptor, 0, 8)
             if len(prefix) < 8:
                 raise CheckpointError(
                     f"{path}: file is {size} bytes, too short to be safetensors "
                     "(truncated download? fetch the file again)"
                 )
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
+            if header_len > limit:
+                budget = (
+                    "any real safetensors header stays under"
+                    if limit >= MAX_HEADER_BYTES
+                    else "left of the budget for all of the checkpoint's headers together"
+                )
                 raise CheckpointError(
-                    f"{path}: header claims {header_len} bytes, over the "
-                    f"{MAX_HEADER_BYTES // 2**20} MiB any real safetensors header stays under "
-                    "(corrupt or hostile file); refused before reading it"
+                    f"{path}: header claims {header_len} bytes, over the {_mib(limit)} MiB "
+                    f"{budget} (corrupt or hostile file); refused before reading it"
                 )
             if header_len > size - 8:
                 raise CheckpointError(
                     f"{path}: header claims {header_len} bytes but the file has {size - 8} "
-                    "after the "
-                    "length prefix (truncated or not a safetensors file)"
+                    "after the length prefix (truncated or not a safetensors file)"
                 )
-            raw = handle.read(header_len)
+            raw = read_at(descriptor, 8, header_len)
+    except UntrustedFileError as exc:
+        raise CheckpointError(str(exc)) from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{path}: header nested too deeply to parse") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
+    identity = FileIdentity.of(status)
     data_start = 8 + header_len
     data_size = size - data_start
     digest = hashlib.sha256(raw).hexdigest()
-    entries = {
-        name: _entry(path, name, info, data_start, data_size, digest)
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
-    _check_no_overlap(path, entries.values())
-    return entries
-
-
-def _check_no_overlap(path: Path, entries: Iterable[TensorEntry]) -> None:
-    previous: TensorEntry | None = None
-    for entry in sorted((e for e in entries if e.nbytes), key=lambda e: e.offset):
-        if previous is not None and entry.offset < previous.offset + previous.nbytes:
-            raise CheckpointError(
-                f"{path}: tensors {previous.name!r} and {entry.name!r} overlap in the data "
-                "section (corrupt file)"
+    entries = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end = _validated(path, name, info, data_size)
+        if end > begin:
+            spans.append((begin, end, name))
+        if wanted is None or wanted(name):
+            entries[name] = TensorEntry(
+                path, name, dtype, shape, data_start + begin, end - begin, digest, identity
             )
-        previous = entry
+    _check_no_overlap(path, spans)
+    return WeightFile(path, identity, header_len, entries)
 
 
-def _entry(
-    path: Path, name: str, info: object, data_start: int, data_size: int, digest: str
-) -> TensorEntry:
+def _mib(size: int) -> str:
+    return f"{size / MiB:.3g}"
+
+
+def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    spans.sort()
+    for (_, previous_end, previous), (begin, _, name) in itertools.pairwise(spans):
+        if begin < previous_end:
+            raise CheckpointError(
+                f"{path}: tensors {previous!r} and {name!r} overlap in the data section "
+                "(corrupt file)"
+            )
+
+
+def _validated(
+    path: Path, name: str, info: object, data_size: int
+) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, every claim checked against the
+    file's real data section (``type(x) is int`` also refuses JSON booleans)."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _KNOWN_DTYPE_SIZES:
-        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    element_size = ELEMENT_SIZES.get(dtype) if isinstance(dtype, str) else None
+    if element_size is None:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r:.40}")
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(
+            f"{where}: shape {shape!r:.80} is not a list of non-negative integers"
+        )
     if (
-        not isinstance(offsets, list)
+        type(offsets) is not list
         or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or type(offsets[0]) is not int
+        or type(offsets[1]) is not int
     ):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        raise CheckpointError(f"{where}: data_offsets {offsets!r:.80} is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise CheckpointError(
             f"{where}: data_offsets [{begin}, {end}] lie outside the {data_size}-byte data section "
             "(truncated or corrupt file)"
         )
-    expected = math.prod(shape) * _KNOWN_DTYPE_SIZES[dtype]
+    expected = math.prod(shape) * element_size
     if end - begin != expected:
         raise CheckpointError(
-            f"{where}: {end - begin} bytes stored but shape {shape} of {dtype} needs {expected:g}"
+            f"{where}: {end - begin} bytes stored but shape {shape!r:.80} of {dtype} needs "
+            f"{expected:g}"
         )
-    return TensorEntry(path, name, dtype, tuple(shape), data_start + begin, end - begin, digest)
+    return dtype, tuple(shape), begin, end

@@ -7,13 +7,13 @@ layout would match ids to different weights, so it is refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.results import SCHEMA, SCHEMA_VERSION
+from pytest_spectral.untrusted import MAX_REPORT_BYTES, UntrustedFileError, load_json
 
 _LAYOUT_FIELDS = {
     "model_type": lambda c: c.model_type,
@@ -43,11 +43,9 @@ class Baseline:
 
 def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or a 5,000-digit int
-        raise BaselineError(f"{path}: baseline is not a JSON report ({exc})") from None
+        report = load_json(path, MAX_REPORT_BYTES, "baseline report")
+    except UntrustedFileError as exc:
+        raise BaselineError(str(exc)) from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
     if report.get("schema_version") != SCHEMA_VERSION:

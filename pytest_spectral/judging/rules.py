@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import math
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,12 @@ from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from pytest_spectral.untrusted import (
+    MAX_TOML_BYTES,
+    MissingFileError,
+    UntrustedFileError,
+    load_toml,
+)
 
 Severity = Literal["fail", "warn"]
 ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
@@ -139,16 +139,11 @@ def load_rules(path: Path, metrics: Mapping[str, MetricSpec] = METRICS) -> RuleS
     ``metrics`` are the names rules may use (the built-in ones, plus any registered).
     """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RulesError(f"{path}: cannot read rules file: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-        document = tomllib.loads(text)
-    except UnicodeDecodeError as exc:
-        raise RulesError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RulesError(f"{path}: TOML syntax error: {exc}") from None
+        document, text, raw = load_toml(path, MAX_TOML_BYTES, "rules file")
+    except MissingFileError:
+        raise RulesError(f"{path}: cannot read rules file: it does not exist") from None
+    except UntrustedFileError as exc:
+        raise RulesError(str(exc)) from None
     locator = _LineLocator(path, text)
     rules = _parse_document(document, locator, metrics)
     return RuleSet(path, hashlib.sha256(raw).hexdigest(), rules)
