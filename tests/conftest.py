@@ -3,7 +3,7 @@
 pytest imports this file in every run started from the repository root (``testpaths``),
 the demo's spectral run included, so it imports nothing heavy at module level: torch and
 hypothesis load only when a test needs them. A cached spectral run from here then imports
-no torch, as the README promises (tested in ``test_first_hour.py``).
+no torch, as the README promises (tested in ``test_readme.py``).
 """
 
 from __future__ import annotations
