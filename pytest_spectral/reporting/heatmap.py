@@ -64,9 +64,12 @@ def render_heatmap(
     values = [v for values, _ in grids.values() for v in values[np.isfinite(values)].tolist()]
     scale = metric_scale(metric, values, bad=bad, bounds=bounds, log=log)
     console.print(
-        f"{printable(metric)} per head (rows: layers, columns: heads): {scale.legend()}. "
-        f"Shade: share of the way there, ' ' under 25%, '░' 25-50%, '▒' 50-75%, '▓' 75-100%, "
-        f"'█' at or beyond; '{_UNDEFINED}' undefined, '{_MISSING}' not collected."
+        printable(  # the legend names rules, from a file
+            f"{metric} per head (rows: layers, columns: heads): {scale.legend()}. "
+            f"Shade: share of the way there, ' ' under 25%, '░' 25-50%, '▒' 50-75%, "
+            f"'▓' 75-100%, '█' at or beyond; '{_UNDEFINED}' undefined, '{_MISSING}' not "
+            "collected."
+        )
     )
     panels = [_panel(matrix, *grid, scale) for matrix, grid in grids.items()]
     panel_width = 5 + heads + 2
