@@ -76,7 +76,7 @@ def print_spectral_ids_as_they_are(config: pytest.Config) -> None:
     relative = config.cwd_relative_nodeid
 
     def cwd_relative_nodeid(nodeid):  # type: ignore[no-untyped-def]
-        path = getattr(nodeid, "path", None)  # a NodeId in pytest >= 9.1, else a str
+        path = getattr(nodeid, "path", None)  # a NodeId in recent pytest, a str before
         if path is None:
             path = str(nodeid).partition("::")[0]
         return nodeid if path == ROOT_NAME else relative(nodeid)
