@@ -18,7 +18,7 @@ import pytest
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
-from pytest_spectral.judging.evaluation import Verdict, judge
+from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.reporting.report import Record, item_record
@@ -232,7 +232,7 @@ class SpectralItem(pytest.Item):
     def _warning_location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
         """Where a warning points: the line of the bound the first broken rule set, in its
         rules file, or, for the built-in non-finite and zero checks turned into warnings by
-        --spectral-warn-only, the function that makes them.
+        --spectral-warn-only, the function that makes them (whose first line Python prints).
 
         The rules file is named in angle brackets (``<rules.toml>:43``), like Python's
         ``<string>``: Python's warnings print the source line of a real file name, read from
@@ -241,7 +241,7 @@ class SpectralItem(pytest.Item):
         """
         broken = next((b for b in verdict.broken if b.rule.line() is not None), None)
         if broken is None or run.rules.path is None:
-            code = judge.__code__
+            code = builtin_checks.__code__
             return code.co_filename, code.co_firstlineno
         path = run.rules.path
         start = self.config.invocation_params.dir
@@ -250,14 +250,15 @@ class SpectralItem(pytest.Item):
 
     def _describe(self, run: SpectralRun, spectrum: HeadSpectrum, record: Record) -> str:
         lines = [_headline(record), self._where(run)]
+        status = "WARN" if record["outcome"] == "warned" else "FAIL"  # --spectral-warn-only
         if record["status"] == "nonfinite":
             lines.append(
-                f"  FAIL non-finite weights: {spectrum.nonfinite} NaN/Inf values in this slice "
-                "(corrupt file or diverged training)"
+                f"  {status} non-finite weights: {spectrum.nonfinite} NaN/Inf values in this "
+                "slice (corrupt file or diverged training)"
             )
         elif record["status"] == "zero_matrix":
             lines.append(
-                "  FAIL zero matrix: every weight of this slice is 0, ratios are undefined"
+                f"  {status} zero matrix: every weight of this slice is 0, ratios are undefined"
             )
         limited = bool(record["floor_limited"])
         for broken in record["broken_rules"]:  # type: ignore[attr-defined]

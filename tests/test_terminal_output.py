@@ -152,6 +152,23 @@ class TestWarnings:
         )
         result.stdout.no_fnmatch_line("spectral::layer00::head00-v PASSED*")
 
+    def test_built_in_checks_warn_from_where_they_are_made(self, pytester) -> None:
+        tensors = random_llama_weights(SHAPE, seed=5)
+        tensors[attention_name(0, "q")][0, 0] = float("nan")
+        model = write_checkpoint(pytester.path / "nan", tensors, SHAPE.config())
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-warn-only")
+        result.stdout.fnmatch_lines(
+            [
+                "spectral::layer00::head00-q",
+                "  */pytest_spectral/judging/evaluation.py:*: SpectralRuleWarning: 1 non-finite "
+                "weights",
+                "*",
+                "    WARN non-finite weights: 1 NaN/Inf values in this slice *",
+                "    def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite *",
+            ]
+        )
+        assert ":0:" not in result.stdout.str()
+
 
 class TestProgress:
     def test_layer_lines_count_items_and_the_slices_they_share(self, run) -> None:

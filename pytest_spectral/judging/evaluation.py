@@ -80,6 +80,15 @@ class Verdict:
         return "warned" if self.broken else "passed"
 
 
+def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite weights, all-zero slice
+    """The checks that need no rule: ``nonfinite`` weights, a ``zero_matrix``, else ``ok``."""
+    if spectrum.nonfinite:
+        return "nonfinite"
+    if spectrum.singular_values[0] == 0.0:
+        return "zero_matrix"
+    return "ok"
+
+
 def judge(
     rules: Sequence[Rule],
     layer: int,
@@ -95,12 +104,7 @@ def judge(
     ``baseline`` holds the same item's metrics from ``--spectral-baseline`` (``None`` when the
     item is missing there, which breaks every relative rule rather than passing silently).
     """
-    if spectrum.nonfinite:
-        status: Status = "nonfinite"
-    elif spectrum.singular_values[0] == 0.0:
-        status = "zero_matrix"
-    else:
-        status = "ok"
+    status = builtin_checks(spectrum)
     broken = []
     for rule in rules:
         if not rule.applies_to(layer, head, matrix):
