@@ -7,6 +7,7 @@ pays for none of them and never imports torch.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,11 @@ import pytest
 from pytest_spectral.judging.calibrate import calibrated_rules
 from pytest_spectral.judging.candidates import (
     Candidate,
+    Regression,
     candidate_record,
     pruning_candidates,
+    regression_record,
+    regressions,
     total_saving,
 )
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
@@ -24,13 +28,60 @@ from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
+from pytest_spectral.reporting.scale import rule_bounds
 from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats, Record
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
+from pytest_spectral.selection import collection_notice
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
+    """One line for each thing a run accepts without a word otherwise: the user's tests not
+    collected, a rules file without rules (or none), a baseline no rule compares with."""
+    lines = []
+    if (collection := collection_notice(config)) is not None:
+        lines.append(collection)
+    rules = run.rules
+    if rules.path is None:
+        lines.append(
+            "spectral: no rules file (--spectral-thresholds): items fail only for non-finite "
+            "or all-zero weights; every metric is recorded"
+        )
+    elif not rules.rules:
+        lines.append(
+            f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
+            "all-zero weights; every metric is recorded"
+        )
+    if run.baseline is not None and not any(r.is_relative for r in rules.rules):
+        lines.append(
+            f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
+            "min_change or max_change"
+        )
+    return [printable(line) for line in lines]
+
+
+def print_spectral_ids_as_they_are(config: pytest.Config) -> None:
+    """Keep pytest from printing ``../spectral::layer01::head02-q`` for a spectral id.
+
+    pytest prints node ids relative to the invocation directory: it takes the part before the
+    first ``::`` for a path under the rootdir (``Config.cwd_relative_nodeid``), so run from a
+    sub-directory of the rootdir (or with a rootdir above it) an id would gain a ``../``
+    and stop being one. The spectral ids name no file; they are printed as they are, so that
+    a FAILED line can be pasted back as an argument.
+    """
+    relative = config.cwd_relative_nodeid
+
+    def cwd_relative_nodeid(nodeid):  # type: ignore[no-untyped-def]
+        path = getattr(nodeid, "path", None)  # a NodeId in recent pytest, a str before
+        if path is None:
+            path = str(nodeid).partition("::")[0]
+        return nodeid if path == ROOT_NAME else relative(nodeid)
+
+    config.cwd_relative_nodeid = cwd_relative_nodeid  # type: ignore[method-assign]
 
 
 class SpectralPlugin:
@@ -38,13 +89,29 @@ class SpectralPlugin:
         self.run = run
         self.ledger = ledger
         self._written: list[tuple[str, str]] = []
-        self._pruning_result: tuple[list[Candidate], int] | None = None
+        self._verdicts: Verdicts | None = None
+        self._header_shown = False
         self._items: list[Record] | None = None
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
-        """Without explicit paths, a spectral run collects only the spectral items."""
+        """Without explicit paths, a spectral run collects only the spectral items (the
+        header says so: see :func:`notices`)."""
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             return True
+        return None
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        self._header_shown = True
+        return notices(self.run, config)
+
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport, config: pytest.Config
+    ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        """A warned item counts as ``warned`` (``W``, ``WARNED`` with ``-v``), so that pytest's
+        footer and the spectral summary count the same outcomes."""
+        record = getattr(report, "spectral", None)
+        if report.when == "call" and report.passed and record and record["outcome"] == "warned":
+            return "warned", "W", ("WARNED", {"yellow": True})
         return None
 
     @pytest.hookimpl(wrapper=True)
@@ -89,30 +156,37 @@ class SpectralPlugin:
     ) -> None:
         if _is_xdist_worker(config):
             return
+        if not self._header_shown:  # -q or --no-header: the notices go here instead
+            for line in notices(self.run, config):
+                terminalreporter.write_line(line)
         items = self._all_items()
         if items and not config.option.collectonly:
             writer = config.get_terminal_writer()
-            candidates, total_saved = self._pruning()
+            verdicts = self._slice_verdicts()
             text = render_summary(
                 items,
-                candidates,
-                total_saved=total_saved,
+                verdicts.candidates,
+                verdicts.regressions,
+                total_saved=verdicts.total_saved,
                 energy=self.run.energy,
                 width=writer.fullwidth,
                 color=writer.hasmarkup,
             )
             terminalreporter.section("spectral summary")
             terminalreporter.write(text)
-            if self.run.heatmap_metric:
-                geometry = self.run.checkpoint.geometry
+            if self.run.heatmap is not None:
+                spec, geometry = self.run.heatmap, self.run.checkpoint.geometry
                 terminalreporter.write(
                     render_heatmap(
                         items,
-                        self.run.heatmap_metric,
+                        spec.name,
                         layers=geometry.layers,
                         heads=geometry.heads,
                         width=writer.fullwidth,
                         color=writer.hasmarkup,
+                        bad=spec.bad,
+                        bounds=rule_bounds(self.run.rules.rules, spec.name),
+                        log=spec.log_scale,
                     )
                 )
         for label, where in self._written:
@@ -126,15 +200,16 @@ class SpectralPlugin:
             return
         run = self.run
         items = self._all_items()
-        candidates, total_saved = self._pruning()
+        verdicts = self._slice_verdicts()
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
             rules=run.rules,
             settings=run.settings(),
             records=items,
-            candidates=[candidate_record(c) for c in candidates],
-            params_saved=total_saved,
+            candidates=[candidate_record(c) for c in verdicts.candidates],
+            regressions=[regression_record(r) for r in verdicts.regressions],
+            params_saved=verdicts.total_saved,
         )
         if run.report_path:
             write_report(run.report_path, report)
@@ -142,7 +217,13 @@ class SpectralPlugin:
         if run.html_path:
             from pytest_spectral.reporting.html_report import render_html
 
-            page = render_html(report, candidates, energy=run.energy)
+            page = render_html(
+                report,
+                verdicts.candidates,
+                verdicts.regressions,
+                energy=run.energy,
+                rules=run.rules.rules,
+            )
             write_text_atomically(run.html_path, page)
             self._written.append(("HTML report", str(run.html_path)))
         if run.calibrate_path:
@@ -150,24 +231,31 @@ class SpectralPlugin:
 
     def _calibrate(self, path: Path, report: dict[str, object]) -> None:
         """Calibrated rules come only from a run where every collected item has its values:
-        bounds from part of a checkpoint would pass whatever the missing items hold."""
-        missing = sum(r["status"] == "no_result" for r in report["items"])  # type: ignore[attr-defined, index]
+        bounds from part of a checkpoint would pass whatever the missing items hold. Items
+        that broke a rule (or have non-finite or zero weights) are left out of the bounds,
+        and the line saying where the rules went says how many."""
+        items: list[Record] = report["items"]  # type: ignore[assignment]
+        missing = sum(r["status"] == "no_result" for r in items)
         if missing or not self.run.records:
             self._written.append(
                 (
                     "calibrated rules",
-                    f"not written to {path}: {missing} of {len(self._all_items())} items have no "
+                    f"not written to {path}: {missing} of {len(items)} items have no "
                     "result (see above)",
                 )
             )
             return
-        rules = calibrated_rules(
-            report["items"],  # type: ignore[arg-type]
-            margin=self.run.calibrate_margin,
-            source=self.run.model_argument,
+        calibration = calibrated_rules(
+            items, margin=self.run.calibrate_margin, source=self.run.model_argument
         )
-        write_text_atomically(path, rules)
-        self._written.append(("calibrated rules", str(path)))
+        write_text_atomically(path, calibration.text)
+        where = str(path)
+        if calibration.left_out:
+            where += (
+                f" (bounds from {calibration.used} of {len(items)} items; "
+                f"{calibration.left_out} that failed or warned were left out)"
+            )
+        self._written.append(("calibrated rules", where))
 
     def _all_items(self) -> list[Record]:
         """A record for every collected item (and any other with a record), each with the
@@ -201,18 +289,27 @@ class SpectralPlugin:
             error=error,
         )
 
-    def _pruning(self) -> tuple[list[Candidate], int]:
-        """Candidates and their total saving, computed once all records are in.
-
-        Both the reports (session finish) and the terminal summary (after it) need them.
-        """
-        if self._pruning_result is None:
+    def _slice_verdicts(self) -> Verdicts:
+        """Regressions, candidates and the candidates' total saving, computed once all records
+        are in: both the reports (session finish) and the terminal summary (after it) need
+        them."""
+        if self._verdicts is None:
             geometry = self.run.checkpoint.geometry
-            candidates = pruning_candidates(
-                self.run.records.values(), self.run.rank_request.key, geometry
+            records = list(self.run.records.values())
+            candidates = pruning_candidates(records, self.run.rank_request.key, geometry)
+            self._verdicts = Verdicts(
+                regressions(records), candidates, total_saving(candidates, geometry)
             )
-            self._pruning_result = (candidates, total_saving(candidates, geometry))
-        return self._pruning_result
+        return self._verdicts
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What the failed and warned slices of a run call for (see judging/candidates.py)."""
+
+    regressions: list[Regression]
+    candidates: list[Candidate]
+    total_saved: int
 
 
 class LayerProgressPlugin:
@@ -223,6 +320,7 @@ class LayerProgressPlugin:
 
     def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
         self._config = config
+        self._run = run
         self._finished_layers: list[LayerStats] = []
         run.on_layer = self._finished_layers.append
 
@@ -232,12 +330,27 @@ class LayerProgressPlugin:
         reporter = self._config.pluginmanager.get_plugin("terminalreporter")
         for stats in self._finished_layers:
             if reporter is not None:
-                reporter.write_line(
-                    f"spectral: layer {stats.layer}: {stats.slices} head slices in "
-                    f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
-                    f"{stats.direct_svd} direct SVD)"
-                )
+                reporter.write_line(progress_line(stats, self._run.needed))
         self._finished_layers.clear()
+
+
+def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
+    """``spectral: layer 1: 32 items from 20 slices ...``: items and the distinct slices
+    decomposed for them (a K/V slice serves every query head of its group), the time, and
+    how many of the layer's matrices came from the cache or needed a direct SVD."""
+    units = {(matrix, scope) for layer, matrix, scope in needed if layer == stats.layer}
+    items = sum(layer == stats.layer for layer, _, _ in needed)
+    shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
+    return (
+        f"spectral: layer {stats.layer}: {_count(items, 'item')} from "
+        f"{_count(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
+        f"{stats.from_cache} of {_count(len(units), 'matrix', 'matrices')} from the cache, "
+        f"{_count(stats.direct_svd, 'slice')} by direct SVD"
+    )
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 class XdistControllerPlugin:

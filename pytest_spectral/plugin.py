@@ -97,7 +97,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-thresholds",
         metavar="TOML",
-        help="rules file (see example_thresholds.toml); overrides the spectral_thresholds ini.",
+        help="rules file: TOML with one [[rules]] table per bound (see the README's Rules "
+        "section); overrides the spectral_thresholds ini.",
     )
     group.addoption(
         "--spectral-layers",
@@ -211,16 +212,21 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "spectral: a spectral health check of one attention head (pytest-spectral)"
+        "markers",
+        "spectral: a spectral health check of one slice of a checkpoint (pytest-spectral)",
     )
     if config.getoption("spectral_model") is None:
         return
-    from pytest_spectral.hooks import SpectralPlugin
+    from pytest_spectral.hooks import SpectralPlugin, print_spectral_ids_as_they_are
     from pytest_spectral.outcomes import ItemLedger
     from pytest_spectral.run import RUN_KEY, SpectralRun
+    from pytest_spectral.selection import check_selection, take_spectral_arguments
 
     run = SpectralRun.from_config(config)
+    run.selected = take_spectral_arguments(config)
+    check_selection(run)
     config.stash[RUN_KEY] = run
+    print_spectral_ids_as_they_are(config)
     ledger = ItemLedger()
     config.pluginmanager.register(SpectralPlugin(run, ledger), "spectral-run")
     if config.get_verbosity() >= 1:

@@ -25,6 +25,7 @@ from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
     MetricRequest,
+    MetricSpec,
     default_request,
 )
 from pytest_spectral.judging.ranges import IndexSet
@@ -60,10 +61,13 @@ class SpectralRun:
     warn_only: bool = False
     calibrate_path: Path | None = None
     calibrate_margin: float = 0.25
-    heatmap_metric: str | None = None
+    #: the metric of --spectral-heatmap
+    heatmap: MetricSpec | None = None
     html_path: Path | None = None
     #: metrics added through pytest_spectral_register_metrics, recorded for every item
     user_requests: tuple[MetricRequest, ...] = ()
+    #: spectral node ids given as arguments (``spectral::layer01``); empty: every item
+    selected: tuple[str, ...] = ()
     #: (layer, matrix, scope) of the items this process will run, in order
     needed: list[tuple[int, str, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
@@ -76,6 +80,7 @@ class SpectralRun:
         model_argument: str = config.getoption("spectral_model")
         try:
             model_path = local_model_path(config)
+            _refuse_non_weight_file(model_path, model_argument)
             checkpoint = open_checkpoint(
                 model_path,
                 config_path=_path_option(config, "spectral_config"),
@@ -137,7 +142,7 @@ class SpectralRun:
             warn_only=config.getoption("spectral_warn_only"),
             calibrate_path=outputs["spectral_calibrate"],
             calibrate_margin=config.getoption("spectral_calibrate_margin"),
-            heatmap_metric=heatmap,
+            heatmap=heatmap,
             html_path=outputs["spectral_html"],
         )
         run.check_readable()
@@ -290,6 +295,24 @@ def local_model_path(config: pytest.Config) -> Path:
     return Path(argument).expanduser()
 
 
+#: suffixes of the single weight files --spectral-model takes (a directory takes the rest)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def _refuse_non_weight_file(path: Path, argument: str) -> None:
+    """A file that is no weight file, named instead of its checkpoint's directory (often
+    ``config.json`` or the shard index), is a usage error saying what to pass instead,
+    rather than a safetensors header error about its first bytes."""
+    if not path.is_file() or path.suffix in _WEIGHT_SUFFIXES:
+        return
+    what = "a JSON file (a config or index file)" if path.suffix == ".json" else "not a weight file"
+    directory = Path(argument).parent
+    raise CheckpointError(
+        f"{argument}: {what}, not a checkpoint; pass the checkpoint's directory: "
+        f"--spectral-model={directory}, or a single .safetensors, .bin or .pt weight file"
+    )
+
+
 def _custom_family(config: pytest.Config) -> Family | None:
     path = _path_option(config, "spectral_architecture")
     if path is None:
@@ -337,12 +360,14 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
     return load_baseline(path, checkpoint)
 
 
-def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> str | None:
+def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:
     metric = config.getoption("spectral_heatmap")
-    if metric is not None and metric not in metrics.specs:
+    if metric is None:
+        return None
+    if metric not in metrics.specs:
         known = metrics.specs
         raise RulesError(f"--spectral-heatmap: unknown metric {metric!r}{hint(metric, known)}")
-    return metric
+    return metrics.specs[metric]
 
 
 def _cache_dir(config: pytest.Config) -> Path | None:

@@ -110,7 +110,7 @@ class TestOutcomes:
                 "  FAIL collapsed: stable_rank = 1 < min 1.5",
                 "  top singular values (8 of 8): *",
                 "*Low-rank pruning candidates*",
-                "*L1 H2 q*collapsed=1*",
+                "*L1 H2 q*collapsed: 1 < 1.5*",
                 f"FAILED {COLLAPSED} - collapsed: stable_rank = 1 < min 1.5",
             ]
         )
@@ -122,7 +122,8 @@ class TestOutcomes:
             f"--spectral-model={planted}", "--spectral-thresholds", str(path)
         )
         assert result.ret == pytest.ExitCode.OK
-        result.assert_outcomes(passed=32, warnings=1)
+        result.assert_outcomes(passed=31, warnings=1)
+        assert result.parseoutcomes()["warned"] == 1
         result.stdout.fnmatch_lines(["*SpectralRuleWarning: collapsed: stable_rank = 1 < min 1.5*"])
 
     def test_ini_option_points_at_the_rules(self, pytester, planted) -> None:
@@ -209,14 +210,16 @@ class TestJsonReport:
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
-        assert report["schema_version"] == 1
+        assert report["schema_version"] == 2
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
         saved = report["candidates"][0]["params_saved"]  # one candidate: checked below
         counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
         counts |= {"error": 0, "skipped": 0, "not_run": 0}
+        counts |= {"regressions": 0, "candidates": 1}
         assert report["summary"] == {**counts, "params_saved": saved}
+        assert report["regressions"] == []
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
         assert collapsed["outcome"] == "failed"
@@ -231,6 +234,7 @@ class TestJsonReport:
                 "max_change": None,
                 "baseline": None,
                 "severity": "fail",
+                "bound": "min",
                 "suggest": "low_rank",
             }
         ]
@@ -247,7 +251,7 @@ class TestJsonReport:
 
     def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
-        path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = ["k"]\n')
+        path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmin = 100\nmatrices = ["k"]\n')
         result = pytester.runpytest(
             f"--spectral-model={planted}", "--spectral-thresholds", str(path),
             "--spectral-report", "r.json",
@@ -338,10 +342,13 @@ class TestUsageErrors:
 class TestEngineOptions:
     def test_verbose_run_reports_each_layer(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "-v")
+        shared = "(K/V slices are shared by query heads)"
         result.stdout.fnmatch_lines(
             [
-                "spectral: layer 0: 12 head slices in * s (0 matrices from cache, 0 direct SVD)",
-                "spectral: layer 1: 12 head slices in * s (0 matrices from cache, * direct SVD)",
+                f"spectral: layer 0: 16 items from 12 distinct slices {shared} in * s; "
+                "0 of 4 matrices from the cache, 0 slices by direct SVD",
+                f"spectral: layer 1: 16 items from 12 distinct slices {shared} in * s; "
+                "0 of 4 matrices from the cache, * by direct SVD",
             ]
         )
 
@@ -360,7 +367,7 @@ class TestEngineOptions:
         assert (pytester.path / "torch-imported.txt").read_text() == "True"
         second = pytester.runpytest_subprocess(*args, "--spectral-report", "cached.json")
         second.assert_outcomes(passed=32)
-        second.stdout.fnmatch_lines(["spectral: layer 1: * (4 matrices from cache, *"])
+        second.stdout.fnmatch_lines(["spectral: layer 1: * 4 of 4 matrices from the cache, *"])
         assert (pytester.path / "torch-imported.txt").read_text() == "False"
 
     def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
@@ -602,4 +609,4 @@ def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> N
         )
         item = json.loads((pytester.path / "r.json").read_text())["items"][0]
         assert item["metrics"]["constant"] == constant
-    result.stdout.fnmatch_lines(["spectral: layer 0: * (4 matrices from cache, *"])
+    result.stdout.fnmatch_lines(["spectral: layer 0: * 4 of 4 matrices from the cache, *"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
-from pytest_spectral.results import SCHEMA, SCHEMA_VERSION
+from pytest_spectral.results import READABLE_SCHEMA_VERSIONS, SCHEMA
 from pytest_spectral.untrusted import MAX_REPORT_BYTES, UntrustedFileError, load_json
 
 _LAYOUT_FIELDS = {
@@ -48,10 +48,12 @@ def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
         raise BaselineError(str(exc)) from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
-    if report.get("schema_version") != SCHEMA_VERSION:
+    version = report.get("schema_version")
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
         raise BaselineError(
-            f"{path}: report schema version {report.get('schema_version')!r}; this plugin reads "
-            f"version {SCHEMA_VERSION}: regenerate the baseline with this version"
+            f"{path}: report schema version {version!r}; this plugin reads versions "
+            f"{readable}: regenerate the baseline with this version"
         )
     model = report.get("model")
     if not isinstance(model, dict):

@@ -28,6 +28,8 @@ from pytest_spectral.untrusted import (
 )
 
 Severity = Literal["fail", "warn"]
+#: values of a rule's ``suggest``: what a broken rule suggests doing with the slice
+SUGGESTIONS = ("low_rank", "remove_head", "none")
 ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
 _RULE_KEYS = (
@@ -67,8 +69,17 @@ class Rule:
     max_change: float | None = None
     #: "head" items (the default) or whole-"matrix" items (--spectral-scope)
     scope: str = "head"
-    #: what a break suggests: "low_rank" factorisation (default) or "remove_head"
-    suggest: str = "low_rank"
+    #: what a break suggests: "low_rank" factorisation, "remove_head", or "none" (a
+    #: regression, not a pruning candidate); None: decided by the metric's compressible side
+    suggest: str | None = None
+    #: lines in the rules file: of the ``[[rules]]`` header (key ``""``) and of each bound
+    #: given (``"min"``, ``"max"``, ...); warnings point there
+    lines: tuple[tuple[str, int], ...] = ()
+
+    def line(self, key: str = "") -> int | None:
+        """The line of ``key`` (a bound) in the rules file, else of the rule's header."""
+        found = dict(self.lines)
+        return found.get(key, found.get(""))
 
     @property
     def is_relative(self) -> bool:
@@ -203,9 +214,9 @@ def _parse_rule(
         if bounds[low] is not None and bounds[high] is not None and bounds[low] > bounds[high]:
             raise fail(low, f"{low} {bounds[low]} is larger than {high} {bounds[high]}")
 
-    suggest = entry.get("suggest", "low_rank")
-    if suggest not in ("low_rank", "remove_head"):
-        raise fail("suggest", f"must be 'low_rank' or 'remove_head', got {suggest!r}")
+    suggest = entry.get("suggest")
+    if suggest not in (None, *SUGGESTIONS):
+        raise fail("suggest", f"must be 'low_rank', 'remove_head' or 'none', got {suggest!r}")
     scope = entry.get("scope", "head")
     if scope not in ("head", "matrix"):
         raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
@@ -229,6 +240,7 @@ def _parse_rule(
         max_change=bounds["max_change"],
         scope=scope,
         suggest=suggest,
+        lines=where.key_lines(index, [key for key, value in bounds.items() if value is not None]),
     )
 
 
@@ -313,6 +325,25 @@ class _LineLocator:
             )
         return f"{self.path}:{found + 1}" if found is not None else str(self.path)
 
+    def key_lines(self, index: int, keys: Iterable[str]) -> tuple[tuple[str, int], ...]:
+        """1-based lines of the n-th ``[[rules]]`` header (key ``""``) and of its ``keys``."""
+        if index >= len(self.rule_starts):
+            return ()
+        start = self.rule_starts[index]
+        stop = self._table_end(start)
+        found = [("", start + 1)]
+        for key in keys:
+            line = self._find(key, start + 1, stop)
+            if line is not None:
+                found.append((key, line + 1))
+        return tuple(found)
+
+    def _table_end(self, start: int) -> int:
+        return next(
+            (i for i in range(start + 1, len(self.lines)) if self._HEADER.match(self.lines[i])),
+            len(self.lines),
+        )
+
     def rule(self, index: int) -> str:
         if index < len(self.rule_starts):
             return f"{self.path}:{self.rule_starts[index] + 1}"
@@ -322,9 +353,6 @@ class _LineLocator:
         if index >= len(self.rule_starts):
             return str(self.path)
         start = self.rule_starts[index]
-        stop = next(
-            (i for i in range(start + 1, len(self.lines)) if self._HEADER.match(self.lines[i])),
-            len(self.lines),
-        )
+        stop = self._table_end(start)
         found = self._find(key, start + 1, stop)
         return f"{self.path}:{(found if found is not None else start) + 1}"

@@ -72,7 +72,8 @@ def item_record(
                 "max_change": b.rule.max_change,
                 "baseline": None if b.baseline is None else json_number(b.baseline),
                 "severity": b.severity,
-                "suggest": b.rule.suggest,
+                "bound": b.bound,
+                "suggest": b.suggestion,
             }
             for b in verdict.broken
         ],
@@ -121,19 +122,23 @@ def build_report(
     settings: Mapping[str, object],
     records: Iterable[Record],
     candidates: Iterable[Record],
+    regressions: Iterable[Record],
     params_saved: int,
 ) -> dict[str, object]:
-    """The report: model, rules and settings, a summary, every item, then the candidates.
+    """The report: model, rules and settings, a summary, every item, the regressions, then
+    the pruning candidates.
 
     ``records`` hold every collected item, those without a result included (see
     :func:`unrecorded_record`); the summary counts them by outcome.
 
     ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first;
     ``params_saved`` is what acting on all of them frees, each weight counted once.
+    ``regressions`` are the entries of ``candidates.regression_record``.
     """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
     counts = {o: sum(r["outcome"] == o for r in items) for o in OUTCOMES}
+    candidates, regressions = list(candidates), list(regressions)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -158,9 +163,16 @@ def build_report(
             "count": len(rules.rules),
         },
         "settings": dict(settings),
-        "summary": {"items": len(items), **counts, "params_saved": params_saved},
+        "summary": {
+            "items": len(items),
+            **counts,
+            "regressions": len(regressions),
+            "candidates": len(candidates),
+            "params_saved": params_saved,
+        },
         "items": items,
-        "candidates": list(candidates),
+        "regressions": regressions,
+        "candidates": candidates,
     }
 
 

@@ -748,7 +748,8 @@ class TestTextFromFilesReachingTheTerminal:
             "--color=yes",
             timeout=TIMEOUT,
         )
-        result.assert_outcomes(passed=ITEMS - 7, failed=7, warnings=1)
+        result.assert_outcomes(passed=ITEMS - 8, failed=7, warnings=1)
+        assert result.parseoutcomes()["warned"] == 1
         text = output(result)
         assert "Traceback" not in text
         assert "MarkupError" not in text
