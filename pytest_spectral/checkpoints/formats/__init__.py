@@ -1,0 +1,47 @@
+"""Checkpoint formats: each turns a path into a config and tensors in Hugging Face terms.
+
+:func:`open_format` recognises what a path holds; see :mod:`.base` for what a format gives.
+One module per format; nothing outside this package knows which one a checkpoint came in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_spectral.checkpoints.formats.base import Format
+from pytest_spectral.checkpoints.formats.huggingface import (
+    HuggingFaceDirectory,
+    WeightFileWithConfig,
+    has_weights,
+)
+from pytest_spectral.errors import CheckpointError
+from pytest_spectral.untrusted import UntrustedFileError, check_regular
+
+__all__ = ["Format", "ReadOptions", "open_format"]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What the command line adds to a checkpoint's own files."""
+
+    #: ``--spectral-config``: a config.json that wins over what the checkpoint carries
+    config: Path | None = None
+
+
+def open_format(path: Path, options: ReadOptions = ReadOptions()) -> Format:
+    """The format of the checkpoint at ``path`` (a directory or a single file), unopened but
+    for what recognising it needs. Raises :class:`CheckpointError` saying what the path is."""
+    if path.is_dir():
+        return _directory_format(path)
+    try:
+        check_regular(path)
+    except UntrustedFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    return WeightFileWithConfig(path)
+
+
+def _directory_format(path: Path) -> Format:
+    if has_weights(path):
+        return HuggingFaceDirectory(path)
+    return HuggingFaceDirectory(path)  # its error lists what the directory holds
