@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.checkpoints.formats.base import Format
+from pytest_spectral.checkpoints.formats.gguf_file import GgufFile, is_gguf
 from pytest_spectral.checkpoints.formats.huggingface import (
     HuggingFaceDirectory,
     WeightFileWithConfig,
     has_weights,
 )
+from pytest_spectral.checkpoints.formats.mistral import MistralDirectory, is_native
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.untrusted import UntrustedFileError, check_regular
 
@@ -38,10 +40,16 @@ def open_format(path: Path, options: ReadOptions = ReadOptions()) -> Format:
         check_regular(path)
     except UntrustedFileError as exc:
         raise CheckpointError(str(exc)) from None
+    if is_gguf(path):
+        return GgufFile(path)
     return WeightFileWithConfig(path)
 
 
 def _directory_format(path: Path) -> Format:
+    """Hugging Face files win: a repository holding them and Mistral's native files is read
+    once, through its index."""
     if has_weights(path):
         return HuggingFaceDirectory(path)
+    if is_native(path):
+        return MistralDirectory(path)
     return HuggingFaceDirectory(path)  # its error lists what the directory holds

@@ -108,7 +108,7 @@ def read_header(
             entries[name] = StoredTensor(
                 path, name, dtype, shape, data_start + begin, end - begin, digest, identity, problem
             )
-    _check_no_overlap(path, spans)
+    check_no_overlap(path, spans)
     return WeightFile(path, identity, header_len, entries)
 
 
@@ -116,7 +116,8 @@ def _mib(size: int) -> str:
     return f"{size / MiB:.3g}"
 
 
-def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+def check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """Refuse tensors whose byte ranges ``(begin, end, name)`` overlap."""
     spans.sort()
     for (_, previous_end, previous), (begin, _, name) in itertools.pairwise(spans):
         if begin < previous_end:
