@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.checkpoints.formats.base import Format
+from pytest_spectral.checkpoints.formats.dcp import DistributedCheckpoint, is_distributed
 from pytest_spectral.checkpoints.formats.gguf_file import GgufFile, is_gguf
 from pytest_spectral.checkpoints.formats.huggingface import (
     HuggingFaceDirectory,
@@ -17,6 +18,7 @@ from pytest_spectral.checkpoints.formats.huggingface import (
     has_weights,
 )
 from pytest_spectral.checkpoints.formats.mistral import MistralDirectory, is_native
+from pytest_spectral.checkpoints.formats.training import TorchCheckpoint
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.untrusted import UntrustedFileError, check_regular
 
@@ -42,6 +44,8 @@ def open_format(path: Path, options: ReadOptions = ReadOptions()) -> Format:
         raise CheckpointError(str(exc)) from None
     if is_gguf(path):
         return GgufFile(path)
+    if path.suffix != ".safetensors":
+        return TorchCheckpoint(path)
     return WeightFileWithConfig(path)
 
 
@@ -52,4 +56,6 @@ def _directory_format(path: Path) -> Format:
         return HuggingFaceDirectory(path)
     if is_native(path):
         return MistralDirectory(path)
+    if is_distributed(path):
+        return DistributedCheckpoint(path)
     return HuggingFaceDirectory(path)  # its error lists what the directory holds

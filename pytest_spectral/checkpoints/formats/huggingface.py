@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pytest_spectral.checkpoints.formats.base import Format, TensorMap, read_config
+from pytest_spectral.checkpoints.formats.meta_names import native_or, with_transformers_names
 from pytest_spectral.checkpoints.formats.safetensors import (
     MAX_HEADER_BYTES,
     WeightFile,
@@ -112,7 +113,8 @@ def sharded_tensors(
 
 
 class WeightFileWithConfig(Format):
-    """A single safetensors or ``torch.save`` file, with ``config.json`` beside it."""
+    """A single safetensors file with ``config.json`` beside it (its tensors may have Hugging
+    Face names or Meta's and Mistral's native ones)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -122,4 +124,5 @@ class WeightFileWithConfig(Format):
         return read_config(self.root / "config.json"), self.root / "config.json"
 
     def tensors(self, wanted: Callable[[str], bool], head_dim: int) -> TensorMap:
-        return dict(read_weight_file(self.path, wanted).entries)
+        entries = read_header(self.path, MAX_HEADER_BYTES, native_or(wanted)).entries
+        return with_transformers_names(entries, head_dim)

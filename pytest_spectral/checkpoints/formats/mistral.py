@@ -43,6 +43,22 @@ _CONFIG_KEYS = {
 }
 
 
+def params_config(path: Path, model_type: str) -> dict[str, object]:
+    """The config ``params.json`` describes, in transformers' terms (``mixtral`` for a mixture
+    of experts, else ``model_type``); errors name the native key."""
+    params = read_config(path, "params.json")
+    kind = "mixtral" if params.get("moe") is not None else model_type
+    config: dict[str, object] = {"model_type": kind}
+    for key, (name, required) in _CONFIG_KEYS.items():
+        value = params.get(key)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: {key!r} must be a positive integer, got {value!r:.40}")
+        config[name] = value
+    return config
+
+
 def is_native(directory: Path) -> bool:
     return os.path.lexists(directory / PARAMS_FILE) and any(
         os.path.lexists(directory / name) for name in CONSOLIDATED_FILES
@@ -59,25 +75,9 @@ class MistralDirectory(Format):
         )
 
     def config(self) -> tuple[dict[str, object], Path]:
+        meta = self.weights.suffix == ".pth"  # Meta's original/ folders are Llama's
         path = self.root / PARAMS_FILE
-        params = read_config(path, "params.json")
-        config: dict[str, object] = {"model_type": self._model_type(params)}
-        for key, (name, required) in _CONFIG_KEYS.items():
-            value = params.get(key)
-            if value is None and not required:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CheckpointError(
-                    f"{path}: {key!r} must be a positive integer, got {value!r:.40}"
-                )
-            config[name] = value
-        return config, path
-
-    def _model_type(self, params: dict[str, object]) -> str:
-        """``mixtral`` for a mixture of experts; Meta's ``.pth`` folders are Llama's."""
-        if params.get("moe") is not None:
-            return "mixtral"
-        return "llama" if self.weights.suffix == ".pth" else "mistral"
+        return params_config(path, "llama" if meta else "mistral"), path
 
     def tensors(self, wanted: Callable[[str], bool], head_dim: int) -> TensorMap:
         accepts = native_or(wanted)

@@ -341,16 +341,21 @@ class Assembled:
         ]
 
     def load(self) -> torch.Tensor:
+        """The chunks copied into place; raises ``ValueError`` unless they cover the tensor
+        exactly once (their sizes were checked to add up, so an overlap leaves a gap)."""
         import torch
 
         whole: torch.Tensor | None = None
+        covered = torch.zeros(self.shape, dtype=torch.uint8)
         for chunk in self.chunks:
             part = chunk.source.load()
             if whole is None:
                 whole = torch.empty(self.shape, dtype=part.dtype)
-            region = whole
+            region, seen = whole, covered
             for axis, (start, size) in enumerate(zip(chunk.offsets, part.shape, strict=True)):
-                region = region.narrow(axis, start, size)
+                region, seen = region.narrow(axis, start, size), seen.narrow(axis, start, size)
             region.copy_(part)
-        assert whole is not None
+            seen += 1
+        if whole is None or not bool((covered == 1).all()):
+            raise ValueError(f"the chunks of {self.name} overlap and leave part of it unwritten")
         return whole
