@@ -96,6 +96,19 @@ class Checkpoint:
     tensors: dict[tuple[int, str], TensorSource]
     #: MLP matrices the checkpoint has (whole-matrix items only)
     mlp: tuple[str, ...] = ()
+    #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
+    #: which has those its adapter targets
+    attention: tuple[str, ...] = MATRICES
+    #: layers that have them: every layer, except for a LoRA update limited to some layers
+    layer_indices: tuple[int, ...] | None = None
+
+    @property
+    def layer_numbers(self) -> tuple[int, ...]:
+        """The layers items can be collected for (all of them, unless the checkpoint is an
+        update confined to some)."""
+        if self.layer_indices is None:
+            return tuple(range(self.geometry.layers))
+        return self.layer_indices
 
     @property
     def dtype(self) -> str:
@@ -189,12 +202,21 @@ def open_checkpoint(
     geometry = _geometry(config_file, config, family, variant)
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    prefix = _decoder_prefix(entries, family)
-    tensors = _attention_tensors(entries, prefix, family, geometry)
+    prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    if weights.partial:
+        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+    else:
+        tensors, attention, layers = (
+            _attention_tensors(entries, prefix, family, geometry),
+            MATRICES,
+            None,
+        )
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
-    return Checkpoint(weights.root, config, model_type, geometry, layout, tensors, names)
+    return Checkpoint(
+        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+    )
 
 
 def _text_config(config: dict[str, object]) -> dict[str, object]:
@@ -304,6 +326,36 @@ def _attention_tensors(
     return tensors
 
 
+def _partial_attention(
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> tuple[dict[tuple[int, str], TensorSource], tuple[str, ...], tuple[int, ...]]:
+    """The attention tensors of an update that covers some matrices of some layers (a LoRA
+    adapter's ΔW): items exist for the matrices and layers it covers, which must form a grid
+    (every covered layer has every covered matrix), so that each layer has the same items."""
+    found = {
+        (layer, matrix): entries[name]
+        for layer in range(geometry.layers)
+        for matrix in MATRICES
+        if (name := prefix + family.tensor_name(layer, matrix)) in entries
+    }
+    if not found:
+        raise CheckpointError(
+            "the update holds no attention weight of any layer (its adapter targets none of "
+            f"q, k, v, o as the {family.name} layout names them)"
+        )
+    matrices = tuple(m for m in MATRICES if any(m == matrix for _, matrix in found))
+    layers = tuple(sorted({layer for layer, _ in found}))
+    for layer in layers:
+        for matrix in matrices:
+            if (layer, matrix) not in found:
+                raise CheckpointError(
+                    f"the update covers {matrix} in some layers but not in layer {layer}; "
+                    "items need the same matrices in every layer they cover: analyse the merged "
+                    "weights instead (--spectral-adapter=merged)"
+                )
+    return found, matrices, layers
+
+
 def _mlp_tensors(
     entries: TensorMap, prefix: str, family: Family, geometry: Geometry
 ) -> dict[tuple[int, str], TensorSource]:
@@ -343,13 +395,18 @@ def _quantized(name: str, entries: TensorMap) -> str | None:
     )
 
 
-def _decoder_prefix(entries: TensorMap, family: Family) -> str:
+def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False) -> str:
     """The name prefix of the text decoder's layers (``model.``, ``transformer.``, none...).
 
     Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins,
-    then the shortest.
+    then the shortest. The first layer's Q weight shows it; for a ``partial`` update (which
+    may lack both), any attention weight of any layer.
     """
     first = re.escape(family.tensor_name(0, "q"))
+    if partial:  # any layer number, any attention matrix
+        sentinel = 987654321
+        names = [re.escape(family.tensor_name(sentinel, m)) for m in MATRICES]
+        first = "(?:" + "|".join(names).replace(str(sentinel), r"\d+") + ")"
     pattern = re.compile(rf"^(.*?){first}$")
     prefixes = [m.group(1) for name in entries if (m := pattern.match(name))]
     if not prefixes:
