@@ -16,9 +16,13 @@ EPS64 = float(np.finfo(np.float64).eps)
 Weights = Mapping[tuple[int, str], np.ndarray]
 
 
-def run_report(pytester: pytest.Pytester, *args: str, items: int | None = None) -> dict:
-    """Run pytest with ``args`` and a JSON report; every item must pass."""
-    result = pytester.runpytest(*args, "--spectral-report", "report.json", "-p", "no:randomly")
+def run_report(
+    pytester: pytest.Pytester, *args: str, items: int | None = None, subprocess: bool = False
+) -> dict:
+    """Run pytest with ``args`` and a JSON report; every item must pass. ``subprocess`` runs
+    it in a process of its own (for environment variables read at import, as the hub's)."""
+    run = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+    result = run(*args, "--spectral-report", "report.json", "-p", "no:randomly")
     output = result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.OK, output
     if items is not None:

@@ -120,6 +120,15 @@ class Checkpoint:
         """Every file the attention and MLP tensors are read from."""
         return sorted({file for t in self.tensors.values() for file in t.files})
 
+    @property
+    def file_names(self) -> list[str]:
+        """:attr:`files` relative to the checkpoint's directory; absolute for files outside
+        it (a LoRA adapter's base model)."""
+        return [
+            str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+            for p in self.files
+        ]
+
     def item_shape(self, matrix: str, *, whole: bool) -> tuple[int, int]:
         """Shape ``[m, n]`` of an item's matrix in ``nn.Linear`` orientation (out x in)."""
         g = self.geometry
