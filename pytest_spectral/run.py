@@ -232,7 +232,7 @@ class SpectralRun:
 def _rules_path(config: pytest.Config) -> Path | None:
     option = config.getoption("spectral_thresholds")
     if option:
-        return Path(option).expanduser().absolute()
+        return Path(os.path.expanduser(option)).absolute()
     ini = config.getini("spectral_thresholds")
     if not ini:
         return None
@@ -302,7 +302,7 @@ def local_model_path(config: pytest.Config) -> Path:
     repo_id = hub_id_of(argument)
     if repo_id is not None:
         return resolve_hub_model(repo_id, config.getoption("spectral_revision"))
-    path = Path(argument).expanduser()
+    path = Path(os.path.expanduser(argument))
     if not os.path.lexists(path):
         raise CheckpointError(describe_missing(argument))
     return path
@@ -316,7 +316,7 @@ def _base_model_path(config: pytest.Config) -> Path | None:
         return None
     repo_id = hub_id_of(argument)
     if repo_id is None:
-        path = Path(argument).expanduser()
+        path = Path(os.path.expanduser(argument))
         if not os.path.lexists(path):
             raise CheckpointError(f"--spectral-base-model {describe_missing(argument)}")
         return path.absolute()
@@ -357,7 +357,7 @@ def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[s
 
 def _path_option(config: pytest.Config, name: str) -> Path | None:
     value = config.getoption(name)
-    return Path(value).expanduser().absolute() if value else None
+    return Path(os.path.expanduser(value)).absolute() if value else None
 
 
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
