@@ -77,8 +77,10 @@ class TestLocalLookingArguments:
             pytester.mkdir(folder)
         result = pytester.runpytest(f"--spectral-model={argument}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines([f"ERROR: {argument}: no such file or directory*hf://*"])
+        result.stderr.fnmatch_lines([f"ERROR: {argument}: no such file or directory*"])
         assert "hub model" not in result.stderr.str()
+        hint = f"write hf://{argument}" in result.stderr.str()
+        assert hint == (argument in ("examples/tiny-lama", "out/final"))
 
     @pytest.mark.parametrize(
         ("argument", "repo_id"),

@@ -229,3 +229,25 @@ class TestBadAdapters:
         settings = LoraSettings.read(path)
         with pytest.raises(CheckpointError, match=r"takes over 0.2 s to match"):
             settings.targets("a" * 40 + "!", path)
+
+
+def test_cache_key_covers_the_adapter_and_the_base(pytester, base_and_adapter) -> None:
+    """A re-run is served from the cache; new adapter factors recompute the merged q and v
+    (k and o, the base's alone, stay cached); a new base recomputes everything."""
+    base, adapter = base_and_adapter
+    args = (f"--spectral-model={adapter}", f"--spectral-base-model={base}", "-v", "-p", "no:xdist")
+
+    def cached_in_layer_1() -> str:
+        result = pytester.runpytest_subprocess(*args)
+        result.assert_outcomes(passed=ITEMS)
+        line = next(x for x in result.stdout.lines if x.startswith("spectral: layer 1:"))
+        return line.split("(")[1].split(" matrices")[0]
+
+    assert cached_in_layer_1() == "0"
+    assert cached_in_layer_1() == "4"
+    factors = load_file(adapter / "adapter_model.safetensors")
+    save_file({n: t * 2 for n, t in factors.items()}, adapter / "adapter_model.safetensors")
+    assert cached_in_layer_1() == "2"
+    weights = load_file(base / "model.safetensors")
+    save_file({n: t * 2 for n, t in weights.items()}, base / "model.safetensors")
+    assert cached_in_layer_1() == "0"

@@ -63,12 +63,10 @@ def hub_id_of(argument: str) -> str | None:
 
 
 def local_hint(argument: str) -> str:
-    """What a missing local path's message adds, so that a hub id is one edit away."""
-    return (
-        f" (for a model on the Hugging Face hub, write hf://{argument.strip('./~')})"
-        if not argument.startswith(HUB_SCHEME)
-        else ""
-    )
+    """What a missing local path's message adds when it could also be meant as a hub id."""
+    if not _HUB_ID.match(argument):
+        return ""
+    return f" (for the model {argument!r} on the Hugging Face hub, write hf://{argument})"
 
 
 def _hub():  # the optional dependency, typed as a module
