@@ -51,6 +51,11 @@ from pytest_spectral.untrusted import (
 )
 
 METADATA_FILE = ".metadata"
+Counts = tuple[int, ...]
+#: tensor name -> (dtype, size, [(chunk offsets, chunk sizes)])
+Described = dict[str, tuple[str, Counts, list[tuple[Counts, Counts]]]]
+#: (tensor name, chunk offsets) -> (relative path, byte offset, byte length, transforms)
+Located = dict[tuple[str, Counts], tuple[object, int, int, object]]
 
 
 class _Record:
@@ -214,12 +219,7 @@ class DistributedCheckpoint(Format):
                 found[fqn] = _tensor(fqn, dtype, size, chunks, located)
         return with_transformers_names(found, head_dim)
 
-    def _metadata(
-        self,
-    ) -> tuple[
-        dict[str, tuple[str, tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]],
-        dict[tuple[str, tuple[int, ...]], tuple[object, int, int, object]],
-    ]:
+    def _metadata(self) -> tuple[Described, Located]:
         """Each tensor's (dtype, size, chunks), and where each chunk is stored."""
         path = self.metadata_path
         try:
@@ -244,13 +244,14 @@ class DistributedCheckpoint(Format):
             raise CheckpointError(f"{path}: {exc}") from None
 
 
-def _described(root: object) -> tuple[dict, dict]:  # type: ignore[type-arg]
+def _described(root: object) -> tuple[Described, Located]:
+    """What the metadata records say, every field checked (``ValueError`` names the tensor)."""
     metadata = _fields(root, "Metadata", "the pickle")
     tensors = metadata.get("state_dict_metadata")
     storage = metadata.get("storage_data")
     if not isinstance(tensors, dict) or not isinstance(storage, dict):
         raise ValueError("state_dict_metadata and storage_data must be dicts")
-    described = {}
+    described: Described = {}
     for fqn, record in tensors.items():
         if not isinstance(fqn, str):
             raise ValueError(f"tensor name {fqn!r:.80} is not a string")
@@ -280,7 +281,7 @@ def _described(root: object) -> tuple[dict, dict]:  # type: ignore[type-arg]
         if sum(math.prod(s) for _, s in chunks) != math.prod(size):
             raise ValueError(f"the chunks of {fqn!r} do not add up to its size {list(size)}")
         described[fqn] = (dtype_name, size, chunks)
-    located = {}
+    located: Located = {}
     for index, info in storage.items():
         index_fields = _fields(index, "MetadataIndex", "a storage index")
         fqn, offset = index_fields.get("fqn"), index_fields.get("offset")
