@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_spectral.checkpoints.slices import slice_span
-from pytest_spectral.compute.engine import MetricError
+from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, judge
 from pytest_spectral.reporting.report import Record, item_record
@@ -114,14 +114,8 @@ class SpectralItem(pytest.Item):
                 if self.head is None
                 else engine.head(self.layer, self.matrix, self.head)
             )
-        except MetricError as exc:
+        except UnitError as exc:  # names its own tensor and cause
             raise SpectralCheckError(str(exc)) from None
-        except (OSError, ValueError) as exc:
-            entry = run.checkpoint.tensors[(self.layer, self.matrix)]
-            raise SpectralCheckError(
-                f"cannot read {entry.name} from {entry.file}: {exc}\n"
-                "The file changed or became unreadable after collection; run again."
-            ) from None
         verdict = judge(
             run.rules.rules,
             self.layer,

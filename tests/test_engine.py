@@ -15,7 +15,6 @@ from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import DeviceError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
-from pytest_spectral.results import SliceSpectra
 
 
 @pytest.fixture
@@ -27,13 +26,13 @@ def checkpoint(make_checkpoint):
 def decompositions(monkeypatch) -> list[tuple[int, ...]]:
     """Records the shape of every batch the engine decomposes."""
     seen: list[tuple[int, ...]] = []
-    original = spectra.slice_singular_values
+    original = spectra.start_slices
 
-    def spy(blocks: torch.Tensor, **kwargs: object) -> SliceSpectra:
+    def spy(blocks: torch.Tensor, **kwargs: object) -> spectra.PendingSpectra:
         seen.append(tuple(blocks.shape))
         return original(blocks, **kwargs)
 
-    monkeypatch.setattr(spectra, "slice_singular_values", spy)
+    monkeypatch.setattr(spectra, "start_slices", spy)
     return seen
 
 
