@@ -1,0 +1,155 @@
+"""Numeric extremes and failing tensors: only what is really wrong is reported, where it is.
+
+A gate must not fail a checkpoint for the limits of a floating-point format (weights of 1e-170
+whose Gram matrix underflows, float64 weights beyond float32's range), nor blame the wrong
+tensor or every item of a layer when one tensor cannot be served.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.reader import WeightReader
+from pytest_spectral.compute import spectra
+from pytest_spectral.compute.engine import SpectraEngine, UnitError
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.testing.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
+
+SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
+SCALE_FREE = ("top_k_ratio", "effective_rank", "stable_rank", "spectral_entropy", "energy_rank")
+
+
+def report_items(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
+    result = pytester.runpytest(*args, "--spectral-report=r.json")
+    items = json.loads((pytester.path / "r.json").read_text())["items"]
+    return result, {item["nodeid"]: item for item in items}
+
+
+def float64_checkpoint(directory: Path, scale: float) -> Path:
+    tensors = {name: t.double() * scale for name, t in random_llama_weights(SHAPE).items()}
+    return write_checkpoint(directory, tensors, SHAPE.config("float64"), dtype=torch.float64)
+
+
+def numpy_values(directory: Path, layer: int, matrix: str, head: int) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    weight = load_file(str(directory / "model.safetensors"))[attention_name(layer, matrix)]
+    d = SHAPE.head_dim
+    rows = slice(head * d, (head + 1) * d)
+    block = weight[:, rows] if matrix == "o" else weight[rows]
+    return np.linalg.svd(block, compute_uv=False)
+
+
+@pytest.mark.parametrize(
+    ("scale", "options"),
+    [
+        (1e-170, ()),  # every Gram entry underflows to zero
+        (1e-300, ()),
+        (1e160, ()),  # every Gram entry overflows
+        (1e39, ("--spectral-dtype=float32",)),  # beyond float32's range
+    ],
+)
+def test_extreme_but_finite_weights_are_measured(pytester, scale, options) -> None:
+    directory = float64_checkpoint(pytester.path / "extreme", scale)
+    result, items = report_items(pytester, f"--spectral-model={directory}", *options)
+    result.assert_outcomes(passed=32)
+    assert {item["status"] for item in items.values()} == {"ok"}
+    record = items["spectral::layer01::head02-o"]
+    reference = numpy_values(directory, 1, "o", 2)
+    tolerance = 1e-5 if options else 1e-9
+    np.testing.assert_allclose(record["singular_values"], reference, rtol=tolerance)
+    # The metrics see the same spectrum at any scale.
+    plain = float64_checkpoint(pytester.path / "plain", 1.0)
+    _, unscaled = report_items(pytester, f"--spectral-model={plain}", *options)
+    for metric in SCALE_FREE:
+        assert record["metrics"][metric] == pytest.approx(
+            unscaled["spectral::layer01::head02-o"]["metrics"][metric], rel=tolerance
+        ), metric
+    assert record["metrics"]["spectral_norm"] == pytest.approx(reference[0], rel=tolerance)
+    assert record["metrics"]["frobenius_norm"] == pytest.approx(
+        float(np.sqrt(np.sum((reference / scale) ** 2))) * scale, rel=tolerance
+    )
+
+
+def test_only_genuinely_zero_or_non_finite_slices_are_reported_so(pytester) -> None:
+    tensors = {name: t.double() * 1e-170 for name, t in random_llama_weights(SHAPE).items()}
+    tensors[attention_name(0, "q")][8:16] = 0.0  # query head 1: all zero
+    tensors[attention_name(1, "k")][3, 7] = float("inf")  # K/V head 0: query heads 0 and 1
+    directory = write_checkpoint(
+        pytester.path / "ckpt", tensors, SHAPE.config("float64"), dtype=torch.float64
+    )
+    result, items = report_items(pytester, f"--spectral-model={directory}")
+    result.assert_outcomes(passed=29, failed=3)
+    bad = {nodeid: item["status"] for nodeid, item in items.items() if item["status"] != "ok"}
+    assert bad == {
+        "spectral::layer00::head01-q": "zero_matrix",
+        "spectral::layer01::head00-k": "nonfinite",
+        "spectral::layer01::head01-k": "nonfinite",
+    }
+
+
+def test_an_empty_mlp_tensor_fails_only_its_own_item(pytester) -> None:
+    tensors = random_llama_weights(SHAPE)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(0, SHAPE.hidden)
+    directory = write_checkpoint(pytester.path / "ckpt", tensors, SHAPE.config())
+    result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-scope=matrix")
+    result.assert_outcomes(passed=13, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "model.layers.1.mlp.up_proj.weight in model.safetensors has shape [[]0, 32[]]: "
+            "an empty matrix has no singular values",
+            "FAILED spectral::layer01::up - model.layers.1.mlp.up_proj.weight*",
+        ]
+    )
+    assert "q_proj" not in result.stdout.str()
+
+
+def test_a_tensor_that_cannot_be_read_fails_only_its_unit(pytester, monkeypatch) -> None:
+    directory = write_checkpoint(
+        pytester.path / "ckpt", random_llama_weights(SHAPE), SHAPE.config()
+    )
+    broken = attention_name(1, "k")
+    original = WeightReader.tensor
+
+    def tensor(self, entry):
+        if entry.name == broken:
+            raise OSError(5, "Input/output error")
+        return original(self, entry)
+
+    monkeypatch.setattr(WeightReader, "tensor", tensor)
+    result = pytester.runpytest(f"--spectral-model={directory}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=28, failed=4)  # the 4 query heads that share layer 1's K
+    failed = [line.split(" - ")[0] for line in result.outlines if line.startswith("FAILED")]
+    assert failed == [f"FAILED spectral::layer01::head0{head}-k" for head in range(4)]
+    causes = [line for line in result.outlines if line.startswith("cannot read")]
+    assert causes == [f"cannot read {broken} from {directory / 'model.safetensors'}: "
+                      "[Errno 5] Input/output error"] * 4  # fmt: skip
+
+
+class TestEngineUnits:
+    """The same at the engine's level: each (layer, matrix, scope) stands alone."""
+
+    def test_a_failing_unit_leaves_its_layer_served(self, tmp_path, monkeypatch) -> None:
+        directory = write_checkpoint(tmp_path, random_llama_weights(SHAPE), SHAPE.config())
+        engine = SpectraEngine(open_checkpoint(directory), DEFAULT_REQUESTS)
+        engine.plan([(0, m, "head") for m in ("q", "k", "v", "o")])
+
+        def refuse(batch: torch.Tensor, dtype: torch.dtype) -> None:
+            raise RuntimeError("LAPACK said no")
+
+        monkeypatch.setattr(spectra, "_decompose", refuse)
+        with pytest.raises(UnitError, match=r"cannot decompose model.layers.0.self_attn.q_proj"):
+            engine.head(0, "q", 0)
+        with pytest.raises(UnitError, match="RuntimeError: LAPACK said no"):
+            engine.head(0, "o", 3)
