@@ -15,6 +15,7 @@ from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import DeviceError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.testing.synthetic import conditioned_slices
 
 
 @pytest.fixture
@@ -191,14 +192,15 @@ def test_float32_precision_is_about_1e_6(checkpoint) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kappa_exponent", [0, 12, 20])
-def test_cuda_matches_numpy(kappa_exponent: int) -> None:
-    generator = torch.Generator().manual_seed(kappa_exponent)
-    base = torch.randn(16, 128, 4096, generator=generator).bfloat16()
-    scale = torch.pow(2.0, torch.linspace(0, -kappa_exponent, 128).round()).bfloat16()
-    blocks = base * scale[None, :, None]
-    result = spectra.slice_singular_values(blocks, device="cuda")
-    np.testing.assert_allclose(result.singular_values, reference_values(blocks), rtol=1e-9)
+@pytest.mark.parametrize(("kappa", "route"), [(10.0, "gram"), (1e4, "cholqr2"), (1e6, "cholqr2")])
+def test_cuda_matches_numpy(kappa: float, route: str) -> None:
+    """The batched device route against numpy, on rotated (not graded) ill-conditioned slices."""
+    generator = torch.Generator().manual_seed(int(kappa))
+    blocks = conditioned_slices(16, 128, 4096, (kappa, kappa), generator, dtype=torch.float64)
+    for batch in (blocks, blocks.mT.contiguous()):  # Q-like and O-like orientations
+        result = spectra.slice_singular_values(batch, device="cuda")
+        assert result.methods == [route] * 16
+        np.testing.assert_allclose(result.singular_values, reference_values(batch), rtol=1e-9)
 
 
 def test_engine_on_a_path_without_cache_dir(tmp_path: Path, checkpoint) -> None:

@@ -258,3 +258,33 @@ def test_metrics_are_served_with_the_values(tmp_path: Path) -> None:
     assert np.isnan(zero.metrics["stable_rank"])
     assert zero.metrics["spectral_norm"] == 0
     assert healthy.metrics["spectral_norm"] == pytest.approx(healthy.singular_values[0])
+
+
+def test_batched_route_of_accelerators_agrees_with_the_per_slice_route() -> None:
+    """Accelerators decompose a whole batch at once; run that code on the CPU to check it
+    selects, routes and scales each slice as the per-slice CPU route does."""
+    blocks = torch.cat(
+        [
+            rotated_blocks(2, 16, 64, 10.0),
+            rotated_blocks(2, 16, 64, 1e5),
+            rotated_blocks(1, 16, 64, 1e9),
+            rotated_blocks(1, 16, 64, 10.0) * 1e-170,
+            torch.zeros(1, 16, 64, dtype=torch.float64),
+            rotated_blocks(1, 16, 64, 10.0),
+        ]
+    )
+    blocks[-1, 3, 4] = float("nan")
+    for batch in (blocks, blocks.mT):
+        per_slice = slice_singular_values(batch.clone())
+        batched = spectra._device_batch(batch.clone(), torch.float64, torch.device("cpu"))
+        assert [s.method for s in batched] == per_slice.methods
+        assert per_slice.methods == ["gram"] * 2 + ["cholqr2"] * 2 + ["qr"] + ["gram"] * 3
+        assert [s.nonfinite for s in batched] == per_slice.nonfinite == [0] * 7 + [1]
+        values = np.stack([s.values for s in batched])
+        np.testing.assert_allclose(values, per_slice.singular_values, rtol=1e-9)
+        assert (values[6] == 0).all()
+        assert np.isnan(values[7]).all()
+        float32 = spectra._device_batch(batch.clone(), torch.float32, torch.device("cpu"))
+        single = np.stack([s.values for s in float32])[:7]
+        # float32's error is absolute, about eps32 * sigma_max
+        assert (np.abs(single - values[:7]) <= 1e-5 * values[:7, :1]).all()

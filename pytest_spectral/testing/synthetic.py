@@ -91,8 +91,9 @@ def conditioned_slices(
     generator: torch.Generator,
     *,
     frobenius: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``count`` float32 slices ``U diag(s) V^T`` of shape ``[rows, cols]`` (rows <= cols).
+    """``count`` slices (``dtype``) ``U diag(s) V^T`` of shape ``[rows, cols]`` (rows <= cols).
 
     ``U`` and ``V`` are Haar-random orthonormal factors, so ill-conditioning is spread over
     every weight (rotated, not graded: a row-scaled matrix would hide the errors of a Gram
@@ -104,9 +105,9 @@ def conditioned_slices(
     exponents = low + (high - low) * torch.rand(count, 1, generator=generator, dtype=torch.float64)
     spectrum = torch.pow(10.0, -exponents * torch.linspace(0, 1, rows, dtype=torch.float64))
     spectrum *= frobenius / spectrum.square().sum(-1, keepdim=True).sqrt()
-    left = torch.linalg.qr(torch.randn(count, rows, rows, generator=generator)).Q
-    right = torch.linalg.qr(torch.randn(count, cols, rows, generator=generator)).Q
-    return (left * spectrum.to(torch.float32)[:, None, :]) @ right.mT
+    left = torch.linalg.qr(torch.randn(count, rows, rows, generator=generator, dtype=dtype)).Q
+    right = torch.linalg.qr(torch.randn(count, cols, rows, generator=generator, dtype=dtype)).Q
+    return (left * spectrum.to(dtype)[:, None, :]) @ right.mT
 
 
 def trained_like_layer(
