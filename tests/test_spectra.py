@@ -274,9 +274,10 @@ def test_batched_route_of_accelerators_agrees_with_the_per_slice_route() -> None
         ]
     )
     blocks[-1, 3, 4] = float("nan")
+    original = blocks.clone()
     for batch in (blocks, blocks.mT):
-        per_slice = slice_singular_values(batch.clone())
-        batched = spectra._device_batch(batch.clone(), torch.float64, torch.device("cpu"))
+        per_slice = slice_singular_values(batch)
+        batched = spectra._device_batch(batch, torch.float64, torch.device("cpu"))
         assert [s.method for s in batched] == per_slice.methods
         assert per_slice.methods == ["gram"] * 2 + ["cholqr2"] * 2 + ["qr"] + ["gram"] * 3
         assert [s.nonfinite for s in batched] == per_slice.nonfinite == [0] * 7 + [1]
@@ -284,7 +285,8 @@ def test_batched_route_of_accelerators_agrees_with_the_per_slice_route() -> None
         np.testing.assert_allclose(values, per_slice.singular_values, rtol=1e-9)
         assert (values[6] == 0).all()
         assert np.isnan(values[7]).all()
-        float32 = spectra._device_batch(batch.clone(), torch.float32, torch.device("cpu"))
+        float32 = spectra._device_batch(batch, torch.float32, torch.device("cpu"))
         single = np.stack([s.values for s in float32])[:7]
         # float32's error is absolute, about eps32 * sigma_max
         assert (np.abs(single - values[:7]) <= 1e-5 * values[:7, :1]).all()
+    torch.testing.assert_close(blocks, original, rtol=0, atol=0, equal_nan=True)  # not scaled

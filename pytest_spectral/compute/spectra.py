@@ -205,7 +205,8 @@ def _cpu_slice(block: torch.Tensor, dtype: torch.dtype) -> list[_SliceResult]:
 def _device_batch(
     blocks: torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> list[_SliceResult]:
-    return _decompose(blocks.to(device).to(torch.float64), dtype)
+    # Moved, then converted on the device; always a copy, since it is scaled in place.
+    return _decompose(blocks.to(device).to(torch.float64, copy=True), dtype)
 
 
 def _decompose(batch: torch.Tensor, dtype: torch.dtype) -> list[_SliceResult]:
