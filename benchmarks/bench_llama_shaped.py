@@ -299,7 +299,15 @@ def main() -> None:
     parser.add_argument("--kinds", default="trained-like,isotropic")
     parser.add_argument("--seed-items", type=int, default=0)
     parser.add_argument("--xdist", type=int, default=0, help="also time -n N")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="threads of the floor script"
+    )
+    parser.add_argument(
+        "--single-thread-floor",
+        action="store_true",
+        help="also time the floor script on one thread (robust to a loaded machine, where "
+        "spinning BLAS threads slow the multi-threaded floor down several times)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--device",
@@ -342,8 +350,8 @@ def main() -> None:
         "addopts=",
     ]
 
-    def floor(model: Path, device: str) -> list[str]:
-        script = FLOOR.format(threads=args.threads, peak=PEAK, device=device)
+    def floor(model: Path, device: str, threads: int = args.threads) -> list[str]:
+        script = FLOOR.format(threads=threads, peak=PEAK, device=device)
         return [py, "-c", script, str(model)]
 
     def plugin(model: Path, device: str, *extra: str) -> list[str]:
@@ -361,6 +369,8 @@ def main() -> None:
         print(f"{kind}: warming the page cache", flush=True)
         timed(floor(model, "cpu"), work)
         commands = {"floor script": floor(model, "cpu"), "plugin": plugin(model, "cpu")}
+        if args.single_thread_floor:
+            commands["floor script, 1 thread"] = floor(model, "cpu", threads=1)
         if args.xdist:
             parallel = plugin(model, "cpu", "-n", str(args.xdist), "--dist", "loadscope")
             commands[f"plugin -n {args.xdist}"] = parallel
