@@ -7,7 +7,6 @@ Q/K/V rows ``[h*d:(h+1)*d]``, O columns ``[:, h*d:(h+1)*d]``, query head h using
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +240,7 @@ def test_values_do_not_depend_on_the_number_of_threads() -> None:
     blocks = torch.cat([rotated_blocks(6, 64, 1024, kappa) for kappa in (2.0, 1e4, 1e9)])
     alone = slice_singular_values(blocks)
     for workers in (1, 2, 3):
-        with ThreadPoolExecutor(workers) as pool:
+        with spectra.slice_executor(workers) as pool:
             shared = slice_singular_values(blocks, executor=pool)
         assert shared.methods == alone.methods
         assert (shared.singular_values == alone.singular_values).all()

@@ -280,16 +280,11 @@ class SpectraEngine:
         import torch
 
         from pytest_spectral.compute.device import resolve_device
-        from pytest_spectral.compute.spectra import start_slices
+        from pytest_spectral.compute.spectra import slice_executor, start_slices
 
         if self._slice_pool is None:
-            # One intra-op thread: each slice's BLAS/LAPACK calls then sum in one fixed order
-            # whatever --spectral-threads or the worker count; the pool runs slices in parallel.
-            torch.set_num_threads(1)
             self.device = resolve_device(self.device, self.precision)
-            self._slice_pool = ThreadPoolExecutor(
-                max_workers=max(1, self.threads or 1), thread_name_prefix="pytest-spectral-slice"
-            )
+            self._slice_pool = slice_executor(max(1, self.threads or 1))
         dtype = torch.float64 if self.precision == "float64" else torch.float32
         return start_slices(blocks, device=self.device, dtype=dtype, executor=self._slice_pool)
 
