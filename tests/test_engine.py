@@ -62,6 +62,17 @@ class TestPlanAndPrefetch:
         assert len(decompositions) == 8
         engine.close()
 
+    def test_prefetch_keeps_two_layers_ahead(self, checkpoint, decompositions) -> None:
+        engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
+        engine.plan([(layer, m, "head") for layer in range(3) for m in MATRICES])
+        engine.head(0, "q", 0)
+        assert set(engine._futures) == {0, 1, 2}  # layers 1 and 2 queued as 0 is served
+        engine._futures[2].result()
+        assert len(decompositions) == 12
+        engine.head(1, "q", 0)
+        assert set(engine._futures) == {1, 2}  # layer 0 released
+        engine.close()
+
     def test_prefetch_gives_the_same_values(self, checkpoint) -> None:
         plan = [(layer, m, "head") for layer in range(3) for m in MATRICES]
         plain = SpectraEngine(checkpoint, DEFAULT_REQUESTS)

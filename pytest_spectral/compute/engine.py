@@ -2,7 +2,7 @@
 
 Items ask for one head at a time, but computing a head alone would read its tensor once per
 head. The engine computes every head of a layer's matrices in one batch (reading each tensor
-once), keeps only the layers in use, and in a single process computes the next layer on a
+once), keeps only the layers in use, and in a single process computes the next layers on a
 background thread while pytest runs the current layer's items: torch releases the GIL, so
 the two overlap on separate cores. The slices of a layer's matrices are decomposed on a
 pool of ``threads`` threads, each slice on one thread, so values never depend on the number
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from pytest_spectral.checkpoints.reader import WeightReader
     from pytest_spectral.compute.spectra import PendingSpectra
 
+#: Layers computed ahead of the one whose items run (a single process only). More than one:
+#: pytest's items and the decomposition then never wait for each other at a layer boundary.
+LAYERS_AHEAD = 2
 #: Bump when the decomposition's routes or their numbers change (part of the cache key).
 ALGORITHM = "gram/cholqr2/qr-1"
 
@@ -123,10 +126,11 @@ class SpectraEngine:
         if layer not in self._consumed:
             self._consumed.add(layer)
             upcoming = self._next_planned(layer)
-            for stale in [k for k in self._futures if k not in (layer, upcoming)]:
+            for stale in [k for k in self._futures if k != layer and k not in upcoming]:
                 del self._futures[stale]
-            if self.prefetch and upcoming is not None and upcoming not in self._futures:
-                self._submit(upcoming)
+            for ahead in upcoming if self.prefetch else ():
+                if ahead not in self._futures:
+                    self._submit(ahead)
             if self.on_layer:
                 self.on_layer(stats)
         return results
@@ -136,11 +140,13 @@ class SpectraEngine:
         self._futures[layer] = future
         return future
 
-    def _next_planned(self, layer: int) -> int | None:
+    def _next_planned(self, layer: int) -> list[int]:
+        """The planned layers after ``layer`` that are computed ahead of the items."""
         layers = list(self._plan)
-        if layer in self._plan and layers.index(layer) + 1 < len(layers):
-            return layers[layers.index(layer) + 1]
-        return None
+        if layer not in self._plan:
+            return []
+        start = layers.index(layer) + 1
+        return layers[start : start + LAYERS_AHEAD]
 
     def _compute_layer(self, layer: int) -> tuple[LayerResults, LayerStats]:
         start = time.perf_counter()
