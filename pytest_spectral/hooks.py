@@ -177,7 +177,7 @@ class LayerProgressPlugin:
                 reporter.write_line(
                     f"spectral: layer {stats.layer}: {stats.slices} head slices in "
                     f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
-                    f"{stats.direct_svd} direct SVD)"
+                    f"{stats.refined} slices refined)"
                 )
         self._finished_layers.clear()
 

@@ -46,6 +46,6 @@ class LayerStats:
 
     layer: int
     slices: int
-    direct_svd: int
+    refined: int  # slices beyond the Gram route (cholqr2 or qr)
     from_cache: int
     seconds: float

@@ -344,8 +344,8 @@ class TestEngineOptions:
         result = pytester.runpytest("--spectral-model", str(planted), "-v")
         result.stdout.fnmatch_lines(
             [
-                "spectral: layer 0: 12 head slices in * s (0 matrices from cache, 0 direct SVD)",
-                "spectral: layer 1: 12 head slices in * s (0 matrices from cache, * direct SVD)",
+                "spectral: layer 0: 12 head slices in * s (0 matrices from cache, 0 slices refin*",
+                "spectral: layer 1: 12 head slices in * s (0 matrices from cache, * slices refin*",
             ]
         )
 

@@ -154,19 +154,19 @@ class SpectraEngine:
         # Start every unit before waiting for any, so the pool shares all of the layer's slices.
         started = {unit: self._start(layer, unit) for unit in units}
         results: LayerResults = {}
-        slices = direct = cached = 0
+        slices = refined = cached = 0
         for unit in units:
             heads, from_cache = self._finish(layer, unit, started[unit])
             results[unit] = heads
             if isinstance(heads, list):
                 slices += len(heads)
-                direct += sum(h.method != "gram" for h in heads)
+                refined += sum(h.method not in ("gram", "svd32") for h in heads)
                 cached += from_cache
         if self._reader_instance is not None:
             # Once per layer, not per matrix: a fused Q/K/V tensor serves three units.
             for matrix in dict.fromkeys(matrix for matrix, _ in units):
                 self._reader_instance.release(self.checkpoint.tensors[(layer, matrix)])
-        stats = LayerStats(layer, slices, direct, cached, time.perf_counter() - start)
+        stats = LayerStats(layer, slices, refined, cached, time.perf_counter() - start)
         return results, stats
 
     def _start(self, layer: int, unit: Unit) -> _Started | UnitError:
