@@ -153,3 +153,24 @@ class TestEngineUnits:
             engine.head(0, "q", 0)
         with pytest.raises(UnitError, match="RuntimeError: LAPACK said no"):
             engine.head(0, "o", 3)
+
+
+@pytest.mark.parametrize("power", [-1000, -600, 500])
+def test_metrics_of_a_spectrum_scaled_by_a_power_of_two(power: int) -> None:
+    """Squares of 1e-170 or 1e150 leave float64's range; the metrics must not notice."""
+    from pytest_spectral.judging import metrics
+
+    spectrum = np.logspace(0, -3, 32)[None, :]
+    scaled = np.ldexp(spectrum, power)
+    context = metrics.MetricContext((32, 512), "F64")
+
+    def measure(name: str, values: np.ndarray) -> np.ndarray:
+        spec = metrics.METRICS[name]
+        return spec.function(values, **({"context": context} if spec.needs_context else {}))
+
+    for name in (*SCALE_FREE, "participation_ratio", "numerical_rank", "first_last_ratio"):
+        assert measure(name, scaled) == measure(name, spectrum), name  # bit for bit
+    for name in ("frobenius_norm", "spectral_norm", "nuclear_norm"):
+        assert measure(name, scaled) == np.ldexp(measure(name, spectrum), power), name
+    floor = metrics.measurement_floor(scaled, context)
+    assert floor == np.ldexp(metrics.measurement_floor(spectrum, context), power)
