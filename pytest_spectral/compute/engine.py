@@ -110,6 +110,8 @@ class SpectraEngine:
         results = self._layer(layer)
         if unit not in results:  # asked for outside the plan
             results[unit] = self._finish(layer, unit, self._start(layer, unit))[0]
+            if self._reader_instance is not None:  # its tensor is not held for a later layer
+                self._reader_instance.release(self.checkpoint.tensors[(layer, unit[0])])
         served = results[unit]
         if isinstance(served, UnitError):
             raise served
@@ -175,11 +177,6 @@ class SpectraEngine:
         Never raises: what stops the unit is returned, naming its tensor and the cause.
         """
         entry = self.checkpoint.tensors[(layer, unit[0])]
-        if 0 in entry.shape:
-            return UnitError(
-                f"{entry.name} in {entry.file.name} has shape {list(entry.shape)}: an empty "
-                "matrix has no singular values"
-            )
         try:
             key = self._cache_key(layer, unit) if self.cache is not None else None
             hit = self.cache.load(key) if self.cache is not None and key is not None else None
@@ -268,7 +265,7 @@ class SpectraEngine:
         return dataclasses.replace(spectra, metrics=columns)
 
     def _blocks(self, layer: int, unit: Unit) -> torch.Tensor:
-        """The unit's slices as views of the memory-mapped tensor (``[slices, m, n]``)."""
+        """The unit's slices as views of the tensor as read (``[slices, m, n]``)."""
         from pytest_spectral.checkpoints.reader import WeightReader
         from pytest_spectral.compute.spectra import head_blocks, whole_matrix
 

@@ -41,13 +41,19 @@ def float64_checkpoint(directory: Path, scale: float) -> Path:
     return write_checkpoint(directory, tensors, SHAPE.config("float64"), dtype=torch.float64)
 
 
-def numpy_values(directory: Path, layer: int, matrix: str, head: int) -> np.ndarray:
+def numpy_slice(directory: Path, layer: int, matrix: str, head: int) -> np.ndarray:
+    """A head's slice as stored, read by safetensors' numpy loader."""
     from safetensors.numpy import load_file
 
     weight = load_file(str(directory / "model.safetensors"))[attention_name(layer, matrix)]
     d = SHAPE.head_dim
     rows = slice(head * d, (head + 1) * d)
-    block = weight[:, rows] if matrix == "o" else weight[rows]
+    return weight[:, rows] if matrix == "o" else weight[rows]
+
+
+def numpy_values(directory: Path, layer: int, matrix: str, head: int) -> np.ndarray:
+    """numpy's float64 LAPACK singular values of a head's slice as stored."""
+    block = numpy_slice(directory, layer, matrix, head).astype(np.float64)
     return np.linalg.svd(block, compute_uv=False)
 
 
@@ -97,22 +103,6 @@ def test_only_genuinely_zero_or_non_finite_slices_are_reported_so(pytester) -> N
         "spectral::layer01::head00-k": "nonfinite",
         "spectral::layer01::head01-k": "nonfinite",
     }
-
-
-def test_an_empty_mlp_tensor_fails_only_its_own_item(pytester) -> None:
-    tensors = random_llama_weights(SHAPE)
-    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(0, SHAPE.hidden)
-    directory = write_checkpoint(pytester.path / "ckpt", tensors, SHAPE.config())
-    result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-scope=matrix")
-    result.assert_outcomes(passed=13, failed=1)
-    result.stdout.fnmatch_lines(
-        [
-            "model.layers.1.mlp.up_proj.weight in model.safetensors has shape [[]0, 32[]]: "
-            "an empty matrix has no singular values",
-            "FAILED spectral::layer01::up - model.layers.1.mlp.up_proj.weight*",
-        ]
-    )
-    assert "q_proj" not in result.stdout.str()
 
 
 def test_a_tensor_that_cannot_be_read_fails_only_its_unit(pytester, monkeypatch) -> None:
@@ -174,3 +164,115 @@ def test_metrics_of_a_spectrum_scaled_by_a_power_of_two(power: int) -> None:
         assert measure(name, scaled) == np.ldexp(measure(name, spectrum), power), name
     floor = metrics.measurement_floor(scaled, context)
     assert floor == np.ldexp(metrics.measurement_floor(spectrum, context), power)
+
+
+class TestOneHeadScaled:
+    """One query head's weights multiplied by an extreme factor, every other head ordinary.
+
+    Expected values come from numpy's float64 SVD of the slice as stored and from the same
+    head of an unscaled checkpoint, never from the plugin.
+    """
+
+    LAYER, HEAD = 1, 2
+    NODE = "spectral::layer01::head02-q"
+    #: bounds that every head of the unscaled checkpoint keeps, scale-free and scale-bound
+    RULES = """
+        [[rules]]
+        metric = "spectral_norm"
+        max = 100.0
+        [[rules]]
+        metric = "frobenius_norm"
+        min = 1e-3
+        max = 100.0
+        [[rules]]
+        metric = "nuclear_norm"
+        max = 1000.0
+        [[rules]]
+        metric = "stable_rank"
+        min = 1.0
+        [[rules]]
+        metric = "effective_rank"
+        min = 1.0
+        [[rules]]
+        metric = "participation_ratio"
+        min = 1.0
+        [[rules]]
+        metric = "first_last_ratio"
+        max = 1e6
+    """
+
+    def checkpoint(self, directory: Path, scale: float, dtype: torch.dtype) -> Path:
+        tensors = {name: t.double() for name, t in random_llama_weights(SHAPE).items()}
+        d = SHAPE.head_dim
+        tensors[attention_name(self.LAYER, "q")][self.HEAD * d : (self.HEAD + 1) * d] *= scale
+        name = str(dtype).removeprefix("torch.")
+        return write_checkpoint(directory, tensors, SHAPE.config(name), dtype=dtype)
+
+    @pytest.mark.parametrize("scale", [1e-170, 1e-160, 1e300])
+    def test_extreme_float64_head_is_measured_and_judged_like_any_other(
+        self, pytester, scale
+    ) -> None:
+        directory = self.checkpoint(pytester.path / "scaled", scale, torch.float64)
+        plain = self.checkpoint(pytester.path / "plain", 1.0, torch.float64)
+        (pytester.path / "rules.toml").write_text(self.RULES)
+        _, unscaled = report_items(
+            pytester, f"--spectral-model={plain}", "--spectral-thresholds=rules.toml"
+        )
+        assert {item["outcome"] for item in unscaled.values()} == {"passed"}  # the rules hold
+
+        result, items = report_items(
+            pytester, f"--spectral-model={directory}", "--spectral-thresholds=rules.toml"
+        )
+        record = items[self.NODE]
+        assert record["status"] == "ok"  # 1e-170: not a zero matrix; 1e300: not overflowed
+        reference = numpy_values(directory, self.LAYER, "q", self.HEAD)
+        assert reference[-1] > 0
+        assert np.isfinite(reference[0])
+        np.testing.assert_allclose(record["singular_values"], reference, rtol=1e-9, atol=0)
+        values = record["metrics"]
+        same = unscaled[self.NODE]["metrics"]
+
+        def undefined(metrics: dict) -> set[str]:
+            return {name for name, value in metrics.items() if not np.isfinite(float(value))}
+
+        # Finite wherever the unscaled head's are (alpha needs more than 8 values, at any scale).
+        assert undefined(values) == undefined(same) == {name for name in values if "alpha" in name}
+        for metric in (*SCALE_FREE, "participation_ratio", "first_last_ratio"):
+            assert values[metric] == pytest.approx(same[metric], rel=1e-9), metric
+        assert values["spectral_norm"] == pytest.approx(reference[0], rel=1e-9)
+        assert values["frobenius_norm"] == pytest.approx(
+            float(np.sqrt(np.sum((reference / scale) ** 2))) * scale, rel=1e-9
+        )
+        assert values["nuclear_norm"] == pytest.approx(
+            float(np.sum(reference / scale)) * scale, rel=1e-9
+        )
+        # The gate holds: scale-bound rules break (never an overflow or underflow that
+        # passes), scale-free ones judge the head as they judge it unscaled.
+        broken = sorted(rule["metric"] for rule in record["broken_rules"])
+        scale_bound = (
+            ["frobenius_norm"] if scale < 1 else ["frobenius_norm", "nuclear_norm", "spectral_norm"]
+        )
+        assert broken == scale_bound
+        assert record["outcome"] == "failed"
+        result.assert_outcomes(passed=31, failed=1)
+        others = [item for nodeid, item in items.items() if nodeid != self.NODE]
+        assert {item["outcome"] for item in others} == {"passed"}
+
+    def test_float32_weights_beyond_range_are_stored_as_inf_and_fail(self, pytester) -> None:
+        directory = self.checkpoint(pytester.path / "scaled", 1e39, torch.float32)
+        stored = numpy_slice(directory, self.LAYER, "q", self.HEAD)
+        overflowed = int(np.isinf(stored).sum())
+        assert overflowed > 0  # the weights beyond float32's 3.4e38
+        result, items = report_items(pytester, f"--spectral-model={directory}")
+        result.assert_outcomes(passed=31, failed=1)
+        record = items[self.NODE]
+        assert record["status"] == "nonfinite"
+        assert record["outcome"] == "failed"
+        assert record["nonfinite_count"] == overflowed
+        result.stdout.fnmatch_lines([f"FAILED {self.NODE} - {overflowed} non-finite weights"])
+        neighbour = items["spectral::layer01::head01-q"]  # same tensor, finite rows
+        np.testing.assert_allclose(
+            neighbour["singular_values"],
+            numpy_values(directory, self.LAYER, "q", 1),
+            rtol=1e-9,
+        )
