@@ -9,8 +9,9 @@
 #     LAYERS=4 REPEAT=1 ATTENTION_ONLY=1 bash benchmarks/gpu_check.sh  # a quick try
 #     KINDS=trained-like,isotropic bash benchmarks/gpu_check.sh      # both checkpoints
 #
-# It needs python3 with torch (CUDA build), pytest, pytest-xdist, safetensors, numpy, hypothesis
-# and rich, and installs this package into it without the network. Logs and the figures go to
+# It needs python3 with torch (CUDA build), pytest, pytest-xdist, safetensors, numpy, hypothesis,
+# rich, loky and regex (the package's dependencies), and installs this package into it without
+# the network. Logs and the figures go to
 # $OUT (default .bench/gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
