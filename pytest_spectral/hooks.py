@@ -337,7 +337,8 @@ class LayerProgressPlugin:
 def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
     """``spectral: layer 1: 32 items from 20 slices ...``: items and the distinct slices
     decomposed for them (a K/V slice serves every query head of its group), the time, and
-    how many of the layer's matrices came from the cache or needed a direct SVD."""
+    how many of the layer's matrices came from the cache, and how many slices were refined
+    beyond the Gram route (CholeskyQR2 or Householder QR: ill-conditioned ones)."""
     units = {(matrix, scope) for layer, matrix, scope in needed if layer == stats.layer}
     items = sum(layer == stats.layer for layer, _, _ in needed)
     shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
@@ -345,7 +346,7 @@ def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
         f"spectral: layer {stats.layer}: {_count(items, 'item')} from "
         f"{_count(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
         f"{stats.from_cache} of {_count(len(units), 'matrix', 'matrices')} from the cache, "
-        f"{_count(stats.direct_svd, 'slice')} by direct SVD"
+        f"{_count(stats.refined, 'slice')} refined beyond the Gram route"
     )
 
 

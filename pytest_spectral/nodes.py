@@ -22,7 +22,7 @@ from _pytest._code.code import (
 )
 
 from pytest_spectral.checkpoints.slices import slice_span
-from pytest_spectral.compute.engine import MetricError
+from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
 from pytest_spectral.printable import printable
@@ -30,7 +30,6 @@ from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
-from pytest_spectral.untrusted import FileChangedError
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle
@@ -179,14 +178,8 @@ class SpectralItem(pytest.Item):
                 if self.head is None
                 else engine.head(self.layer, self.matrix, self.head)
             )
-        except (MetricError, FileChangedError) as exc:
+        except UnitError as exc:  # names its own tensor and cause
             raise SpectralCheckError(str(exc)) from None
-        except (OSError, ValueError) as exc:
-            entry = run.checkpoint.tensors[(self.layer, self.matrix)]
-            raise SpectralCheckError(
-                f"cannot read {entry.name} from {entry.file}: {exc}\n"
-                "The file changed or became unreadable after collection; run again."
-            ) from None
         verdict = judge(
             run.rules.rules,
             self.layer,

@@ -28,8 +28,9 @@ class SliceSpectra:
 
     singular_values: np.ndarray  # [slices, r], float64, descending; nan where non-finite
     nonfinite: list[int]  # non-finite weights per slice
-    #: per slice: "gram" (float64 Gram + eigvalsh), "svd" (float64 SVD, where the Gram
-    #: route could not be certified) or "svd32" (float32 SVD, ``--spectral-dtype float32``)
+    #: per slice: "gram" (float64 Gram + eigvalsh), "cholqr2" or "qr" (where the Gram route
+    #: could not be certified; see :mod:`pytest_spectral.compute.spectra`) or "svd32"
+    #: (float32 SVD, ``--spectral-dtype float32``)
     methods: list[str]
     #: built-in metric columns (metric key -> one value per slice), kept in the cache
     metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -54,6 +55,6 @@ class LayerStats:
 
     layer: int
     slices: int
-    direct_svd: int
+    refined: int  # slices beyond the Gram route (cholqr2 or qr)
     from_cache: int
     seconds: float

@@ -346,9 +346,9 @@ class TestEngineOptions:
         result.stdout.fnmatch_lines(
             [
                 f"spectral: layer 0: 16 items from 12 distinct slices {shared} in * s; "
-                "0 of 4 matrices from the cache, 0 slices by direct SVD",
+                "0 of 4 matrices from the cache, 0 slices refined beyond the Gram route",
                 f"spectral: layer 1: 16 items from 12 distinct slices {shared} in * s; "
-                "0 of 4 matrices from the cache, * by direct SVD",
+                "0 of 4 matrices from the cache, * refined beyond the Gram route",
             ]
         )
 

@@ -195,7 +195,7 @@ class TestProgress:
         result.stdout.fnmatch_lines(
             [
                 f"spectral: layer 0: 20 items from 16 distinct slices {shared} in * s; "
-                "0 of 8 matrices from the cache, * by direct SVD",
+                "0 of 8 matrices from the cache, * refined beyond the Gram route",
             ]
         )
 

@@ -347,13 +347,15 @@ class TestReportsLeaveNothingOut:
             "--spectral-report=r.json",
             "--spectral-html=r.html",
         )
-        layer = SHAPE.heads * 4
-        result.assert_outcomes(passed=ITEMS - layer, failed=layer)  # the metric runs per layer
+        # The metric fails only on layer 0's V unit (the NaN's): its items, one per query head.
+        unit = SHAPE.heads
+        result.assert_outcomes(passed=ITEMS - unit, failed=unit)
         report = json.loads((pytester.path / "r.json").read_text())
         assert_counts_agree(result, report["summary"])
         errors = [i for i in report["items"] if i["outcome"] == "error"]
-        assert {i["nodeid"].split("::")[1] for i in errors} == {"layer00"}
-        assert len(errors) == layer
+        assert {i["nodeid"] for i in errors} == {
+            f"spectral::layer00::head{head:02d}-v" for head in range(SHAPE.heads)
+        }
         assert all(
             i["error"] == "metric 'fragile' failed: ValueError: cannot handle nan" for i in errors
         )
@@ -408,7 +410,7 @@ class TestReportsLeaveNothingOut:
         pytester.makeconftest(FAILING_METRIC)
         result = run(pytester, f"--spectral-model={ckpt}", "--spectral-calibrate=rules.toml")
         result.stdout.fnmatch_lines(
-            ["spectral calibrated rules: not written to *rules.toml: 16 of 32 items have no *"]
+            ["spectral calibrated rules: not written to *rules.toml: 4 of 32 items have no *"]
         )
         assert not (pytester.path / "rules.toml").exists()
 
