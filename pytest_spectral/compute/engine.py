@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, MATRICES, Checkpoint
 from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.judging.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
@@ -85,7 +85,8 @@ class SpectraEngine:
         if unit not in results:  # asked for outside the plan
             results[unit] = self._matrix(layer, unit)[0]
             if self._reader_instance is not None:  # its tensor is not held for a later layer
-                self._reader_instance.release(self.checkpoint.tensors[(layer, unit[0])])
+                for source in self.checkpoint.sources(layer, unit[0]):
+                    self._reader_instance.release(source)
         return results[unit]
 
     def close(self) -> None:
@@ -130,14 +131,15 @@ class SpectraEngine:
         if self._reader_instance is not None:
             # Once per layer, not per matrix: a fused Q/K/V tensor serves three units.
             for matrix in dict.fromkeys(matrix for matrix, _ in units):
-                self._reader_instance.release(self.checkpoint.tensors[(layer, matrix)])
+                for source in self.checkpoint.sources(layer, matrix):
+                    self._reader_instance.release(source)
         stats = LayerStats(layer, slices, direct, cached, time.perf_counter() - start)
         return results, stats
 
     def _matrix(self, layer: int, unit: Unit) -> tuple[list[HeadSpectrum], bool]:
         spectra, from_cache = self._spectra(layer, unit)
         values = spectra.singular_values
-        context = self._context(layer, unit)
+        context = self._context(layer, unit, spectra.floor)
         metrics = {
             request.key: (
                 spectra.metrics[request.key].tolist()
@@ -162,11 +164,12 @@ class SpectraEngine:
         ]
         return heads, from_cache
 
-    def _context(self, layer: int, unit: Unit) -> MetricContext:
+    def _context(self, layer: int, unit: Unit, floor: np.ndarray | None = None) -> MetricContext:
         matrix, scope = unit
         return MetricContext(
             self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
-            self.checkpoint.tensors[(layer, matrix)].dtype,
+            self.checkpoint.sources(layer, matrix)[0].dtype,
+            None if floor is None else tuple(floor.tolist()),
         )
 
     def _spectra(self, layer: int, unit: Unit) -> tuple[SliceSpectra, bool]:
@@ -175,7 +178,9 @@ class SpectraEngine:
         matrix, scope = unit
         g, stored = self.checkpoint.geometry, self.checkpoint.layout
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
-        key = entry_key(self.checkpoint.tensors[(layer, matrix)], layout, self.precision)
+        first, *others = self.checkpoint.sources(layer, matrix)  # a circuit has two factors
+        layout += tuple(other.cache_material() for other in others)
+        key = entry_key(first, layout, self.precision)
         hit = self.cache.load(key)
         if hit is not None:
             return hit, True
@@ -188,7 +193,7 @@ class SpectraEngine:
 
         Only metrics of this package: a conftest's metric may change without the cache knowing.
         """
-        context = self._context(layer, unit)
+        context = self._context(layer, unit, spectra.floor)
         columns = {
             request.key: np.asarray(_column(request, spectra.singular_values, context))
             for request in self.requests
@@ -210,6 +215,18 @@ class SpectraEngine:
             self.device = resolve_device(self.device, self.precision)
             self._reader_instance = WeightReader()
         matrix, scope = unit
+        dtype = torch.float64 if self.precision == "float64" else torch.float32
+        if matrix in CIRCUITS:
+            from pytest_spectral.compute.circuits import circuit_spectra
+
+            return circuit_spectra(
+                self._reader_instance,
+                self.checkpoint,
+                layer,
+                matrix,
+                device=self.device,
+                dtype=dtype,
+            )
         entry = self.checkpoint.tensors[(layer, matrix)]
         weight = self._reader_instance.tensor(entry)
         geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
@@ -217,7 +234,6 @@ class SpectraEngine:
             blocks = head_blocks(weight, matrix, geometry, layout)
         else:
             blocks = whole_matrix(weight, matrix, geometry, layout)[None]
-        dtype = torch.float64 if self.precision == "float64" else torch.float32
         return slice_singular_values(blocks, device=self.device, dtype=dtype)
 
 
