@@ -126,7 +126,7 @@ class SpectraEngine:
             heads, from_cache = self._matrix(layer, unit)
             results[unit] = heads
             slices += len(heads)
-            direct += sum(h.method != "gram" for h in heads)
+            direct += sum(h.method in ("svd", "svd32") for h in heads)
             cached += from_cache
         if self._reader_instance is not None:
             # Once per layer, not per matrix: a fused Q/K/V tensor serves three units.

@@ -83,7 +83,7 @@ class Candidate:
         """What an unpriced circuit candidate needs, in words ("" when priced)."""
         if not self.needs_heads:
             return ""
-        return f"needs H{_head_list(self.needs_heads)} (sharing K/V head {self.record['kv_head']})"
+        return f"needs H{_head_list(self.needs_heads)} (K/V head {self.record['kv_head']})"
 
     @property
     def rules(self) -> list[Record]:

@@ -158,7 +158,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> Table:
         broken = [_broken(b, c.record) for b in c.rules]
         saved = f"{c.params_before - c.params_after:,} ({c.saving_fraction:.0%})"
         if c.params_after >= c.params_before:
-            saved = "none" + (f": {c.needs}" if c.needs else "")
+            saved = "none" + (f"\n{c.needs}" if c.needs else "")
         if c.removal:
             saved += f"\nremove head: {c.removal:,}"
         rank = "-" if c.rank is None else str(c.rank)
