@@ -94,6 +94,18 @@ def falcon_mqa_heads(model, layer: int, c) -> tuple[np.ndarray, ...]:
     )
 
 
+def falcon_grouped_heads(model, layer: int, c) -> tuple[np.ndarray, ...]:
+    """``new_decoder_architecture``: ``fused.view(..., kv_heads, heads / kv_heads + 2, d)``:
+    per K/V head, its query heads, then its K, then its V."""
+    attention = model.transformer.h[layer].self_attention
+    heads, kv_heads = c.num_attention_heads, c.num_kv_heads
+    d, n = c.hidden_size // heads, heads // kv_heads
+    w = attention.query_key_value.weight.detach().double().numpy()
+    grid = w.reshape(kv_heads, n + 2, d, -1)
+    q = grid[:, :n].reshape(heads, d, -1)
+    return q, grid[:, n], grid[:, n + 1], _o_columns(attention.dense.weight, heads, d)
+
+
 FAMILIES = {
     "llama (GQA)": (
         "llama",
@@ -107,6 +119,11 @@ FAMILIES = {
     ),
     "gpt_neox (interleaved)": ("gpt_neox", {**SMALL, "intermediate_size": 96}, neox_heads),
     "falcon (multi-query)": ("falcon", {**SMALL, "multi_query": True}, falcon_mqa_heads),
+    "falcon (grouped)": (
+        "falcon",
+        {**SMALL, "new_decoder_architecture": True, "num_kv_heads": 2},
+        falcon_grouped_heads,
+    ),
 }
 
 
@@ -322,3 +339,25 @@ def test_baseline_calibration_and_heatmap_cover_circuits(pytester) -> None:
         "FAILED spectral::layer00::head03-qk",
     ]
     result.stdout.fnmatch_lines(["*(+200.0%)*", "q *qk *ov*", "qk: *furthest: L0 H2*"])
+
+
+def test_the_html_report_has_circuit_panels(pytester) -> None:
+    # Imported before the in-process run, which drops the modules it imported afterwards.
+    pytest.importorskip("matplotlib.pyplot")
+    from pytest_spectral.reporting.html_report import _heatmaps
+    from pytest_spectral.reporting.scale import metric_scale
+
+    result = run_planted(
+        pytester,
+        "--spectral-matrices=q,k,v,o,qk,ov",
+        "--spectral-html=report.html",
+        "--spectral-report=report.json",
+    )
+    result.assert_outcomes(failed=1, passed=6 * 4 * 2 - 1)
+    page = (pytester.path / "report.html").read_text()
+    assert "<td>qk</td>" in page  # the candidate's row
+    records = json.loads((pytester.path / "report.json").read_text())["items"]
+    values = [r["metrics"]["top_k_ratio"] for r in records]
+    figure = _heatmaps(records, metric_scale("top_k_ratio", values, bad="high"), layers=2, heads=4)
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert titles == ["q", "k", "v", "o", "qk", "ov"]
