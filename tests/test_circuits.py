@@ -219,6 +219,24 @@ def test_an_ill_conditioned_planted_circuit_meets_the_contract(tmp_path: Path) -
     assert_matches_explicit_product(values, q[d : 2 * d].T, k[:d])
 
 
+def test_non_finite_and_zero_factors_reach_exactly_their_circuits(tmp_path: Path) -> None:
+    tensors = random_llama_weights(SHAPE, seed=3, attention_only=True)
+    d = SHAPE.head_dim
+    tensors[attention_name(0, "v")][d + 2, 5] = float("nan")  # V of K/V head 1: heads 2, 3
+    tensors[attention_name(0, "q")][0:d] = 0.0  # query head 0
+    directory = write_checkpoint(
+        tmp_path / "model", tensors, SHAPE.config("float32"), dtype=torch.float32
+    )
+    engine = SpectraEngine(open_checkpoint(directory), DEFAULT_REQUESTS)
+    ov = [engine.head(0, "ov", head) for head in range(4)]
+    assert [h.nonfinite for h in ov] == [0, 0, 1, 1]
+    assert all(np.isnan(h.singular_values).all() for h in ov[2:])
+    assert all(np.isfinite(h.singular_values).all() for h in ov[:2])
+    qk = [engine.head(0, "qk", head) for head in range(4)]
+    assert qk[0].singular_values == [0.0] * d
+    assert all(min(h.singular_values) > 0 for h in qk[1:])
+
+
 RANK_RULES = """
 [[rules]]
 name = "few-directions"

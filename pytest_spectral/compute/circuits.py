@@ -22,6 +22,7 @@ singular values are limited by the factors' norms, not by its own largest value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,8 +66,9 @@ def circuit_spectra(
         sides.append((_triangles(factors, device, dtype), storage_roundoff(source.dtype)))
     (left, left_u), (right, right_u) = sides
     # The left factor is per query head; the right (K or V) per K/V head, shared by its group.
-    shared = torch.tensor([geometry.kv_head_of(h) for h in range(geometry.heads)])
-    cores = left.triangles @ right.triangles[shared.to(right.triangles.device)].transpose(1, 2)
+    shared = np.array([geometry.kv_head_of(h) for h in range(geometry.heads)])
+    index = torch.from_numpy(shared).to(right.triangles.device)
+    cores = left.triangles @ right.triangles[index].transpose(1, 2)
     values = torch.full(cores.shape[:2], float("nan"), dtype=torch.float64)
     finite = torch.isfinite(cores).flatten(1).all(1).cpu()
     if bool(finite.any()):
@@ -85,14 +87,14 @@ def circuit_spectra(
     return SliceSpectra(values.numpy(), nonfinite, [method] * len(nonfinite), floor=floor)
 
 
+@dataclass(frozen=True)
 class _Triangles:
     """The ``R`` factor of each slice's thin QR, with its non-finite count and its spectral
     and Frobenius norms (``nan`` rows where the slice holds NaN/Inf)."""
 
-    def __init__(self, triangles: torch.Tensor, nonfinite: list[int], norms: np.ndarray):
-        self.triangles = triangles  # [slices, min(n, d), d]
-        self.nonfinite = nonfinite
-        self.norms = norms  # [slices, 2] float64: ||F||_2, ||F||_F
+    triangles: torch.Tensor  # [slices, min(n, d), d]
+    nonfinite: list[int]
+    norms: np.ndarray  # [slices, 2] float64: ||F||_2, ||F||_F
 
 
 def _triangles(factors: torch.Tensor, device: torch.device, dtype: torch.dtype) -> _Triangles:
