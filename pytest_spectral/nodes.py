@@ -21,6 +21,7 @@ from _pytest._code.code import (
     ReprTraceback,
 )
 
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle
 
 ROOT_NAME = "spectral"
+#: how failure reports write each circuit (h the query head, g its K/V head)
+CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
 _NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
@@ -276,6 +279,8 @@ class SpectralItem(pytest.Item):
         """Where the slice lives. A K/V slice is named by its K/V head and the query heads
         sharing it, the same words for every item of the group."""
         g = run.checkpoint.geometry
+        if self.matrix in CIRCUITS:
+            return self._circuit_where(run)
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
@@ -296,6 +301,23 @@ class SpectralItem(pytest.Item):
         return (
             f"layer {self.layer}, {head}, {self.matrix}: {axis} {start}:{stop} of {entry.name} "
             f"({m}x{n})"
+        )
+
+    def _circuit_where(self, run: SpectralRun) -> str:
+        """A circuit names its product and where each factor's slice lives."""
+        g, layout = run.checkpoint.geometry, run.checkpoint.layout
+        head: int = self.head  # type: ignore[assignment]
+        kv_head = g.kv_head_of(head)
+        parts = []
+        for factor in CIRCUITS[self.matrix]:
+            index = kv_head if factor in ("k", "v") else head
+            axis, start, stop = slice_span(factor, index, g, layout)
+            name = run.checkpoint.tensors[(self.layer, factor)].name
+            parts.append(f"{factor} {axis} {start}:{stop} of {name}")
+        product = CIRCUIT_PRODUCTS[self.matrix]
+        return (
+            f"layer {self.layer}, head {head} (K/V head {kv_head}), {self.matrix} = {product}: "
+            f"{'; '.join(parts)} ({g.hidden}x{g.hidden}, rank <= {g.head_dim})"
         )
 
     def repr_failure(

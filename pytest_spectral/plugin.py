@@ -11,7 +11,7 @@ import argparse
 import pytest
 
 from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.invocation import (
     checkpoint_directory,
     refuse_configuration_inside,
@@ -28,7 +28,7 @@ def _layers(text: str) -> IndexSet:
 
 
 def _matrices(text: str) -> tuple[str, ...]:
-    known = MATRICES + MLP_MATRICES
+    known = HEAD_MATRICES + MLP_MATRICES
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -124,7 +124,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--spectral-matrices",
         metavar="LIST",
         type=_matrices,
-        help="only these matrices, e.g. q,k (heads and whole) or gate,down (whole only).",
+        help="only these matrices, e.g. q,k (heads and whole), gate,down (whole only) or "
+        "q,k,v,o,qk,ov (the per-head QK and OV circuits, collected only when named).",
     )
     group.addoption(
         "--spectral-scope",

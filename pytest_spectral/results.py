@@ -34,6 +34,9 @@ class SliceSpectra:
     methods: list[str]
     #: built-in metric columns (metric key -> one value per slice), kept in the cache
     metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: per slice, the measurement floor where it is not a function of the values alone (a
+    #: circuit's, from its factors' norms); ``None`` for a slice of one weight
+    floor: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
-from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import (
+    CIRCUITS,
+    HEAD_MATRICES,
+    Checkpoint,
+    open_checkpoint,
+)
 from pytest_spectral.checkpoints.formats import ReadOptions
 from pytest_spectral.checkpoints.hub import (
     cached_snapshot,
@@ -121,7 +126,7 @@ class SpectralRun:
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
         scope = config.getoption("spectral_scope")
-        selected = _selected_matrices(config, checkpoint)
+        selected = _selected_matrices(config, checkpoint, scope)
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
@@ -142,8 +147,8 @@ class SpectralRun:
             checkpoint=checkpoint,
             rules=rules,
             layers=layers,
-            head_matrices=tuple(m for m in selected if m in MATRICES),
-            whole_matrices=selected,
+            head_matrices=tuple(m for m in selected if m in HEAD_MATRICES),
+            whole_matrices=tuple(m for m in selected if m not in CIRCUITS),
             scopes=("head", "matrix") if scope == "both" else (scope,),
             energy=config.getoption("spectral_energy"),
             report_path=outputs["spectral_report"],
@@ -176,10 +181,10 @@ class SpectralRun:
             raise pytest.UsageError(printable(str(exc))) from None
 
     def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
-        """``(kv_head, shape)`` of an item: the K/V head a k or v head item reads (``None``
-        otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
+        """``(kv_head, shape)`` of an item: the K/V head a k, v, qk or ov head item reads
+        (``None`` otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
         geometry = self.checkpoint.geometry
-        shared = head is not None and matrix in ("k", "v")
+        shared = head is not None and matrix in ("k", "v", *CIRCUITS)
         kv_head = geometry.kv_head_of(head) if shared else None  # type: ignore[arg-type]
         return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
@@ -226,7 +231,11 @@ class SpectralRun:
             "layers": self.layers,
             "scopes": list(self.scopes),
             "matrices": list(
-                self.whole_matrices if "matrix" in self.scopes else self.head_matrices
+                dict.fromkeys(
+                    m
+                    for scope in self.scopes
+                    for m in (self.whole_matrices if scope == "matrix" else self.head_matrices)
+                )
             ),
             "candidate_energy": self.energy,
             "precision": self.precision,
@@ -360,17 +369,26 @@ def _custom_family(config: pytest.Config) -> Family | None:
     return custom_family(table["architecture"], str(path))
 
 
-def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
-    """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
-    available = checkpoint.attention + checkpoint.mlp
+def _selected_matrices(
+    config: pytest.Config, checkpoint: Checkpoint, scope: str
+) -> tuple[str, ...]:
+    """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole,
+    the QK and OV circuits only per head, and only when named (they cost a QR per slice)."""
+    available = checkpoint.attention + checkpoint.circuits + checkpoint.mlp
     chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
     if chosen is None:
-        return available
+        return checkpoint.attention + checkpoint.mlp
     missing = [m for m in chosen if m not in available]
     if missing:
         raise pytest.UsageError(
             f"--spectral-matrices: this checkpoint has no {', '.join(missing)} "
             f"(it has {', '.join(available)})"
+        )
+    circuits = [m for m in chosen if m in CIRCUITS]
+    if circuits and scope == "matrix":
+        raise pytest.UsageError(
+            f"--spectral-matrices {','.join(circuits)}: circuits exist per head only; "
+            "use --spectral-scope head (the default) or both"
         )
     return chosen
 

@@ -142,3 +142,54 @@ class TestTotalSaving:
         whole_q, whole_up = record("q", head=None), {**record("q", head=None), "matrix": "up"}
         assert self.total(whole_q, record("q", head=3)) == 176
         assert self.total(whole_up, record("q", head=3)) == 176 + 176
+
+
+def circuit(head: int, rank: float, matrix: str = "qk", group_size: int = 4) -> dict:
+    """A failed circuit item (hidden x hidden, rank <= head_dim 8) of query head ``head``."""
+    return {
+        **record(matrix, rank=rank, head=head),
+        "kv_head": head // group_size,
+        "shape": [32, 32],
+    }
+
+
+class TestCircuitCandidates:
+    """A circuit of rank r cuts its heads' Q (O) rows and the shared K (V) rows to r."""
+
+    def test_a_complete_group_is_one_candidate_at_its_largest_rank(self) -> None:
+        members = [circuit(4, 2), circuit(5, 3), circuit(6, 2), circuit(7, 1)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.label == "L0 H4-7 qk"
+        assert candidate.rank == 3
+        # four Q slices and the shared K slice, 8 x 32 each, cut from 8 rows to 3
+        assert (candidate.params_before, candidate.params_after) == (5 * 256, 5 * 3 * 32)
+        assert candidate.break_even == 8
+        assert candidate.needs == ""
+        entry = candidate_record(candidate)
+        assert entry["needs_heads"] is None
+        assert entry["params_saved"] == 5 * 5 * 32
+
+    def test_an_incomplete_group_is_listed_unpriced_naming_what_it_needs(self) -> None:
+        members = [circuit(4, 2, "ov"), circuit(6, 2, "ov")]
+        candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert [c.label for c in candidates] == ["L0 H4 ov", "L0 H6 ov"]
+        for candidate in candidates:
+            assert candidate.saved == 0
+            assert candidate.needs == "needs H4-7 (K/V head 1)"
+            assert candidate_record(candidate)["needs_heads"] == [4, 5, 6, 7]
+
+    def test_without_grouped_query_attention_each_head_is_priced(self) -> None:
+        geometry = Geometry(layers=2, heads=8, kv_heads=8, head_dim=8, hidden=32)
+        (candidate,) = pruning_candidates(
+            [circuit(3, 2, group_size=1)], "energy_rank(p=0.95)", geometry
+        )
+        assert (candidate.params_before, candidate.params_after) == (2 * 256, 2 * 2 * 32)
+
+    def test_a_slice_cut_and_factorised_counts_its_larger_saving_once(self) -> None:
+        members = [circuit(4, 3), circuit(5, 3), circuit(6, 3), circuit(7, 3)]
+        cut_per_slice = (8 - 3) * 32
+        candidates = pruning_candidates(
+            [*members, record("q", head=5)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        # Q slices 4, 6, 7 and K/V head 1's K slice are cut; Q slice 5 factorised (176 > 160)
+        assert total_saving(candidates, GEOMETRY) == 4 * cut_per_slice + 176

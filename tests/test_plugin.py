@@ -570,7 +570,7 @@ class TestScopes:
     def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-matrices", "q,gate")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o)"])
+        result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o, qk, ov)"])
 
 
 def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:

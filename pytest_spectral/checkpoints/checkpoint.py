@@ -36,6 +36,13 @@ from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.errors import CheckpointError
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
+#: Per-head circuits (Elhage et al. 2021, "A Mathematical Framework for Transformer
+#: Circuits"): the hidden x hidden products W_Q_h^T W_K_g (what head h attends to) and
+#: W_O_h W_V_g (what it writes), g the K/V head that query head h shares. Each is the product
+#: of two factors, listed here; their items exist per head, opt-in (--spectral-matrices).
+CIRCUITS: dict[str, tuple[str, str]] = {"qk": ("q", "k"), "ov": ("o", "v")}
+#: Every matrix a head item can have, in the order items, summaries and panels list them.
+HEAD_MATRICES: tuple[str, ...] = MATRICES + tuple(CIRCUITS)
 #: Any geometry may have up to this many head items (4 per query head and layer)...
 SMALL_MODEL_ITEMS = 4096
 #: ...beyond it, each item must stand for at least this many attention weights on average, so
@@ -70,7 +77,10 @@ class Geometry:
         return self.kv_heads if matrix in ("k", "v") else self.heads
 
     def slice_shape(self, matrix: str) -> tuple[int, int]:
-        """Shape ``[m, n]`` of one head's block in ``nn.Linear`` orientation (out x in)."""
+        """Shape ``[m, n]`` of one head's block in ``nn.Linear`` orientation (out x in); a
+        circuit (``qk``, ``ov``) is ``hidden x hidden``."""
+        if matrix in CIRCUITS:
+            return (self.hidden, self.hidden)
         return (self.hidden, self.head_dim) if matrix == "o" else (self.head_dim, self.hidden)
 
 
@@ -109,6 +119,18 @@ class Checkpoint:
         if self.layer_indices is None:
             return tuple(range(self.geometry.layers))
         return self.layer_indices
+
+    @property
+    def circuits(self) -> tuple[str, ...]:
+        """The circuits whose two factors this checkpoint has (both, except for some LoRA
+        updates)."""
+        return tuple(c for c, pair in CIRCUITS.items() if set(pair) <= set(self.attention))
+
+    def sources(self, layer: int, matrix: str) -> tuple[TensorSource, ...]:
+        """The tensors an item of ``matrix`` reads: its own, or a circuit's two factors'
+        (one, for both, when Q/K/V are fused)."""
+        found = [self.tensors[(layer, name)] for name in CIRCUITS.get(matrix, (matrix,))]
+        return tuple({source.key: source for source in found}.values())
 
     @property
     def dtype(self) -> str:
@@ -153,10 +175,11 @@ class Checkpoint:
         reads (an int8 MLP matrix in a head-scope run) cannot refuse the run.
         Raises :class:`CheckpointError`.
         """
-        for layer, matrix in dict.fromkeys(keys):
-            problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
-            if problem is not None:
-                raise CheckpointError(problem)
+        for layer, item_matrix in dict.fromkeys(keys):
+            for matrix in CIRCUITS.get(item_matrix, (item_matrix,)):
+                problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
+                if problem is not None:
+                    raise CheckpointError(problem)
 
     def _unreadable(self, matrix: str, entry: TensorSource) -> str | None:
         where = f"{entry.file}: tensor {entry.name!r}"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, MATRICES, Checkpoint
 from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.judging.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from pytest_spectral.checkpoints.reader import WeightReader
+    from pytest_spectral.compute.circuits import CircuitFactors
     from pytest_spectral.compute.spectra import PendingSpectra
 
 #: Layers computed ahead of the one whose items run (a single process only). More than one:
@@ -110,8 +111,9 @@ class SpectraEngine:
         results = self._layer(layer)
         if unit not in results:  # asked for outside the plan
             results[unit] = self._finish(layer, unit, self._start(layer, unit))[0]
-            if self._reader_instance is not None:  # its tensor is not held for a later layer
-                self._reader_instance.release(self.checkpoint.tensors[(layer, unit[0])])
+            if self._reader_instance is not None:  # its tensors are not held for a later layer
+                for source in self.checkpoint.sources(layer, unit[0]):
+                    self._reader_instance.release(source)
         served = results[unit]
         if isinstance(served, UnitError):
             raise served
@@ -162,12 +164,13 @@ class SpectraEngine:
             results[unit] = heads
             if isinstance(heads, list):
                 slices += len(heads)
-                refined += sum(h.method not in ("gram", "svd32") for h in heads)
+                refined += sum(h.method in ("cholqr2", "qr") for h in heads)
                 cached += from_cache
         if self._reader_instance is not None:
             # Once per layer, not per matrix: a fused Q/K/V tensor serves three units.
             for matrix in dict.fromkeys(matrix for matrix, _ in units):
-                self._reader_instance.release(self.checkpoint.tensors[(layer, matrix)])
+                for source in self.checkpoint.sources(layer, matrix):
+                    self._reader_instance.release(source)
         stats = LayerStats(layer, slices, refined, cached, time.perf_counter() - start)
         return results, stats
 
@@ -176,16 +179,23 @@ class SpectraEngine:
 
         Never raises: what stops the unit is returned, naming its tensor and the cause.
         """
-        entry = self.checkpoint.tensors[(layer, unit[0])]
         try:
             key = self._cache_key(layer, unit) if self.cache is not None else None
             hit = self.cache.load(key) if self.cache is not None and key is not None else None
             if hit is not None:
                 return _Started(key, hit, None)
+            if unit[0] in CIRCUITS:
+                factors = self._circuit_factors(layer, unit[0])
+                return _Started(key, None, self._start_circuits(*factors))
             blocks = self._blocks(layer, unit)
         except Exception as exc:
-            return UnitError(f"cannot read {entry.name} from {entry.file}: {_cause(exc)}")
+            return UnitError(f"cannot read {self._names(layer, unit)}: {_cause(exc)}")
         return _Started(key, None, self._start_decomposition(blocks))
+
+    def _names(self, layer: int, unit: Unit) -> str:
+        """The tensors a unit reads, as messages name them (a circuit reads two)."""
+        sources = self.checkpoint.sources(layer, unit[0])
+        return " and ".join(f"{source.name} from {source.file}" for source in sources)
 
     def _finish(
         self, layer: int, unit: Unit, started: _Started | UnitError
@@ -195,11 +205,11 @@ class SpectraEngine:
             return started, False
         spectra, from_cache = started.cached, True
         if spectra is None:
-            entry = self.checkpoint.tensors[(layer, unit[0])]
             try:
                 spectra = started.pending.result()  # type: ignore[union-attr]
             except Exception as exc:
-                failure = f"cannot decompose {entry.name} ({unit[1]} scope): {_cause(exc)}"
+                names = " and ".join(s.name for s in self.checkpoint.sources(layer, unit[0]))
+                failure = f"cannot decompose {names} ({unit[1]} scope): {_cause(exc)}"
                 return UnitError(failure), False
             from_cache = False
         try:
@@ -213,7 +223,7 @@ class SpectraEngine:
 
     def _heads(self, layer: int, unit: Unit, spectra: SliceSpectra) -> list[HeadSpectrum]:
         values = spectra.singular_values
-        context = self._context(layer, unit)
+        context = self._context(layer, unit, spectra.floor)
         metrics = {
             request.key: (
                 spectra.metrics[request.key].tolist()
@@ -237,26 +247,28 @@ class SpectraEngine:
             for i, row in enumerate(values.tolist())
         ]
 
-    def _context(self, layer: int, unit: Unit) -> MetricContext:
+    def _context(self, layer: int, unit: Unit, floor: np.ndarray | None = None) -> MetricContext:
         matrix, scope = unit
         return MetricContext(
             self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
-            self.checkpoint.tensors[(layer, matrix)].dtype,
+            self.checkpoint.sources(layer, matrix)[0].dtype,
+            None if floor is None else tuple(floor.tolist()),
         )
 
     def _cache_key(self, layer: int, unit: Unit) -> str:
         matrix, scope = unit
         g, stored = self.checkpoint.geometry, self.checkpoint.layout
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
-        precision = f"{self.precision}/{ALGORITHM}"
-        return entry_key(self.checkpoint.tensors[(layer, matrix)], layout, precision)
+        first, *others = self.checkpoint.sources(layer, matrix)  # a circuit has two factors
+        layout += tuple(other.cache_material() for other in others)
+        return entry_key(first, layout, f"{self.precision}/{ALGORITHM}")
 
     def _with_builtin_metrics(self, spectra: SliceSpectra, layer: int, unit: Unit) -> SliceSpectra:
         """The spectra plus the built-in metric columns, for the cache.
 
         Only metrics of this package: a conftest's metric may change without the cache knowing.
         """
-        context = self._context(layer, unit)
+        context = self._context(layer, unit, spectra.floor)
         columns = {
             request.key: np.asarray(_column(request, spectra.singular_values, context))
             for request in self.requests
@@ -264,32 +276,63 @@ class SpectraEngine:
         }
         return dataclasses.replace(spectra, metrics=columns)
 
-    def _blocks(self, layer: int, unit: Unit) -> torch.Tensor:
-        """The unit's slices as views of the tensor as read (``[slices, m, n]``)."""
+    def _reader(self) -> WeightReader:
         from pytest_spectral.checkpoints.reader import WeightReader
-        from pytest_spectral.compute.spectra import head_blocks, whole_matrix
 
         if self._reader_instance is None:
             self._reader_instance = WeightReader()
+        return self._reader_instance
+
+    def _blocks(self, layer: int, unit: Unit) -> torch.Tensor:
+        """The unit's slices as views of the tensor as read (``[slices, m, n]``)."""
+        from pytest_spectral.compute.spectra import head_blocks, whole_matrix
+
         matrix, scope = unit
-        weight = self._reader_instance.tensor(self.checkpoint.tensors[(layer, matrix)])
+        weight = self._reader().tensor(self.checkpoint.tensors[(layer, matrix)])
         geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
         if scope == "head":
             return head_blocks(weight, matrix, geometry, layout)
         return whole_matrix(weight, matrix, geometry, layout)[None]
 
-    def _start_decomposition(self, blocks: torch.Tensor) -> PendingSpectra:
-        """The only place torch computes: a run served from the cache never imports it."""
-        import torch
+    def _circuit_factors(
+        self, layer: int, circuit: str
+    ) -> tuple[CircuitFactors, CircuitFactors]:
+        from pytest_spectral.compute.circuits import read_circuit_factors
 
+        return read_circuit_factors(self._reader(), self.checkpoint, layer, circuit)
+
+    def _start_decomposition(self, blocks: torch.Tensor) -> PendingSpectra:
+        """Torch computes only here and in :meth:`_start_circuits`: a run served from the
+        cache never imports it."""
+        from pytest_spectral.compute.spectra import start_slices
+
+        pool = self._pool()
+        return start_slices(blocks, device=self.device, dtype=self._dtype(), executor=pool)
+
+    def _start_circuits(self, left: CircuitFactors, right: CircuitFactors) -> Future[SliceSpectra]:
+        """A layer's circuits as one task of the slice pool, whose threads each run torch on
+        one intra-op thread: their values, too, never depend on the number of threads."""
+        from pytest_spectral.compute.circuits import circuit_spectra
+
+        pool = self._pool()
+        kv_heads = [self.checkpoint.geometry.kv_head_of(h) for h in range(left.factors.shape[0])]
+        return pool.submit(
+            circuit_spectra, left, right, kv_heads, device=self.device, dtype=self._dtype()
+        )
+
+    def _pool(self) -> ThreadPoolExecutor:
         from pytest_spectral.compute.device import resolve_device
-        from pytest_spectral.compute.spectra import slice_executor, start_slices
+        from pytest_spectral.compute.spectra import slice_executor
 
         if self._slice_pool is None:
             self.device = resolve_device(self.device, self.precision)
             self._slice_pool = slice_executor(max(1, self.threads or 1))
-        dtype = torch.float64 if self.precision == "float64" else torch.float32
-        return start_slices(blocks, device=self.device, dtype=dtype, executor=self._slice_pool)
+        return self._slice_pool
+
+    def _dtype(self) -> torch.dtype:
+        import torch
+
+        return torch.float64 if self.precision == "float64" else torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +341,7 @@ class _Started:
 
     key: str | None
     cached: SliceSpectra | None
-    pending: PendingSpectra | None
+    pending: PendingSpectra | Future[SliceSpectra] | None
 
 
 def _cause(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
 
@@ -70,7 +70,11 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
     for scope in ("head", "matrix"):
         for matrix in sorted(
             matrices,
-            key=lambda m: (m not in MATRICES, MATRICES.index(m) if m in MATRICES else 0, m),
+            key=lambda m: (
+                m not in HEAD_MATRICES,
+                HEAD_MATRICES.index(m) if m in HEAD_MATRICES else 0,
+                m,
+            ),
         ):
             rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
             for metric, scale in CALIBRATED:

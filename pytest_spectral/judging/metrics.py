@@ -91,10 +91,19 @@ class MetricContext:
 
     shape: tuple[int, int]  # [m, n]
     storage: str | None = None  # safetensors dtype name, e.g. "BF16"
+    #: per slice, the measurement floor where it is not a function of the slice's own
+    #: singular values: a circuit's (a product's) comes from its factors' norms
+    #: (:func:`pytest_spectral.compute.circuits.product_floor`)
+    floor: tuple[float, ...] | None = None
 
 
 #: relative precision of each storage dtype (unit roundoff)
 _STORAGE_EPS = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def storage_roundoff(storage: str | None) -> float:
+    """Unit roundoff of a storage dtype (``"BF16"``: 2^-8); float64's for any other."""
+    return _STORAGE_EPS.get(storage or "F64", 2.0**-53)
 
 
 def measurement_floor(sv: ArrayLike, context: MetricContext) -> Values:
@@ -103,13 +112,16 @@ def measurement_floor(sv: ArrayLike, context: MetricContext) -> Values:
     The larger of the float64 numerical floor ``sigma_max * max(m, n) * eps64`` and the storage
     floor ``u * rms(W) * (sqrt(m) + sqrt(n))``: rounding every weight to a dtype of unit
     roundoff ``u`` adds noise whose spectral norm is about that (``shared notes``, section 5).
+    A context that carries its own ``floor`` (a circuit's) gives it instead.
     """
+    if context.floor is not None:
+        return np.asarray(context.floor, dtype=np.float64)
     s = _descending(sv)
     m, n = context.shape
     numerical = s[..., 0] * max(m, n) * np.finfo(np.float64).eps
     balanced, exponent = _balanced(s)
     rms = np.ldexp(np.sqrt((balanced * balanced).sum(-1) / (m * n)), exponent)
-    storage = _STORAGE_EPS.get(context.storage or "F64", 2.0**-53) * rms * (np.sqrt(m) + np.sqrt(n))
+    storage = storage_roundoff(context.storage) * rms * (np.sqrt(m) + np.sqrt(n))
     return np.maximum(numerical, storage)
 
 
@@ -282,10 +294,11 @@ def alpha_xmin(sv: ArrayLike) -> Values:
 
 
 def alpha_weighted(sv: ArrayLike) -> Values:
-    """alpha * log10(lambda_max), WeightWatcher's alpha-hat."""
+    """alpha * log10(lambda_max), WeightWatcher's alpha-hat (lambda_max = sigma_1^2, whose
+    logarithm is taken as 2 log10(sigma_1): sigma_1^2 itself overflows above 1.3e154)."""
     s = _descending(sv)
     with np.errstate(divide="ignore"):
-        return alpha(s) * np.log10(s[..., 0] ** 2)
+        return alpha(s) * 2.0 * np.log10(s[..., 0])
 
 
 def nonfinite_count(sv: ArrayLike) -> Values:

@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
@@ -60,7 +60,9 @@ def render_heatmap(
         markup=False,
         emoji=False,
     )
-    grids = {m: g for m in MATRICES if (g := _grid(records, metric, m, layers, heads)) is not None}
+    grids = {
+        m: g for m in HEAD_MATRICES if (g := _grid(records, metric, m, layers, heads)) is not None
+    }
     values = [v for values, _ in grids.values() for v in values[np.isfinite(values)].tolist()]
     scale = metric_scale(metric, values, bad=bad, bounds=bounds, log=log)
     console.print(

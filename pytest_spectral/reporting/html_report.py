@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.judging.metrics import METRICS
 from pytest_spectral.judging.rules import Rule
@@ -58,7 +58,7 @@ def render_html(
     rules: Sequence[Rule] = (),
 ) -> str:
     """The page: run, summary and settings tables, regressions, pruning candidates, items
-    without a result, one heatmap figure per metric (one colour scale for its four panels,
+    without a result, one heatmap figure per metric (one colour scale for its panels,
     reaching to the ``rules``' bounds), and the singular values of the flagged layers."""
     require_matplotlib()
     import matplotlib
@@ -128,7 +128,8 @@ def _curve_layers(
 
 
 def _heatmaps(records: Sequence[Record], scale: Scale, layers: int, heads: int):
-    """Four panels (q, k, v, o) on one colour scale, with one colour bar."""
+    """A panel per matrix (q, k, v, o, and qk, ov when collected) on one colour scale, with
+    one colour bar."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.ticker import MaxNLocator
@@ -140,8 +141,11 @@ def _heatmaps(records: Sequence[Record], scale: Scale, layers: int, heads: int):
     norm = TwoSlopeNorm(
         vcenter=shown(scale.centre), vmin=shown(scale.low.value), vmax=shown(scale.high.value)
     )
-    figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
-    for axis, matrix in zip(axes, MATRICES, strict=True):
+    matrices = _panels(records)
+    figure, axes = plt.subplots(
+        1, len(matrices), figsize=(3.5 * len(matrices), 3.6), constrained_layout=True
+    )
+    for axis, matrix in zip(axes, matrices, strict=True):
         grid = np.full((layers, heads), np.nan)
         for r in records:
             if r["matrix"] == matrix:
@@ -160,6 +164,13 @@ def _heatmaps(records: Sequence[Record], scale: Scale, layers: int, heads: int):
     return figure
 
 
+def _panels(records: Sequence[Record]) -> tuple[str, ...]:
+    """q, k, v and o always (an empty panel says they were not collected); the circuits when
+    a run collected them."""
+    present = {r["matrix"] for r in records}
+    return MATRICES + tuple(c for c in CIRCUITS if c in present)
+
+
 def _value(record: Record, metric: str) -> float:
     return float(record["metrics"].get(metric, math.nan))  # type: ignore[attr-defined, arg-type]
 
@@ -167,8 +178,11 @@ def _value(record: Record, metric: str) -> float:
 def _curves(records: Sequence[Record], layer: int):
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
-    for axis, matrix in zip(axes, MATRICES, strict=True):
+    matrices = _panels(records)
+    figure, axes = plt.subplots(
+        1, len(matrices), figsize=(3.5 * len(matrices), 3.6), constrained_layout=True
+    )
+    for axis, matrix in zip(axes, matrices, strict=True):
         for r in records:
             if r["layer"] != layer or r["matrix"] != matrix:
                 continue
@@ -345,7 +359,8 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
             f"<td>{_broken_rules(c.rules, r)}</td>"
             f"<td>{'-' if c.rank is None else c.rank}</td>"
             f"<td>{'x'.join(map(str, r['shape']))}</td>"  # type: ignore[call-overload]
-            f"<td>{c.saved:,} ({c.saving_fraction:.0%})</td></tr>"
+            f"<td>{c.saved:,} ({c.saving_fraction:.0%}){_text(' ' + c.needs if c.needs else '')}"
+            "</td></tr>"
         )
     note = (
         f"<p>rank@{energy:.0%} keeps {energy:.0%} of the slice's energy. These are candidates "
