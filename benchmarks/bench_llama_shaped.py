@@ -209,7 +209,7 @@ def main() -> None:
         "addopts=",
     ]
     spectral = [*base_pytest, f"--spectral-model={model}"]
-    rules_a_cold = ["--spectral-thresholds", "rules_a.toml", "--spectral-no-cache"]
+    rules_a_cold = ["--spectral-thresholds=rules_a.toml", "--spectral-no-cache"]
     # The CPU rows stay on the CPU even where auto would pick a GPU; --device adds its own rows.
     cold = [*spectral, *rules_a_cold, "--spectral-device", "cpu"]
 
@@ -224,9 +224,9 @@ def main() -> None:
         results[f"baseline {args.device}"] = median_run(baseline_on(args.device), work, args.repeat)
         on_device = [*spectral, *rules_a_cold, "--spectral-device", args.device]
         results[f"plugin-cold {args.device}"] = median_run(on_device, work, args.repeat)
-    timed([*spectral, "--spectral-thresholds", "rules_a.toml", "--cache-clear"], work)  # warm
+    timed([*spectral, "--spectral-thresholds=rules_a.toml", "--cache-clear"], work)  # warm
     results["plugin-cached"] = median_run(
-        [*spectral, "--spectral-thresholds", "rules_b.toml"], work, args.repeat
+        [*spectral, "--spectral-thresholds=rules_b.toml"], work, args.repeat
     )
     results["empty-pytest"] = median_run([*base_pytest, "test_empty.py"], work, args.repeat)
     if args.xdist:

@@ -19,7 +19,12 @@ from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_ch
 from pytest_spectral.checkpoints.hub import looks_like_hub_id, resolve_hub_model
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
-from pytest_spectral.invocation import inside, refuse_configuration_inside
+from pytest_spectral.invocation import (
+    CHECKPOINT_DIRECTORY,
+    protected_directories,
+    refuse_collection_and_outputs_inside,
+    refuse_configuration_inside,
+)
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
@@ -30,8 +35,9 @@ from pytest_spectral.judging.metrics import (
 )
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
+from pytest_spectral.options import given_path, option_value, rules_path
+from pytest_spectral.outputs import output_paths
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
 from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
@@ -44,6 +50,8 @@ class SpectralRun:
     model_argument: str
     model_path: Path  # local: a hub id's snapshot, or the path as given
     checkpoint: Checkpoint
+    #: directories holding the checkpoint's files (or a hub id's cache), never collected from
+    protected: frozenset[Path]
     rules: RuleSet
     layers: list[int]
     #: matrices of head items, and of whole-matrix items (which add the MLP's)
@@ -76,30 +84,43 @@ class SpectralRun:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> SpectralRun:
-        """Validate every option; raises ``pytest.UsageError`` with a precise message."""
+        """Validate every option and open the checkpoint; raises ``pytest.UsageError`` with a
+        precise message. Output paths were checked, and earlier runs' files there removed, at
+        ``pytest_load_initial_conftests`` (``outputs.py``), so that none of these errors can
+        leave a stale report behind."""
         model_argument: str = config.getoption("spectral_model")
+        scope = option_value(config, "spectral_scope")
+        precision = option_value(config, "spectral_dtype")
+        energy = option_value(config, "spectral_energy")
+        threads = option_value(config, "spectral_threads")
+        margin = option_value(config, "spectral_calibrate_margin")
+        selection = option_value(config, "spectral_layers") or IndexSet.everything()
         try:
             model_path = local_model_path(config)
             _refuse_non_weight_file(model_path, model_argument)
             checkpoint = open_checkpoint(
                 model_path,
-                config_path=_path_option(config, "spectral_config"),
+                config_path=given_path(config, "spectral_config"),
                 family=_custom_family(config),
             )
-            protected = checkpoint_directories(checkpoint)
-            refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
+            protected = {
+                **protected_directories(model_argument),
+                **dict.fromkeys(checkpoint_directories(checkpoint), CHECKPOINT_DIRECTORY),
+            }
+            # again: a hub snapshot's directories are known only now
+            refuse_configuration_inside(config, protected)
+            refuse_collection_and_outputs_inside(config, protected)
             metrics = MetricRegistry()
             config.hook.pytest_spectral_register_metrics(metrics=metrics)
-            rules_path = _rules_path(config)
-            rules = load_rules(rules_path, metrics.specs) if rules_path else RuleSet.empty()
-            precision = config.getoption("spectral_dtype")
+            rules_file = rules_path(config)
+            rules = load_rules(rules_file, metrics.specs) if rules_file else RuleSet.empty()
             device = config.getoption("spectral_device").strip().lower()
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
             baseline = _baseline(config, checkpoint, rules)
             heatmap = _heatmap_metric(config, metrics)
-            html = _path_option(config, "spectral_html")
-            if html is not None:
+            outputs = output_paths(config)
+            if "spectral_html" in outputs:
                 from pytest_spectral.reporting.html_report import require_matplotlib
 
                 require_matplotlib()
@@ -112,38 +133,36 @@ class SpectralRun:
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
-        scope = config.getoption("spectral_scope")
         selected = _selected_matrices(config, checkpoint)
-        selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
-        outputs = _outputs(config, protected)  # last but one: it removes stale reports
         run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
+            protected=frozenset(protected),
             rules=rules,
             layers=[layer for layer in range(count) if layer in selection],
             head_matrices=tuple(m for m in selected if m in MATRICES),
             whole_matrices=selected,
             scopes=("head", "matrix") if scope == "both" else (scope,),
-            energy=config.getoption("spectral_energy"),
-            report_path=outputs["spectral_report"],
+            energy=energy,
+            report_path=outputs.get("spectral_report"),
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
-            threads=config.getoption("spectral_threads") or default_threads(),
+            threads=threads or default_threads(),
             cache_dir=_cache_dir(config),
             baseline=baseline,
             warn_only=config.getoption("spectral_warn_only"),
-            calibrate_path=outputs["spectral_calibrate"],
-            calibrate_margin=config.getoption("spectral_calibrate_margin"),
+            calibrate_path=outputs.get("spectral_calibrate"),
+            calibrate_margin=margin,
             heatmap=heatmap,
-            html_path=outputs["spectral_html"],
+            html_path=outputs.get("spectral_html"),
         )
         run.check_readable()
         return run
@@ -220,65 +239,10 @@ class SpectralRun:
         }
 
 
-def _rules_path(config: pytest.Config) -> Path | None:
-    option = config.getoption("spectral_thresholds")
-    if option:
-        return Path(option).expanduser().absolute()
-    ini = config.getini("spectral_thresholds")
-    if not ini:
-        return None
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (base / ini).absolute()
-
-
-#: options naming files the run writes, each created through a temporary file at the end
-_OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
-#: options naming files the run reads, which are never removed as stale outputs
-_INPUT_OPTIONS = ("spectral_baseline", "spectral_thresholds", "spectral_config")
-
-
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
     """Resolved directories holding the checkpoint's files: its root, and wherever its weight
     files really are (a hub snapshot's blobs, a symlinked shard's target)."""
     return {checkpoint.root.resolve(), *(f.resolve().parent for f in checkpoint.files)}
-
-
-def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | None]:
-    """The output paths, checked before anything runs; an earlier run's files there are
-    removed (by the controller), so that none can pass for this run's.
-
-    Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
-    inside the checkpoint, or one path given to two options.
-    """
-    outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
-    seen: dict[Path, str] = {}
-    for name, path in outputs.items():
-        if path is None:
-            continue
-        option = "--" + name.replace("_", "-")
-        try:
-            check_output_path(path, option)
-        except OutputPathError as exc:
-            raise pytest.UsageError(printable(str(exc))) from None
-        holder = inside(path, protected)
-        if holder is not None:
-            raise pytest.UsageError(
-                printable(
-                    f"{option} {path}: lies inside the checkpoint directory {holder}; "
-                    "pytest-spectral never writes into a checkpoint: choose a path outside it"
-                )
-            )
-        if path.resolve() in seen:
-            raise pytest.UsageError(
-                printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
-            )
-        seen[path.resolve()] = option
-    if not hasattr(config, "workerinput"):
-        inputs = {p.resolve() for n in _INPUT_OPTIONS if (p := _path_option(config, n))}
-        for path in outputs.values():
-            if path is not None and path.resolve() not in inputs:
-                remove_stale(path)
-    return outputs
 
 
 def local_model_path(config: pytest.Config) -> Path:
@@ -314,7 +278,7 @@ def _refuse_non_weight_file(path: Path, argument: str) -> None:
 
 
 def _custom_family(config: pytest.Config) -> Family | None:
-    path = _path_option(config, "spectral_architecture")
+    path = given_path(config, "spectral_architecture")
     if path is None:
         return None
     try:
@@ -329,7 +293,7 @@ def _custom_family(config: pytest.Config) -> Family | None:
 def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
     """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
     available = MATRICES + checkpoint.mlp
-    chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
+    chosen = option_value(config, "spectral_matrices")
     if chosen is None:
         return available
     missing = [m for m in chosen if m not in available]
@@ -341,13 +305,8 @@ def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[s
     return chosen
 
 
-def _path_option(config: pytest.Config, name: str) -> Path | None:
-    value = config.getoption(name)
-    return Path(value).expanduser().absolute() if value else None
-
-
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
-    path = _path_option(config, "spectral_baseline")
+    path = given_path(config, "spectral_baseline")
     if path is None:
         relative = next((r for r in rules.rules if r.is_relative), None)
         if relative is not None:

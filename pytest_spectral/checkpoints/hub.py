@@ -77,3 +77,13 @@ def _advice(exc: Exception, offline_mode: bool, revision: str | None) -> str:
         "the hub could not be reached: check the network, set HF_HUB_OFFLINE=1 to use a "
         "snapshot already in the cache, or pass a local checkpoint directory."
     )
+
+
+def hub_cache_directory() -> Path | None:
+    """The resolved hub cache directory hub ids are read from (``HF_HUB_CACHE``), or ``None``
+    without ``huggingface_hub``."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()

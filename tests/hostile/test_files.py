@@ -141,10 +141,10 @@ TARGETS: dict[str, Callable[[Path], tuple[Path, list[str]]]] = {
     "model.safetensors": in_single,
     "pytorch_model.bin": in_torch,
     "model path": as_model_path,
-    "--spectral-config": as_option("--spectral-config", "config-elsewhere.json"),
-    "rules": as_option("--spectral-thresholds", "rules.toml"),
-    "baseline": as_option("--spectral-baseline", "good.json"),
-    "architecture": as_option("--spectral-architecture", "arch.toml"),
+    "--spectral-config": as_option("--spectral-config=config-elsewhere.json"),
+    "rules": as_option("--spectral-thresholds=rules.toml"),
+    "baseline": as_option("--spectral-baseline=good.json"),
+    "architecture": as_option("--spectral-architecture=arch.toml"),
 }
 #: FIFOs and /dev/zero (the inputs that hang or never end) everywhere; the rest at a few places.
 CASES = [(target, thing) for target in TARGETS for thing in ("fifo", "/dev/zero")] + [

@@ -94,14 +94,14 @@ class TestTheCheckpointNeverConfiguresTheRun:
             result,
             f"--spectral-model {hostile} (on the command line): with a space, pytest reads",
             "python -m pytest --basetemp=",
-            f" --spectral-model={hostile} --spectral-report {report}\n",
+            f" --spectral-model={hostile} --spectral-report={report}\n",
         )
         assert not report.exists()
         assert snapshot(hostile) == before  # no .pytest_cache, nothing else
 
     def test_equals_form_fails_the_nan_head(self, pytester, hostile) -> None:
         before = snapshot(hostile)
-        result = run(pytester, f"--spectral-model={hostile}", "--spectral-report", "r.json")
+        result = run(pytester, f"--spectral-model={hostile}", "--spectral-report=r.json")
         result.assert_outcomes(passed=ITEMS - 2, failed=2)  # the ini in the checkpoint is unread
         summary = json.loads((pytester.path / "r.json").read_text())["summary"]
         assert (summary["failed"], summary["warned"]) == (2, 0)
@@ -273,7 +273,11 @@ class TestHubIdsInTheSpaceForm:
         snapshot_dir = next((offline_hub / "models--org--tiny" / "snapshots").iterdir())
         monkeypatch.chdir(snapshot_dir)
         result = run(pytester, "--spectral-model=org/tiny", "-p", "no:cacheprovider")
-        assert_clean_usage_error(result, "lies inside the checkpoint directory")
+        assert_clean_usage_error(
+            result,
+            f"the directory pytest was started in ({snapshot_dir}) lies inside the Hugging Face "
+            f"cache {offline_hub}",
+        )
 
 
 def healthy_checkpoint(directory: Path) -> Path:
@@ -482,10 +486,10 @@ class TestReportsLeaveNothingOut:
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
     def test_atomic_write_that_fails_removes_its_temporary_file(self, tmp_path) -> None:
-        from pytest_spectral.reporting.files import write_text_atomically
+        from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
 
-        (tmp_path / "r.json").mkdir()  # os.replace cannot put a file over a directory
-        with pytest.raises(IsADirectoryError):
+        (tmp_path / "r.json").mkdir()  # appeared during the run: left alone
+        with pytest.raises(OutputPathError, match="r.json: is a directory now, not a regular"):
             write_text_atomically(tmp_path / "r.json", "text")
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
