@@ -79,8 +79,9 @@ def refuse_space_form(
             printable(
                 f"{option} {value} (on {where}): with a space, pytest reads {value} as a "
                 "test path before any plugin is loaded, and takes its rootdir and ini file from "
-                "there, so an ini file beside it (a pytest.ini inside a checkpoint, say) would "
-                f"configure this run. Give the value with '=' instead; {instead}",
+                "there, so an ini file in its directory or above (a pytest.ini inside a "
+                "checkpoint, say) would configure this run. Give the value with '=' instead; "
+                f"{instead}",
                 keep_newlines=True,
             )
         )
@@ -238,7 +239,7 @@ def _initial_conftests_inside(
     cut = (config.invocation_params.dir / confcutdir).absolute() if confcutdir else None
     for anchor, why in _initial_anchors(config):
         directory = anchor if anchor.is_dir() else anchor.parent
-        for folder in (directory, *directory.parents):
+        for folder in reversed((directory, *directory.parents)):  # in pytest's order
             if cut is not None and folder in cut.parents:
                 continue
             conftest = folder / "conftest.py"

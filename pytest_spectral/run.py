@@ -312,7 +312,7 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
         if relative is not None:
             raise RulesError(
                 f"{rules.path}: rule {relative.name!r} bounds the change against a baseline; "
-                "give one with --spectral-baseline REPORT.json (a --spectral-report of a "
+                "give one with --spectral-baseline=REPORT.json (a --spectral-report of a "
                 "known-good run)"
             )
         return None

@@ -200,7 +200,7 @@ def open_checkpoint(
         raise CheckpointError(
             f"{config_file}: model_type {config.get('model_type')!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
-            "--spectral-architecture FILE.toml (see the README)"
+            "--spectral-architecture=FILE.toml (see the README)"
         )
     try:
         variant = family.layout_of(config)
