@@ -33,8 +33,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.checkpoints.checkpoint import hub_blobs
-from pytest_spectral.checkpoints.hub import hub_cache_directory, looks_like_hub_id
+from pytest_spectral.checkpoints.formats.lora import is_adapter
+from pytest_spectral.checkpoints.formats.shards import hub_blobs
+from pytest_spectral.checkpoints.hub import hub_cache_directory, hub_id_of
+from pytest_spectral.errors import CheckpointError
 from pytest_spectral.printable import printable
 
 MODEL_OPTION = "--spectral-model"
@@ -90,22 +92,45 @@ def refuse_space_form(
 #: resolved directories the run must leave alone, each with what it is (for messages)
 Protected = Mapping[Path, str]
 CHECKPOINT_DIRECTORY = "the checkpoint directory"
+BASE_MODEL_DIRECTORY = "the base model's directory"
 
 
-def protected_directories(argument: str) -> dict[Path, str]:
+def protected_directories(argument: str, base_model: str | None = None) -> dict[Path, str]:
     """The directories a ``--spectral-model`` argument's files may lie in, known before the
     checkpoint is opened: for a local path, the checkpoint's directory (a weight file's
     parent) and, for a Hugging Face cache snapshot, its repository's ``blobs/``, the only
-    places its weights may be read from (``checkpoints/checkpoint.py``); for a hub id, the
-    whole hub cache it will be read from, whose snapshots all come from elsewhere."""
-    if looks_like_hub_id(argument):
-        cache = hub_cache_directory()
-        return {cache: "the Hugging Face cache"} if cache is not None else {}
-    path = Path(argument).expanduser()
+    places its weights may be read from (``checkpoints/formats/shards.py``); for a hub id, the
+    whole hub cache it will be read from, whose snapshots all come from elsewhere.
+
+    A LoRA adapter's base model is a checkpoint too: ``base_model``
+    (``--spectral-base-model``) is protected the same way; without it, an adapter's base comes
+    from the hub cache (``checkpoints/formats/lora.py``), so the cache is protected.
+    """
+    protected = _directories_of(argument, CHECKPOINT_DIRECTORY)
+    if base_model is not None:
+        protected.update(_directories_of(base_model, BASE_MODEL_DIRECTORY))
+    elif any(is_adapter(directory) for directory in protected):
+        protected.update(_hub_cache())
+    return protected
+
+
+def _directories_of(argument: str, what: str) -> dict[Path, str]:
+    try:
+        repo_id = hub_id_of(argument)
+    except CheckpointError:  # no valid hub id: opening the checkpoint says so
+        return {}
+    if repo_id is not None:
+        return _hub_cache()
+    path = Path(os.path.expanduser(argument))
     if not (path.is_dir() or path.is_file()):  # nothing there, a FIFO, a device...: opening
         return {}  # it says what it is
     root = (path if path.is_dir() else path.parent).resolve()
-    return dict.fromkeys([root, *map(Path, hub_blobs(root))], CHECKPOINT_DIRECTORY)
+    return dict.fromkeys([root, *map(Path, hub_blobs(root))], what)
+
+
+def _hub_cache() -> dict[Path, str]:
+    cache = hub_cache_directory()
+    return {cache: "the Hugging Face cache"} if cache is not None else {}
 
 
 def refuse_configuration_inside(config: pytest.Config, protected: Protected) -> None:
@@ -315,7 +340,7 @@ def _space_forms(args: Sequence[str], options: Sequence[str]) -> list[int]:
 def _exists_locally(value: str, invocation_dir: Path) -> bool:
     """Whether pytest (which joins the path to the invocation directory and does not expand
     '~') or the plugin (which does) would find ``value`` on disk."""
-    candidates = (invocation_dir / value, Path(value).expanduser())
+    candidates = (invocation_dir / value, Path(os.path.expanduser(value)))
     try:
         return any(p.exists() or p.is_symlink() for p in candidates)
     except (OSError, ValueError):  # a name too long, a NUL: nothing pytest could find either

@@ -11,6 +11,7 @@ which pytest's early parse misreads as a test path when given with a space.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,9 @@ class Option:
 OPTIONS = (
     Option(
         "--spectral-model",
-        "checkpoint to analyse: a Hugging Face hub id, a directory (config.json + "
-        "safetensors or pytorch_model.bin) or a single weight file. Enables the spectral items. "
+        "checkpoint to analyse: a directory (Hugging Face, Mistral native, PEFT LoRA "
+        "adapter, torch.distributed.checkpoint), a single weight file (safetensors, GGUF, "
+        "torch.save) or a Hugging Face hub id (hf://ORG/NAME). Enables the spectral items. "
         "Give a local path with '=' (--spectral-model=PATH).",
         "PATH",
     ),
@@ -105,9 +107,24 @@ OPTIONS = (
     ),
     Option(
         "--spectral-config",
-        "config.json to use with a single weight file that has none beside it.",
+        "config.json to use instead of the one the checkpoint carries (or has none).",
         "JSON",
         path=True,
+    ),
+    Option(
+        "--spectral-base-model",
+        "base model of a LoRA adapter (directory, file or hub id); default: the adapter's "
+        "base_model_name_or_path when it is a hub id in the local hub cache. Give a local path "
+        "with '=' (--spectral-base-model=PATH).",
+        "PATH",
+    ),
+    Option(
+        "--spectral-adapter",
+        "for a LoRA adapter: analyse the merged weights W + dW (default, needs the base "
+        "model) or the update dW alone.",
+        "merged|delta",
+        "merged",
+        _one_of("merged", "delta"),
     ),
     Option(
         "--spectral-architecture",
@@ -255,7 +272,7 @@ def given_path(config: pytest.Config, dest: str) -> Path | None:
     (``known_args_namespace``, which holds every option of installed plugins), so that it is
     known at ``pytest_load_initial_conftests`` too."""
     value = getattr(config.known_args_namespace, dest, None)
-    return Path(value).expanduser().absolute() if value else None
+    return Path(os.path.expanduser(value)).absolute() if value else None
 
 
 def rules_path(config: pytest.Config) -> Path | None:

@@ -47,7 +47,7 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     if argument is None or namespace.help or namespace.version:
         return
     refuse_space_form(early_config, VALUE_OPTIONS, PATH_OPTIONS)
-    protected = protected_directories(argument)
+    protected = protected_directories(argument, getattr(namespace, "spectral_base_model", None))
     refuse_configuration_inside(early_config, protected)
     remove_stale_outputs(early_config, check_outputs(early_config, protected))
     refuse_collection_and_outputs_inside(early_config, protected)

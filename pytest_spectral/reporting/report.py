@@ -155,7 +155,7 @@ def build_report(
             "head_dim": g.head_dim,
             "hidden_size": g.hidden,
             "dtype": checkpoint.dtype,
-            "files": [str(p.relative_to(checkpoint.root)) for p in checkpoint.files],
+            "files": checkpoint.file_names,
         },
         "rules": {
             "path": str(rules.path) if rules.path else None,
