@@ -331,3 +331,70 @@ class TestLoraAdapters:
         )
         assert outcome.exit_code == pytest.ExitCode.OK, outcome.output
         assert "8 passed" in outcome.output
+
+
+def gguf_named(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A llama GGUF of SHAPE holding ``tensors`` under the GGUF names given, in that order."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(SHAPE.layers)
+    writer.add_embedding_length(SHAPE.hidden)
+    writer.add_head_count(SHAPE.heads)
+    writer.add_head_count_kv(SHAPE.kv_heads)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.to(torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_attention(layer: int, healthy: bool = True) -> dict[str, torch.Tensor]:
+    torch.manual_seed(layer)
+    kv_rows = SHAPE.kv_heads * SHAPE.head_dim
+    shapes = {"attn_q": SHAPE.hidden, "attn_k": kv_rows, "attn_v": kv_rows, "attn_output": 32}
+    tensors = {
+        f"blk.{layer}.{kind}.weight": torch.randn(rows, SHAPE.hidden)
+        for kind, rows in shapes.items()
+    }
+    if not healthy:
+        tensors[f"blk.{layer}.attn_q.weight"].fill_(float("nan"))
+    return tensors
+
+
+class TestGgufLayerNames:
+    """Kind 6: a layer is read under the one name llama.cpp gives it (``blk.%d``)."""
+
+    @pytest.mark.parametrize("spelling", ["01", "\u0661", "+1", " 1"])
+    def test_another_spelling_cannot_stand_in_for_a_layer(
+        self, pytester, hostile, spelling
+    ) -> None:
+        """A NaN ``blk.1.attn_q`` followed by a healthy ``blk.01.attn_q`` (or Arabic-Indic
+        one): the NaN one is analysed, as llama.cpp would use it."""
+        folder = pytester.mkdir("models")
+        stand_in = gguf_attention(1)["blk.1.attn_q.weight"]
+        tensors = {
+            **gguf_attention(0),
+            **gguf_attention(1, healthy=False),
+            f"blk.{spelling}.attn_q.weight": stand_in,
+        }
+        path = gguf_named(folder / "model.gguf", tensors)
+        outcome = hostile(model_arg(path))
+        assert outcome.exit_code == pytest.ExitCode.TESTS_FAILED, outcome.output
+        assert "4 failed" in outcome.output
+        assert "NaN" in outcome.output
+
+    @pytest.mark.parametrize("spelling", ["\u00b2", "\u2460"])
+    def test_digits_int_cannot_read_are_other_tensors(self, pytester, hostile, spelling):
+        """A superscript or circled digit (``str.isdigit`` but not ``int``) once gave a
+        traceback."""
+        folder = pytester.mkdir("models")
+        tensors = {
+            **gguf_attention(0),
+            **gguf_attention(1),
+            f"blk.{spelling}.attn_q.weight": torch.ones(SHAPE.hidden, SHAPE.hidden),
+        }
+        path = gguf_named(folder / "model.gguf", tensors)
+        outcome = hostile(model_arg(path))
+        assert outcome.exit_code == pytest.ExitCode.OK, outcome.output
+        assert f"{SHAPE.layers * SHAPE.heads * 4} passed" in outcome.output
