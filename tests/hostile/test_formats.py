@@ -188,6 +188,29 @@ class TestTrainingCheckpoints:
         hostile.refused(model_arg(folder / "model.pt"), naming=["model.pt", "__builtin__.eval"])
 
 
+    @pytest.mark.parametrize("second", ["state_dict", "module", "model_state_dict"])
+    def test_a_second_state_dict_cannot_stand_in(self, pytester, hostile, second) -> None:
+        """Kind 2: nanoGPT loads ``model`` (here NaN); a healthy state dict under another
+        framework's key must not be analysed in its place."""
+        folder = pytester.mkdir("run")
+        (folder / "config.json").write_text(json.dumps(SHAPE.config()))
+        healthy = random_llama_weights(SHAPE, seed=1)
+        broken = {name: torch.full_like(w, float("nan")) for name, w in healthy.items()}
+        torch.save({"model": broken, second: healthy, "iter_num": 10}, folder / "ckpt.pt")
+        hostile.refused(
+            model_arg(folder / "ckpt.pt"),
+            naming=["ckpt.pt: holds a state dict under each of", f"'{second}'", "'model'"],
+        )
+
+    def test_tensors_beside_the_state_dict_are_no_second_one(self, pytester, hostile) -> None:
+        """nanoGPT keeps ``best_val_loss`` as a tensor at the top level."""
+        folder = pytester.mkdir("run")
+        (folder / "config.json").write_text(json.dumps(SHAPE.config()))
+        state = random_llama_weights(SHAPE, seed=1)
+        torch.save({"model": state, "best_val_loss": torch.tensor(2.5)}, folder / "ckpt.pt")
+        hostile.passes(model_arg(folder / "ckpt.pt"), items=SHAPE.layers * SHAPE.heads * 4)
+
+
 class TestDistributedCheckpoint:
     def save(self, root: Path) -> Path:
         import warnings
