@@ -282,6 +282,44 @@ class TestLoraAdapters:
         hostile.refused(model_arg(adapter), naming=["the merged weights need the base model"])
         assert load_file(adapter / "adapter_model.safetensors")  # untouched
 
+    @pytest.mark.parametrize(
+        ("key", "value", "says"),
+        [
+            ("lora_alpha", 10**400, "'lora_alpha' must be a finite number"),
+            ("r", 10**400, "'r' must be a positive integer up to 2147483648"),
+            ("alpha_pattern", {"q_proj": 10**400}, "'alpha_pattern' must be an object of finite"),
+            ("rank_pattern", {"q_proj": 10**400}, "'rank_pattern' must be an object of positive"),
+        ],
+        ids=["alpha", "r", "alpha_pattern", "rank_pattern"],
+    )
+    def test_integers_no_float_can_hold(self, pytester, hostile, key, value, says) -> None:
+        """Kind 6: a 401-digit integer is valid JSON, and float() of it raises."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-base-model={base}",
+            naming=["adapter_config.json", says],
+        )
+
+    def test_a_layer_number_of_thousands_of_digits(self, pytester, hostile) -> None:
+        """Kind 6: int() of 5,000 digits raises (an INTERNALERROR once)."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["layers_to_transform"] = [0]
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        factors = load_file(adapter / "adapter_model.safetensors")
+        stem = f"base_model.model.model.layers.{'1' * 5000}.self_attn.q_proj"
+        factors[f"{stem}.lora_A.weight"] = torch.ones(2, SHAPE.hidden)
+        factors[f"{stem}.lora_B.weight"] = torch.ones(SHAPE.hidden, 2)
+        save_file(factors, adapter / "adapter_model.safetensors")
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-base-model={base}",
+            naming=["adapter_config.json: module model.layers.111", "of 5000 digits; refused"],
+        )
+
     def test_base_model_given_with_a_space(self, pytester, hostile) -> None:
         """Kind 1: the base model is a local path like the checkpoint; its space form would
         let an ini file beside it configure the run."""
