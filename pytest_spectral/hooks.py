@@ -6,12 +6,13 @@ pays for none of them and never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pytest_spectral.invocation import inside
 from pytest_spectral.judging.calibrate import calibrated_rules
 from pytest_spectral.judging.candidates import (
     Candidate,
@@ -25,7 +26,7 @@ from pytest_spectral.judging.candidates import (
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import write_text_atomically
+from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
 from pytest_spectral.reporting.scale import rule_bounds
@@ -93,10 +94,16 @@ class SpectralPlugin:
         self._header_shown = False
         self._items: list[Record] | None = None
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items (the
-        header says so: see :func:`notices`)."""
+        header says so: see :func:`notices`). With paths, it never collects from the
+        checkpoint's directories, wherever they sit under them: pytest would import their
+        ``conftest.py`` and test files. (A test path inside the checkpoint, for which pytest
+        does not ask, is refused at startup: ``invocation.py``.)"""
         if config.args_source != pytest.Config.ArgsSource.ARGS:
+            return True
+        if inside(collection_path, self.run.protected) is not None:
             return True
         return None
 
@@ -212,8 +219,7 @@ class SpectralPlugin:
             params_saved=verdicts.total_saved,
         )
         if run.report_path:
-            write_report(run.report_path, report)
-            self._written.append(("report", str(run.report_path)))
+            self._write(session, "report", run.report_path, lambda p: write_report(p, report))
         if run.html_path:
             from pytest_spectral.reporting.html_report import render_html
 
@@ -224,12 +230,32 @@ class SpectralPlugin:
                 energy=run.energy,
                 rules=run.rules.rules,
             )
-            write_text_atomically(run.html_path, page)
-            self._written.append(("HTML report", str(run.html_path)))
+            self._write(
+                session, "HTML report", run.html_path, lambda p: write_text_atomically(p, page)
+            )
         if run.calibrate_path:
-            self._calibrate(run.calibrate_path, report)
+            self._calibrate(session, run.calibrate_path, report)
 
-    def _calibrate(self, path: Path, report: dict[str, object]) -> None:
+    def _write(
+        self,
+        session: pytest.Session,
+        label: str,
+        path: Path,
+        write: Callable[[Path], None],
+        note: str = "",
+    ) -> None:
+        """Write one output; a failure (its directory removed or full, a device put in its
+        place during the run) is one line in the summary and exit code 4, not a traceback."""
+        try:
+            write(path)
+        except (OSError, OutputPathError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._written.append((label, f"NOT written to {path}: {reason}"))
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        else:
+            self._written.append((label, f"{path}{note}"))
+
+    def _calibrate(self, session: pytest.Session, path: Path, report: dict[str, object]) -> None:
         """Calibrated rules come only from a run where every collected item has its values:
         bounds from part of a checkpoint would pass whatever the missing items hold. Items
         that broke a rule (or have non-finite or zero weights) are left out of the bounds,
@@ -248,14 +274,19 @@ class SpectralPlugin:
         calibration = calibrated_rules(
             items, margin=self.run.calibrate_margin, source=self.run.model_argument
         )
-        write_text_atomically(path, calibration.text)
-        where = str(path)
-        if calibration.left_out:
-            where += (
-                f" (bounds from {calibration.used} of {len(items)} items; "
-                f"{calibration.left_out} that failed or warned were left out)"
-            )
-        self._written.append(("calibrated rules", where))
+        note = (
+            f" (bounds from {calibration.used} of {len(items)} items; "
+            f"{calibration.left_out} that failed or warned were left out)"
+            if calibration.left_out
+            else ""
+        )
+        self._write(
+            session,
+            "calibrated rules",
+            path,
+            lambda p: write_text_atomically(p, calibration.text),
+            note=note,
+        )
 
     def _all_items(self) -> list[Record]:
         """A record for every collected item (and any other with a record), each with the

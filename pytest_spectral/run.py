@@ -31,7 +31,12 @@ from pytest_spectral.checkpoints.hub import (
 )
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
-from pytest_spectral.invocation import inside, refuse_configuration_inside
+from pytest_spectral.invocation import (
+    CHECKPOINT_DIRECTORY,
+    protected_directories,
+    refuse_collection_and_outputs_inside,
+    refuse_configuration_inside,
+)
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
@@ -42,8 +47,9 @@ from pytest_spectral.judging.metrics import (
 )
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
+from pytest_spectral.options import given_path, option_value, rules_path
+from pytest_spectral.outputs import output_paths
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
 from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
@@ -56,6 +62,8 @@ class SpectralRun:
     model_argument: str
     model_path: Path  # local: a hub id's snapshot, or the path as given
     checkpoint: Checkpoint
+    #: directories holding the checkpoint's files (or a hub id's cache), never collected from
+    protected: frozenset[Path]
     rules: RuleSet
     layers: list[int]
     #: matrices of head items, and of whole-matrix items (which add the MLP's)
@@ -88,31 +96,47 @@ class SpectralRun:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> SpectralRun:
-        """Validate every option; raises ``pytest.UsageError`` with a precise message."""
+        """Validate every option and open the checkpoint; raises ``pytest.UsageError`` with a
+        precise message. Output paths were checked, and earlier runs' files there removed, at
+        ``pytest_load_initial_conftests`` (``outputs.py``), so that none of these errors can
+        leave a stale report behind."""
         model_argument: str = config.getoption("spectral_model")
+        scope = option_value(config, "spectral_scope")
+        precision = option_value(config, "spectral_dtype")
+        energy = option_value(config, "spectral_energy")
+        threads = option_value(config, "spectral_threads")
+        margin = option_value(config, "spectral_calibrate_margin")
+        selection = option_value(config, "spectral_layers") or IndexSet.everything()
         try:
             model_path = local_model_path(config)
             _refuse_json_file(model_path, model_argument)
             options = ReadOptions(
-                config=_path_option(config, "spectral_config"),
+                config=given_path(config, "spectral_config"),
                 base_model=_base_model_path(config),
-                adapter=config.getoption("spectral_adapter"),
+                adapter=str(option_value(config, "spectral_adapter")),
             )
             checkpoint = open_checkpoint(model_path, options=options, family=_custom_family(config))
-            protected = checkpoint_directories(checkpoint)
-            refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
+            protected = {
+                **protected_directories(
+                    model_argument, config.getoption("spectral_base_model")
+                ),
+                **dict.fromkeys(checkpoint_directories(checkpoint), CHECKPOINT_DIRECTORY),
+            }
+            # again: a hub snapshot's directories, and a LoRA adapter's base model's, are known
+            # only now
+            refuse_configuration_inside(config, protected)
+            refuse_collection_and_outputs_inside(config, protected)
             metrics = MetricRegistry()
             config.hook.pytest_spectral_register_metrics(metrics=metrics)
-            rules_path = _rules_path(config)
-            rules = load_rules(rules_path, metrics.specs) if rules_path else RuleSet.empty()
-            precision = config.getoption("spectral_dtype")
+            rules_file = rules_path(config)
+            rules = load_rules(rules_file, metrics.specs) if rules_file else RuleSet.empty()
             device = config.getoption("spectral_device").strip().lower()
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
             baseline = _baseline(config, checkpoint, rules)
             heatmap = _heatmap_metric(config, metrics)
-            html = _path_option(config, "spectral_html")
-            if html is not None:
+            outputs = output_paths(config)
+            if "spectral_html" in outputs:
                 from pytest_spectral.reporting.html_report import require_matplotlib
 
                 require_matplotlib()
@@ -125,9 +149,7 @@ class SpectralRun:
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
-        scope = config.getoption("spectral_scope")
         selected = _selected_matrices(config, checkpoint, scope)
-        selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
@@ -140,29 +162,29 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: the update covers only layers "
                 f"{', '.join(map(str, checkpoint.layer_numbers))}"
             )
-        outputs = _outputs(config, protected)  # last but one: it removes stale reports
         run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
+            protected=frozenset(protected),
             rules=rules,
             layers=layers,
             head_matrices=tuple(m for m in selected if m in HEAD_MATRICES),
             whole_matrices=tuple(m for m in selected if m not in CIRCUITS),
             scopes=("head", "matrix") if scope == "both" else (scope,),
-            energy=config.getoption("spectral_energy"),
-            report_path=outputs["spectral_report"],
+            energy=energy,
+            report_path=outputs.get("spectral_report"),
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
-            threads=config.getoption("spectral_threads") or default_threads(),
+            threads=threads or default_threads(),
             cache_dir=_cache_dir(config),
             baseline=baseline,
             warn_only=config.getoption("spectral_warn_only"),
-            calibrate_path=outputs["spectral_calibrate"],
-            calibrate_margin=config.getoption("spectral_calibrate_margin"),
+            calibrate_path=outputs.get("spectral_calibrate"),
+            calibrate_margin=margin,
             heatmap=heatmap,
-            html_path=outputs["spectral_html"],
+            html_path=outputs.get("spectral_html"),
         )
         run.check_readable()
         return run
@@ -243,65 +265,16 @@ class SpectralRun:
         }
 
 
-def _rules_path(config: pytest.Config) -> Path | None:
-    option = config.getoption("spectral_thresholds")
-    if option:
-        return Path(os.path.expanduser(option)).absolute()
-    ini = config.getini("spectral_thresholds")
-    if not ini:
-        return None
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (base / ini).absolute()
-
-
-#: options naming files the run writes, each created through a temporary file at the end
-_OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
-#: options naming files the run reads, which are never removed as stale outputs
-_INPUT_OPTIONS = ("spectral_baseline", "spectral_thresholds", "spectral_config")
-
-
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
-    """Resolved directories holding the checkpoint's files: its root, and wherever its weight
-    files really are (a hub snapshot's blobs, a symlinked shard's target)."""
-    return {checkpoint.root.resolve(), *(f.resolve().parent for f in checkpoint.files)}
-
-
-def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | None]:
-    """The output paths, checked before anything runs; an earlier run's files there are
-    removed (by the controller), so that none can pass for this run's.
-
-    Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
-    inside the checkpoint, or one path given to two options.
-    """
-    outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
-    seen: dict[Path, str] = {}
-    for name, path in outputs.items():
-        if path is None:
-            continue
-        option = "--" + name.replace("_", "-")
-        try:
-            check_output_path(path, option)
-        except OutputPathError as exc:
-            raise pytest.UsageError(printable(str(exc))) from None
-        holder = inside(path, protected)
-        if holder is not None:
-            raise pytest.UsageError(
-                printable(
-                    f"{option} {path}: lies inside the checkpoint directory {holder}; "
-                    "pytest-spectral never writes into a checkpoint: choose a path outside it"
-                )
-            )
-        if path.resolve() in seen:
-            raise pytest.UsageError(
-                printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
-            )
-        seen[path.resolve()] = option
-    if not hasattr(config, "workerinput"):
-        inputs = {p.resolve() for n in _INPUT_OPTIONS if (p := _path_option(config, n))}
-        for path in outputs.values():
-            if path is not None and path.resolve() not in inputs:
-                remove_stale(path)
-    return outputs
+    """Resolved directories holding the checkpoint's files: its root, the directories its
+    weight files are named in (a LoRA adapter's base model's too) and wherever they really are
+    (a hub snapshot's blobs, a symlinked shard's target)."""
+    files = checkpoint.files
+    return {
+        checkpoint.root.resolve(),
+        *(f.parent.resolve() for f in files),
+        *(f.resolve().parent for f in files),
+    }
 
 
 def local_model_path(config: pytest.Config) -> Path:
@@ -341,7 +314,6 @@ def _base_model_path(config: pytest.Config) -> Path | None:
     return resolve_hub_model(repo_id, None)
 
 
-#: suffixes of the single weight files --spectral-model takes (a directory takes the rest)
 def _refuse_json_file(path: Path, argument: str) -> None:
     """A JSON file (``config.json``, an index, ``params.json``, ``adapter_config.json``) named
     instead of its checkpoint's directory is a usage error saying what to pass instead, rather
@@ -357,7 +329,7 @@ def _refuse_json_file(path: Path, argument: str) -> None:
 
 
 def _custom_family(config: pytest.Config) -> Family | None:
-    path = _path_option(config, "spectral_architecture")
+    path = given_path(config, "spectral_architecture")
     if path is None:
         return None
     try:
@@ -375,7 +347,7 @@ def _selected_matrices(
     """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole,
     the QK and OV circuits only per head, and only when named (they cost a QR per slice)."""
     available = checkpoint.attention + checkpoint.circuits + checkpoint.mlp
-    chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
+    chosen = option_value(config, "spectral_matrices")
     if chosen is None:
         return checkpoint.attention + checkpoint.mlp
     missing = [m for m in chosen if m not in available]
@@ -393,19 +365,14 @@ def _selected_matrices(
     return chosen
 
 
-def _path_option(config: pytest.Config, name: str) -> Path | None:
-    value = config.getoption(name)
-    return Path(os.path.expanduser(value)).absolute() if value else None
-
-
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
-    path = _path_option(config, "spectral_baseline")
+    path = given_path(config, "spectral_baseline")
     if path is None:
         relative = next((r for r in rules.rules if r.is_relative), None)
         if relative is not None:
             raise RulesError(
                 f"{rules.path}: rule {relative.name!r} bounds the change against a baseline; "
-                "give one with --spectral-baseline REPORT.json (a --spectral-report of a "
+                "give one with --spectral-baseline=REPORT.json (a --spectral-report of a "
                 "known-good run)"
             )
         return None

@@ -52,7 +52,7 @@ def rules_file(pytester: pytest.Pytester, text: str) -> str:
 
 
 def report_of(pytester: pytest.Pytester, model: Path, name: str, *extra: str) -> Path:
-    pytester.runpytest(f"--spectral-model={model}", "--spectral-report", name, *extra)
+    pytester.runpytest(f"--spectral-model={model}", f"--spectral-report={name}", *extra)
     return pytester.path / name
 
 
@@ -63,10 +63,8 @@ class TestBaseline:
         perturbed = write_model(pytester, "perturbed", scale_q_head_1_of_layer_0)
         result = pytester.runpytest(
             f"--spectral-model={perturbed}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines(
@@ -81,10 +79,8 @@ class TestBaseline:
         baseline = report_of(pytester, model, "baseline.json")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=32)
 
@@ -93,10 +89,8 @@ class TestBaseline:
         baseline = report_of(pytester, model, "partial.json", "--spectral-layers", "0")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=16, failed=16)
         result.stdout.fnmatch_lines(
@@ -110,9 +104,7 @@ class TestBaseline:
             pytester.path / "other", random_llama_weights(other), other.config()
         )
         baseline = report_of(pytester, different, "other.json")
-        result = pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-baseline", str(baseline)
-        )
+        result = pytester.runpytest(f"--spectral-model={model}", f"--spectral-baseline={baseline}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             [
@@ -125,8 +117,7 @@ class TestBaseline:
         model = write_model(pytester, "model")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*rule 'drift' bounds the change against a baseline; give*"])
@@ -134,7 +125,7 @@ class TestBaseline:
     def test_not_a_report(self, pytester) -> None:
         model = write_model(pytester, "model")
         (pytester.path / "x.json").write_text("[]")
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline", "x.json")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline=x.json")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*x.json: not a pytest-spectral report*"])
 
@@ -143,12 +134,12 @@ class TestCalibration:
     def test_round_trip_passes_and_a_planted_collapse_fails_there(self, pytester) -> None:
         healthy = write_model(pytester, "healthy")
         pytester.runpytest(
-            f"--spectral-model={healthy}", "--spectral-calibrate", "calibrated.toml"
+            f"--spectral-model={healthy}", "--spectral-calibrate=calibrated.toml"
         ).assert_outcomes(passed=32)
         rules = (pytester.path / "calibrated.toml").read_text()
         assert "# q heads (n=8): observed" in rules
         assert 'name = "calibrated-k-effective_rank"' in rules
-        args = ("--spectral-thresholds", "calibrated.toml")
+        args = ("--spectral-thresholds=calibrated.toml",)
         pytester.runpytest(f"--spectral-model={healthy}", *args).assert_outcomes(passed=32)
         collapsed = write_model(pytester, "collapsed", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(f"--spectral-model={collapsed}", *args)
@@ -166,8 +157,7 @@ class TestCalibration:
         for margin in ("0", "1"):
             pytester.runpytest(
                 f"--spectral-model={model}",
-                "--spectral-calibrate",
-                f"m{margin}.toml",
+                f"--spectral-calibrate=m{margin}.toml",
                 "--spectral-calibrate-margin",
                 margin,
             )
@@ -183,16 +173,16 @@ class TestCalibration:
         return {r["name"]: (r["min"], r["max"]) for r in rules}
 
 
+COLLAPSED = '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
+
+
 class TestWarnOnly:
     def test_nothing_fails_and_candidates_are_listed(self, pytester) -> None:
         model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(
             f"--spectral-model={model}",
             "--spectral-warn-only",
-            "--spectral-thresholds",
-            rules_file(
-                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
-            ),
+            f"--spectral-thresholds={rules_file(pytester, COLLAPSED)}",
         )
         assert result.ret == pytest.ExitCode.OK
         result.assert_outcomes(passed=30, warnings=2)
@@ -241,12 +231,8 @@ class TestHtmlReport:
         (pytester.path / "out").mkdir()
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-html",
-            "out/report.html",
-            "--spectral-thresholds",
-            rules_file(
-                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
-            ),
+            "--spectral-html=out/report.html",
+            f"--spectral-thresholds={rules_file(pytester, COLLAPSED)}",
         )
         result.stdout.fnmatch_lines(["spectral HTML report: *out/report.html"])
         page = (pytester.path / "out/report.html").read_text()
@@ -259,7 +245,7 @@ class TestHtmlReport:
     @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
     def test_renders_in_headless_chromium(self, pytester) -> None:
         model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
-        pytester.runpytest(f"--spectral-model={model}", "--spectral-html", "report.html")
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-html=report.html")
         done = subprocess.run(
             [
                 CHROMIUM,
@@ -287,7 +273,7 @@ class TestHtmlReport:
     def test_missing_matplotlib_is_explained(self, pytester, monkeypatch) -> None:
         model = write_model(pytester, "model")
         monkeypatch.setitem(sys.modules, "matplotlib", None)
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-html", "r.html")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-html=r.html")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             ["ERROR: --spectral-html needs matplotlib: pip install 'pytest-spectral[plot]'"]
@@ -303,16 +289,11 @@ def test_parallel_runs_gate_and_report_the_same(pytester) -> None:
     for label, extra in (("one", ("-p", "no:xdist")), ("two", ("-n", "2"))):
         result = pytester.runpytest_subprocess(
             f"--spectral-model={perturbed}",
-            "--spectral-baseline",
-            "baseline.json",
-            "--spectral-thresholds",
-            rules,
-            "--spectral-report",
-            f"{label}.json",
-            "--spectral-calibrate",
-            f"{label}.toml",
-            "--spectral-html",
-            f"{label}.html",
+            "--spectral-baseline=baseline.json",
+            f"--spectral-thresholds={rules}",
+            f"--spectral-report={label}.json",
+            f"--spectral-calibrate={label}.toml",
+            f"--spectral-html={label}.html",
             *extra,
         )
         result.assert_outcomes(passed=31, failed=1)

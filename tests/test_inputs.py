@@ -54,7 +54,7 @@ class TestHubIds:
         monkeypatch.setenv("HF_HUB_CACHE", str(pytester.path / "hf"))
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         main = pytester.runpytest_subprocess(
-            "--spectral-model", "org/tiny", "--spectral-report", "main.json", "-p", "no:xdist"
+            "--spectral-model", "org/tiny", "--spectral-report=main.json", "-p", "no:xdist"
         )
         main.assert_outcomes(passed=ITEMS)
         v2 = pytester.runpytest_subprocess(
@@ -62,8 +62,7 @@ class TestHubIds:
             "org/tiny",
             "--spectral-revision",
             "v2",
-            "--spectral-report",
-            "v2.json",
+            "--spectral-report=v2.json",
             "-n",
             "2",
         )
@@ -133,7 +132,7 @@ class TestFiles:
         assert missing.ret == pytest.ExitCode.USAGE_ERROR
         missing.stderr.fnmatch_lines(["*config.json: missing;*give --spectral-config*"])
         found = pytester.runpytest(
-            f"--spectral-model={weights}", "--spectral-config", "config-elsewhere.json"
+            f"--spectral-model={weights}", "--spectral-config=config-elsewhere.json"
         )
         found.assert_outcomes(passed=ITEMS)
 
@@ -156,10 +155,8 @@ class TestFiles:
             (directory / "pytorch_model.bin.index.json").write_text(
                 json.dumps({"weight_map": weight_map})
             )
-        pytester.runpytest(f"--spectral-model={model}", "--spectral-report", "st.json")
-        result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-report", "bin.json"
-        )
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-report=st.json")
+        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report=bin.json")
         result.assert_outcomes(passed=ITEMS)
         st, binary = (
             json.loads((pytester.path / n).read_text())["items"] for n in ("st.json", "bin.json")
@@ -196,7 +193,7 @@ class TestNamesAndWrappers:
         (model / "config.json").write_text(
             json.dumps({"model_type": "llava", "text_config": text_config})
         )
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report", "r.json")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report=r.json")
         result.assert_outcomes(passed=ITEMS)
 
     def test_quantized_checkpoint_is_named(self, tmp_path, model) -> None:
@@ -251,14 +248,14 @@ class TestCustomArchitecture:
         """)
         )
         result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+            f"--spectral-model={directory}", "--spectral-architecture=arch.toml"
         )
         result.assert_outcomes(passed=2 * heads * 4)
 
     def test_bad_description(self, pytester, model) -> None:
         (pytester.path / "arch.toml").write_text('[architecture]\nlayer = "x"\nfused = "zigzag"\n')
         result = pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-architecture", "arch.toml"
+            f"--spectral-model={model}", "--spectral-architecture=arch.toml"
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*arch.toml: [[]architecture] key 'layer': must be a string*"])

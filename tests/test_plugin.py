@@ -98,9 +98,7 @@ class TestOutcomes:
 
     def test_broken_rule_fails_exactly_that_head(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.TESTS_FAILED
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines(
@@ -118,9 +116,7 @@ class TestOutcomes:
 
     def test_warn_severity_reports_without_failing(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE + 'severity = "warn"\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.OK
         result.assert_outcomes(passed=31, warnings=1)
         assert result.parseoutcomes()["warned"] == 1
@@ -137,7 +133,7 @@ class TestOutcomes:
         tensors[attention_name(0, "v")][0, 5] = float("nan")  # K/V head 0: query heads 0, 1
         tensors[attention_name(1, "o")][:, 8:16] = 0.0  # query head 1
         directory = write_checkpoint(pytester.path / "broken", tensors, SHAPE.config())
-        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report", "r.json")
+        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report=r.json")
         result.assert_outcomes(passed=29, failed=3)
         items = {
             i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
@@ -175,13 +171,13 @@ class TestPytestOptionsWork:
     def test_exitfirst(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path), "-x"
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}", "-x"
         )
         result.assert_outcomes(passed=24, failed=1)
 
     def test_last_failed(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        args = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
+        args = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         pytester.runpytest(*args).assert_outcomes(passed=31, failed=1)
         rerun = pytester.runpytest(*args, "--lf", "-v")
         rerun.assert_outcomes(failed=1, deselected=31)
@@ -203,10 +199,8 @@ class TestJsonReport:
         (pytester.path / "out").mkdir()
         pytester.runpytest(
             f"--spectral-model={planted}",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "out/report.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=out/report.json",
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
@@ -253,8 +247,8 @@ class TestJsonReport:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
         path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmin = 100\nmatrices = ["k"]\n')
         result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
-            "--spectral-report", "r.json",
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=24, failed=8)
         result.stdout.fnmatch_lines(["*L1 H2-3 k*", "4 candidate slices; *"])
@@ -267,7 +261,7 @@ class TestJsonReport:
         ]
 
     def test_singular_values_agree_with_numpy(self, pytester, planted) -> None:
-        pytester.runpytest(f"--spectral-model={planted}", "--spectral-report", "r.json")
+        pytester.runpytest(f"--spectral-model={planted}", "--spectral-report=r.json")
         items = json.loads((pytester.path / "r.json").read_text())["items"]
         from safetensors.torch import load_file
 
@@ -290,10 +284,10 @@ class TestJsonReport:
 
     def test_parallel_run_gives_the_same_report(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
-        pytester.runpytest_subprocess(*common, "--spectral-report", "one.json", "-p", "no:xdist")
+        common = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
+        pytester.runpytest_subprocess(*common, "--spectral-report=one.json", "-p", "no:xdist")
         parallel = pytester.runpytest_subprocess(
-            *common, "--spectral-report", "two.json", "-n", "2", "--dist", "loadscope"
+            *common, "--spectral-report=two.json", "-n", "2", "--dist", "loadscope"
         )
         parallel.assert_outcomes(passed=31, failed=1)
         one, two = (json.loads((pytester.path / n).read_text()) for n in ("one.json", "two.json"))
@@ -304,9 +298,7 @@ class TestJsonReport:
 class TestUsageErrors:
     def test_malformed_rules_file_names_the_line(self, pytester, planted) -> None:
         path = rules(pytester, '[[rules]]\nmetric = "stable_rnk"\nmax = 1\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             [
@@ -365,16 +357,16 @@ class TestEngineOptions:
         first = pytester.runpytest_subprocess(*args)
         first.assert_outcomes(passed=32)
         assert (pytester.path / "torch-imported.txt").read_text() == "True"
-        second = pytester.runpytest_subprocess(*args, "--spectral-report", "cached.json")
+        second = pytester.runpytest_subprocess(*args, "--spectral-report=cached.json")
         second.assert_outcomes(passed=32)
         second.stdout.fnmatch_lines(["spectral: layer 1: * 4 of 4 matrices from the cache, *"])
         assert (pytester.path / "torch-imported.txt").read_text() == "False"
 
     def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
         args = (f"--spectral-model={planted}",)
-        pytester.runpytest(*args, "--spectral-report", "cold.json", "--spectral-no-cache")
+        pytester.runpytest(*args, "--spectral-report=cold.json", "--spectral-no-cache")
         pytester.runpytest(*args)  # fills the cache
-        pytester.runpytest(*args, "--spectral-report", "warm.json")
+        pytester.runpytest(*args, "--spectral-report=warm.json")
         cold, warm = (
             json.loads((pytester.path / n).read_text()) for n in ("cold.json", "warm.json")
         )
@@ -402,7 +394,7 @@ class TestEngineOptions:
     def test_cuda_run_gives_the_cpu_report(self, pytester, planted) -> None:
         """Same outcomes, singular values within 1e-9 and metrics, in one process and under -n 2."""
         path = rules(pytester, STABLE_RANK_RULE)
-        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
+        common = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         common += ("--spectral-no-cache",)
         runs = {
             "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
@@ -411,7 +403,7 @@ class TestEngineOptions:
         }
         reports = {}
         for name, extra in runs.items():
-            result = pytester.runpytest_subprocess(*common, *extra, "--spectral-report", name)
+            result = pytester.runpytest_subprocess(*common, *extra, f"--spectral-report={name}")
             result.assert_outcomes(passed=31, failed=1)
             items = json.loads((pytester.path / name).read_text())["items"]
             reports[name] = {item["nodeid"]: item for item in items}
@@ -436,8 +428,7 @@ class TestEngineOptions:
             f"--spectral-model={planted}",
             "--spectral-dtype",
             "float32",
-            "--spectral-report",
-            "r.json",
+            "--spectral-report=r.json",
         )
         report = json.loads((pytester.path / "r.json").read_text())
         assert report["settings"]["precision"] == "float32"
@@ -482,10 +473,8 @@ class TestUserMetrics:
         )
         result = pytester.runpytest(
             f"--spectral-model={planted}",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "r.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines([f"FAILED {COLLAPSED} - thin-tail: tail_share(k=3) = *"])
@@ -495,9 +484,7 @@ class TestUserMetrics:
     def test_misspelt_user_metric_is_suggested(self, pytester, planted) -> None:
         pytester.makeconftest(self.CONFTEST)
         path = rules(pytester, '[[rules]]\nmetric = "tail_shar"\nmax = 1\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*unknown metric 'tail_shar' (did you mean 'tail_share'?)"])
 
@@ -547,10 +534,8 @@ class TestScopes:
             f"--spectral-model={with_mlp}",
             "--spectral-scope",
             "both",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "r.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )
         result.assert_outcomes(passed=2 * 7 + 32 - 2, failed=2)
         result.stdout.fnmatch_lines(["FAILED spectral::layer00::gate - gate-energy: *"])
@@ -577,10 +562,8 @@ def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:
     path = rules(pytester, STABLE_RANK_RULE + 'suggest = "remove_head"\n')
     result = pytester.runpytest(
         f"--spectral-model={planted}",
-        "--spectral-thresholds",
-        str(path),
-        "--spectral-report",
-        "r.json",
+        f"--spectral-thresholds={path}",
+        "--spectral-report=r.json",
     )
     result.stdout.fnmatch_lines(["*remove head: 512*"])  # 8 Q rows + 8 O columns of 32
     item = next(
@@ -601,8 +584,7 @@ def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> N
         )
         result = pytester.runpytest_subprocess(
             f"--spectral-model={planted}",
-            "--spectral-report",
-            "r.json",
+            "--spectral-report=r.json",
             "-v",
             "-p",
             "no:xdist",

@@ -18,7 +18,7 @@ from pytest_spectral.judging.rules import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-DEMO = ["--spectral-model=examples/tiny-llama", "--spectral-thresholds", "example_thresholds.toml"]
+DEMO = ["--spectral-model=examples/tiny-llama", "--spectral-thresholds=example_thresholds.toml"]
 
 
 def blocks(language: str, text: str = README) -> list[str]:

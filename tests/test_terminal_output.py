@@ -66,7 +66,7 @@ def run(pytester: pytest.Pytester):
 
     def run(*extra: str) -> pytest.RunResult:
         return pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-thresholds", str(rules), *extra
+            f"--spectral-model={model}", f"--spectral-thresholds={rules}", *extra
         )
 
     return run

@@ -65,8 +65,7 @@ def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
         f"--spectral-model={directory}",
         "--spectral-scope",
         "matrix",
-        "--spectral-report",
-        "r.json",
+        "--spectral-report=r.json",
         "-p",
         "no:cacheprovider",
     ).assert_outcomes(passed=SHAPE.layers * 7)

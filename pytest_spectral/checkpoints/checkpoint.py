@@ -225,7 +225,7 @@ def open_checkpoint(
         raise CheckpointError(
             f"{config_file}: model_type {config.get('model_type')!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
-            "--spectral-architecture FILE.toml (see the README)"
+            "--spectral-architecture=FILE.toml (see the README)"
         )
     try:
         variant = family.layout_of(config)
@@ -366,7 +366,7 @@ def _partial_attention(
     (every covered layer has every covered matrix), so that each layer has the same items."""
     found = {
         (layer, matrix): entries[name]
-        for layer in range(geometry.layers)
+        for layer in _named_layers(entries, prefix, family, geometry.layers)
         for matrix in MATRICES
         if (name := prefix + family.tensor_name(layer, matrix)) in entries
     }
@@ -386,6 +386,16 @@ def _partial_attention(
                     "weights instead (--spectral-adapter=merged)"
                 )
     return found, matrices, layers
+
+
+def _named_layers(entries: TensorMap, prefix: str, family: Family, layers: int) -> list[int]:
+    """The layers below ``layers`` that tensor names in ``entries`` belong to, read from the
+    names: an update's layers may be few and far apart, and trying every layer the config
+    claims (``num_hidden_layers = 10**9``) would never end."""
+    before, _, after = (prefix + family.layer.format(layer="\0")).partition("\0")
+    pattern = re.compile(re.escape(before) + r"(0|[1-9][0-9]{0,17})" + re.escape(after))
+    named = {int(m.group(1)) for name in entries if (m := pattern.match(name)) is not None}
+    return sorted(layer for layer in named if layer < layers)
 
 
 def _mlp_tensors(

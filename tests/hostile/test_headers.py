@@ -258,7 +258,7 @@ def test_checkpoint_files_are_never_modified(pytester, sharded) -> None:
     before = digests(sharded)
     rules = pytester.path / "rules.toml"
     rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 100\n')
-    args = (f"--spectral-model={sharded}", "--spectral-thresholds", str(rules))
+    args = (f"--spectral-model={sharded}", f"--spectral-thresholds={rules}")
     pytester.runpytest(*args).assert_outcomes(failed=32)  # fills the cache
     pytester.runpytest(*args).assert_outcomes(failed=32)  # reads it
     pytester.runpytest_subprocess(*args, "-n", "2", "--spectral-no-cache").assert_outcomes(
