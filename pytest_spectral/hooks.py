@@ -41,10 +41,23 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
 
 def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
     """One line for each thing a run accepts without a word otherwise: the user's tests not
-    collected, a rules file without rules (or none), a baseline no rule compares with."""
+    collected, a layout assumed for an undeclared model_type, whole-matrix items without the
+    MLP, a rules file without rules (or none), a baseline no rule compares with."""
     lines = []
     if (collection := collection_notice(config)) is not None:
         lines.append(collection)
+    lines.extend(run.checkpoint.notes)
+    if "matrix" in run.scopes and not run.checkpoint.mlp:
+        lines.append(
+            f"spectral: matrix scope analyses attention only: no MLP tensors in "
+            f"{run.checkpoint.layout.family} layout"
+            + (
+                " (add mlp_layer and gate/up/down/gate_up/fc1/fc2 keys to the "
+                "--spectral-architecture file to include them)"
+                if run.checkpoint.layout.family == "custom"
+                else " were found in every layer (mixtures of experts keep theirs per expert)"
+            )
+        )
     rules = run.rules
     if rules.path is None:
         lines.append(

@@ -10,8 +10,8 @@ import argparse
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.invocation import (
     checkpoint_directory,
     refuse_configuration_inside,

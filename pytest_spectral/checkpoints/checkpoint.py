@@ -23,12 +23,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.architectures import (
+from pytest_spectral.checkpoints.families import (
+    GENERIC,
+    NO_ATTENTION,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
     Family,
     Variant,
-    family_for,
+    text_model,
 )
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
@@ -101,6 +103,8 @@ class Checkpoint:
     attention: tuple[str, ...] = MATRICES
     #: layers that have them: every layer, except for a LoRA update limited to some layers
     layer_indices: tuple[int, ...] | None = None
+    #: lines a run prints in its header: what was assumed about this checkpoint
+    notes: tuple[str, ...] = ()
 
     @property
     def layer_numbers(self) -> tuple[int, ...]:
@@ -194,24 +198,31 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    config = _text_config(config)
+    config, known = text_model(config)
     model_type = str(config.get("model_type"))
-    if family is None:
-        family = family_for(config.get("model_type"))
-    if family is None:
+    notes: tuple[str, ...] = ()
+    if model_type in NO_ATTENTION:
         raise CheckpointError(
-            f"{config_file}: model_type {config.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
-            "--spectral-architecture FILE.toml (see the README)"
+            f"{config_file}: model_type {model_type!r} has no attention (a state-space or "
+            "recurrent model): there are no attention heads to analyse"
         )
+    if family is None:
+        family = known or GENERIC
+        if known is None:
+            notes = (_generic_note(config_file, model_type),)
     try:
         variant = family.layout_of(config)
+        geometry = _geometry(config_file, config, family, variant)
     except ArchitectureError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
-    geometry = _geometry(config_file, config, family, variant)
+    except CheckpointError as exc:
+        raise (_unsupported(config_file, model_type) if notes else exc) from None
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    try:
+        prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    except CheckpointError as exc:
+        raise (_unsupported(config_file, model_type) if notes else exc) from None
     if weights.partial:
         tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
     else:
@@ -224,16 +235,27 @@ def open_checkpoint(
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
     return Checkpoint(
-        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers,
+        notes,
+    )  # fmt: skip
+
+
+def _generic_note(config_file: Path, model_type: str) -> str:
+    """The line a run prints when it reads an undeclared model_type with the common layout."""
+    return (
+        f"spectral: model_type {model_type!r} ({config_file}) is not one the plugin declares; "
+        "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama layout "
+        "(K/V heads from num_key_value_heads, else one per query head; head_dim from "
+        "head_dim, else hidden_size / num_attention_heads)"
     )
 
 
-def _text_config(config: dict[str, object]) -> dict[str, object]:
-    """Multimodal wrappers (LLaVA and the like) describe their text decoder in text_config."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and family_for(config.get("model_type")) is None:
-        return text
-    return config
+def _unsupported(config_file: Path, model_type: str) -> CheckpointError:
+    return CheckpointError(
+        f"{config_file}: model_type {model_type!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
+        "--spectral-architecture FILE.toml (see the README)"
+    )
 
 
 def _geometry(
