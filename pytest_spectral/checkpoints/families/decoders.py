@@ -42,9 +42,11 @@ def _falcon_variant(config: Mapping[str, object]) -> Variant:
 
 
 def _multi_query_variant(config: Mapping[str, object]) -> Variant:
-    """GPT-BigCode: one K/V head after all query heads with ``multi_query`` (the default),
-    else as many as query heads."""
-    return Variant("concat", kv_heads=1 if flag(config, "multi_query", True) else None)
+    """GPT-BigCode as its attention splits ``c_attn``: with ``multi_query`` (the default) all
+    query heads, then one K and one V head; without, q, k and v per head in turn."""
+    if flag(config, "multi_query", True):
+        return Variant("concat", kv_heads=1)
+    return Variant("interleaved")
 
 
 def _llama_like(name: str, configs: Mapping[str, ConfigClass], **layout: object) -> Family:
@@ -149,7 +151,8 @@ DECODERS: tuple[Family, ...] = (
         mlp={"fc1": "c_fc.weight", "fc2": "c_proj.weight"},
         fused="concat",
         variant=_multi_query_variant,
-        note="fused `c_attn`: all Q heads, then one K and one V head (`multi_query`)",
+        note="fused `c_attn`: all Q heads, then one K and one V head (`multi_query`), else "
+        "interleaved per head",
     ),
     Family(
         "gptj",
