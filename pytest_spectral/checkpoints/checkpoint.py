@@ -198,6 +198,39 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
+    config, family, variant, geometry, notes = interpret_config(config, config_file, family)
+    layout = Layout(family.name, variant.fused, family.conv1d)
+    entries = weights.tensors(_needed_names(family), geometry.head_dim)
+    try:
+        prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    except CheckpointError as exc:
+        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
+    if weights.partial:
+        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+    else:
+        tensors, attention, layers = (
+            _attention_tensors(entries, prefix, family, geometry),
+            MATRICES,
+            None,
+        )
+    mlp = _mlp_tensors(entries, prefix, family, geometry)
+    tensors.update(mlp)
+    names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
+    return Checkpoint(
+        weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
+        attention, layers, notes,
+    )  # fmt: skip
+
+
+def interpret_config(
+    config: Mapping[str, object], config_file: Path, family: Family | None = None
+) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...]]:
+    """What ``config`` (from ``config_file``) means, as transformers reads it: the analysed
+    model's config with class defaults and aliases applied, its family (``family`` when the
+    user described one), layout variant and geometry, and the notes a run prints about it.
+
+    Raises :class:`CheckpointError` naming ``config_file`` and the key.
+    """
     config, known = text_model(config)
     model_type = str(config.get("model_type"))
     notes: tuple[str, ...] = ()
@@ -217,27 +250,7 @@ def open_checkpoint(
         raise CheckpointError(f"{config_file}: {exc}") from None
     except CheckpointError as exc:
         raise (_unsupported(config_file, model_type) if notes else exc) from None
-    layout = Layout(family.name, variant.fused, family.conv1d)
-    entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    try:
-        prefix = _decoder_prefix(entries, family, partial=weights.partial)
-    except CheckpointError as exc:
-        raise (_unsupported(config_file, model_type) if notes else exc) from None
-    if weights.partial:
-        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-    else:
-        tensors, attention, layers = (
-            _attention_tensors(entries, prefix, family, geometry),
-            MATRICES,
-            None,
-        )
-    mlp = _mlp_tensors(entries, prefix, family, geometry)
-    tensors.update(mlp)
-    names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
-    return Checkpoint(
-        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers,
-        notes,
-    )  # fmt: skip
+    return config, family, variant, geometry, notes
 
 
 def _generic_note(config_file: Path, model_type: str) -> str:
