@@ -255,6 +255,81 @@ class TestCustomArchitecture:
         )
         result.assert_outcomes(passed=2 * heads * 4)
 
+    def test_mlp_keys_add_whole_matrix_mlp_items(self, pytester) -> None:
+        """A synthetic Llama checkpoint described by hand: 4 attention matrices and, with
+        the MLP keys, its gate, up and down projections per layer at matrix scope."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32)
+        model = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=4), shape.config()
+        )
+        description = textwrap.dedent("""
+            [architecture]
+            layer = "model.layers.{layer}.self_attn."
+            q = "q_proj.weight"
+            k = "k_proj.weight"
+            v = "v_proj.weight"
+            o = "o_proj.weight"
+        """)
+        arch = pytester.path / "arch.toml"
+        arch.write_text(description)
+        layers = open_checkpoint(model).geometry.layers
+        attention_only = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        attention_only.assert_outcomes(passed=layers * 4)
+        attention_only.stdout.fnmatch_lines(
+            ["spectral: matrix scope analyses attention only: no MLP tensors in custom layout*"]
+        )
+        arch.write_text(
+            description
+            + 'mlp_layer = "model.layers.{layer}.mlp."\n'
+            + 'gate = "gate_proj.weight"\nup = "up_proj.weight"\ndown = "down_proj.weight"\n'
+        )
+        with_mlp = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        with_mlp.assert_outcomes(passed=layers * 7)
+        assert "analyses attention only" not in with_mlp.stdout.str()
+
+    def test_interleaved_layout_with_fewer_kv_heads_is_refused_by_name(self, pytester) -> None:
+        """Its fused tensor has the (heads + 2 kv) x head_dim rows the shape check expects,
+        but interleaved q, k, v per head cannot share K/V heads."""
+        heads, kv, d, hidden = 4, 2, 8, 32
+        directory = pytester.path / "custom"
+        directory.mkdir()
+        save_file(
+            {
+                f"blocks.{layer}.attn.{name}": torch.randn(rows, cols)
+                for layer in range(2)
+                for name, rows, cols in (
+                    ("wqkv", (heads + 2 * kv) * d, hidden),
+                    ("wo", hidden, heads * d),
+                )
+            },
+            directory / "model.safetensors",
+        )
+        config = {"model_type": "my_model", "num_hidden_layers": 2, "hidden_size": hidden}
+        config |= {"num_attention_heads": heads, "num_key_value_heads": kv}
+        (directory / "config.json").write_text(json.dumps(config))
+        (pytester.path / "arch.toml").write_text(
+            '[architecture]\nlayer = "blocks.{layer}.attn."\nqkv = "wqkv"\no = "wo"\n'
+            'fused = "interleaved"\n'
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "*config.json: the interleaved fused layout holds q, k and v of every head in "
+                "turn, so it needs as many key/value heads as query heads; the config gives 2 "
+                "key/value heads for 4 query heads*"
+            ]
+        )
+        assert "Traceback" not in result.stderr.str()
+
     def test_bad_description(self, pytester, model) -> None:
         (pytester.path / "arch.toml").write_text('[architecture]\nlayer = "x"\nfused = "zigzag"\n')
         result = pytester.runpytest(

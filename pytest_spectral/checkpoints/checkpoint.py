@@ -250,6 +250,13 @@ def interpret_config(
         raise CheckpointError(f"{config_file}: {exc}") from None
     except CheckpointError as exc:
         raise (_unsupported(config_file, model_type) if notes else exc) from None
+    if variant.fused == "interleaved" and geometry.kv_heads != geometry.heads:
+        raise CheckpointError(
+            f"{config_file}: the interleaved fused layout holds q, k and v of every head in "
+            f"turn, so it needs as many key/value heads as query heads; the config gives "
+            f"{geometry.kv_heads} key/value heads for {geometry.heads} query heads (for "
+            "grouped-query attention, fused = 'grouped' or 'concat' may be the layout)"
+        )
     return config, family, variant, geometry, notes
 
 
