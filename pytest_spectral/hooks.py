@@ -48,14 +48,15 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
         lines.append(collection)
     lines.extend(run.checkpoint.notes)
     if "matrix" in run.scopes and not run.checkpoint.mlp:
+        custom = run.checkpoint.layout.family == "custom"
         lines.append(
-            f"spectral: matrix scope analyses attention only: no MLP tensors in "
-            f"{run.checkpoint.layout.family} layout"
+            "spectral: matrix scope analyses attention only: "
             + (
-                " (add mlp_layer and gate/up/down/gate_up/fc1/fc2 keys to the "
-                "--spectral-architecture file to include them)"
-                if run.checkpoint.layout.family == "custom"
-                else " were found in every layer (mixtures of experts keep theirs per expert)"
+                "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
+                "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
+                if custom
+                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
+                "names them (a mixture of experts stores its experts in 3-D tensors)"
             )
         )
     rules = run.rules

@@ -48,6 +48,8 @@ def _case(model_type: str, config: dict[str, object] | None = None, **kw: object
     return Case(model_type, GQA if config is None else config, **kw)  # type: ignore[arg-type]
 
 
+#: Qwen2-VL's multimodal rotary sections, for head_dim 16
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 CASES: dict[str, Case] = {
@@ -153,6 +155,14 @@ CASES: dict[str, Case] = {
             "vision_config": {"model_type": "clip_vision_model", **TINY_VISION},
         },
     ),
+    "llava_next": _case(
+        "llava_next",
+        {
+            "text_config": {"model_type": "llama", **GQA},
+            "vision_config": {"model_type": "clip_vision_model", **TINY_VISION},
+            "image_grid_pinpoints": [[32, 32]],
+        },
+    ),
     "gemma3": _case(
         "gemma3",
         {
@@ -166,17 +176,19 @@ CASES: dict[str, Case] = {
         {
             "text_config": {
                 **GQA,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+                "rope_parameters": MROPE,
             },
             "vision_config": {"depth": 1, "embed_dim": 32, "num_heads": 2, "hidden_size": 64},
         },
     ),
+    "qwen2_vl_text": _case("qwen2_vl_text", {**GQA, "rope_parameters": MROPE}),
+    "qwen2_5_vl_text": _case("qwen2_5_vl_text", {**GQA, "rope_parameters": MROPE}),
     "qwen2_5_vl": _case(
         "qwen2_5_vl",
         {
             "text_config": {
                 **GQA,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+                "rope_parameters": MROPE,
             },
             "vision_config": {
                 "depth": 1,

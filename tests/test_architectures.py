@@ -12,6 +12,9 @@ the model's own slices, and a whole pytest run collects exactly the items the ge
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from architecture_matrix import CASES, Case
 from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.families import SUPPORTED_MODEL_TYPES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
@@ -263,3 +267,15 @@ def test_whole_run_through_pytest(family, pytester) -> None:
         ],
         consecutive=False,
     )
+
+
+def test_readme_table_matches_the_matrix() -> None:
+    """The README's architecture table lists exactly the matrix's model types, which are
+    exactly the ones the plugin declares."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Supported architectures and inputs", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    listed = [t for row in rows for t in re.findall(r"`([^`]+)`", row[1])]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {case.model_type for case in CASES.values()}
+    assert set(listed) == set(SUPPORTED_MODEL_TYPES)

@@ -255,6 +255,22 @@ class TestCustomArchitecture:
         )
         result.assert_outcomes(passed=2 * heads * 4)
 
+    def test_undeclared_model_type_with_the_common_layout_is_analysed(
+        self, pytester, model
+    ) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "newllama"}))
+        result = pytester.runpytest(f"--spectral-model={model}")
+        result.assert_outcomes(passed=SHAPE.layers * SHAPE.heads * 4)
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: model_type 'newllama' (*config.json) is not one the plugin declares; "
+                "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama "
+                "layout (K/V heads from num_key_value_heads, else one per query head; head_dim "
+                "from head_dim, else hidden_size / num_attention_heads)"
+            ]
+        )
+
     def test_mlp_keys_add_whole_matrix_mlp_items(self, pytester) -> None:
         """A synthetic Llama checkpoint described by hand: 4 attention matrices and, with
         the MLP keys, its gate, up and down projections per layer at matrix scope."""
@@ -279,7 +295,11 @@ class TestCustomArchitecture:
         )  # fmt: skip
         attention_only.assert_outcomes(passed=layers * 4)
         attention_only.stdout.fnmatch_lines(
-            ["spectral: matrix scope analyses attention only: no MLP tensors in custom layout*"]
+            [
+                "spectral: matrix scope analyses attention only: the --spectral-architecture "
+                "file names no MLP tensors (add mlp_layer and gate, up, gate_up, down, fc1 or "
+                "fc2 keys to include them)"
+            ]
         )
         arch.write_text(
             description
