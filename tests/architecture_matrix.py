@@ -89,6 +89,16 @@ CASES: dict[str, Case] = {
     "seed_oss": _case("seed_oss", {**GQA, "head_dim": 16}),
     "hunyuan_v1_dense": _case("hunyuan_v1_dense", {**GQA, "head_dim": 16}),
     "nemotron": _case("nemotron", {**GQA, "head_dim": 16}, mlp=("up", "down")),
+    "arcee": _case("arcee", mlp=("up", "down")),
+    "olmoe": _case(
+        "olmoe", {**GQA, "num_experts": 2, "num_experts_per_tok": 2}, mlp=(), joint_qk_norm=True
+    ),
+    "hunyuan_v1_moe": _case(
+        "hunyuan_v1_moe", {**GQA, "head_dim": 16, "num_experts": 2, "moe_topk": 2}, mlp=()
+    ),
+    "granitemoeshared": _case(
+        "granitemoeshared", {**GQA, "num_local_experts": 2, "shared_intermediate_size": 32}, mlp=()
+    ),
     "starcoder2": _case("starcoder2", mlp=FC),
     "glm": _case("glm", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
     "glm4": _case("glm4", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
