@@ -91,6 +91,20 @@ class TestErrors:
         edit_config(tiny_checkpoint, model_type="mamba")
         self.expect(tiny_checkpoint, "model_type 'mamba' has no attention")
 
+    @pytest.mark.parametrize(
+        ("model_type", "reason"),
+        [
+            ("deepseek_v3", "uses multi-head latent attention"),
+            ("t5", "is an encoder-decoder model"),
+            ("whisper", "is an encoder-decoder model"),
+            ("vit", "is a vision model"),
+        ],
+    )
+    def test_types_not_analysed_yet_say_why(self, tiny_checkpoint, model_type, reason) -> None:
+        """Even with tensors the common layout would accept (BART's decoder has them)."""
+        edit_config(tiny_checkpoint, model_type=model_type)
+        self.expect(tiny_checkpoint, f"model_type {model_type!r} {reason}", "cannot analyse yet")
+
     def test_bad_head_count(self, tiny_checkpoint: Path) -> None:
         edit_config(tiny_checkpoint, num_attention_heads=0)
         self.expect(tiny_checkpoint, "'num_attention_heads' must be a positive integer, got 0")

@@ -26,6 +26,7 @@ from pathlib import Path
 from pytest_spectral.checkpoints.families import (
     GENERIC,
     NO_ATTENTION,
+    NOT_YET,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
     Family,
@@ -203,16 +204,16 @@ def open_checkpoint(
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
     try:
         prefix = _decoder_prefix(entries, family, partial=weights.partial)
-    except CheckpointError as exc:
+        if weights.partial:
+            tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+        else:
+            tensors, attention, layers = (
+                _attention_tensors(entries, prefix, family, geometry),
+                MATRICES,
+                None,
+            )
+    except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
         raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
-    if weights.partial:
-        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-    else:
-        tensors, attention, layers = (
-            _attention_tensors(entries, prefix, family, geometry),
-            MATRICES,
-            None,
-        )
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
@@ -238,6 +239,11 @@ def interpret_config(
         raise CheckpointError(
             f"{config_file}: model_type {model_type!r} has no attention (a state-space or "
             "recurrent model): there are no attention heads to analyse"
+        )
+    if family is None and model_type in NOT_YET:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} {NOT_YET[model_type]}, which this "
+            "version cannot analyse yet; supported: see the README's architecture table"
         )
     if family is None:
         family = known or GENERIC

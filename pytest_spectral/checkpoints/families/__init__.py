@@ -29,6 +29,18 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
 )
 #: model types without attention (state-space and recurrent models): refused as such
 NO_ATTENTION: tuple[str, ...] = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
+#: model types whose attention the plugin cannot yet slice into heads, and why
+NOT_YET: Mapping[str, str] = {
+    **dict.fromkeys(
+        ("deepseek_v2", "deepseek_v3", "kimi_k2"),
+        "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
+    ),
+    **dict.fromkeys(
+        ("t5", "mt5", "umt5", "bart", "mbart", "whisper", "marian", "pegasus"),
+        "is an encoder-decoder model (encoder, decoder and cross-attention)",
+    ),
+    **dict.fromkeys(("vit", "siglip_vision_model", "clip_vision_model"), "is a vision model"),
+}
 #: a model_type nobody declared, whose tensors follow the most common layout, is read as this
 GENERIC = next(f for f in FAMILIES if f.name == "llama")
 
@@ -61,6 +73,7 @@ __all__ = [
     "FUSED_LAYOUTS",
     "GENERIC",
     "MLP_MATRICES",
+    "NOT_YET",
     "NO_ATTENTION",
     "SUPPORTED_MODEL_TYPES",
     "WRAPPERS",
