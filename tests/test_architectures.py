@@ -257,6 +257,8 @@ def test_whole_run_through_pytest(family, pytester) -> None:
     )  # fmt: skip
     g = checkpoint.geometry
     result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4 + len(case.mlp)))
+    attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
+    assert (attention_only in result.stdout.str()) == (not case.mlp)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
     whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
