@@ -22,7 +22,7 @@ from architecture_matrix import CASES, Case
 from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.checkpoints.families import SUPPORTED_MODEL_TYPES
+from pytest_spectral.checkpoints.families import FAMILIES, SUPPORTED_MODEL_TYPES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
@@ -273,7 +273,8 @@ def test_whole_run_through_pytest(family, pytester) -> None:
 
 def test_readme_table_matches_the_matrix() -> None:
     """The README's architecture table lists exactly the matrix's model types, which are
-    exactly the ones the plugin declares."""
+    exactly the ones the plugin declares, each family in a row of its own that describes its
+    weights as the family's entry does."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     table = readme.split("## Supported architectures and inputs", 1)[1].split("\n\n", 2)[1]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
@@ -281,3 +282,8 @@ def test_readme_table_matches_the_matrix() -> None:
     assert len(listed) == len(set(listed))
     assert set(listed) == {case.model_type for case in CASES.values()}
     assert set(listed) == set(SUPPORTED_MODEL_TYPES)
+    described = {
+        frozenset(re.findall(r"`([^`]+)`", row[1])): row[2].removesuffix(" |") for row in rows
+    }
+    for family in FAMILIES:
+        assert described[frozenset(family.model_types)] == family.note, family.name

@@ -102,7 +102,7 @@ class Family:
     mlp: MatrixNames = field(default_factory=dict)
     fused: str | None = None
     conv1d: bool = False
-    #: how the family's configs are written, for the README's table
+    #: its attention weights as the README's table describes them (a test keeps them equal)
     note: str = ""
     #: config keys, first present wins (a custom architecture file may name others)
     layers_keys: tuple[str, ...] = (LAYERS,)
