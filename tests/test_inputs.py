@@ -186,7 +186,9 @@ class TestNamesAndWrappers:
         )
         pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=ITEMS)
 
-    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model) -> None:
+    @pytest.mark.parametrize("wrapper", ["llava", "an_undeclared_vlm"])
+    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model, wrapper) -> None:
+        """A declared wrapper, and any model_type whose text_config holds a supported one."""
         tensors = load_file(model / "model.safetensors")
         wrapped = {f"language_model.{n}": t for n, t in tensors.items()}
         # A vision tower with its own layers.0.self_attn: the text decoder must win.
@@ -194,7 +196,7 @@ class TestNamesAndWrappers:
         save_file(wrapped, model / "model.safetensors")
         text_config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(
-            json.dumps({"model_type": "llava", "text_config": text_config})
+            json.dumps({"model_type": wrapper, "text_config": text_config})
         )
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report", "r.json")
         result.assert_outcomes(passed=ITEMS)
