@@ -42,10 +42,24 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
 
 def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
     """One line for each thing a run accepts without a word otherwise: the user's tests not
-    collected, a rules file without rules (or none), a baseline no rule compares with."""
+    collected, a layout assumed for an undeclared model_type, whole-matrix items without the
+    MLP, a rules file without rules (or none), a baseline no rule compares with."""
     lines = []
     if (collection := collection_notice(config)) is not None:
         lines.append(collection)
+    lines.extend(run.checkpoint.notes)
+    if "matrix" in run.scopes and not run.checkpoint.mlp:
+        custom = run.checkpoint.layout.family == "custom"
+        lines.append(
+            "spectral: matrix scope analyses attention only: "
+            + (
+                "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
+                "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
+                if custom
+                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
+                "names them (a mixture of experts stores its experts in 3-D tensors)"
+            )
+        )
     rules = run.rules
     if rules.path is None:
         lines.append(

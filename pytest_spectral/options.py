@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.ranges import parse_index_set
 from pytest_spectral.printable import printable
 

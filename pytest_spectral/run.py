@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
 from pytest_spectral.checkpoints.checkpoint import (
     CIRCUITS,
     HEAD_MATRICES,
     Checkpoint,
     open_checkpoint,
 )
+from pytest_spectral.checkpoints.families import ArchitectureError, Family, custom_family
 from pytest_spectral.checkpoints.formats import ReadOptions
 from pytest_spectral.checkpoints.hub import (
     cached_snapshot,

@@ -183,7 +183,9 @@ class TestNamesAndWrappers:
         )
         pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=ITEMS)
 
-    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model) -> None:
+    @pytest.mark.parametrize("wrapper", ["llava", "an_undeclared_vlm"])
+    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model, wrapper) -> None:
+        """A declared wrapper, and any model_type whose text_config holds a supported one."""
         tensors = load_file(model / "model.safetensors")
         wrapped = {f"language_model.{n}": t for n, t in tensors.items()}
         # A vision tower with its own layers.0.self_attn: the text decoder must win.
@@ -191,7 +193,7 @@ class TestNamesAndWrappers:
         save_file(wrapped, model / "model.safetensors")
         text_config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(
-            json.dumps({"model_type": "llava", "text_config": text_config})
+            json.dumps({"model_type": wrapper, "text_config": text_config})
         )
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report=r.json")
         result.assert_outcomes(passed=ITEMS)
@@ -251,6 +253,101 @@ class TestCustomArchitecture:
             f"--spectral-model={directory}", "--spectral-architecture=arch.toml"
         )
         result.assert_outcomes(passed=2 * heads * 4)
+
+    def test_undeclared_model_type_with_the_common_layout_is_analysed(
+        self, pytester, model
+    ) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "newllama"}))
+        result = pytester.runpytest(f"--spectral-model={model}")
+        result.assert_outcomes(passed=SHAPE.layers * SHAPE.heads * 4)
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: model_type 'newllama' (*config.json) is not one the plugin declares; "
+                "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama "
+                "layout (K/V heads from num_key_value_heads, else one per query head; head_dim "
+                "from head_dim, else hidden_size / num_attention_heads)"
+            ]
+        )
+
+    def test_mlp_keys_add_whole_matrix_mlp_items(self, pytester) -> None:
+        """A synthetic Llama checkpoint described by hand: 4 attention matrices and, with
+        the MLP keys, its gate, up and down projections per layer at matrix scope."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32)
+        model = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=4), shape.config()
+        )
+        description = textwrap.dedent("""
+            [architecture]
+            layer = "model.layers.{layer}.self_attn."
+            q = "q_proj.weight"
+            k = "k_proj.weight"
+            v = "v_proj.weight"
+            o = "o_proj.weight"
+        """)
+        arch = pytester.path / "arch.toml"
+        arch.write_text(description)
+        layers = open_checkpoint(model).geometry.layers
+        attention_only = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        attention_only.assert_outcomes(passed=layers * 4)
+        attention_only.stdout.fnmatch_lines(
+            [
+                "spectral: matrix scope analyses attention only: the --spectral-architecture "
+                "file names no MLP tensors (add mlp_layer and gate, up, gate_up, down, fc1 or "
+                "fc2 keys to include them)"
+            ]
+        )
+        arch.write_text(
+            description
+            + 'mlp_layer = "model.layers.{layer}.mlp."\n'
+            + 'gate = "gate_proj.weight"\nup = "up_proj.weight"\ndown = "down_proj.weight"\n'
+        )
+        with_mlp = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        with_mlp.assert_outcomes(passed=layers * 7)
+        assert "analyses attention only" not in with_mlp.stdout.str()
+
+    def test_interleaved_layout_with_fewer_kv_heads_is_refused_by_name(self, pytester) -> None:
+        """Its fused tensor has the (heads + 2 kv) x head_dim rows the shape check expects,
+        but interleaved q, k, v per head cannot share K/V heads."""
+        heads, kv, d, hidden = 4, 2, 8, 32
+        directory = pytester.path / "custom"
+        directory.mkdir()
+        save_file(
+            {
+                f"blocks.{layer}.attn.{name}": torch.randn(rows, cols)
+                for layer in range(2)
+                for name, rows, cols in (
+                    ("wqkv", (heads + 2 * kv) * d, hidden),
+                    ("wo", hidden, heads * d),
+                )
+            },
+            directory / "model.safetensors",
+        )
+        config = {"model_type": "my_model", "num_hidden_layers": 2, "hidden_size": hidden}
+        config |= {"num_attention_heads": heads, "num_key_value_heads": kv}
+        (directory / "config.json").write_text(json.dumps(config))
+        (pytester.path / "arch.toml").write_text(
+            '[architecture]\nlayer = "blocks.{layer}.attn."\nqkv = "wqkv"\no = "wo"\n'
+            'fused = "interleaved"\n'
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "*config.json: the interleaved fused layout holds q, k and v of every head in "
+                "turn, so it needs as many key/value heads as query heads; the config gives 2 "
+                "key/value heads for 4 query heads*"
+            ]
+        )
+        assert "Traceback" not in result.stderr.str()
 
     def test_bad_description(self, pytester, model) -> None:
         (pytester.path / "arch.toml").write_text('[architecture]\nlayer = "x"\nfused = "zigzag"\n')

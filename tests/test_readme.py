@@ -163,3 +163,15 @@ class TestQuickStart:
         assert "--retries" in script
         assert "torch.version.cuda" in script  # the installed build is checked
         assert '"$status" -eq 5' in script
+
+
+def test_the_architecture_snippet_is_a_valid_description() -> None:
+    """The [architecture] example loads, MLP keys included."""
+    import tomllib
+
+    from pytest_spectral.checkpoints.families import custom_family
+
+    (snippet,) = [text for text in blocks("toml") if "[architecture]" in text]
+    family = custom_family(tomllib.loads(snippet)["architecture"], "README.md")
+    assert family.tensor_name(3, "down") == "blocks.3.ffn.w2"
+    assert family.tensor_name(3, "o") == "blocks.3.attn.wo"

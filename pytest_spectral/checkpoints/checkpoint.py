@@ -23,12 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.architectures import (
+from pytest_spectral.checkpoints.families import (
+    GENERIC,
+    NO_ATTENTION,
+    NOT_YET,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
     Family,
     Variant,
-    family_for,
+    text_model,
 )
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
@@ -111,6 +114,8 @@ class Checkpoint:
     attention: tuple[str, ...] = MATRICES
     #: layers that have them: every layer, except for a LoRA update limited to some layers
     layer_indices: tuple[int, ...] | None = None
+    #: lines a run prints in its header: what was assumed about this checkpoint
+    notes: tuple[str, ...] = ()
 
     @property
     def layer_numbers(self) -> tuple[int, ...]:
@@ -217,46 +222,89 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    config = _text_config(config)
-    model_type = str(config.get("model_type"))
-    if family is None:
-        family = family_for(config.get("model_type"))
-    if family is None:
-        raise CheckpointError(
-            f"{config_file}: model_type {config.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
-            "--spectral-architecture=FILE.toml (see the README)"
-        )
-    try:
-        variant = family.layout_of(config)
-    except ArchitectureError as exc:
-        raise CheckpointError(f"{config_file}: {exc}") from None
-    geometry = _geometry(config_file, config, family, variant)
+    config, family, variant, geometry, notes = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    prefix = _decoder_prefix(entries, family, partial=weights.partial)
-    if weights.partial:
-        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-    else:
-        tensors, attention, layers = (
-            _attention_tensors(entries, prefix, family, geometry),
-            MATRICES,
-            None,
-        )
+    try:
+        prefix = _decoder_prefix(entries, family, partial=weights.partial)
+        if weights.partial:
+            tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+        else:
+            tensors, attention, layers = (
+                _attention_tensors(entries, prefix, family, geometry),
+                MATRICES,
+                None,
+            )
+    except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
+        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
     return Checkpoint(
-        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+        weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
+        attention, layers, notes,
+    )  # fmt: skip
+
+
+def interpret_config(
+    config: Mapping[str, object], config_file: Path, family: Family | None = None
+) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...]]:
+    """What ``config`` (from ``config_file``) means, as transformers reads it: the analysed
+    model's config with class defaults and aliases applied, its family (``family`` when the
+    user described one), layout variant and geometry, and the notes a run prints about it.
+
+    Raises :class:`CheckpointError` naming ``config_file`` and the key.
+    """
+    config, known = text_model(config)
+    model_type = str(config.get("model_type"))
+    notes: tuple[str, ...] = ()
+    if model_type in NO_ATTENTION:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} has no attention (a state-space or "
+            "recurrent model): there are no attention heads to analyse"
+        )
+    if family is None and model_type in NOT_YET:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} {NOT_YET[model_type]}, which this "
+            "version cannot analyse yet; supported: see the README's architecture table"
+        )
+    if family is None:
+        family = known or GENERIC
+        if known is None:
+            notes = (_generic_note(config_file, model_type),)
+    try:
+        variant = family.layout_of(config)
+        geometry = _geometry(config_file, config, family, variant)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    except CheckpointError as exc:
+        raise (_unsupported(config_file, model_type) if notes else exc) from None
+    if variant.fused == "interleaved" and geometry.kv_heads != geometry.heads:
+        raise CheckpointError(
+            f"{config_file}: the interleaved fused layout holds q, k and v of every head in "
+            f"turn, so it needs as many key/value heads as query heads; the config gives "
+            f"{geometry.kv_heads} key/value heads for {geometry.heads} query heads (for "
+            "grouped-query attention, fused = 'grouped' or 'concat' may be the layout)"
+        )
+    return config, family, variant, geometry, notes
+
+
+def _generic_note(config_file: Path, model_type: str) -> str:
+    """The line a run prints when it reads an undeclared model_type with the common layout."""
+    return (
+        f"spectral: model_type {model_type!r} ({config_file}) is not one the plugin declares; "
+        "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama layout "
+        "(K/V heads from num_key_value_heads, else one per query head; head_dim from "
+        "head_dim, else hidden_size / num_attention_heads)"
     )
 
 
-def _text_config(config: dict[str, object]) -> dict[str, object]:
-    """Multimodal wrappers (LLaVA and the like) describe their text decoder in text_config."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and family_for(config.get("model_type")) is None:
-        return text
-    return config
+def _unsupported(config_file: Path, model_type: str) -> CheckpointError:
+    return CheckpointError(
+        f"{config_file}: model_type {model_type!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
+        "--spectral-architecture FILE.toml (see the README)"
+    )
 
 
 def _geometry(

@@ -82,7 +82,7 @@ def head_blocks(
     """View the stored ``weight`` as a batch of head slices, one per distinct head.
 
     A Q/K/V head is ``head_dim`` rows of the projection in ``nn.Linear`` orientation, found
-    through the family's fused layout (see :mod:`pytest_spectral.checkpoints.architectures`);
+    through the family's fused layout (see :mod:`pytest_spectral.checkpoints.families`);
     an O head is ``head_dim`` columns of the output projection. Slices come back as
     ``[slices, d, in]`` or ``[slices, in, d]``, whichever keeps rows contiguous in memory
     (transposing a slice leaves its singular values unchanged, and a transposing copy upcasts

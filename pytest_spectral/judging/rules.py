@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 from pytest_spectral.untrusted import (

@@ -1200,6 +1200,10 @@ class TestValuesThatSlipThrough:
             ("qkv = 3", "key 'qkv': needs a tensor name (a non-empty string), got 3"),
             ('q = "wq"', "key 'q': does not apply to a fused layout"),
             ("heads_key = 7", "key 'heads_key': must name a config.json key"),
+            ('mlp_layer = "mlp."', "key 'mlp_layer': must be a string with the one placeholder"),
+            ('mlp_layer = "model.layers.{layer}.mlp."', "key 'mlp_layer': names no MLP tensor"),
+            ("gate = 3", "key 'gate': needs a tensor name (a non-empty string), got 3"),
+            ('gate = "gate_proj.weight"', "key 'mlp_layer': must be a string with the one"),
         ],
     )
     def test_architecture_file_values_are_checked(self, pytester, lines, message) -> None:
