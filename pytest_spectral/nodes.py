@@ -181,6 +181,7 @@ class SpectralItem(pytest.Item):
                 f"cannot read {entry.name} from {entry.file}: {exc}\n"
                 "The file changed or became unreadable after collection; run again."
             ) from None
+        history = run.history
         verdict = judge(
             run.rules.rules,
             self.layer,
@@ -188,6 +189,7 @@ class SpectralItem(pytest.Item):
             self.matrix,
             spectrum,
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
+            trend=(lambda rule: history.reference(rule, self.nodeid)) if history else None,
             warn_only=run.warn_only,
         )
         kv_head, shape = run.item_place(self.head, self.matrix)

@@ -176,6 +176,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "max_change; items are matched by node id.",
     )
     group.addoption(
+        "--spectral-step",
+        metavar="STEP",
+        help="the checkpoint's training step (a number) or label, recorded in the report; "
+        "default: global_step of its trainer_state.json, or its directory name "
+        "(checkpoint-1500).",
+    )
+    group.addoption(
+        "--spectral-history",
+        metavar="PATH",
+        action="append",
+        help="JSON reports of earlier checkpoints (a directory of *.json, or a file; "
+        "repeatable) for trend rules (window) and the history in --spectral-html.",
+    )
+    group.addoption(
         "--spectral-calibrate",
         metavar="TOML",
         help="write a rules file bounding each metric by this (known-good) checkpoint's range.",
