@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.judging.metrics import METRICS
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.reporting.history.table import HistoryTable, curves, trend_breaks
@@ -58,7 +59,8 @@ def failing_heads(table: HistoryTable, rules: Sequence[Rule]) -> list[FailingHea
         (int(i), int(c)): "failed in the report" for i, c in zip(*np.nonzero(failed), strict=True)
     }
     for where, rule in trend_breaks(table, rules).items():
-        reasons.setdefault(where, f"trend rule {rule}")
+        held = reasons.get(where)
+        reasons[where] = f"{held}; trend rule {rule}" if held else f"trend rule {rule}"
     by_column: dict[int, list[int]] = {}
     for report, column in sorted(reasons):
         by_column.setdefault(column, []).append(report)
@@ -164,9 +166,10 @@ def _x_axis(axis, table: HistoryTable, numbered: bool) -> None:
     axis.set_xlabel("report")
 
 
-def _worst(values: np.ndarray, metric: str) -> np.ndarray:
-    """Per row of [reports, heads]: the value furthest on the metric's bad side (nan rows
-    stay nan)."""
+def worst(values: np.ndarray, metric: str) -> np.ndarray:
+    """Per row of [reports, heads]: the value furthest on the metric's bad side (the largest
+    for ``bad="high"``, the smallest for ``"low"``, else the furthest from the row's median);
+    non-finite values are left out, and a row without a finite one is nan."""
     spec = METRICS.get(metric.split("(")[0])
     bad = spec.bad if spec is not None else None
     finite = np.where(np.isfinite(values), values, np.nan)
@@ -182,34 +185,45 @@ def _worst(values: np.ndarray, metric: str) -> np.ndarray:
     return finite[np.arange(len(finite)), np.argmax(distance, axis=1)]
 
 
+def layer_series(
+    table: HistoryTable, metric: str, matrix: str, layer: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's median over its head items of ``matrix`` and its worst head's value (see
+    :func:`worst`), one per report: what the layer plot draws. Non-finite values are left
+    out; nan where a report has none."""
+    columns = [
+        c
+        for c, p in enumerate(table.places)
+        if p.matrix == matrix and p.layer == layer and p.head is not None
+    ]
+    block = np.where(table.present[metric], table.values[metric], np.nan)[:, columns]
+    finite = np.where(np.isfinite(block), block, np.nan)
+    with warnings.catch_warnings():  # a report without the layer: an all-nan row
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median = np.nanmedian(finite, axis=1)
+    return median, worst(finite, metric)
+
+
 def _layer_figure(table: HistoryTable, metric: str):
     import matplotlib.pyplot as plt
 
     steps, numbered = _steps(table)
-    matrices = list(dict.fromkeys(p.matrix for p in table.places if p.head is not None))
+    present = {p.matrix for p in table.places if p.head is not None}
+    matrices = [m for m in MATRICES if m in present] + sorted(present - set(MATRICES))
     layers = sorted({p.layer for p in table.places if p.head is not None})
     figure, axes = plt.subplots(
         1, max(1, len(matrices)), figsize=(3.6 * max(1, len(matrices)), 3.4),
         constrained_layout=True, squeeze=False,
     )  # fmt: skip
     colours = plt.get_cmap("viridis")
-    values = np.where(table.present[metric], table.values[metric], np.nan)
     for axis, matrix in zip(axes[0], matrices, strict=False):
         for rank, layer in enumerate(layers):
-            columns = [
-                c
-                for c, p in enumerate(table.places)
-                if p.matrix == matrix and p.layer == layer and p.head is not None
-            ]
-            block = values[:, columns]
+            median, worst = layer_series(table, metric, matrix, layer)
             colour = colours(rank / max(1, len(layers) - 1) * 0.9)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                median = np.nanmedian(np.where(np.isfinite(block), block, np.nan), axis=1)
             axis.plot(
                 steps, median, color=colour, linewidth=1.2, marker=".", label=f"layer {layer}"
             )
-            axis.plot(steps, _worst(block, metric), color=colour, linewidth=1.0, linestyle=":")
+            axis.plot(steps, worst, color=colour, linewidth=1.0, linestyle=":")
         axis.set_title(matrix)
         axis.set_ylabel(metric)
         if METRICS.get(metric.split("(")[0]) and METRICS[metric.split("(")[0]].log_scale:
@@ -221,8 +235,8 @@ def _layer_figure(table: HistoryTable, metric: str):
 
 
 def _moved_most(table: HistoryTable, metric: str) -> list[tuple[int, float, int]]:
-    """(column, largest relative change from the first value, report index of it) of the
-    head items that moved most."""
+    """(column, relative change from the first value where it is largest in size, report
+    index of it) of the head items that moved most, most first."""
     values = np.where(table.present[metric], table.values[metric], np.nan)
     moved = []
     for column, place in enumerate(table.places):
@@ -233,11 +247,11 @@ def _moved_most(table: HistoryTable, metric: str) -> list[tuple[int, float, int]
         if len(finite) < 2 or series[finite[0]] == 0:
             continue
         first = series[finite[0]]
-        change = np.abs(series[finite] - first) / abs(first)
-        best = int(np.argmax(change))
-        if change[best] > 0:
+        change = (series[finite] - first) / abs(first)
+        best = int(np.argmax(np.abs(change)))
+        if change[best] != 0:
             moved.append((column, float(change[best]), int(finite[best])))
-    moved.sort(key=lambda m: (-m[1], table.nodeids[m[0]]))
+    moved.sort(key=lambda m: (-abs(m[1]), table.nodeids[m[0]]))
     return moved[:MOVED_HEADS]
 
 
