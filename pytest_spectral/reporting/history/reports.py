@@ -64,7 +64,7 @@ class ReportSource:
         if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
             readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
             raise HistoryError(
-                f"{self.name}: report schema version {str(version)[:20]!r}; this plugin reads "
+                f"{self.name}: report schema version {str(version)[:20]}; this plugin reads "
                 f"versions {readable}"
             )
         return document
