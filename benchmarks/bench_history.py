@@ -103,9 +103,10 @@ def main() -> None:
         check=True,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
     print(
-        f"history page: {seconds:.1f} s, peak RSS {peak:.0f} MB, "
+        f"history page: {seconds:.1f} s wall, {cpu:.1f} s CPU, peak RSS {peak:.0f} MB, "
         f"page {page.stat().st_size / 2**20:.1f} MiB"
     )
     if not arguments.keep:
