@@ -215,7 +215,9 @@ class TestBaselineVersions:
         (pytester.path / "b.json").write_text(json.dumps({**content, "schema_version": version}))
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline=b.json")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*report schema version *; this plugin reads versions 1, 2, 3*"])
+        result.stderr.fnmatch_lines(
+            ["*report schema version *; this plugin reads versions 1, 2, 3*"]
+        )
 
 
 def test_a_conftest_metric_without_a_compressible_side_makes_regressions(pytester) -> None:
