@@ -71,11 +71,15 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
             f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
             "all-zero weights; every metric is recorded"
         )
-    if run.baseline is not None and not any(r.is_relative for r in rules.rules):
+    if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
         lines.append(
             f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
             "min_change or max_change"
         )
+    if run.history is not None:
+        labels = run.history.table.labels
+        span = f" (steps {labels[0]} to {labels[-1]})" if labels else ""
+        lines.append(f"spectral: history of {len(labels)} earlier report(s){span}")
     return [printable(line) for line in lines]
 
 
@@ -231,6 +235,7 @@ class SpectralPlugin:
             candidates=[candidate_record(c) for c in verdicts.candidates],
             regressions=[regression_record(r) for r in verdicts.regressions],
             params_saved=verdicts.total_saved,
+            step=run.step,
         )
         if run.report_path:
             self._write(session, "report", run.report_path, lambda p: write_report(p, report))
@@ -243,6 +248,7 @@ class SpectralPlugin:
                 verdicts.regressions,
                 energy=run.energy,
                 rules=run.rules.rules,
+                history=self._history_sections(report),
             )
             self._write(
                 session, "HTML report", run.html_path, lambda p: write_text_atomically(p, page)
@@ -268,6 +274,17 @@ class SpectralPlugin:
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
         else:
             self._written.append((label, f"{path}{note}"))
+
+    def _history_sections(self, report: dict[str, object]) -> list[str]:
+        """The history page's sections, this run's report last; none without a history."""
+        history = self.run.history
+        if history is None:
+            return []
+        from pytest_spectral.reporting.history.page import history_metrics, history_sections
+
+        rules = self.run.rules.rules
+        metrics = history_metrics([], rules)
+        return history_sections(history.with_run(report, metrics), metrics, rules)
 
     def _calibrate(self, session: pytest.Session, path: Path, report: dict[str, object]) -> None:
         """Calibrated rules come only from a run where every collected item has its values:

@@ -183,6 +183,7 @@ class SpectralItem(pytest.Item):
             )
         except UnitError as exc:  # names its own tensor and cause
             raise SpectralCheckError(str(exc)) from None
+        history = run.history
         verdict = judge(
             run.rules.rules,
             self.layer,
@@ -190,6 +191,7 @@ class SpectralItem(pytest.Item):
             self.matrix,
             spectrum,
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
+            trend=(lambda rule: history.reference(rule, self.nodeid)) if history else None,
             warn_only=run.warn_only,
         )
         kv_head, shape = run.item_place(self.head, self.matrix)

@@ -76,7 +76,7 @@ class Option:
     """One ``--spectral-*`` option. ``convert`` turns the string given into its value and
     raises ``ValueError`` with the reason when it cannot; ``flag`` options take no value;
     ``path`` options take nothing but a local file's path (``--spectral-model`` is not one:
-    it takes hub ids too)."""
+    it takes hub ids too); ``repeatable`` ones collect every value given into a list."""
 
     name: str
     help: str
@@ -85,6 +85,7 @@ class Option:
     convert: Callable[[str], object] | None = None
     flag: bool = False
     path: bool = False
+    repeatable: bool = False
 
     @property
     def dest(self) -> str:
@@ -206,6 +207,21 @@ OPTIONS = (
         path=True,
     ),
     Option(
+        "--spectral-step",
+        "the checkpoint's training step (a number) or label, recorded in the report; "
+        "default: global_step of its trainer_state.json, or its directory name "
+        "(checkpoint-1500).",
+        "STEP",
+    ),
+    Option(
+        "--spectral-history",
+        "JSON reports of earlier checkpoints (a directory of *.json, or a file; repeatable) "
+        "for trend rules (window) and the history in --spectral-html.",
+        "PATH",
+        path=True,
+        repeatable=True,
+    ),
+    Option(
         "--spectral-calibrate",
         "write a rules file bounding each metric by this (known-good) checkpoint's range.",
         "TOML",
@@ -248,6 +264,8 @@ def add_options(group: pytest.OptionGroup) -> None:
     for option in OPTIONS:
         if option.flag:
             group.addoption(option.name, action="store_true", help=option.help)
+        elif option.repeatable:
+            group.addoption(option.name, action="append", metavar=option.metavar, help=option.help)
         else:
             group.addoption(
                 option.name, metavar=option.metavar, default=option.default, help=option.help

@@ -17,6 +17,7 @@ to come from the checkpoint (``invocation.py``):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def remove_stale_outputs(config: pytest.Config, outputs: Mapping[str, Path]) -> 
 
 def _input_paths(config: pytest.Config) -> list[Path]:
     paths = [path for name in _INPUT_OPTIONS if (path := given_path(config, name))]
+    history = getattr(config.known_args_namespace, "spectral_history", None) or []
+    paths += [Path(os.path.expanduser(p)).absolute() for p in history]  # earlier reports
     rules = rules_path(config)
     return [*paths, rules] if rules is not None else paths
 

@@ -12,11 +12,14 @@ Record = dict[str, object]
 #: Identifies a JSON report (``--spectral-report``) and the version of its layout. Version 2
 #: split failed and warned slices into ``regressions`` and ``candidates`` (in version 1 every
 #: one was a candidate) and gave each broken rule its ``bound`` and effective ``suggest``.
+#: Version 3 added ``step`` (the checkpoint's place in a training run, or null) and a broken
+#: rule's ``window`` (trend rules); nothing earlier changed meaning.
 SCHEMA = "pytest-spectral-report"
-SCHEMA_VERSION = 2
-#: Versions a baseline may have: what a baseline needs (model layout, items' metrics) is the
-#: same in all of them.
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+#: Versions a baseline or a history may read: what they need (model layout, items' metrics,
+#: outcomes and singular values) is the same in all of them; before version 3 a report has
+#: no step, and a history orders it by when it was created.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 #: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
 #: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
 OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")

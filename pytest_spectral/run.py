@@ -50,6 +50,9 @@ from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
 from pytest_spectral.options import given_path, option_value, rules_path
 from pytest_spectral.outputs import output_paths
 from pytest_spectral.printable import printable
+from pytest_spectral.reporting.history.earlier import EarlierReports, load_earlier
+from pytest_spectral.reporting.history.reports import HistoryError
+from pytest_spectral.reporting.step import Step, StepError, checkpoint_step, step_from_option
 from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
@@ -78,6 +81,10 @@ class SpectralRun:
     threads: int
     cache_dir: Path | None
     baseline: Baseline | None = None
+    #: the checkpoint's place in a training run (--spectral-step, or what it says)
+    step: Step | None = None
+    #: the reports of earlier checkpoints (--spectral-history)
+    history: EarlierReports | None = None
     warn_only: bool = False
     calibrate_path: Path | None = None
     calibrate_margin: float = 0.25
@@ -134,6 +141,7 @@ class SpectralRun:
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
             baseline = _baseline(config, checkpoint, rules)
+            step = _step(config, checkpoint)
             heatmap = _heatmap_metric(config, metrics)
             outputs = output_paths(config)
             if "spectral_html" in outputs:
@@ -146,6 +154,7 @@ class SpectralRun:
             DeviceError,
             BaselineError,
             ArchitectureError,
+            StepError,
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
@@ -162,6 +171,10 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: the update covers only layers "
                 f"{', '.join(map(str, checkpoint.layer_numbers))}"
             )
+        try:
+            history = _history(config, checkpoint, rules, step, outputs.get("spectral_report"))
+        except (HistoryError, RulesError) as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
         run = cls(
             model_argument=model_argument,
             model_path=model_path,
@@ -180,6 +193,8 @@ class SpectralRun:
             threads=threads or default_threads(),
             cache_dir=_cache_dir(config),
             baseline=baseline,
+            step=step,
+            history=history,
             warn_only=config.getoption("spectral_warn_only"),
             calibrate_path=outputs.get("spectral_calibrate"),
             calibrate_margin=margin,
@@ -368,7 +383,7 @@ def _selected_matrices(
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
     path = given_path(config, "spectral_baseline")
     if path is None:
-        relative = next((r for r in rules.rules if r.is_relative), None)
+        relative = next((r for r in rules.rules if r.is_relative and not r.is_trend), None)
         if relative is not None:
             raise RulesError(
                 f"{rules.path}: rule {relative.name!r} bounds the change against a baseline; "
@@ -377,6 +392,44 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
             )
         return None
     return load_baseline(path, checkpoint)
+
+
+def _step(config: pytest.Config, checkpoint: Checkpoint) -> Step | None:
+    option = config.getoption("spectral_step")
+    if option is not None:
+        return step_from_option(option)
+    return checkpoint_step(checkpoint.root) if checkpoint.root.is_dir() else None
+
+
+def _history(
+    config: pytest.Config,
+    checkpoint: Checkpoint,
+    rules: RuleSet,
+    step: Step | None,
+    own_report: Path | None,
+) -> EarlierReports | None:
+    """The earlier reports of --spectral-history, holding what trend rules and the HTML
+    report's history need; a trend rule without them is a usage error."""
+    paths = config.getoption("spectral_history")
+    trend = [r for r in rules.rules if r.is_trend]
+    if not paths:
+        if trend:
+            raise RulesError(
+                f"{rules.path}: rule {trend[0].name!r} bounds the change over the last "
+                f"{trend[0].window} reports; give the reports of earlier checkpoints with "
+                "--spectral-history=DIR (an empty directory for the first checkpoint)"
+            )
+        return None
+    from pytest_spectral.reporting.history.page import history_metrics
+
+    g = checkpoint.geometry
+    return load_earlier(
+        [Path(os.path.expanduser(p)).absolute() for p in paths],
+        step=step,
+        layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
+        keys=history_metrics([], rules.rules),
+        own_report=own_report,
+    )
 
 
 def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:

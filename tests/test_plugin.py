@@ -204,7 +204,7 @@ class TestJsonReport:
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
-        assert report["schema_version"] == 2
+        assert report["schema_version"] == 3
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
@@ -227,6 +227,8 @@ class TestJsonReport:
                 "min_change": None,
                 "max_change": None,
                 "baseline": None,
+                "window": None,
+                "reference_step": None,
                 "severity": "fail",
                 "bound": "min",
                 "suggest": "low_rank",

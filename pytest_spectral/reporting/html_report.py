@@ -56,10 +56,12 @@ def render_html(
     *,
     energy: float,
     rules: Sequence[Rule] = (),
+    history: Sequence[str] = (),
 ) -> str:
     """The page: run, summary and settings tables, regressions, pruning candidates, items
     without a result, one heatmap figure per metric (one colour scale for its panels,
-    reaching to the ``rules``' bounds), and the singular values of the flagged layers."""
+    reaching to the ``rules``' bounds), the singular values of the flagged layers, and the
+    ``history`` sections (``history.page.history_sections``) when the run has one."""
     require_matplotlib()
     import matplotlib
 
@@ -102,6 +104,7 @@ def render_html(
                 _img(_curves(records, layer), f"singular values, layer {layer}"),
             )
         )
+    sections.extend(history)
     title = f"pytest-spectral: {_text(model.get('argument', ''))}"
     return _PAGE.format(title=title, body="\n".join(sections))
 
