@@ -270,17 +270,6 @@ class TestBeyondTheSeed:
         assert -1e-12 <= m.spectral_entropy(values).item() <= 1 + 1e-12
         assert m.nuclear_norm(values).item() >= m.spectral_norm(values).item()
 
-    def test_floor_aware_condition_number(self) -> None:
-        # sigma_min = 1e-6 of sigma_max: below bf16's storage floor, well above float64's.
-        values = np.r_[np.ones(15), 1e-6]
-        bf16 = m.MetricContext((16, 256), "BF16")
-        f64 = m.MetricContext((16, 256), "F64")
-        floor = m.measurement_floor(values, bf16).item()
-        assert floor > 1e-6
-        assert m.first_last_ratio(values, bf16).item() == pytest.approx(1 / floor)
-        assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6)
-        assert m.first_last_ratio(values).item() == pytest.approx(1e6)
-
     @given(
         sst.matrices_with_spectrum(
             rows=12,
@@ -302,3 +291,63 @@ class TestBeyondTheSeed:
         if not math.isnan(xmin):
             assert np.isclose(values**2, xmin, rtol=1e-12).any()  # an eigenvalue of the tail
             assert 0 <= distance <= 1
+
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+class TestMeasurementFloor:
+    """floor = max(sigma_1 max(m, n) eps64, u rms(W) (sqrt(m) + sqrt(n))), rms = |W|_F / sqrt(mn).
+
+    Hand values: a 4 x 64 matrix has sqrt(m) + sqrt(n) = 2 + 8 = 10 (sqrt(m + n) would be 8.25),
+    and singular values (16, 0, 0, 0) give |W|_F^2 = 256 = mn, so rms(W) = 1.
+    """
+
+    RANK_ONE = sv(16, 0, 0, 0)
+
+    @pytest.mark.parametrize(
+        ("storage", "floor"),
+        [
+            ("BF16", 10 * 2.0**-8),  # 0.0390625
+            ("F16", 10 * 2.0**-11),
+            ("F32", 10 * 2.0**-24),
+            ("F64", 16 * 64 * EPS64),  # the float64 floor, above 10 * 2**-53
+            (None, 16 * 64 * EPS64),  # no storage dtype: float64
+        ],
+    )
+    @pytest.mark.parametrize("shape", [(4, 64), (64, 4)])
+    def test_floor_from_its_definition(self, storage, floor, shape) -> None:
+        context = m.MetricContext(shape, storage)
+        assert m.measurement_floor(self.RANK_ONE, context).item() == pytest.approx(floor, rel=1e-12)
+        # sigma_min = 0 is below the floor: the condition number is sigma_1 / floor
+        ratio = m.first_last_ratio(self.RANK_ONE, context).item()
+        assert ratio == pytest.approx(16 / floor, rel=1e-12)
+
+    def test_rms_is_the_frobenius_norm_over_sqrt_mn(self) -> None:
+        # 2 x 8: |W|_F^2 = 9 + 16 = 25, rms = 5 / 4; sqrt(2) + sqrt(8) = 3 sqrt(2)
+        context = m.MetricContext((2, 8), "BF16")
+        expected = 1.25 * 3 * math.sqrt(2) / 256
+        assert m.measurement_floor(sv(4, 3), context).item() == pytest.approx(expected, rel=1e-12)
+        assert m.measurement_floor(sv(3, 4), context).item() == pytest.approx(expected, rel=1e-12)
+
+    def test_batched_floors_are_per_slice(self) -> None:
+        context = m.MetricContext((4, 64), "BF16")
+        floors = m.measurement_floor(np.stack([self.RANK_ONE, 2 * self.RANK_ONE]), context)
+        np.testing.assert_allclose(floors, [10 / 256, 20 / 256], rtol=1e-12)
+
+    def test_condition_number_above_the_floor_is_exact(self) -> None:
+        # floor 10 / 256 * rms, rms = sqrt(240 / 256) < 1: far below sigma_min = 4
+        context = m.MetricContext((4, 64), "BF16")
+        assert m.first_last_ratio(sv(12, 8, 4, 4), context).item() == 3.0
+
+    def test_floor_aware_condition_number(self) -> None:
+        # sigma_min = 1e-6 sigma_max: below bf16's storage floor, above float64's.
+        # 16 x 256: sqrt(m) + sqrt(n) = 20; |W|_F^2 = 15 + 1e-12, rms = sqrt(15 / 4096).
+        values = np.r_[np.ones(15), 1e-6]
+        bf16_floor = 2.0**-8 * math.sqrt((15 + 1e-12) / 4096) * 20
+        bf16 = m.MetricContext((16, 256), "BF16")
+        assert m.first_last_ratio(values, bf16).item() == pytest.approx(1 / bf16_floor, rel=1e-12)
+        assert 1 / bf16_floor == pytest.approx(211.5, abs=0.1)
+        f64 = m.MetricContext((16, 256), "F64")
+        assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6, rel=1e-12)
+        assert m.first_last_ratio(values).item() == pytest.approx(1e6, rel=1e-12)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pytest_spectral.testing.strategies import matrix_from_spectrum
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
@@ -152,6 +153,46 @@ class TestOutcomes:
                 "FAILED spectral::layer00::head00-v - 1 non-finite weights",
                 "FAILED spectral::layer00::head01-v - 1 non-finite weights",
                 "FAILED spectral::layer01::head01-o - zero matrix",
+            ]
+        )
+
+
+class TestFloorLimited:
+    def test_condition_number_below_the_bf16_floor_is_a_lower_bound(self, pytester) -> None:
+        """A head of true condition number 1e6, stored in bf16: its sigma_min is rounding noise,
+        so the ratio is sigma_1 / floor, floor = 2^-8 rms(W) (sqrt(m) + sqrt(n)) (README)."""
+        tensors = random_llama_weights(SHAPE, seed=3)
+        spectrum = np.geomspace(1.0, 1e-6, 8)
+        block = torch.from_numpy(matrix_from_spectrum(spectrum, 8, 32, seed=0))
+        tensors[attention_name(0, "q")][8:16] = block.float()
+        directory = write_checkpoint(pytester.path / "ill", tensors, SHAPE.config())
+        path = rules(
+            pytester,
+            '[[rules]]\nname = "ill"\nmetric = "first_last_ratio"\nmax = 100\nmatrices = ["q"]\n',
+        )
+        result = pytester.runpytest(
+            "--spectral-model", str(directory), "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=31, failed=1)
+        from safetensors.torch import load_file
+
+        stored = load_file(directory / "model.safetensors")[attention_name(0, "q")][8:16]
+        values = np.linalg.svd(stored.double().numpy(), compute_uv=False)
+        floor = 2.0**-8 * np.sqrt((values**2).sum() / (8 * 32)) * (np.sqrt(8) + np.sqrt(32))
+        assert values[-1] < floor
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
+        item = items["spectral::layer00::head01-q"]
+        assert item["floor_limited"] is True
+        assert item["metrics"]["first_last_ratio"] == pytest.approx(values[0] / floor, rel=1e-9)
+        assert [i for i, record in items.items() if record["floor_limited"]] == [item["nodeid"]]
+        result.stdout.fnmatch_lines(
+            [
+                "layer 0, head 1, q: rows 8:16 of *",
+                "  FAIL ill: first_last_ratio = "
+                f">= {values[0] / floor:.6g} (floor-limited: sigma_min is below *) > max 100",
             ]
         )
 
