@@ -8,6 +8,7 @@ import pytest
 
 from pytest_spectral.checkpoints.checkpoint import Geometry
 from pytest_spectral.judging.candidates import candidate_record, pruning_candidates, total_saving
+from pytest_spectral.reporting.summary import render_summary
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
 
@@ -35,7 +36,7 @@ def record(
         "singular_values": [4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         "metrics": {"energy_rank(p=0.95)": rank},
         "broken_rules": [
-            {"rule": name, "severity": "fail", "baseline": None, "suggest": suggest}
+            {"rule": name, "value": 0.5, "severity": "fail", "baseline": None, "suggest": suggest}
             for name in rules
         ],
     }
@@ -50,6 +51,39 @@ def test_rank_error_break_even_and_savings() -> None:
     assert (candidate.params_before, candidate.params_after) == (256, 80)
     assert candidate.saved == 176
     assert candidate.removal is None
+
+
+@pytest.mark.parametrize(
+    ("rank", "saved", "fraction"),
+    [
+        (1, 256 - 40, 216 / 256),
+        (2, 256 - 80, 0.6875),
+        (6, 256 - 240, 0.0625),  # just below the break-even rank 6.4
+        (7, 0, 0.0),  # 7 * 40 = 280 > 256: nothing saved
+    ],
+)
+def test_saving_fraction_is_the_share_saved(rank, saved, fraction) -> None:
+    """A rank-r factorisation of 8 x 32 keeps r (8 + 32) of 256 parameters."""
+    (candidate,) = pruning_candidates([record(rank=rank)], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.saved == saved
+    assert candidate.saving_fraction == fraction
+
+
+def test_summary_table_prints_the_saved_parameters_and_their_share() -> None:
+    records = [record(rank=2, head=1), record(rank=7, head=2), record("q", "remove_head", 6, 3)]
+    candidates = pruning_candidates(records, "energy_rank(p=0.95)", GEOMETRY)
+    text = render_summary(
+        records, candidates, total_saved=12345, energy=0.95, width=160, color=False
+    )
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
+    rows = {row[0]: row[1:] for row in cells if row and row[0].startswith("L0")}
+    # 176 / 256 = 68.75% saved (the kept share would be 31%); error sqrt(1 - 25/30) = 0.41
+    assert rows["L0 H1 q"] == ["r=0.5", "2 (0.41)", "6", "176 (69%)"]
+    assert rows["L0 H2 q"] == ["r=0.5", "7 (0.00)", "6", "none"]  # 7 * 40 > 256
+    assert rows["L0 H3 q"] == ["r=0.5", "6 (0.00)", "6", "16 (6%)"]
+    assert "remove head: 512" in text
+    assert "3 candidate slices; acting on every suggestion would save at most 12,345 " in text
+    assert "rank@95%" in text
 
 
 def test_no_saving_at_or_above_break_even() -> None:

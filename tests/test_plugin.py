@@ -157,6 +157,84 @@ class TestOutcomes:
         )
 
 
+class TestGroupedQueryRules:
+    """``heads`` in a rule are query heads, also for the K/V items a group of them shares."""
+
+    GQA = LlamaShape(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+
+    def test_heads_select_k_and_v_items_by_query_head(self, pytester) -> None:
+        directory = write_checkpoint(
+            pytester.path / "gqa", random_llama_weights(self.GQA, seed=5), self.GQA.config()
+        )
+        # stable_rank <= 8 for every 8 x 32 slice: each selected item breaks these rules
+        path = rules(
+            pytester,
+            """
+            [[rules]]
+            name = "k-of-heads-0-1"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["k"]
+            heads = "0-1"
+
+            [[rules]]
+            name = "v-of-head-5"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["v"]
+            heads = "5"
+            layers = "1"
+            """,
+        )
+        result = pytester.runpytest(
+            "--spectral-model", str(directory), "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=64 - 5, failed=5)
+        report = json.loads((pytester.path / "r.json").read_text())
+        failed = sorted(i["nodeid"] for i in report["items"] if i["outcome"] == "failed")
+        # query heads 0-3 share K/V head 0, heads 4-7 K/V head 1
+        assert failed == [
+            "spectral::layer00::head00-k",
+            "spectral::layer00::head01-k",
+            "spectral::layer01::head00-k",
+            "spectral::layer01::head01-k",
+            "spectral::layer01::head05-v",
+        ]
+        # the shared K slice is one candidate naming only the query heads the rule selects
+        labels = sorted(
+            (c["layer"], c["matrix"], c["kv_head"], c["heads"]) for c in report["candidates"]
+        )
+        assert labels == [(0, "k", 0, [0, 1]), (1, "k", 0, [0, 1]), (1, "v", 1, [5])]
+        result.stdout.fnmatch_lines(["*L1 H0-1 k*k-of-heads-0-1*"])
+
+
+class TestCandidatesTable:
+    def test_params_saved_is_the_saved_share(self, pytester, planted) -> None:
+        """The planted head is rank 1, 8 x 32: a rank-1 factorisation keeps 1 * (8 + 32) = 40
+        of 256 parameters, saving 216, i.e. 84% (the kept share would be 16%); break-even
+        8 * 32 / 40 = 6.4."""
+        path = rules(pytester, STABLE_RANK_RULE)
+        result = pytester.runpytest(
+            "--spectral-model", str(planted), "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.stdout.fnmatch_lines(
+            [
+                "*L1 H2 q *collapsed=1 *1 (0.0?) *6 *216 (84%)*",
+                "1 candidate slice; acting on every suggestion would save at most 216 parameters*",
+            ]
+        )
+        report = json.loads((pytester.path / "r.json").read_text())
+        (candidate,) = report["candidates"]
+        assert candidate["suggested_rank"] == 1
+        assert candidate["params"] == 256
+        assert candidate["params_after_factorisation"] == 40
+        assert candidate["params_saved"] == 216
+        assert candidate["break_even_rank"] == pytest.approx(6.4)
+        assert report["summary"]["params_saved"] == 216
+
+
 class TestFloorLimited:
     def test_condition_number_below_the_bf16_floor_is_a_lower_bound(self, pytester) -> None:
         """A head of true condition number 1e6, stored in bf16: its sigma_min is rounding noise,
@@ -257,9 +335,9 @@ class TestJsonReport:
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
-        saved = report["candidates"][0]["params_saved"]  # one candidate: checked below
+        # the planted head is rank 1: a rank-1 factorisation of 8 x 32 saves 256 - 40
         counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
-        assert report["summary"] == {**counts, "params_saved": saved}
+        assert report["summary"] == {**counts, "params_saved": 216}
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
         assert collapsed["outcome"] == "failed"
@@ -284,9 +362,8 @@ class TestJsonReport:
         (candidate,) = report["candidates"]
         assert candidate["nodeids"] == [COLLAPSED]
         assert (candidate["heads"], candidate["rules"]) == ([2], ["collapsed"])
-        rank = candidate["suggested_rank"]
-        assert rank == collapsed["metrics"]["energy_rank(p=0.95)"]
-        assert candidate["params_saved"] == 8 * 32 - rank * (8 + 32)
+        assert candidate["suggested_rank"] == collapsed["metrics"]["energy_rank(p=0.95)"] == 1
+        assert candidate["params_saved"] == 216
 
     def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
