@@ -457,6 +457,79 @@ class TestUsageErrors:
         result.stderr.fnmatch_lines([message])
 
 
+def report_items(pytester: pytest.Pytester, name: str = "r.json") -> dict[str, dict]:
+    return {i["nodeid"]: i for i in json.loads((pytester.path / name).read_text())["items"]}
+
+
+def assert_spectra_of_the_file(items: dict[str, dict], weights_file: Path, head_dim: int) -> None:
+    """Every item's singular values are numpy's of its slice, read from the file as it is now."""
+    from safetensors.torch import load_file
+
+    weights = {k: v.double().numpy() for k, v in load_file(weights_file).items()}
+    for nodeid, item in items.items():
+        weight = weights[attention_name(item["layer"], item["matrix"])]
+        index = item["kv_head"] if item["kv_head"] is not None else item["head"]
+        rows = slice(index * head_dim, (index + 1) * head_dim)
+        block = weight[:, rows] if item["matrix"] == "o" else weight[rows]
+        reference = np.linalg.svd(block, compute_uv=False)
+        assert len(item["singular_values"]) == head_dim, nodeid
+        np.testing.assert_allclose(item["singular_values"], reference, rtol=1e-9, err_msg=nodeid)
+
+
+class TestCacheKey:
+    """What makes a cached spectrum stale, seen from the user's side."""
+
+    ARGS = ("-p", "no:xdist", "-v")
+
+    def test_corrected_config_with_the_same_shapes_is_not_served_stale(self, pytester) -> None:
+        """4 heads of 8 and 2 heads of 16 give the same tensor shapes (32 x 32) and files."""
+        stated = LlamaShape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(stated, seed=6), stated.config()
+        )
+        args = ("--spectral-model", str(directory), *self.ARGS)
+        pytester.runpytest(*args).assert_outcomes(passed=32)  # fills the cache
+        corrected = LlamaShape(layers=2, heads=2, kv_heads=2, head_dim=16, hidden=32, mlp=False)
+        (directory / "config.json").write_text(json.dumps(corrected.config()))
+        result = pytester.runpytest(*args, "--spectral-report", "r.json")
+        result.assert_outcomes(passed=16)
+        result.stdout.fnmatch_lines(["spectral: layer 0: * (0 matrices from cache, *"])
+        assert_spectra_of_the_file(report_items(pytester), directory / "model.safetensors", 16)
+
+    def test_in_place_edit_of_an_unsampled_byte_is_recomputed(self, pytester) -> None:
+        """A 128 KiB tensor: the 17 sampled 4 KiB blocks leave half of it unread, so only the
+        file's modification time tells that it changed."""
+        shape = LlamaShape(layers=1, heads=4, kv_heads=4, head_dim=64, hidden=256, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=7), shape.config()
+        )
+        args = ("--spectral-model", str(directory), *self.ARGS)
+        pytester.runpytest(*args, "--spectral-report", "before.json").assert_outcomes(passed=16)
+        from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+        from pytest_spectral.compute.cache import sample_bytes
+
+        entry = open_checkpoint(directory).tensors[(0, "q")]
+        assert entry.nbytes == 128 * 1024
+        sampled, stat = sample_bytes(entry), entry.file.stat()
+        # bytes 4096..8191 of every 8 KiB stride are never sampled: weight 3000 of q
+        # (head 0, row 11, column 184) becomes 8.0 (bf16 0x4100, little-endian)
+        with entry.file.open("r+b") as handle:
+            handle.seek(entry.offset + 2 * 3000)
+            handle.write(bytes([0x00, 0x41]))
+        assert sample_bytes(entry) == sampled
+        assert (entry.file.stat().st_size, entry.file.stat().st_ino) == (stat.st_size, stat.st_ino)
+        assert entry.file.stat().st_mtime_ns != stat.st_mtime_ns
+        result = pytester.runpytest(*args, "--spectral-report", "after.json")
+        result.stdout.fnmatch_lines(["spectral: layer 0: * (0 matrices from cache, *"])
+        after = report_items(pytester, "after.json")
+        head = "spectral::layer00::head00-q"
+        assert (
+            after[head]["singular_values"]
+            != report_items(pytester, "before.json")[head]["singular_values"]
+        )
+        assert_spectra_of_the_file(after, directory / "model.safetensors", 64)
+
+
 class TestEngineOptions:
     def test_verbose_run_reports_each_layer(self, pytester, planted) -> None:
         result = pytester.runpytest("--spectral-model", str(planted), "-v")
