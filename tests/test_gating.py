@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -205,31 +206,105 @@ class TestWarnOnly:
         result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2-3 k*collapsed*"])
 
 
+def heatmap_records() -> list[dict]:
+    """3 layers x 5 heads, different values in every panel (hand-computed shades below).
+
+    q: layer * 5 + head (0..14); k: 100 minus that (86..100); v: head * 3 + layer;
+    o: as q, but undefined (nan) at layer 1 head 2 and missing at layer 2 head 4.
+    """
+    records = []
+    for layer in range(3):
+        for head in range(5):
+            values = {
+                "q": layer * 5 + head,
+                "k": 100 - (layer * 5 + head),
+                "v": head * 3 + layer,
+                "o": math.nan if (layer, head) == (1, 2) else layer * 5 + head,
+            }
+            for matrix, value in values.items():
+                if (matrix, layer, head) != ("o", 2, 4):
+                    records.append(
+                        {
+                            "layer": layer,
+                            "head": head,
+                            "matrix": matrix,
+                            "metrics": {"effective_rank": float(value)},
+                        }
+                    )
+    return records
+
+
 class TestHeatmap:
+    # Shades are quintiles of each panel (numpy's linear quantiles; a value equal to an edge
+    # takes the upper shade). q, 0..14: edges 2.8, 5.6, 8.4, 11.2, so 0-2 ' ', 3-5 '░',
+    # 6-8 '▒', 9-11 '▓', 12-14 '█'. k mirrors q. v: each layer runs through 0..14 in steps
+    # of 3. o: 13 finite values 0..13 without 7, edges 2.4, 4.8, 8.2, 10.6.
+    PANELS = (
+        "q: 0..14    k: 86..100  v: 0..14    o: 0..13",
+        "  0     ░░    0  ███▓▓    0   ░▒▓█    0     ░░",
+        "  1  ░▒▒▒▓    1  ▓▒▒▒░    1   ░▒▓█    1  ▒▒x▒▓",
+        "  2  ▓▓███    2  ░░       2   ░▒▓█    2  ▓███·",
+    )
+
+    def test_each_panel_shades_its_own_matrix_by_hand(self) -> None:
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=80, color=False
+        )
+        lines = [line.rstrip() for line in text.splitlines()]
+        assert lines[0].startswith("effective_rank per head (rows: layers, columns: heads;")
+        assert lines[-4:] == list(self.PANELS)
+
+    def test_panels_wrap_to_the_width(self) -> None:
+        # each panel is 5 + 5 heads wide plus 2 of gap: three fit in 40 columns
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=40, color=False
+        )
+        lines = [line.rstrip() for line in text.splitlines()]
+        assert lines[-8:] == [
+            *(line[:34].rstrip() for line in self.PANELS),
+            *(line[36:] for line in self.PANELS),
+        ]
+
     def test_terminal_heatmap_of_a_32_by_32_model_fits_80_columns(self) -> None:
         records = [
             {
                 "layer": layer,
                 "head": head,
                 "matrix": matrix,
-                "metrics": {"effective_rank": float(layer * 32 + head)},
+                "metrics": {"effective_rank": float(sign * (layer * 32 + head))},
             }
             for layer in range(32)
             for head in range(32)
-            for matrix in "qkvo"
+            for matrix, sign in zip("qkvo", (1, -1, 1, -1), strict=True)
         ]
         text = render_heatmap(records, "effective_rank", layers=32, heads=32, width=80, color=False)
         lines = text.splitlines()
         assert max(len(line) for line in lines) <= 80
-        assert sum(line.startswith("q: ") for line in lines) == 1
-        assert any(line.startswith(" 31  ") and line.rstrip().endswith("█") for line in lines)
+        panel_rows = [line for line in lines if line.startswith(("q: ", "v: ", "  0  ", " 31  "))]
+        assert [line.rstrip() for line in panel_rows] == [
+            "q: 0..1.02e+03                         k: -1.02e+03..0",
+            "  0  " + " " * 32 + "    0  " + "█" * 32,
+            " 31  " + "█" * 32 + "   31",  # k's last layer is its lowest: blank
+            "v: 0..1.02e+03                         o: -1.02e+03..0",
+            "  0  " + " " * 32 + "    0  " + "█" * 32,
+            " 31  " + "█" * 32 + "   31",
+        ]
 
     def test_heatmap_in_the_summary(self, pytester) -> None:
-        model = write_model(pytester, "model")
+        """K/V head 1 of layer 1 (query heads 2 and 3) collapsed: only the k panel shows it,
+        as the lowest shade in both of its query heads' cells."""
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(
             "--spectral-model", str(model), "--spectral-heatmap", "effective_rank"
         )
         result.stdout.fnmatch_lines(["effective_rank per head (rows: layers, *", "q: *k: *"])
+        header = next(line for line in result.outlines if line.startswith("q: "))
+        row = next(line for line in result.outlines if line.startswith("  1  "))
+        # panels are 5 + 4 heads wide with 2 columns between them: q, k, v, o
+        k_header, k_cells = header[11:20], row[16:20]
+        assert k_header.startswith("k: 1..")  # a rank-1 slice has effective rank 1
+        assert k_cells[2:] == "  "
+        assert k_cells[0] == k_cells[1] != " "  # one K/V head, one value, for query heads 0, 1
 
     def test_unknown_heatmap_metric(self, pytester) -> None:
         model = write_model(pytester, "model")
