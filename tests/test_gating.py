@@ -335,6 +335,11 @@ class TestHtmlReport:
         assert "https://" not in page
         assert '<table class="candidates">' in page
         assert "collapsed: stable_rank" in page
+        # one candidate: the rank-1 K slice (8 x 32) shared by query heads 2 and 3, whose
+        # rank-1 factorisation keeps 40 of 256 parameters
+        assert page.count('<tr class="failed">') == 1
+        assert "<td>1</td><td>2, 3</td><td>k</td><td>failed</td>" in page
+        assert "<td>1</td><td>8x32</td><td>216 (84%)</td></tr>" in page
 
     @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
     def test_renders_in_headless_chromium(self, pytester) -> None:

@@ -758,6 +758,29 @@ class TestScopes:
         assert down["shape"] == [32, 48]
         np.testing.assert_allclose(down["singular_values"], reference, rtol=1e-9)
 
+    def test_whole_matrices_are_measured_with_their_own_shape(self, pytester) -> None:
+        """Random Gaussian matrices have no spikes; counted against the head slice's shape
+        instead of the matrix's, the noise bulk itself would be counted as spikes."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=96)
+        directory = write_checkpoint(
+            pytester.path / "random", random_llama_weights(shape, seed=12), shape.config()
+        )
+        result = pytester.runpytest(
+            "--spectral-model", str(directory), "--spectral-scope", "matrix",
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=2 * 7)
+        items = json.loads((pytester.path / "r.json").read_text())["items"]
+        shapes = {i["matrix"]: tuple(i["shape"]) for i in items}
+        assert shapes == {
+            "q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64),
+            "gate": (96, 64), "up": (96, 64), "down": (64, 96),
+        }  # fmt: skip
+        for item in items:
+            assert len(item["singular_values"]) == min(item["shape"]), item["nodeid"]
+            assert item["metrics"]["gd_spikes"] == 0, item["nodeid"]
+            assert item["metrics"]["mp_spikes"] == 0, item["nodeid"]
+
     def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
         result = pytester.runpytest(
             "--spectral-model", str(planted), "--spectral-matrices", "q,gate"

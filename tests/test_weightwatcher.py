@@ -59,6 +59,38 @@ def weightwatcher_rows(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, 
     return {name: frame.iloc[i].to_dict() for i, name in enumerate(names)}
 
 
+def gavish_donoho_spikes(values: np.ndarray, small: int, large: int) -> int:
+    """Gavish & Donoho (2014), unknown noise: #sigma > omega(beta) median(sigma), with their
+    cubic approximation omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43."""
+    beta = small / large
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    return int((values > omega * np.median(values)).sum())
+
+
+def marchenko_pastur_median(beta: float) -> float:
+    """Median of the Marchenko-Pastur law of ratio beta <= 1, unit variance (scipy quadrature)."""
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
+    low, high = (1 - beta**0.5) ** 2, (1 + beta**0.5) ** 2
+
+    def density(x: float) -> float:
+        return np.sqrt(max((high - x) * (x - low), 0.0)) / (2 * np.pi * beta * x)
+
+    def mass_below(x: float) -> float:
+        return quad(density, low, x, limit=200)[0]
+
+    return brentq(lambda x: mass_below(x) - 0.5, low, high, xtol=1e-12)
+
+
+def marchenko_pastur_spikes(values: np.ndarray, small: int, large: int) -> int:
+    """#sigma above the MP bulk edge (sqrt(m) + sqrt(n)) noise, widened by min(m, n)^(-2/3) for
+    Tracy-Widom fluctuations, the noise level set by the median sigma (README, Metrics)."""
+    noise = np.median(values) / np.sqrt(large * marchenko_pastur_median(small / large))
+    edge = noise * (np.sqrt(small) + np.sqrt(large)) * (1 + small ** (-2 / 3))
+    return int((values > edge).sum())
+
+
 def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
     directory, tensors = model
     pytester.runpytest(
@@ -70,10 +102,11 @@ def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
         "-p",
         "no:cacheprovider",
     ).assert_outcomes(passed=SHAPE.layers * 7)
-    ours = {
-        (item["layer"], item["matrix"]): item["metrics"]
+    ours_items = {
+        (item["layer"], item["matrix"]): item
         for item in json.loads((pytester.path / "r.json").read_text())["items"]
     }
+    ours = {key: item["metrics"] for key, item in ours_items.items()}
     theirs = weightwatcher_rows(tensors)
     assert len(theirs) == SHAPE.layers * 7
     compared = 0
@@ -88,7 +121,19 @@ def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
         assert metrics["stable_rank"] == pytest.approx(row["stable_rank"], rel=1e-6), name
         assert metrics["spectral_norm"] ** 2 == pytest.approx(row["spectral_norm"], rel=1e-6), name
         assert metrics["frobenius_norm"] ** 2 == pytest.approx(row["norm"], rel=1e-6), name
+        # shape-dependent metrics: the whole matrix's shape, never a head slice's
+        item = ours_items[(layer, matrix)]
+        assert sorted(item["shape"]) == [row["M"], row["N"]], name
+        assert len(item["singular_values"]) == row["num_evals"], name
         assert metrics["numerical_rank"] == row["matrix_rank"], name
+        assert len(item["singular_values"]) - metrics["numerical_rank"] == row["rank_loss"], name
+        assert metrics["spectral_entropy"] == pytest.approx(row["entropy"], rel=1e-6), name
+        assert not item["floor_limited"], name
+        ratio = row["sv_max"] / row["sv_min"]
+        assert metrics["first_last_ratio"] == pytest.approx(ratio, rel=1e-6), name
+        values = np.linalg.svd(tensors[name].double().numpy(), compute_uv=False)
+        assert metrics["gd_spikes"] == gavish_donoho_spikes(values, row["M"], row["N"]), name
+        assert metrics["mp_spikes"] == marchenko_pastur_spikes(values, row["M"], row["N"]), name
         compared += 1
     assert compared == 14
     assert np.isfinite([m["alpha"] for m in ours.values()]).all()
