@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import textwrap
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,68 @@ class TestHubIds:
             ]
         )
 
+    REPOSITORY = (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "optimizer.pt",
+        "flax_model.msgpack",
+        "original/consolidated.00.pth",
+    )
+
+    @pytest.mark.parametrize("revision", [None, "v2"])
+    @pytest.mark.parametrize(
+        ("listing", "wanted"),
+        [
+            (
+                REPOSITORY,
+                {
+                    "config.json",
+                    "model-00001-of-00002.safetensors",
+                    "model-00002-of-00002.safetensors",
+                    "model.safetensors.index.json",
+                },
+            ),
+            (
+                tuple(f for f in REPOSITORY if "safetensors" not in f),
+                {"config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"},
+            ),
+        ],
+    )
+    def test_download_asks_for_the_revision_and_only_what_is_read(
+        self, pytester, model, monkeypatch, revision, listing, wanted
+    ) -> None:
+        hub = pytest.importorskip("huggingface_hub")
+        constants = pytest.importorskip("huggingface_hub.constants")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        calls: list[tuple[str, ...]] = []
+
+        def list_repo_files(self, repo_id: str, *, revision: str | None = None) -> list[str]:
+            calls.append(("list", repo_id, revision))
+            return list(listing)
+
+        def snapshot_download(
+            repo_id: str, *, revision: str | None = None, allow_patterns: list[str]
+        ) -> str:
+            fetched = {f for f in listing if any(fnmatch(f, p) for p in allow_patterns)}
+            calls.append(("download", repo_id, revision, tuple(sorted(fetched))))
+            return str(model)
+
+        monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+        monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+        args = ("--spectral-revision", revision) if revision else ()
+        result = pytester.runpytest("--spectral-model", "org/tiny", *args, "-p", "no:xdist")
+        result.assert_outcomes(passed=ITEMS)
+        assert calls == [
+            ("list", "org/tiny", revision),
+            ("download", "org/tiny", revision, tuple(sorted(wanted))),
+        ]
+
     @pytest.mark.parametrize(
         ("error", "advice"),
         [
@@ -101,7 +164,8 @@ class TestHubIds:
             error, type(error, (OSError,), {})
         )
 
-        def list_repo_files(self, repo_id: str, revision: str | None = None) -> list[str]:
+        def list_repo_files(self, repo_id: str, *, revision: str | None = None) -> list[str]:
+            assert (repo_id, revision) == ("org/tiny", "v9")
             raise failure("401 Client Error")
 
         monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
