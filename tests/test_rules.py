@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "rules.toml"
     path.write_text(text)
     return path
+
+
+def first_beyond(value: float, baseline: float, direction: float) -> float:
+    """The float next to ``value`` (towards ``direction``) whose relative change against
+    ``baseline`` differs from ``value``'s once rounded: the closest value beyond a bound."""
+    change = (value - baseline) / abs(baseline)
+    beyond = math.nextafter(value, direction)
+    while (beyond - baseline) / abs(baseline) == change:
+        beyond = math.nextafter(beyond, direction)
+    return beyond
 
 
 class TestRanges:
@@ -77,6 +88,52 @@ severity = "warn"
         assert rule.violation(1) == "< min 2"
         assert rule.violation(5) == "> max 4"
         assert rule.violation(float("nan")) == "is undefined (nan)"
+
+    def test_bounds_are_inclusive(self, tmp_path: Path) -> None:
+        """A value equal to min or max passes; the next float beyond it breaks the rule."""
+        (rule,) = load_rules(
+            write(tmp_path, '[[rules]]\nmetric = "stable_rank"\nmin = 0.1\nmax = 0.7\n')
+        ).rules
+        assert rule.violation(0.1) is None
+        assert rule.violation(0.7) is None
+        assert rule.violation(math.nextafter(0.1, -math.inf)) == "< min 0.1"
+        assert rule.violation(math.nextafter(0.7, math.inf)) == "> max 0.7"
+        assert rule.violation(math.inf) == "> max 0.7"
+        assert rule.violation(-math.inf) == "< min 0.1"
+
+    @pytest.mark.parametrize(("key", "bound"), [("min", "min = 2"), ("max", "max = 2")])
+    def test_one_sided_rules(self, tmp_path: Path, key: str, bound: str) -> None:
+        (rule,) = load_rules(write(tmp_path, f'[[rules]]\nmetric = "stable_rank"\n{bound}\n')).rules
+        below, above = rule.violation(1), rule.violation(3)
+        assert (below, above) == (("< min 2", None) if key == "min" else (None, "> max 2"))
+        assert rule.change_violation(1, 2) is None  # no relative bound: baselines are ignored
+
+    def test_relative_bounds_are_inclusive(self, tmp_path: Path) -> None:
+        """change = (value - baseline) / |baseline|: 6 against 4 is +50%, 2 against 4 is -50%."""
+        (rule,) = load_rules(
+            write(
+                tmp_path,
+                '[[rules]]\nmetric = "stable_rank"\nmin_change = -0.5\nmax_change = 0.5\n',
+            )
+        ).rules
+        assert rule.violation(100) is None  # no absolute bound
+        assert rule.change_violation(6, 4) is None
+        assert rule.change_violation(2, 4) is None
+        assert rule.change_violation(-2, -4) is None  # |baseline|: from -4 to -2 is +50%
+        assert rule.change_violation(first_beyond(6, 4, math.inf), 4) == (
+            "vs baseline 4 (+50.0%) > max_change +0.5"
+        )
+        assert rule.change_violation(first_beyond(2, 4, -math.inf), 4) == (
+            "vs baseline 4 (-50.0%) < min_change -0.5"
+        )
+        assert rule.change_violation(-7, -4) == "vs baseline -4 (-75.0%) < min_change -0.5"
+        assert rule.change_violation(3, None) == (
+            "has no baseline value to compare with (item or metric missing from baseline)"
+        )
+        undefined = "relative change undefined"
+        assert rule.change_violation(3, 0.0) == f"vs baseline 0: {undefined}"
+        assert rule.change_violation(math.nan, 2) == f"vs baseline 2: {undefined}"
+        assert rule.change_violation(3, math.nan) == f"vs baseline nan: {undefined}"
 
     def test_empty_file_has_no_rules(self, tmp_path: Path) -> None:
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
