@@ -1,0 +1,134 @@
+"""Calibration: each bound is the observed range widened by margin x (p95 - p5), by hand.
+
+numpy's default (linear) percentiles of 1, 2, 3, 4, 5 are p5 = 1.2 and p95 = 4.8, a spread of
+3.6; with margin 0.25 the bounds are 1 - 0.9 = 0.1 and 5 + 0.9 = 5.9. Log-scale metrics do the
+same on log10 of the values: 1, 10, 100 give 0, 1, 2, spread 1.8, bounds 10^-0.45 and 10^2.45.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from pytest_spectral.judging.calibrate import CALIBRATED, calibrated_rules
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def record(matrix: str, status: str = "ok", scope: str = "head", **metrics: float) -> dict:
+    return {"matrix": matrix, "status": status, "scope": scope, "metrics": metrics}
+
+
+def bounds(text: str) -> dict[str, tuple[float, float, list[str], str]]:
+    return {
+        r["name"]: (r["min"], r["max"], r["matrices"], r["scope"])
+        for r in tomllib.loads(text)["rules"]
+    }
+
+
+def test_linear_metric_by_hand() -> None:
+    records = [record("q", effective_rank=v) for v in (3.0, 1.0, 5.0, 2.0, 4.0)]
+    rules = bounds(calibrated_rules(records, margin=0.25, source="model"))
+    low, high, matrices, scope = rules["calibrated-q-effective_rank"]
+    assert low == pytest.approx(0.1, rel=1e-12)
+    assert high == pytest.approx(5.9, rel=1e-12)
+    assert (matrices, scope) == (["q"], "head")
+    assert list(rules) == ["calibrated-q-effective_rank"]
+
+
+@pytest.mark.parametrize("metric", ["spectral_norm", "frobenius_norm", "first_last_ratio"])
+def test_log_metric_by_hand(metric: str) -> None:
+    records = [record("k", **{metric: v}) for v in (10.0, 1.0, 100.0)]
+    low, high, _, _ = bounds(calibrated_rules(records, margin=0.25, source="m"))[
+        f"calibrated-k-{metric}"
+    ]
+    assert low == pytest.approx(10**-0.45, rel=1e-12)
+    assert high == pytest.approx(10**2.45, rel=1e-12)
+
+
+def test_log_metric_with_a_zero_falls_back_to_linear() -> None:
+    records = [record("o", spectral_norm=v) for v in (0.0, 1.0, 2.0, 3.0, 4.0)]
+    low, high, _, _ = bounds(calibrated_rules(records, margin=0.25, source="m"))[
+        "calibrated-o-spectral_norm"
+    ]
+    assert (low, high) == pytest.approx((0.0 - 0.9, 4.0 + 0.9), rel=1e-12)
+
+
+def test_margin_scales_the_widening() -> None:
+    records = [record("q", stable_rank=v) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    for margin, (low, high) in ((0.0, (1.0, 5.0)), (1.0, (1 - 3.6, 5 + 3.6))):
+        rules = bounds(calibrated_rules(records, margin=margin, source="m"))
+        assert rules["calibrated-q-stable_rank"][:2] == pytest.approx((low, high), rel=1e-12)
+
+
+def test_unhealthy_items_and_undefined_values_are_left_out() -> None:
+    records = [
+        *(record("q", top_k_ratio=v) for v in (0.2, 0.4)),
+        record("q", status="nonfinite", top_k_ratio=0.99),
+        record("q", status="zero_matrix", top_k_ratio=0.0),
+        record("q", top_k_ratio=math.nan),
+        record("q", top_k_ratio=math.inf),
+        record("q", top_k_ratio="nan"),  # as read back from a JSON report
+    ]
+    text = calibrated_rules(records, margin=0.0, source="m")
+    assert bounds(text)["calibrated-q-top_k_ratio"][:2] == (0.2, 0.4)
+    assert "from 5 healthy head slices" in text  # ok status, whatever their values
+    assert "# q heads (n=2): observed 0.2 .. 0.4" in text
+
+
+def test_one_rule_per_matrix_type_and_scope_in_a_fixed_order() -> None:
+    records = [
+        record(matrix, scope=scope, energy_rank=value)
+        for matrix in ("up", "o", "q", "gate", "k")
+        for scope in ("matrix", "head")
+        for value in (1.0, 2.0)
+        if scope == "matrix" or matrix in "qko"
+    ]
+    names = list(bounds(calibrated_rules(records, margin=0.25, source="m")))
+    assert names == [
+        "calibrated-q-energy_rank",
+        "calibrated-k-energy_rank",
+        "calibrated-o-energy_rank",
+        "calibrated-q-energy_rank-whole",
+        "calibrated-k-energy_rank-whole",
+        "calibrated-o-energy_rank-whole",
+        "calibrated-gate-energy_rank-whole",
+        "calibrated-up-energy_rank-whole",
+    ]
+    rules = bounds(calibrated_rules(records, margin=0.25, source="m"))
+    assert rules["calibrated-up-energy_rank-whole"][2:] == (["up"], "matrix")
+
+
+def test_every_calibrated_metric_gets_a_rule_and_the_header_says_how() -> None:
+    records = [record("v", **{metric: v for metric, _ in CALIBRATED}) for v in (1.0, 2.0, 4.0)]
+    text = calibrated_rules(records, margin=0.5, source="ckpt-10000")
+    names = list(bounds(text))
+    assert names == [f"calibrated-v-{metric}" for metric, _ in CALIBRATED]
+    assert text.startswith("# Calibrated by pytest-spectral on ckpt-10000\n")
+    assert "margin = 0.5;" in text
+    assert "from 3 healthy head slices" in text
+
+
+def test_bounds_never_exclude_an_observed_value() -> None:
+    """Round-tripping through the TOML text keeps every calibration value inside."""
+    values = [0.1 + i / 7 for i in range(9)]
+    records = [record("q", least_k_ratio=v, spectral_norm=v * 1e3) for v in values]
+    rules = bounds(calibrated_rules(records, margin=0.0, source="m"))
+    for name, scale in (("least_k_ratio", 1.0), ("spectral_norm", 1e3)):
+        low, high, _, _ = rules[f"calibrated-q-{name}"]
+        assert low <= min(values) * scale
+        assert high >= max(values) * scale
+
+
+def test_huge_log_scale_spread_gives_infinite_bounds() -> None:
+    """Norms spanning 1e-300 to 1e300 (float64 weights): 10^(upper) is no float, so inf."""
+    records = [record("q", spectral_norm=v) for v in (1e-300, 1.0, 1e300)]
+    low, high, _, _ = bounds(calibrated_rules(records, margin=0.25, source="m"))[
+        "calibrated-q-spectral_norm"
+    ]
+    assert (low, high) == (0.0, math.inf)
