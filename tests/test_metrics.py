@@ -351,3 +351,53 @@ class TestMeasurementFloor:
         f64 = m.MetricContext((16, 256), "F64")
         assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6, rel=1e-12)
         assert m.first_last_ratio(values).item() == pytest.approx(1e6, rel=1e-12)
+
+    def test_unknown_storage_dtype_counts_as_float64(self) -> None:
+        """A dtype without a known unit roundoff gets float64's: the float64 floor applies."""
+        context = m.MetricContext((4, 64), "F8_E4M3")
+        floor = m.measurement_floor(self.RANK_ONE, context).item()
+        assert floor == pytest.approx(16 * 64 * EPS64, rel=1e-12)
+
+
+class TestMetricRegistry:
+    def test_added_metrics_are_known_and_requested_with_their_defaults(self) -> None:
+        registry = m.MetricRegistry()
+        registry.add("tail", lambda sv, k=2: sv[..., -k:].sum(-1), "tail sum", k=2)
+        registry.add("plain", lambda sv: sv[..., 0])
+        assert set(registry.specs) == {*m.METRICS, "tail", "plain"}
+        tail, plain = registry.user_requests()
+        assert (tail.key, tail.params, plain.key, plain.params) == (
+            "tail",
+            (("k", 2),),
+            "plain",
+            (),
+        )
+        assert registry.specs["tail"].summary == "tail sum"
+        assert registry.specs["plain"].summary == "plain"  # the name when no summary is given
+        assert tail.compute(sv(4, 3, 2, 1)).item() == 3
+        assert m.request(registry.specs["tail"], k=3).compute(sv(4, 3, 2, 1)).item() == 6
+
+    def test_parameters_of_added_metrics_must_be_numbers(self) -> None:
+        registry = m.MetricRegistry()
+        registry.add("tail", lambda sv, k=2: sv[..., -k:].sum(-1), k=2)
+        check = registry.specs["tail"].params["k"].check
+        assert check(3) is None
+        assert check(0.5) is None
+        assert check("3") == "must be a number, got '3'"
+        assert check(True) == "must be a number, got True"
+
+    @pytest.mark.parametrize(
+        ("name", "message"),
+        [("top_k_ratio", "already registered"), ("my-metric", "must be an identifier")],
+    )
+    def test_bad_names_are_refused(self, name: str, message: str) -> None:
+        registry = m.MetricRegistry()
+        with pytest.raises(ValueError, match=message):
+            registry.add(name, lambda sv: sv[..., 0])
+        assert set(registry.specs) == set(m.METRICS)
+
+    def test_registries_do_not_share_their_metrics(self) -> None:
+        first = m.MetricRegistry()
+        first.add("extra", lambda sv: sv[..., 0])
+        assert "extra" not in m.MetricRegistry().specs
+        assert "extra" not in m.METRICS

@@ -135,6 +135,34 @@ severity = "warn"
         assert rule.change_violation(math.nan, 2) == f"vs baseline 2: {undefined}"
         assert rule.change_violation(3, math.nan) == f"vs baseline nan: {undefined}"
 
+    @pytest.mark.parametrize(
+        ("entry", "accepted"),
+        [
+            ('metric = "top_k_ratio"\nk = 1', True),
+            ('metric = "top_k_ratio"\nk = 2', True),
+            ('metric = "top_k_ratio"\nk = true', False),
+            ('metric = "top_k_ratio"\nk = 2.5', False),
+            ('metric = "top_k_ratio"\nk = "3"', False),
+            ('metric = "energy_rank"\np = 1', True),
+            ('metric = "energy_rank"\np = 1.0', True),
+            ('metric = "energy_rank"\np = 0.5', True),
+            ('metric = "energy_rank"\np = 0', False),
+            ('metric = "energy_rank"\np = 1.01', False),
+            ('metric = "energy_rank"\np = true', False),
+            ('metric = "energy_rank"\np = "0.5"', False),
+        ],
+    )
+    def test_metric_parameters_in_range(self, tmp_path: Path, entry: str, accepted: bool) -> None:
+        """k is a positive integer; p an energy fraction in (0, 1]: both ends checked."""
+        path = write(tmp_path, f"[[rules]]\n{entry}\nmax = 1\n")
+        if accepted:
+            (rule,) = load_rules(path).rules
+            name, value = entry.splitlines()[1].split(" = ")
+            assert dict(rule.request.params)[name] == float(value)
+        else:
+            with pytest.raises(RulesError, match="must be a"):
+                load_rules(path)
+
     def test_empty_file_has_no_rules(self, tmp_path: Path) -> None:
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
 
