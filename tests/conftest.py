@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from pytest_spectral.testing.synthetic import LlamaShape, write_random_llama
 
@@ -17,6 +17,15 @@ MakeCheckpoint = Callable[..., Path]
 # keeps its own deadline to catch real hangs.
 settings.register_profile("pytest-spectral", deadline=None)
 settings.load_profile("pytest-spectral")
+# Mutation runs (pyproject.toml, [tool.mutmut]) run the same tests many times in one process and
+# must give the same verdict each time: fixed examples, no example database.
+settings.register_profile(
+    "mutation",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.differing_executors],
+)
 
 
 @pytest.fixture
