@@ -149,6 +149,86 @@ def test_whole_matrix_label_and_json_entry() -> None:
     assert entry["rules"] == ["r"]
 
 
+def test_candidates_are_ordered_by_saving_then_node_id() -> None:
+    items = [
+        record("q", head=2, rank=6),  # saves 16
+        record("q", head=1, rank=2),  # saves 176
+        record("o", head=0, rank=2),  # saves 176 too: "head00-o" < "head01-q"
+        record("q", "remove_head", 7, head=3),  # removal: 512
+    ]
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert [c.label for c in candidates] == ["L0 H3 q", "L0 H0 o", "L0 H1 q", "L0 H2 q"]
+    assert [c.saved for c in candidates] == [512, 176, 176, 16]
+
+
+def test_shared_slice_with_scattered_heads_is_labelled_by_list() -> None:
+    items = [record("v", head=h, rules=("r",)) for h in (4, 6)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.heads == (4, 6)
+    assert candidate.label == "L0 H4,6 v"
+
+
+@pytest.mark.parametrize("rank", [math.nan, math.inf, None, "nan"])
+def test_undefined_rank_suggests_nothing(rank) -> None:
+    """A zero slice's energy rank is nan (and "nan" once read back from JSON)."""
+    item = record(rank=2)
+    item["metrics"] = {"energy_rank(p=0.95)": rank} if rank is not None else {}
+    (candidate,) = pruning_candidates([item], "energy_rank(p=0.95)", GEOMETRY)
+    assert (candidate.rank, candidate.error) == (None, None)
+    assert (candidate.params_after, candidate.saved, candidate.saving_fraction) == (256, 0, 0.0)
+
+
+def test_truncation_error_needs_finite_energy() -> None:
+    zero = {**record(rank=1), "singular_values": [0.0] * 8, "status": "zero_matrix"}
+    broken = {**record(rank=1, head=2), "singular_values": ["nan"] * 8, "status": "nonfinite"}
+    candidates = pruning_candidates([zero, broken], "energy_rank(p=0.95)", GEOMETRY)
+    assert [c.error for c in candidates] == [None, None]
+    assert [c.rank for c in candidates] == [1, 1]
+
+
+@pytest.mark.parametrize(("rank", "error"), [(1, math.sqrt(14 / 30)), (3, math.sqrt(1 / 30))])
+def test_truncation_error_is_eckart_young(rank: int, error: float) -> None:
+    """Energies 16, 9, 4, 1 of 30: rank r leaves the energy below it."""
+    (candidate,) = pruning_candidates([record(rank=rank)], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.error == pytest.approx(error, rel=1e-12)
+
+
+def test_json_entry_of_a_shared_slice_with_removal() -> None:
+    items = [record("k", "remove_head", head=h, rules=("r", "s")) for h in (4, 5)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    per_query_head = 2 * 8 * 32
+    assert candidate_record(candidate) == {
+        "nodeids": ["spectral::layer00::head04-k", "spectral::layer00::head05-k"],
+        "layer": 0,
+        "matrix": "k",
+        "heads": [4, 5],
+        "kv_head": 1,
+        "shape": [8, 32],
+        "outcome": "failed",
+        "rules": ["r", "s"],
+        "suggested_rank": 2,
+        "relative_error": pytest.approx(math.sqrt(5 / 30)),
+        "break_even_rank": pytest.approx(6.4),
+        "params": 256,
+        "params_after_factorisation": 80,
+        "params_saved": 4 * per_query_head + 2 * 8 * 32,
+        "params_saved_by_removal": 4 * per_query_head + 2 * 8 * 32,
+    }
+
+
+def test_removal_needs_the_geometry() -> None:
+    (candidate,) = pruning_candidates([record("q", "remove_head")], "energy_rank(p=0.95)")
+    assert candidate.removal is None
+    assert candidate.saved == 176
+
+
+def test_warned_and_failed_items_of_one_slice_stay_apart() -> None:
+    warned = {**record("k", head=4), "outcome": "warned"}
+    failed = record("k", head=5)
+    candidates = pruning_candidates([warned, failed], "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.heads for c in candidates) == [(4,), (5,)]
+
+
 class TestTotalSaving:
     """What acting on every suggestion frees, each weight once (GEOMETRY: 8 x 32 slices)."""
 
@@ -171,6 +251,29 @@ class TestTotalSaving:
             record("q", head=0),  # another group: still counts
         )
         assert total == 4 * 2 * self.SLICE + 2 * self.SLICE + 176
+
+    def test_removing_a_kv_head_takes_its_group_once(self) -> None:
+        total = self.total(
+            record("v", "remove_head", head=4),  # K/V head 1 via its v slice
+            record("k", "remove_head", head=5),  # ... and via its k slice
+            record("q", "remove_head", head=6),  # a query head of that group
+            record("o", head=7),  # factorising an O slice of that group
+        )
+        assert total == 4 * 2 * self.SLICE + 2 * self.SLICE  # 4 query heads, K and V rows
+
+    def test_removed_query_head_supersedes_its_factorisations(self) -> None:
+        total = self.total(
+            record("q", "remove_head", head=1), record("o", head=1), record("o", head=2)
+        )
+        assert total == 2 * self.SLICE + 176
+
+    def test_factorised_kv_slice_of_a_kept_group_counts(self) -> None:
+        total = self.total(record("q", "remove_head", head=0), record("k", head=1))
+        assert total == 2 * self.SLICE + 176  # K/V head 0 stays: its k slice is factorised
+
+    def test_nothing_saved(self) -> None:
+        assert self.total(record(rank=7)) == 0
+        assert self.total() == 0
 
     def test_whole_matrix_counts_only_without_head_candidates(self) -> None:
         whole_q, whole_up = record("q", head=None), {**record("q", head=None), "matrix": "up"}
