@@ -18,11 +18,13 @@ MakeCheckpoint = Callable[..., Path]
 settings.register_profile("pytest-spectral", deadline=None)
 settings.load_profile("pytest-spectral")
 # Mutation runs (pyproject.toml, [tool.mutmut]) run the same tests many times in one process and
-# must give the same verdict each time: fixed examples, no example database.
+# must give the same verdict each time: fixed examples (fewer: each mutant runs them), no
+# example database.
 settings.register_profile(
     "mutation",
     deadline=None,
     derandomize=True,
+    max_examples=25,
     database=None,
     suppress_health_check=[HealthCheck.differing_executors],
 )

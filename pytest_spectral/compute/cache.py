@@ -19,6 +19,7 @@ never leave a half-written entry; an unreadable or inconsistent entry is deleted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -97,7 +98,7 @@ class SpectraCache:
         except FileNotFoundError:
             return None
         except Exception:  # any corruption: never trust it, recompute
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
         consistent = (
             stored_key == key
@@ -106,7 +107,7 @@ class SpectraCache:
             and len(nonfinite) == len(methods) == values.shape[0]
         )
         if not consistent:
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
         return SliceSpectra(values, nonfinite, methods, metrics)
 
@@ -122,14 +123,23 @@ class SpectraCache:
             checksum=np.asarray(_checksum(values, spectra.metrics)),
             **{_METRIC + name: column for name, column in spectra.metrics.items()},
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        except OSError:
+            return  # a cache that cannot be written is no cache
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(buffer.getvalue())
             os.replace(temporary, self._path(key))
         except OSError:
-            Path(temporary).unlink(missing_ok=True)  # a cache that cannot be written is no cache
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """Remove an entry that cannot be trusted, if the cache lets us."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _checksum(values: np.ndarray, metrics: Mapping[str, np.ndarray]) -> str:

@@ -1,0 +1,214 @@
+"""The cache key and the cache file, piece by piece (the engine's use: test_engine, test_plugin).
+
+The key must change with everything the module docstring lists: the file's resolved path,
+size, mtime and inode, its header, the tensor's name, dtype, shape and offsets, the head
+layout, the precision and the sampled bytes; an entry must come back exactly as stored, or
+not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.compute.cache import SpectraCache, entry_key, sample_bytes
+from pytest_spectral.results import SliceSpectra
+
+#: the engine's layout tuple: (matrix, scope, heads, kv_heads, head_dim, fused, conv1d)
+LAYOUT = ("q", "head", 2, 2, 4, None, False)
+
+
+@pytest.fixture
+def entry(make_checkpoint):
+    directory = make_checkpoint(layers=1, heads=2, kv_heads=2, head_dim=4, hidden=16)
+    return open_checkpoint(directory).tensors[(0, "q")]
+
+
+def key(entry, layout=LAYOUT, precision="float64") -> str:
+    return entry_key(entry, layout, precision)
+
+
+def keep_times(path: Path, stat: os.stat_result) -> None:
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+class TestKey:
+    def test_same_inputs_same_key(self, entry) -> None:
+        first = key(entry)
+        assert first == key(dataclasses.replace(entry))
+        assert len(first) == 64
+        int(first, 16)
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"name": "model.layers.0.self_attn.k_proj.weight"},
+            {"dtype": "F16"},
+            {"shape": (4, 32)},
+            {"offset": 0},
+            {"nbytes": 64},
+            {"header_sha256": "0" * 64},
+        ],
+    )
+    def test_tensor_fields(self, entry, change) -> None:
+        assert key(dataclasses.replace(entry, **change)) != key(entry)
+
+    @pytest.mark.parametrize("index", range(len(LAYOUT)))
+    def test_every_layout_field(self, entry, index: int) -> None:
+        other = list(LAYOUT)
+        other[index] = {str: "x", int: 3, type(None): "concat", bool: True}[type(LAYOUT[index])]
+        assert key(entry, tuple(other)) != key(entry)
+
+    def test_precision(self, entry) -> None:
+        assert key(entry, precision="float32") != key(entry)
+
+    def test_another_path_to_the_same_bytes(self, entry, tmp_path) -> None:
+        copy = tmp_path / "copy.safetensors"
+        shutil.copy2(entry.file, copy)
+        assert key(dataclasses.replace(entry, file=copy)) != key(entry)
+
+    def test_a_symlink_is_keyed_by_its_target(self, entry, tmp_path) -> None:
+        link = tmp_path / "link.safetensors"
+        link.symlink_to(entry.file)
+        assert key(dataclasses.replace(entry, file=link)) == key(entry)
+
+    def test_modification_time_alone(self, entry) -> None:
+        before, stat = key(entry), entry.file.stat()
+        os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert key(entry) != before
+
+    def test_inode_alone(self, entry, tmp_path) -> None:
+        """The file replaced by an identical copy with the same times: only the inode differs."""
+        before, stat = key(entry), entry.file.stat()
+        copy = tmp_path / "identical"
+        shutil.copy2(entry.file, copy)
+        os.replace(copy, entry.file)
+        keep_times(entry.file, stat)
+        assert entry.file.stat().st_ino != stat.st_ino
+        assert key(entry) != before
+
+    def test_size_alone(self, entry) -> None:
+        """Bytes appended after the tensors, times restored: only the size differs."""
+        before, stat = key(entry), entry.file.stat()
+        with entry.file.open("ab") as handle:
+            handle.write(b"\0" * 8)
+        keep_times(entry.file, stat)
+        assert key(entry) != before
+
+    def test_a_sampled_byte_alone(self, entry) -> None:
+        before, stat = key(entry), entry.file.stat()
+        with entry.file.open("r+b") as handle:
+            handle.seek(entry.offset + entry.nbytes - 1)
+            last = handle.read(1)
+            handle.seek(entry.offset + entry.nbytes - 1)
+            handle.write(bytes([last[0] ^ 0x01]))
+        keep_times(entry.file, stat)
+        assert key(entry) != before
+
+
+class TestSamples:
+    def test_sixteen_evenly_spaced_blocks_and_the_last_4_kib(self, entry, tmp_path) -> None:
+        """A 128 KiB tensor after a 100-byte prefix: blocks at every 8 KiB, then its end."""
+        data = bytes(range(256)) * 600  # 153,600 bytes, no two 4 KiB blocks alike
+        path = tmp_path / "blob"
+        path.write_bytes(data)
+        big = dataclasses.replace(entry, file=path, offset=100, nbytes=128 * 1024)
+        stride = 8 * 1024
+        expected = b"".join(data[100 + i * stride : 100 + i * stride + 4096] for i in range(16))
+        expected += data[100 + 128 * 1024 - 4096 : 100 + 128 * 1024]
+        assert sample_bytes(big) == expected
+        assert len(expected) == 17 * 4096
+
+    def test_a_small_tensor_is_sampled_whole(self, entry) -> None:
+        """Under 16 x 4 KiB every byte is in some sample: flipping any one changes them."""
+        data = entry.file.read_bytes()
+        sample = sample_bytes(entry)
+        for position in (0, 1, entry.nbytes // 2, entry.nbytes - 1):
+            flipped = bytearray(data)
+            flipped[entry.offset + position] ^= 0x01
+            entry.file.write_bytes(bytes(flipped))
+            assert sample_bytes(entry) != sample, position
+        entry.file.write_bytes(data)
+        assert sample_bytes(entry) == sample
+
+    def test_bytes_outside_the_tensor_are_not_read(self, entry) -> None:
+        data = bytearray(entry.file.read_bytes())
+        sample = sample_bytes(entry)
+        data[entry.offset - 1] ^= 0x01  # the byte before (end of the header)
+        data.extend(b"trailing")  # and bytes after it
+        entry.file.write_bytes(bytes(data))
+        assert sample_bytes(entry) == sample
+
+    def test_a_torch_save_file_is_sampled_from_its_start(self, tmp_path, entry) -> None:
+        path = tmp_path / "pytorch_model.bin"
+        data = bytes(range(256)) * 4
+        path.write_bytes(data)
+        whole = dataclasses.replace(entry, file=path, offset=-1, nbytes=len(data))
+        assert sample_bytes(whole).startswith(data[:1024])
+
+
+def spectra(rows: int = 3) -> SliceSpectra:
+    values = np.arange(rows * 4, dtype=np.float64).reshape(rows, 4)[:, ::-1].copy()
+    metrics = {"spectral_norm": values[:, 0].copy(), "top_k_ratio(k=2)": np.full(rows, 0.5)}
+    return SliceSpectra(values, [0, 2, 0][:rows], ["gram", "svd", "gram"][:rows], metrics)
+
+
+class TestEntries:
+    def test_round_trip(self, tmp_path) -> None:
+        cache = SpectraCache(tmp_path / "new" / "dir")
+        stored = spectra()
+        cache.store("a" * 64, stored)
+        loaded = cache.load("a" * 64)
+        np.testing.assert_array_equal(loaded.singular_values, stored.singular_values)
+        assert (loaded.nonfinite, loaded.methods) == ([0, 2, 0], ["gram", "svd", "gram"])
+        assert set(loaded.metrics) == {"spectral_norm", "top_k_ratio(k=2)"}
+        np.testing.assert_array_equal(loaded.metrics["spectral_norm"], [3.0, 7.0, 11.0])
+        assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["a" * 40 + ".npz"]
+
+    def test_absent_entry(self, tmp_path) -> None:
+        assert SpectraCache(tmp_path).load("b" * 64) is None
+
+    def test_another_key_with_the_same_file_name_is_a_miss(self, tmp_path) -> None:
+        """Files are named by the key's first 40 hex digits; the whole key is stored."""
+        cache = SpectraCache(tmp_path)
+        cache.store("c" * 64, spectra())
+        assert cache.load("c" * 40 + "d" * 24) is None
+        assert list(tmp_path.iterdir()) == []  # the entry that did not match is removed
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            lambda s: dataclasses.replace(s, metrics={**s.metrics, "spectral_norm": np.zeros(3)}),
+            lambda s: dataclasses.replace(s, singular_values=s.singular_values[0]),  # 1-D
+            lambda s: dataclasses.replace(s, nonfinite=[0, 0]),
+            lambda s: dataclasses.replace(s, methods=["gram"]),
+        ],
+    )
+    def test_inconsistent_entries_are_removed(self, tmp_path, damage) -> None:
+        """An entry whose parts disagree (checksum, shapes) is not used, and is deleted."""
+        cache = SpectraCache(tmp_path)
+        cache.store("e" * 64, spectra())
+        good = np.load(tmp_path / ("e" * 40 + ".npz"))
+        bad = damage(spectra())
+        parts = {name: good[name] for name in good.files}
+        parts["values"] = bad.singular_values
+        parts["nonfinite"] = np.asarray(bad.nonfinite)
+        parts["methods"] = np.asarray(bad.methods)
+        parts.update({f"metric:{k}": v for k, v in bad.metrics.items()})
+        np.savez(tmp_path / ("e" * 40 + ".npz"), **parts)
+        assert cache.load("e" * 64) is None
+        assert list(tmp_path.iterdir()) == []
+
+    def test_an_unwritable_cache_is_no_cache(self, tmp_path) -> None:
+        """A cache directory that cannot be created (a file is in the way): nothing stored,
+        nothing raised, the run goes on computing."""
+        (tmp_path / "blocked").write_text("a file, not a directory")
+        cache = SpectraCache(tmp_path / "blocked" / "spectral")
+        cache.store("f" * 64, spectra())
+        assert cache.load("f" * 64) is None
