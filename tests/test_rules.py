@@ -364,6 +364,20 @@ class TestMistakesNameFileLineAndKey:
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmax = 2\n',
                 ": TOML syntax error: Cannot overwrite a value (at line 4, column 8)",
             ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nlayer_range = "0-3"\n',
+                ":4: rule 1, key 'layer_range': unknown key (did you mean 'layers'?)",
+            ),
+            # where no line can be named, the file alone: a dotted top-level key, inline rules
+            (
+                'x.y = 1\n[[rules]]\nmetric = "stable_rank"\nmax = 1\n',
+                ": unknown top-level key 'x'",
+            ),
+            ("rules = [{max = 1}]\n", ": rule 1 has no 'metric' key"),
+            (
+                'rules = [{metric = "stable_rnk", max = 1}]\n',
+                ": rule 1, key 'metric': unknown metric 'stable_rnk' (did you mean 'stable_rank'?)",
+            ),
         ],
     )
     def test_message(self, tmp_path: Path, text: str, expected: str) -> None:
