@@ -8,6 +8,7 @@ same on log10 of the values: 1, 10, 100 give 0, 1, 2, spread 1.8, bounds 10^-0.4
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import pytest
@@ -109,9 +110,18 @@ def test_every_calibrated_metric_gets_a_rule_and_the_header_says_how() -> None:
     text = calibrated_rules(records, margin=0.5, source="ckpt-10000")
     names = list(bounds(text))
     assert names == [f"calibrated-v-{metric}" for metric, _ in CALIBRATED]
-    assert text.startswith("# Calibrated by pytest-spectral on ckpt-10000\n")
-    assert "margin = 0.5;" in text
-    assert "from 3 healthy head slices" in text
+    header = text.splitlines()[:6]
+    assert header[0] == "# Calibrated by pytest-spectral on ckpt-10000"
+    # the time in UTC, to the second
+    assert re.fullmatch(
+        r"# at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00, from 3 healthy head slices\.", header[1]
+    )
+    assert header[2:] == [
+        "# Each bound is the observed range widened on both sides by",
+        "# margin x (95th - 5th percentile), margin = 0.5; log-scale metrics are",
+        "# widened by that factor of their log10 spread. Values of the calibration checkpoint",
+        "# all lie inside, so testing it with this file passes.",
+    ]
 
 
 def test_bounds_never_exclude_an_observed_value() -> None:
@@ -132,3 +142,9 @@ def test_huge_log_scale_spread_gives_infinite_bounds() -> None:
         "calibrated-q-spectral_norm"
     ]
     assert (low, high) == (0.0, math.inf)
+
+
+def test_records_without_a_scope_are_head_items() -> None:
+    records = [{"matrix": "q", "status": "ok", "metrics": {"stable_rank": v}} for v in (1.0, 2.0)]
+    rules = bounds(calibrated_rules(records, margin=0.0, source="m"))
+    assert rules == {"calibrated-q-stable_rank": (1.0, 2.0, ["q"], "head")}
