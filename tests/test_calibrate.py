@@ -11,6 +11,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from pytest_spectral.judging.calibrate import CALIBRATED, calibrated_rules
@@ -138,9 +139,9 @@ def test_bounds_never_exclude_an_observed_value() -> None:
 def test_huge_log_scale_spread_gives_infinite_bounds() -> None:
     """Norms spanning 1e-300 to 1e300 (float64 weights): 10^(upper) is no float, so inf."""
     records = [record("q", spectral_norm=v) for v in (1e-300, 1.0, 1e300)]
-    low, high, _, _ = bounds(calibrated_rules(records, margin=0.25, source="m"))[
-        "calibrated-q-spectral_norm"
-    ]
+    with np.errstate(all="raise"):
+        text = calibrated_rules(records, margin=0.25, source="m")
+    low, high, _, _ = bounds(text)["calibrated-q-spectral_norm"]
     assert (low, high) == (0.0, math.inf)
 
 
@@ -148,3 +149,24 @@ def test_records_without_a_scope_are_head_items() -> None:
     records = [{"matrix": "q", "status": "ok", "metrics": {"stable_rank": v}} for v in (1.0, 2.0)]
     rules = bounds(calibrated_rules(records, margin=0.0, source="m"))
     assert rules == {"calibrated-q-stable_rank": (1.0, 2.0, ["q"], "head")}
+
+
+def test_each_rule_says_how_its_bounds_were_derived() -> None:
+    records = [record("q", effective_rank=v, spectral_norm=10**v) for v in (1.0, 2.0, 3.0)]
+    records += [record("up", scope="matrix", effective_rank=v) for v in (4.0, 6.0)]
+    text = calibrated_rules(records, margin=0.25, source="m")
+    # linear 1, 2, 3: p5 1.1, p95 2.9; log10 of 10, 100, 1000 alike; 4, 6: p5 4.1, p95 5.9
+    assert "# q heads (n=3): observed 1 .. 3, p5-p95 spread 1.8\n" in text
+    assert "# q heads (n=3): observed 10 .. 1000, log10 p5-p95 spread 1.8\n" in text
+    assert "# up whole matrices (n=2): observed 4 .. 6, p5-p95 spread 1.8\n" in text
+
+
+def test_overflowing_bounds_are_written_as_toml_infinities() -> None:
+    """Hostile values: the widening overflows to -inf / inf, which TOML can carry; numpy's
+    floating-point errors are handled even where the caller makes them raise."""
+    records = [record("q", top_k_ratio=v) for v in (-1e308, 0.0, 1e308)]
+    with np.errstate(all="raise"):
+        text = calibrated_rules(records, margin=0.25, source="m")
+    assert "min = -inf\nmax = inf\n" in text
+    rules = bounds(text)
+    assert rules["calibrated-q-top_k_ratio"][:2] == (-math.inf, math.inf)

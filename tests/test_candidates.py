@@ -161,6 +161,12 @@ def test_candidates_are_ordered_by_saving_then_node_id() -> None:
     assert [c.saved for c in candidates] == [512, 176, 176, 16]
 
 
+def test_two_adjacent_heads_are_a_range() -> None:
+    items = [record("k", head=h) for h in (4, 5)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.label == "L0 H4-5 k"
+
+
 def test_shared_slice_with_scattered_heads_is_labelled_by_list() -> None:
     items = [record("v", head=h, rules=("r",)) for h in (4, 6)]
     (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
@@ -270,6 +276,23 @@ class TestTotalSaving:
     def test_factorised_kv_slice_of_a_kept_group_counts(self) -> None:
         total = self.total(record("q", "remove_head", head=0), record("k", head=1))
         assert total == 2 * self.SLICE + 176  # K/V head 0 stays: its k slice is factorised
+
+    def test_removing_a_kv_head_through_its_v_slice(self) -> None:
+        assert self.total(record("v", "remove_head", head=4)) == 4 * 2 * self.SLICE + 2 * self.SLICE
+
+    def test_a_kv_slice_stays_while_its_kv_head_does(self) -> None:
+        """Removing query heads one by one leaves their K/V head, and its slices, in place."""
+        total = self.total(record("q", "remove_head", head=4), record("k", head=4))
+        assert total == 2 * self.SLICE + 176
+
+    def test_removals_count_in_any_order(self) -> None:
+        """A whole MLP matrix saving more than a head removal is listed first."""
+        up = {**record("q", head=None), "matrix": "up", "shape": [96, 32]}  # saves 3072 - 256
+        candidates = pruning_candidates(
+            [up, record("q", "remove_head", head=1)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        assert [c.label for c in candidates] == ["L0 up", "L0 H1 q"]
+        assert total_saving(candidates, GEOMETRY) == (96 * 32 - 2 * 128) + 2 * self.SLICE
 
     def test_nothing_saved(self) -> None:
         assert self.total(record(rank=7)) == 0

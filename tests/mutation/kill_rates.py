@@ -1,7 +1,7 @@
 """Kill rate per module of the last mutation run, from ``mutmut results --all true``.
 
 Run from the repository root after ``mutmut run`` (README, Development). Mutants listed in
-``equivalent_mutants.md`` beside this file (lines starting with a backquoted mutant name) are
+``equivalent_mutants.md`` beside this file (backquoted mutant names) are
 counted apart: they cannot be killed because they do not change behaviour.
 """
 
@@ -16,7 +16,7 @@ EQUIVALENT = Path(__file__).with_name("equivalent_mutants.md")
 
 
 def equivalent_names() -> set[str]:
-    return set(re.findall(r"^- `([^`]+)`", EQUIVALENT.read_text(), flags=re.MULTILINE))
+    return set(re.findall(r"`([^`]+__mutmut_[0-9]+)`", EQUIVALENT.read_text()))
 
 
 def main() -> None:
