@@ -52,7 +52,9 @@ def checkpoint(tiny_checkpoint):
 
 
 def test_metrics_by_node_id(tmp_path, checkpoint) -> None:
-    baseline = load_baseline(write(tmp_path, report()), checkpoint)
+    path = write(tmp_path, report())
+    baseline = load_baseline(path, checkpoint)
+    assert baseline.path == path
     head = baseline.for_item("spectral::layer00::head00-q")
     assert head["spectral_norm"] == 1.5
     assert math.isnan(head["alpha"])  # "nan" as the report writes it
@@ -95,3 +97,26 @@ def test_unreadable_and_non_json_files(tmp_path, checkpoint) -> None:
     garbage.write_bytes(b"\xff\xfe not json")
     with pytest.raises(BaselineError, match="baseline is not a JSON report"):
         load_baseline(garbage, checkpoint)
+
+
+def test_messages_in_full(tmp_path, checkpoint) -> None:
+    absent = tmp_path / "absent.json"
+    with pytest.raises(BaselineError) as info:
+        load_baseline(absent, checkpoint)
+    assert str(info.value) == f"{absent}: cannot read baseline: No such file or directory"
+    path = write(tmp_path, report(items=[{"nodeid": "x"}]))
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint)
+    assert str(info.value) == f"{path}: malformed items (KeyError: 'metrics')"
+
+
+def test_a_report_without_model_is_another_layout(tmp_path, checkpoint) -> None:
+    document = report()
+    del document["model"]
+    path = write(tmp_path, document)
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint)
+    assert str(info.value) == (
+        f"{path}: baseline is for a different model layout: model_type is None there and "
+        "'llama' here"
+    )

@@ -161,6 +161,21 @@ def test_candidates_are_ordered_by_saving_then_node_id() -> None:
     assert [c.saved for c in candidates] == [512, 176, 176, 16]
 
 
+def test_a_shared_slice_is_named_after_its_lowest_query_head_whatever_the_order() -> None:
+    items = [record("v", head=h, rank=r) for h, r in ((6, 3), (4, 2), (5, 1))]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.record["head"] == 4
+    assert candidate.rank == 2  # the record of query head 4
+    assert candidate.nodeids == tuple(f"spectral::layer00::head0{h}-v" for h in (4, 5, 6))
+
+
+def test_truncation_error_of_a_small_slice() -> None:
+    """Energies 0.16, 0.09, 0.04, 0.01: a total below 1 is still an energy."""
+    small = {**record(rank=2), "singular_values": [0.4, 0.3, 0.2, 0.1]}
+    (candidate,) = pruning_candidates([small], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.error == pytest.approx(math.sqrt(0.05 / 0.3), rel=1e-12)
+
+
 def test_two_adjacent_heads_are_a_range() -> None:
     items = [record("k", head=h) for h in (4, 5)]
     (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
