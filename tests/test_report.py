@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,11 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     assert report["schema"] == "pytest-spectral-report"
     assert report["schema_version"] == 1
     assert report["plugin_version"] == __version__
+    assert report["python"] == platform.python_version()
+    created = datetime.fromisoformat(report["created"])
+    assert created.utcoffset() == timedelta(0)  # UTC, to the second
+    assert created.microsecond == 0
+    assert abs(datetime.now(timezone.utc) - created) < timedelta(minutes=5)
     assert report["model"] == {
         "argument": "org/model",
         "path": str(tiny_checkpoint),
