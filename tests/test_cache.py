@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.compute import cache as cache_module
 from pytest_spectral.compute.cache import SpectraCache, entry_key, sample_bytes
 from pytest_spectral.results import SliceSpectra
 
@@ -72,6 +74,12 @@ class TestKey:
         copy = tmp_path / "copy.safetensors"
         shutil.copy2(entry.file, copy)
         assert key(dataclasses.replace(entry, file=copy)) != key(entry)
+
+    def test_a_hard_link_is_another_path(self, entry, tmp_path) -> None:
+        """Same inode, size, times and bytes: the resolved path still tells them apart."""
+        link = tmp_path / "hardlink.safetensors"
+        os.link(entry.file, link)
+        assert key(dataclasses.replace(entry, file=link)) != key(entry)
 
     def test_a_symlink_is_keyed_by_its_target(self, entry, tmp_path) -> None:
         link = tmp_path / "link.safetensors"
@@ -145,6 +153,18 @@ class TestSamples:
         entry.file.write_bytes(bytes(data))
         assert sample_bytes(entry) == sample
 
+    def test_a_tensor_under_16_bytes_is_sampled_alone(self, entry, tmp_path) -> None:
+        """8 bytes: 16 samples of stride 1 reach past its end; none reads beyond it."""
+        path = tmp_path / "blob"
+        data = bytearray(range(200))
+        path.write_bytes(bytes(data))
+        tiny = dataclasses.replace(entry, file=path, offset=100, nbytes=8)
+        sample = sample_bytes(tiny)
+        assert set(sample) == set(range(100, 108))
+        data[108] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert sample_bytes(tiny) == sample
+
     def test_a_torch_save_file_is_sampled_from_its_start(self, tmp_path, entry) -> None:
         path = tmp_path / "pytorch_model.bin"
         data = bytes(range(256)) * 4
@@ -184,6 +204,7 @@ class TestEntries:
     @pytest.mark.parametrize(
         "damage",
         [
+            lambda s: dataclasses.replace(s, singular_values=s.singular_values + 1e-12),
             lambda s: dataclasses.replace(s, metrics={**s.metrics, "spectral_norm": np.zeros(3)}),
             lambda s: dataclasses.replace(s, singular_values=s.singular_values[0]),  # 1-D
             lambda s: dataclasses.replace(s, nonfinite=[0, 0]),
@@ -212,3 +233,52 @@ class TestEntries:
         cache = SpectraCache(tmp_path / "blocked" / "spectral")
         cache.store("f" * 64, spectra())
         assert cache.load("f" * 64) is None
+
+    def test_entries_are_never_unpickled(self, tmp_path) -> None:
+        """An entry holding a pickled object (a hostile cache) is refused unopened."""
+        cache = SpectraCache(tmp_path)
+        cache.store("9" * 64, spectra())
+        path = tmp_path / ("9" * 40 + ".npz")
+        good = np.load(path)
+        parts = {name: good[name] for name in good.files}
+        parts["values"] = np.array([Unpickled()], dtype=object)
+        np.savez(path, **parts)
+        assert cache.load("9" * 64) is None
+        assert UNPICKLED == []
+        assert not path.exists()
+
+    def test_temporary_file_beside_the_entry(self, tmp_path, monkeypatch) -> None:
+        """Written beside the entry and renamed: a rename within one directory is atomic."""
+        made: list[tuple[object, object]] = []
+        original = tempfile.mkstemp
+
+        def spy(*, dir, suffix):
+            made.append((Path(dir), suffix))
+            return original(dir=dir, suffix=suffix)
+
+        monkeypatch.setattr(cache_module.tempfile, "mkstemp", spy)
+        SpectraCache(tmp_path / "c").store("1" * 64, spectra())
+        assert made == [(tmp_path / "c", ".tmp")]
+
+    def test_a_failed_rename_leaves_nothing_behind(self, tmp_path, monkeypatch) -> None:
+        def refuse(source, target) -> None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(cache_module.os, "replace", refuse)
+        cache = SpectraCache(tmp_path)
+        cache.store("2" * 64, spectra())
+        assert list(tmp_path.iterdir()) == []
+        assert cache.load("2" * 64) is None
+
+
+UNPICKLED: list[str] = []
+
+
+def _record_unpickling() -> str:
+    UNPICKLED.append("unpickled")
+    return "x"
+
+
+class Unpickled:
+    def __reduce__(self):
+        return (_record_unpickling, ())
