@@ -233,7 +233,7 @@ def test_a_raw_nan_is_never_written(tmp_path) -> None:
 
 
 def test_atomic_write_replaces_the_whole_file(tmp_path) -> None:
-    path = tmp_path / "deep" / "report.json"
+    path = tmp_path / "two" / "levels" / "report.json"
     write_text_atomically(path, "first, and longer\n")
     write_text_atomically(path, "second\n")
     assert path.read_text() == "second\n"

@@ -153,6 +153,20 @@ def test_non_finite_weights_poison_only_their_head() -> None:
     assert np.isfinite(result.singular_values[[0, 2]]).all()
 
 
+def test_non_finite_weights_in_float32_precision() -> None:
+    """--spectral-dtype float32: the same per-head counts and nan rows as float64."""
+    blocks = torch.randn(3, 4, 16, dtype=torch.float32)
+    blocks[1, 2, 3] = float("nan")
+    blocks[1, 0, 0] = float("-inf")
+    result = slice_singular_values(blocks, dtype=torch.float32)
+    assert result.nonfinite == [0, 2, 0]
+    assert result.methods == ["svd32"] * 3
+    assert np.isnan(result.singular_values[1]).all()
+    for i in (0, 2):
+        reference = np.linalg.svd(blocks[i].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(result.singular_values[i], reference, rtol=1e-5)
+
+
 def test_zero_head_has_zero_singular_values() -> None:
     blocks = torch.randn(2, 4, 16)
     blocks[0] = 0
