@@ -102,6 +102,8 @@ def test_whole_head_removal() -> None:
     # A K/V head goes only with the 4 query heads sharing it, plus its own K and V rows.
     assert key.removal == 4 * per_query_head + 2 * 8 * 32
     assert key.saved == key.removal
+    (value,) = pruning_candidates([record("v", "remove_head")], "energy_rank(p=0.95)", GEOMETRY)
+    assert value.removal == key.removal
 
 
 def test_passed_items_are_not_candidates() -> None:
@@ -295,9 +297,10 @@ class TestTotalSaving:
     def test_removing_a_kv_head_through_its_v_slice(self) -> None:
         assert self.total(record("v", "remove_head", head=4)) == 4 * 2 * self.SLICE + 2 * self.SLICE
 
-    def test_a_kv_slice_stays_while_its_kv_head_does(self) -> None:
+    @pytest.mark.parametrize("matrix", ["k", "v"])
+    def test_a_kv_slice_stays_while_its_kv_head_does(self, matrix: str) -> None:
         """Removing query heads one by one leaves their K/V head, and its slices, in place."""
-        total = self.total(record("q", "remove_head", head=4), record("k", head=4))
+        total = self.total(record("q", "remove_head", head=4), record(matrix, head=4))
         assert total == 2 * self.SLICE + 176
 
     def test_removals_count_in_any_order(self) -> None:
