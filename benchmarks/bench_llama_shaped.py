@@ -7,7 +7,7 @@ times, each in a fresh process:
 * ``baseline``: the plain script the plugin must stay within 1.5x of: read each layer's
   Q/K/V/O once through safetensors (mmap), upcast to float64, per-head Gram matrices plus
   ``eigvalsh``, for all distinct head slices;
-* ``plugin-cold``: ``pytest --spectral-model DIR --spectral-thresholds ... --spectral-no-cache``,
+* ``plugin-cold``: ``pytest --spectral-model=DIR --spectral-thresholds ... --spectral-no-cache``,
   all items, end to end;
 * ``plugin-cached``: the same with the cache warm and a different rules file;
 * ``empty-pytest``: pytest running as many trivial items as the plugin collects;
@@ -208,7 +208,7 @@ def main() -> None:
         "-o",
         "addopts=",
     ]
-    spectral = [*base_pytest, "--spectral-model", str(model)]
+    spectral = [*base_pytest, f"--spectral-model={model}"]
     rules_a_cold = ["--spectral-thresholds", "rules_a.toml", "--spectral-no-cache"]
     # The CPU rows stay on the CPU even where auto would pick a GPU; --device adds its own rows.
     cold = [*spectral, *rules_a_cold, "--spectral-device", "cpu"]

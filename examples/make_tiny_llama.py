@@ -9,11 +9,14 @@ head; a few are planted so that ``example_thresholds.toml`` has something to fin
 * layer 3, query head 5, O: rank-deficient, its last singular values near bf16's floor;
 * layer 0, K/V head 1, V: mildly concentrated, which only a ``warn`` rule reports.
 
-Run from the repository root: ``python examples/make_tiny_llama.py``. Deterministic.
+``python examples/make_tiny_llama.py`` (``--help`` for the options). Deterministic: the
+same bytes every time.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +32,22 @@ from pytest_spectral.testing.synthetic import (
 SHAPE = LlamaShape(
     layers=4, heads=8, kv_heads=2, head_dim=32, hidden=256, intermediate=256, vocab=128
 )
-OUT = Path(__file__).parent / "tiny-llama"
+DEFAULT_OUTPUT = Path(__file__).parent / "tiny-llama"
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Write the demo checkpoint: a 4-layer Llama-layout model (bf16, two "
+        "shards, about 3 MB) with planted spectral problems for example_thresholds.toml.",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help=f"directory to write; replaced if it exists (default: {DEFAULT_OUTPUT})",
+    )
+    return parser.parse_args(argv)
 
 
 def block(generator: torch.Generator, rows: int, cols: int, spectrum: torch.Tensor) -> torch.Tensor:
@@ -57,7 +75,8 @@ def spectrum_for(
     return healthy
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    output = parse_arguments(argv).output
     generator = torch.Generator().manual_seed(20240611)
     tensors = random_llama_weights(SHAPE, seed=7)
     d, hidden = SHAPE.head_dim, SHAPE.hidden
@@ -73,11 +92,21 @@ def main() -> None:
             else:
                 weight = torch.cat(blocks, dim=0)
             tensors[attention_name(layer, matrix)] = weight.float()
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    write_checkpoint(OUT, tensors, SHAPE.config(), dtype=torch.bfloat16, shards=2)
-    size = sum(p.stat().st_size for p in OUT.iterdir())
-    print(f"wrote {OUT} ({size / 1e6:.1f} MB)")
+    if output.exists():
+        shutil.rmtree(output)
+    write_checkpoint(output, tensors, SHAPE.config(), dtype=torch.bfloat16, shards=2)
+    readable_by_all(output)
+    size = sum(p.stat().st_size for p in output.iterdir())
+    print(f"wrote {output} ({size / 1e6:.1f} MB)")
+
+
+def readable_by_all(directory: Path) -> None:
+    """Give the files the permissions the umask gives any new file (safetensors writes its
+    files 0600, which would keep other users from running the demo)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ pays for none of them and never imports torch.
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,32 +15,103 @@ import pytest
 from pytest_spectral.judging.calibrate import calibrated_rules
 from pytest_spectral.judging.candidates import (
     Candidate,
+    Regression,
     candidate_record,
     pruning_candidates,
+    regression_record,
+    regressions,
     total_saving,
 )
-from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot
+from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
+from pytest_spectral.outcomes import ItemLedger
+from pytest_spectral.printable import printable
+from pytest_spectral.reporting.files import write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
-from pytest_spectral.reporting.report import build_report, write_report, write_text_atomically
+from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
+from pytest_spectral.reporting.scale import rule_bounds
 from pytest_spectral.reporting.summary import render_summary
-from pytest_spectral.results import LayerStats
+from pytest_spectral.results import LayerStats, Record
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
+from pytest_spectral.selection import collection_notice
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
+    """One line for each thing a run accepts without a word otherwise: the user's tests not
+    collected, a rules file without rules (or none), a baseline no rule compares with."""
+    lines = []
+    if (collection := collection_notice(config)) is not None:
+        lines.append(collection)
+    rules = run.rules
+    if rules.path is None:
+        lines.append(
+            "spectral: no rules file (--spectral-thresholds): items fail only for non-finite "
+            "or all-zero weights; every metric is recorded"
+        )
+    elif not rules.rules:
+        lines.append(
+            f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
+            "all-zero weights; every metric is recorded"
+        )
+    if run.baseline is not None and not any(r.is_relative for r in rules.rules):
+        lines.append(
+            f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
+            "min_change or max_change"
+        )
+    return [printable(line) for line in lines]
+
+
+def print_spectral_ids_as_they_are(config: pytest.Config) -> None:
+    """Keep pytest from printing ``../spectral::layer01::head02-q`` for a spectral id.
+
+    pytest prints node ids relative to the invocation directory: it takes the part before the
+    first ``::`` for a path under the rootdir (``Config.cwd_relative_nodeid``), so run from a
+    sub-directory of the rootdir (or with a rootdir above it) an id would gain a ``../``
+    and stop being one. The spectral ids name no file; they are printed as they are, so that
+    a FAILED line can be pasted back as an argument.
+    """
+    relative = config.cwd_relative_nodeid
+
+    def cwd_relative_nodeid(nodeid):  # type: ignore[no-untyped-def]
+        path = getattr(nodeid, "path", None)  # a NodeId in recent pytest, a str before
+        if path is None:
+            path = str(nodeid).partition("::")[0]
+        return nodeid if path == ROOT_NAME else relative(nodeid)
+
+    config.cwd_relative_nodeid = cwd_relative_nodeid  # type: ignore[method-assign]
+
+
 class SpectralPlugin:
-    def __init__(self, run: SpectralRun) -> None:
+    def __init__(self, run: SpectralRun, ledger: ItemLedger) -> None:
         self.run = run
-        self._written: list[tuple[str, Path]] = []
-        self._pruning_result: tuple[list[Candidate], int] | None = None
+        self.ledger = ledger
+        self._written: list[tuple[str, str]] = []
+        self._verdicts: Verdicts | None = None
+        self._header_shown = False
+        self._items: list[Record] | None = None
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
-        """Without explicit paths, a spectral run collects only the spectral items."""
+        """Without explicit paths, a spectral run collects only the spectral items (the
+        header says so: see :func:`notices`)."""
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             return True
+        return None
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        self._header_shown = True
+        return notices(self.run, config)
+
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport, config: pytest.Config
+    ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        """A warned item counts as ``warned`` (``W``, ``WARNED`` with ``-v``), so that pytest's
+        footer and the spectral summary count the same outcomes."""
+        record = getattr(report, "spectral", None)
+        if report.when == "call" and report.passed and record and record["outcome"] == "warned":
+            return "warned", "W", ("WARNED", {"yellow": True})
         return None
 
     @pytest.hookimpl(wrapper=True)
@@ -54,6 +126,7 @@ class SpectralPlugin:
         return report
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.ledger.expect(item.nodeid for item in session.items)
         self.run.needed = [
             (item.layer, item.matrix, item.scope)
             for item in session.items
@@ -76,85 +149,167 @@ class SpectralPlugin:
         record = getattr(report, "spectral", None)
         if record is not None:
             self.run.records[report.nodeid] = record
+        self.ledger.observe(report)
 
     def pytest_terminal_summary(
         self, terminalreporter: pytest.TerminalReporter, config: pytest.Config
     ) -> None:
-        if _is_xdist_worker(config) or not self.run.records:
+        if _is_xdist_worker(config):
             return
-        writer = config.get_terminal_writer()
-        records = list(self.run.records.values())
-        candidates, total_saved = self._pruning()
-        text = render_summary(
-            records,
-            candidates,
-            total_saved=total_saved,
-            energy=self.run.energy,
-            width=writer.fullwidth,
-            color=writer.hasmarkup,
-        )
-        terminalreporter.section("spectral summary")
-        terminalreporter.write(text)
-        if self.run.heatmap_metric:
-            geometry = self.run.checkpoint.geometry
-            terminalreporter.write(
-                render_heatmap(
-                    records,
-                    self.run.heatmap_metric,
-                    layers=geometry.layers,
-                    heads=geometry.heads,
-                    width=writer.fullwidth,
-                    color=writer.hasmarkup,
-                )
+        if not self._header_shown:  # -q or --no-header: the notices go here instead
+            for line in notices(self.run, config):
+                terminalreporter.write_line(line)
+        items = self._all_items()
+        if items and not config.option.collectonly:
+            writer = config.get_terminal_writer()
+            verdicts = self._slice_verdicts()
+            text = render_summary(
+                items,
+                verdicts.candidates,
+                verdicts.regressions,
+                total_saved=verdicts.total_saved,
+                energy=self.run.energy,
+                width=writer.fullwidth,
+                color=writer.hasmarkup,
             )
-        for label, path in self._written:
-            terminalreporter.write_line(f"spectral {label}: {path}")
+            terminalreporter.section("spectral summary")
+            terminalreporter.write(text)
+            if self.run.heatmap is not None:
+                spec, geometry = self.run.heatmap, self.run.checkpoint.geometry
+                terminalreporter.write(
+                    render_heatmap(
+                        items,
+                        spec.name,
+                        layers=geometry.layers,
+                        heads=geometry.heads,
+                        width=writer.fullwidth,
+                        color=writer.hasmarkup,
+                        bad=spec.bad,
+                        bounds=rule_bounds(self.run.rules.rules, spec.name),
+                        log=spec.log_scale,
+                    )
+                )
+        for label, where in self._written:
+            terminalreporter.write_line(printable(f"spectral {label}: {where}"))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Write every requested report, whatever happened: an earlier run's file at the same
+        path was removed at startup, and this run's replaces it even when no item ran."""
         self.run.close()
-        if _is_xdist_worker(session.config) or not self.run.records:
+        if _is_xdist_worker(session.config):
             return
         run = self.run
-        candidates, total_saved = self._pruning()
+        items = self._all_items()
+        verdicts = self._slice_verdicts()
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
             rules=run.rules,
             settings=run.settings(),
-            records=run.records.values(),
-            candidates=[candidate_record(c) for c in candidates],
-            params_saved=total_saved,
+            records=items,
+            candidates=[candidate_record(c) for c in verdicts.candidates],
+            regressions=[regression_record(r) for r in verdicts.regressions],
+            params_saved=verdicts.total_saved,
         )
         if run.report_path:
             write_report(run.report_path, report)
-            self._written.append(("report", run.report_path))
+            self._written.append(("report", str(run.report_path)))
         if run.html_path:
             from pytest_spectral.reporting.html_report import render_html
 
-            page = render_html(report, candidates, energy=run.energy)
+            page = render_html(
+                report,
+                verdicts.candidates,
+                verdicts.regressions,
+                energy=run.energy,
+                rules=run.rules.rules,
+            )
             write_text_atomically(run.html_path, page)
-            self._written.append(("HTML report", run.html_path))
+            self._written.append(("HTML report", str(run.html_path)))
         if run.calibrate_path:
-            rules = calibrated_rules(
-                report["items"],  # type: ignore[arg-type]
-                margin=run.calibrate_margin,
-                source=run.model_argument,
+            self._calibrate(run.calibrate_path, report)
+
+    def _calibrate(self, path: Path, report: dict[str, object]) -> None:
+        """Calibrated rules come only from a run where every collected item has its values:
+        bounds from part of a checkpoint would pass whatever the missing items hold. Items
+        that broke a rule (or have non-finite or zero weights) are left out of the bounds,
+        and the line saying where the rules went says how many."""
+        items: list[Record] = report["items"]  # type: ignore[assignment]
+        missing = sum(r["status"] == "no_result" for r in items)
+        if missing or not self.run.records:
+            self._written.append(
+                (
+                    "calibrated rules",
+                    f"not written to {path}: {missing} of {len(items)} items have no "
+                    "result (see above)",
+                )
             )
-            write_text_atomically(run.calibrate_path, rules)
-            self._written.append(("calibrated rules", run.calibrate_path))
+            return
+        calibration = calibrated_rules(
+            items, margin=self.run.calibrate_margin, source=self.run.model_argument
+        )
+        write_text_atomically(path, calibration.text)
+        where = str(path)
+        if calibration.left_out:
+            where += (
+                f" (bounds from {calibration.used} of {len(items)} items; "
+                f"{calibration.left_out} that failed or warned were left out)"
+            )
+        self._written.append(("calibrated rules", where))
 
-    def _pruning(self) -> tuple[list[Candidate], int]:
-        """Candidates and their total saving, computed once all records are in.
+    def _all_items(self) -> list[Record]:
+        """A record for every collected item (and any other with a record), each with the
+        outcome pytest's reports support; built once, when all reports are in."""
+        if self._items is None:
+            records = self.run.records
+            nodeids = dict.fromkeys((*self.ledger.collected, *records))
+            self._items = [self._item(nodeid, records.get(nodeid)) for nodeid in nodeids]
+        return self._items
 
-        Both the reports (session finish) and the terminal summary (after it) need them.
-        """
-        if self._pruning_result is None:
+    def _item(self, nodeid: str, record: Record | None) -> Record:
+        outcome, error = self.ledger.outcome(nodeid, record)
+        if record is not None:
+            return (
+                record
+                if outcome == record["outcome"]
+                else {**record, "outcome": outcome, "error": error}
+            )
+        position = item_position(nodeid)
+        assert position is not None, nodeid  # the ledger keeps ids of this plugin's items only
+        layer, head, matrix = position
+        kv_head, shape = self.run.item_place(head, matrix)
+        return unrecorded_record(
+            nodeid=nodeid,
+            layer=layer,
+            head=head,
+            matrix=matrix,
+            kv_head=kv_head,
+            shape=shape,
+            outcome=outcome,
+            error=error,
+        )
+
+    def _slice_verdicts(self) -> Verdicts:
+        """Regressions, candidates and the candidates' total saving, computed once all records
+        are in: both the reports (session finish) and the terminal summary (after it) need
+        them."""
+        if self._verdicts is None:
             geometry = self.run.checkpoint.geometry
-            candidates = pruning_candidates(
-                self.run.records.values(), self.run.rank_request.key, geometry
+            records = list(self.run.records.values())
+            candidates = pruning_candidates(records, self.run.rank_request.key, geometry)
+            self._verdicts = Verdicts(
+                regressions(records), candidates, total_saving(candidates, geometry)
             )
-            self._pruning_result = (candidates, total_saving(candidates, geometry))
-        return self._pruning_result
+        return self._verdicts
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What the failed and warned slices of a run call for (see judging/candidates.py)."""
+
+    regressions: list[Regression]
+    candidates: list[Candidate]
+    total_saved: int
 
 
 class LayerProgressPlugin:
@@ -165,6 +320,7 @@ class LayerProgressPlugin:
 
     def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
         self._config = config
+        self._run = run
         self._finished_layers: list[LayerStats] = []
         run.on_layer = self._finished_layers.append
 
@@ -174,19 +330,39 @@ class LayerProgressPlugin:
         reporter = self._config.pluginmanager.get_plugin("terminalreporter")
         for stats in self._finished_layers:
             if reporter is not None:
-                reporter.write_line(
-                    f"spectral: layer {stats.layer}: {stats.slices} head slices in "
-                    f"{stats.seconds:.2f} s ({stats.from_cache} matrices from cache, "
-                    f"{stats.direct_svd} direct SVD)"
-                )
+                reporter.write_line(progress_line(stats, self._run.needed))
         self._finished_layers.clear()
 
 
-class XdistControllerPlugin:
-    """Hands workers the checkpoint's local path, so a hub id is resolved only once."""
+def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
+    """``spectral: layer 1: 32 items from 20 slices ...``: items and the distinct slices
+    decomposed for them (a K/V slice serves every query head of its group), the time, and
+    how many of the layer's matrices came from the cache or needed a direct SVD."""
+    units = {(matrix, scope) for layer, matrix, scope in needed if layer == stats.layer}
+    items = sum(layer == stats.layer for layer, _, _ in needed)
+    shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
+    return (
+        f"spectral: layer {stats.layer}: {_count(items, 'item')} from "
+        f"{_count(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
+        f"{stats.from_cache} of {_count(len(units), 'matrix', 'matrices')} from the cache, "
+        f"{_count(stats.direct_svd, 'slice')} by direct SVD"
+    )
 
-    def __init__(self, run: SpectralRun) -> None:
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+class XdistControllerPlugin:
+    """Hands workers the checkpoint's local path, so a hub id is resolved only once, and
+    learns from them which items were collected (the controller collects none itself)."""
+
+    def __init__(self, run: SpectralRun, ledger: ItemLedger) -> None:
         self.run = run
+        self.ledger = ledger
 
     def pytest_configure_node(self, node: object) -> None:
         node.workerinput[MODEL_PATH_KEY] = str(self.run.model_path)  # type: ignore[attr-defined]
+
+    def pytest_xdist_node_collection_finished(self, node: object, ids: list[str]) -> None:
+        self.ledger.expect(ids)

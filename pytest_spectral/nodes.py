@@ -7,8 +7,10 @@ its own layers. Node ids carry no model id, so ``--lf`` and baselines work acros
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,31 +18,59 @@ import pytest
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
-from pytest_spectral.judging.evaluation import Verdict, judge
+from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
+from pytest_spectral.printable import printable
+from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
+from pytest_spectral.untrusted import FileChangedError
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, TracebackStyle
 
 ROOT_NAME = "spectral"
 _TOP_VALUES_SHOWN = 8
+#: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
+_NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
+
+
+def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
+    """``(layer, head, matrix)`` of an item's node id (head ``None`` for a whole matrix), as
+    the collectors below name them; ``None`` for another id."""
+    match = _NODEID.match(nodeid)
+    if match is None:
+        return None
+    layer, head, matrix = match.groups()
+    return int(layer), None if head is None else int(head), matrix
 
 
 class SpectralCheckError(Exception):
-    """Raised by an item whose head broke a rule; its text is the whole failure report."""
+    """Raised by an item whose head broke a rule; its text is the whole failure report.
+
+    The text is made printable here (control characters escaped, lines kept), so that no
+    tensor, file or rule name reaches the terminal raw, whichever way pytest shows it.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(printable(text, keep_newlines=True))
 
 
-def _headline(spectrum: HeadSpectrum, verdict: Verdict) -> str:
+def _headline(record: Record) -> str:
     """One line for pytest's short summary: what is wrong, most important first."""
     parts = []
-    if verdict.status == "nonfinite":
-        parts.append(f"{spectrum.nonfinite} non-finite weights")
-    elif verdict.status == "zero_matrix":
+    if record["status"] == "nonfinite":
+        parts.append(f"{record['nonfinite_count']} non-finite weights")
+    elif record["status"] == "zero_matrix":
         parts.append("zero matrix")
-    parts.extend(b.describe() for b in verdict.broken if b.severity == "fail")
-    parts.extend(f"{b.describe()} (warn)" for b in verdict.broken if b.severity == "warn")
+    limited = bool(record["floor_limited"])
+    broken = record["broken_rules"]
+    for severity in ("fail", "warn"):
+        parts.extend(
+            describe_broken(b, floor_limited=limited) + ("" if severity == "fail" else " (warn)")
+            for b in broken  # type: ignore[attr-defined]
+            if b["severity"] == severity
+        )
     return "; ".join(parts)
 
 
@@ -57,37 +87,66 @@ class SpectralRoot(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Collector]:
         run = self.config.stash[RUN_KEY]
-        width = max(2, len(str(run.checkpoint.geometry.layers - 1)))
-        for layer in run.layers:
-            yield LayerCollector.from_parent(self, name=f"layer{layer:0{width}d}", layer=layer)
+        for name, layer in layer_names(run):
+            if selected(f"{ROOT_NAME}::{name}", run.selected):
+                yield LayerCollector.from_parent(self, name=name, layer=layer)
 
 
 class LayerCollector(pytest.Collector):
     def __init__(self, *, layer: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.layer = layer
+        #: failure report text -> the item that printed it (see SpectralItem._once_per_slice)
+        self.printed_reports: dict[str, str] = {}
 
     def collect(self) -> Iterator[pytest.Item]:
-        """Whole-matrix items first (``layer03::q``), then head items (``layer03::head17-q``)."""
         run = self.config.stash[RUN_KEY]
-        if "matrix" in run.scopes:
-            for matrix in run.whole_matrices:
+        for name, head, matrix in item_names(run):
+            if selected(f"{self.nodeid}::{name}", run.selected):
                 yield SpectralItem.from_parent(
-                    self, name=matrix, layer=self.layer, head=None, matrix=matrix
+                    self, name=name, layer=self.layer, head=head, matrix=matrix
                 )
-        if "head" not in run.scopes:
-            return
-        heads = run.checkpoint.geometry.heads
-        width = max(2, len(str(heads - 1)))
-        for head in range(heads):
-            for matrix in run.head_matrices:
-                yield SpectralItem.from_parent(
-                    self,
-                    name=f"head{head:0{width}d}-{matrix}",
-                    layer=self.layer,
-                    head=head,
-                    matrix=matrix,
-                )
+
+
+def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
+    """``(name, layer)`` of the run's layer collectors: ``layer03``, zero-padded to sort."""
+    width = max(2, len(str(run.checkpoint.geometry.layers - 1)))
+    for layer in run.layers:
+        yield f"layer{layer:0{width}d}", layer
+
+
+def item_names(run: SpectralRun) -> Iterator[tuple[str, int | None, str]]:
+    """``(name, head, matrix)`` of a layer's items: whole matrices first (``q``, ``down``),
+    then heads (``head17-q``); head ``None`` for a whole matrix."""
+    if "matrix" in run.scopes:
+        for matrix in run.whole_matrices:
+            yield matrix, None, matrix
+    if "head" not in run.scopes:
+        return
+    heads = run.checkpoint.geometry.heads
+    width = max(2, len(str(heads - 1)))
+    for head in range(heads):
+        for matrix in run.head_matrices:
+            yield f"head{head:0{width}d}-{matrix}", head, matrix
+
+
+def spectral_ids(run: SpectralRun) -> Iterator[str]:
+    """Every node id the run can collect: the root, its layers and their items."""
+    yield ROOT_NAME
+    for layer, _ in layer_names(run):
+        yield f"{ROOT_NAME}::{layer}"
+        for name, _, _ in item_names(run):
+            yield f"{ROOT_NAME}::{layer}::{name}"
+
+
+def selected(nodeid: str, arguments: tuple[str, ...]) -> bool:
+    """Whether a node is collected under the spectral node ids given as arguments (all are,
+    without any): it is one of them, lies under one, or has one under it."""
+    if not arguments:
+        return True
+    return any(
+        a == nodeid or nodeid.startswith(f"{a}::") or a.startswith(f"{nodeid}::") for a in arguments
+    )
 
 
 class SpectralItem(pytest.Item):
@@ -114,7 +173,7 @@ class SpectralItem(pytest.Item):
                 if self.head is None
                 else engine.head(self.layer, self.matrix, self.head)
             )
-        except MetricError as exc:
+        except (MetricError, FileChangedError) as exc:
             raise SpectralCheckError(str(exc)) from None
         except (OSError, ValueError) as exc:
             entry = run.checkpoint.tensors[(self.layer, self.matrix)]
@@ -131,43 +190,82 @@ class SpectralItem(pytest.Item):
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
             warn_only=run.warn_only,
         )
-        geometry = run.checkpoint.geometry
-        shared = self.head is not None and self.matrix in ("k", "v")
+        kv_head, shape = run.item_place(self.head, self.matrix)
         self.record = item_record(
             nodeid=self.nodeid,
             layer=self.layer,
             head=self.head,
             matrix=self.matrix,
-            kv_head=geometry.kv_head_of(self.head) if shared else None,  # type: ignore[arg-type]
-            shape=run.checkpoint.item_shape(self.matrix, whole=self.head is None),
+            kv_head=kv_head,
+            shape=shape,
             spectrum=spectrum,
             verdict=verdict,
         )
         self.user_properties.extend(spectrum.metrics.items())
+        if verdict.outcome == "passed":
+            return
+        text = self._describe(run, spectrum, self.record)
         if verdict.outcome == "failed":
-            raise SpectralCheckError(self._describe(run, spectrum, verdict))
-        if verdict.outcome == "warned":
-            warnings.warn_explicit(
-                SpectralRuleWarning(self._describe(run, spectrum, verdict)),
-                SpectralRuleWarning,
-                filename=self.nodeid,
-                lineno=0,
-            )
+            raise SpectralCheckError(self._once_per_slice(text))
+        # Every item of a shared K/V slice warns with the same text and location, which
+        # pytest's warnings summary shows once, under the ids of all of them.
+        filename, lineno = self._warning_location(run, verdict)
+        warnings.warn_explicit(
+            SpectralRuleWarning(printable(text, keep_newlines=True)),
+            SpectralRuleWarning,
+            filename=filename,
+            lineno=lineno,
+        )
 
-    def _describe(self, run: SpectralRun, spectrum: HeadSpectrum, verdict: Verdict) -> str:
-        lines = [_headline(spectrum, verdict), self._where(run)]
-        if verdict.status == "nonfinite":
+    def _once_per_slice(self, text: str) -> str:
+        """The full failure report, or a reference to the item of the same K/V slice that
+        printed it: under grouped-query attention the K (or V) items of a group's query heads
+        read one slice, and the same report four times over hides the other failures."""
+        if self.head is None or self.matrix not in ("k", "v"):
+            return text
+        printed: dict[str, str] = self.parent.printed_reports  # type: ignore[union-attr]
+        first = printed.setdefault(text, self.nodeid)
+        if first == self.nodeid:
+            return text
+        headline, where = text.splitlines()[:2]
+        return f"{headline}\n{where}\n  the same slice and verdict as {first}, reported above"
+
+    def _warning_location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
+        """Where a warning points: the line of the bound the first broken rule set, in its
+        rules file, or, for the built-in non-finite and zero checks turned into warnings by
+        --spectral-warn-only, the function that makes them (whose first line Python prints).
+
+        The rules file is named in angle brackets (``<rules.toml>:43``), like Python's
+        ``<string>``: Python's warnings print the source line of a real file name, read from
+        disk when the summary is printed, and a rules file is not trusted to reach the
+        terminal raw (nor to stay unchanged until then).
+        """
+        broken = next((b for b in verdict.broken if b.rule.line() is not None), None)
+        if broken is None or run.rules.path is None:
+            code = builtin_checks.__code__
+            return code.co_filename, code.co_firstlineno
+        path = run.rules.path
+        start = self.config.invocation_params.dir
+        shown = path.relative_to(start) if path.is_relative_to(start) else path
+        return f"<{printable(str(shown))}>", broken.rule.line(broken.bound or "")  # type: ignore[return-value]
+
+    def _describe(self, run: SpectralRun, spectrum: HeadSpectrum, record: Record) -> str:
+        lines = [_headline(record), self._where(run)]
+        status = "WARN" if record["outcome"] == "warned" else "FAIL"  # --spectral-warn-only
+        if record["status"] == "nonfinite":
             lines.append(
-                f"  FAIL non-finite weights: {spectrum.nonfinite} NaN/Inf values in this slice "
-                "(corrupt file or diverged training)"
+                f"  {status} non-finite weights: {spectrum.nonfinite} NaN/Inf values in this "
+                "slice (corrupt file or diverged training)"
             )
-        elif verdict.status == "zero_matrix":
+        elif record["status"] == "zero_matrix":
             lines.append(
-                "  FAIL zero matrix: every weight of this slice is 0, ratios are undefined"
+                f"  {status} zero matrix: every weight of this slice is 0, ratios are undefined"
             )
-        for broken in verdict.broken:
-            lines.append(f"  {broken.severity.upper():4} {broken.describe()}")
-        if verdict.status != "nonfinite":
+        limited = bool(record["floor_limited"])
+        for broken in record["broken_rules"]:  # type: ignore[attr-defined]
+            severity = str(broken["severity"]).upper()
+            lines.append(f"  {severity:4} {describe_broken(broken, floor_limited=limited)}")
+        if record["status"] != "nonfinite":
             top = spectrum.singular_values[:_TOP_VALUES_SHOWN]
             shown = ", ".join(f"{v:.4g}" for v in top)
             lines.append(
@@ -176,6 +274,8 @@ class SpectralItem(pytest.Item):
         return "\n".join(lines)
 
     def _where(self, run: SpectralRun) -> str:
+        """Where the slice lives. A K/V slice is named by its K/V head and the query heads
+        sharing it, the same words for every item of the group."""
         g = run.checkpoint.geometry
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
@@ -183,17 +283,20 @@ class SpectralItem(pytest.Item):
             fused = run.checkpoint.layout.fused and self.matrix in ("q", "k", "v")
             source = f"{self.matrix.upper()}'s share of fused {entry.name}" if fused else entry.name
             return f"layer {self.layer}, whole {self.matrix}: {source} ({m}x{n})"
-        index = g.kv_head_of(self.head) if self.matrix in ("k", "v") else self.head
+        shared = self.matrix in ("k", "v")
+        index = g.kv_head_of(self.head) if shared else self.head
         axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout)
-        part = f"{axis} {start}:{stop}"
-        shared = ""
-        if self.matrix in ("k", "v") and g.group_size > 1:
-            first = index * g.group_size
-            shared = f", KV head {index} shared by query heads {first}-{first + g.group_size - 1}"
         m, n = g.slice_shape(self.matrix)
+        if shared and g.group_size > 1:
+            first = index * g.group_size
+            head = f"K/V head {index} (shared by query heads {first}-{first + g.group_size - 1})"
+        elif shared:
+            head = f"K/V head {index}"
+        else:
+            head = f"head {self.head}"
         return (
-            f"layer {self.layer}, head {self.head}, {self.matrix}: {part} of {entry.name} "
-            f"({m}x{n}{shared})"
+            f"layer {self.layer}, {head}, {self.matrix}: {axis} {start}:{stop} of {entry.name} "
+            f"({m}x{n})"
         )
 
     def repr_failure(
@@ -205,6 +308,7 @@ class SpectralItem(pytest.Item):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)
 
-    def reportinfo(self) -> tuple[str, None, str]:
-        where = f"head {self.head} " if self.head is not None else "whole "
-        return ROOT_NAME, None, f"spectral layer {self.layer} {where}{self.matrix}"
+    def reportinfo(self) -> tuple[Path, None, str]:
+        """The node id as the item's location: failure titles and ``-v`` lines then read like
+        the ids that ``--lf``, ``--deselect`` and positional arguments take."""
+        return self.config.rootpath / ROOT_NAME, None, self.nodeid

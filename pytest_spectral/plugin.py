@@ -12,6 +12,11 @@ import pytest
 
 from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.invocation import (
+    checkpoint_directory,
+    refuse_configuration_inside,
+    refuse_space_form,
+)
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 
 
@@ -71,8 +76,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-model",
         metavar="PATH",
-        help="checkpoint to analyse: a Hugging Face hub id, a directory (config.json + "
-        "safetensors or pytorch_model.bin) or a single weight file. Enables the spectral items.",
+        help="checkpoint to analyse: a directory (Hugging Face, Mistral native, PEFT LoRA "
+        "adapter, torch.distributed.checkpoint), a single weight file (safetensors, GGUF, "
+        "torch.save) or a Hugging Face hub id (hf://ORG/NAME). Enables the spectral items.",
     )
     group.addoption(
         "--spectral-revision",
@@ -82,7 +88,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-config",
         metavar="JSON",
-        help="config.json to use with a single weight file that has none beside it.",
+        help="config.json to use instead of the one the checkpoint carries (or has none).",
+    )
+    group.addoption(
+        "--spectral-base-model",
+        metavar="PATH",
+        help="base model of a LoRA adapter (directory, file or hub id); default: the adapter's "
+        "base_model_name_or_path when it is a hub id in the local hub cache.",
+    )
+    group.addoption(
+        "--spectral-adapter",
+        choices=("merged", "delta"),
+        default="merged",
+        help="for a LoRA adapter: analyse the merged weights W + dW (default, needs the base "
+        "model) or the update dW alone.",
     )
     group.addoption(
         "--spectral-architecture",
@@ -92,7 +111,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-thresholds",
         metavar="TOML",
-        help="rules file (see example_thresholds.toml); overrides the spectral_thresholds ini.",
+        help="rules file: TOML with one [[rules]] table per bound (see the README's Rules "
+        "section); overrides the spectral_thresholds ini.",
     )
     group.addoption(
         "--spectral-layers",
@@ -190,18 +210,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """The earliest point an installed plugin gets the parsed command line and pytest's
+    choice of rootdir and ini file: refuse a run the checkpoint could configure or write into,
+    before any conftest.py is imported or any output file is opened (see invocation.py)."""
+    argument = getattr(early_config.known_args_namespace, "spectral_model", None)
+    if argument is None:
+        return
+    refuse_space_form(early_config)
+    directory = checkpoint_directory(argument)
+    if directory is not None:
+        refuse_configuration_inside(early_config, [directory])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "spectral: a spectral health check of one attention head (pytest-spectral)"
+        "markers",
+        "spectral: a spectral health check of one slice of a checkpoint (pytest-spectral)",
     )
     if config.getoption("spectral_model") is None:
         return
-    from pytest_spectral.hooks import SpectralPlugin
+    from pytest_spectral.hooks import SpectralPlugin, print_spectral_ids_as_they_are
+    from pytest_spectral.outcomes import ItemLedger
     from pytest_spectral.run import RUN_KEY, SpectralRun
+    from pytest_spectral.selection import check_selection, take_spectral_arguments
 
     run = SpectralRun.from_config(config)
+    run.selected = take_spectral_arguments(config)
+    check_selection(run)
     config.stash[RUN_KEY] = run
-    config.pluginmanager.register(SpectralPlugin(run), "spectral-run")
+    print_spectral_ids_as_they_are(config)
+    ledger = ItemLedger()
+    config.pluginmanager.register(SpectralPlugin(run, ledger), "spectral-run")
     if config.get_verbosity() >= 1:
         from pytest_spectral.hooks import LayerProgressPlugin
 
@@ -209,4 +250,4 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         from pytest_spectral.hooks import XdistControllerPlugin
 
-        config.pluginmanager.register(XdistControllerPlugin(run), "spectral-xdist")
+        config.pluginmanager.register(XdistControllerPlugin(run, ledger), "spectral-xdist")

@@ -9,9 +9,17 @@ import numpy as np
 
 #: A JSON-ready record of one item, as it appears in the report's ``items``.
 Record = dict[str, object]
-#: Identifies a JSON report (``--spectral-report``) and the version of its layout.
+#: Identifies a JSON report (``--spectral-report``) and the version of its layout. Version 2
+#: split failed and warned slices into ``regressions`` and ``candidates`` (in version 1 every
+#: one was a candidate) and gave each broken rule its ``bound`` and effective ``suggest``.
 SCHEMA = "pytest-spectral-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions a baseline may have: what a baseline needs (model layout, items' metrics) is the
+#: same in all of them.
+READABLE_SCHEMA_VERSIONS = (1, 2)
+#: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
+#: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
+OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ so ``--collect-only`` stays cheap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +17,29 @@ import pytest
 
 from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.checkpoints.hub import looks_like_hub_id, resolve_hub_model
+from pytest_spectral.checkpoints.formats import ReadOptions
+from pytest_spectral.checkpoints.hub import (
+    cached_snapshot,
+    describe_missing,
+    hub_id_of,
+    resolve_hub_model,
+)
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
+from pytest_spectral.invocation import inside, refuse_configuration_inside
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
     MetricRequest,
+    MetricSpec,
     default_request,
 )
 from pytest_spectral.judging.ranges import IndexSet
-from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules, tomllib
+from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
+from pytest_spectral.printable import printable
+from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
+from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
@@ -56,10 +68,13 @@ class SpectralRun:
     warn_only: bool = False
     calibrate_path: Path | None = None
     calibrate_margin: float = 0.25
-    heatmap_metric: str | None = None
+    #: the metric of --spectral-heatmap
+    heatmap: MetricSpec | None = None
     html_path: Path | None = None
     #: metrics added through pytest_spectral_register_metrics, recorded for every item
     user_requests: tuple[MetricRequest, ...] = ()
+    #: spectral node ids given as arguments (``spectral::layer01``); empty: every item
+    selected: tuple[str, ...] = ()
     #: (layer, matrix, scope) of the items this process will run, in order
     needed: list[tuple[int, str, str]] = field(default_factory=list)
     records: dict[str, Record] = field(default_factory=dict)
@@ -72,12 +87,15 @@ class SpectralRun:
         model_argument: str = config.getoption("spectral_model")
         try:
             model_path = local_model_path(config)
-            checkpoint = open_checkpoint(
-                model_path,
-                config_path=_path_option(config, "spectral_config"),
-                family=_custom_family(config),
+            _refuse_json_file(model_path, model_argument)
+            options = ReadOptions(
+                config=_path_option(config, "spectral_config"),
+                base_model=_base_model_path(config),
+                adapter=config.getoption("spectral_adapter"),
             )
-            _refuse_checkpoint_as_rootdir(config, model_argument, checkpoint)
+            checkpoint = open_checkpoint(model_path, options=options, family=_custom_family(config))
+            protected = checkpoint_directories(checkpoint)
+            refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
             metrics = MetricRegistry()
             config.hook.pytest_spectral_register_metrics(metrics=metrics)
             rules_path = _rules_path(config)
@@ -101,27 +119,34 @@ class SpectralRun:
             ArchitectureError,
             ImportError,
         ) as exc:
-            raise pytest.UsageError(str(exc)) from None
+            raise pytest.UsageError(printable(str(exc))) from None
         scope = config.getoption("spectral_scope")
         selected = _selected_matrices(config, checkpoint)
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
-                f"--spectral-layers {selection.spec}: layer(s) {missing} do not exist; "
+                f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {count} layers (0-{count - 1})"
             )
-        return cls(
+        layers = [layer for layer in checkpoint.layer_numbers if layer in selection]
+        if not layers:
+            raise pytest.UsageError(
+                f"--spectral-layers {selection.spec}: the update covers only layers "
+                f"{', '.join(map(str, checkpoint.layer_numbers))}"
+            )
+        outputs = _outputs(config, protected)  # last but one: it removes stale reports
+        run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
             rules=rules,
-            layers=[layer for layer in range(count) if layer in selection],
+            layers=layers,
             head_matrices=tuple(m for m in selected if m in MATRICES),
             whole_matrices=selected,
             scopes=("head", "matrix") if scope == "both" else (scope,),
             energy=config.getoption("spectral_energy"),
-            report_path=_path_option(config, "spectral_report"),
+            report_path=outputs["spectral_report"],
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
@@ -129,11 +154,34 @@ class SpectralRun:
             cache_dir=_cache_dir(config),
             baseline=baseline,
             warn_only=config.getoption("spectral_warn_only"),
-            calibrate_path=_path_option(config, "spectral_calibrate"),
+            calibrate_path=outputs["spectral_calibrate"],
             calibrate_margin=config.getoption("spectral_calibrate_margin"),
-            heatmap_metric=heatmap,
-            html_path=html,
+            heatmap=heatmap,
+            html_path=outputs["spectral_html"],
         )
+        run.check_readable()
+        return run
+
+    def check_readable(self) -> None:
+        """Refuse now, naming the tensor, anything the selected items could not read."""
+        matrices = {
+            matrix
+            for scope in self.scopes
+            for matrix in (self.whole_matrices if scope == "matrix" else self.head_matrices)
+        }
+        try:
+            needed = ((layer, matrix) for layer in self.layers for matrix in matrices)
+            self.checkpoint.check_readable(needed)
+        except CheckpointError as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
+
+    def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
+        """``(kv_head, shape)`` of an item: the K/V head a k or v head item reads (``None``
+        otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
+        geometry = self.checkpoint.geometry
+        shared = head is not None and matrix in ("k", "v")
+        kv_head = geometry.kv_head_of(head) if shared else None  # type: ignore[arg-type]
+        return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
     @property
     def rank_request(self) -> MetricRequest:
@@ -189,7 +237,7 @@ class SpectralRun:
 def _rules_path(config: pytest.Config) -> Path | None:
     option = config.getoption("spectral_thresholds")
     if option:
-        return Path(option).expanduser().absolute()
+        return Path(os.path.expanduser(option)).absolute()
     ini = config.getini("spectral_thresholds")
     if not ini:
         return None
@@ -197,29 +245,54 @@ def _rules_path(config: pytest.Config) -> Path | None:
     return (base / ini).absolute()
 
 
-def _refuse_checkpoint_as_rootdir(
-    config: pytest.Config, model_argument: str, checkpoint: Checkpoint
-) -> None:
-    """Stop pytest from writing its cache into the checkpoint.
+#: options naming files the run writes, each created through a temporary file at the end
+_OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
+#: options naming files the run reads, which are never removed as stale outputs
+_INPUT_OPTIONS = ("spectral_baseline", "spectral_thresholds", "spectral_config")
 
-    pytest chooses its rootdir before plugins register their options, so in
-    ``--spectral-model /data/ckpt`` it takes ``/data/ckpt`` for a test path; outside any project
-    with an ini file, the checkpoint directory becomes the rootdir, where ``.pytest_cache``
-    would be written and the project's ini file would be missed.
+
+def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
+    """Resolved directories holding the checkpoint's files: its root, and wherever its weight
+    files really are (a hub snapshot's blobs, a symlinked shard's target)."""
+    return {checkpoint.root.resolve(), *(f.resolve().parent for f in checkpoint.files)}
+
+
+def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | None]:
+    """The output paths, checked before anything runs; an earlier run's files there are
+    removed (by the controller), so that none can pass for this run's.
+
+    Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
+    inside the checkpoint, or one path given to two options.
     """
-    root = checkpoint.root.resolve()
-    invoked_inside = root in (
-        config.invocation_params.dir.resolve(),
-        *config.invocation_params.dir.resolve().parents,
-    )
-    if config.option.rootdir or config.rootpath.resolve() != root or invoked_inside:
-        return
-    raise CheckpointError(
-        f"--spectral-model {model_argument}: pytest read this path as a test path and made the "
-        "checkpoint directory its rootdir, where it would write .pytest_cache (and miss your "
-        f"project's ini file). Write --spectral-model={model_argument} (with '=') or add "
-        "--rootdir=DIR."
-    )
+    outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
+    seen: dict[Path, str] = {}
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        try:
+            check_output_path(path, option)
+        except OutputPathError as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
+        holder = inside(path, protected)
+        if holder is not None:
+            raise pytest.UsageError(
+                printable(
+                    f"{option} {path}: lies inside the checkpoint directory {holder}; "
+                    "pytest-spectral never writes into a checkpoint: choose a path outside it"
+                )
+            )
+        if path.resolve() in seen:
+            raise pytest.UsageError(
+                printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
+            )
+        seen[path.resolve()] = option
+    if not hasattr(config, "workerinput"):
+        inputs = {p.resolve() for n in _INPUT_OPTIONS if (p := _path_option(config, n))}
+        for path in outputs.values():
+            if path is not None and path.resolve() not in inputs:
+                remove_stale(path)
+    return outputs
 
 
 def local_model_path(config: pytest.Config) -> Path:
@@ -231,9 +304,47 @@ def local_model_path(config: pytest.Config) -> Path:
     if MODEL_PATH_KEY in worker_input:
         return Path(worker_input[MODEL_PATH_KEY])
     argument: str = config.getoption("spectral_model")
-    if looks_like_hub_id(argument):
-        return resolve_hub_model(argument, config.getoption("spectral_revision"))
-    return Path(argument).expanduser()
+    repo_id = hub_id_of(argument)
+    if repo_id is not None:
+        return resolve_hub_model(repo_id, config.getoption("spectral_revision"))
+    path = Path(os.path.expanduser(argument))
+    if not os.path.lexists(path):
+        raise CheckpointError(describe_missing(argument))
+    return path
+
+
+def _base_model_path(config: pytest.Config) -> Path | None:
+    """``--spectral-base-model`` as a local path: a hub id is resolved by the controller, and
+    found in the cache by pytest-xdist workers."""
+    argument: str | None = config.getoption("spectral_base_model")
+    if argument is None:
+        return None
+    repo_id = hub_id_of(argument)
+    if repo_id is None:
+        path = Path(os.path.expanduser(argument))
+        if not os.path.lexists(path):
+            raise CheckpointError(f"--spectral-base-model {describe_missing(argument)}")
+        return path.absolute()
+    if hasattr(config, "workerinput"):
+        cached = cached_snapshot(repo_id)
+        if cached is not None:
+            return cached
+    return resolve_hub_model(repo_id, None)
+
+
+#: suffixes of the single weight files --spectral-model takes (a directory takes the rest)
+def _refuse_json_file(path: Path, argument: str) -> None:
+    """A JSON file (``config.json``, an index, ``params.json``, ``adapter_config.json``) named
+    instead of its checkpoint's directory is a usage error saying what to pass instead, rather
+    than an error about its first bytes as a weight file."""
+    if not path.is_file() or path.suffix != ".json":
+        return
+    directory = Path(argument).parent
+    raise CheckpointError(
+        f"{argument}: a JSON file (a config or index file), not a checkpoint; pass the "
+        f"checkpoint's directory: --spectral-model={directory}, or a single weight file "
+        "(.safetensors, .gguf, a torch checkpoint)"
+    )
 
 
 def _custom_family(config: pytest.Config) -> Family | None:
@@ -241,9 +352,9 @@ def _custom_family(config: pytest.Config) -> Family | None:
     if path is None:
         return None
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ArchitectureError(f"{path}: cannot read architecture file: {exc}") from None
+        table, _, _ = load_toml(path, MAX_TOML_BYTES, "architecture description")
+    except UntrustedFileError as exc:
+        raise ArchitectureError(str(exc)) from None
     if not isinstance(table.get("architecture"), dict):
         raise ArchitectureError(f"{path}: needs an [architecture] table (see the README)")
     return custom_family(table["architecture"], str(path))
@@ -251,7 +362,7 @@ def _custom_family(config: pytest.Config) -> Family | None:
 
 def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
     """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
-    available = MATRICES + checkpoint.mlp
+    available = checkpoint.attention + checkpoint.mlp
     chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
     if chosen is None:
         return available
@@ -266,7 +377,7 @@ def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[s
 
 def _path_option(config: pytest.Config, name: str) -> Path | None:
     value = config.getoption(name)
-    return Path(value).expanduser().absolute() if value else None
+    return Path(os.path.expanduser(value)).absolute() if value else None
 
 
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
@@ -283,12 +394,14 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
     return load_baseline(path, checkpoint)
 
 
-def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> str | None:
+def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:
     metric = config.getoption("spectral_heatmap")
-    if metric is not None and metric not in metrics.specs:
+    if metric is None:
+        return None
+    if metric not in metrics.specs:
         known = metrics.specs
         raise RulesError(f"--spectral-heatmap: unknown metric {metric!r}{hint(metric, known)}")
-    return metric
+    return metrics.specs[metric]
 
 
 def _cache_dir(config: pytest.Config) -> Path | None:

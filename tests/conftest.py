@@ -1,33 +1,53 @@
-"""Shared fixtures: small checkpoints written in the Hugging Face layout, per test."""
+"""Shared fixtures: small checkpoints written in the Hugging Face layout, per test.
+
+pytest imports this file in every run started from the repository root (``testpaths``),
+the demo's spectral run included, so it imports nothing heavy at module level: torch and
+hypothesis load only when a test needs them. A cached spectral run from here then imports
+no torch, as the README promises (tested in ``test_readme.py``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from hypothesis import HealthCheck, settings
 
-from pytest_spectral.testing.synthetic import LlamaShape, write_random_llama
+if TYPE_CHECKING:
+    import torch
 
 MakeCheckpoint = Callable[..., Path]
 
-# Wall-clock deadlines turn a busy shared 2-core machine into flaky failures; the fuzz test
-# keeps its own deadline to catch real hangs.
-settings.register_profile("pytest-spectral", deadline=None)
-settings.load_profile("pytest-spectral")
-# Mutation runs (pyproject.toml, [tool.mutmut]) run the same tests many times in one process and
-# must give the same verdict each time: fixed examples (fewer: each mutant runs them), no
-# example database.
-settings.register_profile(
-    "mutation",
-    deadline=None,
-    derandomize=True,
-    max_examples=25,
-    database=None,
-    suppress_health_check=[HealthCheck.differing_executors],
-)
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Wall-clock deadlines turn a busy shared 2-core machine into flaky failures; the fuzz
+    test keeps its own deadline to catch real hangs. The profile must be loaded before the
+    test modules create their ``@settings``; a spectral run without path arguments collects
+    no test module, and skips it.
+
+    Mutation runs (pyproject.toml, ``[tool.mutmut]``) pass ``--hypothesis-profile=mutation``:
+    they run the same tests many times in one process and must give the same verdict each
+    time, so fixed examples (fewer: each mutant runs them) and no example database.
+    """
+    spectral_only = (
+        config.getoption("spectral_model", None) is not None
+        and config.args_source != pytest.Config.ArgsSource.ARGS
+    )
+    if not spectral_only:
+        from hypothesis import HealthCheck, settings
+
+        settings.register_profile("pytest-spectral", deadline=None)
+        settings.register_profile(
+            "mutation",
+            deadline=None,
+            derandomize=True,
+            max_examples=25,
+            database=None,
+            suppress_health_check=[HealthCheck.differing_executors],
+        )
+        if config.getoption("hypothesis_profile", None) is None:
+            settings.load_profile("pytest-spectral")
 
 
 @pytest.fixture
@@ -44,6 +64,10 @@ def pytester(pytester: pytest.Pytester) -> pytest.Pytester:
 @pytest.fixture
 def make_checkpoint(tmp_path: Path) -> MakeCheckpoint:
     """Write a random Llama-layout checkpoint; keyword arguments go to :class:`LlamaShape`."""
+    import torch
+
+    from pytest_spectral.testing.synthetic import LlamaShape, write_random_llama
+
     counter = iter(range(1000))
 
     def make(

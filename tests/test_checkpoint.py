@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-from pytest_spectral.checkpoints.safetensors_header import read_header
+from pytest_spectral.checkpoints.formats.safetensors import read_header
 from pytest_spectral.errors import CheckpointError
 
 
@@ -24,6 +24,12 @@ def edit_config(directory: Path, **changes: object) -> None:
         else:
             config[key] = value
     path.write_text(json.dumps(config))
+
+
+def open_for_every_item(path: Path) -> None:
+    """Open a checkpoint and check every tensor, as a run of all items does."""
+    checkpoint = open_checkpoint(path)
+    checkpoint.check_readable(checkpoint.tensors)
 
 
 class TestGeometry:
@@ -53,7 +59,7 @@ class TestGeometry:
 class TestErrors:
     def expect(self, path: Path, *fragments: str) -> None:
         with pytest.raises(CheckpointError) as info:
-            open_checkpoint(path)
+            open_for_every_item(path)
         for fragment in fragments:
             assert fragment in str(info.value)
 
@@ -95,7 +101,9 @@ class TestErrors:
     def test_index_naming_a_missing_shard(self, make_checkpoint) -> None:
         directory = make_checkpoint(shards=2)
         (directory / "model-00002-of-00002.safetensors").unlink()
-        self.expect(directory, "shard 'model-00002-of-00002.safetensors'", "does not exist")
+        self.expect(
+            directory, "shard 'model-00002-of-00002.safetensors'", "no such file or directory"
+        )
 
     def test_truncated_file(self, tiny_checkpoint: Path) -> None:
         path = tiny_checkpoint / "model.safetensors"

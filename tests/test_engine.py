@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,13 @@ from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
 from pytest_spectral.compute import device, spectra
-from pytest_spectral.compute.cache import SpectraCache
+from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import DeviceError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 from pytest_spectral.results import SliceSpectra
 from pytest_spectral.testing.strategies import matrix_from_spectrum
+from pytest_spectral.untrusted import FileChangedError
 
 
 @pytest.fixture
@@ -112,7 +114,39 @@ class TestCache:
         after = SpectraEngine(open_checkpoint(directory), DEFAULT_REQUESTS, cache=cache)
         assert after.head(0, "q", 0).singular_values != old
 
-    def test_in_place_edit_with_restored_mtime_is_detected(self, checkpoint, tmp_path) -> None:
+    def test_in_place_edit_with_restored_mtime_is_detected(self, make_checkpoint) -> None:
+        directory = make_checkpoint(layers=1, heads=4, kv_heads=4, head_dim=64, hidden=512)
+        entry = open_checkpoint(directory).tensors[(0, "q")]  # 256 KiB: not sampled whole
+        layout = ("q", 4, 64)
+        key = entry_key(entry, layout, "float64")
+        stat = entry.file.stat()
+        time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+        flipped = entry.offset + entry.nbytes // 32  # a byte the key's samples do not cover
+        assert not any(
+            start <= flipped - entry.offset < start + 4096
+            for start in [i * (entry.nbytes // 16) for i in range(16)] + [entry.nbytes - 4096]
+        )
+        with entry.file.open("r+b") as handle:
+            handle.seek(flipped)
+            first = handle.read(1)
+            handle.seek(flipped)
+            handle.write(bytes([first[0] ^ 0xFF]))
+        os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert entry.file.stat().st_mtime_ns == stat.st_mtime_ns
+        assert entry.file.stat().st_size == stat.st_size
+        reopened = open_checkpoint(entry.file.parent).tensors[(0, "q")]
+        assert entry_key(reopened, layout, "float64") != key  # the ctime moved
+
+    def test_file_changed_since_collection_is_not_keyed(self, checkpoint) -> None:
+        entry = checkpoint.tensors[(0, "q")]
+        time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+        entry.file.write_bytes(entry.file.read_bytes())  # same bytes, new mtime and ctime
+        with pytest.raises(FileChangedError, match="changed after collection"):
+            entry_key(entry, ("q", 4, 8), "float64")
+
+    def test_sampled_byte_edited_with_restored_mtime_is_recomputed(
+        self, checkpoint, tmp_path
+    ) -> None:
         """A sampled byte changed, with size, inode and mtime as before: recomputed."""
         cache = SpectraCache(tmp_path / "cache")
         old = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)

@@ -132,6 +132,7 @@ def apply(directory: Path, mutation: tuple[str, object]) -> None:
 def analyse(directory: Path) -> None:
     """What the plugin does, minus pytest: open, compute every head, judge it."""
     checkpoint = open_checkpoint(directory)
+    checkpoint.check_readable(checkpoint.tensors)  # as the plugin does for the items it runs
     engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
     try:
         for head in range(checkpoint.geometry.heads):
@@ -172,7 +173,7 @@ def test_pytest_never_shows_an_internal_traceback(pristine, pytester, data) -> N
     directory = pytester.path / f"model-{abs(hash(repr(mutation)))}"
     shutil.copytree(pristine, directory)
     apply(directory, mutation)
-    result = pytester.runpytest("--spectral-model", str(directory), "-p", "no:cacheprovider")
+    result = pytester.runpytest(f"--spectral-model={directory}", "-p", "no:cacheprovider")
     output = result.stdout.str() + result.stderr.str()
     assert result.ret in (
         pytest.ExitCode.OK,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import textwrap
@@ -28,12 +29,19 @@ def model(pytester: pytest.Pytester) -> Path:
 
 
 def hub_cache(root: Path, repo: str, snapshots: dict[str, Path]) -> None:
-    """A Hugging Face cache in its real layout: refs name commits, snapshots hold files."""
+    """A Hugging Face cache in its real layout: refs name commits, and a snapshot's files are
+    relative symlinks into the repository's ``blobs/``, named by content hash."""
     repo_dir = root / f"models--{repo.replace('/', '--')}"
     (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
     for index, (ref, source) in enumerate(snapshots.items()):
         commit = f"{index + 1:040x}"
-        shutil.copytree(source, repo_dir / "snapshots" / commit)
+        snapshot = repo_dir / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in source.iterdir():
+            blob = hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copy(file, repo_dir / "blobs" / blob)
+            (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
         (repo_dir / "refs" / ref).write_text(commit)
 
 
@@ -82,67 +90,102 @@ class TestHubIds:
             ]
         )
 
-    REPOSITORY = (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model-00001-of-00002.bin",
-        "pytorch_model.bin.index.json",
-        "optimizer.pt",
-        "flax_model.msgpack",
-        "original/consolidated.00.pth",
-    )
+    @staticmethod
+    def repository(root: Path, model: Path, weights: str) -> Path:
+        """A hub repository on disk: ``model``'s weights sharded in two, as safetensors or
+        as ``.bin`` files, each with its index, beside files a run never reads (tokenizer,
+        generation config, the other format's shards, optimizer state, Flax weights,
+        Meta's original files), which hold nothing readable."""
+        root.mkdir()
+        shutil.copy(model / "config.json", root)
+        tensors = load_file(model / "model.safetensors")
+        names = sorted(tensors)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        formats = {
+            "safetensors": ("model-0000{}-of-00002.safetensors", "model.safetensors.index.json"),
+            "bin": ("pytorch_model-0000{}-of-00002.bin", "pytorch_model.bin.index.json"),
+        }
+        for kind, (pattern, index) in formats.items():
+            if kind != weights:
+                for number in (1, 2):
+                    (root / pattern.format(number)).write_bytes(b"never read")
+                continue
+            weight_map = {}
+            for number, part in enumerate(halves, 1):
+                filename = pattern.format(number)
+                if kind == "bin":
+                    torch.save({n: tensors[n] for n in part}, root / filename)
+                else:
+                    save_file({n: tensors[n] for n in part}, str(root / filename))
+                weight_map.update(dict.fromkeys(part, filename))
+            (root / index).write_text(json.dumps({"weight_map": weight_map}))
+        for name in ("generation_config.json", "tokenizer.json", "optimizer.pt"):
+            (root / name).write_bytes(b"never read")
+        (root / "flax_model.msgpack").write_bytes(b"never read")
+        (root / "original").mkdir()
+        (root / "original" / "consolidated.00.pth").write_bytes(b"never read")
+        return root
 
     @pytest.mark.parametrize("revision", [None, "v2"])
     @pytest.mark.parametrize(
-        ("listing", "wanted"),
+        ("weights", "index", "shards"),
         [
             (
-                REPOSITORY,
-                {
-                    "config.json",
-                    "model-00001-of-00002.safetensors",
-                    "model-00002-of-00002.safetensors",
-                    "model.safetensors.index.json",
-                },
+                "safetensors",
+                "model.safetensors.index.json",
+                ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
             ),
             (
-                tuple(f for f in REPOSITORY if "safetensors" not in f),
-                {"config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"},
+                "bin",
+                "pytorch_model.bin.index.json",
+                ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
             ),
         ],
     )
     def test_download_asks_for_the_revision_and_only_what_is_read(
-        self, pytester, model, monkeypatch, revision, listing, wanted
+        self, pytester, model, monkeypatch, revision, weights, index, shards
     ) -> None:
+        """The revision is resolved to a commit in one request; the index is fetched at that
+        commit, then the config, the index and the shards it lists, and nothing else (the
+        run passes on exactly those files)."""
         hub = pytest.importorskip("huggingface_hub")
         constants = pytest.importorskip("huggingface_hub.constants")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        calls: list[tuple[str, ...]] = []
+        source = self.repository(pytester.path / "repository", model, weights)
+        listing = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+        commit = "c0ffee" * 6 + "abcd"
+        snapshot = pytester.path / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        calls: list[tuple[object, ...]] = []
 
-        def list_repo_files(self, repo_id: str, *, revision: str | None = None) -> list[str]:
-            calls.append(("list", repo_id, revision))
-            return list(listing)
+        class Info:
+            sha = commit
+            siblings = tuple(type("Sibling", (), {"rfilename": name}) for name in listing)
+
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> Info:
+            calls.append(("info", repo_id, revision))
+            return Info()
 
         def snapshot_download(
             repo_id: str, *, revision: str | None = None, allow_patterns: list[str]
         ) -> str:
-            fetched = {f for f in listing if any(fnmatch(f, p) for p in allow_patterns)}
-            calls.append(("download", repo_id, revision, tuple(sorted(fetched))))
-            return str(model)
+            fetched = sorted(f for f in listing if any(fnmatch(f, p) for p in allow_patterns))
+            calls.append(("download", repo_id, revision, tuple(fetched)))
+            for name in fetched:
+                shutil.copy(source / name, snapshot / name)
+            return str(snapshot)
 
-        monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+        monkeypatch.setattr(hub.HfApi, "model_info", model_info)
         monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
         args = ("--spectral-revision", revision) if revision else ()
         result = pytester.runpytest("--spectral-model", "org/tiny", *args, "-p", "no:xdist")
         result.assert_outcomes(passed=ITEMS)
         assert calls == [
-            ("list", "org/tiny", revision),
-            ("download", "org/tiny", revision, tuple(sorted(wanted))),
+            ("info", "org/tiny", revision),
+            ("download", "org/tiny", commit, (index,)),
+            ("download", "org/tiny", commit, tuple(sorted(["config.json", index, *shards]))),
         ]
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(["config.json", index, *shards])
 
     @pytest.mark.parametrize(
         ("error", "advice"),
@@ -150,7 +193,7 @@ class TestHubIds:
             ("GatedRepoError", "the repository is gated: accept its licence*HF_TOKEN*"),
             ("RepositoryNotFoundError", "no such repository, or it is private*HF_TOKEN*"),
             ("RevisionNotFoundError", "the repository has no revision 'v9'*--spectral-revision*"),
-            ("ConnectError", "the hub could not be reached*HF_HUB_OFFLINE=1*local checkpoint*"),
+            ("ConnectError", "the hub could not be reached and the model is not in the local*"),
         ],
     )
     def test_online_failures_say_what_to_do(self, pytester, monkeypatch, error, advice) -> None:
@@ -164,11 +207,12 @@ class TestHubIds:
             error, type(error, (OSError,), {})
         )
 
-        def list_repo_files(self, repo_id: str, *, revision: str | None = None) -> list[str]:
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> object:
             assert (repo_id, revision) == ("org/tiny", "v9")
             raise failure("401 Client Error")
 
-        monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+        monkeypatch.setattr(hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(pytester.path / "empty-cache"))
         result = pytester.runpytest("--spectral-model", "org/tiny", "--spectral-revision", "v9")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
@@ -229,7 +273,7 @@ class TestFiles:
         result = pytester.runpytest(f"--spectral-model={directory}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
-            ["*pytorch_model.bin: cannot load with torch.load(weights_only=True*"]
+            ["*pytorch_model.bin: its pickle names __builtin__.object, which a state dict*"]
         )
 
 
@@ -316,4 +360,4 @@ class TestCustomArchitecture:
             f"--spectral-model={model}", "--spectral-architecture", "arch.toml"
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*'layer' must be a string containing '{layer}'*"])
+        result.stderr.fnmatch_lines(["*arch.toml: [[]architecture] key 'layer': must be a string*"])

@@ -50,7 +50,7 @@ matrices = ["q"]
 
 class TestCollection:
     def test_one_item_per_layer_head_and_matrix(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "--collect-only", "-q")
+        result = pytester.runpytest(f"--spectral-model={planted}", "--collect-only", "-q")
         ids = [line for line in result.outlines if line.startswith("spectral::")]
         assert len(ids) == SHAPE.layers * SHAPE.heads * 4
         assert ids[:5] == [
@@ -65,8 +65,7 @@ class TestCollection:
 
     def test_narrowing_by_layers_and_matrices(self, pytester, planted) -> None:
         result = pytester.runpytest(
-            "--spectral-model",
-            str(planted),
+            f"--spectral-model={planted}",
             "--spectral-layers",
             "1",
             "--spectral-matrices",
@@ -80,10 +79,10 @@ class TestCollection:
 
     def test_without_paths_only_spectral_items_run(self, pytester, planted) -> None:
         pytester.makepyfile(test_user="def test_user(): pass")
-        alone = pytester.runpytest("--spectral-model", str(planted), "--spectral-layers", "0")
+        alone = pytester.runpytest(f"--spectral-model={planted}", "--spectral-layers", "0")
         alone.assert_outcomes(passed=16)
         both = pytester.runpytest(
-            "test_user.py", "--spectral-model", str(planted), "--spectral-layers", "0"
+            "test_user.py", f"--spectral-model={planted}", "--spectral-layers", "0"
         )
         both.assert_outcomes(passed=17)
 
@@ -94,14 +93,14 @@ class TestCollection:
 
 class TestOutcomes:
     def test_no_rules_file_everything_passes(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted))
+        result = pytester.runpytest(f"--spectral-model={planted}")
         result.assert_outcomes(passed=32)
-        result.stdout.fnmatch_lines(["*spectral summary*", "32 items analysed: 32 passed"])
+        result.stdout.fnmatch_lines(["*spectral summary*", "32 items: 32 passed"])
 
     def test_broken_rule_fails_exactly_that_head(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
         )
         assert result.ret == pytest.ExitCode.TESTS_FAILED
         result.assert_outcomes(passed=31, failed=1)
@@ -112,7 +111,7 @@ class TestOutcomes:
                 "  FAIL collapsed: stable_rank = 1 < min 1.5",
                 "  top singular values (8 of 8): *",
                 "*Low-rank pruning candidates*",
-                "*L1 H2 q*collapsed=1*",
+                "*L1 H2 q*collapsed: 1 < 1.5*",
                 f"FAILED {COLLAPSED} - collapsed: stable_rank = 1 < min 1.5",
             ]
         )
@@ -121,16 +120,17 @@ class TestOutcomes:
     def test_warn_severity_reports_without_failing(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE + 'severity = "warn"\n')
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
         )
         assert result.ret == pytest.ExitCode.OK
-        result.assert_outcomes(passed=32, warnings=1)
+        result.assert_outcomes(passed=31, warnings=1)
+        assert result.parseoutcomes()["warned"] == 1
         result.stdout.fnmatch_lines(["*SpectralRuleWarning: collapsed: stable_rank = 1 < min 1.5*"])
 
     def test_ini_option_points_at_the_rules(self, pytester, planted) -> None:
         rules(pytester, STABLE_RANK_RULE, name="spectral.toml")
         pytester.makeini("[pytest]\nspectral_thresholds = spectral.toml\n")
-        result = pytester.runpytest("--spectral-model", str(planted))
+        result = pytester.runpytest(f"--spectral-model={planted}")
         result.assert_outcomes(passed=31, failed=1)
 
     def test_non_finite_and_zero_heads_fail_without_rules(self, pytester) -> None:
@@ -138,9 +138,7 @@ class TestOutcomes:
         tensors[attention_name(0, "v")][0, 5] = float("nan")  # K/V head 0: query heads 0, 1
         tensors[attention_name(1, "o")][:, 8:16] = 0.0  # query head 1
         directory = write_checkpoint(pytester.path / "broken", tensors, SHAPE.config())
-        result = pytester.runpytest(
-            "--spectral-model", str(directory), "--spectral-report", "r.json"
-        )
+        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report", "r.json")
         result.assert_outcomes(passed=29, failed=3)
         items = {
             i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
@@ -277,32 +275,32 @@ class TestFloorLimited:
 
 class TestPytestOptionsWork:
     def test_keyword_selection(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "-k", "layer00 and q")
+        result = pytester.runpytest(f"--spectral-model={planted}", "-k", "layer00 and q")
         result.assert_outcomes(passed=4)
 
     def test_marker_selection(self, pytester, planted) -> None:
         pytester.makepyfile(test_user="def test_user(): pass")
         result = pytester.runpytest(
-            "test_user.py", "--spectral-model", str(planted), "-m", "spectral", "--strict-markers"
+            "test_user.py", f"--spectral-model={planted}", "-m", "spectral", "--strict-markers"
         )
         result.assert_outcomes(passed=32)
 
     def test_deselect(self, pytester, planted) -> None:
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--deselect", "spectral::layer00"
+            f"--spectral-model={planted}", "--deselect", "spectral::layer00"
         )
         result.assert_outcomes(passed=16)
 
     def test_exitfirst(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path), "-x"
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path), "-x"
         )
         result.assert_outcomes(passed=24, failed=1)
 
     def test_last_failed(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        args = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        args = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
         pytester.runpytest(*args).assert_outcomes(passed=31, failed=1)
         rerun = pytester.runpytest(*args, "--lf", "-v")
         rerun.assert_outcomes(failed=1, deselected=31)
@@ -310,7 +308,7 @@ class TestPytestOptionsWork:
 
     def test_junit_xml_carries_metrics(self, pytester, planted) -> None:
         pytester.runpytest(
-            "--spectral-model", str(planted), "--junitxml", "out.xml", "-o", "junit_family=xunit1"
+            f"--spectral-model={planted}", "--junitxml", "out.xml", "-o", "junit_family=xunit1"
         )
         xml = (pytester.path / "out.xml").read_text()
         assert xml.count("<testcase") == 32
@@ -321,9 +319,9 @@ class TestPytestOptionsWork:
 class TestJsonReport:
     def test_report_content(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
+        (pytester.path / "out").mkdir()
         pytester.runpytest(
-            "--spectral-model",
-            str(planted),
+            f"--spectral-model={planted}",
             "--spectral-thresholds",
             str(path),
             "--spectral-report",
@@ -331,13 +329,16 @@ class TestJsonReport:
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
-        assert report["schema_version"] == 1
+        assert report["schema_version"] == 2
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
         # the planted head is rank 1: a rank-1 factorisation of 8 x 32 saves 256 - 40
         counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
+        counts |= {"error": 0, "skipped": 0, "not_run": 0}
+        counts |= {"regressions": 0, "candidates": 1}
         assert report["summary"] == {**counts, "params_saved": 216}
+        assert report["regressions"] == []
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
         assert collapsed["outcome"] == "failed"
@@ -352,6 +353,7 @@ class TestJsonReport:
                 "max_change": None,
                 "baseline": None,
                 "severity": "fail",
+                "bound": "min",
                 "suggest": "low_rank",
             }
         ]
@@ -367,9 +369,9 @@ class TestJsonReport:
 
     def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
-        path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = ["k"]\n')
+        path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmin = 100\nmatrices = ["k"]\n')
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path),
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
             "--spectral-report", "r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=24, failed=8)
@@ -383,7 +385,7 @@ class TestJsonReport:
         ]
 
     def test_singular_values_agree_with_numpy(self, pytester, planted) -> None:
-        pytester.runpytest("--spectral-model", str(planted), "--spectral-report", "r.json")
+        pytester.runpytest(f"--spectral-model={planted}", "--spectral-report", "r.json")
         items = json.loads((pytester.path / "r.json").read_text())["items"]
         from safetensors.torch import load_file
 
@@ -406,7 +408,7 @@ class TestJsonReport:
 
     def test_parallel_run_gives_the_same_report(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        common = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
         pytester.runpytest_subprocess(*common, "--spectral-report", "one.json", "-p", "no:xdist")
         parallel = pytester.runpytest_subprocess(
             *common, "--spectral-report", "two.json", "-n", "2", "--dist", "loadscope"
@@ -421,7 +423,7 @@ class TestUsageErrors:
     def test_malformed_rules_file_names_the_line(self, pytester, planted) -> None:
         path = rules(pytester, '[[rules]]\nmetric = "stable_rnk"\nmax = 1\n')
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
@@ -437,11 +439,9 @@ class TestUsageErrors:
         result.stderr.fnmatch_lines(["ERROR: no/such/model: no such file or directory"])
 
     def test_layers_out_of_range(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "--spectral-layers", "0-5")
+        result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-layers", "0-5")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(
-            ["*layer(s) ?2, 3, 4, 5? do not exist; the model has 2 layers*"]
-        )
+        result.stderr.fnmatch_lines(["*layer(s) 2-5 do not exist; the model has 2 layers*"])
 
     @pytest.mark.parametrize(
         ("option", "value", "message"),
@@ -452,7 +452,7 @@ class TestUsageErrors:
         ],
     )
     def test_bad_option_values(self, pytester, planted, option, value, message) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), option, value)
+        result = pytester.runpytest(f"--spectral-model={planted}", option, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([message])
 
@@ -532,11 +532,14 @@ class TestCacheKey:
 
 class TestEngineOptions:
     def test_verbose_run_reports_each_layer(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "-v")
+        result = pytester.runpytest(f"--spectral-model={planted}", "-v")
+        shared = "(K/V slices are shared by query heads)"
         result.stdout.fnmatch_lines(
             [
-                "spectral: layer 0: 12 head slices in * s (0 matrices from cache, 0 direct SVD)",
-                "spectral: layer 1: 12 head slices in * s (0 matrices from cache, * direct SVD)",
+                f"spectral: layer 0: 16 items from 12 distinct slices {shared} in * s; "
+                "0 of 4 matrices from the cache, 0 slices by direct SVD",
+                f"spectral: layer 1: 16 items from 12 distinct slices {shared} in * s; "
+                "0 of 4 matrices from the cache, * by direct SVD",
             ]
         )
 
@@ -549,17 +552,17 @@ class TestEngineOptions:
                     f.write(str("torch" in sys.modules))
             """
         )
-        args = ("--spectral-model", str(planted), "-v", "-p", "no:xdist", "-p", "no:randomly")
+        args = (f"--spectral-model={planted}", "-v", "-p", "no:xdist", "-p", "no:randomly")
         first = pytester.runpytest_subprocess(*args)
         first.assert_outcomes(passed=32)
         assert (pytester.path / "torch-imported.txt").read_text() == "True"
         second = pytester.runpytest_subprocess(*args, "--spectral-report", "cached.json")
         second.assert_outcomes(passed=32)
-        second.stdout.fnmatch_lines(["spectral: layer 1: * (4 matrices from cache, *"])
+        second.stdout.fnmatch_lines(["spectral: layer 1: * 4 of 4 matrices from the cache, *"])
         assert (pytester.path / "torch-imported.txt").read_text() == "False"
 
     def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
-        args = ("--spectral-model", str(planted))
+        args = (f"--spectral-model={planted}",)
         pytester.runpytest(*args, "--spectral-report", "cold.json", "--spectral-no-cache")
         pytester.runpytest(*args)  # fills the cache
         pytester.runpytest(*args, "--spectral-report", "warm.json")
@@ -569,18 +572,18 @@ class TestEngineOptions:
         assert cold["items"] == warm["items"]
 
     def test_no_cache_writes_nothing(self, pytester, planted) -> None:
-        pytester.runpytest("--spectral-model", str(planted), "--spectral-no-cache")
+        pytester.runpytest(f"--spectral-model={planted}", "--spectral-no-cache")
         assert not list(pytester.path.glob(".pytest_cache/d/spectral/*"))
-        pytester.runpytest("--spectral-model", str(planted))
+        pytester.runpytest(f"--spectral-model={planted}")
         assert len(list(pytester.path.glob(".pytest_cache/d/spectral/*.npz"))) == 8
 
     def test_works_without_the_cache_plugin(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "-p", "no:cacheprovider")
+        result = pytester.runpytest(f"--spectral-model={planted}", "-p", "no:cacheprovider")
         result.assert_outcomes(passed=32)
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_absent_device_is_a_usage_error(self, pytester, planted) -> None:
-        result = pytester.runpytest("--spectral-model", str(planted), "--spectral-device", "cuda")
+        result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-device", "cuda")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             ["ERROR: --spectral-device cuda: CUDA is not available here (available: cpu*)"]
@@ -590,7 +593,7 @@ class TestEngineOptions:
     def test_cuda_run_gives_the_cpu_report(self, pytester, planted) -> None:
         """Same outcomes, singular values within 1e-9 and metrics, in one process and under -n 2."""
         path = rules(pytester, STABLE_RANK_RULE)
-        common = ("--spectral-model", str(planted), "--spectral-thresholds", str(path))
+        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
         common += ("--spectral-no-cache",)
         runs = {
             "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
@@ -621,8 +624,7 @@ class TestEngineOptions:
 
     def test_float32_precision_is_recorded(self, pytester, planted) -> None:
         pytester.runpytest(
-            "--spectral-model",
-            str(planted),
+            f"--spectral-model={planted}",
             "--spectral-dtype",
             "float32",
             "--spectral-report",
@@ -670,8 +672,7 @@ class TestUserMetrics:
             "min = 0.01\nmatrices = ['q']\n",
         )
         result = pytester.runpytest(
-            "--spectral-model",
-            str(planted),
+            f"--spectral-model={planted}",
             "--spectral-thresholds",
             str(path),
             "--spectral-report",
@@ -686,7 +687,7 @@ class TestUserMetrics:
         pytester.makeconftest(self.CONFTEST)
         path = rules(pytester, '[[rules]]\nmetric = "tail_shar"\nmax = 1\n')
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path)
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*unknown metric 'tail_shar' (did you mean 'tail_share'?)"])
@@ -696,7 +697,7 @@ class TestUserMetrics:
             "def pytest_spectral_register_metrics(metrics):\n"
             "    metrics.add('broken', lambda sv: sv.sum())\n"
         )
-        result = pytester.runpytest("--spectral-model", str(planted), "-x")
+        result = pytester.runpytest(f"--spectral-model={planted}", "-x")
         result.assert_outcomes(failed=1)
         result.stdout.fnmatch_lines(["*metric 'broken' returned shape [] for 4 slices; it must*"])
 
@@ -711,7 +712,7 @@ class TestScopes:
 
     def test_both_scopes(self, pytester, with_mlp) -> None:
         result = pytester.runpytest(
-            "--spectral-model", str(with_mlp), "--spectral-scope", "both", "--collect-only", "-q"
+            f"--spectral-model={with_mlp}", "--spectral-scope", "both", "--collect-only", "-q"
         )
         ids = [line for line in result.outlines if line.startswith("spectral::")]
         whole = [i for i in ids if "head" not in i]
@@ -734,8 +735,7 @@ class TestScopes:
             """,
         )
         result = pytester.runpytest(
-            "--spectral-model",
-            str(with_mlp),
+            f"--spectral-model={with_mlp}",
             "--spectral-scope",
             "both",
             "--spectral-thresholds",
@@ -782,9 +782,7 @@ class TestScopes:
             assert item["metrics"]["mp_spikes"] == 0, item["nodeid"]
 
     def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
-        result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-matrices", "q,gate"
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-matrices", "q,gate")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o)"])
 
@@ -792,8 +790,7 @@ class TestScopes:
 def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:
     path = rules(pytester, STABLE_RANK_RULE + 'suggest = "remove_head"\n')
     result = pytester.runpytest(
-        "--spectral-model",
-        str(planted),
+        f"--spectral-model={planted}",
         "--spectral-thresholds",
         str(path),
         "--spectral-report",
@@ -817,8 +814,7 @@ def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> N
             f"    metrics.add('constant', lambda sv: np.full(sv.shape[:-1], {constant}))\n"
         )
         result = pytester.runpytest_subprocess(
-            "--spectral-model",
-            str(planted),
+            f"--spectral-model={planted}",
             "--spectral-report",
             "r.json",
             "-v",
@@ -827,4 +823,4 @@ def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> N
         )
         item = json.loads((pytester.path / "r.json").read_text())["items"][0]
         assert item["metrics"]["constant"] == constant
-    result.stdout.fnmatch_lines(["spectral: layer 0: * (4 matrices from cache, *"])
+    result.stdout.fnmatch_lines(["spectral: layer 0: * 4 of 4 matrices from the cache, *"])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_spectral.judging.ranges import RangeSyntaxError, parse_index_set
 from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules
@@ -28,11 +31,42 @@ def first_beyond(value: float, baseline: float, direction: float) -> float:
     return beyond
 
 
+def as_spec(parts: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}-{a + n}" if n else str(a) for a, n in parts)
+
+
 class TestRanges:
     def test_ranges_and_singles(self) -> None:
         s = parse_index_set("0-3, 8")
         assert [i for i in range(10) if i in s] == [0, 1, 2, 3, 8]
-        assert s.beyond(5) == [8]
+        assert s.beyond(5).spec == "8"
+        assert not s.beyond(9)
+
+    @given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 12)), min_size=1, max_size=8))
+    def test_intervals_behave_like_the_plain_set(self, parts) -> None:
+        expected = {i for a, n in parts for i in range(a, a + n + 1)}
+        s = parse_index_set(as_spec(parts))
+        assert {i for i in range(-3, 80) if i in s} == expected
+        kept = s.intervals
+        assert all(a <= b and b + 1 < next_a for (a, b), (next_a, _) in itertools.pairwise(kept))
+        for count in (0, 5, 30, 75):
+            beyond = s.beyond(count)
+            assert {i for i in range(80) if i in beyond} == {i for i in expected if i >= count}
+            assert bool(beyond) == any(i >= count for i in expected)
+            if beyond:
+                assert parse_index_set(beyond.spec) == beyond  # the spec text says what it holds
+
+    def test_a_billion_layers_cost_two_integers(self) -> None:
+        s = parse_index_set("0-999999999")
+        assert s.intervals == ((0, 999_999_999),)
+        assert 999_999_999 in s
+        assert 10**9 not in s
+        assert s.beyond(4).spec == "4-999999999"
+
+    @pytest.mark.parametrize("spec", ["1e3", "²", "0x10", "9" * 19, "1-" + "9" * 5000])
+    def test_only_plain_ascii_integers(self, spec: str) -> None:
+        with pytest.raises(RangeSyntaxError):
+            parse_index_set(spec)
 
     def test_all_and_integers(self) -> None:
         assert 10**6 in parse_index_set("all")
@@ -406,3 +440,27 @@ class TestMistakesNameFileLineAndKey:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(RulesError, match="cannot read rules file"):
             load_rules(tmp_path / "absent.toml")
+
+
+class TestRelativeChange:
+    @pytest.mark.parametrize(
+        ("value", "baseline"),
+        [
+            (1.0, float("inf")),
+            (1.0, float("-inf")),
+            (1.0, float("nan")),
+            (1.0, 0.0),
+            (float("inf"), 1.0),
+            (float("nan"), 1.0),
+        ],
+    )
+    def test_undefined_change_breaks_the_rule(self, tmp_path, value, baseline) -> None:
+        (rule,) = load_rules(
+            write(
+                tmp_path,
+                '[[rules]]\nmetric = "spectral_norm"\nmin_change = -0.5\nmax_change = 0.5\n',
+            )
+        ).rules
+        assert rule.change_violation(value, baseline).endswith("relative change undefined")
+        assert rule.change_violation(1.2, 1.0) is None
+        assert "> max_change" in rule.change_violation(2.0, 1.0)

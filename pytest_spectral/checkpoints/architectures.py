@@ -15,6 +15,7 @@ Fused layouts (rows of the fused ``out x in`` weight, in units of ``head_dim``):
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,9 +45,16 @@ class Family:
     kv_heads_keys: tuple[str, ...] = ("num_key_value_heads",)
     head_dim_keys: tuple[str, ...] = ("head_dim",)
     #: for families whose fused layout and K/V head count depend on the config
-    variant: Callable[[Mapping[str, object]], tuple[str | None, int | None]] | None = field(
-        default=None, compare=False
-    )
+    variant: Callable[[Mapping[str, object]], Variant] | None = field(default=None, compare=False)
+
+    def layout_of(self, config: Mapping[str, object]) -> Variant:
+        """The fused layout and where the K/V head count comes from, for this config.
+
+        Raises :class:`ArchitectureError` naming the config key whose value is unusable.
+        """
+        if self.variant is not None:
+            return self.variant(config)
+        return Variant(self.fused, self.kv_heads_keys)
 
     def tensor_name(self, layer: int, matrix: str) -> str:
         if matrix in self.mlp:
@@ -55,13 +63,38 @@ class Family:
         return self.layer.format(layer=layer) + self.tensors[key]
 
 
-def _falcon_variant(config: Mapping[str, object]) -> tuple[str | None, int | None]:
-    """Falcon's three layouts, exactly as transformers' FalconAttention splits them."""
-    if config.get("new_decoder_architecture"):
-        return "grouped", int(config.get("num_kv_heads") or 1)  # type: ignore[call-overload]
-    if config.get("multi_query", True):
-        return "concat", 1
-    return "interleaved", None  # one K/V head per query head
+@dataclass(frozen=True)
+class Variant:
+    """A family's layout for one config: how Q/K/V are fused, and how many K/V heads."""
+
+    fused: str | None
+    #: config keys holding the K/V head count, first present wins; none present (or no keys):
+    #: as many as query heads
+    kv_heads_keys: tuple[str, ...] = ()
+    #: a count the layout fixes whatever the config says (multi-query attention: 1)
+    kv_heads: int | None = None
+
+
+def _falcon_variant(config: Mapping[str, object]) -> Variant:
+    """Falcon's three layouts, exactly as transformers' FalconAttention splits them.
+
+    ``FalconConfig`` defaults ``num_kv_heads`` to ``num_attention_heads``; the attention uses
+    it only with ``new_decoder_architecture`` (grouped) and one K/V head with ``multi_query``.
+    """
+    if _flag(config, "new_decoder_architecture", False):
+        return Variant("grouped", ("num_kv_heads",))
+    if _flag(config, "multi_query", True):
+        return Variant("concat", kv_heads=1)
+    return Variant("interleaved")  # one K/V head per query head
+
+
+def _flag(config: Mapping[str, object], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ArchitectureError(f"{key!r} must be true or false, got {value!r}")
+    return value
 
 
 _LLAMA_NAMES = {m: f"{m}_proj.weight" for m in "qkvo"}
@@ -158,61 +191,86 @@ class ArchitectureError(ValueError):
     """An ``[architecture]`` description that cannot be used."""
 
 
-_CUSTOM_KEYS = {
-    "layer",
-    "q",
-    "k",
-    "v",
-    "o",
-    "qkv",
-    "fused",
-    "conv1d",
-    "layers_key",
-    "heads_key",
-    "hidden_key",
-    "kv_heads_key",
-    "head_dim_key",
+_TENSOR_KEYS = ("q", "k", "v", "o", "qkv")
+#: [architecture] keys naming config.json keys, and the Family field each sets
+_CONFIG_KEY_KEYS = {
+    "layers_key": "layers_keys",
+    "heads_key": "heads_keys",
+    "hidden_key": "hidden_keys",
+    "kv_heads_key": "kv_heads_keys",
+    "head_dim_key": "head_dim_keys",
 }
+_CUSTOM_KEYS = {"layer", "fused", "conv1d", *_TENSOR_KEYS, *_CONFIG_KEY_KEYS}
 
 
 def custom_family(table: Mapping[str, object], source: str) -> Family:
-    """A family from the ``[architecture]`` table of a TOML file (see the README)."""
+    """A family from the ``[architecture]`` table of a TOML file (see the README).
+
+    Every key is checked for its type and value; raises :class:`ArchitectureError` naming
+    ``source`` and the key.
+    """
+
+    def fail(key: str, message: str) -> ArchitectureError:
+        return ArchitectureError(f"{source}: [architecture] key {key!r}: {message}")
+
     unknown = sorted(set(table) - _CUSTOM_KEYS)
     if unknown:
         raise ArchitectureError(
             f"{source}: unknown [architecture] keys {unknown}; allowed: {sorted(_CUSTOM_KEYS)}"
         )
     layer = table.get("layer")
-    if not isinstance(layer, str) or "{layer}" not in layer:
-        raise ArchitectureError(
-            f"{source}: [architecture] 'layer' must be a string containing '{{layer}}', "
-            "e.g. 'blocks.{layer}.attn.'"
+    if not isinstance(layer, str) or _placeholders(layer) != ["layer"]:
+        raise fail(
+            "layer",
+            "must be a string with the one placeholder '{layer}' (and no other braces), "
+            f"e.g. 'blocks.{{layer}}.attn.'; got {layer!r}",
         )
     fused = table.get("fused")
-    if fused is not None and fused not in FUSED_LAYOUTS:
-        raise ArchitectureError(f"{source}: 'fused' must be one of {FUSED_LAYOUTS}, got {fused!r}")
+    if fused is not None and (not isinstance(fused, str) or fused not in FUSED_LAYOUTS):
+        raise fail("fused", f"must be one of {', '.join(FUSED_LAYOUTS)}, got {fused!r}")
+    conv1d = table.get("conv1d", False)
+    if not isinstance(conv1d, bool):
+        raise fail("conv1d", f"must be true or false (not quoted), got {conv1d!r}")
     needed = ("qkv", "o") if fused else ("q", "k", "v", "o")
-    names = {}
-    for key in needed:
+    for key in _TENSOR_KEYS:
         value = table.get(key)
+        if key not in needed and value is not None:
+            layout = "a fused layout ('fused' set)" if fused else "separate q, k, v tensors"
+            raise fail(key, f"does not apply to {layout}")
+        if key in needed and (not isinstance(value, str) or not value):
+            raise fail(key, f"needs a tensor name (a non-empty string), got {value!r}")
+    config_keys = {}
+    for key, field_name in _CONFIG_KEY_KEYS.items():
+        value = table.get(key)
+        if value is None:
+            continue
         if not isinstance(value, str) or not value:
-            raise ArchitectureError(f"{source}: [architecture] needs a tensor name for {key!r}")
-        names[key] = value
-
-    def keys(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = table.get(name)
-        return (value,) if isinstance(value, str) else default
-
+            raise fail(key, f"must name a config.json key (a non-empty string), got {value!r}")
+        config_keys[field_name] = (value,)
     return Family(
         name="custom",
         model_types=(),
         layer=layer,
-        tensors=names,
+        tensors={key: table[key] for key in needed},  # type: ignore[misc]
         fused=fused,  # type: ignore[arg-type]
-        conv1d=bool(table.get("conv1d", False)),
-        layers_keys=keys("layers_key", ("num_hidden_layers",)),
-        heads_keys=keys("heads_key", ("num_attention_heads",)),
-        hidden_keys=keys("hidden_key", ("hidden_size",)),
-        kv_heads_keys=keys("kv_heads_key", ("num_key_value_heads",)),
-        head_dim_keys=keys("head_dim_key", ("head_dim",)),
+        conv1d=conv1d,
+        **config_keys,  # type: ignore[arg-type]
     )
+
+
+def _placeholders(template: str) -> list[str] | None:
+    """The replacement fields of a ``str.format`` template, or ``None`` when a field has a
+    conversion or format spec (``{layer!r}``, ``{layer:>9999999}``) or the braces do not
+    parse."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    fields = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if spec or conversion:
+            return None
+        fields.append(name)
+    return fields

@@ -1,30 +1,50 @@
-"""Locating a checkpoint's attention weights from ``config.json`` and the weight files' headers.
+"""Locating a checkpoint's attention weights from its config and its weight files' headers.
 
-Nothing here reads a weight: opening a safetensors checkpoint costs a few small reads, so every
-pytest worker can do it at collection time. Shapes are checked against the config up front, so
-a mismatch is a usage error before the first item runs rather than a crash in the middle.
-``pytorch_model.bin`` checkpoints (no safetensors) are opened with
-``torch.load(mmap=True, weights_only=True)``, which maps the file without reading the data.
+A format (:mod:`pytest_spectral.checkpoints.formats`) gives the config and the tensors in
+Hugging Face terms; this module finds the family, the head geometry and each layer's Q, K, V,
+O (and MLP) tensors among them. Nothing here reads a weight: opening a checkpoint costs a few
+small reads, so every pytest worker can do it at collection time. The tensors a run will read
+are checked against the config before the first item runs (:meth:`Checkpoint.check_readable`),
+so a mismatch is a usage error rather than a crash in the middle, and a tensor the run never
+reads cannot refuse it.
+
+Nothing in a checkpoint is trusted: the formats read files through
+:mod:`pytest_spectral.untrusted` (regular files only, size-capped, confined to the checkpoint,
+headers parsed once and capped in total), and a config whose geometry would turn a small file
+into an absurd number of items is refused (:data:`SMALL_MODEL_ITEMS`,
+:data:`MIN_WEIGHTS_PER_ITEM`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.architectures import SUPPORTED_MODEL_TYPES, Family, family_for
-from pytest_spectral.checkpoints.safetensors_header import DTYPE_SIZES, TensorEntry, read_header
+from pytest_spectral.checkpoints.architectures import (
+    SUPPORTED_MODEL_TYPES,
+    ArchitectureError,
+    Family,
+    Variant,
+    family_for,
+)
+from pytest_spectral.checkpoints.formats import ReadOptions, open_format
+from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
+from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.errors import CheckpointError
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
-_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-_BIN_FILE = "pytorch_model.bin"
+#: Any geometry may have up to this many head items (4 per query head and layer)...
+SMALL_MODEL_ITEMS = 4096
+#: ...beyond it, each item must stand for at least this many attention weights on average, so
+#: that the item count grows with the bytes: a tiny file cannot make 80,000 items. Real models
+#: with that many items have over 8,000 weights per item (Llama-3-8B: 262,144).
+MIN_WEIGHTS_PER_ITEM = 1024
+#: A head slice is at least this many rows and columns (head_dim, hidden size): a 1 x n slice
+#: has a single singular value, and nothing to measure.
+MIN_SLICE_SIDE = 2
 
 
 @dataclass(frozen=True)
@@ -73,9 +93,22 @@ class Checkpoint:
     geometry: Geometry
     layout: Layout
     #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices present
-    tensors: dict[tuple[int, str], TensorEntry]
+    tensors: dict[tuple[int, str], TensorSource]
     #: MLP matrices the checkpoint has (whole-matrix items only)
     mlp: tuple[str, ...] = ()
+    #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
+    #: which has those its adapter targets
+    attention: tuple[str, ...] = MATRICES
+    #: layers that have them: every layer, except for a LoRA update limited to some layers
+    layer_indices: tuple[int, ...] | None = None
+
+    @property
+    def layer_numbers(self) -> tuple[int, ...]:
+        """The layers items can be collected for (all of them, unless the checkpoint is an
+        update confined to some)."""
+        if self.layer_indices is None:
+            return tuple(range(self.geometry.layers))
+        return self.layer_indices
 
     @property
     def dtype(self) -> str:
@@ -84,7 +117,17 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
-        return sorted({t.file for t in self.tensors.values()})
+        """Every file the attention and MLP tensors are read from."""
+        return sorted({file for t in self.tensors.values() for file in t.files})
+
+    @property
+    def file_names(self) -> list[str]:
+        """:attr:`files` relative to the checkpoint's directory; absolute for files outside
+        it (a LoRA adapter's base model)."""
+        return [
+            str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+            for p in self.files
+        ]
 
     def item_shape(self, matrix: str, *, whole: bool) -> tuple[int, int]:
         """Shape ``[m, n]`` of an item's matrix in ``nn.Linear`` orientation (out x in)."""
@@ -103,21 +146,55 @@ class Checkpoint:
         rows, cols = self.tensors[(0, matrix)].shape
         return (cols, rows) if self.layout.conv1d else (rows, cols)
 
+    def check_readable(self, keys: Iterable[tuple[int, str]]) -> None:
+        """Refuse what a run would read but could not analyse, naming the tensor.
+
+        Only the tensors of ``keys`` ((layer, matrix) pairs) are checked, so a tensor no item
+        reads (an int8 MLP matrix in a head-scope run) cannot refuse the run.
+        Raises :class:`CheckpointError`.
+        """
+        for layer, matrix in dict.fromkeys(keys):
+            problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
+            if problem is not None:
+                raise CheckpointError(problem)
+
+    def _unreadable(self, matrix: str, entry: TensorSource) -> str | None:
+        where = f"{entry.file}: tensor {entry.name!r}"
+        if entry.problem:
+            return f"{where} {entry.problem}"
+        if matrix in MATRICES:
+            expected = expected_shape(matrix, self.geometry, self.layout)
+            if entry.shape != expected:
+                return (
+                    f"{where} has shape {list(entry.shape)} but the config implies "
+                    f"{list(expected)} ({_shape_reason(matrix, self.geometry, self.layout)})"
+                )
+        elif len(entry.shape) != 2 or 0 in entry.shape:
+            return f"{where} has shape {list(entry.shape)}; a whole-matrix item needs a 2-D matrix"
+        return None
+
 
 def open_checkpoint(
-    path: Path, *, config_path: Path | None = None, family: Family | None = None
+    path: Path,
+    *,
+    config_path: Path | None = None,
+    family: Family | None = None,
+    options: ReadOptions | None = None,
 ) -> Checkpoint:
     """Read the config and the weight headers of the checkpoint at ``path``.
 
-    ``path`` is a directory, or a single weight file with ``config.json`` beside it (or given
-    as ``config_path``). ``family`` describes an architecture the plugin does not know.
+    ``path`` is a directory or a single weight file in any layout of
+    :mod:`pytest_spectral.checkpoints.formats`; ``config_path`` (``--spectral-config``) wins over
+    the config the checkpoint carries. ``family`` describes an architecture the plugin does not
+    know. Raises :class:`CheckpointError` naming the file, key or tensor.
     """
-    if not path.exists():
-        hint = " (a broken symlink)" if path.is_symlink() else ""
-        raise CheckpointError(f"{path}: no such file or directory{hint}")
-    root = path if path.is_dir() else path.parent
-    config_file = config_path or root / "config.json"
-    config = _text_config(_read_config(config_file))
+    options = options or ReadOptions(config=config_path)
+    weights = open_format(path, options)
+    if options.config is not None:
+        config_file, config = options.config, read_config(options.config)
+    else:
+        config, config_file = weights.config()
+    config = _text_config(config)
     model_type = str(config.get("model_type"))
     if family is None:
         family = family_for(config.get("model_type"))
@@ -127,33 +204,28 @@ def open_checkpoint(
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
             "--spectral-architecture FILE.toml (see the README)"
         )
-    fused, kv_override = family.variant(config) if family.variant else (family.fused, None)
-    geometry = _geometry(config_file, config, family, kv_override)
-    layout = Layout(family.name, fused, family.conv1d)
-    entries = _weight_entries(path)
-    prefix = _decoder_prefix(entries, family)
-    tensors = _attention_tensors(entries, prefix, family, geometry, layout)
+    try:
+        variant = family.layout_of(config)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    geometry = _geometry(config_file, config, family, variant)
+    layout = Layout(family.name, variant.fused, family.conv1d)
+    entries = weights.tensors(_needed_names(family), geometry.head_dim)
+    prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    if weights.partial:
+        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+    else:
+        tensors, attention, layers = (
+            _attention_tensors(entries, prefix, family, geometry),
+            MATRICES,
+            None,
+        )
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
-    return Checkpoint(root, config, model_type, geometry, layout, tensors, names)
-
-
-def _read_config(path: Path) -> dict[str, object]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: missing; a Hugging Face checkpoint directory needs its config.json "
-            "(for a single weight file elsewhere, give --spectral-config)"
-        ) from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    return Checkpoint(
+        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+    )
 
 
 def _text_config(config: dict[str, object]) -> dict[str, object]:
@@ -165,7 +237,7 @@ def _text_config(config: dict[str, object]) -> dict[str, object]:
 
 
 def _geometry(
-    path: Path, config: Mapping[str, object], family: Family, kv_override: int | None
+    path: Path, config: Mapping[str, object], family: Family, variant: Variant
 ) -> Geometry:
     def value(keys: tuple[str, ...], default: object = None) -> tuple[str, object]:
         for key in keys:
@@ -182,7 +254,7 @@ def _geometry(
     layers = positive(family.layers_keys)
     heads = positive(family.heads_keys)
     hidden = positive(family.hidden_keys)
-    kv_heads = kv_override or positive(family.kv_heads_keys, heads)
+    kv_heads = variant.kv_heads or positive(variant.kv_heads_keys, heads)
     if value(family.head_dim_keys)[1] is not None:
         head_dim = positive(family.head_dim_keys)
     elif hidden % heads:
@@ -196,90 +268,59 @@ def _geometry(
         raise CheckpointError(
             f"{path}: {heads} attention heads is not a multiple of {kv_heads} key/value heads"
         )
-    return Geometry(layers, heads, kv_heads, head_dim, hidden)
+    geometry = Geometry(layers, heads, kv_heads, head_dim, hidden)
+    keys = {  # the config keys each value came from, for messages
+        "layers": value(family.layers_keys)[0],
+        "heads": value(family.heads_keys)[0],
+        "hidden": value(family.hidden_keys)[0],
+        "head_dim": value(family.head_dim_keys)[0],
+    }
+    if value(family.head_dim_keys)[1] is None:
+        keys["head_dim"] = f"{keys['hidden']} / {keys['heads']}"
+    _check_plausible(path, geometry, keys)
+    return geometry
 
 
-def _weight_entries(path: Path) -> dict[str, TensorEntry]:
-    if path.is_file():
-        return _torch_entries(path) if path.suffix in (".bin", ".pt") else read_header(path)
-    for index, reader in ((_INDEX_FILE, read_header), (_BIN_INDEX_FILE, _torch_entries)):
-        if (path / index).exists():
-            return _sharded_entries(path / index, reader)
-    if (path / _SINGLE_FILE).exists():
-        return read_header(path / _SINGLE_FILE)
-    if (path / _BIN_FILE).exists():
-        return _torch_entries(path / _BIN_FILE)
-    found = sorted(p.name for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
-    raise CheckpointError(
-        f"{path}: no {_SINGLE_FILE}, {_INDEX_FILE}, {_BIN_FILE} or {_BIN_INDEX_FILE}"
-        + (f" (found: {', '.join(found)})" if found else " and no weight files at all")
-    )
-
-
-def _sharded_entries(
-    index: Path, reader: Callable[[Path], dict[str, TensorEntry]]
-) -> dict[str, TensorEntry]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: unreadable index ({type(exc).__name__}: {exc})") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
-    shards: dict[str, dict[str, TensorEntry]] = {}
-    entries: dict[str, TensorEntry] = {}
-    for name, shard in weight_map.items():
-        shard_path = index.parent / str(shard)
-        if shard not in shards:
-            if not shard_path.is_file():
-                what = "is a broken symlink" if shard_path.is_symlink() else "does not exist"
-                raise CheckpointError(f"{index}: shard {shard!r} (for {name!r}) {what}")
-            shards[shard] = reader(shard_path)
-        if name not in shards[shard]:
+def _check_plausible(path: Path, g: Geometry, keys: Mapping[str, str]) -> None:
+    """Refuse geometries that make a small file into a flood of items (see the constants)."""
+    for side, key in ((g.head_dim, "head_dim"), (g.hidden, "hidden")):
+        if side < MIN_SLICE_SIDE:
             raise CheckpointError(
-                f"{shard_path}: tensor {name!r} promised by {index.name} is missing"
+                f"{path}: {keys[key]!r} gives {side}; a head slice must be at least "
+                f"{MIN_SLICE_SIDE} x {MIN_SLICE_SIDE} (head_dim x hidden size) to have a spectrum"
             )
-        entries[name] = shards[shard][name]
-    return entries
-
-
-def _torch_entries(path: Path) -> dict[str, TensorEntry]:
-    """Names, dtypes and shapes from a ``torch.save`` file, mapped rather than read."""
-    from pytest_spectral.checkpoints.reader import load_torch_file
-
-    try:
-        state = load_torch_file(path)
-    except Exception as exc:  # torch raises many types for a corrupt or unsafe file
+    items = 4 * g.heads * g.layers
+    weights = g.layers * (2 * g.heads + 2 * g.kv_heads) * g.head_dim * g.hidden
+    if items > SMALL_MODEL_ITEMS and weights < items * MIN_WEIGHTS_PER_ITEM:
         raise CheckpointError(
-            f"{path}: cannot load with torch.load(weights_only=True, mmap=True): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    size = path.stat().st_size
-    entries = {}
-    for name, tensor in state.items():
-        if hasattr(tensor, "shape") and hasattr(tensor, "dtype"):
-            dtype = _TORCH_DTYPE_NAMES.get(
-                str(tensor.dtype), str(tensor.dtype).removeprefix("torch.")
-            )
-            entries[name] = TensorEntry(path, name, dtype, tuple(tensor.shape), -1, size, "")
-    return entries
+            f"{path}: {keys['heads']!r} {g.heads} x {keys['layers']!r} {g.layers} would make "
+            f"{items} head items of only {weights // items} attention weights each "
+            f"({keys['head_dim']!r} {g.head_dim} x {keys['hidden']!r} {g.hidden}); beyond "
+            f"{SMALL_MODEL_ITEMS} items each must stand for at least {MIN_WEIGHTS_PER_ITEM} "
+            "weights (real checkpoints have thousands): an implausible config, refused"
+        )
 
 
-_TORCH_DTYPE_NAMES = {
-    "torch.bfloat16": "BF16",
-    "torch.float16": "F16",
-    "torch.float32": "F32",
-    "torch.float64": "F64",
-}
+def _needed_names(family: Family) -> Callable[[str], bool]:
+    """Whether a tensor name may be one the checkpoint needs: a layer's attention or MLP
+    tensor, or its GPTQ/AWQ ``.qweight`` (for the message saying it is quantized).
+
+    Only those entries of a header are kept, so a header of a million junk entries costs its
+    parse and nothing more.
+    """
+    templates = [family.layer + name for name in family.tensors.values()]
+    templates += [family.mlp_prefix + name for name in family.mlp.values()]
+    tails = [template.split("{layer}", 1)[1] for template in templates]
+    tails += [t.removesuffix(".weight") + ".qweight" for t in tails if t.endswith(".weight")]
+    suffixes = tuple(tails)
+    return lambda name: name.endswith(suffixes)
 
 
 def _attention_tensors(
-    entries: Mapping[str, TensorEntry],
-    prefix: str,
-    family: Family,
-    geometry: Geometry,
-    layout: Layout,
-) -> dict[tuple[int, str], TensorEntry]:
-    tensors: dict[tuple[int, str], TensorEntry] = {}
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> dict[tuple[int, str], TensorSource]:
+    """The Q/K/V/O tensor of every layer; what they hold is checked when a run needs them."""
+    tensors: dict[tuple[int, str], TensorSource] = {}
     for layer in range(geometry.layers):
         for matrix in MATRICES:
             name = prefix + family.tensor_name(layer, matrix)
@@ -290,39 +331,53 @@ def _attention_tensors(
                     or f"tensor {name!r} is missing from the checkpoint "
                     f"(the config says {geometry.layers} layers)"
                 )
-            expected = expected_shape(matrix, geometry, layout)
-            if entry.shape != expected:
-                raise CheckpointError(
-                    f"{entry.file}: tensor {name!r} has shape {list(entry.shape)} but the config "
-                    f"implies {list(expected)} ({_shape_reason(matrix, geometry, layout)})"
-                )
-            if entry.dtype not in DTYPE_SIZES:
-                raise CheckpointError(
-                    f"{entry.file}: tensor {name!r} has dtype {entry.dtype}; only "
-                    f"{', '.join(DTYPE_SIZES)} weights can be analysed (dequantize first)"
-                )
             tensors[(layer, matrix)] = entry
     return tensors
 
 
+def _partial_attention(
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> tuple[dict[tuple[int, str], TensorSource], tuple[str, ...], tuple[int, ...]]:
+    """The attention tensors of an update that covers some matrices of some layers (a LoRA
+    adapter's ΔW): items exist for the matrices and layers it covers, which must form a grid
+    (every covered layer has every covered matrix), so that each layer has the same items."""
+    found = {
+        (layer, matrix): entries[name]
+        for layer in range(geometry.layers)
+        for matrix in MATRICES
+        if (name := prefix + family.tensor_name(layer, matrix)) in entries
+    }
+    if not found:
+        raise CheckpointError(
+            "the update holds no attention weight of any layer (its adapter targets none of "
+            f"q, k, v, o as the {family.name} layout names them)"
+        )
+    matrices = tuple(m for m in MATRICES if any(m == matrix for _, matrix in found))
+    layers = tuple(sorted({layer for layer, _ in found}))
+    for layer in layers:
+        for matrix in matrices:
+            if (layer, matrix) not in found:
+                raise CheckpointError(
+                    f"the update covers {matrix} in some layers but not in layer {layer}; "
+                    "items need the same matrices in every layer they cover: analyse the merged "
+                    "weights instead (--spectral-adapter=merged)"
+                )
+    return found, matrices, layers
+
+
 def _mlp_tensors(
-    entries: Mapping[str, TensorEntry], prefix: str, family: Family, geometry: Geometry
-) -> dict[tuple[int, str], TensorEntry]:
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> dict[tuple[int, str], TensorSource]:
     """The MLP matrices present in every layer (a mixture of experts has none of them)."""
-    found: dict[tuple[int, str], TensorEntry] = {}
+    found: dict[tuple[int, str], TensorSource] = {}
     for matrix in family.mlp:
-        names = [prefix + family.tensor_name(layer, matrix) for layer in range(geometry.layers)]
-        if names[0] not in entries:
+        if prefix + family.tensor_name(0, matrix) not in entries:
             continue
-        for layer, name in enumerate(names):
+        for layer in range(geometry.layers):
+            name = prefix + family.tensor_name(layer, matrix)
             entry = entries.get(name)
             if entry is None:
                 raise CheckpointError(f"tensor {name!r} is missing (layer 0 has its {matrix})")
-            if len(entry.shape) != 2 or entry.dtype not in DTYPE_SIZES:
-                raise CheckpointError(
-                    f"{entry.file}: tensor {name!r} ({entry.dtype} {list(entry.shape)}) is not a "
-                    f"2-D {', '.join(DTYPE_SIZES)} matrix"
-                )
             found[(layer, matrix)] = entry
     return found
 
@@ -338,7 +393,7 @@ def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:
     return (out_in[1], out_in[0]) if layout.conv1d else out_in
 
 
-def _quantized(name: str, entries: Mapping[str, TensorEntry]) -> str | None:
+def _quantized(name: str, entries: TensorMap) -> str | None:
     """The error for a weight stored GPTQ/AWQ-packed as ``.qweight``, if it is."""
     stem = name.removesuffix(".weight")
     if f"{stem}.qweight" not in entries:
@@ -349,13 +404,18 @@ def _quantized(name: str, entries: Mapping[str, TensorEntry]) -> str | None:
     )
 
 
-def _decoder_prefix(entries: Mapping[str, TensorEntry], family: Family) -> str:
+def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False) -> str:
     """The name prefix of the text decoder's layers (``model.``, ``transformer.``, none...).
 
     Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins,
-    then the shortest.
+    then the shortest. The first layer's Q weight shows it; for a ``partial`` update (which
+    may lack both), any attention weight of any layer.
     """
     first = re.escape(family.tensor_name(0, "q"))
+    if partial:  # any layer number, any attention matrix
+        sentinel = 987654321
+        names = [re.escape(family.tensor_name(sentinel, m)) for m in MATRICES]
+        first = "(?:" + "|".join(names).replace(str(sentinel), r"\d+") + ")"
     pattern = re.compile(rf"^(.*?){first}$")
     prefixes = [m.group(1) for name in entries if (m := pattern.match(name))]
     if not prefixes:

@@ -84,6 +84,8 @@ class SpectraEngine:
         results = self._layer(layer)
         if unit not in results:  # asked for outside the plan
             results[unit] = self._matrix(layer, unit)[0]
+            if self._reader_instance is not None:  # its tensor is not held for a later layer
+                self._reader_instance.release(self.checkpoint.tensors[(layer, unit[0])])
         return results[unit]
 
     def close(self) -> None:

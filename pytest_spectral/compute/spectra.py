@@ -8,7 +8,7 @@ condition number makes that exceed :data:`TARGET_RELATIVE_ERROR` is recomputed w
 float64 SVD, whose error is ``eps64 * kappa``. The result is certified, not hoped for:
 relative error within 1e-9 of LAPACK float64 for condition numbers up to 1e6 and beyond.
 
-Each slice is upcast into one reused float64 buffer straight from the memory-mapped file, so
+Each slice is upcast into one reused float64 buffer straight from the tensor as read, so
 a weight is read once and at most one layer's spectra are ever held.
 """
 

@@ -7,13 +7,13 @@ layout would match ids to different weights, so it is refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
-from pytest_spectral.results import SCHEMA, SCHEMA_VERSION
+from pytest_spectral.results import READABLE_SCHEMA_VERSIONS, SCHEMA
+from pytest_spectral.untrusted import MAX_REPORT_BYTES, UntrustedFileError, load_json
 
 _LAYOUT_FIELDS = {
     "model_type": lambda c: c.model_type,
@@ -23,6 +23,9 @@ _LAYOUT_FIELDS = {
     "head_dim": lambda c: c.geometry.head_dim,
     "hidden_size": lambda c: c.geometry.hidden,
 }
+
+
+_NON_FINITE = ("nan", "inf", "-inf")
 
 
 class BaselineError(ValueError):
@@ -40,30 +43,66 @@ class Baseline:
 
 def load_baseline(path: Path, checkpoint: Checkpoint) -> Baseline:
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise BaselineError(f"{path}: cannot read baseline: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaselineError(f"{path}: baseline is not a JSON report ({exc})") from None
+        report = load_json(path, MAX_REPORT_BYTES, "baseline report")
+    except UntrustedFileError as exc:
+        raise BaselineError(str(exc)) from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
-    if report.get("schema_version") != SCHEMA_VERSION:
+    version = report.get("schema_version")
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
         raise BaselineError(
-            f"{path}: report schema version {report.get('schema_version')!r}; this plugin reads "
-            f"version {SCHEMA_VERSION}: regenerate the baseline with this version"
+            f"{path}: report schema version {version!r}; this plugin reads versions "
+            f"{readable}: regenerate the baseline with this version"
         )
-    model = report.get("model", {})
+    model = report.get("model")
+    if not isinstance(model, dict):
+        raise BaselineError(f"{path}: key 'model' must be an object, got {_kind(model)}")
     for field, current in _LAYOUT_FIELDS.items():
         if model.get(field) != current(checkpoint):
             raise BaselineError(
-                f"{path}: baseline is for a different model layout: {field} is "
+                f"{path}: baseline is for a different model layout: model.{field} is "
                 f"{model.get(field)!r} there and {current(checkpoint)!r} here"
             )
-    try:
-        metrics = {
-            item["nodeid"]: {key: float(value) for key, value in item["metrics"].items()}
-            for item in report["items"]
+    return Baseline(path, _item_metrics(path, report.get("items")))
+
+
+def _item_metrics(path: Path, items: object) -> dict[str, dict[str, float]]:
+    """node id -> metric -> value, every field checked; errors name the key that is wrong."""
+    if not isinstance(items, list):
+        raise BaselineError(f"{path}: key 'items' must be a list, got {_kind(items)}")
+    metrics: dict[str, dict[str, float]] = {}
+    for index, item in enumerate(items):
+        where = f"items[{index}]"
+        if not isinstance(item, dict):
+            raise BaselineError(f"{path}: {where} must be an object, got {_kind(item)}")
+        nodeid, values = item.get("nodeid"), item.get("metrics")
+        if not isinstance(nodeid, str):
+            raise BaselineError(f"{path}: {where}.nodeid must be a string, got {_kind(nodeid)}")
+        if nodeid in metrics:
+            raise BaselineError(f"{path}: {where}.nodeid {nodeid!r} appears twice")
+        if not isinstance(values, dict):
+            raise BaselineError(f"{path}: {where}.metrics must be an object, got {_kind(values)}")
+        metrics[nodeid] = {
+            str(key): _number(path, f"{where}.metrics.{key}", value)
+            for key, value in values.items()
         }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BaselineError(f"{path}: malformed items ({type(exc).__name__}: {exc})") from None
-    return Baseline(path, metrics)
+    return metrics
+
+
+def _number(path: Path, where: str, value: object) -> float:
+    """A metric value as the report writes it: a JSON number, or "nan", "inf", "-inf"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise BaselineError(f"{path}: {where} is out of range: {value}") from None
+    if value in _NON_FINITE:
+        return float(value)  # type: ignore[arg-type]
+    raise BaselineError(
+        f'{path}: {where} must be a number (or "nan", "inf", "-inf"), got {value!r}'
+    )
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]

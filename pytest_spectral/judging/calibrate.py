@@ -5,7 +5,8 @@ flags a quarter of Llama-2-70B's matrices). Calibration takes the checkpoint you
 bounds each metric, per matrix type, by the range it actually spans there, widened by a
 margin proportional to a robust spread (the 5th-95th percentile range). Every value of the
 calibration checkpoint is inside its bounds by construction, so a calibrate-then-test round
-trip passes, and a head that leaves the healthy range fails.
+trip passes, and a head that leaves the healthy range fails. Items that failed or warned in
+the calibration run (the user's rules, or non-finite or zero weights) are left out.
 
 Scale quantities (norms, condition number) are bounded on a log scale, where their spread is
 symmetric; ratios and ranks on a linear one.
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
 
 #: (metric, scale) pairs that calibration bounds.
@@ -35,17 +38,33 @@ CALIBRATED: tuple[tuple[str, str], ...] = (
 )
 
 
-def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -> str:
-    """The text of a rules file bounding every calibrated metric per matrix type."""
-    healthy = [r for r in records if r["status"] == "ok"]
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated rules file's text, and how many items its bounds come from."""
+
+    text: str
+    used: int
+    #: items left out of the bounds: they failed or warned (a rule, or non-finite or zero
+    #: weights), so the user's own rules say they are not known-good
+    left_out: int
+
+
+def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -> Calibration:
+    """A rules file bounding every calibrated metric per matrix type, by the items that
+    passed: an item that broke a rule of this run would otherwise widen the bounds to pass
+    the very problem that rule found."""
+    records = list(records)
+    healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
+    left_out = len(records) - len(healthy)
     lines = [
-        f"# Calibrated by pytest-spectral on {source}",
-        f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from "
-        f"{len(healthy)} healthy head slices.",
+        f"# Calibrated by pytest-spectral on {printable(source)}",  # one line, whatever the path
+        f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from the "
+        f"{len(healthy)} items that passed"
+        + (f" ({left_out} that failed or warned were left out)." if left_out else "."),
         "# Each bound is the observed range widened on both sides by",
         f"# margin x (95th - 5th percentile), margin = {margin:g}; log-scale metrics are",
-        "# widened by that factor of their log10 spread. Values of the calibration checkpoint",
-        "# all lie inside, so testing it with this file passes.",
+        "# widened by that factor of their log10 spread. Values of those items all lie",
+        "# inside, so testing the checkpoint with this file passes them.",
     ]
     matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
     for scope in ("head", "matrix"):
@@ -58,7 +77,7 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
                 values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
                 if values.size:
                     lines += ["", *_rule(scope, matrix, metric, scale, values, margin)]
-    return "\n".join(lines) + "\n"
+    return Calibration("\n".join(lines) + "\n", len(healthy), left_out)
 
 
 def _finite(values: Sequence[object]) -> np.ndarray:

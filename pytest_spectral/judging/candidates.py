@@ -1,4 +1,12 @@
-"""Pruning candidates: what breaking a rule suggests doing to a slice, and what it would save.
+"""Pruning candidates and regressions: what a failed or warned slice calls for.
+
+A broken rule means one of two things. A value beyond a bound on its metric's compressible
+side (a concentrated spectrum, a collapsed effective rank: ``MetricSpec.compressible``) says
+the slice has low-rank structure: a *pruning candidate*, priced here. Anything else is a
+*regression*, damage rather than compressibility: non-finite weights, an all-zero slice, a
+drift against the baseline, an undefined value, a bound on the other side (a norm that blew
+up). A rule's ``suggest`` overrides the metric's default (``"none"`` makes it a regression).
+A slice can be both when it broke rules of both kinds.
 
 Under grouped-query attention the query heads of a group share one K and one V slice, so
 their K (or V) items hold the same spectrum and break the same rules. Counting each of them
@@ -9,7 +17,7 @@ therefore one *slice*, naming every query head whose item shares it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from pytest_spectral.checkpoints.checkpoint import Geometry
@@ -18,7 +26,7 @@ from pytest_spectral.results import Record
 
 @dataclass(frozen=True)
 class Candidate:
-    """A failed or warned slice, and what compressing it would save (an upper bound).
+    """A slice that broke a rule suggesting pruning, and what that would save (an upper bound).
 
     ``rank`` is the smallest rank keeping the configured energy; a rank-r factorisation of an
     m x n matrix keeps ``r (m + n)`` of its ``m n`` parameters, which saves anything only below
@@ -52,34 +60,32 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """``L2 H4-7 k`` for a K slice shared by query heads 4 to 7; ``L0 gate`` for a matrix."""
-        r = self.record
-        heads = f" H{_head_list(self.heads)}" if self.heads else ""
-        return f"L{r['layer']}{heads} {r['matrix']}"
+        return _label(self.record, self.heads)
+
+    @property
+    def rules(self) -> list[Record]:
+        """The ``broken_rules`` entries that suggest pruning."""
+        return _pruning_rules(self.record)
 
 
 def pruning_candidates(
     records: Iterable[Record], rank_metric: str, geometry: Geometry | None = None
 ) -> list[Candidate]:
-    """Failed and warned slices as candidates, largest saving first.
+    """Failed and warned slices that broke a rule suggesting pruning, largest saving first.
 
     ``rank_metric`` names the ``energy_rank`` metric whose value is the suggested rank.
     ``geometry`` sizes whole-head removal for rules with ``suggest = "remove_head"``.
-    Items of one shared K/V slice that broke the same rules become one candidate.
+    Items of one shared K/V slice that broke the same rules become one candidate. A slice with
+    non-finite or all-zero weights is never a candidate: its spectrum prices nothing.
     """
-    groups: dict[tuple[object, ...], list[Record]] = {}
-    for record in sorted(records, key=lambda r: str(r["nodeid"])):
-        if record["outcome"] != "passed":
-            groups.setdefault(_slice_key(record), []).append(record)
     result = []
-    for members in groups.values():
+    for members in _slices(records, lambda r: r["status"] == "ok" and bool(_pruning_rules(r))):
         record = members[0]
         m, n = record["shape"]  # type: ignore[misc]
         value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
         rank = int(value) if isinstance(value, int | float) and math.isfinite(value) else None
         before = m * n
         after = before if rank is None else min(before, rank * (m + n))
-        heads = tuple(sorted(int(r["head"]) for r in members if r["head"] is not None))  # type: ignore[call-overload]
         result.append(
             Candidate(
                 record,
@@ -88,11 +94,80 @@ def pruning_candidates(
                 before,
                 after,
                 _removal(record, geometry),
-                heads,
+                _heads(members),
                 tuple(str(r["nodeid"]) for r in members),
             )
         )
     return sorted(result, key=lambda c: (-c.saved, c.nodeids))
+
+
+@dataclass(frozen=True)
+class Regression:
+    """A failed or warned slice whose problem is damage, not compressibility.
+
+    ``record`` is the item of the lowest query head; ``heads`` every query head whose item
+    shares the slice; ``problems`` the status (``nonfinite``, ``zero_matrix``) if not ok,
+    and the ``broken_rules`` entries that suggest no pruning.
+    """
+
+    record: Record
+    heads: tuple[int, ...]
+    nodeids: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return _label(self.record, self.heads)
+
+    @property
+    def rules(self) -> list[Record]:
+        return [b for b in self.record["broken_rules"] if b["suggest"] == "none"]  # type: ignore[attr-defined, index]
+
+
+def regressions(records: Iterable[Record]) -> list[Regression]:
+    """Failed and warned slices with non-finite or zero weights, or a broken rule that
+    suggests no pruning; failed before warned, then by node id."""
+    found = [
+        Regression(members[0], _heads(members), tuple(str(r["nodeid"]) for r in members))
+        for members in _slices(records, lambda r: r["status"] != "ok" or _regression_rules(r))
+    ]
+    return sorted(found, key=lambda g: (g.record["outcome"] != "failed", g.nodeids))
+
+
+def regression_record(regression: Regression) -> Record:
+    """The JSON report's entry for a regression."""
+    r = regression.record
+    return {
+        "nodeids": list(regression.nodeids),
+        "layer": r["layer"],
+        "matrix": r["matrix"],
+        "heads": list(regression.heads),
+        "kv_head": r["kv_head"],
+        "shape": r["shape"],
+        "outcome": r["outcome"],
+        "status": r["status"],
+        "rules": [b["rule"] for b in regression.rules],
+    }
+
+
+def _pruning_rules(record: Record) -> list[Record]:
+    return [b for b in record["broken_rules"] if b["suggest"] != "none"]  # type: ignore[attr-defined, index]
+
+
+def _regression_rules(record: Record) -> bool:
+    return any(b["suggest"] == "none" for b in record["broken_rules"])  # type: ignore[attr-defined, index]
+
+
+def _slices(records: Iterable[Record], wanted: Callable[[Record], bool]) -> Iterator[list[Record]]:
+    """The failed and warned items that ``wanted`` accepts, grouped by slice and verdict."""
+    groups: dict[tuple[object, ...], list[Record]] = {}
+    for record in sorted(records, key=lambda r: str(r["nodeid"])):
+        if record["outcome"] in ("failed", "warned") and wanted(record):
+            groups.setdefault(_slice_key(record), []).append(record)
+    return iter(groups.values())
+
+
+def _heads(members: list[Record]) -> tuple[int, ...]:
+    return tuple(sorted(int(r["head"]) for r in members if r["head"] is not None))  # type: ignore[call-overload]
 
 
 def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
@@ -144,7 +219,7 @@ def candidate_record(candidate: Candidate) -> Record:
         "kv_head": r["kv_head"],
         "shape": r["shape"],
         "outcome": r["outcome"],
-        "rules": [b["rule"] for b in r["broken_rules"]],  # type: ignore[attr-defined]
+        "rules": [b["rule"] for b in candidate.rules],
         "suggested_rank": candidate.rank,
         "relative_error": candidate.error,
         "break_even_rank": candidate.break_even,
@@ -172,6 +247,12 @@ def _slice_key(record: Record) -> tuple[object, ...]:
         record["status"],
         verdict,
     )
+
+
+def _label(record: Record, heads: tuple[int, ...]) -> str:
+    """``L2 H4-7 k`` for a K slice shared by query heads 4 to 7; ``L0 gate`` for a matrix."""
+    shown = f" H{_head_list(heads)}" if heads else ""
+    return f"L{record['layer']}{shown} {record['matrix']}"
 
 
 def _head_list(heads: tuple[int, ...]) -> str:

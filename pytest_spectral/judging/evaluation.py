@@ -8,6 +8,7 @@ these included, is reported as a warning and nothing fails.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,8 @@ from pytest_spectral.results import HeadSpectrum
 
 Status = Literal["ok", "nonfinite", "zero_matrix"]
 Outcome = Literal["passed", "failed", "warned"]
+Bound = Literal["min", "max", "min_change", "max_change"]
+Suggestion = Literal["low_rank", "remove_head", "none"]
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,36 @@ class BrokenRule:
 
     floor_limited: bool = False
 
-    def describe(self) -> str:
-        value = _fmt(self.value)
-        if self.floor_limited:
-            value = f">= {value} (floor-limited: sigma_min is below the storage/rounding floor)"
-        return f"{self.rule.name}: {self.rule.request.key} = {value} {self.reason}"
+    @property
+    def bound(self) -> Bound | None:
+        """The bound the value is beyond: ``"min"``, ``"max"``, ``"min_change"`` or
+        ``"max_change"``; ``None`` when the value or its change is undefined."""
+        rule, value = self.rule, self.value
+        if rule.min is not None and value < rule.min:
+            return "min"
+        if rule.max is not None and value > rule.max:
+            return "max"
+        base = self.baseline
+        defined = base is not None and math.isfinite(value) and math.isfinite(base) and base != 0
+        if rule.is_relative and defined:
+            change = (value - base) / abs(base)  # type: ignore[operator, arg-type]
+            if rule.min_change is not None and change < rule.min_change:
+                return "min_change"
+            if rule.max_change is not None and change > rule.max_change:
+                return "max_change"
+        return None
+
+    @property
+    def suggestion(self) -> Suggestion:
+        """What the break suggests: the rule's ``suggest`` when it has one; otherwise a
+        low-rank factorisation when the value is beyond a bound on the metric's compressible
+        side (``MetricSpec.compressible``), and ``"none"`` (a regression) for anything else:
+        the other side, an undefined value, or a change against the baseline."""
+        if self.rule.suggest is not None:
+            return self.rule.suggest  # type: ignore[return-value]
+        side = {"max": "high", "min": "low"}.get(self.bound or "")
+        compressible = side is not None and side == self.rule.request.spec.compressible
+        return "low_rank" if compressible else "none"
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,15 @@ class Verdict:
         return "warned" if self.broken else "passed"
 
 
+def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite weights, all-zero slice
+    """The checks that need no rule: ``nonfinite`` weights, a ``zero_matrix``, else ``ok``."""
+    if spectrum.nonfinite:
+        return "nonfinite"
+    if spectrum.singular_values[0] == 0.0:
+        return "zero_matrix"
+    return "ok"
+
+
 def judge(
     rules: Sequence[Rule],
     layer: int,
@@ -67,12 +104,7 @@ def judge(
     ``baseline`` holds the same item's metrics from ``--spectral-baseline`` (``None`` when the
     item is missing there, which breaks every relative rule rather than passing silently).
     """
-    if spectrum.nonfinite:
-        status: Status = "nonfinite"
-    elif spectrum.singular_values[0] == 0.0:
-        status = "zero_matrix"
-    else:
-        status = "ok"
+    status = builtin_checks(spectrum)
     broken = []
     for rule in rules:
         if not rule.applies_to(layer, head, matrix):
@@ -86,7 +118,3 @@ def judge(
             limited = spectrum.floor_limited and rule.request.name == "first_last_ratio"
             broken.append(BrokenRule(rule, value, severity, reason, base, limited))
     return Verdict(status, tuple(broken), warn_only)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.6g}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -31,6 +32,8 @@ from numpy.typing import ArrayLike, NDArray
 from pytest_spectral.judging.powerlaw import PowerLawFits, fit_power_laws
 
 Values = NDArray[np.float64]
+#: a side of a metric's range: its ``high`` values, its ``low`` ones, or ``both``
+Direction = Literal["high", "low", "both"]
 
 
 def _as_float64(sv: ArrayLike) -> Values:
@@ -286,7 +289,15 @@ class ParamSpec:
 
 @dataclass(frozen=True, eq=False)
 class MetricSpec:
-    """A named metric: ``function(singular_values, **params)`` reducing the last axis."""
+    """A named metric: ``function(singular_values, **params)`` reducing the last axis.
+
+    ``bad`` and ``compressible`` say what its values mean, for judging and for legends:
+    ``bad`` is the side of its range that signals a problem (``"high"``, ``"low"``, ``"both"``,
+    or ``None`` when neither does by itself); ``compressible`` is the side whose values mean
+    the slice has low-rank structure, so that a value beyond a bound on that side (a ``max``
+    for ``"high"``, a ``min`` for ``"low"``) makes the slice a pruning candidate, and one
+    beyond a bound on the other side, a regression. ``None``: no side means compressible.
+    """
 
     name: str
     function: Callable[..., Values]
@@ -294,6 +305,10 @@ class MetricSpec:
     params: Mapping[str, ParamSpec] = field(default_factory=dict)
     #: the function takes ``context=MetricContext(...)`` (shape, storage dtype)
     needs_context: bool = False
+    bad: Direction | None = None
+    compressible: Literal["high", "low"] | None = None
+    #: its values span orders of magnitude: maps and calibration show them in log10
+    log_scale: bool = False
 
 
 def _positive_int(value: object) -> str | None:
@@ -311,44 +326,97 @@ def _fraction(value: object) -> str | None:
 _K = ParamSpec(10, _positive_int, "number of singular values (clamped to the rank)")
 _P = ParamSpec(0.9, _fraction, "energy fraction in (0, 1]")
 
+#: The built-in metrics. Low-rank structure (compressible) shows as a concentrated spectrum,
+#: few effective directions or a large condition number.
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
         MetricSpec(
-            "top_k_ratio", top_k_ratio, "sum of the k largest sigma / sum of all", {"k": _K}
+            "top_k_ratio",
+            top_k_ratio,
+            "sum of the k largest sigma / sum of all",
+            {"k": _K},
+            bad="high",
+            compressible="high",
         ),
         MetricSpec(
-            "least_k_ratio", least_k_ratio, "sum of the k smallest sigma / sum of all", {"k": _K}
+            "least_k_ratio",
+            least_k_ratio,
+            "sum of the k smallest sigma / sum of all",
+            {"k": _K},
+            bad="low",
+            compressible="low",
         ),
         MetricSpec(
             "first_last_ratio",
             first_last_ratio,
             "sigma_max / sigma_min (condition number), floor-aware",
             needs_context=True,
+            log_scale=True,
+            bad="high",
+            compressible="high",
         ),
-        MetricSpec("spectral_norm", spectral_norm, "sigma_max"),
-        MetricSpec("frobenius_norm", frobenius_norm, "sqrt(sum sigma^2)"),
-        MetricSpec("stable_rank", stable_rank, "sum sigma^2 / sigma_max^2"),
-        MetricSpec("effective_rank", effective_rank, "exp(entropy of sigma / sum sigma)"),
+        # Scale: growth signals divergence, shrinking towards 0 a dying slice.
+        MetricSpec("spectral_norm", spectral_norm, "sigma_max", bad="both", log_scale=True),
+        MetricSpec(
+            "frobenius_norm", frobenius_norm, "sqrt(sum sigma^2)", bad="both", log_scale=True
+        ),
+        MetricSpec(
+            "stable_rank", stable_rank, "sum sigma^2 / sigma_max^2", bad="low", compressible="low"
+        ),
+        MetricSpec(
+            "effective_rank",
+            effective_rank,
+            "exp(entropy of sigma / sum sigma)",
+            bad="low",
+            compressible="low",
+        ),
         MetricSpec(
             "energy_rank",
             energy_rank,
             "smallest r with sum sigma[:r]^2 >= p sum sigma^2",
             {"p": _P},
+            bad="low",
+            compressible="low",
         ),
-        MetricSpec("nuclear_norm", nuclear_norm, "sum sigma"),
-        MetricSpec("spectral_entropy", spectral_entropy, "entropy of sigma^2 shares / ln r"),
-        MetricSpec("participation_ratio", participation_ratio, "(sum s^2)^2 / sum s^4"),
+        MetricSpec("nuclear_norm", nuclear_norm, "sum sigma", bad="both", log_scale=True),
         MetricSpec(
-            "numerical_rank", numerical_rank, "#sigma > sigma_1 max(m,n) eps", needs_context=True
+            "spectral_entropy",
+            spectral_entropy,
+            "entropy of sigma^2 shares / ln r",
+            bad="low",
+            compressible="low",
         ),
-        MetricSpec("gd_spikes", gd_spikes, "Gavish-Donoho spike count", needs_context=True),
-        MetricSpec("mp_spikes", mp_spikes, "#sigma above the MP bulk edge", needs_context=True),
-        MetricSpec("alpha", alpha, "power-law exponent of the lambda tail"),
-        MetricSpec("alpha_ks_distance", alpha_ks_distance, "KS distance of the alpha fit"),
+        MetricSpec(
+            "participation_ratio",
+            participation_ratio,
+            "(sum s^2)^2 / sum s^4",
+            bad="low",
+            compressible="low",
+        ),
+        MetricSpec(
+            "numerical_rank",
+            numerical_rank,
+            "#sigma > sigma_1 max(m,n) eps",
+            needs_context=True,
+            bad="low",
+            compressible="low",
+        ),
+        # Few spikes: noise-like, untrained; a question of training, not of compression.
+        MetricSpec(
+            "gd_spikes", gd_spikes, "Gavish-Donoho spike count", needs_context=True, bad="low"
+        ),
+        MetricSpec(
+            "mp_spikes", mp_spikes, "#sigma above the MP bulk edge", needs_context=True, bad="low"
+        ),
+        # WeightWatcher: alpha < 2 over-trained, > 6 under-trained.
+        MetricSpec("alpha", alpha, "power-law exponent of the lambda tail", bad="both"),
+        MetricSpec(
+            "alpha_ks_distance", alpha_ks_distance, "KS distance of the alpha fit", bad="high"
+        ),
         MetricSpec("alpha_xmin", alpha_xmin, "start of the fitted lambda tail"),
         MetricSpec("alpha_weighted", alpha_weighted, "alpha * log10(lambda_max)"),
-        MetricSpec("nonfinite_count", nonfinite_count, "NaN/Inf weights in the slice"),
+        MetricSpec("nonfinite_count", nonfinite_count, "NaN/Inf weights in the slice", bad="high"),
     )
 }
 
@@ -414,6 +482,9 @@ class MetricRegistry:
         name: str,
         function: Callable[..., Values],
         summary: str = "",
+        *,
+        bad: Direction | None = None,
+        compressible: Literal["high", "low"] | None = None,
         **defaults: float | int,
     ) -> None:
         """Register ``function(singular_values, **params)`` as metric ``name``.
@@ -421,14 +492,27 @@ class MetricRegistry:
         It receives a float64 array whose last axis holds one slice's singular values in
         descending order (a whole layer's heads at once: shape ``[heads, r]``) and must return
         one value per slice (shape ``[heads]``). Keyword ``defaults`` declare its parameters,
-        which rules may set like ``k`` of ``top_k_ratio``.
+        which rules may set like ``k`` of ``top_k_ratio``. ``bad`` and ``compressible`` are
+        as in :class:`MetricSpec`: without ``compressible``, a rule on the metric suggests
+        pruning only when it says ``suggest = "low_rank"`` (or ``"remove_head"``).
+
+        Raises ``ValueError`` for a name that is no identifier or is taken, or a direction
+        that is not ``"high"``, ``"low"`` (or ``"both"``, for ``bad``).
         """
         if not name.isidentifier():
             raise ValueError(f"metric name {name!r} must be an identifier")
         if name in self.specs:
             raise ValueError(f"metric {name!r} is already registered")
+        if bad not in (None, "high", "low", "both"):
+            raise ValueError(f"metric {name!r}: bad must be 'high', 'low' or 'both', got {bad!r}")
+        if compressible not in (None, "high", "low"):
+            raise ValueError(
+                f"metric {name!r}: compressible must be 'high' or 'low', got {compressible!r}"
+            )
         params = {key: ParamSpec(value, _number, "") for key, value in defaults.items()}
-        self.specs[name] = MetricSpec(name, function, summary or name, params)
+        self.specs[name] = MetricSpec(
+            name, function, summary or name, params, bad=bad, compressible=compressible
+        )
 
     def user_requests(self) -> tuple[MetricRequest, ...]:
         """Default requests of the metrics added on top of the built-in ones."""

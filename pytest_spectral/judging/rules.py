@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import math
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,16 @@ from pytest_spectral.checkpoints.architectures import MLP_MATRICES
 from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from pytest_spectral.untrusted import (
+    MAX_TOML_BYTES,
+    MissingFileError,
+    UntrustedFileError,
+    load_toml,
+)
 
 Severity = Literal["fail", "warn"]
+#: values of a rule's ``suggest``: what a broken rule suggests doing with the slice
+SUGGESTIONS = ("low_rank", "remove_head", "none")
 ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
 _RULE_KEYS = (
@@ -67,8 +69,17 @@ class Rule:
     max_change: float | None = None
     #: "head" items (the default) or whole-"matrix" items (--spectral-scope)
     scope: str = "head"
-    #: what a break suggests: "low_rank" factorisation (default) or "remove_head"
-    suggest: str = "low_rank"
+    #: what a break suggests: "low_rank" factorisation, "remove_head", or "none" (a
+    #: regression, not a pruning candidate); None: decided by the metric's compressible side
+    suggest: str | None = None
+    #: lines in the rules file: of the ``[[rules]]`` header (key ``""``) and of each bound
+    #: given (``"min"``, ``"max"``, ...); warnings point there
+    lines: tuple[tuple[str, int], ...] = ()
+
+    def line(self, key: str = "") -> int | None:
+        """The line of ``key`` (a bound) in the rules file, else of the rule's header."""
+        found = dict(self.lines)
+        return found.get(key, found.get(""))
 
     @property
     def is_relative(self) -> bool:
@@ -97,13 +108,17 @@ class Rule:
         return None
 
     def change_violation(self, value: float, baseline: float | None) -> str | None:
-        """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not."""
+        """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not.
+
+        A relative change from or to a non-finite value, or from zero, is undefined and breaks
+        the rule: an ``inf`` baseline would otherwise make every change look like -100%.
+        """
         if not self.is_relative:
             return None
         if baseline is None:
             return "has no baseline value to compare with (item or metric missing from baseline)"
         shown = f"vs baseline {baseline:.6g}"
-        if math.isnan(value) or math.isnan(baseline) or baseline == 0:
+        if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
             return f"{shown}: relative change undefined"
         change = (value - baseline) / abs(baseline)
         shown += f" ({change:+.1%})"
@@ -135,16 +150,11 @@ def load_rules(path: Path, metrics: Mapping[str, MetricSpec] = METRICS) -> RuleS
     ``metrics`` are the names rules may use (the built-in ones, plus any registered).
     """
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RulesError(f"{path}: cannot read rules file: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-        document = tomllib.loads(text)
-    except UnicodeDecodeError as exc:
-        raise RulesError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RulesError(f"{path}: TOML syntax error: {exc}") from None
+        document, text, raw = load_toml(path, MAX_TOML_BYTES, "rules file")
+    except MissingFileError:
+        raise RulesError(f"{path}: cannot read rules file: it does not exist") from None
+    except UntrustedFileError as exc:
+        raise RulesError(str(exc)) from None
     locator = _LineLocator(path, text)
     rules = _parse_document(document, locator, metrics)
     return RuleSet(path, hashlib.sha256(raw).hexdigest(), rules)
@@ -204,9 +214,9 @@ def _parse_rule(
         if bounds[low] is not None and bounds[high] is not None and bounds[low] > bounds[high]:
             raise fail(low, f"{low} {bounds[low]} is larger than {high} {bounds[high]}")
 
-    suggest = entry.get("suggest", "low_rank")
-    if suggest not in ("low_rank", "remove_head"):
-        raise fail("suggest", f"must be 'low_rank' or 'remove_head', got {suggest!r}")
+    suggest = entry.get("suggest")
+    if suggest not in (None, *SUGGESTIONS):
+        raise fail("suggest", f"must be 'low_rank', 'remove_head' or 'none', got {suggest!r}")
     scope = entry.get("scope", "head")
     if scope not in ("head", "matrix"):
         raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
@@ -230,6 +240,7 @@ def _parse_rule(
         max_change=bounds["max_change"],
         scope=scope,
         suggest=suggest,
+        lines=where.key_lines(index, [key for key, value in bounds.items() if value is not None]),
     )
 
 
@@ -237,9 +248,15 @@ def _number(entry: Mapping[str, object], key: str, fail: _Fail) -> float | None:
     value = entry.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise fail(key, f"must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # TOML integers can be longer than any float
+        raise fail(key, f"{value} is beyond the range of a float") from None
+    if math.isnan(number):
+        raise fail(key, "must be a number, got nan")
+    return number
 
 
 def _matrices(value: object, fail: _Fail) -> frozenset[str]:
@@ -308,6 +325,25 @@ class _LineLocator:
             )
         return f"{self.path}:{found + 1}" if found is not None else str(self.path)
 
+    def key_lines(self, index: int, keys: Iterable[str]) -> tuple[tuple[str, int], ...]:
+        """1-based lines of the n-th ``[[rules]]`` header (key ``""``) and of its ``keys``."""
+        if index >= len(self.rule_starts):
+            return ()
+        start = self.rule_starts[index]
+        stop = self._table_end(start)
+        found = [("", start + 1)]
+        for key in keys:
+            line = self._find(key, start + 1, stop)
+            if line is not None:
+                found.append((key, line + 1))
+        return tuple(found)
+
+    def _table_end(self, start: int) -> int:
+        return next(
+            (i for i in range(start + 1, len(self.lines)) if self._HEADER.match(self.lines[i])),
+            len(self.lines),
+        )
+
     def rule(self, index: int) -> str:
         if index < len(self.rule_starts):
             return f"{self.path}:{self.rule_starts[index] + 1}"
@@ -317,9 +353,6 @@ class _LineLocator:
         if index >= len(self.rule_starts):
             return str(self.path)
         start = self.rule_starts[index]
-        stop = next(
-            (i for i in range(start + 1, len(self.lines)) if self._HEADER.match(self.lines[i])),
-            len(self.lines),
-        )
+        stop = self._table_end(start)
         found = self._find(key, start + 1, stop)
         return f"{self.path}:{(found if found is not None else start) + 1}"

@@ -16,17 +16,24 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES
-from pytest_spectral.judging.candidates import Candidate
+from pytest_spectral.judging.candidates import Candidate, Regression
+from pytest_spectral.judging.metrics import METRICS
+from pytest_spectral.judging.rules import Rule
+from pytest_spectral.printable import printable
+from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.reporting.report import Record
+from pytest_spectral.reporting.scale import Scale, direction_words, metric_scale, rule_bounds
 
-#: Metrics drawn as layer x head heatmaps, with whether to show them on a log scale.
-HEATMAP_METRICS: tuple[tuple[str, bool], ...] = (
-    ("top_k_ratio", False),
-    ("effective_rank", False),
-    ("stable_rank", False),
-    ("first_last_ratio", True),
+#: Metrics drawn as layer x head heatmaps (log10 where the metric's metadata says so).
+HEATMAP_METRICS: tuple[str, ...] = (
+    "top_k_ratio",
+    "effective_rank",
+    "stable_rank",
+    "first_last_ratio",
 )
 MAX_CURVE_LAYERS = 4
+#: diverging colour maps, white at the median: red on the bad side
+_COLOUR_MAPS = {"high": "RdBu_r", "low": "RdBu", "both": "RdBu_r", None: "RdBu_r"}
 
 
 class PlotExtraMissingError(ImportError):
@@ -43,60 +50,118 @@ def require_matplotlib() -> None:
 
 
 def render_html(
-    report: Mapping[str, object], candidates: Sequence[Candidate], *, energy: float
+    report: Mapping[str, object],
+    candidates: Sequence[Candidate],
+    regressions: Sequence[Regression],
+    *,
+    energy: float,
+    rules: Sequence[Rule] = (),
 ) -> str:
+    """The page: run, summary and settings tables, regressions, pruning candidates, items
+    without a result, one heatmap figure per metric (one colour scale for its four panels,
+    reaching to the ``rules``' bounds), and the singular values of the flagged layers."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    records: list[Record] = [r for r in report["items"] if r["head"] is not None]  # type: ignore[attr-defined, index]
+    items: list[Record] = report["items"]  # type: ignore[assignment]
+    records = [r for r in items if r["head"] is not None and r["status"] != "no_result"]
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
     layers, heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
     sections = [
         _section("Run", _metadata_table(report)),
+        _section("Summary", _summary_table(report)),
+        _section("Settings", _settings_table(report)),
+        _section("Regressions", _regressions_table(regressions)),
         _section("Low-rank pruning candidates", _candidates_table(candidates, energy)),
     ]
-    for metric, log in HEATMAP_METRICS:
-        if any(metric in r["metrics"] for r in records):  # type: ignore[operator]
-            figure = _heatmaps(records, metric, log, layers, heads)
-            sections.append(_section(f"{metric} across layers and heads", _img(figure, metric)))
-    for layer in _curve_layers(records, candidates):
+    unfinished = [r for r in items if r["status"] == "no_result"]
+    if unfinished:
+        sections.append(_section("Items without a result", _unfinished_table(unfinished)))
+    for metric in HEATMAP_METRICS:
+        values = [_value(r, metric) for r in records if metric in r["metrics"]]  # type: ignore[operator]
+        if not values:
+            continue
+        spec = METRICS[metric]
+        scale = metric_scale(
+            metric,
+            values,
+            bad=spec.bad,
+            bounds=rule_bounds(rules, metric),
+            log=spec.log_scale,
+        )
+        figure = _heatmaps(records, scale, layers, heads)
+        legend = f'<p class="legend">{_text(metric)}: {_text(scale.legend())}. {_COLOUR_WORDS}</p>'
+        sections.append(
+            _section(f"{metric} across layers and heads", _img(figure, metric) + legend)
+        )
+    for layer in _curve_layers(records, candidates, regressions):
         sections.append(
             _section(
                 f"Singular values of every head, layer {layer}",
                 _img(_curves(records, layer), f"singular values, layer {layer}"),
             )
         )
-    title = f"pytest-spectral: {html.escape(str(model.get('argument', '')))}"
+    title = f"pytest-spectral: {_text(model.get('argument', ''))}"
     return _PAGE.format(title=title, body="\n".join(sections))
 
 
-def _curve_layers(records: Sequence[Record], candidates: Sequence[Candidate]) -> list[int]:
-    flagged = sorted({int(c.record["layer"]) for c in candidates if c.record["head"] is not None})  # type: ignore[call-overload]
+_COLOUR_WORDS = (
+    "White is the median; the colour deepens towards the reach of the scale on each side "
+    "and saturates beyond it; red is the bad side (both sides are red and blue when both "
+    "are suspect); grey: undefined or not collected."
+)
+
+
+def _curve_layers(
+    records: Sequence[Record], candidates: Sequence[Candidate], regressions: Sequence[Regression]
+) -> list[int]:
+    flagged = sorted(
+        {
+            int(c.record["layer"])
+            for c in (*candidates, *regressions)
+            if c.record["head"] is not None
+        }  # type: ignore[call-overload]
+    )
     present = sorted({int(r["layer"]) for r in records})  # type: ignore[call-overload]
     return (flagged or present[:1])[:MAX_CURVE_LAYERS]
 
 
-def _heatmaps(records: Sequence[Record], metric: str, log: bool, layers: int, heads: int):
+def _heatmaps(records: Sequence[Record], scale: Scale, layers: int, heads: int):
+    """Four panels (q, k, v, o) on one colour scale, with one colour bar."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
     from matplotlib.ticker import MaxNLocator
 
+    def shown(value: float) -> float:
+        return math.log10(value) if scale.log and value > 0 else value
+
+    cmap = plt.get_cmap(_COLOUR_MAPS[scale.bad]).with_extremes(bad="#bbbbbb")
+    norm = TwoSlopeNorm(
+        vcenter=shown(scale.centre), vmin=shown(scale.low.value), vmax=shown(scale.high.value)
+    )
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
     for axis, matrix in zip(axes, MATRICES, strict=True):
         grid = np.full((layers, heads), np.nan)
         for r in records:
             if r["matrix"] == matrix:
-                value = float(r["metrics"].get(metric, math.nan))  # type: ignore[attr-defined]
-                grid[int(r["layer"]), int(r["head"])] = value  # type: ignore[call-overload]
-        shown = np.log10(grid) if log else grid
-        image = axis.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
-        axis.set_title(f"{matrix}" + (" (log10)" if log else ""))
+                value = _value(r, scale.metric)
+                grid[int(r["layer"]), int(r["head"])] = (
+                    shown(value) if value > 0 or not scale.log else math.nan
+                )  # type: ignore[call-overload]
+        image = axis.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        axis.set_title(matrix)
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-        figure.colorbar(image, ax=axis, shrink=0.8)
+    bar = figure.colorbar(image, ax=list(axes), shrink=0.85, extend="both")
+    bar.set_label(f"{'log10 ' if scale.log else ''}{scale.metric} ({direction_words(scale.bad)})")
     return figure
+
+
+def _value(record: Record, metric: str) -> float:
+    return float(record["metrics"].get(metric, math.nan))  # type: ignore[attr-defined, arg-type]
 
 
 def _curves(records: Sequence[Record], layer: int):
@@ -132,11 +197,11 @@ def _img(figure, alt: str) -> str:
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{_text(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _section(title: str, content: str) -> str:
-    return f"<section><h2>{html.escape(title)}</h2>\n{content}\n</section>"
+    return f"<section><h2>{_text(title)}</h2>\n{content}\n</section>"
 
 
 def _metadata_table(report: Mapping[str, object]) -> str:
@@ -159,34 +224,125 @@ def _metadata_table(report: Mapping[str, object]) -> str:
             ),
         ),
         ("dtype", model.get("dtype")),
-        ("rules", f"{rules.get('path')} (sha256 {str(rules.get('sha256'))[:12]})"),
-        ("summary", report.get("summary")),
-        ("settings", report.get("settings")),
+        (
+            "rules",
+            f"{rules.get('path')} ({rules.get('count')} rules, sha256 "
+            f"{str(rules.get('sha256'))[:12]})"
+            if rules.get("path")
+            else "no rules file",
+        ),
         ("plugin", f"pytest-spectral {report.get('plugin_version')}, {report.get('created')}"),
     ]
-    body = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    return _key_value_table(rows, "meta")
+
+
+def _summary_table(report: Mapping[str, object]) -> str:
+    """Items by outcome, then what the failed and warned slices call for."""
+    summary: Mapping[str, object] = report["summary"]  # type: ignore[assignment]
+    words = {
+        "items": "items",
+        "passed": "passed",
+        "failed": "failed",
+        "warned": "warned",
+        "error": "error (crashed or raised)",
+        "skipped": "skipped",
+        "not_run": "not run",
+        "regressions": "regressed slices",
+        "candidates": "pruning candidate slices",
+        "params_saved": "parameters saved by acting on every candidate",
+    }
+    rows = [
+        (words.get(key, key), f"{value:,}" if isinstance(value, int) else value)
+        for key, value in summary.items()
+    ]
+    return _key_value_table(rows, "summary")
+
+
+def _settings_table(report: Mapping[str, object]) -> str:
+    settings: Mapping[str, object] = report["settings"]  # type: ignore[assignment]
+    rows = [(key, _setting(value)) for key, value in settings.items()]
+    return _key_value_table(rows, "settings")
+
+
+def _setting(value: object) -> str:
+    """A list reads as its items (layers as ranges: 0-31), anything else as itself."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return _ranges(value)  # type: ignore[arg-type]
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """0-3, 8 for [0, 1, 2, 3, 8]."""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _key_value_table(rows: Sequence[tuple[str, object]], css: str) -> str:
+    body = "".join(f"<tr><th>{_text(k)}</th><td>{_text(v)}</td></tr>" for k, v in rows)
+    return f'<table class="{css}">{body}</table>'
+
+
+def _broken_rules(entries: Sequence[Record], record: Record) -> str:
+    """One line per broken rule: its value and the bound it broke (``>=`` when the value is
+    a floor-limited lower bound)."""
+    limited = bool(record.get("floor_limited"))
+    return "<br>".join(
+        _text(
+            describe_broken(b, floor_limited=limited)
+            + (" (warn)" if b["severity"] == "warn" else "")
+        )
+        for b in entries
     )
-    return f'<table class="meta">{body}</table>'
+
+
+def _regressions_table(regressions: Sequence[Regression]) -> str:
+    if not regressions:
+        return "<p>No regressions: nothing non-finite, zero, drifted or beyond a harmful bound.</p>"
+    header = (
+        "<tr><th>layer</th><th>head</th><th>matrix</th><th>outcome</th>"
+        "<th>problem (value and bound)</th><th>shape</th></tr>"
+    )
+    rows = []
+    for g in regressions:
+        r = g.record
+        problems = [_text(_STATUS_WORDS[str(r["status"])])] if r["status"] != "ok" else []
+        if g.rules:
+            problems.append(_broken_rules(g.rules, r))
+        rows.append(
+            f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_heads(g)}</td>'
+            f"<td>{_text(r['matrix'])}</td><td>{_text(r['outcome'])}</td>"
+            f"<td>{'<br>'.join(problems)}</td>"
+            f"<td>{'x'.join(map(str, r['shape']))}</td></tr>"  # type: ignore[call-overload]
+        )
+    note = "<p>Damage rather than compressibility: these slices are not pruning candidates.</p>"
+    return f'<table class="regressions">{header}{"".join(rows)}</table>{note}'
+
+
+_STATUS_WORDS = {"nonfinite": "non-finite weights", "zero_matrix": "all weights zero"}
 
 
 def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
     if not candidates:
-        return "<p>No head broke a rule.</p>"
+        return "<p>No pruning candidates: no broken rule suggests pruning.</p>"
     header = (
-        "<tr><th>layer</th><th>head</th><th>matrix</th><th>outcome</th><th>rules broken</th>"
+        "<tr><th>layer</th><th>head</th><th>matrix</th><th>outcome</th>"
+        "<th>rules broken (value and bound)</th>"
         f"<th>rank@{energy:.0%}</th><th>shape</th><th>params saved</th></tr>"
     )
     rows = []
     for c in candidates:
         r = c.record
-        broken = "<br>".join(
-            html.escape(f"{b['rule']}: {b['metric']} = {_number(b['value'])}")
-            for b in r["broken_rules"]  # type: ignore[attr-defined]
-        ) or html.escape(str(r["status"]))
         rows.append(
-            f'<tr class="{r["outcome"]}"><td>{r["layer"]}</td><td>{_heads(c)}</td>'
-            f"<td>{r['matrix']}</td><td>{r['outcome']}</td><td>{broken}</td>"
+            f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_heads(c)}</td>'
+            f"<td>{_text(r['matrix'])}</td><td>{_text(r['outcome'])}</td>"
+            f"<td>{_broken_rules(c.rules, r)}</td>"
             f"<td>{'-' if c.rank is None else c.rank}</td>"
             f"<td>{'x'.join(map(str, r['shape']))}</td>"  # type: ignore[call-overload]
             f"<td>{c.saved:,} ({c.saving_fraction:.0%})</td></tr>"
@@ -198,13 +354,25 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
     return f'<table class="candidates">{header}{"".join(rows)}</table>{note}'
 
 
-def _heads(candidate: Candidate) -> str:
+def _unfinished_table(items: Sequence[Record]) -> str:
+    """Items that crashed, raised, were skipped or never ran, with pytest's message."""
+    rows = "".join(
+        f"<tr><td>{_text(r['nodeid'])}</td><td>{_text(r['outcome'])}</td>"
+        f"<td>{_text(r['error'] or '')}</td></tr>"
+        for r in items
+    )
+    header = "<tr><th>item</th><th>outcome</th><th>why</th></tr>"
+    return f'<table class="unfinished">{header}{rows}</table>'
+
+
+def _text(value: object) -> str:
+    """Text from a report, safe in HTML: control characters escaped, then HTML-escaped."""
+    return html.escape(printable(value))
+
+
+def _heads(flagged: Candidate | Regression) -> str:
     """The query heads sharing the slice ("4, 5, 6, 7" for a K/V group); "-" for a matrix."""
-    return ", ".join(map(str, candidate.heads)) or "-"
-
-
-def _number(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return ", ".join(map(str, flagged.heads)) or "-"
 
 
 _PAGE = """<!DOCTYPE html>
@@ -215,6 +383,7 @@ table {{ border-collapse: collapse; margin: 0.5em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
 tr.failed td {{ background: #fde8e8; }} tr.warned td {{ background: #fff6dd; }}
 img {{ max-width: 100%; }}
+p.legend {{ max-width: 60em; color: #444; }}
 </style></head>
 <body data-images-rendered="0">
 <h1>{title}</h1>

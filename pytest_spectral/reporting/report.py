@@ -18,7 +18,8 @@ from pytest_spectral import __version__
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.judging.evaluation import Verdict
 from pytest_spectral.judging.rules import RuleSet
-from pytest_spectral.results import SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
+from pytest_spectral.reporting.files import write_text_atomically
+from pytest_spectral.results import OUTCOMES, SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
 
 
 def json_number(value: float) -> float | str:
@@ -71,10 +72,45 @@ def item_record(
                 "max_change": b.rule.max_change,
                 "baseline": None if b.baseline is None else json_number(b.baseline),
                 "severity": b.severity,
-                "suggest": b.rule.suggest,
+                "bound": b.bound,
+                "suggest": b.suggestion,
             }
             for b in verdict.broken
         ],
+        "error": None,
+    }
+
+
+def unrecorded_record(
+    *,
+    nodeid: str,
+    layer: int,
+    head: int | None,
+    matrix: str,
+    kv_head: int | None,
+    shape: tuple[int, int],
+    outcome: str,
+    error: str | None,
+) -> Record:
+    """The record of an item that has no result (it crashed, raised, was skipped or never
+    ran): where it is, its ``outcome`` and pytest's one-line ``error``; no values."""
+    return {
+        "nodeid": nodeid,
+        "layer": layer,
+        "scope": "matrix" if head is None else "head",
+        "head": head,
+        "matrix": matrix,
+        "kv_head": kv_head,
+        "shape": list(shape),
+        "status": "no_result",
+        "outcome": outcome,
+        "nonfinite_count": None,
+        "method": None,
+        "floor_limited": False,
+        "singular_values": [],
+        "metrics": {},
+        "broken_rules": [],
+        "error": error,
     }
 
 
@@ -86,16 +122,23 @@ def build_report(
     settings: Mapping[str, object],
     records: Iterable[Record],
     candidates: Iterable[Record],
+    regressions: Iterable[Record],
     params_saved: int,
 ) -> dict[str, object]:
-    """The report: model, rules and settings, a summary, every item, then the candidates.
+    """The report: model, rules and settings, a summary, every item, the regressions, then
+    the pruning candidates.
+
+    ``records`` hold every collected item, those without a result included (see
+    :func:`unrecorded_record`); the summary counts them by outcome.
 
     ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first;
     ``params_saved`` is what acting on all of them frees, each weight counted once.
+    ``regressions`` are the entries of ``candidates.regression_record``.
     """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
-    counts = {o: sum(r["outcome"] == o for r in items) for o in ("passed", "failed", "warned")}
+    counts = {o: sum(r["outcome"] == o for r in items) for o in OUTCOMES}
+    candidates, regressions = list(candidates), list(regressions)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -112,7 +155,7 @@ def build_report(
             "head_dim": g.head_dim,
             "hidden_size": g.hidden,
             "dtype": checkpoint.dtype,
-            "files": [str(p.relative_to(checkpoint.root)) for p in checkpoint.files],
+            "files": checkpoint.file_names,
         },
         "rules": {
             "path": str(rules.path) if rules.path else None,
@@ -120,19 +163,18 @@ def build_report(
             "count": len(rules.rules),
         },
         "settings": dict(settings),
-        "summary": {"items": len(items), **counts, "params_saved": params_saved},
+        "summary": {
+            "items": len(items),
+            **counts,
+            "regressions": len(regressions),
+            "candidates": len(candidates),
+            "params_saved": params_saved,
+        },
         "items": items,
-        "candidates": list(candidates),
+        "regressions": regressions,
+        "candidates": candidates,
     }
 
 
 def write_report(path: Path, report: Mapping[str, object]) -> None:
     write_text_atomically(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-from pytest_spectral.checkpoints.safetensors_header import read_header
+from pytest_spectral.checkpoints.formats.safetensors import read_header
 from pytest_spectral.compute.cache import SpectraCache
 from pytest_spectral.compute.spectra import slice_singular_values
 from pytest_spectral.errors import CheckpointError
@@ -142,7 +142,7 @@ BROKEN_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
 def test_broken_file_is_a_usage_error_naming_it(pytester, sharded, case: str) -> None:
     damage, message = BROKEN_FILES[case]
     damage(sharded)
-    result = pytester.runpytest("--spectral-model", str(sharded))
+    result = pytester.runpytest(f"--spectral-model={sharded}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     output = result.stdout.str() + result.stderr.str()
     assert message in output
@@ -153,21 +153,21 @@ def test_broken_file_is_a_usage_error_naming_it(pytester, sharded, case: str) ->
 def test_model_path_that_is_a_broken_symlink(pytester) -> None:
     link = pytester.path / "link"
     link.symlink_to(pytester.path / "nowhere")
-    result = pytester.runpytest("--spectral-model", str(link))
+    result = pytester.runpytest(f"--spectral-model={link}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*link: no such file or directory (a broken symlink)"])
+    result.stderr.fnmatch_lines(["*link: is a broken symlink (to *nowhere)"])
 
 
 def test_permission_denied_names_the_file(sharded, monkeypatch) -> None:
     target = first_shard(sharded)
-    original = Path.open
+    original = os.open
 
-    def guarded(self: Path, *args: object, **kwargs: object):
-        if self == target:
-            raise PermissionError(13, "Permission denied", str(self))
-        return original(self, *args, **kwargs)
+    def guarded(path: object, *args: object, **kwargs: object) -> int:
+        if Path(path) == target:  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Path, "open", guarded)
+    monkeypatch.setattr(os, "open", guarded)
     with pytest.raises(
         CheckpointError, match=r"00001-of-00002.safetensors: cannot read: Permission"
     ):
@@ -187,19 +187,18 @@ class TestHostileHeaders:
         with path.open("wb") as handle:  # a sparse 300 MB file: nothing is really written
             handle.write(struct.pack("<Q", 250 * 2**20))
             handle.truncate(300 * 2**20)
-        read_sizes: list[int] = []
-        original = Path.open
+        bytes_read: list[int] = []
+        original = os.preadv
 
-        def counting_open(self: Path, *args: object, **kwargs: object):
-            handle = original(self, *args, **kwargs)
-            read = handle.read
-            handle.read = lambda size=-1: read_sizes.append(size) or read(size)  # type: ignore[method-assign]
-            return handle
+        def counting_preadv(descriptor: int, buffers: list, offset: int) -> int:
+            count = original(descriptor, buffers, offset)
+            bytes_read.append(count)
+            return count
 
-        monkeypatch.setattr(Path, "open", counting_open)
-        with pytest.raises(CheckpointError, match="over the 100 MiB any real safetensors header"):
+        monkeypatch.setattr(os, "preadv", counting_preadv)
+        with pytest.raises(CheckpointError, match="over the 16 MiB any real safetensors header"):
             read_header(path)
-        assert read_sizes == [8]  # the length prefix, nothing more
+        assert bytes_read == [8]  # the length prefix, nothing more
 
     def test_huge_shapes_are_checked_against_the_bytes(self, tmp_path) -> None:
         header = json.dumps(
@@ -216,7 +215,7 @@ class TestHostileHeaders:
             {"dtype": "BF16", "shape": [-1, 2], "data_offsets": [0, 4]},
             {"dtype": "BF16", "shape": "2x2", "data_offsets": [0, 8]},
             {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 0]},
-            {"dtype": "FANCY", "shape": [2, 2], "data_offsets": [0, 8]},
+            {"dtype": 7, "shape": [2, 2], "data_offsets": [0, 8]},
             ["not", "an", "object"],
         ],
     )
@@ -259,7 +258,7 @@ def test_checkpoint_files_are_never_modified(pytester, sharded) -> None:
     before = digests(sharded)
     rules = pytester.path / "rules.toml"
     rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 100\n')
-    args = ("--spectral-model", str(sharded), "--spectral-thresholds", str(rules))
+    args = (f"--spectral-model={sharded}", "--spectral-thresholds", str(rules))
     pytester.runpytest(*args).assert_outcomes(failed=32)  # fills the cache
     pytester.runpytest(*args).assert_outcomes(failed=32)  # reads it
     pytester.runpytest_subprocess(*args, "-n", "2", "--spectral-no-cache").assert_outcomes(
@@ -351,9 +350,7 @@ def test_pytest_cache_is_never_written_into_the_checkpoint(
     model = str(checkpoint_on_another_tree)
     result = pytester.runpytest("--spectral-model", model)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(
-        [f"*Write --spectral-model={model} (with '=') or add --rootdir=DIR."]
-    )
+    result.stderr.fnmatch_lines([f"  pytest --spectral-model={model} *"])
     pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=32)
     assert sorted(p.name for p in checkpoint_on_another_tree.iterdir()) == [
         "config.json",

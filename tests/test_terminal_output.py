@@ -1,0 +1,211 @@
+"""What a spectral run prints: failure blocks, titles, warnings, counts and progress lines.
+
+The model: 2 layers, 4 query heads sharing 2 K/V heads (head_dim 8, hidden 32), with K/V head
+1 of layer 1 collapsed in K (query heads 2 and 3 read it), O head 1 of layer 0 of rank 4 (its
+condition number is then floor-limited), and an advisory rule that V head 0 of layer 0
+(query heads 0 and 1) always breaks.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_spectral.testing.synthetic import (
+    LlamaShape,
+    attention_name,
+    random_llama_weights,
+    write_checkpoint,
+)
+
+SHAPE = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+RULES = """\
+[[rules]]
+name = "collapsed"
+metric = "stable_rank"
+min = 1.5
+matrices = ["k"]
+
+[[rules]]
+name = "ill-conditioned"
+metric = "first_last_ratio"
+max = 300
+matrices = ["o"]
+
+[[rules]]
+name = "advisory"
+metric = "spectral_norm"
+min = 1e9
+matrices = ["v"]
+layers = "0"
+heads = "0-1"
+severity = "warn"
+"""
+
+
+def planted_model(directory: Path) -> Path:
+    tensors = random_llama_weights(SHAPE, seed=5)
+    k = tensors[attention_name(1, "k")]
+    k[8:16] = torch.outer(torch.linspace(1, 2, 8), torch.linspace(-1, 1, 32))
+    o = tensors[attention_name(0, "o")]
+    o[:, 8:16] = torch.randn(32, 4, generator=torch.Generator().manual_seed(1)) @ torch.randn(
+        4, 8, generator=torch.Generator().manual_seed(2)
+    )
+    return write_checkpoint(directory, tensors, SHAPE.config())
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester):
+    model = planted_model(pytester.path / "model")
+    rules = pytester.path / "rules.toml"
+    rules.write_text(RULES)
+
+    def run(*extra: str) -> pytest.RunResult:
+        return pytester.runpytest(
+            f"--spectral-model={model}", "--spectral-thresholds", str(rules), *extra
+        )
+
+    return run
+
+
+class TestFailures:
+    def test_a_shared_kv_slice_prints_one_report_the_others_name_it(self, run) -> None:
+        result = run()
+        text = result.stdout.str()
+        assert text.count("  FAIL collapsed:") == 1
+        result.stdout.fnmatch_lines(
+            [
+                "_* spectral::layer01::head02-k _*",
+                "collapsed: stable_rank = * < min 1.5",
+                "layer 1, K/V head 1 (shared by query heads 2-3), k: rows 8:16 of "
+                "model.layers.1.self_attn.k_proj.weight (8x32)",
+                "  FAIL collapsed: stable_rank = * < min 1.5",
+                "  top singular values (8 of 8): *",
+                "_* spectral::layer01::head03-k _*",
+                "collapsed: stable_rank = * < min 1.5",
+                "layer 1, K/V head 1 (shared by query heads 2-3), k: *",
+                "  the same slice and verdict as spectral::layer01::head02-k, reported above",
+            ]
+        )
+        # every item keeps its FAILED line, for --lf and pasting
+        result.stdout.fnmatch_lines(
+            [
+                "FAILED spectral::layer01::head02-k - collapsed*",
+                "FAILED spectral::layer01::head03-k - collapsed*",
+            ]
+        )
+
+    def test_titles_read_like_node_ids(self, run) -> None:
+        titles = re.findall(r"^_+ (\S+) _+$", run().stdout.str(), flags=re.MULTILINE)
+        assert titles == [
+            "spectral::layer00::head01-o",
+            "spectral::layer01::head02-k",
+            "spectral::layer01::head03-k",
+        ]
+
+    def test_floor_limited_values_read_as_lower_bounds(self, run) -> None:
+        result = run()
+        result.stdout.fnmatch_lines(
+            [
+                "ill-conditioned: first_last_ratio >= * > max 300 (a lower bound: sigma_min "
+                "is below the storage/rounding floor)",
+                "*ill-conditioned: >= * > 300*",  # the candidates table
+            ]
+        )
+        assert "first_last_ratio = >=" not in result.stdout.str()
+        assert re.search(r"=\d", result.stdout.str()) is None
+
+
+class TestWarnings:
+    def test_one_entry_for_the_slice_located_at_the_broken_bound(self, run, pytester) -> None:
+        result = run()
+        line = RULES.splitlines().index("min = 1e9") + 1
+        result.stdout.fnmatch_lines(
+            [
+                "*warnings summary*",
+                "spectral::layer00::head00-v",
+                "spectral::layer00::head01-v",
+                f"  <rules.toml>:{line}: SpectralRuleWarning: advisory: spectral_norm = * < min "
+                "1e+09 (warn)",
+                "  layer 0, K/V head 0 (shared by query heads 0-1), v: *",
+            ]
+        )
+        text = result.stdout.str()
+        assert text.count("SpectralRuleWarning") == 1
+        assert ":0:" not in text
+        assert "min = 1e9" not in text  # Python never printed the rules file's line
+
+    def test_pytest_and_the_spectral_summary_count_the_same_outcomes(self, run) -> None:
+        result = run()
+        outcomes = result.parseoutcomes()
+        assert (outcomes["passed"], outcomes["failed"], outcomes["warned"]) == (27, 3, 2)
+        result.stdout.fnmatch_lines(["32 items: 27 passed; 3 failed (k 2, o 1); 2 warned (v 2)"])
+
+    def test_verbose_lines_say_warned(self, run) -> None:
+        result = run("-v")
+        result.stdout.fnmatch_lines(
+            ["spectral::layer00::head00-v WARNED *", "spectral::layer00::head01-v WARNED *"]
+        )
+        result.stdout.no_fnmatch_line("spectral::layer00::head00-v PASSED*")
+
+    def test_built_in_checks_warn_from_where_they_are_made(self, pytester) -> None:
+        tensors = random_llama_weights(SHAPE, seed=5)
+        tensors[attention_name(0, "q")][0, 0] = float("nan")
+        model = write_checkpoint(pytester.path / "nan", tensors, SHAPE.config())
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-warn-only")
+        result.stdout.fnmatch_lines(
+            [
+                "spectral::layer00::head00-q",
+                "  */pytest_spectral/judging/evaluation.py:*: SpectralRuleWarning: 1 non-finite "
+                "weights",
+                "*",
+                "    WARN non-finite weights: 1 NaN/Inf values in this slice *",
+                "    def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite *",
+            ]
+        )
+        assert ":0:" not in result.stdout.str()
+
+
+class TestProgress:
+    def test_layer_lines_count_items_and_the_slices_they_share(self, run) -> None:
+        result = run("-v", "--spectral-scope", "both", "-p", "no:randomly")
+        shared = "(K/V slices are shared by query heads)"
+        result.stdout.fnmatch_lines(
+            [
+                f"spectral: layer 0: 20 items from 16 distinct slices {shared} in * s; "
+                "0 of 8 matrices from the cache, * by direct SVD",
+            ]
+        )
+
+    def test_whole_matrices_alone_are_one_slice_each(self, run) -> None:
+        result = run("-v", "--spectral-scope", "matrix", "--spectral-layers", "0")
+        result.stdout.fnmatch_lines(
+            ["spectral: layer 0: 4 items from 4 distinct slices in * s; 0 of 4 matrices *"]
+        )
+
+
+def test_ids_print_as_they_are_from_below_the_rootdir(run, pytester, monkeypatch) -> None:
+    """Run from a sub-directory of the rootdir, pytest would print ``../spectral::...``."""
+    below = pytester.path / "below"
+    below.mkdir()
+    monkeypatch.chdir(below)
+    result = run("-v")
+    result.stdout.fnmatch_lines(
+        ["spectral::layer01::head02-k FAILED *", "FAILED spectral::layer01::head02-k - *"]
+    )
+    assert "../spectral::" not in result.stdout.str()
+
+
+def test_rules_files_are_named_as_given_relative_to_the_invocation_directory(
+    pytester,
+) -> None:
+    model = planted_model(pytester.path / "model")
+    rules = pytester.path / "conf" / "rules.toml"
+    rules.parent.mkdir()
+    rules.write_text(textwrap.dedent(RULES))
+    result = pytester.runpytest(f"--spectral-model={model}", f"--spectral-thresholds={rules}")
+    result.stdout.fnmatch_lines(["  <conf/rules.toml>:*: SpectralRuleWarning: advisory: *"])
