@@ -1,9 +1,10 @@
 """The cache key and the cache file, piece by piece (the engine's use: test_engine, test_plugin).
 
-The key must change with everything the module docstring lists: the file's resolved path,
-size, mtime and inode, its header, the tensor's name, dtype, shape and offsets, the head
-layout, the precision and the sampled bytes; an entry must come back exactly as stored, or
-not at all.
+The key must change with everything the module docstring lists: the file's resolved path and
+identity as collected (device, inode, size, mtime and ctime), its header, the tensor's name,
+dtype, shape and offsets, the head layout, the precision and the sampled bytes; a file that is
+no longer the one collected is never keyed; an entry must come back exactly as stored, or not
+at all.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.formats.sources import StoredTensor
 from pytest_spectral.compute import cache as cache_module
-from pytest_spectral.compute.cache import SpectraCache, entry_key, sample_bytes
+from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.results import SliceSpectra
+from pytest_spectral.untrusted import FileChangedError, FileIdentity
 
 #: the engine's layout tuple: (matrix, scope, heads, kv_heads, head_dim, fused, conv1d)
 LAYOUT = ("q", "head", 2, 2, 4, None, False)
@@ -38,6 +43,16 @@ def key(entry, layout=LAYOUT, precision="float64") -> str:
 
 def keep_times(path: Path, stat: os.stat_result) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def recollected(entry: StoredTensor) -> StoredTensor:
+    """The same tensor as a new run collects it, from the file as it is now."""
+    return open_checkpoint(entry.file.parent).tensors[(0, "q")]
+
+
+def at(entry: StoredTensor, path: Path, **fields: object) -> StoredTensor:
+    """``entry`` moved to ``path`` (as collected there now), with other ``fields``."""
+    return dataclasses.replace(entry, file=path, identity=FileIdentity.of(path.stat()), **fields)
 
 
 class TestKey:
@@ -61,6 +76,21 @@ class TestKey:
     def test_tensor_fields(self, entry, change) -> None:
         assert key(dataclasses.replace(entry, **change)) != key(entry)
 
+    @pytest.mark.parametrize("field", ["device", "inode", "size", "mtime_ns", "ctime_ns"])
+    def test_every_identity_field(self, entry, field, monkeypatch) -> None:
+        """Each field of the collected identity, alone (the samples held fixed: a real file
+        whose identity differs from the collected one is never read, see below)."""
+        monkeypatch.setattr(StoredTensor, "sample_bytes", lambda self: b"fixed")
+        identity = entry.identity
+        other = dataclasses.replace(identity, **{field: getattr(identity, field) + 1})
+        assert key(dataclasses.replace(entry, identity=other)) != key(entry)
+
+    def test_the_sampled_bytes_alone(self, entry, monkeypatch) -> None:
+        monkeypatch.setattr(StoredTensor, "sample_bytes", lambda self: b"a")
+        before = key(entry)
+        monkeypatch.setattr(StoredTensor, "sample_bytes", lambda self: b"b")
+        assert key(entry) != before
+
     @pytest.mark.parametrize("index", range(len(LAYOUT)))
     def test_every_layout_field(self, entry, index: int) -> None:
         other = list(LAYOUT)
@@ -73,43 +103,52 @@ class TestKey:
     def test_another_path_to_the_same_bytes(self, entry, tmp_path) -> None:
         copy = tmp_path / "copy.safetensors"
         shutil.copy2(entry.file, copy)
-        assert key(dataclasses.replace(entry, file=copy)) != key(entry)
+        assert key(at(entry, copy)) != key(entry)
 
     def test_a_hard_link_is_another_path(self, entry, tmp_path) -> None:
         """Same inode, size, times and bytes: the resolved path still tells them apart."""
         link = tmp_path / "hardlink.safetensors"
         os.link(entry.file, link)
-        assert key(dataclasses.replace(entry, file=link)) != key(entry)
+        original, linked = at(entry, entry.file), at(entry, link)
+        assert original.identity == linked.identity
+        assert key(linked) != key(original)
 
     def test_a_symlink_is_keyed_by_its_target(self, entry, tmp_path) -> None:
         link = tmp_path / "link.safetensors"
         link.symlink_to(entry.file)
-        assert key(dataclasses.replace(entry, file=link)) == key(entry)
+        assert key(at(entry, link)) == key(entry)
 
-    def test_modification_time_alone(self, entry) -> None:
+    def test_modification_time(self, entry) -> None:
+        """A touched file is no longer the one collected; collected again, it keys apart."""
         before, stat = key(entry), entry.file.stat()
         os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-        assert key(entry) != before
+        with pytest.raises(FileChangedError, match="changed after collection"):
+            key(entry)
+        assert key(recollected(entry)) != before
 
-    def test_inode_alone(self, entry, tmp_path) -> None:
-        """The file replaced by an identical copy with the same times: only the inode differs."""
+    def test_inode(self, entry, tmp_path) -> None:
+        """The file replaced by an identical copy with the same times: another inode."""
         before, stat = key(entry), entry.file.stat()
         copy = tmp_path / "identical"
         shutil.copy2(entry.file, copy)
         os.replace(copy, entry.file)
         keep_times(entry.file, stat)
         assert entry.file.stat().st_ino != stat.st_ino
-        assert key(entry) != before
+        with pytest.raises(FileChangedError, match="replaced by another file"):
+            key(entry)
+        assert key(recollected(entry)) != before
 
-    def test_size_alone(self, entry) -> None:
-        """Bytes appended after the tensors, times restored: only the size differs."""
+    def test_size(self, entry) -> None:
+        """Bytes appended after the tensors, times restored: the size differs."""
         before, stat = key(entry), entry.file.stat()
         with entry.file.open("ab") as handle:
             handle.write(b"\0" * 8)
         keep_times(entry.file, stat)
-        assert key(entry) != before
+        with pytest.raises(FileChangedError, match="size"):
+            key(entry)
+        assert key(recollected(entry)) != before
 
-    def test_a_sampled_byte_alone(self, entry) -> None:
+    def test_a_sampled_byte_rewritten_in_place(self, entry) -> None:
         before, stat = key(entry), entry.file.stat()
         with entry.file.open("r+b") as handle:
             handle.seek(entry.offset + entry.nbytes - 1)
@@ -117,7 +156,7 @@ class TestKey:
             handle.seek(entry.offset + entry.nbytes - 1)
             handle.write(bytes([last[0] ^ 0x01]))
         keep_times(entry.file, stat)
-        assert key(entry) != before
+        assert key(recollected(entry)) != before
 
 
 class TestSamples:
@@ -126,51 +165,57 @@ class TestSamples:
         data = bytes(range(256)) * 600  # 153,600 bytes, no two 4 KiB blocks alike
         path = tmp_path / "blob"
         path.write_bytes(data)
-        big = dataclasses.replace(entry, file=path, offset=100, nbytes=128 * 1024)
+        big = at(entry, path, offset=100, nbytes=128 * 1024)
         stride = 8 * 1024
         expected = b"".join(data[100 + i * stride : 100 + i * stride + 4096] for i in range(16))
         expected += data[100 + 128 * 1024 - 4096 : 100 + 128 * 1024]
-        assert sample_bytes(big) == expected
+        assert big.sample_bytes() == expected
         assert len(expected) == 17 * 4096
 
     def test_a_small_tensor_is_sampled_whole(self, entry) -> None:
         """Under 16 x 4 KiB every byte is in some sample: flipping any one changes them."""
         data = entry.file.read_bytes()
-        sample = sample_bytes(entry)
+        sample = entry.sample_bytes()
         for position in (0, 1, entry.nbytes // 2, entry.nbytes - 1):
             flipped = bytearray(data)
             flipped[entry.offset + position] ^= 0x01
             entry.file.write_bytes(bytes(flipped))
-            assert sample_bytes(entry) != sample, position
+            assert at(entry, entry.file).sample_bytes() != sample, position
         entry.file.write_bytes(data)
-        assert sample_bytes(entry) == sample
+        assert at(entry, entry.file).sample_bytes() == sample
 
     def test_bytes_outside_the_tensor_are_not_read(self, entry) -> None:
         data = bytearray(entry.file.read_bytes())
-        sample = sample_bytes(entry)
+        sample = entry.sample_bytes()
         data[entry.offset - 1] ^= 0x01  # the byte before (end of the header)
         data.extend(b"trailing")  # and bytes after it
         entry.file.write_bytes(bytes(data))
-        assert sample_bytes(entry) == sample
+        assert at(entry, entry.file).sample_bytes() == sample
 
     def test_a_tensor_under_16_bytes_is_sampled_alone(self, entry, tmp_path) -> None:
         """8 bytes: 16 samples of stride 1 reach past its end; none reads beyond it."""
         path = tmp_path / "blob"
         data = bytearray(range(200))
         path.write_bytes(bytes(data))
-        tiny = dataclasses.replace(entry, file=path, offset=100, nbytes=8)
-        sample = sample_bytes(tiny)
+        sample = at(entry, path, offset=100, nbytes=8).sample_bytes()
         assert set(sample) == set(range(100, 108))
         data[108] ^= 0xFF
         path.write_bytes(bytes(data))
-        assert sample_bytes(tiny) == sample
+        assert at(entry, path, offset=100, nbytes=8).sample_bytes() == sample
 
-    def test_a_torch_save_file_is_sampled_from_its_start(self, tmp_path, entry) -> None:
-        path = tmp_path / "pytorch_model.bin"
-        data = bytes(range(256)) * 4
-        path.write_bytes(data)
-        whole = dataclasses.replace(entry, file=path, offset=-1, nbytes=len(data))
-        assert sample_bytes(whole).startswith(data[:1024])
+    def test_a_torch_save_tensor_is_sampled_at_its_own_bytes(self, entry, tmp_path) -> None:
+        """A ``.bin`` file's tensor is sampled where its storage lies in the zip, like a
+        safetensors one: its first block is the tensor's own bytes."""
+        weight = torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16)
+        directory = tmp_path / "bin"
+        directory.mkdir()
+        shutil.copy(entry.file.parent / "config.json", directory)
+        tensors = {name: t.float() for name, t in load_file(entry.file).items()}
+        tensors["model.layers.0.self_attn.q_proj.weight"] = weight
+        torch.save(tensors, directory / "pytorch_model.bin")
+        stored = open_checkpoint(directory).tensors[(0, "q")]
+        assert stored.offset > 0
+        assert stored.sample_bytes()[: 8 * 16 * 4] == weight.numpy().tobytes()
 
 
 def spectra(rows: int = 3) -> SliceSpectra:

@@ -7,7 +7,12 @@ import math
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import Geometry
-from pytest_spectral.judging.candidates import candidate_record, pruning_candidates, total_saving
+from pytest_spectral.judging.candidates import (
+    candidate_record,
+    pruning_candidates,
+    regressions,
+    total_saving,
+)
 from pytest_spectral.reporting.summary import render_summary
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
@@ -36,7 +41,19 @@ def record(
         "singular_values": [4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         "metrics": {"energy_rank(p=0.95)": rank},
         "broken_rules": [
-            {"rule": name, "value": 0.5, "severity": "fail", "baseline": None, "suggest": suggest}
+            {
+                "rule": name,
+                "metric": "stable_rank",
+                "value": 0.5,
+                "min": 1.0,
+                "max": None,
+                "min_change": None,
+                "max_change": None,
+                "baseline": None,
+                "severity": "fail",
+                "bound": "min",
+                "suggest": suggest,
+            }
             for name in rules
         ],
     }
@@ -73,14 +90,15 @@ def test_summary_table_prints_the_saved_parameters_and_their_share() -> None:
     records = [record(rank=2, head=1), record(rank=7, head=2), record("q", "remove_head", 6, 3)]
     candidates = pruning_candidates(records, "energy_rank(p=0.95)", GEOMETRY)
     text = render_summary(
-        records, candidates, total_saved=12345, energy=0.95, width=160, color=False
+        records, candidates, [], total_saved=12345, energy=0.95, width=160, color=False
     )
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
     rows = {row[0]: row[1:] for row in cells if row and row[0].startswith("L0")}
     # 176 / 256 = 68.75% saved (the kept share would be 31%); error sqrt(1 - 25/30) = 0.41
-    assert rows["L0 H1 q"] == ["r=0.5", "2 (0.41)", "6", "176 (69%)"]
-    assert rows["L0 H2 q"] == ["r=0.5", "7 (0.00)", "6", "none"]  # 7 * 40 > 256
-    assert rows["L0 H3 q"] == ["r=0.5", "6 (0.00)", "6", "16 (6%)"]
+    # each broken rule reads "name: value < bound" (stable_rank 0.5 below min 1)
+    assert rows["L0 H1 q"] == ["r: 0.5 < 1", "2 (0.41)", "6", "176 (69%)"]
+    assert rows["L0 H2 q"] == ["r: 0.5 < 1", "7 (0.00)", "6", "none"]  # 7 * 40 > 256
+    assert rows["L0 H3 q"] == ["r: 0.5 < 1", "6 (0.00)", "6", "16 (6%)"]
     assert "remove head: 512" in text
     assert "3 candidate slices; acting on every suggestion would save at most 12,345 " in text
     assert "rank@95%" in text
@@ -201,12 +219,16 @@ def test_undefined_rank_suggests_nothing(rank) -> None:
     assert (candidate.params_after, candidate.saved, candidate.saving_fraction) == (256, 0, 0.0)
 
 
-def test_truncation_error_needs_finite_energy() -> None:
+def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
+    """Their spectra price nothing: an all-zero slice or one with NaN weights is damage."""
     zero = {**record(rank=1), "singular_values": [0.0] * 8, "status": "zero_matrix"}
     broken = {**record(rank=1, head=2), "singular_values": ["nan"] * 8, "status": "nonfinite"}
-    candidates = pruning_candidates([zero, broken], "energy_rank(p=0.95)", GEOMETRY)
-    assert [c.error for c in candidates] == [None, None]
-    assert [c.rank for c in candidates] == [1, 1]
+    assert pruning_candidates([zero, broken], "energy_rank(p=0.95)", GEOMETRY) == []
+    found = regressions([zero, broken])
+    assert [(g.label, g.record["status"]) for g in found] == [
+        ("L0 H2 q", "nonfinite"),
+        ("L0 H3 q", "zero_matrix"),
+    ]
 
 
 @pytest.mark.parametrize(("rank", "error"), [(1, math.sqrt(14 / 30)), (3, math.sqrt(1 / 30))])

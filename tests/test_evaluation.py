@@ -10,6 +10,7 @@ import pytest
 
 from pytest_spectral.judging.evaluation import judge
 from pytest_spectral.judging.rules import load_rules
+from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.results import HeadSpectrum
 
 RULES = """
@@ -129,19 +130,42 @@ class TestOutcome:
         assert [b.reason for b in verdict.broken] == ["is undefined (nan)"]
 
 
+def report_entry(broken) -> dict:
+    """A broken rule as the report's ``broken_rules`` lists it (the fields wording needs)."""
+    rule = broken.rule
+    return {
+        "rule": rule.name,
+        "metric": rule.request.key,
+        "value": broken.value,
+        "min": rule.min,
+        "max": rule.max,
+        "min_change": rule.min_change,
+        "max_change": rule.max_change,
+        "baseline": broken.baseline,
+        "bound": broken.bound,
+    }
+
+
 class TestDescriptions:
+    """How a broken rule reads in failures, warnings and the summary (one wording)."""
+
     def test_value_with_six_significant_digits(self, rules) -> None:
         verdict = judge(rules, 0, 0, "q", spectrum(ratio=123.456789))
-        assert verdict.broken[0].describe() == "ill: first_last_ratio = 123.457 > max 100"
+        entry = report_entry(verdict.broken[0])
+        assert describe_broken(entry) == "ill: first_last_ratio = 123.457 > max 100"
+        assert describe_broken(entry, short=True, digits=3) == "ill: 123 > 100"
 
     def test_floor_limited_only_for_the_condition_number(self, rules) -> None:
         limited = spectrum(spectral_norm=5, ratio=400.0, floor_limited=True)
-        advisory, ill = judge(rules, 0, 0, "q", limited).broken
-        assert advisory.describe() == "advisory: spectral_norm = 5 > max 3"
-        assert ill.describe() == (
-            "ill: first_last_ratio = >= 400 (floor-limited: sigma_min is below the "
-            "storage/rounding floor) > max 100"
+        advisory, ill = (report_entry(b) for b in judge(rules, 0, 0, "q", limited).broken)
+        assert describe_broken(advisory, floor_limited=True) == (
+            "advisory: spectral_norm = 5 > max 3"
         )
+        assert describe_broken(ill, floor_limited=True) == (
+            "ill: first_last_ratio >= 400 > max 100 (a lower bound: sigma_min is below the "
+            "storage/rounding floor)"
+        )
+        assert describe_broken(ill) == "ill: first_last_ratio = 400 > max 100"
 
 
 class TestBaselines:

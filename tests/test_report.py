@@ -106,7 +106,8 @@ def test_head_record(rules) -> None:
                 "max_change": None,
                 "baseline": None,
                 "severity": "fail",
-                "suggest": "remove_head",
+                "bound": "max",  # 400 > 100
+                "suggest": "remove_head",  # the rule's own
             },
             {
                 "rule": "drift",
@@ -118,9 +119,11 @@ def test_head_record(rules) -> None:
                 "max_change": 0.1,
                 "baseline": 1.0,
                 "severity": "warn",
-                "suggest": "low_rank",
+                "bound": "max_change",  # (2 - 1) / 1 = +100% > +10%
+                "suggest": "none",  # a drift is a regression, never a pruning candidate
             },
         ],
+        "error": None,
     }
     json.dumps(record, allow_nan=False)  # nothing JSON cannot carry
 
@@ -156,7 +159,8 @@ def test_whole_matrix_record_with_non_finite_weights(rules) -> None:
 
 def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     checkpoint = open_checkpoint(tiny_checkpoint)
-    outcomes = {"b": "failed", "a": "passed", "d": "warned", "c": "passed"}
+    outcomes = {"b": "failed", "a": "passed", "d": "warned", "c": "passed", "g": "error"}
+    outcomes |= {"f": "skipped", "e": "not_run", "h": "failed"}
     records = [{"nodeid": f"spectral::{n}", "outcome": o} for n, o in outcomes.items()]
     report = build_report(
         checkpoint=checkpoint,
@@ -165,10 +169,11 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         settings={"precision": "float64"},
         records=records,
         candidates=[{"nodeids": ["spectral::b"]}],
+        regressions=[{"nodeids": ["spectral::h"]}, {"nodeids": ["spectral::d"]}],
         params_saved=1234,
     )
     assert report["schema"] == "pytest-spectral-report"
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["plugin_version"] == __version__
     assert report["python"] == platform.python_version()
     created = datetime.fromisoformat(report["created"])
@@ -190,15 +195,23 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     assert report["rules"] == {"path": str(rules.path), "sha256": rules.sha256, "count": 2}
     assert report["settings"] == {"precision": "float64"}
     assert report["summary"] == {
-        "items": 4,
+        "items": 8,
         "passed": 2,
-        "failed": 1,
+        "failed": 2,
         "warned": 1,
+        "error": 1,
+        "skipped": 1,
+        "not_run": 1,
+        "regressions": 2,
+        "candidates": 1,
         "params_saved": 1234,
     }
-    assert [r["nodeid"] for r in report["items"]] == [f"spectral::{n}" for n in "abcd"]
+    assert [r["nodeid"] for r in report["items"]] == [f"spectral::{n}" for n in "abcdefgh"]
+    assert report["regressions"] == [{"nodeids": ["spectral::h"]}, {"nodeids": ["spectral::d"]}]
     assert report["candidates"] == [{"nodeids": ["spectral::b"]}]
+    assert list(report)[-2:] == ["regressions", "candidates"]
     path = tmp_path / "out" / "report.json"
+    path.parent.mkdir()
     write_report(path, report)
     text = path.read_text()
     assert text.endswith("}\n")
@@ -214,16 +227,18 @@ def test_report_without_rules_file(tiny_checkpoint) -> None:
         settings={},
         records=[],
         candidates=[],
+        regressions=[],
         params_saved=0,
     )
     assert report["rules"] == {"path": None, "sha256": None, "count": 0}
     assert report["summary"] == {
         "items": 0,
-        "passed": 0,
-        "failed": 0,
-        "warned": 0,
+        **dict.fromkeys(["passed", "failed", "warned", "error", "skipped", "not_run"], 0),
+        "regressions": 0,
+        "candidates": 0,
         "params_saved": 0,
     }
+    assert (report["regressions"], report["candidates"]) == ([], [])
 
 
 def test_a_raw_nan_is_never_written(tmp_path) -> None:
@@ -233,8 +248,17 @@ def test_a_raw_nan_is_never_written(tmp_path) -> None:
 
 
 def test_atomic_write_replaces_the_whole_file(tmp_path) -> None:
-    path = tmp_path / "two" / "levels" / "report.json"
+    path = tmp_path / "report.json"
     write_text_atomically(path, "first, and longer\n")
     write_text_atomically(path, "second\n")
     assert path.read_text() == "second\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_a_missing_directory_is_never_created(tmp_path) -> None:
+    """Report paths are checked at startup (a missing directory is a usage error there); the
+    writer itself creates no directory either, so a typo never scatters directories."""
+    path = tmp_path / "two" / "levels" / "report.json"
+    with pytest.raises(FileNotFoundError):
+        write_text_atomically(path, "text\n")
+    assert list(tmp_path.iterdir()) == []

@@ -347,7 +347,8 @@ class TestMistakesNameFileLineAndKey:
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nsuggest = "prune"\n',
-                ":4: rule 1, key 'suggest': must be 'low_rank' or 'remove_head', got 'prune'",
+                ":4: rule 1, key 'suggest': must be 'low_rank', 'remove_head' or 'none', "
+                "got 'prune'",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nscope = "layer"\n',
@@ -396,7 +397,7 @@ class TestMistakesNameFileLineAndKey:
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmax = 2\n',
-                ": TOML syntax error: Cannot overwrite a value (at line 4, column 8)",
+                ": rules file: TOML syntax error: Cannot overwrite a value (at line 4, column 8)",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nlayer_range = "0-3"\n',
@@ -430,12 +431,16 @@ class TestMistakesNameFileLineAndKey:
         path.write_bytes(b'[[rules]]\nname = "caf\xe9"\n')
         with pytest.raises(RulesError) as info:
             load_rules(path)
-        assert str(info.value) == f"{path}: not UTF-8 text (invalid continuation byte at byte 21)"
+        assert str(info.value) == (
+            f"{path}: rules file is not UTF-8 text (invalid continuation byte at byte 21)"
+        )
 
     def test_a_directory_is_not_a_rules_file(self, tmp_path: Path) -> None:
         with pytest.raises(RulesError) as info:
             load_rules(tmp_path)
-        assert str(info.value) == f"{tmp_path}: cannot read rules file: Is a directory"
+        assert str(info.value) == (
+            f"{tmp_path}: is a directory, not a regular file; only regular files are read"
+        )
 
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(RulesError, match="cannot read rules file"):
