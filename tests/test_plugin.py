@@ -185,7 +185,7 @@ class TestGroupedQueryRules:
             """,
         )
         result = pytester.runpytest(
-            "--spectral-model", str(directory), "--spectral-thresholds", str(path),
+            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
             "--spectral-report", "r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=64 - 5, failed=5)
@@ -214,12 +214,12 @@ class TestCandidatesTable:
         8 * 32 / 40 = 6.4."""
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            "--spectral-model", str(planted), "--spectral-thresholds", str(path),
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
             "--spectral-report", "r.json",
         )  # fmt: skip
         result.stdout.fnmatch_lines(
             [
-                "*L1 H2 q *collapsed=1 *1 (0.0?) *6 *216 (84%)*",
+                "*L1 H2 q *collapsed: 1 < 1.5 *1 (0.0?) *6 *216 (84%)*",
                 "1 candidate slice; acting on every suggestion would save at most 216 parameters*",
             ]
         )
@@ -247,7 +247,7 @@ class TestFloorLimited:
             '[[rules]]\nname = "ill"\nmetric = "first_last_ratio"\nmax = 100\nmatrices = ["q"]\n',
         )
         result = pytester.runpytest(
-            "--spectral-model", str(directory), "--spectral-thresholds", str(path),
+            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
             "--spectral-report", "r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=31, failed=1)
@@ -267,8 +267,8 @@ class TestFloorLimited:
         result.stdout.fnmatch_lines(
             [
                 "layer 0, head 1, q: rows 8:16 of *",
-                "  FAIL ill: first_last_ratio = "
-                f">= {values[0] / floor:.6g} (floor-limited: sigma_min is below *) > max 100",
+                f"  FAIL ill: first_last_ratio >= {values[0] / floor:.6g} > max 100 "
+                "(a lower bound: sigma_min is below the storage/rounding floor)",
             ]
         )
 
@@ -487,40 +487,39 @@ class TestCacheKey:
         directory = write_checkpoint(
             pytester.path / "model", random_llama_weights(stated, seed=6), stated.config()
         )
-        args = ("--spectral-model", str(directory), *self.ARGS)
+        args = (f"--spectral-model={directory}", *self.ARGS)
         pytester.runpytest(*args).assert_outcomes(passed=32)  # fills the cache
         corrected = LlamaShape(layers=2, heads=2, kv_heads=2, head_dim=16, hidden=32, mlp=False)
         (directory / "config.json").write_text(json.dumps(corrected.config()))
         result = pytester.runpytest(*args, "--spectral-report", "r.json")
         result.assert_outcomes(passed=16)
-        result.stdout.fnmatch_lines(["spectral: layer 0: * (0 matrices from cache, *"])
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
         assert_spectra_of_the_file(report_items(pytester), directory / "model.safetensors", 16)
 
     def test_in_place_edit_of_an_unsampled_byte_is_recomputed(self, pytester) -> None:
         """A 128 KiB tensor: the 17 sampled 4 KiB blocks leave half of it unread, so only the
-        file's modification time tells that it changed."""
+        file's identity (its modification and status-change times) tells that it changed."""
         shape = LlamaShape(layers=1, heads=4, kv_heads=4, head_dim=64, hidden=256, mlp=False)
         directory = write_checkpoint(
             pytester.path / "model", random_llama_weights(shape, seed=7), shape.config()
         )
-        args = ("--spectral-model", str(directory), *self.ARGS)
+        args = (f"--spectral-model={directory}", *self.ARGS)
         pytester.runpytest(*args, "--spectral-report", "before.json").assert_outcomes(passed=16)
         from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-        from pytest_spectral.compute.cache import sample_bytes
 
         entry = open_checkpoint(directory).tensors[(0, "q")]
         assert entry.nbytes == 128 * 1024
-        sampled, stat = sample_bytes(entry), entry.file.stat()
+        sampled, stat = entry.sample_bytes(), entry.file.stat()
         # bytes 4096..8191 of every 8 KiB stride are never sampled: weight 3000 of q
         # (head 0, row 11, column 184) becomes 8.0 (bf16 0x4100, little-endian)
         with entry.file.open("r+b") as handle:
             handle.seek(entry.offset + 2 * 3000)
             handle.write(bytes([0x00, 0x41]))
-        assert sample_bytes(entry) == sampled
+        assert open_checkpoint(directory).tensors[(0, "q")].sample_bytes() == sampled
         assert (entry.file.stat().st_size, entry.file.stat().st_ino) == (stat.st_size, stat.st_ino)
         assert entry.file.stat().st_mtime_ns != stat.st_mtime_ns
         result = pytester.runpytest(*args, "--spectral-report", "after.json")
-        result.stdout.fnmatch_lines(["spectral: layer 0: * (0 matrices from cache, *"])
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
         after = report_items(pytester, "after.json")
         head = "spectral::layer00::head00-q"
         assert (
@@ -766,7 +765,7 @@ class TestScopes:
             pytester.path / "random", random_llama_weights(shape, seed=12), shape.config()
         )
         result = pytester.runpytest(
-            "--spectral-model", str(directory), "--spectral-scope", "matrix",
+            f"--spectral-model={directory}", "--spectral-scope", "matrix",
             "--spectral-report", "r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=2 * 7)
