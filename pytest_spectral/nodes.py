@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _pytest._code.code import (
+    ReprEntryNative,
+    ReprExceptionInfo,
+    ReprFileLocation,
+    ReprTraceback,
+)
 
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import MetricError
@@ -305,8 +311,21 @@ class SpectralItem(pytest.Item):
         style: TracebackStyle | None = None,
     ) -> str | TerminalRepr:
         if isinstance(excinfo.value, SpectralCheckError):
-            return str(excinfo.value)
+            return self._rule_failure(str(excinfo.value))
         return super().repr_failure(excinfo, style)
+
+    def _rule_failure(self, text: str) -> ReprExceptionInfo:
+        """The failure's whole text under its title, and its headline alone as the "crash"
+        message: pytest's short summary and junit's ``message`` attribute take that message,
+        and print it untrimmed on CI (``CI``/``BUILD_NUMBER`` set) or with ``-vv``; a plain
+        string would repeat every line of the block there. pytest-xdist serialises this
+        structure (a native traceback entry) as it is."""
+        headline = text.splitlines()[0] if text else ""
+        path, _, _ = self.reportinfo()
+        return ReprExceptionInfo(
+            reprtraceback=ReprTraceback([ReprEntryNative([text + "\n"])], None, "native"),
+            reprcrash=ReprFileLocation(str(path), 0, headline),
+        )
 
     def reportinfo(self) -> tuple[Path, None, str]:
         """The node id as the item's location: failure titles and ``-v`` lines then read like

@@ -80,7 +80,8 @@ def run_demo(*extra: str, cache: Path, probe: Path | None = None) -> subprocess.
     """The demo command from the repository root, as the quick start runs it (80 columns);
     the cache goes to ``cache`` so that the test leaves the clone as it was."""
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(probe or "")}
-    env.pop("PYTEST_ADDOPTS", None)
+    for name in ("PYTEST_ADDOPTS", "CI", "BUILD_NUMBER"):  # a terminal, as in the README
+        env.pop(name, None)
     command = [sys.executable, "-m", "pytest", *DEMO, "-o", f"cache_dir={cache}", *extra]
     if probe is not None:
         command += ["-p", "torch_probe"]
