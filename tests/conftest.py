@@ -37,9 +37,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if not spectral_only:
         from hypothesis import HealthCheck, settings
 
-        settings.register_profile("pytest-spectral", deadline=None)
+        default = settings.get_profile("default")  # not whatever an earlier run loaded
+        settings.register_profile("pytest-spectral", default, deadline=None)
         settings.register_profile(
             "mutation",
+            default,
             deadline=None,
             derandomize=True,
             max_examples=25,
