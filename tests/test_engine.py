@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
 from pytest_spectral.compute import device, spectra
@@ -92,6 +93,13 @@ class TestPlanAndPrefetch:
         assert set(engine._futures) == {2}
 
 
+def weight_of(checkpoint, layer: int, matrix: str) -> torch.Tensor:
+    """The stored weight, read with the safetensors library (not the plugin's reader)."""
+    entry = checkpoint.tensors[(layer, matrix)]
+    with safe_open(str(entry.file), framework="pt") as handle:
+        return handle.get_tensor(entry.name)
+
+
 def flip_middle_byte(data: bytes) -> bytes:
     middle = len(data) // 2
     return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
@@ -146,9 +154,49 @@ class TestCache:
         with pytest.raises(FileChangedError, match="changed after collection"):
             entry_key(entry, ("q", 4, 8), "float64")
 
-    def test_key_depends_on_precision(self, checkpoint) -> None:
+    def test_sampled_byte_edited_with_restored_mtime_is_recomputed(
+        self, checkpoint, tmp_path
+    ) -> None:
+        """A sampled byte changed, with size, inode and mtime as before: recomputed."""
+        cache = SpectraCache(tmp_path / "cache")
+        old = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
         entry = checkpoint.tensors[(0, "q")]
-        assert entry_key(entry, ("q", 4, 8), "float64") != entry_key(entry, ("q", 4, 8), "float32")
+        stat = entry.file.stat()
+        with entry.file.open("r+b") as handle:  # the first weight becomes 8.0 (bf16 0x4100)
+            handle.seek(entry.offset)
+            handle.write(bytes([0x00, 0x41]))
+        os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert entry.file.stat().st_mtime_ns == stat.st_mtime_ns
+        reopened = open_checkpoint(entry.file.parent)
+        new = SpectraEngine(reopened, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
+        edited = weight_of(reopened, 0, "q")[:8]  # query head 0: rows 0-7
+        assert new.singular_values != old.singular_values
+        np.testing.assert_allclose(new.singular_values, reference_values(edited), rtol=1e-9)
+
+    def test_precision_is_part_of_the_key(self, checkpoint, tmp_path) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
+        single = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache, precision="float32")
+        assert single.head(0, "q", 0).method == "svd32"
+        double = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache)
+        assert double.head(0, "q", 0).method == "gram"
+
+    def test_heads_and_whole_matrix_of_one_tensor_are_cached_apart(
+        self, checkpoint, tmp_path
+    ) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        plan = [(0, m, scope) for m in ("q", "k") for scope in ("head", "matrix")]
+        for _ in range(2):  # computed, then served from the cache
+            engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache)
+            engine.plan(plan)
+            for matrix in ("q", "k"):
+                weight = weight_of(checkpoint, 0, matrix)
+                whole = engine.whole(0, matrix).singular_values
+                np.testing.assert_allclose(whole, reference_values(weight), rtol=1e-9)
+                head = engine.head(0, matrix, 3).singular_values  # k: K/V head 1, rows 8-15
+                rows = weight[24:32] if matrix == "q" else weight[8:16]
+                np.testing.assert_allclose(head, reference_values(rows), rtol=1e-9)
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
     @pytest.mark.parametrize(
         "damage",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -190,31 +191,143 @@ class TestWarnOnly:
         result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2-3 k*collapsed*"])
 
 
+#: Each matrix's values apart from 10, at its own (layer, head): 3 layers x 5 heads per panel.
+HEATMAP_DEVIATIONS = {
+    "q": {(0, 1): 18.0, (2, 3): 14.0},
+    "k": {(1, 0): 2.0, (2, 4): 12.0},
+    "v": {(0, 4): 16.0, (1, 2): 8.0},
+    "o": {(2, 0): 4.0, (1, 2): math.nan},
+}
+
+
+def heatmap_records() -> list[dict]:
+    """3 layers x 5 heads, every value 10 but the few of ``HEATMAP_DEVIATIONS``, which differ
+    per matrix; o has no item at layer 2 head 4."""
+    return [
+        {
+            "layer": layer,
+            "head": head,
+            "matrix": matrix,
+            "metrics": {"effective_rank": HEATMAP_DEVIATIONS[matrix].get((layer, head), 10.0)},
+        }
+        for layer in range(3)
+        for head in range(5)
+        for matrix in "qkvo"
+        if (matrix, layer, head) != ("o", 2, 4)
+    ]
+
+
+def panel_lines(text: str) -> list[str]:
+    """The heatmap's lines from the first panel's header on (the legend above wraps)."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("q  ")) :]
+
+
 class TestHeatmap:
+    # One scale for all panels (README, heatmaps): 50 of the 58 finite values are 10, so the
+    # median is 10 and the median absolute deviation 0; the scale then reaches as far as the
+    # furthest value, 8 away (2 and 18). A cell's shade is |value - 10| / 8 with no bad side:
+    # 2 away (12, 8) is 0.25, '░'; 4 away (14) 0.5, '▒'; 6 away (16, 4) 0.75, '▓'; 8 away
+    # (18, 2) 1, '█'. Each panel is 5 + 5 heads wide, with 2 columns between panels.
+    PANELS = (
+        "q           k           v           o",
+        "  0   █       0           0      ▓    0",
+        "  1           1  █        1    ░      1    x",
+        "  2     ▒     2      ░    2           2  ▓   ·",
+    )
+    RANGES = (
+        "q: 10..18; furthest: L0 H1 18",
+        "k: 2..12; furthest: L1 H0 2",
+        "v: 8..16; furthest: L0 H4 16",
+        "o: 4..10; furthest: L2 H0 4; 1 undefined",
+    )
+
+    def test_each_panel_shades_its_own_matrix_by_hand(self) -> None:
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=80, color=False
+        )
+        assert " ".join(text.split()).startswith(
+            "effective_rank per head (rows: layers, columns: heads): neither direction is bad "
+            "by itself; one scale for every panel, from the median 10 to 2 (5 robust SD) and "
+            "18 (5 robust SD)."
+        )
+        assert panel_lines(text) == [*self.PANELS, *self.RANGES]
+
+    def test_only_the_bad_side_is_shaded(self) -> None:
+        """With high bad, the values below 10 (k's 2, v's 8, o's 4) stay blank."""
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=80, color=False,
+            bad="high",
+        )  # fmt: skip
+        assert panel_lines(text)[1:4] == [
+            "  0   █       0           0      ▓    0",
+            "  1           1           1           1    x",
+            "  2     ▒     2      ░    2           2      ·",
+        ]
+        # the furthest head is the furthest on the bad side
+        assert "k: 2..12; furthest: L2 H4 12" in panel_lines(text)
+
+    def test_panels_wrap_to_the_width(self) -> None:
+        # each panel is 5 + 5 heads wide plus 2 of gap: three fit in 40 columns
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=40, color=False
+        )
+        assert panel_lines(text) == [
+            *(line[:34].rstrip() for line in self.PANELS),
+            *(line[36:] for line in self.PANELS),
+            *self.RANGES,
+        ]
+
     def test_terminal_heatmap_of_a_32_by_32_model_fits_80_columns(self) -> None:
+        """q and v run 0..1023 (layer * 32 + head), k and o the same negated. The median of
+        all is 0 and the median absolute deviation 511.5, so the scale reaches 5 x 1.4826 x
+        511.5 = 3791.7 on each side: only values at least 948 away (25%) are shaded, from
+        layer 29 head 20 on (29 * 32 + 20 = 948)."""
         records = [
             {
                 "layer": layer,
                 "head": head,
                 "matrix": matrix,
-                "metrics": {"effective_rank": float(layer * 32 + head)},
+                "metrics": {"effective_rank": float(sign * (layer * 32 + head))},
             }
             for layer in range(32)
             for head in range(32)
-            for matrix in "qkvo"
+            for matrix, sign in zip("qkvo", (1, -1, 1, -1), strict=True)
         ]
         text = render_heatmap(records, "effective_rank", layers=32, heads=32, width=80, color=False)
-        lines = text.splitlines()
+        lines = [line.rstrip() for line in text.splitlines()]
         assert max(len(line) for line in lines) <= 80
-        assert sum(line.startswith("q: 0..1023;") for line in lines) == 1
-        assert sum(line.startswith(" 31  ") for line in lines) == 2  # two panels a row
+        assert [line for line in lines if line.startswith((" 28  ", " 29  "))] == [
+            " 28  " + " " * 32 + "   28",  # two panels a row: q k, then v o
+            " 29  " + " " * 20 + "░" * 12 + "   29  " + " " * 20 + "░" * 12,
+            " 28  " + " " * 32 + "   28",
+            " 29  " + " " * 20 + "░" * 12 + "   29  " + " " * 20 + "░" * 12,
+        ]
+        assert lines[-4:] == [
+            "q: 0..1023; furthest: L31 H31 1023",
+            "k: -1023..0; furthest: L31 H31 -1023",
+            "v: 0..1023; furthest: L31 H31 1023",
+            "o: -1023..0; furthest: L31 H31 -1023",
+        ]
 
     def test_heatmap_in_the_summary(self, pytester) -> None:
-        model = write_model(pytester, "model")
+        """K/V head 1 of layer 1 (query heads 2 and 3) collapsed to rank 1: effective rank 1,
+        far below the healthy heads' (low is bad for it), so only the k panel shows it, at
+        full shade in both of its query heads' cells."""
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(
             f"--spectral-model={model}", "--spectral-heatmap", "effective_rank"
         )
-        result.stdout.fnmatch_lines(["effective_rank per head (rows: layers, *", "q *k *v *o *"])
+        result.stdout.fnmatch_lines(
+            ["effective_rank per head (rows: layers, *low is bad*", "q *k *v *o *"]
+        )
+        # panels are 5 + 4 heads wide with 2 columns between them: q, k, v, o
+        row = next(line for line in result.outlines if line.startswith("  1  "))
+        cells = {matrix: row[11 * i + 5 : 11 * i + 9] for i, matrix in enumerate("qkvo")}
+        assert cells["k"][2:] == "██"
+        assert "█" not in cells["k"][:2] + cells["q"] + cells["v"] + cells["o"]
+        assert sum(line.count("█") for line in result.outlines if line[:3].strip().isdigit()) == 2
+        result.stdout.fnmatch_lines(["k: 1..*; furthest: L1 H2 1"])
 
     def test_unknown_heatmap_metric(self, pytester) -> None:
         model = write_model(pytester, "model")
@@ -241,6 +354,11 @@ class TestHtmlReport:
         assert "https://" not in page
         assert '<table class="candidates">' in page
         assert "collapsed: stable_rank" in page
+        # one candidate: the rank-1 K slice (8 x 32) shared by query heads 2 and 3, whose
+        # rank-1 factorisation keeps 40 of 256 parameters
+        assert page.count('<tr class="failed">') == 1
+        assert "<td>1</td><td>2, 3</td><td>k</td><td>failed</td>" in page
+        assert "<td>1</td><td>8x32</td><td>216 (84%)</td></tr>" in page
 
     @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
     def test_renders_in_headless_chromium(self, pytester) -> None:

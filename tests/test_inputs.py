@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import textwrap
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,103 @@ class TestHubIds:
             ]
         )
 
+    @staticmethod
+    def repository(root: Path, model: Path, weights: str) -> Path:
+        """A hub repository on disk: ``model``'s weights sharded in two, as safetensors or
+        as ``.bin`` files, each with its index, beside files a run never reads (tokenizer,
+        generation config, the other format's shards, optimizer state, Flax weights,
+        Meta's original files), which hold nothing readable."""
+        root.mkdir()
+        shutil.copy(model / "config.json", root)
+        tensors = load_file(model / "model.safetensors")
+        names = sorted(tensors)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        formats = {
+            "safetensors": ("model-0000{}-of-00002.safetensors", "model.safetensors.index.json"),
+            "bin": ("pytorch_model-0000{}-of-00002.bin", "pytorch_model.bin.index.json"),
+        }
+        for kind, (pattern, index) in formats.items():
+            if kind != weights:
+                for number in (1, 2):
+                    (root / pattern.format(number)).write_bytes(b"never read")
+                continue
+            weight_map = {}
+            for number, part in enumerate(halves, 1):
+                filename = pattern.format(number)
+                if kind == "bin":
+                    torch.save({n: tensors[n] for n in part}, root / filename)
+                else:
+                    save_file({n: tensors[n] for n in part}, str(root / filename))
+                weight_map.update(dict.fromkeys(part, filename))
+            (root / index).write_text(json.dumps({"weight_map": weight_map}))
+        for name in ("generation_config.json", "tokenizer.json", "optimizer.pt"):
+            (root / name).write_bytes(b"never read")
+        (root / "flax_model.msgpack").write_bytes(b"never read")
+        (root / "original").mkdir()
+        (root / "original" / "consolidated.00.pth").write_bytes(b"never read")
+        return root
+
+    @pytest.mark.parametrize("revision", [None, "v2"])
+    @pytest.mark.parametrize(
+        ("weights", "index", "shards"),
+        [
+            (
+                "safetensors",
+                "model.safetensors.index.json",
+                ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+            ),
+            (
+                "bin",
+                "pytorch_model.bin.index.json",
+                ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+            ),
+        ],
+    )
+    def test_download_asks_for_the_revision_and_only_what_is_read(
+        self, pytester, model, monkeypatch, revision, weights, index, shards
+    ) -> None:
+        """The revision is resolved to a commit in one request; the index is fetched at that
+        commit, then the config, the index and the shards it lists, and nothing else (the
+        run passes on exactly those files)."""
+        hub = pytest.importorskip("huggingface_hub")
+        constants = pytest.importorskip("huggingface_hub.constants")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        source = self.repository(pytester.path / "repository", model, weights)
+        listing = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+        commit = "c0ffee" * 6 + "abcd"
+        snapshot = pytester.path / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        calls: list[tuple[object, ...]] = []
+
+        class Info:
+            sha = commit
+            siblings = tuple(type("Sibling", (), {"rfilename": name}) for name in listing)
+
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> Info:
+            calls.append(("info", repo_id, revision))
+            return Info()
+
+        def snapshot_download(
+            repo_id: str, *, revision: str | None = None, allow_patterns: list[str]
+        ) -> str:
+            fetched = sorted(f for f in listing if any(fnmatch(f, p) for p in allow_patterns))
+            calls.append(("download", repo_id, revision, tuple(fetched)))
+            for name in fetched:
+                shutil.copy(source / name, snapshot / name)
+            return str(snapshot)
+
+        monkeypatch.setattr(hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+        args = ("--spectral-revision", revision) if revision else ()
+        result = pytester.runpytest("--spectral-model", "org/tiny", *args, "-p", "no:xdist")
+        result.assert_outcomes(passed=ITEMS)
+        assert calls == [
+            ("info", "org/tiny", revision),
+            ("download", "org/tiny", commit, (index,)),
+            ("download", "org/tiny", commit, tuple(sorted(["config.json", index, *shards]))),
+        ]
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(["config.json", index, *shards])
+
     @pytest.mark.parametrize(
         ("error", "advice"),
         [
@@ -108,7 +206,8 @@ class TestHubIds:
             error, type(error, (OSError,), {})
         )
 
-        def model_info(self, repo_id: str, revision: str | None = None) -> object:
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> object:
+            assert (repo_id, revision) == ("org/tiny", "v9")
             raise failure("401 Client Error")
 
         monkeypatch.setattr(hub.HfApi, "model_info", model_info)

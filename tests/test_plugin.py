@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pytest_spectral.testing.strategies import matrix_from_spectrum
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
@@ -150,6 +151,124 @@ class TestOutcomes:
         )
 
 
+class TestGroupedQueryRules:
+    """``heads`` in a rule are query heads, also for the K/V items a group of them shares."""
+
+    GQA = LlamaShape(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+
+    def test_heads_select_k_and_v_items_by_query_head(self, pytester) -> None:
+        directory = write_checkpoint(
+            pytester.path / "gqa", random_llama_weights(self.GQA, seed=5), self.GQA.config()
+        )
+        # stable_rank <= 8 for every 8 x 32 slice: each selected item breaks these rules
+        path = rules(
+            pytester,
+            """
+            [[rules]]
+            name = "k-of-heads-0-1"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["k"]
+            heads = "0-1"
+
+            [[rules]]
+            name = "v-of-head-5"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["v"]
+            heads = "5"
+            layers = "1"
+            """,
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=64 - 5, failed=5)
+        report = json.loads((pytester.path / "r.json").read_text())
+        failed = sorted(i["nodeid"] for i in report["items"] if i["outcome"] == "failed")
+        # query heads 0-3 share K/V head 0, heads 4-7 K/V head 1
+        assert failed == [
+            "spectral::layer00::head00-k",
+            "spectral::layer00::head01-k",
+            "spectral::layer01::head00-k",
+            "spectral::layer01::head01-k",
+            "spectral::layer01::head05-v",
+        ]
+        # the shared K slice is one candidate naming only the query heads the rule selects
+        labels = sorted(
+            (c["layer"], c["matrix"], c["kv_head"], c["heads"]) for c in report["candidates"]
+        )
+        assert labels == [(0, "k", 0, [0, 1]), (1, "k", 0, [0, 1]), (1, "v", 1, [5])]
+        result.stdout.fnmatch_lines(["*L1 H0-1 k*k-of-heads-0-1*"])
+
+
+class TestCandidatesTable:
+    def test_params_saved_is_the_saved_share(self, pytester, planted) -> None:
+        """The planted head is rank 1, 8 x 32: a rank-1 factorisation keeps 1 * (8 + 32) = 40
+        of 256 parameters, saving 216, i.e. 84% (the kept share would be 16%); break-even
+        8 * 32 / 40 = 6.4."""
+        path = rules(pytester, STABLE_RANK_RULE)
+        result = pytester.runpytest(
+            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.stdout.fnmatch_lines(
+            [
+                "*L1 H2 q *collapsed: 1 < 1.5 *1 (0.0?) *6 *216 (84%)*",
+                "1 candidate slice; acting on every suggestion would save at most 216 parameters*",
+            ]
+        )
+        report = json.loads((pytester.path / "r.json").read_text())
+        (candidate,) = report["candidates"]
+        assert candidate["suggested_rank"] == 1
+        assert candidate["params"] == 256
+        assert candidate["params_after_factorisation"] == 40
+        assert candidate["params_saved"] == 216
+        assert candidate["break_even_rank"] == pytest.approx(6.4)
+        assert report["summary"]["params_saved"] == 216
+
+
+class TestFloorLimited:
+    def test_condition_number_below_the_bf16_floor_is_a_lower_bound(self, pytester) -> None:
+        """A head of true condition number 1e6, stored in bf16: its sigma_min is rounding noise,
+        so the ratio is sigma_1 / floor, floor = 2^-8 rms(W) (sqrt(m) + sqrt(n)) (README)."""
+        tensors = random_llama_weights(SHAPE, seed=3)
+        spectrum = np.geomspace(1.0, 1e-6, 8)
+        block = torch.from_numpy(matrix_from_spectrum(spectrum, 8, 32, seed=0))
+        tensors[attention_name(0, "q")][8:16] = block.float()
+        directory = write_checkpoint(pytester.path / "ill", tensors, SHAPE.config())
+        path = rules(
+            pytester,
+            '[[rules]]\nname = "ill"\nmetric = "first_last_ratio"\nmax = 100\nmatrices = ["q"]\n',
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=31, failed=1)
+        from safetensors.torch import load_file
+
+        stored = load_file(directory / "model.safetensors")[attention_name(0, "q")][8:16]
+        values = np.linalg.svd(stored.double().numpy(), compute_uv=False)
+        floor = 2.0**-8 * np.sqrt((values**2).sum() / (8 * 32)) * (np.sqrt(8) + np.sqrt(32))
+        assert values[-1] < floor
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
+        item = items["spectral::layer00::head01-q"]
+        assert item["floor_limited"] is True
+        assert item["metrics"]["first_last_ratio"] == pytest.approx(values[0] / floor, rel=1e-9)
+        assert [i for i, record in items.items() if record["floor_limited"]] == [item["nodeid"]]
+        result.stdout.fnmatch_lines(
+            [
+                "layer 0, head 1, q: rows 8:16 of *",
+                f"  FAIL ill: first_last_ratio >= {values[0] / floor:.6g} > max 100 "
+                "(a lower bound: sigma_min is below the storage/rounding floor)",
+            ]
+        )
+
+
 class TestPytestOptionsWork:
     def test_keyword_selection(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "-k", "layer00 and q")
@@ -208,11 +327,11 @@ class TestJsonReport:
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
-        saved = report["candidates"][0]["params_saved"]  # one candidate: checked below
+        # the planted head is rank 1: a rank-1 factorisation of 8 x 32 saves 256 - 40
         counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
         counts |= {"error": 0, "skipped": 0, "not_run": 0}
         counts |= {"regressions": 0, "candidates": 1}
-        assert report["summary"] == {**counts, "params_saved": saved}
+        assert report["summary"] == {**counts, "params_saved": 216}
         assert report["regressions"] == []
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
@@ -241,9 +360,8 @@ class TestJsonReport:
         (candidate,) = report["candidates"]
         assert candidate["nodeids"] == [COLLAPSED]
         assert (candidate["heads"], candidate["rules"]) == ([2], ["collapsed"])
-        rank = candidate["suggested_rank"]
-        assert rank == collapsed["metrics"]["energy_rank(p=0.95)"]
-        assert candidate["params_saved"] == 8 * 32 - rank * (8 + 32)
+        assert candidate["suggested_rank"] == collapsed["metrics"]["energy_rank(p=0.95)"] == 1
+        assert candidate["params_saved"] == 216
 
     def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
@@ -331,6 +449,78 @@ class TestUsageErrors:
         result = pytester.runpytest(f"--spectral-model={planted}", option, value)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([message])
+
+
+def report_items(pytester: pytest.Pytester, name: str = "r.json") -> dict[str, dict]:
+    return {i["nodeid"]: i for i in json.loads((pytester.path / name).read_text())["items"]}
+
+
+def assert_spectra_of_the_file(items: dict[str, dict], weights_file: Path, head_dim: int) -> None:
+    """Every item's singular values are numpy's of its slice, read from the file as it is now."""
+    from safetensors.torch import load_file
+
+    weights = {k: v.double().numpy() for k, v in load_file(weights_file).items()}
+    for nodeid, item in items.items():
+        weight = weights[attention_name(item["layer"], item["matrix"])]
+        index = item["kv_head"] if item["kv_head"] is not None else item["head"]
+        rows = slice(index * head_dim, (index + 1) * head_dim)
+        block = weight[:, rows] if item["matrix"] == "o" else weight[rows]
+        reference = np.linalg.svd(block, compute_uv=False)
+        assert len(item["singular_values"]) == head_dim, nodeid
+        np.testing.assert_allclose(item["singular_values"], reference, rtol=1e-9, err_msg=nodeid)
+
+
+class TestCacheKey:
+    """What makes a cached spectrum stale, seen from the user's side."""
+
+    ARGS = ("-p", "no:xdist", "-v")
+
+    def test_corrected_config_with_the_same_shapes_is_not_served_stale(self, pytester) -> None:
+        """4 heads of 8 and 2 heads of 16 give the same tensor shapes (32 x 32) and files."""
+        stated = LlamaShape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(stated, seed=6), stated.config()
+        )
+        args = (f"--spectral-model={directory}", *self.ARGS)
+        pytester.runpytest(*args).assert_outcomes(passed=32)  # fills the cache
+        corrected = LlamaShape(layers=2, heads=2, kv_heads=2, head_dim=16, hidden=32, mlp=False)
+        (directory / "config.json").write_text(json.dumps(corrected.config()))
+        result = pytester.runpytest(*args, "--spectral-report", "r.json")
+        result.assert_outcomes(passed=16)
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
+        assert_spectra_of_the_file(report_items(pytester), directory / "model.safetensors", 16)
+
+    def test_in_place_edit_of_an_unsampled_byte_is_recomputed(self, pytester) -> None:
+        """A 128 KiB tensor: the 17 sampled 4 KiB blocks leave half of it unread, so only the
+        file's identity (its modification and status-change times) tells that it changed."""
+        shape = LlamaShape(layers=1, heads=4, kv_heads=4, head_dim=64, hidden=256, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=7), shape.config()
+        )
+        args = (f"--spectral-model={directory}", *self.ARGS)
+        pytester.runpytest(*args, "--spectral-report", "before.json").assert_outcomes(passed=16)
+        from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+
+        entry = open_checkpoint(directory).tensors[(0, "q")]
+        assert entry.nbytes == 128 * 1024
+        sampled, stat = entry.sample_bytes(), entry.file.stat()
+        # bytes 4096..8191 of every 8 KiB stride are never sampled: weight 3000 of q
+        # (head 0, row 11, column 184) becomes 8.0 (bf16 0x4100, little-endian)
+        with entry.file.open("r+b") as handle:
+            handle.seek(entry.offset + 2 * 3000)
+            handle.write(bytes([0x00, 0x41]))
+        assert open_checkpoint(directory).tensors[(0, "q")].sample_bytes() == sampled
+        assert (entry.file.stat().st_size, entry.file.stat().st_ino) == (stat.st_size, stat.st_ino)
+        assert entry.file.stat().st_mtime_ns != stat.st_mtime_ns
+        result = pytester.runpytest(*args, "--spectral-report", "after.json")
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
+        after = report_items(pytester, "after.json")
+        head = "spectral::layer00::head00-q"
+        assert (
+            after[head]["singular_values"]
+            != report_items(pytester, "before.json")[head]["singular_values"]
+        )
+        assert_spectra_of_the_file(after, directory / "model.safetensors", 64)
 
 
 class TestEngineOptions:
@@ -553,6 +743,29 @@ class TestScopes:
         reference = np.linalg.svd(weights["model.layers.1.mlp.down_proj.weight"], compute_uv=False)
         assert down["shape"] == [32, 48]
         np.testing.assert_allclose(down["singular_values"], reference, rtol=1e-9)
+
+    def test_whole_matrices_are_measured_with_their_own_shape(self, pytester) -> None:
+        """Random Gaussian matrices have no spikes; counted against the head slice's shape
+        instead of the matrix's, the noise bulk itself would be counted as spikes."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=96)
+        directory = write_checkpoint(
+            pytester.path / "random", random_llama_weights(shape, seed=12), shape.config()
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-scope", "matrix",
+            "--spectral-report", "r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=2 * 7)
+        items = json.loads((pytester.path / "r.json").read_text())["items"]
+        shapes = {i["matrix"]: tuple(i["shape"]) for i in items}
+        assert shapes == {
+            "q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64),
+            "gate": (96, 64), "up": (96, 64), "down": (64, 96),
+        }  # fmt: skip
+        for item in items:
+            assert len(item["singular_values"]) == min(item["shape"]), item["nodeid"]
+            assert item["metrics"]["gd_spikes"] == 0, item["nodeid"]
+            assert item["metrics"]["mp_spikes"] == 0, item["nodeid"]
 
     def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-matrices", "q,gate")

@@ -19,6 +19,7 @@ from pytest_spectral.compute import spectra
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import slice_singular_values
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.testing.strategies import matrix_from_spectrum
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
@@ -181,6 +182,38 @@ def test_householder_qr_takes_what_cholesky_qr2_cannot_certify() -> None:
     assert error.max() < 100 * np.finfo(np.float64).eps  # backward stable: eps * sigma_max
 
 
+def rotated_block(kappa: float, seed: int, rows: int = 32, cols: int = 512) -> np.ndarray:
+    """``U diag(s) V^T`` with random orthonormal U, V and s geometric from 1 down to 1/kappa.
+
+    Rotated, not graded: scaling the rows of a random matrix (a graded matrix) leaves Gram +
+    eigvalsh accurate to about 1e-13 whatever the condition number, so only a rotated block
+    shows the eps * kappa^2 error the SVD fallback exists for (about 1e-5 at kappa 1e6).
+    """
+    return matrix_from_spectrum(np.geomspace(1.0, 1.0 / kappa, rows), rows, cols, seed)
+
+
+#: the Gram route is certified for lambda_min / lambda_max >= eps / 1e-10, i.e. kappa <~ 671
+GRAM_LIMIT = (1e-10 / np.finfo(np.float64).eps) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kappa", [1e1, 1e2, 6e2, 1e3, 1e4, 1e6])
+def test_accuracy_contract_for_every_storage_dtype(kappa: float, dtype: torch.dtype) -> None:
+    """1e-9 relative to LAPACK float64 on the stored values, whichever route each head took."""
+    blocks = torch.stack([torch.from_numpy(rotated_block(kappa, seed)) for seed in range(4)])
+    blocks = blocks.to(dtype)
+    result = slice_singular_values(blocks)
+    for i in range(4):
+        reference = np.linalg.svd(blocks[i].to(torch.float64).numpy(), compute_uv=False)
+        measured = reference[0] / reference[-1]  # bf16 rounding caps it near 4e3
+        assert relative_error(result.singular_values[i].tolist(), reference) < RELATIVE_CONTRACT
+        # The fast Gram route is used exactly where its error bound holds.
+        expected = ("gram",) if measured < GRAM_LIMIT else ("cholqr2", "qr")
+        assert result.methods[i] in expected, measured
+    if dtype != torch.bfloat16:
+        assert measured == pytest.approx(kappa, rel=1e-3)
+
+
 def test_non_finite_weights_poison_only_their_head() -> None:
     blocks = torch.randn(3, 4, 16, dtype=torch.float32)
     blocks[1, 2, 3] = float("nan")
@@ -189,6 +222,20 @@ def test_non_finite_weights_poison_only_their_head() -> None:
     assert result.nonfinite == [0, 2, 0]
     assert np.isnan(result.singular_values[1]).all()
     assert np.isfinite(result.singular_values[[0, 2]]).all()
+
+
+def test_non_finite_weights_in_float32_precision() -> None:
+    """--spectral-dtype float32: the same per-head counts and nan rows as float64."""
+    blocks = torch.randn(3, 4, 16, dtype=torch.float32)
+    blocks[1, 2, 3] = float("nan")
+    blocks[1, 0, 0] = float("-inf")
+    result = slice_singular_values(blocks, dtype=torch.float32)
+    assert result.nonfinite == [0, 2, 0]
+    assert result.methods == ["svd32"] * 3
+    assert np.isnan(result.singular_values[1]).all()
+    for i in (0, 2):
+        reference = np.linalg.svd(blocks[i].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(result.singular_values[i], reference, rtol=1e-5)
 
 
 def test_zero_head_has_zero_singular_values() -> None:

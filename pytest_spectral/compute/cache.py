@@ -23,6 +23,7 @@ never leave a half-written entry; an unreadable or inconsistent entry is deleted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -82,7 +83,7 @@ class SpectraCache:
         except FileNotFoundError:
             return None
         except Exception:  # any corruption: never trust it, recompute
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
         consistent = (
             stored_key == key
@@ -92,7 +93,7 @@ class SpectraCache:
             and (floor is None or floor.shape == values.shape[:1])
         )
         if not consistent:
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
         return SliceSpectra(values, nonfinite, methods, metrics, floor)
 
@@ -109,14 +110,23 @@ class SpectraCache:
             **{_METRIC + name: column for name, column in spectra.metrics.items()},
             **({} if spectra.floor is None else {_FLOOR: spectra.floor}),
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        except OSError:
+            return  # a cache that cannot be written is no cache
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(buffer.getvalue())
             os.replace(temporary, self._path(key))
         except OSError:
-            Path(temporary).unlink(missing_ok=True)  # a cache that cannot be written is no cache
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """Remove an entry that cannot be trusted, if the cache lets us."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _checksum(

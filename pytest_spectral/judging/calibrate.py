@@ -98,8 +98,9 @@ def _rule(
     p5, p95 = (float(x) for x in np.percentile(data, [5, 95]))
     widen = margin * (p95 - p5)
     lower, upper = low - widen, high + widen
-    if log:
-        lower, upper = 10**lower, 10**upper
+    if log:  # numpy's power: inf or 0 (not OverflowError) past float64's range
+        with np.errstate(over="ignore", under="ignore"):
+            lower, upper = float(np.power(10.0, lower)), float(np.power(10.0, upper))
     lower = min(lower, float(values.min()))  # never inside the observed range after rounding
     upper = max(upper, float(values.max()))
     how = "log10 " if log else ""
