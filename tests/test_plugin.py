@@ -181,8 +181,8 @@ class TestGroupedQueryRules:
             """,
         )
         result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
-            "--spectral-report", "r.json",
+            f"--spectral-model={directory}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=64 - 5, failed=5)
         report = json.loads((pytester.path / "r.json").read_text())
@@ -210,8 +210,8 @@ class TestCandidatesTable:
         8 * 32 / 40 = 6.4."""
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
-            "--spectral-report", "r.json",
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.stdout.fnmatch_lines(
             [
@@ -243,8 +243,8 @@ class TestFloorLimited:
             '[[rules]]\nname = "ill"\nmetric = "first_last_ratio"\nmax = 100\nmatrices = ["q"]\n',
         )
         result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-thresholds", str(path),
-            "--spectral-report", "r.json",
+            f"--spectral-model={directory}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=31, failed=1)
         from safetensors.torch import load_file
@@ -485,7 +485,7 @@ class TestCacheKey:
         pytester.runpytest(*args).assert_outcomes(passed=32)  # fills the cache
         corrected = LlamaShape(layers=2, heads=2, kv_heads=2, head_dim=16, hidden=32, mlp=False)
         (directory / "config.json").write_text(json.dumps(corrected.config()))
-        result = pytester.runpytest(*args, "--spectral-report", "r.json")
+        result = pytester.runpytest(*args, "--spectral-report=r.json")
         result.assert_outcomes(passed=16)
         result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
         assert_spectra_of_the_file(report_items(pytester), directory / "model.safetensors", 16)
@@ -498,7 +498,7 @@ class TestCacheKey:
             pytester.path / "model", random_llama_weights(shape, seed=7), shape.config()
         )
         args = (f"--spectral-model={directory}", *self.ARGS)
-        pytester.runpytest(*args, "--spectral-report", "before.json").assert_outcomes(passed=16)
+        pytester.runpytest(*args, "--spectral-report=before.json").assert_outcomes(passed=16)
         from pytest_spectral.checkpoints.checkpoint import open_checkpoint
 
         entry = open_checkpoint(directory).tensors[(0, "q")]
@@ -512,7 +512,7 @@ class TestCacheKey:
         assert open_checkpoint(directory).tensors[(0, "q")].sample_bytes() == sampled
         assert (entry.file.stat().st_size, entry.file.stat().st_ino) == (stat.st_size, stat.st_ino)
         assert entry.file.stat().st_mtime_ns != stat.st_mtime_ns
-        result = pytester.runpytest(*args, "--spectral-report", "after.json")
+        result = pytester.runpytest(*args, "--spectral-report=after.json")
         result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
         after = report_items(pytester, "after.json")
         head = "spectral::layer00::head00-q"
@@ -753,7 +753,7 @@ class TestScopes:
         )
         result = pytester.runpytest(
             f"--spectral-model={directory}", "--spectral-scope", "matrix",
-            "--spectral-report", "r.json",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=2 * 7)
         items = json.loads((pytester.path / "r.json").read_text())["items"]

@@ -266,7 +266,7 @@ severity = "warn"
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
 
 
-CHOOSE = "choose from q, k, v, o, gate, up, gate_up, down, fc1, fc2"
+CHOOSE = "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2"
 
 
 class TestMistakesNameFileLineAndKey:
