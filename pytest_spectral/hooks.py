@@ -72,9 +72,10 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
             "all-zero weights; every metric is recorded"
         )
     if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
+        trend = " without a window (rules with one compare with --spectral-history)"
         lines.append(
             f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
-            "min_change or max_change"
+            f"min_change or max_change{trend if any(r.is_trend for r in rules.rules) else ''}"
         )
     if run.history is not None:
         labels = run.history.table.labels
