@@ -92,6 +92,8 @@ class SpectralPlugin:
         self._verdicts: Verdicts | None = None
         self._header_shown = False
         self._items: list[Record] | None = None
+        #: warned items whose warning the warning filters would have made an error
+        self._warnings_kept = 0
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items (the
@@ -143,12 +145,16 @@ class SpectralPlugin:
         if call.when == "call" and isinstance(item, SpectralItem) and item.record is not None:
             # A report attribute survives pytest-xdist's serialisation to the controller.
             report.spectral = item.record  # type: ignore[attr-defined]
+            if item.warning_kept:
+                report.spectral_warning_kept = True  # type: ignore[attr-defined]
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         record = getattr(report, "spectral", None)
         if record is not None:
             self.run.records[report.nodeid] = record
+        if getattr(report, "spectral_warning_kept", False):
+            self._warnings_kept += 1
         self.ledger.observe(report)
 
     def pytest_terminal_summary(
@@ -189,6 +195,13 @@ class SpectralPlugin:
                         log=spec.log_scale,
                     )
                 )
+        if self._warnings_kept:
+            terminalreporter.write_line(
+                f"spectral: {_count(self._warnings_kept, 'warned item')} stayed warned although "
+                "the warning filters make warnings errors (-W error, filterwarnings): a warned "
+                "verdict is the rules file's (severity = \"warn\", or --spectral-warn-only); "
+                "give a rule severity = \"fail\" to fail its items"
+            )
         for label, where in self._written:
             terminalreporter.write_line(printable(f"spectral {label}: {where}"))
 

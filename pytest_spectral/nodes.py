@@ -27,7 +27,7 @@ from pytest_spectral.run import RUN_KEY, SpectralRun
 from pytest_spectral.untrusted import FileChangedError
 
 if TYPE_CHECKING:
-    from _pytest._code.code import TerminalRepr, TracebackStyle
+    from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
 ROOT_NAME = "spectral"
 _TOP_VALUES_SHOWN = 8
@@ -108,6 +108,19 @@ class LayerCollector(pytest.Collector):
                 )
 
 
+def _from_runtest(traceback: Traceback) -> Traceback:
+    """The frames from :meth:`SpectralItem.runtest` on.
+
+    pytest cuts a test function's traceback at the test's file; an item without one keeps
+    every frame of pytest's runner and pluggy above it (some 600 lines for one exception).
+    An unexpected exception in an item is the plugin's (or a conftest's) to explain, so its
+    frames from ``runtest`` down are what is shown (``--fulltrace`` shows them all).
+    """
+    code = SpectralItem.runtest.__code__
+    start = next((i for i, entry in enumerate(traceback) if entry.frame.code.raw is code), 0)
+    return traceback[start:]  # type: ignore[return-value]
+
+
 def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
     """``(name, layer)`` of the run's layer collectors: ``layer03``, zero-padded to sort."""
     width = max(2, len(str(run.checkpoint.geometry.layers - 1)))
@@ -159,6 +172,8 @@ class SpectralItem(pytest.Item):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.layer, self.head, self.matrix = layer, head, matrix
         self.record: Record | None = None
+        #: the item warned although the warning filters make warnings errors (see _warn)
+        self.warning_kept = False
 
     @property
     def scope(self) -> str:
@@ -207,15 +222,29 @@ class SpectralItem(pytest.Item):
         text = self._describe(run, spectrum, self.record)
         if verdict.outcome == "failed":
             raise SpectralCheckError(self._once_per_slice(text))
-        # Every item of a shared K/V slice warns with the same text and location, which
-        # pytest's warnings summary shows once, under the ids of all of them.
+        self._warn(SpectralRuleWarning(printable(text, keep_newlines=True)), run, verdict)
+
+    def _warn(self, warning: SpectralRuleWarning, run: SpectralRun, verdict: Verdict) -> None:
+        """Issue the warning of a warned item, for pytest's warnings summary.
+
+        Every item of a shared K/V slice warns with the same text and location, which the
+        summary shows once, under the ids of all of them. The verdict is the rules file's
+        (``severity = "warn"``, or ``--spectral-warn-only``): warning filters that make
+        warnings errors (``-W error``, ``filterwarnings = ["error"]``) would otherwise turn a
+        warned item into a failure with pytest's traceback, and a warn-only run into a
+        failing one. The warning is then recorded as a warning all the same, and the item
+        noted, so that the summary says the filters were not applied to it.
+        """
         filename, lineno = self._warning_location(run, verdict)
-        warnings.warn_explicit(
-            SpectralRuleWarning(printable(text, keep_newlines=True)),
-            SpectralRuleWarning,
-            filename=filename,
-            lineno=lineno,
-        )
+        try:
+            warnings.warn_explicit(warning, SpectralRuleWarning, filename=filename, lineno=lineno)
+        except SpectralRuleWarning:
+            self.warning_kept = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SpectralRuleWarning)
+                warnings.warn_explicit(
+                    warning, SpectralRuleWarning, filename=filename, lineno=lineno
+                )
 
     def _once_per_slice(self, text: str) -> str:
         """The full failure report, or a reference to the item of the same K/V slice that
@@ -306,6 +335,8 @@ class SpectralItem(pytest.Item):
     ) -> str | TerminalRepr:
         if isinstance(excinfo.value, SpectralCheckError):
             return str(excinfo.value)
+        if not self.config.getoption("fulltrace", False):
+            excinfo.traceback = _from_runtest(excinfo.traceback)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[Path, None, str]:

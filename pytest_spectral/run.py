@@ -7,6 +7,7 @@ so ``--collect-only`` stays cheap.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pytest_spectral.compute.device import default_threads, resolve_device, xdis
 from pytest_spectral.errors import CheckpointError, DeviceError
 from pytest_spectral.invocation import inside, refuse_configuration_inside
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
+from pytest_spectral.judging.calibrate import CALIBRATION_MARK
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
@@ -31,7 +33,14 @@ from pytest_spectral.judging.metrics import (
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
+from pytest_spectral.reporting.files import (
+    OutputPathError,
+    check_output_path,
+    check_replaceable,
+    remove_stale,
+)
+from pytest_spectral.reporting.html_report import HTML_MARK
+from pytest_spectral.reporting.report import REPORT_MARK
 from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
 
 if TYPE_CHECKING:
@@ -231,10 +240,19 @@ def _rules_path(config: pytest.Config) -> Path | None:
     return (base / ini).absolute()
 
 
-#: options naming files the run writes, each created through a temporary file at the end
-_OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
-#: options naming files the run reads, which are never removed as stale outputs
-_INPUT_OPTIONS = ("spectral_baseline", "spectral_thresholds", "spectral_config")
+#: options naming files the run writes, each created through a temporary file at the end,
+#: with the mark by which an earlier one is recognised and the words for what it is
+_OUTPUT_OPTIONS = {
+    "spectral_report": (REPORT_MARK, "a JSON report"),
+    "spectral_html": (HTML_MARK, "an HTML report"),
+    "spectral_calibrate": (CALIBRATION_MARK.encode(), "a calibrated rules file"),
+}
+#: options naming files the run reads, which it never writes, with the words for them
+_INPUT_OPTIONS = {
+    "spectral_baseline": "the baseline (--spectral-baseline)",
+    "spectral_config": "the config (--spectral-config)",
+    "spectral_architecture": "the architecture file (--spectral-architecture)",
+}
 
 
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
@@ -248,9 +266,12 @@ def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | No
     removed (by the controller), so that none can pass for this run's.
 
     Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
-    inside the checkpoint, or one path given to two options.
+    inside the checkpoint, one path given to two options, a path that is also an input
+    (rules, baseline, config, architecture file), and an existing file that pytest-spectral
+    did not write (see ``reporting.files.check_replaceable``).
     """
     outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
+    inputs = _inputs(config)
     seen: dict[Path, str] = {}
     for name, path in outputs.items():
         if path is None:
@@ -273,12 +294,57 @@ def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | No
                 printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
             )
         seen[path.resolve()] = option
+        read_by = next((what for source, what in inputs if _same_file(path, source)), None)
+        if read_by is not None:
+            roll = (
+                " (to roll a baseline forward, write the new report elsewhere and move it "
+                "after a passing run)"
+                if "baseline" in read_by
+                else ""
+            )
+            raise pytest.UsageError(
+                printable(
+                    f"{option} {path}: is also {read_by}, which this run reads; pytest-spectral "
+                    f"never writes over its inputs: choose another path{roll}"
+                )
+            )
     if not hasattr(config, "workerinput"):
-        inputs = {p.resolve() for n in _INPUT_OPTIONS if (p := _path_option(config, n))}
+        for name, path in outputs.items():
+            if path is not None:
+                mark, what = _OUTPUT_OPTIONS[name]
+                option = "--" + name.replace("_", "-")
+                try:
+                    check_replaceable(path, option, mark, what)
+                except OutputPathError as exc:
+                    raise pytest.UsageError(printable(str(exc))) from None
         for path in outputs.values():
-            if path is not None and path.resolve() not in inputs:
+            if path is not None:
                 remove_stale(path)
     return outputs
+
+
+def _inputs(config: pytest.Config) -> list[tuple[Path, str]]:
+    """The files this run reads besides the checkpoint, each with words naming it."""
+    found = []
+    rules = _rules_path(config)
+    if rules is not None:
+        found.append((rules, "the rules file"))
+    for name, words in _INPUT_OPTIONS.items():
+        path = _path_option(config, name)
+        if path is not None:
+            found.append((path, words))
+    return found
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or one file under two names
+    (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
 
 
 def local_model_path(config: pytest.Config) -> Path:

@@ -8,6 +8,7 @@ condition number is then floor-limited), and an advisory rule that V head 0 of l
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -168,6 +169,75 @@ class TestWarnings:
             ]
         )
         assert ":0:" not in result.stdout.str()
+
+
+class TestWarningsAsErrors:
+    """A project whose warning filters make warnings errors (``filterwarnings = ["error"]``,
+    ``-W error``): a warned item stays warned, with no traceback, and the summary says so."""
+
+    KEPT = (
+        "spectral: 2 warned items stayed warned although the warning filters make warnings "
+        'errors (-W error, filterwarnings): a warned verdict is the rules file\'s (severity = '
+        '"warn", or --spectral-warn-only); give a rule severity = "fail" to fail its items'
+    )
+
+    @pytest.mark.parametrize("how", ["ini", "-W"])
+    def test_warned_items_stay_warned(self, run, pytester, how) -> None:
+        if how == "ini":
+            pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+        result = run(*(["-W", "error"] if how == "-W" else []), "--spectral-report=r.json")
+        assert result.parseoutcomes() == {"passed": 27, "failed": 3, "warned": 2, "warnings": 2}
+        text = result.stdout.str()
+        for noise in ("Traceback", "pluggy/", "_pytest/"):
+            assert noise not in text
+        assert len(text.splitlines()) < 150
+        result.stdout.fnmatch_lines(
+            ["*SpectralRuleWarning: advisory: spectral_norm = * < min 1e+09 (warn)", self.KEPT]
+        )
+        summary = json.loads((pytester.path / "r.json").read_text())["summary"]
+        assert (summary["warned"], summary["error"]) == (2, 0)
+
+    def test_warn_only_still_exits_0(self, run, pytester) -> None:
+        pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+        result = run("--spectral-warn-only", "--spectral-report=r.json")
+        assert result.ret == pytest.ExitCode.OK
+        assert result.parseoutcomes()["warned"] == 5
+        summary = json.loads((pytester.path / "r.json").read_text())["summary"]
+        assert (summary["warned"], summary["failed"], summary["error"]) == (5, 0, 0)
+
+    def test_without_such_filters_nothing_is_said(self, run) -> None:
+        result = run()
+        assert "stayed warned" not in result.stdout.str()
+
+    def test_an_ignore_filter_still_hides_the_warning(self, run, pytester) -> None:
+        pytester.makeini("[pytest]\nfilterwarnings =\n    ignore\n")
+        result = run()
+        assert result.parseoutcomes()["warned"] == 2
+        assert "SpectralRuleWarning" not in result.stdout.str()
+
+
+def test_an_unexpected_exception_shows_the_plugins_frames_only(run, pytester) -> None:
+    """pytest cuts a test function's traceback at its file; a spectral item has none, and an
+    unexpected exception (a bug, a conftest's mistake) showed some 600 lines of pytest's
+    runner and pluggy."""
+    pytester.makeconftest(
+        "import pytest_spectral.nodes\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ZeroDivisionError('planted')\n"
+        "pytest_spectral.nodes.judge = broken\n"
+    )
+    result = run("--spectral-layers=0", "--spectral-matrices=q", "-p", "no:randomly")
+    result.assert_outcomes(failed=4)
+    text = result.stdout.str()
+    start, stop = (text.index(f" spectral::layer00::head0{h}-q _") for h in (0, 1))
+    first = text[start:stop]
+    assert "def runtest(self)" in first
+    assert "raise ZeroDivisionError('planted')" in first
+    assert "pluggy/" not in text
+    assert "_pytest/runner.py" not in text
+    assert len(first.splitlines()) < 80
+    full = run("--spectral-layers=0", "--spectral-matrices=q", "--fulltrace")
+    assert "_pytest/runner.py" in full.stdout.str()
 
 
 class TestProgress:

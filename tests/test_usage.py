@@ -166,3 +166,155 @@ class TestDemoScript:
             assert path.read_bytes() == (committed / path.name).read_bytes(), path.name
         index = json.loads((target / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) == 2
+
+    def run_script(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(self.SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            check=False,
+        )
+
+    def test_a_directory_holding_other_files_is_refused_untouched(self, tmp_path: Path) -> None:
+        project = tmp_path / "project"
+        (project / "sub").mkdir(parents=True)
+        (project / "notes.txt").write_text("mine\n")
+        done = self.run_script("--output", ".", cwd=project)
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr
+        assert done.stderr.splitlines()[-1] == (
+            "make_tiny_llama.py: error: --output .: holds notes.txt, sub/, which this script did "
+            "not write; it writes only into a new or empty directory, or over its own earlier "
+            "output: choose another"
+        )
+        assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "sub"]
+        assert (project / "notes.txt").read_text() == "mine\n"
+
+    def test_a_file_is_refused_untouched(self, tmp_path: Path) -> None:
+        rules = tmp_path / "rules.toml"
+        rules.write_text("[[rules]]\n")
+        done = self.run_script("--output", str(rules))
+        assert done.returncode == 2
+        assert "Traceback" not in done.stderr
+        assert done.stderr.splitlines()[-1].endswith(
+            f"--output {rules}: exists and is not a directory; give a directory"
+        )
+        assert rules.read_text() == "[[rules]]\n"
+
+    def test_a_symlink_among_its_own_file_names_is_refused(self, tmp_path: Path) -> None:
+        """A planted ``config.json`` link would otherwise be written through."""
+        target = tmp_path / "out"
+        target.mkdir()
+        victim = tmp_path / "victim"
+        victim.write_text("keep me\n")
+        (target / "config.json").symlink_to(victim)
+        done = self.run_script("--output", str(target))
+        assert done.returncode == 2
+        assert "holds config.json, which this script did not write" in done.stderr
+        assert victim.read_text() == "keep me\n"
+
+    def test_its_own_earlier_output_is_replaced(self, tmp_path: Path) -> None:
+        target = tmp_path / "demo"
+        assert self.run_script("--output", str(target)).returncode == 0
+        (target / "config.json").write_text("{}")  # damaged since
+        done = self.run_script("--output", str(target))
+        assert done.returncode == 0, done.stderr
+        committed = ROOT / "examples" / "tiny-llama"
+        assert (target / "config.json").read_bytes() == (committed / "config.json").read_bytes()
+        assert sorted(p.name for p in target.iterdir()) == sorted(
+            p.name for p in committed.iterdir()
+        )
+
+
+class TestOutputsReplaceOnlyTheirOwnFiles:
+    """A report or calibration path never names an input, and an existing file there is
+    replaced only when pytest-spectral wrote it."""
+
+    HAND_WRITTEN = COLLAPSED
+
+    @pytest.mark.parametrize("option", ["--spectral-calibrate", "--spectral-report"])
+    def test_the_rules_file_being_read(self, pytester, model, option) -> None:
+        rules = write(pytester, "rules.toml", self.HAND_WRITTEN)
+        result = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-thresholds={rules}", f"{option}={rules}"
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                f"ERROR: {option} {rules}: is also the rules file, which this run reads; "
+                "pytest-spectral never writes over its inputs: choose another path"
+            ]
+        )
+        assert rules.read_text() == self.HAND_WRITTEN
+
+    def test_the_rules_file_through_a_link_or_from_the_ini(self, pytester, model) -> None:
+        rules = write(pytester, "rules.toml", self.HAND_WRITTEN)
+        pytester.makeini("[pytest]\nspectral_thresholds = rules.toml\n")
+        (pytester.path / "link.toml").symlink_to(rules)
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-calibrate=link.toml")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["ERROR: --spectral-calibrate *link.toml: is also the rules*"])
+        assert rules.read_text() == self.HAND_WRITTEN
+
+    @pytest.mark.parametrize(
+        ("input_option", "words"),
+        [
+            ("--spectral-baseline", "the baseline (--spectral-baseline)"),
+            ("--spectral-config", "the config (--spectral-config)"),
+        ],
+    )
+    def test_other_inputs(self, pytester, model, input_option, words) -> None:
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-report=good.json")
+        if input_option == "--spectral-config":
+            (pytester.path / "good.json").write_text((model / "config.json").read_text())
+        before = (pytester.path / "good.json").read_bytes()
+        drift = input_option == "--spectral-baseline"
+        rules = write(pytester, "rules.toml", DRIFT if drift else "")
+        result = pytester.runpytest(
+            f"--spectral-model={model}",
+            f"{input_option}=good.json",
+            f"--spectral-thresholds={rules}",
+            "--spectral-report=good.json",
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([f"ERROR: --spectral-report *good.json: is also {words}*"])
+        assert (pytester.path / "good.json").read_bytes() == before
+
+    @pytest.mark.parametrize(
+        ("option", "what", "mark"),
+        [
+            ("--spectral-calibrate", "a calibrated rules file", "# Calibrated by pytest-spectral"),
+            ("--spectral-report", "a JSON report", '"schema": "pytest-spectral-report"'),
+            ("--spectral-html", "an HTML report", "<title>pytest-spectral: "),
+        ],
+    )
+    def test_a_file_it_did_not_write(self, pytester, model, option, what, mark) -> None:
+        mine = write(pytester, "mine.txt", self.HAND_WRITTEN)
+        result = pytester.runpytest(f"--spectral-model={model}", f"{option}=mine.txt")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                f"ERROR: {option} {mine}: exists and is not {what} written by pytest-spectral "
+                f"(no {mark!r} at its start); pytest-spectral replaces only its own files: "
+                "choose another path, or move that file away first"
+            ]
+        )
+        assert mine.read_text() == self.HAND_WRITTEN
+
+    def test_its_own_earlier_outputs_are_replaced(self, pytester, model) -> None:
+        outputs = ("--spectral-calibrate=cal.toml", "--spectral-report=r.json")
+        first = pytester.runpytest(f"--spectral-model={model}", *outputs, "-p", "no:cacheprovider")
+        first.assert_outcomes(passed=32)
+        report = pytester.path / "r.json"
+        report.write_text(report.read_text().replace('"passed": 32', '"passed": 0'))
+        (pytester.path / "empty.html").touch()  # nothing to lose in an empty file
+        again = pytester.runpytest(
+            f"--spectral-model={model}", *outputs, "--spectral-html=empty.html"
+        )
+        again.assert_outcomes(passed=32)
+        assert json.loads(report.read_text())["summary"]["passed"] == 32
+        assert (pytester.path / "cal.toml").read_text().startswith(
+            "# Calibrated by pytest-spectral on "
+        )
+        assert (pytester.path / "empty.html").read_text().startswith("<!DOCTYPE html>")

@@ -25,6 +25,9 @@ from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
 
+#: The first words of every calibrated rules file: a file starting otherwise at the
+#: --spectral-calibrate path is the user's own, and is never replaced.
+CALIBRATION_MARK = "# Calibrated by pytest-spectral"
 #: (metric, scale) pairs that calibration bounds.
 CALIBRATED: tuple[tuple[str, str], ...] = (
     ("top_k_ratio", "linear"),
@@ -57,7 +60,7 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
     healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
     left_out = len(records) - len(healthy)
     lines = [
-        f"# Calibrated by pytest-spectral on {printable(source)}",  # one line, whatever the path
+        f"{CALIBRATION_MARK} on {printable(source)}",  # one line, whatever the path
         f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from the "
         f"{len(healthy)} items that passed"
         + (f" ({left_out} that failed or warned were left out)." if left_out else "."),

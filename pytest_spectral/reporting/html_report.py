@@ -24,6 +24,8 @@ from pytest_spectral.reporting.broken_rules import describe_broken
 from pytest_spectral.reporting.report import Record
 from pytest_spectral.reporting.scale import Scale, direction_words, metric_scale, rule_bounds
 
+#: The start of every HTML report's title, by which an earlier one at the path is recognised
+HTML_MARK = b"<title>pytest-spectral: "
 #: Metrics drawn as layer x head heatmaps (log10 where the metric's metadata says so).
 HEATMAP_METRICS: tuple[str, ...] = (
     "top_k_ratio",

@@ -21,6 +21,10 @@ from pytest_spectral.judging.rules import RuleSet
 from pytest_spectral.reporting.files import write_text_atomically
 from pytest_spectral.results import OUTCOMES, SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
 
+#: what every JSON report has within its first bytes: an earlier report at the path is
+#: recognised by it (``reporting.files.check_replaceable``)
+REPORT_MARK = f'"schema": "{SCHEMA}"'.encode()
+
 
 def json_number(value: float) -> float | str:
     """JSON has no nan or inf; write them as strings that ``float()`` still parses."""

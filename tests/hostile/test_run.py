@@ -381,8 +381,14 @@ class TestReportsLeaveNothingOut:
 
     def test_a_stale_report_is_gone_even_when_the_run_is_killed(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
-        for name in ("r.json", "r.html", "rules.toml"):
-            (pytester.path / name).write_text("from an earlier, passing run\n")
+        earlier = {  # the start of each file as an earlier, passing run wrote it
+            "r.json": '{\n "schema": "pytest-spectral-report",\n "summary": {"failed": 0}\n}\n',
+            "r.html": '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+            "pytest-spectral: ckpt</title>\n",
+            "rules.toml": "# Calibrated by pytest-spectral on ckpt\n",
+        }
+        for name, text in earlier.items():
+            (pytester.path / name).write_text(text)
         pytester.makeconftest(
             "import os\ndef pytest_collection_finish(session):\n    os._exit(3)\n"
         )
@@ -489,9 +495,10 @@ class TestReportsLeaveNothingOut:
             write_text_atomically(tmp_path / "r.json", "text")
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
-    def test_the_baseline_is_not_removed_as_a_stale_report(self, pytester) -> None:
+    def test_the_baseline_is_neither_removed_nor_written_over(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
         run(pytester, f"--spectral-model={ckpt}", "--spectral-report=good.json")
+        before = (pytester.path / "good.json").read_bytes()
         rules = pytester.path / "drift.toml"
         rules.write_text('[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n')
         again = (
@@ -500,8 +507,9 @@ class TestReportsLeaveNothingOut:
             f"--spectral-thresholds={rules}",
             "--spectral-report=good.json",
         )
-        run(pytester, *again, "-n", "2").assert_outcomes(passed=ITEMS)
-        assert json.loads((pytester.path / "good.json").read_text())["summary"]["passed"] == ITEMS
+        result = run(pytester, *again, "-n", "2")
+        assert_clean_usage_error(result, "--spectral-report", "is also the baseline")
+        assert (pytester.path / "good.json").read_bytes() == before
 
 
 def run_in_process(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
