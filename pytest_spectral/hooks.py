@@ -23,6 +23,7 @@ from pytest_spectral.judging.candidates import (
     total_saving,
 )
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
+from pytest_spectral.notices import notices
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import write_text_atomically
@@ -32,36 +33,10 @@ from pytest_spectral.reporting.scale import rule_bounds
 from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats, Record
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
-from pytest_spectral.selection import collection_notice
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
-
-
-def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
-    """One line for each thing a run accepts without a word otherwise: the user's tests not
-    collected, a rules file without rules (or none), a baseline no rule compares with."""
-    lines = []
-    if (collection := collection_notice(config)) is not None:
-        lines.append(collection)
-    rules = run.rules
-    if rules.path is None:
-        lines.append(
-            "spectral: no rules file (--spectral-thresholds): items fail only for non-finite "
-            "or all-zero weights; every metric is recorded"
-        )
-    elif not rules.rules:
-        lines.append(
-            f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
-            "all-zero weights; every metric is recorded"
-        )
-    if run.baseline is not None and not any(r.is_relative for r in rules.rules):
-        lines.append(
-            f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
-            "min_change or max_change"
-        )
-    return [printable(line) for line in lines]
 
 
 def print_spectral_ids_as_they_are(config: pytest.Config) -> None:

@@ -123,6 +123,11 @@ class SpectralRun:
             raise pytest.UsageError(printable(str(exc))) from None
         scope = config.getoption("spectral_scope")
         selected = _selected_matrices(config, checkpoint)
+        if scope == "head" and not set(selected) & set(MATRICES):
+            raise pytest.UsageError(
+                f"--spectral-matrices {','.join(selected)}: no head item to collect: MLP "
+                "matrices exist only as whole matrices; add --spectral-scope matrix (or both)"
+            )
         selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
@@ -423,7 +428,8 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
                 "known-good run)"
             )
         return None
-    return load_baseline(path, checkpoint)
+    compared = (rule.request for rule in rules.rules if rule.is_relative)
+    return load_baseline(path, checkpoint, compared)
 
 
 def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,8 +101,54 @@ class TestBaseline:
         )
         result.assert_outcomes(passed=16, failed=16)
         result.stdout.fnmatch_lines(
-            ["  FAIL drift: spectral_norm = * has no baseline value to compare with*"]
+            [
+                "  FAIL drift: spectral_norm = * has no baseline value: the baseline report has no "
+                "spectral_norm for this item, nor singular values to compute it from (an item it "
+                "did not collect, or one without a result there); record the baseline again "
+                "(--spectral-report) from the known-good checkpoint with the same options"
+            ]
         )
+
+    def test_a_metric_the_baseline_lacks_comes_from_its_singular_values(self, pytester) -> None:
+        """A baseline recorded without rules has top_k_ratio with k = 10 only; a drift rule on
+        k = 5 compares with the value computed from the singular values the report stores."""
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "good.json")
+        stored = json.loads(baseline.read_text())
+        assert "top_k_ratio(k=5)" not in stored["items"][0]["metrics"]
+        rules = rules_file(
+            pytester,
+            '[[rules]]\nname = "drift5"\nmetric = "top_k_ratio"\nk = 5\nmax_change = 0.05\n',
+        )
+        same = pytester.runpytest(
+            f"--spectral-model={model}",
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules}",
+        )
+        same.assert_outcomes(passed=32)
+        same.stdout.fnmatch_lines(
+            [
+                f"spectral: --spectral-baseline {baseline} has no top_k_ratio(k=5): computed from "
+                "the singular values it stores"
+            ]
+        )
+        collapsed = write_model(pytester, "collapsed", collapse_k_head_1_of_layer_1)
+        result = pytester.runpytest(
+            f"--spectral-model={collapsed}",
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules}",
+            "--spectral-report=r.json",
+        )
+        result.assert_outcomes(passed=30, failed=2)
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
+        good = {i["nodeid"]: i for i in stored["items"]}
+        for nodeid in ("spectral::layer01::head02-k", "spectral::layer01::head03-k"):
+            (broken,) = items[nodeid]["broken_rules"]
+            sigma = np.sort(np.array(good[nodeid]["singular_values"]))[::-1]
+            assert broken["baseline"] == pytest.approx(sigma[:5].sum() / sigma.sum(), rel=1e-12)
+            assert broken["value"] == pytest.approx(1.0, rel=1e-6)  # rank 1 now
 
     def test_baseline_of_another_layout_is_a_usage_error(self, pytester) -> None:
         model = write_model(pytester, "model")

@@ -170,6 +170,11 @@ class TestMistakesNameFileLineAndKey:
                 '[[rules]]\nmetric = "stable_rank"\nmin_change = 0.5\nmax_change = -0.5\n',
                 ":3: rule 1, key 'min_change': min_change 0.5 is larger than max_change -0.5",
             ),
+            (
+                '[[rules]]\nmetric = "alpha"\nmax = 6\nscope = "matrix"\nheads = "0-3"\n',
+                ":5: rule 1, key 'heads': a scope = \"matrix\" rule judges whole matrices, which "
+                'have no heads; remove heads, or give the rule scope = "head"',
+            ),
             ("[[rules]]\nmax = 1\n", ":1: rule 1 has no 'metric' key"),
             (
                 '[[rule]]\nmetric = "stable_rank"\n',

@@ -314,7 +314,147 @@ class TestOutputsReplaceOnlyTheirOwnFiles:
         )
         again.assert_outcomes(passed=32)
         assert json.loads(report.read_text())["summary"]["passed"] == 32
-        assert (pytester.path / "cal.toml").read_text().startswith(
-            "# Calibrated by pytest-spectral on "
+        assert (
+            (pytester.path / "cal.toml")
+            .read_text()
+            .startswith("# Calibrated by pytest-spectral on ")
         )
         assert (pytester.path / "empty.html").read_text().startswith("<!DOCTYPE html>")
+
+
+MLP_SHAPE = LlamaShape(layers=4, heads=8, kv_heads=2, head_dim=8, hidden=64, intermediate=96)
+
+
+@pytest.fixture
+def mlp_model(pytester: pytest.Pytester) -> Path:
+    """4 layers, 8 query heads sharing 2 K/V heads, with gate, up and down matrices."""
+    return write_checkpoint(
+        pytester.path / "mlp-model", random_llama_weights(MLP_SHAPE, seed=2), MLP_SHAPE.config()
+    )
+
+
+class TestRulesThatApplyToNothing:
+    """A rule that no item of the run can break is said in the header, with why and what to
+    change; the run goes on (other rules may apply)."""
+
+    def run(self, pytester, model, rule: str, *options: str) -> pytest.RunResult:
+        rules = write(
+            pytester, "rules.toml", '[[rules]]\nname = "r"\nmetric = "alpha"\nmax = 1e9\n' + rule
+        )
+        return pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-thresholds={rules}", "--co", "-q", *options
+        )
+
+    @pytest.mark.parametrize(
+        ("rule", "options", "why"),
+        [
+            (
+                "",
+                ["--spectral-scope=matrix"],
+                'it judges head items (scope = "head", the default) and this run collects whole '
+                "matrices only (--spectral-scope matrix): run with --spectral-scope both, or give "
+                'the rule scope = "matrix"',
+            ),
+            (
+                'scope = "matrix"\n',
+                [],
+                'it judges whole matrices (scope = "matrix") and this run collects head items '
+                "only: run with --spectral-scope matrix or both",
+            ),
+            (
+                'layers = "10-12"\n',
+                [],
+                "its layers 10-12 do not exist: the model has 4 layers (0-3)",
+            ),
+            (
+                'layers = "2-3"\n',
+                ["--spectral-layers=0"],
+                "--spectral-layers 0 leaves out its layers 2-3",
+            ),
+            (
+                'heads = "20-30"\n',
+                [],
+                "its heads 20-30 do not exist: the model has 8 query heads (0-7)",
+            ),
+            (
+                'matrices = ["gate"]\n',
+                [],
+                'its matrices (gate) exist only as whole matrices: give it scope = "matrix" and '
+                "run with --spectral-scope matrix or both",
+            ),
+            (
+                'matrices = ["v", "o"]\n',
+                ["--spectral-matrices=q,k"],
+                "--spectral-matrices q,k leaves out its v, o",
+            ),
+            (
+                'matrices = ["fc1"]\nscope = "matrix"\n',
+                ["--spectral-scope=matrix"],
+                "the checkpoint has no fc1 (it has q, k, v, o, gate, up, down)",
+            ),
+        ],
+        ids=[
+            "head-rule-matrix-run",
+            "matrix-rule-head-run",
+            "layers-beyond",
+            "layers-left-out",
+            "heads-beyond",
+            "mlp-in-head-scope",
+            "matrices-left-out",
+            "matrix-absent",
+        ],
+    )
+    def test_says_why_and_what_to_change(self, pytester, mlp_model, rule, options, why) -> None:
+        result = self.run(pytester, mlp_model, rule, *options)
+        assert result.ret == pytest.ExitCode.OK
+        where = pytester.path / "rules.toml"
+        result.stdout.fnmatch_lines(
+            [f"spectral: rule 'r' ({where}:1) applies to no item of this run: {why}"]
+        )
+
+    @pytest.mark.parametrize(
+        ("rule", "options"),
+        [
+            ("", []),
+            ('layers = "2-12"\nheads = "6-30"\n', []),  # partly beyond the model: it applies
+            ("", ["--spectral-scope=both"]),
+            ('scope = "matrix"\nmatrices = ["down"]\n', ["--spectral-scope=both"]),
+        ],
+    )
+    def test_a_rule_that_applies_somewhere_is_not_mentioned(
+        self, pytester, mlp_model, rule, options
+    ) -> None:
+        result = self.run(pytester, mlp_model, rule, *options)
+        assert "applies to no item" not in result.stdout.str()
+
+    def test_an_mlp_matrix_in_a_head_scope_run_is_said(self, pytester, mlp_model) -> None:
+        result = pytester.runpytest(
+            f"--spectral-model={mlp_model}", "--spectral-matrices=q,down", "--co", "-q"
+        )
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: --spectral-matrices: down has no item in this run: MLP matrices exist "
+                "only as whole matrices; add --spectral-scope both (or matrix) to check it",
+                "32 tests collected*",
+            ]
+        )
+
+    def test_only_mlp_matrices_in_a_head_scope_run_is_a_usage_error(
+        self, pytester, mlp_model
+    ) -> None:
+        result = pytester.runpytest(f"--spectral-model={mlp_model}", "--spectral-matrices=down")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "ERROR: --spectral-matrices down: no head item to collect: MLP matrices exist only "
+                "as whole matrices; add --spectral-scope matrix (or both)"
+            ]
+        )
+        whole = pytester.runpytest(
+            f"--spectral-model={mlp_model}",
+            "--spectral-matrices=down",
+            "--spectral-scope=matrix",
+            "--co",
+            "-q",
+        )
+        whole.stdout.fnmatch_lines(["4 tests collected*"])

@@ -48,6 +48,16 @@ _RULE_KEYS = (
 )
 
 
+#: why a relative rule finds no baseline value, and what to do (the metric's key filled in).
+#: A metric the report lacks is computed from the item's singular values, so what is left is
+#: an item the baseline has no values for.
+MISSING_BASELINE = (
+    "the baseline report has no {metric} for this item, nor singular values to compute it "
+    "from (an item it did not collect, or one without a result there); record the baseline "
+    "again (--spectral-report) from the known-good checkpoint with the same options"
+)
+
+
 class RulesError(ValueError):
     """A rules file that cannot be used; the message names file, line and key."""
 
@@ -116,7 +126,7 @@ class Rule:
         if not self.is_relative:
             return None
         if baseline is None:
-            return "has no baseline value to compare with (item or metric missing from baseline)"
+            return f"has no baseline value: {MISSING_BASELINE.format(metric=self.request.key)}"
         shown = f"vs baseline {baseline:.6g}"
         if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
             return f"{shown}: relative change undefined"
@@ -220,6 +230,12 @@ def _parse_rule(
     scope = entry.get("scope", "head")
     if scope not in ("head", "matrix"):
         raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
+    if scope == "matrix" and "heads" in entry:
+        raise fail(
+            "heads",
+            'a scope = "matrix" rule judges whole matrices, which have no heads; remove heads, '
+            'or give the rule scope = "head"',
+        )
     severity = entry.get("severity", "fail")
     if severity not in ("fail", "warn"):
         raise fail("severity", f"must be 'fail' or 'warn', got {severity!r}")

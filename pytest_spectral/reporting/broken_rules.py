@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from pytest_spectral.judging.rules import MISSING_BASELINE
+
 #: the metric whose value is a lower bound when the record is floor-limited
 _FLOOR_LIMITED_METRIC = "first_last_ratio"
 FLOOR_NOTE = "a lower bound: sigma_min is below the storage/rounding floor"
@@ -54,10 +56,7 @@ def describe_broken(
         text = f"{subject} (undefined)"
     elif entry.get("min_change") is not None or entry.get("max_change") is not None:
         if baseline is None:
-            text = (
-                f"{subject} has no baseline value to compare with (item or metric missing "
-                "from the baseline)"
-            )
+            text = f"{subject} has no baseline value: {MISSING_BASELINE.format(metric=metric)}"
         else:
             base = _fmt(_number(baseline), digits)
             text = f"{subject} vs baseline {base}: relative change undefined"
