@@ -29,10 +29,10 @@ from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
-from pytest_spectral.reporting.scale import rule_bounds
 from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats, Record
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
+from pytest_spectral.wording import counted
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
@@ -166,13 +166,13 @@ class SpectralPlugin:
                         width=writer.fullwidth,
                         color=writer.hasmarkup,
                         bad=spec.bad,
-                        bounds=rule_bounds(self.run.rules.rules, spec.name),
+                        rules=self.run.rules.rules,
                         log=spec.log_scale,
                     )
                 )
         if self._warnings_kept:
             terminalreporter.write_line(
-                f"spectral: {_count(self._warnings_kept, 'warned item')} stayed warned although "
+                f"spectral: {counted(self._warnings_kept, 'warned item')} stayed warned although "
                 "the warning filters make warnings errors (-W error, filterwarnings): a warned "
                 "verdict is the rules file's (severity = \"warn\", or --spectral-warn-only); "
                 "give a rule severity = \"fail\" to fail its items"
@@ -192,7 +192,9 @@ class SpectralPlugin:
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
+            from_hub=run.from_hub,
             rules=run.rules,
+            baseline=run.baseline,
             settings=run.settings(),
             records=items,
             candidates=[candidate_record(c) for c in verdicts.candidates],
@@ -228,8 +230,8 @@ class SpectralPlugin:
             self._written.append(
                 (
                     "calibrated rules",
-                    f"not written to {path}: {missing} of {len(items)} items have no "
-                    "result (see above)",
+                    f"not written to {path}: {missing} of {counted(len(items), 'item')} "
+                    f"{'has' if missing == 1 else 'have'} no result (see above)",
                 )
             )
             return
@@ -240,8 +242,9 @@ class SpectralPlugin:
         where = str(path)
         if calibration.left_out:
             where += (
-                f" (bounds from {calibration.used} of {len(items)} items; "
-                f"{calibration.left_out} that failed or warned were left out)"
+                f" (bounds from {calibration.used} of {counted(len(items), 'item')}; "
+                f"{calibration.left_out} that failed or warned "
+                f"{'was' if calibration.left_out == 1 else 'were'} left out)"
             )
         self._written.append(("calibrated rules", where))
 
@@ -330,15 +333,11 @@ def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
     items = sum(layer == stats.layer for layer, _, _ in needed)
     shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
     return (
-        f"spectral: layer {stats.layer}: {_count(items, 'item')} from "
-        f"{_count(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
-        f"{stats.from_cache} of {_count(len(units), 'matrix', 'matrices')} from the cache, "
-        f"{_count(stats.direct_svd, 'slice')} by direct SVD"
+        f"spectral: layer {stats.layer}: {counted(items, 'item')} from "
+        f"{counted(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
+        f"{stats.from_cache} of {counted(len(units), 'matrix', 'matrices')} from the cache, "
+        f"{counted(stats.direct_svd, 'slice')} by direct SVD"
     )
-
-
-def _count(number: int, singular: str, plural: str | None = None) -> str:
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 class XdistControllerPlugin:

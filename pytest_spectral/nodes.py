@@ -20,11 +20,12 @@ from pytest_spectral.compute.engine import MetricError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.broken_rules import describe_broken
+from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
 from pytest_spectral.untrusted import FileChangedError
+from pytest_spectral.wording import counted
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
@@ -58,11 +59,8 @@ class SpectralCheckError(Exception):
 
 def _headline(record: Record) -> str:
     """One line for pytest's short summary: what is wrong, most important first."""
-    parts = []
-    if record["status"] == "nonfinite":
-        parts.append(f"{record['nonfinite_count']} non-finite weights")
-    elif record["status"] == "zero_matrix":
-        parts.append("zero matrix")
+    status = status_problem(record)
+    parts = [status] if status else []
     limited = bool(record["floor_limited"])
     broken = record["broken_rules"]
     for severity in ("fail", "warn"):
@@ -283,8 +281,8 @@ class SpectralItem(pytest.Item):
         status = "WARN" if record["outcome"] == "warned" else "FAIL"  # --spectral-warn-only
         if record["status"] == "nonfinite":
             lines.append(
-                f"  {status} non-finite weights: {spectrum.nonfinite} NaN/Inf values in this "
-                "slice (corrupt file or diverged training)"
+                f"  {status} non-finite weights: {counted(spectrum.nonfinite, 'NaN/Inf value')} "
+                "in this slice (corrupt file or diverged training)"
             )
         elif record["status"] == "zero_matrix":
             lines.append(

@@ -25,6 +25,7 @@ from pytest_spectral.judging.rules import Rule
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
 from pytest_spectral.selection import collection_notice
+from pytest_spectral.wording import counted, indices
 
 
 def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
@@ -134,15 +135,15 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
         if not existing:
             return (
                 f"its layers {rule.layers.spec} do not exist: the model has "
-                f"{geometry.layers} layers (0-{geometry.layers - 1})"
+                f"{counted(geometry.layers, 'layer')} ({indices(geometry.layers)})"
             )
         return (
             f"--spectral-layers {_spec(run.layers)} leaves out its layers {_spec(existing)}"
         )
     if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
         return (
-            f"its heads {rule.heads.spec} do not exist: the model has {geometry.heads} "
-            f"query heads (0-{geometry.heads - 1})"
+            f"its heads {rule.heads.spec} do not exist: the model has "
+            f"{counted(geometry.heads, 'query head')} ({indices(geometry.heads)})"
         )
     return None
 

@@ -42,6 +42,7 @@ from pytest_spectral.reporting.files import (
 from pytest_spectral.reporting.html_report import HTML_MARK
 from pytest_spectral.reporting.report import REPORT_MARK
 from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
+from pytest_spectral.wording import counted, indices
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
@@ -133,7 +134,7 @@ class SpectralRun:
         if missing := selection.beyond(count):
             raise pytest.UsageError(
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
-                f"the model has {count} layers (0-{count - 1})"
+                f"the model has {counted(count, 'layer')} ({indices(count)})"
             )
         outputs = _outputs(config, protected)  # last but one: it removes stale reports
         run = cls(
@@ -184,6 +185,11 @@ class SpectralRun:
         return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
     @property
+    def from_hub(self) -> bool:
+        """Whether the model argument was a hub id (its local path is a cache snapshot)."""
+        return self.model_path != Path(self.model_argument).expanduser()
+
+    @property
     def rank_request(self) -> MetricRequest:
         """The energy rank that suggests a candidate's factorisation rank."""
         return default_request("energy_rank", p=self.energy)
@@ -231,6 +237,7 @@ class SpectralRun:
             "candidate_energy": self.energy,
             "precision": self.precision,
             "device": self.device,
+            "warn_only": self.warn_only,
         }
 
 

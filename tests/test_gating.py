@@ -273,6 +273,49 @@ class TestHeatmap:
         )
         result.stdout.fnmatch_lines(["effective_rank per head (rows: layers, *", "q *k *v *o *"])
 
+    def test_the_scale_comes_from_the_rules_of_the_drawn_matrices(self, pytester) -> None:
+        """A rule written for v and o sets no reach of a run that draws q and k only."""
+        model = write_model(pytester, "model")
+        rules = rules_file(
+            pytester,
+            '[[rules]]\nname = "qk"\nmetric = "stable_rank"\nmin = 1.2\nmatrices = ["q", "k"]\n'
+            '[[rules]]\nname = "vo"\nmetric = "stable_rank"\nmin = 1.3\nmatrices = ["v", "o"]\n',
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={model}",
+            f"--spectral-thresholds={rules}",
+            "--spectral-matrices=q,k",
+            "--spectral-heatmap=stable_rank",
+        )
+        result.assert_outcomes(passed=16)
+        text = " ".join(result.stdout.str().split())
+        legend = text[text.index("stable_rank per head") : text.index("Shade:")]
+        assert "one scale for every panel, from the median" in legend
+        assert legend.endswith("to 1.2 (rule 'qk' min). ")
+        assert "rule 'vo'" in text  # in the header: it applies to no item of this run
+
+    def test_whole_matrices_get_a_layers_by_matrices_map(self, pytester) -> None:
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
+        model = write_checkpoint(
+            pytester.path / "mlp", random_llama_weights(shape, seed=3), shape.config()
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={model}", "--spectral-scope=matrix", "--spectral-heatmap=alpha"
+        )
+        result.stdout.fnmatch_lines(
+            [
+                "alpha per whole matrix (rows: layers, columns: matrices): both extremes are *",
+                "*",
+                "     q k v o gate up down ",
+                "  0  * ",
+                "  1  * ",
+                "q: *..*; furthest: L* *",
+                "*",
+                "down: *..*; furthest: L* *",
+            ]
+        )
+        assert "alpha per head" not in result.stdout.str()
+
     def test_unknown_heatmap_metric(self, pytester) -> None:
         model = write_model(pytester, "model")
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-heatmap", "erank")

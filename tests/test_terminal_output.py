@@ -162,9 +162,9 @@ class TestWarnings:
             [
                 "spectral::layer00::head00-q",
                 "  */pytest_spectral/judging/evaluation.py:*: SpectralRuleWarning: 1 non-finite "
-                "weights",
+                "weight",
                 "*",
-                "    WARN non-finite weights: 1 NaN/Inf values in this slice *",
+                "    WARN non-finite weights: 1 NaN/Inf value in this slice *",
                 "    def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite *",
             ]
         )

@@ -24,6 +24,7 @@ import numpy as np
 from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
+from pytest_spectral.wording import counted
 
 #: The first words of every calibrated rules file: a file starting otherwise at the
 #: --spectral-calibrate path is the user's own, and is never replaced.
@@ -62,8 +63,12 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
     lines = [
         f"{CALIBRATION_MARK} on {printable(source)}",  # one line, whatever the path
         f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from the "
-        f"{len(healthy)} items that passed"
-        + (f" ({left_out} that failed or warned were left out)." if left_out else "."),
+        f"{counted(len(healthy), 'item')} that passed"
+        + (
+            f" ({left_out} that failed or warned {'was' if left_out == 1 else 'were'} left out)."
+            if left_out
+            else "."
+        ),
         "# Each bound is the observed range widened on both sides by",
         f"# margin x (95th - 5th percentile), margin = {margin:g}; log-scale metrics are",
         "# widened by that factor of their log10 spread. Values of those items all lie",

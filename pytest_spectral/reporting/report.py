@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pytest_spectral import __version__
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
+from pytest_spectral.judging.baseline import Baseline
 from pytest_spectral.judging.evaluation import Verdict
 from pytest_spectral.judging.rules import RuleSet
 from pytest_spectral.reporting.files import write_text_atomically
@@ -122,15 +123,20 @@ def build_report(
     *,
     checkpoint: Checkpoint,
     model_argument: str,
+    from_hub: bool = False,
     rules: RuleSet,
+    baseline: Baseline | None = None,
     settings: Mapping[str, object],
     records: Iterable[Record],
     candidates: Iterable[Record],
     regressions: Iterable[Record],
     params_saved: int,
 ) -> dict[str, object]:
-    """The report: model, rules and settings, a summary, every item, the regressions, then
-    the pruning candidates.
+    """The report: model, rules, baseline and settings, a summary, every item, the
+    regressions, then the pruning candidates.
+
+    ``from_hub`` says that ``model_argument`` was a hub id (the model's ``path`` is then its
+    snapshot in the cache); ``path`` is always resolved and absolute.
 
     ``records`` hold every collected item, those without a result included (see
     :func:`unrecorded_record`); the summary counts them by outcome.
@@ -151,7 +157,8 @@ def build_report(
         "python": platform.python_version(),
         "model": {
             "argument": model_argument,
-            "path": str(checkpoint.root),
+            "source": "hub" if from_hub else "local",
+            "path": str(checkpoint.root.resolve()),
             "model_type": checkpoint.model_type,
             "num_hidden_layers": g.layers,
             "num_attention_heads": g.heads,
@@ -166,6 +173,15 @@ def build_report(
             "sha256": rules.sha256,
             "count": len(rules.rules),
         },
+        "baseline": (
+            {
+                "path": str(baseline.path),
+                "sha256": baseline.sha256,
+                "computed": list(baseline.computed),
+            }
+            if baseline is not None
+            else None
+        ),
         "settings": dict(settings),
         "summary": {
             "items": len(items),
