@@ -174,8 +174,8 @@ class SpectralPlugin:
             terminalreporter.write_line(
                 f"spectral: {counted(self._warnings_kept, 'warned item')} stayed warned although "
                 "the warning filters make warnings errors (-W error, filterwarnings): a warned "
-                "verdict is the rules file's (severity = \"warn\", or --spectral-warn-only); "
-                "give a rule severity = \"fail\" to fail its items"
+                'verdict is the rules file\'s (severity = "warn", or --spectral-warn-only); '
+                'give a rule severity = "fail" to fail its items'
             )
         for label, where in self._written:
             terminalreporter.write_line(printable(f"spectral {label}: {where}"))
@@ -235,11 +235,18 @@ class SpectralPlugin:
                 )
             )
             return
+        geometry = self.run.checkpoint.geometry
         calibration = calibrated_rules(
-            items, margin=self.run.calibrate_margin, source=self.run.model_argument
+            items,
+            margin=self.run.calibrate_margin,
+            source=self.run.model_argument,
+            layers=geometry.layers,
+            heads=geometry.heads,
         )
         write_text_atomically(path, calibration.text)
         where = str(path)
+        if calibration.part is not None:
+            where += f" (measured only {calibration.part}; its rules apply there only)"
         if calibration.left_out:
             where += (
                 f" (bounds from {calibration.used} of {counted(len(items), 'item')}; "

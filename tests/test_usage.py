@@ -90,15 +90,49 @@ class TestSaidInOneLine:
         result.stdout.fnmatch_lines(
             [
                 f"spectral calibrated rules: {pytester.path / 'cal.toml'} (bounds from 31 of 32 "
-                "items; 1 that failed or warned were left out)"
+                "items; 1 that failed or warned was left out)"
             ]
         )
         text = (pytester.path / "cal.toml").read_text()
-        assert "from the 31 items that passed (1 that failed or warned were left out)." in text
+        assert "from the 31 items that passed (1 that failed or warned was left out)." in text
         # the collapsed head is outside the calibrated bounds, the others inside
         again = pytester.runpytest(f"--spectral-model={model}", "--spectral-thresholds=cal.toml")
         again.assert_outcomes(passed=31, failed=1)
         again.stdout.fnmatch_lines(["FAILED spectral::layer01::head02-q - *"])
+
+    @pytest.mark.parametrize(
+        ("selection", "part", "layers", "heads"),
+        [
+            (["--spectral-layers=0"], "layers 0 of 0-1", 'layers = "0"', None),
+            (["-k", "layer01 and head00"], "layers 1 of 0-1 and query heads 0 of 0-3",
+             'layers = "1"', 'heads = "0"'),
+        ],
+    )  # fmt: skip
+    def test_calibrating_part_of_the_model_bounds_that_part_only(
+        self, pytester, model, selection, part, layers, heads
+    ) -> None:
+        result = pytester.runpytest(
+            f"--spectral-model={model}", "--spectral-calibrate=cal.toml", *selection
+        )
+        result.stdout.fnmatch_lines(
+            [
+                f"spectral calibrated rules: {pytester.path / 'cal.toml'} (measured only "
+                f"{part}; its rules apply there only)"
+            ]
+        )
+        text = (pytester.path / "cal.toml").read_text()
+        assert f"# The run measured only {part}: each rule is restricted to the layers and" in text
+        tables = text.split("[[rules]]")[1:]
+        assert tables
+        for table in tables:
+            assert layers in table
+            assert (heads in table) if heads else ("heads =" not in table)
+        # the other part of the model is not judged by these bounds: the collapsed head of
+        # layer 1 (query head 2) fails only rules that cover it
+        again = pytester.runpytest(f"--spectral-model={model}", "--spectral-thresholds=cal.toml")
+        assert "applies to no item" not in again.stdout.str()
+        if selection == ["--spectral-layers=0"]:
+            again.assert_outcomes(passed=32)  # layer 1's collapse: no layer-0 rule judges it
 
     def test_a_clean_calibration_says_nothing_more(self, pytester, model) -> None:
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-calibrate=cal.toml")
