@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -245,6 +246,71 @@ class TestWarnOnly:
         result.assert_outcomes(passed=30, warnings=2)
         assert result.parseoutcomes()["warned"] == 2
         result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2-3 k*collapsed*"])
+
+    def test_the_header_says_so(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-warn-only", "--co")
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: --spectral-warn-only: every broken rule, non-finite or all-zero slice "
+                "is reported as a warning; no item fails (exit code 0)"
+            ]
+        )
+        plain = pytester.runpytest(f"--spectral-model={model}", "--co")
+        assert "--spectral-warn-only" not in plain.stdout.str()
+
+
+class TestReportsSayWhatRan:
+    """The JSON and HTML reports record the baseline compared with and warn-only mode, and
+    the model's resolved path (the argument may be relative to where pytest ran)."""
+
+    @pytest.fixture
+    def reports(self, pytester) -> tuple[dict, str, Path, Path]:
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "good.json")
+        (pytester.path / "elsewhere").mkdir()
+        rules = rules_file(pytester, DRIFT_RULES)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(pytester.path / "elsewhere")
+            pytester.runpytest(
+                "--spectral-model=../model",
+                "--spectral-baseline=../good.json",
+                f"--spectral-thresholds={rules}",
+                "--spectral-warn-only",
+                "--spectral-report=r.json",
+                "--spectral-html=r.html",
+            )
+        out = pytester.path / "elsewhere"
+        report = json.loads((out / "r.json").read_text())
+        return report, (out / "r.html").read_text(), baseline, model
+
+    def test_json(self, reports) -> None:
+        report, _, baseline, model = reports
+        assert report["baseline"] == {
+            "path": str(baseline),
+            "sha256": hashlib.sha256(baseline.read_bytes()).hexdigest(),
+            "computed": [],
+        }
+        assert report["settings"]["warn_only"] is True
+        assert report["model"]["argument"] == "../model"
+        assert report["model"]["path"] == str(model.resolve())
+        assert report["model"]["source"] == "local"
+
+    def test_html(self, reports) -> None:
+        _, page, baseline, model = reports
+        digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:12]
+        assert f"<title>pytest-spectral: {model.resolve()}</title>" in page
+        assert f"<tr><th>path</th><td>{model.resolve()}</td></tr>" in page
+        assert f"<tr><th>baseline</th><td>{baseline} (sha256 {digest})</td></tr>" in page
+        assert "<tr><th>mode</th><td>warn-only: every problem reported as a warning" in page
+        assert "(1 rule, sha256" in page  # not "1 rules"
+        assert "<tr><th>warn_only</th><td>True</td></tr>" in page
+
+    def test_without_a_baseline(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        report = json.loads(report_of(pytester, model, "r.json").read_text())
+        assert report["baseline"] is None
+        assert report["settings"]["warn_only"] is False
 
 
 class TestHeatmap:

@@ -169,13 +169,13 @@ def build_report(
             "files": [str(p.relative_to(checkpoint.root)) for p in checkpoint.files],
         },
         "rules": {
-            "path": str(rules.path) if rules.path else None,
+            "path": str(rules.path.resolve()) if rules.path else None,
             "sha256": rules.sha256,
             "count": len(rules.rules),
         },
         "baseline": (
             {
-                "path": str(baseline.path),
+                "path": str(baseline.path.resolve()),
                 "sha256": baseline.sha256,
                 "computed": list(baseline.computed),
             }
