@@ -215,8 +215,11 @@ class SpectralItem(pytest.Item):
             verdict=verdict,
         )
         self.user_properties.extend(spectrum.metrics.items())
+        # --junitxml shows a warned item as passed: these properties tell them apart
+        self.user_properties.append(("spectral_outcome", verdict.outcome))
         if verdict.outcome == "passed":
             return
+        self.user_properties.append(("spectral_problem", _headline(self.record)))
         text = self._describe(run, spectrum, self.record)
         if verdict.outcome == "failed":
             raise SpectralCheckError(self._once_per_slice(text))

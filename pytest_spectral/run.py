@@ -41,7 +41,13 @@ from pytest_spectral.reporting.files import (
 )
 from pytest_spectral.reporting.html_report import HTML_MARK
 from pytest_spectral.reporting.report import REPORT_MARK
-from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
+from pytest_spectral.untrusted import (
+    MAX_INDEX_BYTES,
+    MAX_TOML_BYTES,
+    UntrustedFileError,
+    load_json,
+    load_toml,
+)
 from pytest_spectral.wording import counted, indices
 
 if TYPE_CHECKING:
@@ -91,11 +97,14 @@ class SpectralRun:
         try:
             model_path = local_model_path(config)
             _refuse_non_weight_file(model_path, model_argument)
-            checkpoint = open_checkpoint(
-                model_path,
-                config_path=_path_option(config, "spectral_config"),
-                family=_custom_family(config),
-            )
+            try:
+                checkpoint = open_checkpoint(
+                    model_path,
+                    config_path=_path_option(config, "spectral_config"),
+                    family=_custom_family(config),
+                )
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}{_shard_hint(model_path)}") from None
             protected = checkpoint_directories(checkpoint)
             refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
             metrics = MetricRegistry()
@@ -389,6 +398,33 @@ def _refuse_non_weight_file(path: Path, argument: str) -> None:
         f"{argument}: {what}, not a checkpoint; pass the checkpoint's directory: "
         f"--spectral-model={directory}, or a single .safetensors, .bin or .pt weight file"
     )
+
+
+#: index files that list the shards of a checkpoint directory
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _shard_hint(path: Path) -> str:
+    """``; x is one shard of ...: pass the directory`` when the weight file ``path`` is listed
+    by an index beside it (a single shard lacks the other shards' tensors), else nothing."""
+    if path.is_dir():
+        return ""
+    for name in _INDEXES:
+        index = path.parent / name
+        if not index.exists():
+            continue
+        try:
+            document = load_json(index, MAX_INDEX_BYTES, "weight index")
+        except UntrustedFileError:
+            continue
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        files = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        if path.name in files:
+            return (
+                f"; {path.name} is one of the {len(files)} shards that {index} lists: pass "
+                f"the checkpoint's directory: --spectral-model={path.parent}"
+            )
+    return ""
 
 
 def _custom_family(config: pytest.Config) -> Family | None:

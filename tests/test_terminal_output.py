@@ -171,6 +171,28 @@ class TestWarnings:
         assert ":0:" not in result.stdout.str()
 
 
+def test_junit_xml_tells_warned_items_from_passed_ones(run, pytester) -> None:
+    """JUnit has no warned outcome: a warned item is a passing testcase, with a property."""
+    import xml.etree.ElementTree as ElementTree
+
+    run("--junitxml=out.xml", "-o", "junit_family=xunit1")
+    cases = {
+        (case.get("classname"), case.get("name")): {
+            p.get("name"): p.get("value") for p in case.iter("property")
+        }
+        for case in ElementTree.parse(pytester.path / "out.xml").iter("testcase")
+    }
+    assert len(cases) == 32
+    warned = cases[("spectral.layer00", "head00-v")]
+    assert warned["spectral_outcome"] == "warned"
+    assert warned["spectral_problem"].startswith("advisory: spectral_norm = ")
+    assert warned["spectral_problem"].endswith(" < min 1e+09 (warn)")
+    assert cases[("spectral.layer00", "head00-q")]["spectral_outcome"] == "passed"
+    assert "spectral_problem" not in cases[("spectral.layer00", "head00-q")]
+    assert cases[("spectral.layer01", "head02-k")]["spectral_outcome"] == "failed"
+    assert sum(c["spectral_outcome"] == "warned" for c in cases.values()) == 2
+
+
 class TestWarningsAsErrors:
     """A project whose warning filters make warnings errors (``filterwarnings = ["error"]``,
     ``-W error``): a warned item stays warned, with no traceback, and the summary says so."""

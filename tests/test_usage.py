@@ -170,6 +170,44 @@ class TestMistakenArguments:
         assert "examples/" not in spectral
 
 
+class TestModelFiles:
+    def test_a_single_shard_names_its_directory(self, pytester) -> None:
+        model = write_checkpoint(
+            pytester.path / "model", random_llama_weights(SHAPE), SHAPE.config(), shards=2
+        )
+        shard = model / "model-00001-of-00002.safetensors"
+        result = pytester.runpytest(f"--spectral-model={shard}")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "ERROR: tensor * is missing from the checkpoint (the config says 2 layers); "
+                f"model-00001-of-00002.safetensors is one of the 2 shards that "
+                f"{model / 'model.safetensors.index.json'} lists: pass the checkpoint's "
+                f"directory: --spectral-model={model}"
+            ]
+        )
+
+    def test_spectral_config_over_a_checkpoints_own_config_is_said(self, pytester, model) -> None:
+        other = write(pytester, "other.json", (model / "config.json").read_text())
+        result = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-config={other}", "--co"
+        )
+        result.stdout.fnmatch_lines(
+            [
+                f"spectral: --spectral-config {other} is used; the checkpoint's own "
+                f"{model / 'config.json'} is not read"
+            ]
+        )
+        alone = pytester.path / "alone"
+        alone.mkdir()
+        (model / "model.safetensors").rename(alone / "model.safetensors")
+        single = pytester.runpytest(
+            f"--spectral-model={alone / 'model.safetensors'}", f"--spectral-config={other}", "--co"
+        )
+        single.stdout.fnmatch_lines(["collected 32 items"])
+        assert "is not read" not in single.stdout.str()  # nothing beside it to override
+
+
 class TestDemoScript:
     SCRIPT = ROOT / "examples" / "make_tiny_llama.py"
 
