@@ -6,6 +6,8 @@ pays for none of them and never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,8 @@ class SpectralPlugin:
         self._items: list[Record] | None = None
         #: warned items whose warning the warning filters would have made an error
         self._warnings_kept = 0
+        #: why the session was interrupted, if it was
+        self._stopped: str | None = None
 
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items (the
@@ -180,12 +184,20 @@ class SpectralPlugin:
         for label, where in self._written:
             terminalreporter.write_line(printable(f"spectral {label}: {where}"))
 
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        """Ctrl-C, or pytest-xdist's controller stopping after ``--maxfail`` failures."""
+        self._stopped = str(excinfo.value) or "interrupted"
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Write every requested report, whatever happened: an earlier run's file at the same
         path was removed at startup, and this run's replaces it even when no item ran."""
         self.run.close()
         if _is_xdist_worker(session.config):
             return
+        reasons = (self._stopped, session.shouldfail, session.shouldstop)
+        reason = next((r for r in reasons if isinstance(r, str) and r), None)
+        if reason is not None:
+            self.ledger.stop_reason = f"not run: {reason}"
         run = self.run
         items = self._all_items()
         verdicts = self._slice_verdicts()
@@ -311,36 +323,70 @@ class Verdicts:
 
 
 class LayerProgressPlugin:
-    """In verbose mode, a line per computed layer, after the item that waited for it.
+    """In verbose mode, a line per computed layer, printed once all of the layer's items have
+    reported (so it follows them rather than splitting them).
 
-    A plugin of its own, registered only with ``-v``, so that other runs pay nothing per item.
+    The engine computes a layer when its first item asks for it; the layer's figures travel on
+    that item's report, so that under pytest-xdist the controller prints them too. A plugin of
+    its own, registered only with ``-v``, so that other runs pay nothing per item.
     """
 
-    def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
+    def __init__(self, run: SpectralRun, config: pytest.Config, ledger: ItemLedger) -> None:
         self._config = config
-        self._run = run
-        self._finished_layers: list[LayerStats] = []
-        run.on_layer = self._finished_layers.append
+        self._ledger = ledger
+        self._computed: list[LayerStats] = []  # in this process, not yet on a report
+        run.on_layer = self._computed.append
+        self._stats: dict[int, LayerStats] = {}
+        self._finished: Counter[int] = Counter()
+        self._units: dict[int, list[tuple[str, str]]] | None = None
 
-    def pytest_runtest_logfinish(self) -> None:
-        if not self._finished_layers:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.when == "call" and self._computed:
+            report.spectral_layers = [dataclasses.asdict(s) for s in self._computed]  # type: ignore[attr-defined]
+            self._computed.clear()
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for stats in getattr(report, "spectral_layers", ()):
+            self._stats[stats["layer"]] = LayerStats(**stats)
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        position = item_position(nodeid)
+        if position is None or _is_xdist_worker(self._config):
             return
-        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
-        for stats in self._finished_layers:
+        layer = position[0]
+        self._finished[layer] += 1
+        if self._units is None:  # the collected items are known by now, and do not change
+            self._units = _units(self._ledger.collected)
+        units = self._units
+        if layer in self._stats and self._finished[layer] == len(units[layer]):
+            reporter = self._config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(progress_line(stats, self._run.needed))
-        self._finished_layers.clear()
+                reporter.write_line(progress_line(self._stats.pop(layer), units[layer]))
 
 
-def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
-    """``spectral: layer 1: 32 items from 20 slices ...``: items and the distinct slices
-    decomposed for them (a K/V slice serves every query head of its group), the time, and
-    how many of the layer's matrices came from the cache or needed a direct SVD."""
-    units = {(matrix, scope) for layer, matrix, scope in needed if layer == stats.layer}
-    items = sum(layer == stats.layer for layer, _, _ in needed)
-    shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
+def _units(nodeids: tuple[str, ...]) -> dict[int, list[tuple[str, str]]]:
+    """Each layer's items as (matrix, scope)."""
+    units: dict[int, list[tuple[str, str]]] = {}
+    for nodeid in nodeids:
+        layer, head, matrix = item_position(nodeid)  # type: ignore[misc]
+        units.setdefault(layer, []).append((matrix, "matrix" if head is None else "head"))
+    return units
+
+
+def progress_line(stats: LayerStats, items: list[tuple[str, str]]) -> str:
+    """``spectral: layer 1: 32 items from 20 slices ...``: the layer's items, as (matrix,
+    scope), and the distinct slices decomposed for them (a K/V slice serves every query head
+    of its group), the time, and how many of the layer's matrices came from the cache or
+    needed a direct SVD."""
+    units = set(items)
+    shared = " (K/V slices are shared by query heads)" if stats.slices < len(items) else ""
     return (
-        f"spectral: layer {stats.layer}: {counted(items, 'item')} from "
+        f"spectral: layer {stats.layer}: {counted(len(items), 'item')} from "
         f"{counted(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
         f"{stats.from_cache} of {counted(len(units), 'matrix', 'matrices')} from the cache, "
         f"{counted(stats.direct_svd, 'slice')} by direct SVD"

@@ -232,7 +232,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.get_verbosity() >= 1:
         from pytest_spectral.hooks import LayerProgressPlugin
 
-        config.pluginmanager.register(LayerProgressPlugin(run, config), "spectral-progress")
+        config.pluginmanager.register(LayerProgressPlugin(run, config, ledger), "spectral-progress")
     if config.pluginmanager.hasplugin("xdist"):
         from pytest_spectral.hooks import XdistControllerPlugin
 

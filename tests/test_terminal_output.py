@@ -199,7 +199,7 @@ class TestWarningsAsErrors:
 
     KEPT = (
         "spectral: 2 warned items stayed warned although the warning filters make warnings "
-        'errors (-W error, filterwarnings): a warned verdict is the rules file\'s (severity = '
+        "errors (-W error, filterwarnings): a warned verdict is the rules file's (severity = "
         '"warn", or --spectral-warn-only); give a rule severity = "fail" to fail its items'
     )
 
@@ -272,6 +272,24 @@ class TestProgress:
                 "0 of 8 matrices from the cache, * by direct SVD",
             ]
         )
+
+    def test_each_line_follows_the_last_item_of_its_layer(self, run) -> None:
+        result = run("-v", "-p", "no:randomly")
+        lines = result.stdout.lines
+        for layer in (0, 1):
+            at = next(
+                i for i, line in enumerate(lines) if line.startswith(f"spectral: layer {layer}:")
+            )
+            assert lines[at - 1].startswith(f"spectral::layer0{layer}::head03-o ")
+            items = [line for line in lines[:at] if line.startswith(f"spectral::layer0{layer}::")]
+            assert len(items) == 16  # every item of the layer came before its line
+
+    def test_under_xdist_the_controller_prints_them(self, run) -> None:
+        result = run("-v", "-n", "2", "--dist", "loadscope")
+        for layer in (0, 1):
+            result.stdout.fnmatch_lines(
+                [f"spectral: layer {layer}: 16 items from 12 distinct slices (K/V slices *"]
+            )
 
     def test_whole_matrices_alone_are_one_slice_each(self, run) -> None:
         result = run("-v", "--spectral-scope", "matrix", "--spectral-layers", "0")

@@ -356,14 +356,27 @@ class TestReportsLeaveNothingOut:
         assert "<h2>Items without a result</h2>" in page
         assert "<td>spectral::layer00::head02-v</td><td>error</td>" in page
 
-    def test_stopping_early_leaves_the_rest_not_run(self, pytester) -> None:
+    @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+    def test_stopping_early_leaves_the_rest_not_run_and_says_why(self, pytester, workers) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
-        result = run(pytester, f"--spectral-model={ckpt}", "-x", "--spectral-report=r.json")
+        result = run(
+            pytester,
+            f"--spectral-model={ckpt}",
+            "-x",
+            "--spectral-report=r.json",
+            "--spectral-html=r.html",
+            *workers,
+        )
         report = json.loads((pytester.path / "r.json").read_text())
         assert_counts_agree(result, report["summary"])
         summary = report["summary"]
-        assert (summary["items"], summary["failed"]) == (ITEMS, 1)
-        assert summary["not_run"] == ITEMS - 1 - summary["passed"] > 0
+        assert summary["failed"] >= 1
+        assert summary["items"] == ITEMS
+        assert summary["not_run"] == ITEMS - summary["failed"] - summary["passed"] > 0
+        not_run = [i for i in report["items"] if i["outcome"] == "not_run"]
+        assert {i["error"] for i in not_run} == {"not run: stopping after 1 failures"}
+        page = (pytester.path / "r.html").read_text()
+        assert "<td>not_run</td><td>not run: stopping after 1 failures</td>" in page
 
     def test_a_stale_report_never_survives_a_run_without_records(self, pytester) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
