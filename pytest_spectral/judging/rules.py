@@ -32,7 +32,8 @@ Severity = Literal["fail", "warn"]
 SUGGESTIONS = ("low_rank", "remove_head", "none")
 ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
-_RULE_KEYS = (
+#: the keys a [[rules]] table may have, besides its metric's parameters
+RULE_KEYS = (
     "name",
     "metric",
     "min",
@@ -198,13 +199,13 @@ def _parse_rule(
     spec = metrics[metric]
 
     for key in entry:
-        if key not in _RULE_KEYS and key not in spec.params:
+        if key not in RULE_KEYS and key not in spec.params:
             other = [m for m, s in metrics.items() if key in s.params]
             if other:
                 raise fail(
                     key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})"
                 )
-            raise fail(key, f"unknown key{hint(key, (*_RULE_KEYS, *spec.params))}")
+            raise fail(key, f"unknown key{hint(key, (*RULE_KEYS, *spec.params))}")
 
     params: dict[str, float | int] = {}
     for key, param in spec.params.items():
