@@ -71,7 +71,7 @@ def refuse_space_form(config: pytest.Config) -> None:
 def checkpoint_directory(argument: str) -> Path | None:
     """The directory a local ``--spectral-model`` argument points into, resolved; ``None`` for
     a hub id (its snapshot is checked once resolved)."""
-    path = Path(argument).expanduser()
+    path = Path(os.path.expanduser(argument))
     if not (path.is_dir() or path.is_file()):  # nothing there, a FIFO, a device...: opening
         return None  # it says what it is
     return (path if path.is_dir() else path.parent).resolve()
@@ -143,7 +143,7 @@ def _space_forms(args: Sequence[str]) -> list[int]:
 def _exists_locally(value: str, invocation_dir: Path) -> bool:
     """Whether pytest (which joins the path to the invocation directory and does not expand
     '~') or the plugin (which does) would find ``value`` on disk."""
-    candidates = (invocation_dir / value, Path(value).expanduser())
+    candidates = (invocation_dir / value, Path(os.path.expanduser(value)))
     return any(p.exists() or p.is_symlink() for p in candidates)
 
 

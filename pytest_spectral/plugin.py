@@ -76,8 +76,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-model",
         metavar="PATH",
-        help="checkpoint to analyse: a Hugging Face hub id, a directory (config.json + "
-        "safetensors or pytorch_model.bin) or a single weight file. Enables the spectral items.",
+        help="checkpoint to analyse: a directory (Hugging Face, Mistral native, PEFT LoRA "
+        "adapter, torch.distributed.checkpoint), a single weight file (safetensors, GGUF, "
+        "torch.save) or a Hugging Face hub id (hf://ORG/NAME). Enables the spectral items.",
     )
     group.addoption(
         "--spectral-revision",
@@ -87,7 +88,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--spectral-config",
         metavar="JSON",
-        help="config.json to use with a single weight file that has none beside it.",
+        help="config.json to use instead of the one the checkpoint carries (or has none).",
+    )
+    group.addoption(
+        "--spectral-base-model",
+        metavar="PATH",
+        help="base model of a LoRA adapter (directory, file or hub id); default: the adapter's "
+        "base_model_name_or_path when it is a hub id in the local hub cache.",
+    )
+    group.addoption(
+        "--spectral-adapter",
+        choices=("merged", "delta"),
+        default="merged",
+        help="for a LoRA adapter: analyse the merged weights W + dW (default, needs the base "
+        "model) or the update dW alone.",
     )
     group.addoption(
         "--spectral-architecture",

@@ -17,7 +17,13 @@ import pytest
 
 from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
-from pytest_spectral.checkpoints.hub import looks_like_hub_id, resolve_hub_model
+from pytest_spectral.checkpoints.formats import ReadOptions
+from pytest_spectral.checkpoints.hub import (
+    cached_snapshot,
+    describe_missing,
+    hub_id_of,
+    resolve_hub_model,
+)
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
 from pytest_spectral.invocation import inside, refuse_configuration_inside
@@ -96,12 +102,15 @@ class SpectralRun:
         model_argument: str = config.getoption("spectral_model")
         try:
             model_path = local_model_path(config)
-            _refuse_non_weight_file(model_path, model_argument)
+            _refuse_json_file(model_path, model_argument)
+            options = ReadOptions(
+                config=_path_option(config, "spectral_config"),
+                base_model=_base_model_path(config),
+                adapter=config.getoption("spectral_adapter"),
+            )
             try:
                 checkpoint = open_checkpoint(
-                    model_path,
-                    config_path=_path_option(config, "spectral_config"),
-                    family=_custom_family(config),
+                    model_path, options=options, family=_custom_family(config)
                 )
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}{_shard_hint(model_path)}") from None
@@ -145,13 +154,19 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
                 f"the model has {counted(count, 'layer')} ({indices(count)})"
             )
+        layers = [layer for layer in checkpoint.layer_numbers if layer in selection]
+        if not layers:
+            raise pytest.UsageError(
+                f"--spectral-layers {selection.spec}: the update covers only layers "
+                f"{', '.join(map(str, checkpoint.layer_numbers))}"
+            )
         outputs = _outputs(config, protected)  # last but one: it removes stale reports
         run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
             rules=rules,
-            layers=[layer for layer in range(count) if layer in selection],
+            layers=layers,
             head_matrices=tuple(m for m in selected if m in MATRICES),
             whole_matrices=selected,
             scopes=("head", "matrix") if scope == "both" else (scope,),
@@ -253,7 +268,7 @@ class SpectralRun:
 def _rules_path(config: pytest.Config) -> Path | None:
     option = config.getoption("spectral_thresholds")
     if option:
-        return Path(option).expanduser().absolute()
+        return Path(os.path.expanduser(option)).absolute()
     ini = config.getini("spectral_thresholds")
     if not ini:
         return None
@@ -377,26 +392,45 @@ def local_model_path(config: pytest.Config) -> Path:
     if MODEL_PATH_KEY in worker_input:
         return Path(worker_input[MODEL_PATH_KEY])
     argument: str = config.getoption("spectral_model")
-    if looks_like_hub_id(argument):
-        return resolve_hub_model(argument, config.getoption("spectral_revision"))
-    return Path(argument).expanduser()
+    repo_id = hub_id_of(argument)
+    if repo_id is not None:
+        return resolve_hub_model(repo_id, config.getoption("spectral_revision"))
+    path = Path(os.path.expanduser(argument))
+    if not os.path.lexists(path):
+        raise CheckpointError(describe_missing(argument))
+    return path
 
 
-#: suffixes of the single weight files --spectral-model takes (a directory takes the rest)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+def _base_model_path(config: pytest.Config) -> Path | None:
+    """``--spectral-base-model`` as a local path: a hub id is resolved by the controller, and
+    found in the cache by pytest-xdist workers."""
+    argument: str | None = config.getoption("spectral_base_model")
+    if argument is None:
+        return None
+    repo_id = hub_id_of(argument)
+    if repo_id is None:
+        path = Path(os.path.expanduser(argument))
+        if not os.path.lexists(path):
+            raise CheckpointError(f"--spectral-base-model {describe_missing(argument)}")
+        return path.absolute()
+    if hasattr(config, "workerinput"):
+        cached = cached_snapshot(repo_id)
+        if cached is not None:
+            return cached
+    return resolve_hub_model(repo_id, None)
 
 
-def _refuse_non_weight_file(path: Path, argument: str) -> None:
-    """A file that is no weight file, named instead of its checkpoint's directory (often
-    ``config.json`` or the shard index), is a usage error saying what to pass instead,
-    rather than a safetensors header error about its first bytes."""
-    if not path.is_file() or path.suffix in _WEIGHT_SUFFIXES:
+def _refuse_json_file(path: Path, argument: str) -> None:
+    """A JSON file (``config.json``, an index, ``params.json``, ``adapter_config.json``) named
+    instead of its checkpoint's directory is a usage error saying what to pass instead, rather
+    than an error about its first bytes as a weight file."""
+    if not path.is_file() or path.suffix != ".json":
         return
-    what = "a JSON file (a config or index file)" if path.suffix == ".json" else "not a weight file"
     directory = Path(argument).parent
     raise CheckpointError(
-        f"{argument}: {what}, not a checkpoint; pass the checkpoint's directory: "
-        f"--spectral-model={directory}, or a single .safetensors, .bin or .pt weight file"
+        f"{argument}: a JSON file (a config or index file), not a checkpoint; pass the "
+        f"checkpoint's directory: --spectral-model={directory}, or a single weight file "
+        "(.safetensors, .gguf, a torch checkpoint)"
     )
 
 
@@ -442,7 +476,7 @@ def _custom_family(config: pytest.Config) -> Family | None:
 
 def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
     """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
-    available = MATRICES + checkpoint.mlp
+    available = checkpoint.attention + checkpoint.mlp
     chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
     if chosen is None:
         return available
@@ -457,7 +491,7 @@ def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[s
 
 def _path_option(config: pytest.Config, name: str) -> Path | None:
     value = config.getoption(name)
-    return Path(value).expanduser().absolute() if value else None
+    return Path(os.path.expanduser(value)).absolute() if value else None
 
 
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:

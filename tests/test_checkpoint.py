@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-from pytest_spectral.checkpoints.safetensors_header import read_header
+from pytest_spectral.checkpoints.formats.safetensors import read_header
 from pytest_spectral.errors import CheckpointError
 
 

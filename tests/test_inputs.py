@@ -95,7 +95,7 @@ class TestHubIds:
             ("GatedRepoError", "the repository is gated: accept its licence*HF_TOKEN*"),
             ("RepositoryNotFoundError", "no such repository, or it is private*HF_TOKEN*"),
             ("RevisionNotFoundError", "the repository has no revision 'v9'*--spectral-revision*"),
-            ("ConnectError", "the hub could not be reached*HF_HUB_OFFLINE=1*local checkpoint*"),
+            ("ConnectError", "the hub could not be reached and the model is not in the local*"),
         ],
     )
     def test_online_failures_say_what_to_do(self, pytester, monkeypatch, error, advice) -> None:
@@ -109,10 +109,11 @@ class TestHubIds:
             error, type(error, (OSError,), {})
         )
 
-        def list_repo_files(self, repo_id: str, revision: str | None = None) -> list[str]:
+        def model_info(self, repo_id: str, revision: str | None = None) -> object:
             raise failure("401 Client Error")
 
-        monkeypatch.setattr(hub.HfApi, "list_repo_files", list_repo_files)
+        monkeypatch.setattr(hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(pytester.path / "empty-cache"))
         result = pytester.runpytest("--spectral-model", "org/tiny", "--spectral-revision", "v9")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(

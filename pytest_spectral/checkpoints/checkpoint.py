@@ -1,21 +1,22 @@
-"""Locating a checkpoint's attention weights from ``config.json`` and the weight files' headers.
+"""Locating a checkpoint's attention weights from its config and its weight files' headers.
 
-Nothing here reads a weight: opening a checkpoint costs a few small reads, so every pytest
-worker can do it at collection time. The tensors a run will read are checked against the config
-before the first item runs (:meth:`Checkpoint.check_readable`), so a mismatch is a usage error
-rather than a crash in the middle, and a tensor the run never reads cannot refuse it.
+A format (:mod:`pytest_spectral.checkpoints.formats`) gives the config and the tensors in
+Hugging Face terms; this module finds the family, the head geometry and each layer's Q, K, V,
+O (and MLP) tensors among them. Nothing here reads a weight: opening a checkpoint costs a few
+small reads, so every pytest worker can do it at collection time. The tensors a run will read
+are checked against the config before the first item runs (:meth:`Checkpoint.check_readable`),
+so a mismatch is a usage error rather than a crash in the middle, and a tensor the run never
+reads cannot refuse it.
 
-Nothing in a checkpoint is trusted: files are read through :mod:`pytest_spectral.untrusted`
-(regular files only, size-capped), shards named by an index must lie inside the checkpoint
-directory (or, for a hub snapshot, in its repository's ``blobs/``), each physical file's header
-is parsed once however many spellings the index uses, all headers together are capped at
-:data:`MAX_TOTAL_HEADER_BYTES`, and a config whose geometry would turn a small file into an
-absurd number of items is refused (:data:`SMALL_MODEL_ITEMS`, :data:`MIN_WEIGHTS_PER_ITEM`).
+Nothing in a checkpoint is trusted: the formats read files through
+:mod:`pytest_spectral.untrusted` (regular files only, size-capped, confined to the checkpoint,
+headers parsed once and capped in total), and a config whose geometry would turn a small file
+into an absurd number of items is refused (:data:`SMALL_MODEL_ITEMS`,
+:data:`MIN_WEIGHTS_PER_ITEM`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -29,34 +30,12 @@ from pytest_spectral.checkpoints.architectures import (
     Variant,
     family_for,
 )
-from pytest_spectral.checkpoints.safetensors_header import (
-    DTYPE_SIZES,
-    MAX_HEADER_BYTES,
-    TensorEntry,
-    WeightFile,
-    read_header,
-)
-from pytest_spectral.checkpoints.torch_file import read_torch_file
+from pytest_spectral.checkpoints.formats import ReadOptions, open_format
+from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
+from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.errors import CheckpointError
-from pytest_spectral.untrusted import (
-    MAX_CONFIG_BYTES,
-    MAX_INDEX_BYTES,
-    MiB,
-    MissingFileError,
-    UntrustedFileError,
-    check_regular,
-    load_json,
-)
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
-_BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-_BIN_FILE = "pytorch_model.bin"
-#: All weight-file headers of one checkpoint together (safetensors JSON, torch.save pickles).
-#: About 120 bytes per tensor: the largest mixtures of experts (a trillion parameters, 140,000
-#: tensors) have under 20 MB; parsing 32 MiB of hostile headers takes a few seconds.
-MAX_TOTAL_HEADER_BYTES = 32 * MiB
 #: Any geometry may have up to this many head items (4 per query head and layer)...
 SMALL_MODEL_ITEMS = 4096
 #: ...beyond it, each item must stand for at least this many attention weights on average, so
@@ -114,9 +93,22 @@ class Checkpoint:
     geometry: Geometry
     layout: Layout
     #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices present
-    tensors: dict[tuple[int, str], TensorEntry]
+    tensors: dict[tuple[int, str], TensorSource]
     #: MLP matrices the checkpoint has (whole-matrix items only)
     mlp: tuple[str, ...] = ()
+    #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
+    #: which has those its adapter targets
+    attention: tuple[str, ...] = MATRICES
+    #: layers that have them: every layer, except for a LoRA update limited to some layers
+    layer_indices: tuple[int, ...] | None = None
+
+    @property
+    def layer_numbers(self) -> tuple[int, ...]:
+        """The layers items can be collected for (all of them, unless the checkpoint is an
+        update confined to some)."""
+        if self.layer_indices is None:
+            return tuple(range(self.geometry.layers))
+        return self.layer_indices
 
     @property
     def dtype(self) -> str:
@@ -125,7 +117,17 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
-        return sorted({t.file for t in self.tensors.values()})
+        """Every file the attention and MLP tensors are read from."""
+        return sorted({file for t in self.tensors.values() for file in t.files})
+
+    @property
+    def file_names(self) -> list[str]:
+        """:attr:`files` relative to the checkpoint's directory; absolute for files outside
+        it (a LoRA adapter's base model)."""
+        return [
+            str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+            for p in self.files
+        ]
 
     def item_shape(self, matrix: str, *, whole: bool) -> tuple[int, int]:
         """Shape ``[m, n]`` of an item's matrix in ``nn.Linear`` orientation (out x in)."""
@@ -156,13 +158,8 @@ class Checkpoint:
             if problem is not None:
                 raise CheckpointError(problem)
 
-    def _unreadable(self, matrix: str, entry: TensorEntry) -> str | None:
+    def _unreadable(self, matrix: str, entry: TensorSource) -> str | None:
         where = f"{entry.file}: tensor {entry.name!r}"
-        if entry.dtype not in DTYPE_SIZES:
-            return (
-                f"{where} has dtype {entry.dtype}; only {', '.join(DTYPE_SIZES)} weights can be "
-                "analysed (dequantize first)"
-            )
         if entry.problem:
             return f"{where} {entry.problem}"
         if matrix in MATRICES:
@@ -178,21 +175,26 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    path: Path, *, config_path: Path | None = None, family: Family | None = None
+    path: Path,
+    *,
+    config_path: Path | None = None,
+    family: Family | None = None,
+    options: ReadOptions | None = None,
 ) -> Checkpoint:
     """Read the config and the weight headers of the checkpoint at ``path``.
 
-    ``path`` is a directory, or a single weight file with ``config.json`` beside it (or given
-    as ``config_path``). ``family`` describes an architecture the plugin does not know.
+    ``path`` is a directory or a single weight file in any layout of
+    :mod:`pytest_spectral.checkpoints.formats`; ``config_path`` (``--spectral-config``) wins over
+    the config the checkpoint carries. ``family`` describes an architecture the plugin does not
+    know. Raises :class:`CheckpointError` naming the file, key or tensor.
     """
-    if not path.is_dir():
-        try:
-            check_regular(path)
-        except UntrustedFileError as exc:
-            raise CheckpointError(str(exc)) from None
-    root = path if path.is_dir() else path.parent
-    config_file = config_path or root / "config.json"
-    config = _text_config(_read_config(config_file))
+    options = options or ReadOptions(config=config_path)
+    weights = open_format(path, options)
+    if options.config is not None:
+        config_file, config = options.config, read_config(options.config)
+    else:
+        config, config_file = weights.config()
+    config = _text_config(config)
     model_type = str(config.get("model_type"))
     if family is None:
         family = family_for(config.get("model_type"))
@@ -208,28 +210,22 @@ def open_checkpoint(
         raise CheckpointError(f"{config_file}: {exc}") from None
     geometry = _geometry(config_file, config, family, variant)
     layout = Layout(family.name, variant.fused, family.conv1d)
-    entries = _weight_entries(path, _needed_names(family))
-    prefix = _decoder_prefix(entries, family)
-    tensors = _attention_tensors(entries, prefix, family, geometry)
+    entries = weights.tensors(_needed_names(family), geometry.head_dim)
+    prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    if weights.partial:
+        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+    else:
+        tensors, attention, layers = (
+            _attention_tensors(entries, prefix, family, geometry),
+            MATRICES,
+            None,
+        )
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
-    return Checkpoint(root, config, model_type, geometry, layout, tensors, names)
-
-
-def _read_config(path: Path) -> dict[str, object]:
-    try:
-        config = load_json(path, MAX_CONFIG_BYTES, "config")
-    except MissingFileError:
-        raise CheckpointError(
-            f"{path}: missing; a Hugging Face checkpoint directory needs its config.json "
-            "(for a single weight file elsewhere, give --spectral-config)"
-        ) from None
-    except UntrustedFileError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return config
+    return Checkpoint(
+        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+    )
 
 
 def _text_config(config: dict[str, object]) -> dict[str, object]:
@@ -320,137 +316,11 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
     return lambda name: name.endswith(suffixes)
 
 
-def _weight_entries(path: Path, wanted: Callable[[str], bool]) -> dict[str, TensorEntry]:
-    """The tensors of the checkpoint at ``path`` (a directory, or a single weight file) whose
-    names are ``wanted``."""
-    if not path.is_dir():
-        return _read_weight_file(path, MAX_TOTAL_HEADER_BYTES, wanted).entries
-    for name, reader in ((_INDEX_FILE, read_header), (_BIN_INDEX_FILE, read_torch_file)):
-        if os.path.lexists(path / name):
-            return _sharded_entries(path / name, reader, wanted)
-    for name in (_SINGLE_FILE, _BIN_FILE):
-        if os.path.lexists(path / name):
-            _check_regular_inside(path, path / name, str(path / name))
-            return _read_weight_file(path / name, MAX_TOTAL_HEADER_BYTES, wanted).entries
-    found = sorted(p.name for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
-    raise CheckpointError(
-        f"{path}: no {_SINGLE_FILE}, {_INDEX_FILE}, {_BIN_FILE} or {_BIN_INDEX_FILE}"
-        + (f" (found: {', '.join(found)})" if found else " and no weight files at all")
-    )
-
-
-def _read_weight_file(path: Path, budget: int, wanted: Callable[[str], bool]) -> WeightFile:
-    if path.suffix in (".bin", ".pt"):
-        return read_torch_file(path, budget, wanted)
-    return read_header(path, min(budget, MAX_HEADER_BYTES), wanted)
-
-
-def _sharded_entries(
-    index: Path,
-    reader: Callable[[Path, int, Callable[[str], bool]], WeightFile],
-    wanted: Callable[[str], bool],
-) -> dict[str, TensorEntry]:
-    """The tensors listed in ``index``, each physical shard read once.
-
-    Every shard name is checked; shards holding ``wanted`` tensors are read, deduplicated by
-    normalised name (``x``, ``./x``, ``.//x``) and by file identity (hard and symbolic links),
-    their headers counted against one total budget.
-    """
-    try:
-        document = load_json(index, MAX_INDEX_BYTES, "weight index")
-    except UntrustedFileError as exc:
-        raise CheckpointError(str(exc)) from None
-    weight_map = document.get("weight_map") if isinstance(document, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
-    by_name: dict[str, WeightFile] = {}
-    by_identity: dict[tuple[int, int], WeightFile] = {}
-    budget = MAX_TOTAL_HEADER_BYTES
-    entries: dict[str, TensorEntry] = {}
-    paths: dict[str, Path] = {}
-    for name, shard in weight_map.items():
-        shard_path = paths.get(shard) if isinstance(shard, str) else None
-        if shard_path is None:
-            shard_path = paths[shard] = _shard_path(index, name, shard)
-        if not wanted(name):
-            continue  # never read: only its shard's name is checked
-        weight_file = by_name.get(str(shard_path))
-        if weight_file is None:
-            identity = _file_key(shard_path)
-            weight_file = by_identity.get(identity)
-            if weight_file is None:
-                weight_file = reader(shard_path, min(budget, MAX_HEADER_BYTES), wanted)
-                budget -= weight_file.header_bytes
-                by_identity[identity] = weight_file
-            by_name[str(shard_path)] = weight_file
-        entry = weight_file.entries.get(name)
-        if entry is None:
-            raise CheckpointError(
-                f"{shard_path}: tensor {name!r} promised by {index.name} is missing"
-            )
-        entries[name] = entry
-    return entries
-
-
-def _file_key(path: Path) -> tuple[int, int]:
-    """Device and inode: the same physical file under any name or link."""
-    try:
-        status = os.stat(path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return status.st_dev, status.st_ino
-
-
-def _shard_path(index: Path, tensor: str, shard: object) -> Path:
-    """The shard an index names, refused unless it is a regular file inside the checkpoint."""
-    where = f"{index}: shard {shard!r} (for {tensor!r})"
-    if not isinstance(shard, str) or not shard or "\0" in shard:
-        raise CheckpointError(f"{where} is not a file name")
-    if os.path.isabs(shard):
-        raise CheckpointError(f"{where} is an absolute path; shards must lie in the checkpoint")
-    normal = os.path.normpath(shard)
-    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
-        raise CheckpointError(f"{where} leaves the checkpoint directory ('..'); refused")
-    path = index.parent / normal
-    _check_regular_inside(index.parent, path, where)
-    return path
-
-
-def _check_regular_inside(root: Path, path: Path, where: str) -> None:
-    """Refuse a weight file that is not a regular file, or whose real location (symlinks
-    resolved) is outside ``root``; ``where`` starts the message.
-
-    A Hugging Face cache snapshot holds symlinks into its repository's ``blobs/`` folder:
-    exactly that folder is allowed too.
-    """
-    try:
-        check_regular(path)
-    except UntrustedFileError as exc:
-        raise CheckpointError(f"{where}: {str(exc).removeprefix(f'{path}: ')}") from None
-    real = os.path.realpath(path)
-    allowed = [os.path.realpath(root)]
-    allowed.extend(_hub_blobs(Path(allowed[0])))
-    if not any(os.path.commonpath([real, place]) == place for place in allowed):
-        raise CheckpointError(
-            f"{where}: resolves to {real}, outside the checkpoint directory; refused (copy the "
-            "file into the checkpoint, or pass a single weight file itself as --spectral-model)"
-        )
-
-
-def _hub_blobs(root: Path) -> list[str]:
-    """The ``blobs/`` folder of the hub cache repository ``root`` is a snapshot of, if any."""
-    for folder in (root, *root.parents):
-        parent = folder.parent
-        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
-            return [str(parent.parent / "blobs")]
-    return []
-
-
 def _attention_tensors(
-    entries: Mapping[str, TensorEntry], prefix: str, family: Family, geometry: Geometry
-) -> dict[tuple[int, str], TensorEntry]:
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> dict[tuple[int, str], TensorSource]:
     """The Q/K/V/O tensor of every layer; what they hold is checked when a run needs them."""
-    tensors: dict[tuple[int, str], TensorEntry] = {}
+    tensors: dict[tuple[int, str], TensorSource] = {}
     for layer in range(geometry.layers):
         for matrix in MATRICES:
             name = prefix + family.tensor_name(layer, matrix)
@@ -465,11 +335,41 @@ def _attention_tensors(
     return tensors
 
 
+def _partial_attention(
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> tuple[dict[tuple[int, str], TensorSource], tuple[str, ...], tuple[int, ...]]:
+    """The attention tensors of an update that covers some matrices of some layers (a LoRA
+    adapter's ΔW): items exist for the matrices and layers it covers, which must form a grid
+    (every covered layer has every covered matrix), so that each layer has the same items."""
+    found = {
+        (layer, matrix): entries[name]
+        for layer in range(geometry.layers)
+        for matrix in MATRICES
+        if (name := prefix + family.tensor_name(layer, matrix)) in entries
+    }
+    if not found:
+        raise CheckpointError(
+            "the update holds no attention weight of any layer (its adapter targets none of "
+            f"q, k, v, o as the {family.name} layout names them)"
+        )
+    matrices = tuple(m for m in MATRICES if any(m == matrix for _, matrix in found))
+    layers = tuple(sorted({layer for layer, _ in found}))
+    for layer in layers:
+        for matrix in matrices:
+            if (layer, matrix) not in found:
+                raise CheckpointError(
+                    f"the update covers {matrix} in some layers but not in layer {layer}; "
+                    "items need the same matrices in every layer they cover: analyse the merged "
+                    "weights instead (--spectral-adapter=merged)"
+                )
+    return found, matrices, layers
+
+
 def _mlp_tensors(
-    entries: Mapping[str, TensorEntry], prefix: str, family: Family, geometry: Geometry
-) -> dict[tuple[int, str], TensorEntry]:
+    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+) -> dict[tuple[int, str], TensorSource]:
     """The MLP matrices present in every layer (a mixture of experts has none of them)."""
-    found: dict[tuple[int, str], TensorEntry] = {}
+    found: dict[tuple[int, str], TensorSource] = {}
     for matrix in family.mlp:
         if prefix + family.tensor_name(0, matrix) not in entries:
             continue
@@ -493,7 +393,7 @@ def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:
     return (out_in[1], out_in[0]) if layout.conv1d else out_in
 
 
-def _quantized(name: str, entries: Mapping[str, TensorEntry]) -> str | None:
+def _quantized(name: str, entries: TensorMap) -> str | None:
     """The error for a weight stored GPTQ/AWQ-packed as ``.qweight``, if it is."""
     stem = name.removesuffix(".weight")
     if f"{stem}.qweight" not in entries:
@@ -504,13 +404,18 @@ def _quantized(name: str, entries: Mapping[str, TensorEntry]) -> str | None:
     )
 
 
-def _decoder_prefix(entries: Mapping[str, TensorEntry], family: Family) -> str:
+def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False) -> str:
     """The name prefix of the text decoder's layers (``model.``, ``transformer.``, none...).
 
     Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins,
-    then the shortest.
+    then the shortest. The first layer's Q weight shows it; for a ``partial`` update (which
+    may lack both), any attention weight of any layer.
     """
     first = re.escape(family.tensor_name(0, "q"))
+    if partial:  # any layer number, any attention matrix
+        sentinel = 987654321
+        names = [re.escape(family.tensor_name(sentinel, m)) for m in MATRICES]
+        first = "(?:" + "|".join(names).replace(str(sentinel), r"\d+") + ")"
     pattern = re.compile(rf"^(.*?){first}$")
     prefixes = [m.group(1) for name in entries if (m := pattern.match(name))]
     if not prefixes:

@@ -1,11 +1,10 @@
-"""Reading checkpoint tensors: plain reads into fresh buffers, from verified files.
+"""Reading checkpoint tensors: each produced once by its source, held until its layer is done.
 
-Each tensor is read once, with ``pread`` into a buffer of its own (see
-:func:`pytest_spectral.untrusted.read_verified`): the file is checked to be the one collected
-(device, inode, size, mtime and ctime, on the descriptor read, before and after), and a file
-truncated under the run is a short read that fails its items instead of a ``SIGBUS`` (which a
-memory map would turn it into, killing the interpreter). safetensors and ``torch.save``
-tensors are read the same way, at the offsets their headers gave at collection.
+Sources (:mod:`pytest_spectral.checkpoints.formats.sources`) read with ``pread`` into buffers
+of their own (see :func:`pytest_spectral.untrusted.read_verified`): the file is checked to be
+the one collected (device, inode, size, mtime and ctime, on the descriptor read, before and
+after), and a file truncated under the run is a short read that fails its items instead of a
+``SIGBUS`` (which a memory map would turn it into, killing the interpreter).
 
 A tensor is held until :meth:`WeightReader.release`: the engine releases a layer's tensors once
 the layer is computed, so a fused Q/K/V tensor serving three units is read once, and a run
@@ -14,12 +13,9 @@ holds about one layer however large the checkpoint.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from pytest_spectral.checkpoints.safetensors_header import TensorEntry
-from pytest_spectral.untrusted import read_verified
+from pytest_spectral.checkpoints.formats.sources import TensorSource
 
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
@@ -31,23 +27,19 @@ TORCH_DTYPES = {
 
 class WeightReader:
     def __init__(self) -> None:
-        self._held: dict[tuple[Path, int], torch.Tensor] = {}
+        self._held: dict[object, torch.Tensor] = {}
 
-    def tensor(self, entry: TensorEntry) -> torch.Tensor:
-        """The tensor as stored, in a buffer of its own (read on first use, then held).
+    def tensor(self, entry: TensorSource) -> torch.Tensor:
+        """The tensor, in a buffer of its own (produced on first use, then held).
 
-        Raises :class:`~pytest_spectral.untrusted.FileChangedError` when the file is no longer
+        Raises :class:`~pytest_spectral.untrusted.FileChangedError` when a file is no longer
         the one collected.
         """
-        key = (entry.file, entry.offset)
-        held = self._held.get(key)
+        held = self._held.get(entry.key)
         if held is None:
-            raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-            read_verified(entry.file, entry.identity, [(entry.offset, memoryview(raw.numpy()))])
-            held = raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
-            self._held[key] = held
+            held = self._held[entry.key] = entry.load()
         return held
 
-    def release(self, entry: TensorEntry) -> None:
+    def release(self, entry: TensorSource) -> None:
         """Drop the tensor once its layer is done (it is read again if asked for again)."""
-        self._held.pop((entry.file, entry.offset), None)
+        self._held.pop(entry.key, None)

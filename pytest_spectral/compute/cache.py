@@ -5,12 +5,14 @@ cache directory) with the built-in metrics computed from them; metrics added by 
 parameter variants not cached yet, are computed from the cached singular values.
 
 The guarantee: an entry is used only if all of these match what was stored —
-the file's resolved path and its identity as collected (device, inode, size, modification
-time and status-change time, both in ns); the SHA-256 of the file's whole header (every
-tensor's name, dtype, shape and offsets); the tensor's name, dtype, shape and offsets; the head
-layout; the decomposition precision; and a BLAKE2 digest of 17 evenly spaced 4 KiB samples of
-the tensor's bytes, read from the file after checking it is still the one collected (or the
-items fail as changed after collection). An in-place rewrite that restores size and mtime still
+for every file the tensor is produced from (one, or several for a LoRA merge or a tensor saved
+in chunks): its resolved path and identity as collected (device, inode, size, modification
+time and status-change time, both in ns), the SHA-256 of its whole header (every tensor's
+name, dtype, shape and offsets), the tensor's name, dtype, shape and offsets, and a BLAKE2
+digest of 17 evenly spaced 4 KiB samples of its bytes, read after checking the file is still
+the one collected (or the items fail as changed after collection); how the tensor is produced
+from them (dequantization type, row order, merge scale...); the head layout; and the
+decomposition precision. An in-place rewrite that restores size and mtime still
 changes the ctime, which no unprivileged program can set back; only someone who can reset the
 clock, or write the cache directory itself, can make a stale entry match. Use
 ``--spectral-no-cache`` (or ``--cache-clear``) when that is a concern.
@@ -31,56 +33,27 @@ from pathlib import Path
 
 import numpy as np
 
-from pytest_spectral.checkpoints.safetensors_header import TensorEntry
+from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.results import SliceSpectra
-from pytest_spectral.untrusted import read_verified
 
 #: Bump when the meaning of a cached value changes (method, layout, format).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _METRIC = "metric:"
 
 
-def entry_key(entry: TensorEntry, layout: tuple[object, ...], precision: str) -> str:
+def entry_key(entry: TensorSource, layout: tuple[object, ...], precision: str) -> str:
     """The cache key of one (layer, matrix): see the module docstring for what it covers.
 
-    Raises :class:`~pytest_spectral.untrusted.FileChangedError` when the file is no longer the
+    Raises :class:`~pytest_spectral.untrusted.FileChangedError` when a file is no longer the
     one collected.
     """
-    identity = entry.identity
     material = {
         "format": FORMAT_VERSION,
-        "file": str(entry.file.resolve()),
-        "identity": [
-            identity.device,
-            identity.inode,
-            identity.size,
-            identity.mtime_ns,
-            identity.ctime_ns,
-        ],
-        "header": entry.header_sha256,
-        "tensor": [entry.name, entry.dtype, list(entry.shape), entry.offset, entry.nbytes],
-        "sample": hashlib.blake2b(sample_bytes(entry), digest_size=16).hexdigest(),
+        "source": entry.cache_material(),
         "layout": list(layout),
         "precision": precision,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-
-def sample_bytes(entry: TensorEntry, blocks: int = 16, block_bytes: int = 4096) -> bytes:
-    """Evenly spaced pieces of a tensor's bytes (and its last 4 KiB): a cheap content check.
-
-    Plain verified reads: checking the cache needs neither torch nor the whole tensor.
-    """
-    stride = max(1, entry.nbytes // blocks)
-    starts = [i * stride for i in range(blocks)]
-    starts.append(max(0, entry.nbytes - block_bytes))
-    buffers = [bytearray(max(0, min(block_bytes, entry.nbytes - start))) for start in starts]
-    read_verified(
-        entry.file,
-        entry.identity,
-        [(entry.offset + start, memoryview(b)) for start, b in zip(starts, buffers, strict=True)],
-    )
-    return b"".join(buffers)
 
 
 class SpectraCache:

@@ -2,8 +2,9 @@
 
 Threads are set on purpose: on a busy two-core machine, BLAS threads that outnumber the cores
 spin-wait and made a batch of small ``eigvalsh`` calls a hundred times slower. Each
-pytest-xdist worker therefore gets its share of the cores, and each worker on a multi-GPU
-machine its own GPU (worker gwN takes GPU N mod count).
+pytest-xdist worker therefore gets its share of the cores the process may use (a container's
+CPU quota included, not the host's core count), and each worker on a multi-GPU machine its own
+GPU (worker gwN takes GPU N mod count).
 
 torch is imported only to answer questions about accelerators, so ``cpu`` and a run served
 entirely from the cache never import it.
@@ -28,13 +29,18 @@ def xdist_worker_count() -> int:
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 
 
+def usable_cores() -> int:
+    """The cores this process may use: the fewest of the machine's, its CPU affinity and a
+    container's CPU quota (cgroup v1 ``cpu.cfs_quota_us`` or v2 ``cpu.max``, rounded up), as
+    loky (joblib's process executor) counts them; ``LOKY_MAX_CPU_COUNT`` caps it further."""
+    from loky import cpu_count
+
+    return cpu_count(only_physical_cores=False)
+
+
 def default_threads() -> int:
     """This process's share of the usable cores, dividing them among pytest-xdist workers."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // xdist_worker_count())
+    return max(1, usable_cores() // xdist_worker_count())
 
 
 def _available() -> str:

@@ -166,7 +166,7 @@ def build_report(
             "head_dim": g.head_dim,
             "hidden_size": g.hidden,
             "dtype": checkpoint.dtype,
-            "files": [str(p.relative_to(checkpoint.root)) for p in checkpoint.files],
+            "files": checkpoint.file_names,
         },
         "rules": {
             "path": str(rules.path.resolve()) if rules.path else None,

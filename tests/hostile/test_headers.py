@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-from pytest_spectral.checkpoints.safetensors_header import read_header
+from pytest_spectral.checkpoints.formats.safetensors import read_header
 from pytest_spectral.compute.cache import SpectraCache
 from pytest_spectral.compute.spectra import slice_singular_values
 from pytest_spectral.errors import CheckpointError
@@ -215,7 +215,7 @@ class TestHostileHeaders:
             {"dtype": "BF16", "shape": [-1, 2], "data_offsets": [0, 4]},
             {"dtype": "BF16", "shape": "2x2", "data_offsets": [0, 8]},
             {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 0]},
-            {"dtype": "FANCY", "shape": [2, 2], "data_offsets": [0, 8]},
+            {"dtype": 7, "shape": [2, 2], "data_offsets": [0, 8]},
             ["not", "an", "object"],
         ],
     )

@@ -257,7 +257,6 @@ class TestHubIdsInTheSpaceForm:
         (pytester.path / "tox.ini").unlink()
         work = pytester.path / "work"
         work.mkdir()
-        (work / "org").mkdir()  # even a directory named like the organisation
         monkeypatch.chdir(work)
         before = snapshot(offline_hub)
         space = run(pytester, "--spectral-model", "org/tiny")
@@ -266,6 +265,14 @@ class TestHubIdsInTheSpaceForm:
         equals = run(pytester, "--spectral-model=org/tiny")
         equals.assert_outcomes(passed=ITEMS)
         equals.stdout.fnmatch_lines([f"rootdir: {work}"])
+        # with a local directory named like the organisation, org/tiny is a local path that
+        # does not exist; the explicit form still names the hub id
+        (work / "org").mkdir()
+        local = run(pytester, "--spectral-model", "org/tiny")
+        assert_clean_usage_error(local, "org/tiny: no such file or directory")
+        explicit = run(pytester, "--spectral-model", "hf://org/tiny")
+        explicit.assert_outcomes(passed=ITEMS)
+        explicit.stdout.fnmatch_lines([f"rootdir: {work}"])
         assert (work / ".pytest_cache").is_dir()
         assert snapshot(offline_hub) == before
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_spectral.checkpoints.formats.sources import ELEMENT_SIZES, StoredTensor
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.untrusted import (
     FileIdentity,
@@ -27,48 +28,9 @@ from pytest_spectral.untrusted import (
     read_at,
 )
 
-#: Bytes per element of the dtypes whose spectra can be computed.
-DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-ELEMENT_SIZES: dict[str, float] = {
-    **DTYPE_SIZES,
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "I32": 4,
-    "U32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F4": 0.5,
-    "F6_E2M3": 0.75,
-    "F6_E3M2": 0.75,
-}
 #: A header larger than this is refused before it is read. Real ones hold about 120 bytes per
 #: tensor: a 5 GB shard of the largest mixtures of experts stays under 1 MiB.
 MAX_HEADER_BYTES = 16 * MiB
-
-
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """Where one tensor lives in a weight file (safetensors, or a ``torch.save`` archive)."""
-
-    file: Path
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    #: absolute byte offset of the first element in ``file``
-    offset: int
-    nbytes: int
-    #: SHA-256 of the file's whole header (its pickle for torch.save files): changes when any
-    #: tensor moves or is added
-    header_sha256: str
-    #: the file as collected; reads verify it is still the same
-    identity: FileIdentity
-    #: why the tensor cannot be read although its file is sound ("" when it can be)
-    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +40,7 @@ class WeightFile:
     path: Path
     identity: FileIdentity
     header_bytes: int
-    entries: dict[str, TensorEntry]
+    entries: dict[str, StoredTensor]
 
 
 def read_header(
@@ -87,8 +49,10 @@ def read_header(
     """Parse and validate the header of ``path``; errors name the file and what is wrong.
 
     A header over ``limit`` bytes is refused before it is read (a checkpoint passes what is
-    left of its total budget, see ``checkpoint.MAX_TOTAL_HEADER_BYTES``). Every entry is
-    validated, but only those whose names ``wanted`` accepts (all by default) are kept.
+    left of its total budget, see ``shards.MAX_TOTAL_HEADER_BYTES``). Every entry is
+    validated, but only those whose names ``wanted`` accepts (all by default) are kept. A
+    dtype this plugin does not know (a newer float8 or float4 variant) is accepted unchecked:
+    its tensor says so only if a run reads it.
     """
     try:
         with open_regular(path) as (descriptor, status):
@@ -137,14 +101,14 @@ def read_header(
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, begin, end = _validated(path, name, info, data_size)
+        dtype, shape, begin, end, problem = _validated(path, name, info, data_size)
         if end > begin:
             spans.append((begin, end, name))
         if wanted is None or wanted(name):
-            entries[name] = TensorEntry(
-                path, name, dtype, shape, data_start + begin, end - begin, digest, identity
+            entries[name] = StoredTensor(
+                path, name, dtype, shape, data_start + begin, end - begin, digest, identity, problem
             )
-    _check_no_overlap(path, spans)
+    check_no_overlap(path, spans)
     return WeightFile(path, identity, header_len, entries)
 
 
@@ -152,7 +116,8 @@ def _mib(size: int) -> str:
     return f"{size / MiB:.3g}"
 
 
-def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+def check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
+    """Refuse tensors whose byte ranges ``(begin, end, name)`` overlap."""
     spans.sort()
     for (_, previous_end, previous), (begin, _, name) in itertools.pairwise(spans):
         if begin < previous_end:
@@ -164,16 +129,16 @@ def _check_no_overlap(path: Path, spans: list[tuple[int, int, str]]) -> None:
 
 def _validated(
     path: Path, name: str, info: object, data_size: int
-) -> tuple[str, tuple[int, ...], int, int]:
-    """``(dtype, shape, begin, end)`` of one header entry, every claim checked against the
-    file's real data section (``type(x) is int`` also refuses JSON booleans)."""
+) -> tuple[str, tuple[int, ...], int, int, str]:
+    """``(dtype, shape, begin, end, problem)`` of one header entry, every claim checked
+    against the file's real data section (``type(x) is int`` also refuses JSON booleans);
+    ``problem`` says why a tensor of an unknown dtype cannot be read."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    element_size = ELEMENT_SIZES.get(dtype) if isinstance(dtype, str) else None
-    if element_size is None:
-        raise CheckpointError(f"{where}: unknown dtype {dtype!r:.40}")
+    if not isinstance(dtype, str) or not dtype or len(dtype) > 32:
+        raise CheckpointError(f"{where}: dtype {dtype!r:.40} is not a dtype name")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(
             f"{where}: shape {shape!r:.80} is not a list of non-negative integers"
@@ -191,10 +156,13 @@ def _validated(
             f"{where}: data_offsets [{begin}, {end}] lie outside the {data_size}-byte data section "
             "(truncated or corrupt file)"
         )
+    element_size = ELEMENT_SIZES.get(dtype)
+    if element_size is None:
+        return dtype, tuple(shape), begin, end, f"has dtype {dtype!r}, unknown to this plugin"
     expected = math.prod(shape) * element_size
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: {end - begin} bytes stored but shape {shape!r:.80} of {dtype} needs "
             f"{expected:g}"
         )
-    return dtype, tuple(shape), begin, end
+    return dtype, tuple(shape), begin, end, ""
