@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import MetricError
@@ -47,14 +48,36 @@ def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
 
 
 class SpectralCheckError(Exception):
-    """Raised by an item whose head broke a rule; its text is the whole failure report.
+    """Raised by an item whose head broke a rule; its text is the whole failure report, its
+    first line the one-line account (see :func:`failure_repr`), ``location`` the file and
+    line the failure points at (``--tb=line``, JUnit).
 
     The text is made printable here (control characters escaped, lines kept), so that no
     tensor, file or rule name reaches the terminal raw, whichever way pytest shows it.
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, location: tuple[str, int]) -> None:
         super().__init__(printable(text, keep_newlines=True))
+        self.location = location
+
+
+def failure_repr(error: SpectralCheckError, *, line_only: bool) -> ReprExceptionInfo:
+    """The failure report as pytest's own failure representation: the whole text as the
+    block under the item's title (none with ``line_only``, for ``--tb=line``, which prints
+    the location and the first line), its first line as the crash message.
+
+    A plain string would do for the block, but pytest's short test summary appends the
+    crash message whole, every line of it, where it shows messages untrimmed (on CI, where
+    the ``CI`` or ``BUILD_NUMBER`` variable is set, and with ``-vv``): each failure block
+    would be printed twice. A native-style traceback entry prints the text as it is, and
+    pytest-xdist carries this representation from its workers intact.
+    """
+    text = str(error)
+    path, lineno = error.location
+    return ReprExceptionInfo(
+        reprtraceback=ReprTracebackNative([] if line_only else [f"{text}\n"]),
+        reprcrash=ReprFileLocation(path, lineno, text.split("\n", 1)[0]),
+    )
 
 
 def _headline(record: Record) -> str:
@@ -187,12 +210,13 @@ class SpectralItem(pytest.Item):
                 else engine.head(self.layer, self.matrix, self.head)
             )
         except (MetricError, FileChangedError) as exc:
-            raise SpectralCheckError(str(exc)) from None
+            raise SpectralCheckError(str(exc), self._tensor_location(run)) from None
         except (OSError, ValueError) as exc:
             entry = run.checkpoint.tensors[(self.layer, self.matrix)]
             raise SpectralCheckError(
                 f"cannot read {entry.name} from {entry.file}: {exc}\n"
-                "The file changed or became unreadable after collection; run again."
+                "The file changed or became unreadable after collection; run again.",
+                self._tensor_location(run),
             ) from None
         verdict = judge(
             run.rules.rules,
@@ -222,7 +246,7 @@ class SpectralItem(pytest.Item):
         self.user_properties.append(("spectral_problem", _headline(self.record)))
         text = self._describe(run, spectrum, self.record)
         if verdict.outcome == "failed":
-            raise SpectralCheckError(self._once_per_slice(text))
+            raise SpectralCheckError(self._once_per_slice(text), self._location(run, verdict))
         self._warn(SpectralRuleWarning(printable(text, keep_newlines=True)), run, verdict)
 
     def _warn(self, warning: SpectralRuleWarning, run: SpectralRun, verdict: Verdict) -> None:
@@ -236,7 +260,7 @@ class SpectralItem(pytest.Item):
         failing one. The warning is then recorded as a warning all the same, and the item
         noted, so that the summary says the filters were not applied to it.
         """
-        filename, lineno = self._warning_location(run, verdict)
+        filename, lineno = self._location(run, verdict)
         try:
             warnings.warn_explicit(warning, SpectralRuleWarning, filename=filename, lineno=lineno)
         except SpectralRuleWarning:
@@ -260,10 +284,16 @@ class SpectralItem(pytest.Item):
         headline, where = text.splitlines()[:2]
         return f"{headline}\n{where}\n  the same slice and verdict as {first}, reported above"
 
-    def _warning_location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
-        """Where a warning points: the line of the bound the first broken rule set, in its
-        rules file, or, for the built-in non-finite and zero checks turned into warnings by
-        --spectral-warn-only, the function that makes them (whose first line Python prints).
+    def _tensor_location(self, run: SpectralRun) -> tuple[str, int]:
+        """Where a failure to read or measure the item's tensor points: its weight file (no
+        line: the file is binary)."""
+        entry = run.checkpoint.tensors[(self.layer, self.matrix)]
+        return printable(str(entry.file)), 0
+
+    def _location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
+        """Where a warning or a failure points: the line of the bound the first broken rule
+        set, in its rules file, or, for the built-in non-finite and zero checks, the function
+        that makes them (whose first line Python prints for a warning).
 
         The rules file is named in angle brackets (``<rules.toml>:43``), like Python's
         ``<string>``: Python's warnings print the source line of a real file name, read from
@@ -335,7 +365,8 @@ class SpectralItem(pytest.Item):
         style: TracebackStyle | None = None,
     ) -> str | TerminalRepr:
         if isinstance(excinfo.value, SpectralCheckError):
-            return str(excinfo.value)
+            line_only = self.config.getoption("tbstyle", "auto") == "line"
+            return failure_repr(excinfo.value, line_only=line_only)
         if not self.config.getoption("fulltrace", False):
             excinfo.traceback = _from_runtest(excinfo.traceback)
         return super().repr_failure(excinfo, style)

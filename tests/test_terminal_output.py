@@ -121,6 +121,84 @@ class TestFailures:
         assert re.search(r"=\d", result.stdout.str()) is None
 
 
+class TestShortSummary:
+    """pytest's short test summary gives each failed item one line. On CI (``CI`` or
+    ``BUILD_NUMBER`` set) and with ``-vv`` pytest appends the failure's message untrimmed:
+    it is the failure's first line there, never the whole block a second time."""
+
+    FAILED = (
+        "FAILED spectral::layer00::head01-o",
+        "FAILED spectral::layer01::head02-k",
+        "FAILED spectral::layer01::head03-k",
+    )
+
+    @pytest.mark.parametrize(
+        ("variable", "extra"),
+        [
+            ("CI", ()),
+            ("BUILD_NUMBER", ()),
+            (None, ("-vv",)),
+            ("CI", ("-n", "2", "--dist", "loadscope")),
+        ],
+        ids=["CI", "BUILD_NUMBER", "-vv", "CI-xdist"],
+    )
+    def test_one_line_per_failed_item_where_pytest_shows_messages_whole(
+        self, run, monkeypatch, variable, extra
+    ) -> None:
+        for name in ("CI", "BUILD_NUMBER"):
+            monkeypatch.delenv(name, raising=False)
+        if variable is not None:
+            monkeypatch.setenv(variable, "true")
+        result = run(*extra)
+        lines = result.stdout.lines
+        start = next(i for i, line in enumerate(lines) if "short test summary info" in line) + 1
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith("="))
+        summary = sorted(lines[start:end])
+        assert tuple(line.split(" - ")[0] for line in summary) == self.FAILED
+        assert re.fullmatch(
+            r"FAILED spectral::layer01::head02-k - collapsed: stable_rank = \S+ < min 1\.5",
+            summary[1],
+        )
+        assert summary[0].startswith(
+            "FAILED spectral::layer00::head01-o - ill-conditioned: first_last_ratio >= "
+        )
+        # the block itself is printed once, under the item's title
+        assert result.stdout.str().count("  FAIL collapsed:") == 1
+        assert result.stdout.str().count("  FAIL ill-conditioned:") == 1
+
+    def test_line_tracebacks_point_at_the_broken_bound(self, run) -> None:
+        """``--tb=line`` prints the failure's location and first line, as for a warning."""
+        result = run("--tb=line")
+        result.stdout.fnmatch_lines(
+            [
+                "=* FAILURES =*",
+                "<rules.toml>:10: ill-conditioned: first_last_ratio >= * > max 300 *",
+                "<rules.toml>:4: collapsed: stable_rank = * < min 1.5",
+                "<rules.toml>:4: collapsed: stable_rank = * < min 1.5",
+                "=* warnings summary =*",
+            ],
+            consecutive=True,
+        )
+
+    def test_junit_failure_message_is_the_first_line_its_text_the_block(
+        self, run, pytester
+    ) -> None:
+        import xml.etree.ElementTree as ElementTree
+
+        run("--junitxml=out.xml")
+        failures = {
+            case.get("name"): case.find("failure")
+            for case in ElementTree.parse(pytester.path / "out.xml").iter("testcase")
+            if case.find("failure") is not None
+        }
+        assert sorted(failures) == ["head01-o", "head02-k", "head03-k"]
+        collapsed = failures["head02-k"]
+        assert re.fullmatch(r"collapsed: stable_rank = \S+ < min 1\.5", collapsed.get("message"))
+        assert collapsed.text.splitlines()[0] == collapsed.get("message")
+        assert "  FAIL collapsed: stable_rank = " in collapsed.text
+        assert "  top singular values (8 of 8): " in collapsed.text
+
+
 class TestWarnings:
     def test_one_entry_for_the_slice_located_at_the_broken_bound(self, run, pytester) -> None:
         result = run()
