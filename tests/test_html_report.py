@@ -102,6 +102,38 @@ class TestTables:
         assert "<tr><th>layers</th><td>0-1</td></tr>" in settings
         assert "<tr><th>matrices</th><td>q, k, v, o</td></tr>" in settings
 
+    def test_the_run_and_settings_say_whether_items_can_fail(self, report, tmp_path) -> None:
+        page = report.read_text()
+        assert (
+            "<tr><th>mode</th><td>a broken rule with severity = &quot;fail&quot; fails its "
+            "item</td></tr>" in section(page, "Run")
+        )
+        assert "<tr><th>warn_only</th><td>no</td></tr>" in section(page, "Settings")
+        where = report.parent
+        warn_only = tmp_path / "warn-only.html"
+        pytest.main(
+            [
+                f"--spectral-model={where / 'bad'}",
+                f"--spectral-baseline={where / 'good.json'}",
+                f"--spectral-thresholds={where / 'rules.toml'}",
+                "--spectral-warn-only",
+                f"--spectral-html={warn_only}",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:xdist",
+                "-q",
+                f"--rootdir={where}",
+            ]
+        )
+        page = warn_only.read_text()
+        assert (
+            "<tr><th>mode</th><td>warn-only: every problem reported as a warning, nothing "
+            "fails</td></tr>" in section(page, "Run")
+        )
+        assert "<tr><th>warn_only</th><td>yes</td></tr>" in section(page, "Settings")
+        assert "True" not in page.split("<img")[0]
+
     def test_broken_rules_show_values_and_bounds(self, report) -> None:
         page = report.read_text()
         candidates = section(page, "Low-rank pruning candidates")

@@ -336,7 +336,7 @@ def _metadata_table(report: Mapping[str, object]) -> str:
             "mode",
             "warn-only: every problem reported as a warning, nothing fails"
             if settings.get("warn_only")
-            else "broken rules with severity fail fail their items",
+            else 'a broken rule with severity = "fail" fails its item',
         ),
         ("plugin", f"pytest-spectral {report.get('plugin_version')}, {report.get('created')}"),
     ]
@@ -372,7 +372,10 @@ def _settings_table(report: Mapping[str, object]) -> str:
 
 
 def _setting(value: object) -> str:
-    """A list reads as its items (layers as ranges: 0-31), anything else as itself."""
+    """A list reads as its items (layers as ranges: 0-31), a flag as yes or no (not
+    Python's True and False), anything else as itself."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list):
         if value and all(isinstance(v, int) for v in value):
             return _ranges(value)  # type: ignore[arg-type]
