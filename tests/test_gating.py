@@ -304,7 +304,7 @@ class TestReportsSayWhatRan:
         assert f"<tr><th>baseline</th><td>{baseline} (sha256 {digest})</td></tr>" in page
         assert "<tr><th>mode</th><td>warn-only: every problem reported as a warning" in page
         assert "(1 rule, sha256" in page  # not "1 rules"
-        assert "<tr><th>warn_only</th><td>True</td></tr>" in page
+        assert "<tr><th>warn_only</th><td>yes</td></tr>" in page
 
     def test_without_a_baseline(self, pytester) -> None:
         model = write_model(pytester, "model")
