@@ -316,10 +316,15 @@ class TestWarningsAsErrors:
         assert "SpectralRuleWarning" not in result.stdout.str()
 
 
-def test_an_unexpected_exception_shows_the_plugins_frames_only(run, pytester) -> None:
+def test_an_unexpected_exception_shows_the_plugins_frames_only(run, pytester, monkeypatch) -> None:
     """pytest cuts a test function's traceback at its file; a spectral item has none, and an
     unexpected exception (a bug, a conftest's mistake) showed some 600 lines of pytest's
     runner and pluggy."""
+    import pytest_spectral.nodes
+
+    # the conftest below replaces judge in this process (pytester runs in it): put it back
+    # afterwards, or every later test of this process fails
+    monkeypatch.setattr(pytest_spectral.nodes, "judge", pytest_spectral.nodes.judge)
     pytester.makeconftest(
         "import pytest_spectral.nodes\n"
         "def broken(*args, **kwargs):\n"

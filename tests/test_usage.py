@@ -151,7 +151,7 @@ class TestMistakenArguments:
             [
                 f"ERROR: {model / name}: a JSON file (a config or index file), not a checkpoint; "
                 f"pass the checkpoint's directory: --spectral-model={model}, or a single "
-                ".safetensors, .bin or .pt weight file"
+                "weight file (.safetensors, .gguf, a torch checkpoint)"
             ]
         )
 
