@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks, as one run on a machine with CUDA: the CUDA correctness tests (engine against
-# numpy float64 up to condition number 1e6; a whole pytest run on cuda, in one process and under
-# -n 2, against the CPU run), then the Llama-3-8B-shaped benchmark with rows on the GPU.
+# The GPU checks, as one run on a machine with CUDA: the CUDA correctness tests (the batched
+# device route against numpy float64 on rotated slices up to condition number 1e6; a whole pytest
+# run on cuda, in one process and under -n 2, against the CPU run), then the Llama-3-8B-shaped
+# benchmark on the trained-like checkpoint (MLP included, 16 GB) with floor and plugin rows on
+# the GPU as well as on the CPU.
 #
-#     bash benchmarks/gpu_check.sh                     # 32 layers, median of 3
-#     LAYERS=4 REPEAT=1 bash benchmarks/gpu_check.sh   # a quick try
+#     bash benchmarks/gpu_check.sh                                   # 32 layers, 3 runs each
+#     LAYERS=4 REPEAT=1 ATTENTION_ONLY=1 bash benchmarks/gpu_check.sh  # a quick try
+#     KINDS=trained-like,isotropic bash benchmarks/gpu_check.sh      # both checkpoints
 #
-# It needs python3 with torch (CUDA build), pytest, pytest-xdist, safetensors, numpy, hypothesis
-# and rich, and installs this package into it without the network. Logs and the figures go to
+# It needs python3 with torch (CUDA build), pytest, pytest-xdist, safetensors, numpy, hypothesis,
+# rich, loky and regex (the package's dependencies), and installs this package into it without
+# the network. Logs and the figures go to
 # $OUT (default .bench/gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +40,8 @@ tests=0
 python3 -m pytest tests/test_engine.py tests/test_plugin.py -k "cuda or device" \
     -p no:randomly -p no:cacheprovider -rs -v 2>&1 | tee "$out/cuda_tests.log" || tests=$?
 
-python3 benchmarks/bench_llama_shaped.py --layers "${LAYERS:-32}" --repeat "${REPEAT:-3}" \
-    --device "${DEVICE:-cuda}" --dir "${BENCH_DIR:-/tmp/spectral-bench}" \
-    --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+bench=(--layers "${LAYERS:-32}" --repeat "${REPEAT:-3}" --kinds "${KINDS:-trained-like}"
+       --device "${DEVICE:-cuda}" --dir "${BENCH_DIR:-/tmp/spectral-bench}" --json "$out/bench.json")
+if [ -n "${ATTENTION_ONLY:-}" ]; then bench+=(--attention-only); fi
+python3 benchmarks/bench_llama_shaped.py "${bench[@]}" 2>&1 | tee "$out/bench.log"
 exit "$tests"

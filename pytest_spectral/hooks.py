@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pytest_spectral.invocation import inside
 from pytest_spectral.judging.calibrate import calibrated_rules
 from pytest_spectral.judging.candidates import (
     Candidate,
@@ -28,7 +29,7 @@ from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_po
 from pytest_spectral.notices import notices
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import write_text_atomically
+from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
 from pytest_spectral.reporting.summary import render_summary
@@ -74,10 +75,16 @@ class SpectralPlugin:
         #: why the session was interrupted, if it was
         self._stopped: str | None = None
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
         """Without explicit paths, a spectral run collects only the spectral items (the
-        header says so: see :func:`notices`)."""
+        header says so: see :func:`notices`). With paths, it never collects from the
+        checkpoint's directories, wherever they sit under them: pytest would import their
+        ``conftest.py`` and test files. (A test path inside the checkpoint, for which pytest
+        does not ask, is refused at startup: ``invocation.py``.)"""
         if config.args_source != pytest.Config.ArgsSource.ARGS:
+            return True
+        if inside(collection_path, self.run.protected) is not None:
             return True
         return None
 
@@ -212,10 +219,10 @@ class SpectralPlugin:
             candidates=[candidate_record(c) for c in verdicts.candidates],
             regressions=[regression_record(r) for r in verdicts.regressions],
             params_saved=verdicts.total_saved,
+            step=run.step,
         )
         if run.report_path:
-            write_report(run.report_path, report)
-            self._written.append(("report", str(run.report_path)))
+            self._write(session, "report", run.report_path, lambda p: write_report(p, report))
         if run.html_path:
             from pytest_spectral.reporting.html_report import render_html
 
@@ -225,13 +232,45 @@ class SpectralPlugin:
                 verdicts.regressions,
                 energy=run.energy,
                 rules=run.rules.rules,
+                history=self._history_sections(report),
             )
-            write_text_atomically(run.html_path, page)
-            self._written.append(("HTML report", str(run.html_path)))
+            self._write(
+                session, "HTML report", run.html_path, lambda p: write_text_atomically(p, page)
+            )
         if run.calibrate_path:
-            self._calibrate(run.calibrate_path, report)
+            self._calibrate(session, run.calibrate_path, report)
 
-    def _calibrate(self, path: Path, report: dict[str, object]) -> None:
+    def _write(
+        self,
+        session: pytest.Session,
+        label: str,
+        path: Path,
+        write: Callable[[Path], None],
+        note: str = "",
+    ) -> None:
+        """Write one output; a failure (its directory removed or full, a device put in its
+        place during the run) is one line in the summary and exit code 4, not a traceback."""
+        try:
+            write(path)
+        except (OSError, OutputPathError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._written.append((label, f"NOT written to {path}: {reason}"))
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        else:
+            self._written.append((label, f"{path}{note}"))
+
+    def _history_sections(self, report: dict[str, object]) -> list[str]:
+        """The history page's sections, this run's report last; none without a history."""
+        history = self.run.history
+        if history is None:
+            return []
+        from pytest_spectral.reporting.history.page import history_metrics, history_sections
+
+        rules = self.run.rules.rules
+        metrics = history_metrics([], rules)
+        return history_sections(history.with_run(report, metrics), metrics, rules)
+
+    def _calibrate(self, session: pytest.Session, path: Path, report: dict[str, object]) -> None:
         """Calibrated rules come only from a run where every collected item has its values:
         bounds from part of a checkpoint would pass whatever the missing items hold. Items
         that broke a rule (or have non-finite or zero weights) are left out of the bounds,
@@ -255,17 +294,22 @@ class SpectralPlugin:
             layers=geometry.layers,
             heads=geometry.heads,
         )
-        write_text_atomically(path, calibration.text)
-        where = str(path)
+        note = ""
         if calibration.part is not None:
-            where += f" (measured only {calibration.part}; its rules apply there only)"
+            note += f" (measured only {calibration.part}; its rules apply there only)"
         if calibration.left_out:
-            where += (
+            note += (
                 f" (bounds from {calibration.used} of {counted(len(items), 'item')}; "
                 f"{calibration.left_out} that failed or warned "
                 f"{'was' if calibration.left_out == 1 else 'were'} left out)"
             )
-        self._written.append(("calibrated rules", where))
+        self._write(
+            session,
+            "calibrated rules",
+            path,
+            lambda p: write_text_atomically(p, calibration.text),
+            note=note,
+        )
 
     def _all_items(self) -> list[Record]:
         """A record for every collected item (and any other with a record), each with the
@@ -381,15 +425,16 @@ def _units(nodeids: tuple[str, ...]) -> dict[int, list[tuple[str, str]]]:
 def progress_line(stats: LayerStats, items: list[tuple[str, str]]) -> str:
     """``spectral: layer 1: 32 items from 20 slices ...``: the layer's items, as (matrix,
     scope), and the distinct slices decomposed for them (a K/V slice serves every query head
-    of its group), the time, and how many of the layer's matrices came from the cache or
-    needed a direct SVD."""
+    of its group), the time, how many of the layer's matrices came from the cache, and how
+    many slices were refined beyond the Gram route (CholeskyQR2 or Householder QR:
+    ill-conditioned ones)."""
     units = set(items)
     shared = " (K/V slices are shared by query heads)" if stats.slices < len(items) else ""
     return (
         f"spectral: layer {stats.layer}: {counted(len(items), 'item')} from "
         f"{counted(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
         f"{stats.from_cache} of {counted(len(units), 'matrix', 'matrices')} from the cache, "
-        f"{counted(stats.direct_svd, 'slice')} by direct SVD"
+        f"{counted(stats.refined, 'slice')} refined beyond the Gram route"
     )
 
 

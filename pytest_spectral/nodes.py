@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS
 from pytest_spectral.checkpoints.slices import slice_span
-from pytest_spectral.compute.engine import MetricError
+from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
 from pytest_spectral.printable import printable
@@ -25,13 +26,14 @@ from pytest_spectral.reporting.broken_rules import describe_broken, status_probl
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
-from pytest_spectral.untrusted import FileChangedError
 from pytest_spectral.wording import counted
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
 ROOT_NAME = "spectral"
+#: how failure reports write each circuit (h the query head, g its K/V head)
+CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
 _NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
@@ -209,15 +211,9 @@ class SpectralItem(pytest.Item):
                 if self.head is None
                 else engine.head(self.layer, self.matrix, self.head)
             )
-        except (MetricError, FileChangedError) as exc:
+        except UnitError as exc:  # names its own tensor and cause
             raise SpectralCheckError(str(exc), self._tensor_location(run)) from None
-        except (OSError, ValueError) as exc:
-            entry = run.checkpoint.tensors[(self.layer, self.matrix)]
-            raise SpectralCheckError(
-                f"cannot read {entry.name} from {entry.file}: {exc}\n"
-                "The file changed or became unreadable after collection; run again.",
-                self._tensor_location(run),
-            ) from None
+        history = run.history
         verdict = judge(
             run.rules.rules,
             self.layer,
@@ -225,6 +221,7 @@ class SpectralItem(pytest.Item):
             self.matrix,
             spectrum,
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
+            trend=(lambda rule: history.reference(rule, self.nodeid)) if history else None,
             warn_only=run.warn_only,
         )
         kv_head, shape = run.item_place(self.head, self.matrix)
@@ -285,10 +282,10 @@ class SpectralItem(pytest.Item):
         return f"{headline}\n{where}\n  the same slice and verdict as {first}, reported above"
 
     def _tensor_location(self, run: SpectralRun) -> tuple[str, int]:
-        """Where a failure to read or measure the item's tensor points: its weight file (no
-        line: the file is binary)."""
-        entry = run.checkpoint.tensors[(self.layer, self.matrix)]
-        return printable(str(entry.file)), 0
+        """Where a failure to read or measure the item's tensor points: its weight file (a
+        circuit's first factor's; no line: the file is binary)."""
+        source = run.checkpoint.sources(self.layer, self.matrix)[0]
+        return printable(str(source.file)), 0
 
     def _location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
         """Where a warning or a failure points: the line of the bound the first broken rule
@@ -337,6 +334,8 @@ class SpectralItem(pytest.Item):
         """Where the slice lives. A K/V slice is named by its K/V head and the query heads
         sharing it, the same words for every item of the group."""
         g = run.checkpoint.geometry
+        if self.matrix in CIRCUITS:
+            return self._circuit_where(run)
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
@@ -357,6 +356,23 @@ class SpectralItem(pytest.Item):
         return (
             f"layer {self.layer}, {head}, {self.matrix}: {axis} {start}:{stop} of {entry.name} "
             f"({m}x{n})"
+        )
+
+    def _circuit_where(self, run: SpectralRun) -> str:
+        """A circuit names its product and where each factor's slice lives."""
+        g, layout = run.checkpoint.geometry, run.checkpoint.layout
+        head: int = self.head  # type: ignore[assignment]
+        kv_head = g.kv_head_of(head)
+        parts = []
+        for factor in CIRCUITS[self.matrix]:
+            index = kv_head if factor in ("k", "v") else head
+            axis, start, stop = slice_span(factor, index, g, layout)
+            name = run.checkpoint.tensors[(self.layer, factor)].name
+            parts.append(f"{factor} {axis} {start}:{stop} of {name}")
+        product = CIRCUIT_PRODUCTS[self.matrix]
+        return (
+            f"layer {self.layer}, head {head} (K/V head {kv_head}), {self.matrix} = {product}: "
+            f"{'; '.join(parts)} ({g.hidden}x{g.hidden}, rank <= {g.head_dim})"
         )
 
     def repr_failure(

@@ -2,10 +2,11 @@
 
 A run that quietly does less than its options and rules ask for is worse than one that fails:
 the user reads "passed" and believes the rules were applied. Each notice names what is not
-used and what to change: the user's tests left out, no rules (or a file without any), a
-baseline no rule compares with, a rule that applies to no item of the run, a
-``--spectral-matrices`` entry without items, ``--spectral-config`` used instead of a
-checkpoint's own ``config.json``, and warn-only mode.
+used and what to change: the user's tests left out, a layout assumed for an undeclared
+model_type, whole-matrix items without the MLP, no rules (or a file without any), a baseline
+no rule compares with, a rule that applies to no item of the run, a ``--spectral-matrices``
+entry without items, ``--spectral-config`` used instead of a checkpoint's own
+``config.json``, warn-only mode, and the earlier reports of ``--spectral-history``.
 
 Rules and matrices are checked against what the options select (``--spectral-scope``,
 ``--spectral-layers``, ``--spectral-matrices``, the model's layers and heads), not against
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import Rule
+from pytest_spectral.options import option_value
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
 from pytest_spectral.selection import collection_notice
@@ -40,6 +42,19 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
         )
     if (config_used := _config_notice(run, config)) is not None:
         lines.append(config_used)
+    lines.extend(run.checkpoint.notes)
+    if "matrix" in run.scopes and not run.checkpoint.mlp:
+        custom = run.checkpoint.layout.family == "custom"
+        lines.append(
+            "spectral: matrix scope analyses attention only: "
+            + (
+                "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
+                "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
+                if custom
+                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
+                "names them (a mixture of experts stores its experts in 3-D tensors)"
+            )
+        )
     rules = run.rules
     if rules.path is None:
         lines.append(
@@ -51,14 +66,15 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
             f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
             "all-zero weights; every metric is recorded"
         )
-    lines += matrices_without_items(run, config.getoption("spectral_matrices"))
+    chosen = option_value(config, "spectral_matrices")
+    lines += matrices_without_items(run, chosen)  # type: ignore[arg-type]
     lines += [
         f"spectral: rule {rule.name!r} ({rules.path}:{rule.line()}) applies to no item of this "
         f"run: {why}"
         for rule in rules.rules
         if (why := why_unused(rule, run)) is not None
     ]
-    if run.baseline is not None and not any(r.is_relative for r in rules.rules):
+    if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
         lines.append(
             f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
             "min_change or max_change"
@@ -69,6 +85,10 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
             f"spectral: --spectral-baseline {run.baseline.path} has no {keys}: computed from "
             "the singular values it stores"
         )
+    if run.history is not None:
+        labels = run.history.table.labels
+        span = f" (steps {labels[0]} to {labels[-1]})" if labels else ""
+        lines.append(f"spectral: history of {len(labels)} earlier report(s){span}")
     return [printable(line) for line in lines]
 
 
@@ -126,10 +146,21 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
                 f"its matrices ({named}) exist only as whole matrices: give it "
                 'scope = "matrix" and run with --spectral-scope matrix or both'
             )
-        present = MATRICES + run.checkpoint.mlp
+        if rule.scope == "matrix" and rule.matrices <= set(CIRCUITS):
+            return (
+                f"its circuits ({named}) exist per head only: give it scope = \"head\""
+            )
+        checkpoint = run.checkpoint
+        circuits = checkpoint.circuits if rule.scope == "head" else ()
+        present = checkpoint.attention + circuits + checkpoint.mlp
         if not rule.matrices & set(present):
             return f"the checkpoint has no {named} (it has {', '.join(present)})"
-        return f"--spectral-matrices {','.join(run.whole_matrices)} leaves out its {named}"
+        if rule.scope == "head" and rule.matrices <= set(CIRCUITS):
+            return (
+                f"its circuits ({named}) are collected only when --spectral-matrices names "
+                "them"
+            )
+        return f"--spectral-matrices {','.join(collected)} leaves out its {named}"
     if not any(layer in rule.layers for layer in run.layers):
         existing = [layer for layer in range(geometry.layers) if layer in rule.layers]
         if not existing:
@@ -149,7 +180,7 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
 
 
 def _names(matrices: frozenset[str]) -> str:
-    order = MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + MLP_MATRICES
     return ", ".join(sorted(matrices, key=order.index))
 
 

@@ -6,63 +6,16 @@ it imports nothing heavy: the run's modules (and torch) load only with ``--spect
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
 from pytest_spectral.invocation import (
-    checkpoint_directory,
+    protected_directories,
+    refuse_collection_and_outputs_inside,
     refuse_configuration_inside,
     refuse_space_form,
 )
-from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
-
-
-def _layers(text: str) -> IndexSet:
-    try:
-        return parse_index_set(text)
-    except RangeSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _matrices(text: str) -> tuple[str, ...]:
-    known = MATRICES + MLP_MATRICES
-    names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown matrix {', '.join(map(repr, unknown)) or repr(text)}; "
-            f"use a comma-separated subset of {','.join(known)}"
-        )
-    return tuple(m for m in known if m in names)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+from pytest_spectral.options import PATH_OPTIONS, VALUE_OPTIONS, add_options
+from pytest_spectral.outputs import check_outputs, remove_stale_outputs
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -72,137 +25,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("spectral", "spectral health checks of transformer checkpoints")
-    group.addoption(
-        "--spectral-model",
-        metavar="PATH",
-        help="checkpoint to analyse: a directory (Hugging Face, Mistral native, PEFT LoRA "
-        "adapter, torch.distributed.checkpoint), a single weight file (safetensors, GGUF, "
-        "torch.save) or a Hugging Face hub id (hf://ORG/NAME). Enables the spectral items.",
-    )
-    group.addoption(
-        "--spectral-revision",
-        metavar="REV",
-        help="branch, tag or commit of a hub id given to --spectral-model (default main).",
-    )
-    group.addoption(
-        "--spectral-config",
-        metavar="JSON",
-        help="config.json to use instead of the one the checkpoint carries (or has none).",
-    )
-    group.addoption(
-        "--spectral-base-model",
-        metavar="PATH",
-        help="base model of a LoRA adapter (directory, file or hub id); default: the adapter's "
-        "base_model_name_or_path when it is a hub id in the local hub cache.",
-    )
-    group.addoption(
-        "--spectral-adapter",
-        choices=("merged", "delta"),
-        default="merged",
-        help="for a LoRA adapter: analyse the merged weights W + dW (default, needs the base "
-        "model) or the update dW alone.",
-    )
-    group.addoption(
-        "--spectral-architecture",
-        metavar="TOML",
-        help="describe an architecture the plugin does not know ([architecture] table).",
-    )
-    group.addoption(
-        "--spectral-thresholds",
-        metavar="TOML",
-        help="rules file: TOML with one [[rules]] table per bound (see the README's Rules "
-        "section); overrides the spectral_thresholds ini.",
-    )
-    group.addoption(
-        "--spectral-layers",
-        metavar="RANGES",
-        type=_layers,
-        help="only these layers, e.g. '0-3,8' (default: all).",
-    )
-    group.addoption(
-        "--spectral-matrices",
-        metavar="LIST",
-        type=_matrices,
-        help="only these matrices, e.g. q,k (heads and whole) or gate,down (whole only).",
-    )
-    group.addoption(
-        "--spectral-scope",
-        choices=("head", "matrix", "both"),
-        default="head",
-        help="items per head (default), per whole matrix (q, k, v, o and the MLP's), or both.",
-    )
-    group.addoption(
-        "--spectral-report",
-        metavar="PATH",
-        help="write the JSON report (schema in the README) to PATH.",
-    )
-    group.addoption(
-        "--spectral-energy",
-        metavar="P",
-        type=_fraction,
-        default=0.95,
-        help="energy fraction that sets the suggested rank of pruning candidates (default 0.95).",
-    )
-    group.addoption(
-        "--spectral-device",
-        metavar="DEVICE",
-        default="auto",
-        help="where to compute: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps. "
-        "Under pytest-xdist, 'cuda' gives worker gwN the GPU N mod count.",
-    )
-    group.addoption(
-        "--spectral-dtype",
-        choices=("float64", "float32"),
-        default="float64",
-        help="precision of the decomposition (default float64: within 1e-9 of LAPACK float64; "
-        "float32 is faster on GPUs, about 1e-6).",
-    )
-    group.addoption(
-        "--spectral-threads",
-        metavar="N",
-        type=_positive_int,
-        help="torch threads per process (default: usable cores / pytest-xdist workers).",
-    )
-    group.addoption(
-        "--spectral-no-cache",
-        action="store_true",
-        help="do not read or write cached singular values (cold run).",
-    )
-    group.addoption(
-        "--spectral-baseline",
-        metavar="REPORT",
-        help="JSON report of an earlier run (--spectral-report) for rules with min_change / "
-        "max_change; items are matched by node id.",
-    )
-    group.addoption(
-        "--spectral-calibrate",
-        metavar="TOML",
-        help="write a rules file bounding each metric by this (known-good) checkpoint's range.",
-    )
-    group.addoption(
-        "--spectral-calibrate-margin",
-        metavar="M",
-        type=_non_negative,
-        default=0.25,
-        help="calibration widens each observed range by M x its 5th-95th percentile spread "
-        "(default 0.25).",
-    )
-    group.addoption(
-        "--spectral-heatmap",
-        metavar="METRIC",
-        help="print a layers x heads heatmap of METRIC per matrix type in the summary.",
-    )
-    group.addoption(
-        "--spectral-html",
-        metavar="PATH",
-        help="write a self-contained HTML report with plots (needs pytest-spectral[plot]).",
-    )
-    group.addoption(
-        "--spectral-warn-only",
-        action="store_true",
-        help="report every broken rule (and non-finite or zero slice) as a warning; never fail.",
-    )
+    add_options(parser.getgroup("spectral", "spectral health checks of transformer checkpoints"))
     parser.addini(
         "spectral_thresholds",
         "rules file for pytest-spectral, relative to the ini file",
@@ -213,15 +36,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """The earliest point an installed plugin gets the parsed command line and pytest's
-    choice of rootdir and ini file: refuse a run the checkpoint could configure or write into,
-    before any conftest.py is imported or any output file is opened (see invocation.py)."""
-    argument = getattr(early_config.known_args_namespace, "spectral_model", None)
-    if argument is None:
+    choice of rootdir and ini file, before pytest imports any conftest.py or opens any output
+    file. In this order: refuse a command line or configuration that may come from the
+    checkpoint (it could name any output path); check the output paths; remove what earlier
+    runs left there; refuse a run that would collect from, import from or write into the
+    checkpoint (see invocation.py and outputs.py). Option values and the checkpoint itself
+    are checked next, in ``pytest_configure``."""
+    namespace = early_config.known_args_namespace
+    argument = getattr(namespace, "spectral_model", None)
+    if argument is None or namespace.help or namespace.version:
         return
-    refuse_space_form(early_config)
-    directory = checkpoint_directory(argument)
-    if directory is not None:
-        refuse_configuration_inside(early_config, [directory])
+    refuse_space_form(early_config, VALUE_OPTIONS, PATH_OPTIONS)
+    protected = protected_directories(argument, getattr(namespace, "spectral_base_model", None))
+    refuse_configuration_inside(early_config, protected)
+    remove_stale_outputs(check_outputs(early_config, protected))
+    refuse_collection_and_outputs_inside(early_config, protected)
 
 
 def pytest_configure(config: pytest.Config) -> None:

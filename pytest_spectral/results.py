@@ -12,11 +12,14 @@ Record = dict[str, object]
 #: Identifies a JSON report (``--spectral-report``) and the version of its layout. Version 2
 #: split failed and warned slices into ``regressions`` and ``candidates`` (in version 1 every
 #: one was a candidate) and gave each broken rule its ``bound`` and effective ``suggest``.
+#: Version 3 added ``step`` (the checkpoint's place in a training run, or null) and a broken
+#: rule's ``window`` (trend rules); nothing earlier changed meaning.
 SCHEMA = "pytest-spectral-report"
-SCHEMA_VERSION = 2
-#: Versions a baseline may have: what a baseline needs (model layout, items' metrics) is the
-#: same in all of them.
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+#: Versions a baseline or a history may read: what they need (model layout, items' metrics,
+#: outcomes and singular values) is the same in all of them; before version 3 a report has
+#: no step, and a history orders it by when it was created.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 #: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
 #: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
 OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")
@@ -28,11 +31,15 @@ class SliceSpectra:
 
     singular_values: np.ndarray  # [slices, r], float64, descending; nan where non-finite
     nonfinite: list[int]  # non-finite weights per slice
-    #: per slice: "gram" (float64 Gram + eigvalsh), "svd" (float64 SVD, where the Gram
-    #: route could not be certified) or "svd32" (float32 SVD, ``--spectral-dtype float32``)
+    #: per slice: "gram" (float64 Gram + eigvalsh), "cholqr2" or "qr" (where the Gram route
+    #: could not be certified; see :mod:`pytest_spectral.compute.spectra`) or "svd32"
+    #: (float32 SVD, ``--spectral-dtype float32``)
     methods: list[str]
     #: built-in metric columns (metric key -> one value per slice), kept in the cache
     metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: per slice, the measurement floor where it is not a function of the values alone (a
+    #: circuit's, from its factors' norms); ``None`` for a slice of one weight
+    floor: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,6 @@ class LayerStats:
 
     layer: int
     slices: int
-    direct_svd: int
+    refined: int  # slices beyond the Gram route (cholqr2 or qr)
     from_cache: int
     seconds: float

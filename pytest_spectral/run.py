@@ -15,8 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import ArchitectureError, Family, custom_family
-from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import (
+    CIRCUITS,
+    HEAD_MATRICES,
+    Checkpoint,
+    open_checkpoint,
+)
+from pytest_spectral.checkpoints.families import ArchitectureError, Family, custom_family
 from pytest_spectral.checkpoints.formats import ReadOptions
 from pytest_spectral.checkpoints.hub import (
     cached_snapshot,
@@ -26,9 +31,13 @@ from pytest_spectral.checkpoints.hub import (
 )
 from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
-from pytest_spectral.invocation import inside, refuse_configuration_inside
+from pytest_spectral.invocation import (
+    CHECKPOINT_DIRECTORY,
+    protected_directories,
+    refuse_collection_and_outputs_inside,
+    refuse_configuration_inside,
+)
 from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
-from pytest_spectral.judging.calibrate import CALIBRATION_MARK
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
@@ -38,15 +47,12 @@ from pytest_spectral.judging.metrics import (
 )
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
+from pytest_spectral.options import given_path, option_value, rules_path
+from pytest_spectral.outputs import output_paths
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import (
-    OutputPathError,
-    check_output_path,
-    check_replaceable,
-    remove_stale,
-)
-from pytest_spectral.reporting.html_report import HTML_MARK
-from pytest_spectral.reporting.report import REPORT_MARK
+from pytest_spectral.reporting.history.earlier import EarlierReports, load_earlier
+from pytest_spectral.reporting.history.reports import HistoryError
+from pytest_spectral.reporting.step import Step, StepError, checkpoint_step, step_from_option
 from pytest_spectral.untrusted import (
     MAX_INDEX_BYTES,
     MAX_TOML_BYTES,
@@ -66,6 +72,8 @@ class SpectralRun:
     model_argument: str
     model_path: Path  # local: a hub id's snapshot, or the path as given
     checkpoint: Checkpoint
+    #: directories holding the checkpoint's files (or a hub id's cache), never collected from
+    protected: frozenset[Path]
     rules: RuleSet
     layers: list[int]
     #: matrices of head items, and of whole-matrix items (which add the MLP's)
@@ -80,6 +88,10 @@ class SpectralRun:
     threads: int
     cache_dir: Path | None
     baseline: Baseline | None = None
+    #: the checkpoint's place in a training run (--spectral-step, or what it says)
+    step: Step | None = None
+    #: the reports of earlier checkpoints (--spectral-history)
+    history: EarlierReports | None = None
     warn_only: bool = False
     calibrate_path: Path | None = None
     calibrate_margin: float = 0.25
@@ -98,15 +110,24 @@ class SpectralRun:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> SpectralRun:
-        """Validate every option; raises ``pytest.UsageError`` with a precise message."""
+        """Validate every option and open the checkpoint; raises ``pytest.UsageError`` with a
+        precise message. Output paths were checked, and earlier runs' files there removed, at
+        ``pytest_load_initial_conftests`` (``outputs.py``), so that none of these errors can
+        leave a stale report behind."""
         model_argument: str = config.getoption("spectral_model")
+        scope = option_value(config, "spectral_scope")
+        precision = option_value(config, "spectral_dtype")
+        energy = option_value(config, "spectral_energy")
+        threads = option_value(config, "spectral_threads")
+        margin = option_value(config, "spectral_calibrate_margin")
+        selection = option_value(config, "spectral_layers") or IndexSet.everything()
         try:
             model_path = local_model_path(config)
             _refuse_json_file(model_path, model_argument)
             options = ReadOptions(
-                config=_path_option(config, "spectral_config"),
+                config=given_path(config, "spectral_config"),
                 base_model=_base_model_path(config),
-                adapter=config.getoption("spectral_adapter"),
+                adapter=str(option_value(config, "spectral_adapter")),
             )
             try:
                 checkpoint = open_checkpoint(
@@ -114,20 +135,28 @@ class SpectralRun:
                 )
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}{_shard_hint(model_path)}") from None
-            protected = checkpoint_directories(checkpoint)
-            refuse_configuration_inside(config, protected)  # again: a hub snapshot is known now
+            protected = {
+                **protected_directories(
+                    model_argument, config.getoption("spectral_base_model")
+                ),
+                **dict.fromkeys(checkpoint_directories(checkpoint), CHECKPOINT_DIRECTORY),
+            }
+            # again: a hub snapshot's directories, and a LoRA adapter's base model's, are known
+            # only now
+            refuse_configuration_inside(config, protected)
+            refuse_collection_and_outputs_inside(config, protected)
             metrics = MetricRegistry()
             config.hook.pytest_spectral_register_metrics(metrics=metrics)
-            rules_path = _rules_path(config)
-            rules = load_rules(rules_path, metrics.specs) if rules_path else RuleSet.empty()
-            precision = config.getoption("spectral_dtype")
+            rules_file = rules_path(config)
+            rules = load_rules(rules_file, metrics.specs) if rules_file else RuleSet.empty()
             device = config.getoption("spectral_device").strip().lower()
             if device not in ("auto", "cpu"):
                 device = resolve_device(device, precision)  # fail now, not at the first item
             baseline = _baseline(config, checkpoint, rules)
+            step = _step(config, checkpoint)
             heatmap = _heatmap_metric(config, metrics)
-            html = _path_option(config, "spectral_html")
-            if html is not None:
+            outputs = output_paths(config)
+            if "spectral_html" in outputs:
                 from pytest_spectral.reporting.html_report import require_matplotlib
 
                 require_matplotlib()
@@ -137,17 +166,16 @@ class SpectralRun:
             DeviceError,
             BaselineError,
             ArchitectureError,
+            StepError,
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
-        scope = config.getoption("spectral_scope")
-        selected = _selected_matrices(config, checkpoint)
-        if scope == "head" and not set(selected) & set(MATRICES):
+        selected = _selected_matrices(config, checkpoint, scope)
+        if scope == "head" and not set(selected) & set(HEAD_MATRICES):
             raise pytest.UsageError(
                 f"--spectral-matrices {','.join(selected)}: no head item to collect: MLP "
                 "matrices exist only as whole matrices; add --spectral-scope matrix (or both)"
             )
-        selection: IndexSet = config.getoption("spectral_layers") or IndexSet.everything()
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
@@ -160,29 +188,35 @@ class SpectralRun:
                 f"--spectral-layers {selection.spec}: the update covers only layers "
                 f"{', '.join(map(str, checkpoint.layer_numbers))}"
             )
-        outputs = _outputs(config, protected)  # last but one: it removes stale reports
+        try:
+            history = _history(config, checkpoint, rules, step, outputs.get("spectral_report"))
+        except (HistoryError, RulesError) as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
         run = cls(
             model_argument=model_argument,
             model_path=model_path,
             checkpoint=checkpoint,
+            protected=frozenset(protected),
             rules=rules,
             layers=layers,
-            head_matrices=tuple(m for m in selected if m in MATRICES),
-            whole_matrices=selected,
+            head_matrices=tuple(m for m in selected if m in HEAD_MATRICES),
+            whole_matrices=tuple(m for m in selected if m not in CIRCUITS),
             scopes=("head", "matrix") if scope == "both" else (scope,),
-            energy=config.getoption("spectral_energy"),
-            report_path=outputs["spectral_report"],
+            energy=energy,
+            report_path=outputs.get("spectral_report"),
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
-            threads=config.getoption("spectral_threads") or default_threads(),
+            threads=threads or default_threads(),
             cache_dir=_cache_dir(config),
             baseline=baseline,
+            step=step,
+            history=history,
             warn_only=config.getoption("spectral_warn_only"),
-            calibrate_path=outputs["spectral_calibrate"],
-            calibrate_margin=config.getoption("spectral_calibrate_margin"),
+            calibrate_path=outputs.get("spectral_calibrate"),
+            calibrate_margin=margin,
             heatmap=heatmap,
-            html_path=outputs["spectral_html"],
+            html_path=outputs.get("spectral_html"),
         )
         run.check_readable()
         return run
@@ -201,10 +235,10 @@ class SpectralRun:
             raise pytest.UsageError(printable(str(exc))) from None
 
     def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
-        """``(kv_head, shape)`` of an item: the K/V head a k or v head item reads (``None``
-        otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
+        """``(kv_head, shape)`` of an item: the K/V head a k, v, qk or ov head item reads
+        (``None`` otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
         geometry = self.checkpoint.geometry
-        shared = head is not None and matrix in ("k", "v")
+        shared = head is not None and matrix in ("k", "v", *CIRCUITS)
         kv_head = geometry.kv_head_of(head) if shared else None  # type: ignore[arg-type]
         return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
@@ -256,7 +290,11 @@ class SpectralRun:
             "layers": self.layers,
             "scopes": list(self.scopes),
             "matrices": list(
-                self.whole_matrices if "matrix" in self.scopes else self.head_matrices
+                dict.fromkeys(
+                    m
+                    for scope in self.scopes
+                    for m in (self.whole_matrices if scope == "matrix" else self.head_matrices)
+                )
             ),
             "candidate_energy": self.energy,
             "precision": self.precision,
@@ -265,122 +303,16 @@ class SpectralRun:
         }
 
 
-def _rules_path(config: pytest.Config) -> Path | None:
-    option = config.getoption("spectral_thresholds")
-    if option:
-        return Path(os.path.expanduser(option)).absolute()
-    ini = config.getini("spectral_thresholds")
-    if not ini:
-        return None
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (base / ini).absolute()
-
-
-#: options naming files the run writes, each created through a temporary file at the end,
-#: with the mark by which an earlier one is recognised and the words for what it is
-_OUTPUT_OPTIONS = {
-    "spectral_report": (REPORT_MARK, "a JSON report"),
-    "spectral_html": (HTML_MARK, "an HTML report"),
-    "spectral_calibrate": (CALIBRATION_MARK.encode(), "a calibrated rules file"),
-}
-#: options naming files the run reads, which it never writes, with the words for them
-_INPUT_OPTIONS = {
-    "spectral_baseline": "the baseline (--spectral-baseline)",
-    "spectral_config": "the config (--spectral-config)",
-    "spectral_architecture": "the architecture file (--spectral-architecture)",
-}
-
-
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
-    """Resolved directories holding the checkpoint's files: its root, and wherever its weight
-    files really are (a hub snapshot's blobs, a symlinked shard's target)."""
-    return {checkpoint.root.resolve(), *(f.resolve().parent for f in checkpoint.files)}
-
-
-def _outputs(config: pytest.Config, protected: set[Path]) -> dict[str, Path | None]:
-    """The output paths, checked before anything runs; an earlier run's files there are
-    removed (by the controller), so that none can pass for this run's.
-
-    Raises ``pytest.UsageError`` for a directory, a missing or unwritable parent, a path
-    inside the checkpoint, one path given to two options, a path that is also an input
-    (rules, baseline, config, architecture file), and an existing file that pytest-spectral
-    did not write (see ``reporting.files.check_replaceable``).
-    """
-    outputs = {name: _path_option(config, name) for name in _OUTPUT_OPTIONS}
-    inputs = _inputs(config)
-    seen: dict[Path, str] = {}
-    for name, path in outputs.items():
-        if path is None:
-            continue
-        option = "--" + name.replace("_", "-")
-        try:
-            check_output_path(path, option)
-        except OutputPathError as exc:
-            raise pytest.UsageError(printable(str(exc))) from None
-        holder = inside(path, protected)
-        if holder is not None:
-            raise pytest.UsageError(
-                printable(
-                    f"{option} {path}: lies inside the checkpoint directory {holder}; "
-                    "pytest-spectral never writes into a checkpoint: choose a path outside it"
-                )
-            )
-        if path.resolve() in seen:
-            raise pytest.UsageError(
-                printable(f"{option} {path}: {seen[path.resolve()]} writes the same file")
-            )
-        seen[path.resolve()] = option
-        read_by = next((what for source, what in inputs if _same_file(path, source)), None)
-        if read_by is not None:
-            roll = (
-                " (to roll a baseline forward, write the new report elsewhere and move it "
-                "after a passing run)"
-                if "baseline" in read_by
-                else ""
-            )
-            raise pytest.UsageError(
-                printable(
-                    f"{option} {path}: is also {read_by}, which this run reads; pytest-spectral "
-                    f"never writes over its inputs: choose another path{roll}"
-                )
-            )
-    if not hasattr(config, "workerinput"):
-        for name, path in outputs.items():
-            if path is not None:
-                mark, what = _OUTPUT_OPTIONS[name]
-                option = "--" + name.replace("_", "-")
-                try:
-                    check_replaceable(path, option, mark, what)
-                except OutputPathError as exc:
-                    raise pytest.UsageError(printable(str(exc))) from None
-        for path in outputs.values():
-            if path is not None:
-                remove_stale(path)
-    return outputs
-
-
-def _inputs(config: pytest.Config) -> list[tuple[Path, str]]:
-    """The files this run reads besides the checkpoint, each with words naming it."""
-    found = []
-    rules = _rules_path(config)
-    if rules is not None:
-        found.append((rules, "the rules file"))
-    for name, words in _INPUT_OPTIONS.items():
-        path = _path_option(config, name)
-        if path is not None:
-            found.append((path, words))
-    return found
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: the same resolved path, or one file under two names
-    (a hard link)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # either does not exist
-        return False
+    """Resolved directories holding the checkpoint's files: its root, the directories its
+    weight files are named in (a LoRA adapter's base model's too) and wherever they really are
+    (a hub snapshot's blobs, a symlinked shard's target)."""
+    files = checkpoint.files
+    return {
+        checkpoint.root.resolve(),
+        *(f.parent.resolve() for f in files),
+        *(f.resolve().parent for f in files),
+    }
 
 
 def local_model_path(config: pytest.Config) -> Path:
@@ -462,7 +394,7 @@ def _shard_hint(path: Path) -> str:
 
 
 def _custom_family(config: pytest.Config) -> Family | None:
-    path = _path_option(config, "spectral_architecture")
+    path = given_path(config, "spectral_architecture")
     if path is None:
         return None
     try:
@@ -474,39 +406,81 @@ def _custom_family(config: pytest.Config) -> Family | None:
     return custom_family(table["architecture"], str(path))
 
 
-def _selected_matrices(config: pytest.Config, checkpoint: Checkpoint) -> tuple[str, ...]:
-    """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole."""
-    available = checkpoint.attention + checkpoint.mlp
-    chosen: tuple[str, ...] | None = config.getoption("spectral_matrices")
+def _selected_matrices(
+    config: pytest.Config, checkpoint: Checkpoint, scope: str
+) -> tuple[str, ...]:
+    """--spectral-matrices, or every matrix the checkpoint has; MLP ones only exist whole,
+    the QK and OV circuits only per head, and only when named (they cost a QR per slice)."""
+    available = checkpoint.attention + checkpoint.circuits + checkpoint.mlp
+    chosen = option_value(config, "spectral_matrices")
     if chosen is None:
-        return available
+        return checkpoint.attention + checkpoint.mlp
     missing = [m for m in chosen if m not in available]
     if missing:
         raise pytest.UsageError(
             f"--spectral-matrices: this checkpoint has no {', '.join(missing)} "
             f"(it has {', '.join(available)})"
         )
+    circuits = [m for m in chosen if m in CIRCUITS]
+    if circuits and scope == "matrix":
+        raise pytest.UsageError(
+            f"--spectral-matrices {','.join(circuits)}: circuits exist per head only; "
+            "use --spectral-scope head (the default) or both"
+        )
     return chosen
 
 
-def _path_option(config: pytest.Config, name: str) -> Path | None:
-    value = config.getoption(name)
-    return Path(os.path.expanduser(value)).absolute() if value else None
-
-
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
-    path = _path_option(config, "spectral_baseline")
+    path = given_path(config, "spectral_baseline")
     if path is None:
-        relative = next((r for r in rules.rules if r.is_relative), None)
+        relative = next((r for r in rules.rules if r.is_relative and not r.is_trend), None)
         if relative is not None:
             raise RulesError(
                 f"{rules.path}: rule {relative.name!r} bounds the change against a baseline; "
-                "give one with --spectral-baseline REPORT.json (a --spectral-report of a "
+                "give one with --spectral-baseline=REPORT.json (a --spectral-report of a "
                 "known-good run)"
             )
         return None
-    compared = (rule.request for rule in rules.rules if rule.is_relative)
+    compared = (rule.request for rule in rules.rules if rule.is_relative and not rule.is_trend)
     return load_baseline(path, checkpoint, compared)
+
+
+def _step(config: pytest.Config, checkpoint: Checkpoint) -> Step | None:
+    option = config.getoption("spectral_step")
+    if option is not None:
+        return step_from_option(option)
+    return checkpoint_step(checkpoint.root) if checkpoint.root.is_dir() else None
+
+
+def _history(
+    config: pytest.Config,
+    checkpoint: Checkpoint,
+    rules: RuleSet,
+    step: Step | None,
+    own_report: Path | None,
+) -> EarlierReports | None:
+    """The earlier reports of --spectral-history, holding what trend rules and the HTML
+    report's history need; a trend rule without them is a usage error."""
+    paths = config.getoption("spectral_history")
+    trend = [r for r in rules.rules if r.is_trend]
+    if not paths:
+        if trend:
+            raise RulesError(
+                f"{rules.path}: rule {trend[0].name!r} bounds the change over the last "
+                f"{trend[0].window} reports; give the reports of earlier checkpoints with "
+                "--spectral-history=DIR (an empty directory for the first checkpoint)"
+            )
+        return None
+    from pytest_spectral.reporting.history.page import history_metrics
+
+    g = checkpoint.geometry
+    return load_earlier(
+        [Path(os.path.expanduser(p)).absolute() for p in paths],
+        step=step,
+        layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
+        keys=history_metrics([], rules.rules),
+        own_report=own_report,
+    )
 
 
 def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
@@ -102,16 +102,20 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
             f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{parts[1]}::{matrix} with "
             "--spectral-scope matrix (or both)"
         )
-    if matrix not in MATRICES:
-        return f"head items are of q, k, v and o, not {matrix!r}"
+    if matrix not in HEAD_MATRICES:
+        return f"head items are of {', '.join(HEAD_MATRICES)}, not {matrix!r}"
     if "head" not in run.scopes:
         return "head items need --spectral-scope head (the default) or both"
+    if matrix in CIRCUITS and matrix not in run.head_matrices:
+        return f"the {matrix} circuit is collected only when --spectral-matrices names it"
     if matrix not in run.head_matrices:
         return f"--spectral-matrices leaves out {matrix}"
     return "head numbers are zero-padded, as --collect-only -q lists them"
 
 
 def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
+    if matrix in CIRCUITS:
+        return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
     if matrix not in MATRICES + MLP_MATRICES:
         return None
     if "matrix" not in run.scopes:

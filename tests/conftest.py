@@ -24,16 +24,32 @@ def pytest_configure(config: pytest.Config) -> None:
     """Wall-clock deadlines turn a busy shared 2-core machine into flaky failures; the fuzz
     test keeps its own deadline to catch real hangs. The profile must be loaded before the
     test modules create their ``@settings``; a spectral run without path arguments collects
-    no test module, and skips it."""
+    no test module, and skips it.
+
+    Mutation runs (pyproject.toml, ``[tool.mutmut]``) pass ``--hypothesis-profile=mutation``:
+    they run the same tests many times in one process and must give the same verdict each
+    time, so fixed examples (fewer: each mutant runs them) and no example database.
+    """
     spectral_only = (
         config.getoption("spectral_model", None) is not None
         and config.args_source != pytest.Config.ArgsSource.ARGS
     )
     if not spectral_only:
-        from hypothesis import settings
+        from hypothesis import HealthCheck, settings
 
-        settings.register_profile("pytest-spectral", deadline=None)
-        settings.load_profile("pytest-spectral")
+        default = settings.get_profile("default")  # not whatever an earlier run loaded
+        settings.register_profile("pytest-spectral", default, deadline=None)
+        settings.register_profile(
+            "mutation",
+            default,
+            deadline=None,
+            derandomize=True,
+            max_examples=25,
+            database=None,
+            suppress_health_check=[HealthCheck.differing_executors],
+        )
+        if config.getoption("hypothesis_profile", None) is None:
+            settings.load_profile("pytest-spectral")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ def run_report(
     """Run pytest with ``args`` and a JSON report; every item must pass. ``subprocess`` runs
     it in a process of its own (for environment variables read at import, as the hub's)."""
     run = pytester.runpytest_subprocess if subprocess else pytester.runpytest
-    result = run(*args, "--spectral-report", "report.json", "-p", "no:randomly")
+    result = run(*args, "--spectral-report=report.json", "-p", "no:randomly")
     output = result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.OK, output
     if items is not None:

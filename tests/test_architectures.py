@@ -1,19 +1,28 @@
-"""Each supported family's head layout, verified against the transformers implementation.
+"""The conformance matrix: every supported model type, verified against transformers.
 
-For a tiny random model of each family, the slice the plugin analyses for a head is perturbed
-in the model's own parameters, and the model's own forward pass must change for exactly that
-head: its attention pattern for a Q slice, the attention of every query head sharing it for a
-K slice, that head's segment of the attention output for a V slice. An O slice must be exactly
-what multiplies the head's segment of the output projection's input.
+For a tiny random model of each type in :mod:`architecture_matrix` (built and saved by
+transformers; skipped, with the reason, when the installed transformers lacks the type), the
+slice the plugin analyses for a head is perturbed in the model's own parameters, and the
+model's own forward pass must change for exactly that head: its attention pattern for a Q
+slice, the attention of every query head sharing it for a K slice, that head's segment of the
+attention output for a V slice. An O slice must be exactly what multiplies the head's segment
+of the output projection's input. The plugin's singular values of every head equal numpy's of
+the model's own slices, and a whole pytest run collects exactly the items the geometry implies.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from architecture_matrix import CASES, Case
+from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.families import FAMILIES, SUPPORTED_MODEL_TYPES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
@@ -21,72 +30,56 @@ from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = {
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "vocab_size": 128,
-}
-FAMILIES = {
-    "llama (GQA)": ("llama", {**SMALL, "num_key_value_heads": 2}),
-    "mistral": ("mistral", {**SMALL, "num_key_value_heads": 2}),
-    "mixtral": ("mixtral", {**SMALL, "num_key_value_heads": 2, "num_local_experts": 2}),
-    "qwen2 (bias)": ("qwen2", {**SMALL, "num_key_value_heads": 2}),
-    "qwen3 (head_dim)": ("qwen3", {**SMALL, "num_key_value_heads": 2, "head_dim": 8}),
-    "gemma (MQA, head_dim)": ("gemma", {**SMALL, "num_key_value_heads": 1, "head_dim": 32}),
-    "gemma2": ("gemma2", {**SMALL, "num_key_value_heads": 2, "head_dim": 24}),
-    "phi3 (fused)": ("phi3", {**SMALL, "num_key_value_heads": 2, "pad_token_id": 0}),
-    "gpt2 (Conv1D)": ("gpt2", {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 128}),
-    "gpt_neox (interleaved)": ("gpt_neox", dict(SMALL)),
-    "falcon (multi-query)": ("falcon", {**SMALL, "multi_query": True}),
-    "falcon (grouped)": ("falcon", {**SMALL, "new_decoder_architecture": True, "num_kv_heads": 2}),
-    "falcon (interleaved)": ("falcon", {**SMALL, "multi_query": False}),
-    "opt": (
-        "opt",
-        {
-            "hidden_size": 64,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "ffn_dim": 128,
-            "vocab_size": 128,
-            "word_embed_proj_dim": 64,
-        },
-    ),
-    "bert": ("bert", dict(SMALL)),
-    "roberta": ("roberta", {**SMALL, "pad_token_id": 1}),
-}
 
-
-GATED = ("gate", "up", "down")
-EXPECTED_MLP = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), GATED),
-    "mixtral": (),  # experts: no single MLP matrix per layer
-    "phi3": ("gate_up", "down"),
-}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory) -> tuple[object, Checkpoint]:
-    model_type, options = FAMILIES[request.param]
+def build(case: Case, directory) -> object:
+    """A tiny random model of ``case``, saved to ``directory`` as transformers saves it."""
+    if case.model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {case.model_type!r}")
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **options)
+    config = transformers.AutoConfig.for_model(case.model_type, **case.config)
     config._attn_implementation = "eager"
-    try:
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        model = transformers.AutoModel.from_config(config)
+    for sub in ("text_config", "vision_config"):
+        if getattr(config, sub, None) is not None:
+            getattr(config, sub)._attn_implementation = "eager"
+    loaders = (
+        (transformers.AutoModel,)
+        if case.encoder
+        else (
+            transformers.AutoModelForCausalLM,
+            transformers.AutoModelForImageTextToText,
+            transformers.AutoModel,
+        )
+    )
+    for loader in loaders:
+        try:
+            model = loader.from_config(config)
+            break
+        except ValueError:
+            continue
     model.eval()
-    directory = tmp_path_factory.mktemp(model_type) / "model"
     model.save_pretrained(directory)
-    return model, open_checkpoint(directory)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tmp_path_factory) -> tuple[object, Checkpoint, Case]:
+    case = CASES[request.param]
+    directory = tmp_path_factory.mktemp(case.model_type) / "model"
+    model = build(case, directory)
+    return model, open_checkpoint(directory), case
 
 
 def parameter_name(checkpoint: Checkpoint, model, matrix: str) -> str:
-    """The model's own name for the tensor the plugin reads (saved names may drop a prefix)."""
-    saved = checkpoint.tensors[(0, matrix)].name
-    names = dict(model.named_parameters())
-    return next(n for n in (saved, *(n for n in names if n.endswith(saved))) if n in names)
+    """The model's own name for the tensor the plugin reads, found by its values: saved names
+    may differ from the module's (``language_model.model.`` for ``model.language_model.``)."""
+    entry = checkpoint.tensors[(0, matrix)]
+    with safe_open(entry.file, "pt") as weights:
+        saved = weights.get_tensor(entry.name)
+    return next(
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.shape == saved.shape and torch.equal(parameter.detach(), saved)
+    )
 
 
 def slice_positions(checkpoint: Checkpoint, matrix: str, head_slice: int) -> torch.Tensor:
@@ -100,10 +93,11 @@ def flat_indices(checkpoint: Checkpoint, matrix: str, head_slice: int) -> torch.
     return slice_positions(checkpoint, matrix, head_slice).flatten()
 
 
-def run(model, o_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer 0's attention pattern, and the input and output of its output projection."""
+def run(model, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer 0's attention pattern, and the input and output of the module whose weight is
+    ``module_name`` (the output projection, or the Q projection)."""
     captured = {}
-    module = model.get_submodule(o_name.removesuffix(".weight"))
+    module = model.get_submodule(module_name.removesuffix(".weight"))
 
     def hook(_module, args, output) -> None:
         captured["input"], captured["output"] = args[0].detach().clone(), output.detach().clone()
@@ -118,15 +112,20 @@ def run(model, o_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return out.attentions[0][0], captured["input"][0], captured["output"][0]
 
 
-def perturbed(model, name: str, indices: torch.Tensor, factor: float = 3.0):
-    """A context in which the given elements of parameter ``name`` are scaled."""
+def perturbed(model, name: str, indices: torch.Tensor, factor: float | None = None):
+    """A context in which the given elements of parameter ``name`` are scaled: by ``factor``,
+    or by factors from 2 to 4 that differ along the slice, so that a norm applied per head
+    (Gemma 3, Qwen 3) cannot undo the change."""
     parameter = model.get_parameter(name)
 
     class Scaled:
         def __enter__(self) -> None:
             self.saved = parameter.detach().clone()
+            scale = torch.linspace(2.0, 4.0, len(indices)) if factor is None else factor
             with torch.no_grad():
-                parameter.view(-1)[indices] *= factor
+                parameter.view(-1)[indices] *= (
+                    scale.to(parameter.dtype) if factor is None else scale
+                )
 
         def __exit__(self, *exc: object) -> None:
             with torch.no_grad():
@@ -144,8 +143,10 @@ def changed_heads(before: torch.Tensor, after: torch.Tensor, heads: int, per_hea
 
 
 def test_q_and_k_slices_drive_exactly_their_heads_attention(family) -> None:
-    model, checkpoint = family
+    model, checkpoint, case = family
     g = checkpoint.geometry
+    if case.joint_qk_norm:
+        pytest.skip("one norm over all heads: see test_q_and_k_slices_are_their_heads_segments")
     o_name = parameter_name(checkpoint, model, "o")
     base, _, _ = run(model, o_name)
     pattern = lambda attention, h: attention[h]  # noqa: E731
@@ -164,8 +165,25 @@ def test_q_and_k_slices_drive_exactly_their_heads_attention(family) -> None:
     assert changed_heads(base, attention, g.heads, pattern) == sharing
 
 
+def test_q_and_k_slices_are_their_heads_segments(family) -> None:
+    """Where a norm over all heads follows the Q and K projections (OLMo 2), a head's slice
+    is checked to produce exactly its segment of the projection's output, the segment the
+    attention module reshapes into that head (``view(..., heads, head_dim)``)."""
+    model, checkpoint, case = family
+    if not case.joint_qk_norm:
+        pytest.skip("per-head attention patterns are checked directly")
+    g = checkpoint.geometry
+    segment = lambda x, h: x[:, h * g.head_dim : (h + 1) * g.head_dim]  # noqa: E731
+    for matrix, index, count in (("q", g.heads - 1, g.heads), ("k", g.kv_heads - 1, g.kv_heads)):
+        name = parameter_name(checkpoint, model, matrix)
+        _, _, base = run(model, name)
+        with perturbed(model, name, flat_indices(checkpoint, matrix, index)):
+            _, _, output = run(model, name)
+        assert changed_heads(base, output, count, segment) == {index}
+
+
 def test_v_slice_drives_exactly_its_heads_outputs(family) -> None:
-    model, checkpoint = family
+    model, checkpoint, _ = family
     g = checkpoint.geometry
     o_name = parameter_name(checkpoint, model, "o")
     _, base, _ = run(model, o_name)
@@ -181,7 +199,7 @@ def test_v_slice_drives_exactly_its_heads_outputs(family) -> None:
 
 
 def test_o_slice_is_what_multiplies_the_heads_segment(family) -> None:
-    model, checkpoint = family
+    model, checkpoint, _ = family
     g = checkpoint.geometry
     o_name = parameter_name(checkpoint, model, "o")
     module = model.get_submodule(o_name.removesuffix(".weight"))
@@ -197,7 +215,7 @@ def test_o_slice_is_what_multiplies_the_heads_segment(family) -> None:
 
 
 def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
-    model, checkpoint = family
+    model, checkpoint, _ = family
     g = checkpoint.geometry
     engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
     for matrix in MATRICES:
@@ -213,7 +231,7 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
 
 def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
     """In fused and transposed tensors a head's weights are not at head * head_dim."""
-    _, checkpoint = family
+    _, checkpoint, _ = family
     g = checkpoint.geometry
     for matrix in MATRICES:
         entry = checkpoint.tensors[(0, matrix)]
@@ -225,26 +243,22 @@ def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
 
 
 def test_whole_run_through_pytest(family, pytester) -> None:
-    _, checkpoint = family
-    result = pytester.runpytest(
-        f"--spectral-model={checkpoint.root}", "-p", "no:cacheprovider", "--spectral-scope", "both"
-    )
-    g = checkpoint.geometry
-    assert checkpoint.mlp == EXPECTED_MLP.get(checkpoint.model_type, ("fc1", "fc2"))
-    result.assert_outcomes(passed=g.layers * (g.heads * 4 + 4 + len(checkpoint.mlp)))
-
-
-def test_failure_report_locates_the_slice_in_the_stored_tensor(family, pytester) -> None:
-    _, checkpoint = family
+    """Every item the geometry implies is collected and run; a failure report locates the
+    slice in the stored tensor (in fused and transposed tensors, not at head * head_dim)."""
+    _, checkpoint, case = family
+    assert checkpoint.mlp == case.mlp
     bound = 'metric = "stable_rank"\nmax = 0.5\n'  # breaks every item: stable rank >= 1
     rules = pytester.makefile(
         ".toml", rules=f'[[rules]]\n{bound}[[rules]]\n{bound}scope = "matrix"\n'
     )
     result = pytester.runpytest(
         f"--spectral-model={checkpoint.root}", f"--spectral-thresholds={rules}",
-        "--spectral-layers=0", "--spectral-matrices=q", "--spectral-scope=both",
-        "-p", "no:cacheprovider",
+        "--spectral-scope=both", "-p", "no:cacheprovider",
     )  # fmt: skip
+    g = checkpoint.geometry
+    result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4 + len(case.mlp)))
+    attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
+    assert (attention_only in result.stdout.str()) == (not case.mlp)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
     whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
@@ -255,3 +269,21 @@ def test_failure_report_locates_the_slice_in_the_stored_tensor(family, pytester)
         ],
         consecutive=False,
     )
+
+
+def test_readme_table_matches_the_matrix() -> None:
+    """The README's architecture table lists exactly the matrix's model types, which are
+    exactly the ones the plugin declares, each family in a row of its own that describes its
+    weights as the family's entry does."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Supported architectures and inputs", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    listed = [t for row in rows for t in re.findall(r"`([^`]+)`", row[1])]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {case.model_type for case in CASES.values()}
+    assert set(listed) == set(SUPPORTED_MODEL_TYPES)
+    described = {
+        frozenset(re.findall(r"`([^`]+)`", row[1])): row[2].removesuffix(" |") for row in rows
+    }
+    for family in FAMILIES:
+        assert described[frozenset(family.model_types)] == family.note, family.name

@@ -7,7 +7,13 @@ import math
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import Geometry
-from pytest_spectral.judging.candidates import candidate_record, pruning_candidates, total_saving
+from pytest_spectral.judging.candidates import (
+    candidate_record,
+    pruning_candidates,
+    regressions,
+    total_saving,
+)
+from pytest_spectral.reporting.summary import render_summary
 
 GEOMETRY = Geometry(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32)
 
@@ -35,7 +41,19 @@ def record(
         "singular_values": [4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0],
         "metrics": {"energy_rank(p=0.95)": rank},
         "broken_rules": [
-            {"rule": name, "severity": "fail", "baseline": None, "suggest": suggest}
+            {
+                "rule": name,
+                "metric": "stable_rank",
+                "value": 0.5,
+                "min": 1.0,
+                "max": None,
+                "min_change": None,
+                "max_change": None,
+                "baseline": None,
+                "severity": "fail",
+                "bound": "min",
+                "suggest": suggest,
+            }
             for name in rules
         ],
     }
@@ -50,6 +68,40 @@ def test_rank_error_break_even_and_savings() -> None:
     assert (candidate.params_before, candidate.params_after) == (256, 80)
     assert candidate.saved == 176
     assert candidate.removal is None
+
+
+@pytest.mark.parametrize(
+    ("rank", "saved", "fraction"),
+    [
+        (1, 256 - 40, 216 / 256),
+        (2, 256 - 80, 0.6875),
+        (6, 256 - 240, 0.0625),  # just below the break-even rank 6.4
+        (7, 0, 0.0),  # 7 * 40 = 280 > 256: nothing saved
+    ],
+)
+def test_saving_fraction_is_the_share_saved(rank, saved, fraction) -> None:
+    """A rank-r factorisation of 8 x 32 keeps r (8 + 32) of 256 parameters."""
+    (candidate,) = pruning_candidates([record(rank=rank)], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.saved == saved
+    assert candidate.saving_fraction == fraction
+
+
+def test_summary_table_prints_the_saved_parameters_and_their_share() -> None:
+    records = [record(rank=2, head=1), record(rank=7, head=2), record("q", "remove_head", 6, 3)]
+    candidates = pruning_candidates(records, "energy_rank(p=0.95)", GEOMETRY)
+    text = render_summary(
+        records, candidates, [], total_saved=12345, energy=0.95, width=160, color=False
+    )
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
+    rows = {row[0]: row[1:] for row in cells if row and row[0].startswith("L0")}
+    # 176 / 256 = 68.75% saved (the kept share would be 31%); error sqrt(1 - 25/30) = 0.41
+    # each broken rule reads "name: value < bound" (stable_rank 0.5 below min 1)
+    assert rows["L0 H1 q"] == ["r: 0.5 < 1", "2 (0.41)", "6", "176 (69%)"]
+    assert rows["L0 H2 q"] == ["r: 0.5 < 1", "7 (0.00)", "6", "none"]  # 7 * 40 > 256
+    assert rows["L0 H3 q"] == ["r: 0.5 < 1", "6 (0.00)", "6", "16 (6%)"]
+    assert "remove head: 512" in text
+    assert "3 candidate slices; acting on every suggestion would save at most 12,345 " in text
+    assert "rank@95%" in text
 
 
 def test_no_saving_at_or_above_break_even() -> None:
@@ -68,6 +120,8 @@ def test_whole_head_removal() -> None:
     # A K/V head goes only with the 4 query heads sharing it, plus its own K and V rows.
     assert key.removal == 4 * per_query_head + 2 * 8 * 32
     assert key.saved == key.removal
+    (value,) = pruning_candidates([record("v", "remove_head")], "energy_rank(p=0.95)", GEOMETRY)
+    assert value.removal == key.removal
 
 
 def test_passed_items_are_not_candidates() -> None:
@@ -115,6 +169,111 @@ def test_whole_matrix_label_and_json_entry() -> None:
     assert entry["rules"] == ["r"]
 
 
+def test_candidates_are_ordered_by_saving_then_node_id() -> None:
+    items = [
+        record("q", head=2, rank=6),  # saves 16
+        record("q", head=1, rank=2),  # saves 176
+        record("o", head=0, rank=2),  # saves 176 too: "head00-o" < "head01-q"
+        record("q", "remove_head", 7, head=3),  # removal: 512
+    ]
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert [c.label for c in candidates] == ["L0 H3 q", "L0 H0 o", "L0 H1 q", "L0 H2 q"]
+    assert [c.saved for c in candidates] == [512, 176, 176, 16]
+
+
+def test_a_shared_slice_is_named_after_its_lowest_query_head_whatever_the_order() -> None:
+    items = [record("v", head=h, rank=r) for h, r in ((6, 3), (4, 2), (5, 1))]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.record["head"] == 4
+    assert candidate.rank == 2  # the record of query head 4
+    assert candidate.nodeids == tuple(f"spectral::layer00::head0{h}-v" for h in (4, 5, 6))
+
+
+def test_truncation_error_of_a_small_slice() -> None:
+    """Energies 0.16, 0.09, 0.04, 0.01: a total below 1 is still an energy."""
+    small = {**record(rank=2), "singular_values": [0.4, 0.3, 0.2, 0.1]}
+    (candidate,) = pruning_candidates([small], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.error == pytest.approx(math.sqrt(0.05 / 0.3), rel=1e-12)
+
+
+def test_two_adjacent_heads_are_a_range() -> None:
+    items = [record("k", head=h) for h in (4, 5)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.label == "L0 H4-5 k"
+
+
+def test_shared_slice_with_scattered_heads_is_labelled_by_list() -> None:
+    items = [record("v", head=h, rules=("r",)) for h in (4, 6)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.heads == (4, 6)
+    assert candidate.label == "L0 H4,6 v"
+
+
+@pytest.mark.parametrize("rank", [math.nan, math.inf, None, "nan"])
+def test_undefined_rank_suggests_nothing(rank) -> None:
+    """A zero slice's energy rank is nan (and "nan" once read back from JSON)."""
+    item = record(rank=2)
+    item["metrics"] = {"energy_rank(p=0.95)": rank} if rank is not None else {}
+    (candidate,) = pruning_candidates([item], "energy_rank(p=0.95)", GEOMETRY)
+    assert (candidate.rank, candidate.error) == (None, None)
+    assert (candidate.params_after, candidate.saved, candidate.saving_fraction) == (256, 0, 0.0)
+
+
+def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
+    """Their spectra price nothing: an all-zero slice or one with NaN weights is damage."""
+    zero = {**record(rank=1), "singular_values": [0.0] * 8, "status": "zero_matrix"}
+    broken = {**record(rank=1, head=2), "singular_values": ["nan"] * 8, "status": "nonfinite"}
+    assert pruning_candidates([zero, broken], "energy_rank(p=0.95)", GEOMETRY) == []
+    found = regressions([zero, broken])
+    assert [(g.label, g.record["status"]) for g in found] == [
+        ("L0 H2 q", "nonfinite"),
+        ("L0 H3 q", "zero_matrix"),
+    ]
+
+
+@pytest.mark.parametrize(("rank", "error"), [(1, math.sqrt(14 / 30)), (3, math.sqrt(1 / 30))])
+def test_truncation_error_is_eckart_young(rank: int, error: float) -> None:
+    """Energies 16, 9, 4, 1 of 30: rank r leaves the energy below it."""
+    (candidate,) = pruning_candidates([record(rank=rank)], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.error == pytest.approx(error, rel=1e-12)
+
+
+def test_json_entry_of_a_shared_slice_with_removal() -> None:
+    items = [record("k", "remove_head", head=h, rules=("r", "s")) for h in (4, 5)]
+    (candidate,) = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    per_query_head = 2 * 8 * 32
+    assert candidate_record(candidate) == {
+        "nodeids": ["spectral::layer00::head04-k", "spectral::layer00::head05-k"],
+        "layer": 0,
+        "matrix": "k",
+        "heads": [4, 5],
+        "kv_head": 1,
+        "shape": [8, 32],
+        "outcome": "failed",
+        "rules": ["r", "s"],
+        "suggested_rank": 2,
+        "relative_error": pytest.approx(math.sqrt(5 / 30)),
+        "break_even_rank": pytest.approx(6.4),
+        "params": 256,
+        "params_after_factorisation": 80,
+        "params_saved": 4 * per_query_head + 2 * 8 * 32,
+        "params_saved_by_removal": 4 * per_query_head + 2 * 8 * 32,
+    }
+
+
+def test_removal_needs_the_geometry() -> None:
+    (candidate,) = pruning_candidates([record("q", "remove_head")], "energy_rank(p=0.95)")
+    assert candidate.removal is None
+    assert candidate.saved == 176
+
+
+def test_warned_and_failed_items_of_one_slice_stay_apart() -> None:
+    warned = {**record("k", head=4), "outcome": "warned"}
+    failed = record("k", head=5)
+    candidates = pruning_candidates([warned, failed], "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.heads for c in candidates) == [(4,), (5,)]
+
+
 class TestTotalSaving:
     """What acting on every suggestion frees, each weight once (GEOMETRY: 8 x 32 slices)."""
 
@@ -138,7 +297,99 @@ class TestTotalSaving:
         )
         assert total == 4 * 2 * self.SLICE + 2 * self.SLICE + 176
 
+    def test_removing_a_kv_head_takes_its_group_once(self) -> None:
+        total = self.total(
+            record("v", "remove_head", head=4),  # K/V head 1 via its v slice
+            record("k", "remove_head", head=5),  # ... and via its k slice
+            record("q", "remove_head", head=6),  # a query head of that group
+            record("o", head=7),  # factorising an O slice of that group
+        )
+        assert total == 4 * 2 * self.SLICE + 2 * self.SLICE  # 4 query heads, K and V rows
+
+    def test_removed_query_head_supersedes_its_factorisations(self) -> None:
+        total = self.total(
+            record("q", "remove_head", head=1), record("o", head=1), record("o", head=2)
+        )
+        assert total == 2 * self.SLICE + 176
+
+    def test_factorised_kv_slice_of_a_kept_group_counts(self) -> None:
+        total = self.total(record("q", "remove_head", head=0), record("k", head=1))
+        assert total == 2 * self.SLICE + 176  # K/V head 0 stays: its k slice is factorised
+
+    def test_removing_a_kv_head_through_its_v_slice(self) -> None:
+        assert self.total(record("v", "remove_head", head=4)) == 4 * 2 * self.SLICE + 2 * self.SLICE
+
+    @pytest.mark.parametrize("matrix", ["k", "v"])
+    def test_a_kv_slice_stays_while_its_kv_head_does(self, matrix: str) -> None:
+        """Removing query heads one by one leaves their K/V head, and its slices, in place."""
+        total = self.total(record("q", "remove_head", head=4), record(matrix, head=4))
+        assert total == 2 * self.SLICE + 176
+
+    def test_removals_count_in_any_order(self) -> None:
+        """A whole MLP matrix saving more than a head removal is listed first."""
+        up = {**record("q", head=None), "matrix": "up", "shape": [96, 32]}  # saves 3072 - 256
+        candidates = pruning_candidates(
+            [up, record("q", "remove_head", head=1)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        assert [c.label for c in candidates] == ["L0 up", "L0 H1 q"]
+        assert total_saving(candidates, GEOMETRY) == (96 * 32 - 2 * 128) + 2 * self.SLICE
+
+    def test_nothing_saved(self) -> None:
+        assert self.total(record(rank=7)) == 0
+        assert self.total() == 0
+
     def test_whole_matrix_counts_only_without_head_candidates(self) -> None:
         whole_q, whole_up = record("q", head=None), {**record("q", head=None), "matrix": "up"}
         assert self.total(whole_q, record("q", head=3)) == 176
         assert self.total(whole_up, record("q", head=3)) == 176 + 176
+
+
+def circuit(head: int, rank: float, matrix: str = "qk", group_size: int = 4) -> dict:
+    """A failed circuit item (hidden x hidden, rank <= head_dim 8) of query head ``head``."""
+    return {
+        **record(matrix, rank=rank, head=head),
+        "kv_head": head // group_size,
+        "shape": [32, 32],
+    }
+
+
+class TestCircuitCandidates:
+    """A circuit of rank r cuts its heads' Q (O) rows and the shared K (V) rows to r."""
+
+    def test_a_complete_group_is_one_candidate_at_its_largest_rank(self) -> None:
+        members = [circuit(4, 2), circuit(5, 3), circuit(6, 2), circuit(7, 1)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.label == "L0 H4-7 qk"
+        assert candidate.rank == 3
+        # four Q slices and the shared K slice, 8 x 32 each, cut from 8 rows to 3
+        assert (candidate.params_before, candidate.params_after) == (5 * 256, 5 * 3 * 32)
+        assert candidate.break_even == 8
+        assert candidate.needs == ""
+        entry = candidate_record(candidate)
+        assert entry["needs_heads"] is None
+        assert entry["params_saved"] == 5 * 5 * 32
+
+    def test_an_incomplete_group_is_listed_unpriced_naming_what_it_needs(self) -> None:
+        members = [circuit(4, 2, "ov"), circuit(6, 2, "ov")]
+        candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert [c.label for c in candidates] == ["L0 H4 ov", "L0 H6 ov"]
+        for candidate in candidates:
+            assert candidate.saved == 0
+            assert candidate.needs == "needs H4-7 (K/V head 1)"
+            assert candidate_record(candidate)["needs_heads"] == [4, 5, 6, 7]
+
+    def test_without_grouped_query_attention_each_head_is_priced(self) -> None:
+        geometry = Geometry(layers=2, heads=8, kv_heads=8, head_dim=8, hidden=32)
+        (candidate,) = pruning_candidates(
+            [circuit(3, 2, group_size=1)], "energy_rank(p=0.95)", geometry
+        )
+        assert (candidate.params_before, candidate.params_after) == (2 * 256, 2 * 2 * 32)
+
+    def test_a_slice_cut_and_factorised_counts_its_larger_saving_once(self) -> None:
+        members = [circuit(4, 3), circuit(5, 3), circuit(6, 3), circuit(7, 3)]
+        cut_per_slice = (8 - 3) * 32
+        candidates = pruning_candidates(
+            [*members, record("q", head=5)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        # Q slices 4, 6, 7 and K/V head 1's K slice are cut; Q slice 5 factorised (176 > 160)
+        assert total_saving(candidates, GEOMETRY) == 4 * cut_per_slice + 176

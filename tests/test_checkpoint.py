@@ -26,6 +26,12 @@ def edit_config(directory: Path, **changes: object) -> None:
     path.write_text(json.dumps(config))
 
 
+def rename_tensors(directory: Path, old: str, new: str) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    save_file({name.replace(old, new): t for name, t in tensors.items()}, path)
+
+
 def open_for_every_item(path: Path) -> None:
     """Open a checkpoint and check every tensor, as a run of all items does."""
     checkpoint = open_checkpoint(path)
@@ -71,16 +77,42 @@ class TestErrors:
         self.expect(tiny_checkpoint, "config.json: missing")
 
     def test_unknown_architecture_lists_supported(self, tiny_checkpoint: Path) -> None:
-        edit_config(tiny_checkpoint, model_type="mamba")
+        """An undeclared model_type without the common layout (the generic reading needs
+        layers.N.self_attn.q_proj) is refused, naming what is supported."""
+        edit_config(tiny_checkpoint, model_type="newformer")
+        rename_tensors(tiny_checkpoint, "self_attn.", "attention.")
         self.expect(
             tiny_checkpoint,
-            "model_type 'mamba' is not supported; supported: llama, mistral",
+            "model_type 'newformer' is not supported; supported: llama, mistral",
             "--spectral-architecture",
         )
 
-    def test_missing_head_count(self, tiny_checkpoint: Path) -> None:
-        edit_config(tiny_checkpoint, num_attention_heads=None)
-        self.expect(tiny_checkpoint, "'num_attention_heads' must be a positive integer, got None")
+    def test_model_without_attention_says_so(self, tiny_checkpoint: Path) -> None:
+        edit_config(tiny_checkpoint, model_type="mamba")
+        self.expect(tiny_checkpoint, "model_type 'mamba' has no attention")
+
+    @pytest.mark.parametrize(
+        ("model_type", "reason"),
+        [
+            ("deepseek_v3", "uses multi-head latent attention"),
+            ("t5", "is an encoder-decoder model"),
+            ("whisper", "is an encoder-decoder model"),
+            ("vit", "is a vision model"),
+        ],
+    )
+    def test_types_not_analysed_yet_say_why(self, tiny_checkpoint, model_type, reason) -> None:
+        """Even with tensors the common layout would accept (BART's decoder has them)."""
+        edit_config(tiny_checkpoint, model_type=model_type)
+        self.expect(tiny_checkpoint, f"model_type {model_type!r} {reason}", "cannot analyse yet")
+
+    def test_bad_head_count(self, tiny_checkpoint: Path) -> None:
+        edit_config(tiny_checkpoint, num_attention_heads=0)
+        self.expect(tiny_checkpoint, "'num_attention_heads' must be a positive integer, got 0")
+
+    def test_missing_head_count_is_the_config_class_default(self, tiny_checkpoint: Path) -> None:
+        """As LlamaConfig: 32 heads, so 32 K/V heads of head_dim 2 for this 64-wide model."""
+        edit_config(tiny_checkpoint, num_attention_heads=None, num_key_value_heads=None)
+        self.expect(tiny_checkpoint, "implies [64, 64] (32 key/value heads x head_dim 2)")
 
     def test_shape_disagreeing_with_config(self, tiny_checkpoint: Path) -> None:
         edit_config(tiny_checkpoint, num_key_value_heads=4)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
 from pytest_spectral.compute import device, spectra
@@ -16,7 +17,7 @@ from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.errors import DeviceError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
-from pytest_spectral.results import SliceSpectra
+from pytest_spectral.testing.synthetic import conditioned_slices
 from pytest_spectral.untrusted import FileChangedError
 
 
@@ -29,13 +30,13 @@ def checkpoint(make_checkpoint):
 def decompositions(monkeypatch) -> list[tuple[int, ...]]:
     """Records the shape of every batch the engine decomposes."""
     seen: list[tuple[int, ...]] = []
-    original = spectra.slice_singular_values
+    original = spectra.start_slices
 
-    def spy(blocks: torch.Tensor, **kwargs: object) -> SliceSpectra:
+    def spy(blocks: torch.Tensor, **kwargs: object) -> spectra.PendingSpectra:
         seen.append(tuple(blocks.shape))
         return original(blocks, **kwargs)
 
-    monkeypatch.setattr(spectra, "slice_singular_values", spy)
+    monkeypatch.setattr(spectra, "start_slices", spy)
     return seen
 
 
@@ -64,6 +65,17 @@ class TestPlanAndPrefetch:
         assert len(decompositions) == 8
         engine.close()
 
+    def test_prefetch_keeps_two_layers_ahead(self, checkpoint, decompositions) -> None:
+        engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, prefetch=True)
+        engine.plan([(layer, m, "head") for layer in range(3) for m in MATRICES])
+        engine.head(0, "q", 0)
+        assert set(engine._futures) == {0, 1, 2}  # layers 1 and 2 queued as 0 is served
+        engine._futures[2].result()
+        assert len(decompositions) == 12
+        engine.head(1, "q", 0)
+        assert set(engine._futures) == {1, 2}  # layer 0 released
+        engine.close()
+
     def test_prefetch_gives_the_same_values(self, checkpoint) -> None:
         plan = [(layer, m, "head") for layer in range(3) for m in MATRICES]
         plain = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
@@ -79,6 +91,13 @@ class TestPlanAndPrefetch:
         for layer in range(3):
             engine.head(layer, "q", 0)
         assert set(engine._futures) == {2}
+
+
+def weight_of(checkpoint, layer: int, matrix: str) -> torch.Tensor:
+    """The stored weight, read with the safetensors library (not the plugin's reader)."""
+    entry = checkpoint.tensors[(layer, matrix)]
+    with safe_open(str(entry.file), framework="pt") as handle:
+        return handle.get_tensor(entry.name)
 
 
 def flip_middle_byte(data: bytes) -> bytes:
@@ -135,9 +154,49 @@ class TestCache:
         with pytest.raises(FileChangedError, match="changed after collection"):
             entry_key(entry, ("q", 4, 8), "float64")
 
-    def test_key_depends_on_precision(self, checkpoint) -> None:
+    def test_sampled_byte_edited_with_restored_mtime_is_recomputed(
+        self, checkpoint, tmp_path
+    ) -> None:
+        """A sampled byte changed, with size, inode and mtime as before: recomputed."""
+        cache = SpectraCache(tmp_path / "cache")
+        old = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
         entry = checkpoint.tensors[(0, "q")]
-        assert entry_key(entry, ("q", 4, 8), "float64") != entry_key(entry, ("q", 4, 8), "float32")
+        stat = entry.file.stat()
+        with entry.file.open("r+b") as handle:  # the first weight becomes 8.0 (bf16 0x4100)
+            handle.seek(entry.offset)
+            handle.write(bytes([0x00, 0x41]))
+        os.utime(entry.file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert entry.file.stat().st_mtime_ns == stat.st_mtime_ns
+        reopened = open_checkpoint(entry.file.parent)
+        new = SpectraEngine(reopened, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
+        edited = weight_of(reopened, 0, "q")[:8]  # query head 0: rows 0-7
+        assert new.singular_values != old.singular_values
+        np.testing.assert_allclose(new.singular_values, reference_values(edited), rtol=1e-9)
+
+    def test_precision_is_part_of_the_key(self, checkpoint, tmp_path) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache).head(0, "q", 0)
+        single = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache, precision="float32")
+        assert single.head(0, "q", 0).method == "svd32"
+        double = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache)
+        assert double.head(0, "q", 0).method == "gram"
+
+    def test_heads_and_whole_matrix_of_one_tensor_are_cached_apart(
+        self, checkpoint, tmp_path
+    ) -> None:
+        cache = SpectraCache(tmp_path / "cache")
+        plan = [(0, m, scope) for m in ("q", "k") for scope in ("head", "matrix")]
+        for _ in range(2):  # computed, then served from the cache
+            engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, cache=cache)
+            engine.plan(plan)
+            for matrix in ("q", "k"):
+                weight = weight_of(checkpoint, 0, matrix)
+                whole = engine.whole(0, matrix).singular_values
+                np.testing.assert_allclose(whole, reference_values(weight), rtol=1e-9)
+                head = engine.head(0, matrix, 3).singular_values  # k: K/V head 1, rows 8-15
+                rows = weight[24:32] if matrix == "q" else weight[8:16]
+                np.testing.assert_allclose(head, reference_values(rows), rtol=1e-9)
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
     @pytest.mark.parametrize(
         "damage",
@@ -210,14 +269,15 @@ def test_float32_precision_is_about_1e_6(checkpoint) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kappa_exponent", [0, 12, 20])
-def test_cuda_matches_numpy(kappa_exponent: int) -> None:
-    generator = torch.Generator().manual_seed(kappa_exponent)
-    base = torch.randn(16, 128, 4096, generator=generator).bfloat16()
-    scale = torch.pow(2.0, torch.linspace(0, -kappa_exponent, 128).round()).bfloat16()
-    blocks = base * scale[None, :, None]
-    result = spectra.slice_singular_values(blocks, device="cuda")
-    np.testing.assert_allclose(result.singular_values, reference_values(blocks), rtol=1e-9)
+@pytest.mark.parametrize(("kappa", "route"), [(10.0, "gram"), (1e4, "cholqr2"), (1e6, "cholqr2")])
+def test_cuda_matches_numpy(kappa: float, route: str) -> None:
+    """The batched device route against numpy, on rotated (not graded) ill-conditioned slices."""
+    generator = torch.Generator().manual_seed(int(kappa))
+    blocks = conditioned_slices(16, 128, 4096, (kappa, kappa), generator, dtype=torch.float64)
+    for batch in (blocks, blocks.mT.contiguous()):  # Q-like and O-like orientations
+        result = spectra.slice_singular_values(batch, device="cuda")
+        assert result.methods == [route] * 16
+        np.testing.assert_allclose(result.singular_values, reference_values(batch), rtol=1e-9)
 
 
 def test_engine_on_a_path_without_cache_dir(tmp_path: Path, checkpoint) -> None:

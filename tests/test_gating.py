@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def rules_file(pytester: pytest.Pytester, text: str) -> str:
 
 
 def report_of(pytester: pytest.Pytester, model: Path, name: str, *extra: str) -> Path:
-    pytester.runpytest(f"--spectral-model={model}", "--spectral-report", name, *extra)
+    pytester.runpytest(f"--spectral-model={model}", f"--spectral-report={name}", *extra)
     return pytester.path / name
 
 
@@ -65,10 +66,8 @@ class TestBaseline:
         perturbed = write_model(pytester, "perturbed", scale_q_head_1_of_layer_0)
         result = pytester.runpytest(
             f"--spectral-model={perturbed}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines(
@@ -83,10 +82,8 @@ class TestBaseline:
         baseline = report_of(pytester, model, "baseline.json")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=32)
 
@@ -95,10 +92,8 @@ class TestBaseline:
         baseline = report_of(pytester, model, "partial.json", "--spectral-layers", "0")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-baseline",
-            str(baseline),
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         result.assert_outcomes(passed=16, failed=16)
         result.stdout.fnmatch_lines(
@@ -158,9 +153,7 @@ class TestBaseline:
             pytester.path / "other", random_llama_weights(other), other.config()
         )
         baseline = report_of(pytester, different, "other.json")
-        result = pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-baseline", str(baseline)
-        )
+        result = pytester.runpytest(f"--spectral-model={model}", f"--spectral-baseline={baseline}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             [
@@ -173,8 +166,7 @@ class TestBaseline:
         model = write_model(pytester, "model")
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-thresholds",
-            rules_file(pytester, DRIFT_RULES),
+            f"--spectral-thresholds={rules_file(pytester, DRIFT_RULES)}",
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*rule 'drift' bounds the change against a baseline; give*"])
@@ -182,7 +174,7 @@ class TestBaseline:
     def test_not_a_report(self, pytester) -> None:
         model = write_model(pytester, "model")
         (pytester.path / "x.json").write_text("[]")
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline", "x.json")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline=x.json")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*x.json: not a pytest-spectral report*"])
 
@@ -191,12 +183,12 @@ class TestCalibration:
     def test_round_trip_passes_and_a_planted_collapse_fails_there(self, pytester) -> None:
         healthy = write_model(pytester, "healthy")
         pytester.runpytest(
-            f"--spectral-model={healthy}", "--spectral-calibrate", "calibrated.toml"
+            f"--spectral-model={healthy}", "--spectral-calibrate=calibrated.toml"
         ).assert_outcomes(passed=32)
         rules = (pytester.path / "calibrated.toml").read_text()
         assert "# q heads (n=8): observed" in rules
         assert 'name = "calibrated-k-effective_rank"' in rules
-        args = ("--spectral-thresholds", "calibrated.toml")
+        args = ("--spectral-thresholds=calibrated.toml",)
         pytester.runpytest(f"--spectral-model={healthy}", *args).assert_outcomes(passed=32)
         collapsed = write_model(pytester, "collapsed", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(f"--spectral-model={collapsed}", *args)
@@ -214,8 +206,7 @@ class TestCalibration:
         for margin in ("0", "1"):
             pytester.runpytest(
                 f"--spectral-model={model}",
-                "--spectral-calibrate",
-                f"m{margin}.toml",
+                f"--spectral-calibrate=m{margin}.toml",
                 "--spectral-calibrate-margin",
                 margin,
             )
@@ -231,16 +222,16 @@ class TestCalibration:
         return {r["name"]: (r["min"], r["max"]) for r in rules}
 
 
+COLLAPSED = '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
+
+
 class TestWarnOnly:
     def test_nothing_fails_and_candidates_are_listed(self, pytester) -> None:
         model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(
             f"--spectral-model={model}",
             "--spectral-warn-only",
-            "--spectral-thresholds",
-            rules_file(
-                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
-            ),
+            f"--spectral-thresholds={rules_file(pytester, COLLAPSED)}",
         )
         assert result.ret == pytest.ExitCode.OK
         result.assert_outcomes(passed=30, warnings=2)
@@ -313,31 +304,143 @@ class TestReportsSayWhatRan:
         assert report["settings"]["warn_only"] is False
 
 
+#: Each matrix's values apart from 10, at its own (layer, head): 3 layers x 5 heads per panel.
+HEATMAP_DEVIATIONS = {
+    "q": {(0, 1): 18.0, (2, 3): 14.0},
+    "k": {(1, 0): 2.0, (2, 4): 12.0},
+    "v": {(0, 4): 16.0, (1, 2): 8.0},
+    "o": {(2, 0): 4.0, (1, 2): math.nan},
+}
+
+
+def heatmap_records() -> list[dict]:
+    """3 layers x 5 heads, every value 10 but the few of ``HEATMAP_DEVIATIONS``, which differ
+    per matrix; o has no item at layer 2 head 4."""
+    return [
+        {
+            "layer": layer,
+            "head": head,
+            "matrix": matrix,
+            "metrics": {"effective_rank": HEATMAP_DEVIATIONS[matrix].get((layer, head), 10.0)},
+        }
+        for layer in range(3)
+        for head in range(5)
+        for matrix in "qkvo"
+        if (matrix, layer, head) != ("o", 2, 4)
+    ]
+
+
+def panel_lines(text: str) -> list[str]:
+    """The heatmap's lines from the first panel's header on (the legend above wraps)."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("q  ")) :]
+
+
 class TestHeatmap:
+    # One scale for all panels (README, heatmaps): 50 of the 58 finite values are 10, so the
+    # median is 10 and the median absolute deviation 0; the scale then reaches as far as the
+    # furthest value, 8 away (2 and 18). A cell's shade is |value - 10| / 8 with no bad side:
+    # 2 away (12, 8) is 0.25, '░'; 4 away (14) 0.5, '▒'; 6 away (16, 4) 0.75, '▓'; 8 away
+    # (18, 2) 1, '█'. Each panel is 5 + 5 heads wide, with 2 columns between panels.
+    PANELS = (
+        "q           k           v           o",
+        "  0   █       0           0      ▓    0",
+        "  1           1  █        1    ░      1    x",
+        "  2     ▒     2      ░    2           2  ▓   ·",
+    )
+    RANGES = (
+        "q: 10..18; furthest: L0 H1 18",
+        "k: 2..12; furthest: L1 H0 2",
+        "v: 8..16; furthest: L0 H4 16",
+        "o: 4..10; furthest: L2 H0 4; 1 undefined",
+    )
+
+    def test_each_panel_shades_its_own_matrix_by_hand(self) -> None:
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=80, color=False
+        )
+        assert " ".join(text.split()).startswith(
+            "effective_rank per head (rows: layers, columns: heads): neither direction is bad "
+            "by itself; one scale for every panel, from the median 10 to 2 (5 robust SD) and "
+            "18 (5 robust SD)."
+        )
+        assert panel_lines(text) == [*self.PANELS, *self.RANGES]
+
+    def test_only_the_bad_side_is_shaded(self) -> None:
+        """With high bad, the values below 10 (k's 2, v's 8, o's 4) stay blank."""
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=80, color=False,
+            bad="high",
+        )  # fmt: skip
+        assert panel_lines(text)[1:4] == [
+            "  0   █       0           0      ▓    0",
+            "  1           1           1           1    x",
+            "  2     ▒     2      ░    2           2      ·",
+        ]
+        # the furthest head is the furthest on the bad side
+        assert "k: 2..12; furthest: L2 H4 12" in panel_lines(text)
+
+    def test_panels_wrap_to_the_width(self) -> None:
+        # each panel is 5 + 5 heads wide plus 2 of gap: three fit in 40 columns
+        text = render_heatmap(
+            heatmap_records(), "effective_rank", layers=3, heads=5, width=40, color=False
+        )
+        assert panel_lines(text) == [
+            *(line[:34].rstrip() for line in self.PANELS),
+            *(line[36:] for line in self.PANELS),
+            *self.RANGES,
+        ]
+
     def test_terminal_heatmap_of_a_32_by_32_model_fits_80_columns(self) -> None:
+        """q and v run 0..1023 (layer * 32 + head), k and o the same negated. The median of
+        all is 0 and the median absolute deviation 511.5, so the scale reaches 5 x 1.4826 x
+        511.5 = 3791.7 on each side: only values at least 948 away (25%) are shaded, from
+        layer 29 head 20 on (29 * 32 + 20 = 948)."""
         records = [
             {
                 "layer": layer,
                 "head": head,
                 "matrix": matrix,
-                "metrics": {"effective_rank": float(layer * 32 + head)},
+                "metrics": {"effective_rank": float(sign * (layer * 32 + head))},
             }
             for layer in range(32)
             for head in range(32)
-            for matrix in "qkvo"
+            for matrix, sign in zip("qkvo", (1, -1, 1, -1), strict=True)
         ]
         text = render_heatmap(records, "effective_rank", layers=32, heads=32, width=80, color=False)
-        lines = text.splitlines()
+        lines = [line.rstrip() for line in text.splitlines()]
         assert max(len(line) for line in lines) <= 80
-        assert sum(line.startswith("q: 0..1023;") for line in lines) == 1
-        assert sum(line.startswith(" 31  ") for line in lines) == 2  # two panels a row
+        assert [line for line in lines if line.startswith((" 28  ", " 29  "))] == [
+            " 28  " + " " * 32 + "   28",  # two panels a row: q k, then v o
+            " 29  " + " " * 20 + "░" * 12 + "   29  " + " " * 20 + "░" * 12,
+            " 28  " + " " * 32 + "   28",
+            " 29  " + " " * 20 + "░" * 12 + "   29  " + " " * 20 + "░" * 12,
+        ]
+        assert lines[-4:] == [
+            "q: 0..1023; furthest: L31 H31 1023",
+            "k: -1023..0; furthest: L31 H31 -1023",
+            "v: 0..1023; furthest: L31 H31 1023",
+            "o: -1023..0; furthest: L31 H31 -1023",
+        ]
 
     def test_heatmap_in_the_summary(self, pytester) -> None:
-        model = write_model(pytester, "model")
+        """K/V head 1 of layer 1 (query heads 2 and 3) collapsed to rank 1: effective rank 1,
+        far below the healthy heads' (low is bad for it), so only the k panel shows it, at
+        full shade in both of its query heads' cells."""
+        model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
         result = pytester.runpytest(
             f"--spectral-model={model}", "--spectral-heatmap", "effective_rank"
         )
-        result.stdout.fnmatch_lines(["effective_rank per head (rows: layers, *", "q *k *v *o *"])
+        result.stdout.fnmatch_lines(
+            ["effective_rank per head (rows: layers, *low is bad*", "q *k *v *o *"]
+        )
+        # panels are 5 + 4 heads wide with 2 columns between them: q, k, v, o
+        row = next(line for line in result.outlines if line.startswith("  1  "))
+        cells = {matrix: row[11 * i + 5 : 11 * i + 9] for i, matrix in enumerate("qkvo")}
+        assert cells["k"][2:] == "██"
+        assert "█" not in cells["k"][:2] + cells["q"] + cells["v"] + cells["o"]
+        assert sum(line.count("█") for line in result.outlines if line[:3].strip().isdigit()) == 2
+        result.stdout.fnmatch_lines(["k: 1..*; furthest: L1 H2 1"])
 
     def test_the_scale_comes_from_the_rules_of_the_drawn_matrices(self, pytester) -> None:
         """A rule written for v and o sets no reach of a run that draws q and k only."""
@@ -397,12 +500,8 @@ class TestHtmlReport:
         (pytester.path / "out").mkdir()
         result = pytester.runpytest(
             f"--spectral-model={model}",
-            "--spectral-html",
-            "out/report.html",
-            "--spectral-thresholds",
-            rules_file(
-                pytester, '[[rules]]\nname = "collapsed"\nmetric = "stable_rank"\nmin = 1.5\n'
-            ),
+            "--spectral-html=out/report.html",
+            f"--spectral-thresholds={rules_file(pytester, COLLAPSED)}",
         )
         result.stdout.fnmatch_lines(["spectral HTML report: *out/report.html"])
         page = (pytester.path / "out/report.html").read_text()
@@ -411,11 +510,16 @@ class TestHtmlReport:
         assert "https://" not in page
         assert '<table class="candidates">' in page
         assert "collapsed: stable_rank" in page
+        # one candidate: the rank-1 K slice (8 x 32) shared by query heads 2 and 3, whose
+        # rank-1 factorisation keeps 40 of 256 parameters
+        assert page.count('<tr class="failed">') == 1
+        assert "<td>1</td><td>2, 3</td><td>k</td><td>failed</td>" in page
+        assert "<td>1</td><td>8x32</td><td>216 (84%)</td></tr>" in page
 
     @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
     def test_renders_in_headless_chromium(self, pytester) -> None:
         model = write_model(pytester, "model", collapse_k_head_1_of_layer_1)
-        pytester.runpytest(f"--spectral-model={model}", "--spectral-html", "report.html")
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-html=report.html")
         done = subprocess.run(
             [
                 CHROMIUM,
@@ -443,7 +547,7 @@ class TestHtmlReport:
     def test_missing_matplotlib_is_explained(self, pytester, monkeypatch) -> None:
         model = write_model(pytester, "model")
         monkeypatch.setitem(sys.modules, "matplotlib", None)
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-html", "r.html")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-html=r.html")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             ["ERROR: --spectral-html needs matplotlib: pip install 'pytest-spectral[plot]'"]
@@ -459,16 +563,11 @@ def test_parallel_runs_gate_and_report_the_same(pytester) -> None:
     for label, extra in (("one", ("-p", "no:xdist")), ("two", ("-n", "2"))):
         result = pytester.runpytest_subprocess(
             f"--spectral-model={perturbed}",
-            "--spectral-baseline",
-            "baseline.json",
-            "--spectral-thresholds",
-            rules,
-            "--spectral-report",
-            f"{label}.json",
-            "--spectral-calibrate",
-            f"{label}.toml",
-            "--spectral-html",
-            f"{label}.html",
+            "--spectral-baseline=baseline.json",
+            f"--spectral-thresholds={rules}",
+            f"--spectral-report={label}.json",
+            f"--spectral-calibrate={label}.toml",
+            f"--spectral-html={label}.html",
             *extra,
         )
         result.assert_outcomes(passed=31, failed=1)

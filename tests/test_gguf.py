@@ -218,8 +218,8 @@ def test_quantized_release_against_its_original_as_a_baseline(pytester) -> None:
     for quantization, fails in (("Q8_0", False), ("Q4_0", True)):
         path = llama_gguf(place(pytester, f"{quantization}.gguf"), quantization)
         result = pytester.runpytest(
-            f"--spectral-model={path}", "--spectral-baseline", "original.json",
-            "--spectral-thresholds", str(rules),
+            f"--spectral-model={path}", "--spectral-baseline=original.json",
+            f"--spectral-thresholds={rules}",
         )  # fmt: skip
         assert (result.ret == pytest.ExitCode.TESTS_FAILED) is fails, result.stdout.str()
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import textwrap
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ class TestHubIds:
         monkeypatch.setenv("HF_HUB_CACHE", str(pytester.path / "hf"))
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         main = pytester.runpytest_subprocess(
-            "--spectral-model", "org/tiny", "--spectral-report", "main.json", "-p", "no:xdist"
+            "--spectral-model", "org/tiny", "--spectral-report=main.json", "-p", "no:xdist"
         )
         main.assert_outcomes(passed=ITEMS)
         v2 = pytester.runpytest_subprocess(
@@ -62,8 +63,7 @@ class TestHubIds:
             "org/tiny",
             "--spectral-revision",
             "v2",
-            "--spectral-report",
-            "v2.json",
+            "--spectral-report=v2.json",
             "-n",
             "2",
         )
@@ -89,6 +89,103 @@ class TestHubIds:
             ]
         )
 
+    @staticmethod
+    def repository(root: Path, model: Path, weights: str) -> Path:
+        """A hub repository on disk: ``model``'s weights sharded in two, as safetensors or
+        as ``.bin`` files, each with its index, beside files a run never reads (tokenizer,
+        generation config, the other format's shards, optimizer state, Flax weights,
+        Meta's original files), which hold nothing readable."""
+        root.mkdir()
+        shutil.copy(model / "config.json", root)
+        tensors = load_file(model / "model.safetensors")
+        names = sorted(tensors)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        formats = {
+            "safetensors": ("model-0000{}-of-00002.safetensors", "model.safetensors.index.json"),
+            "bin": ("pytorch_model-0000{}-of-00002.bin", "pytorch_model.bin.index.json"),
+        }
+        for kind, (pattern, index) in formats.items():
+            if kind != weights:
+                for number in (1, 2):
+                    (root / pattern.format(number)).write_bytes(b"never read")
+                continue
+            weight_map = {}
+            for number, part in enumerate(halves, 1):
+                filename = pattern.format(number)
+                if kind == "bin":
+                    torch.save({n: tensors[n] for n in part}, root / filename)
+                else:
+                    save_file({n: tensors[n] for n in part}, str(root / filename))
+                weight_map.update(dict.fromkeys(part, filename))
+            (root / index).write_text(json.dumps({"weight_map": weight_map}))
+        for name in ("generation_config.json", "tokenizer.json", "optimizer.pt"):
+            (root / name).write_bytes(b"never read")
+        (root / "flax_model.msgpack").write_bytes(b"never read")
+        (root / "original").mkdir()
+        (root / "original" / "consolidated.00.pth").write_bytes(b"never read")
+        return root
+
+    @pytest.mark.parametrize("revision", [None, "v2"])
+    @pytest.mark.parametrize(
+        ("weights", "index", "shards"),
+        [
+            (
+                "safetensors",
+                "model.safetensors.index.json",
+                ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+            ),
+            (
+                "bin",
+                "pytorch_model.bin.index.json",
+                ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+            ),
+        ],
+    )
+    def test_download_asks_for_the_revision_and_only_what_is_read(
+        self, pytester, model, monkeypatch, revision, weights, index, shards
+    ) -> None:
+        """The revision is resolved to a commit in one request; the index is fetched at that
+        commit, then the config, the index and the shards it lists, and nothing else (the
+        run passes on exactly those files)."""
+        hub = pytest.importorskip("huggingface_hub")
+        constants = pytest.importorskip("huggingface_hub.constants")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        source = self.repository(pytester.path / "repository", model, weights)
+        listing = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+        commit = "c0ffee" * 6 + "abcd"
+        snapshot = pytester.path / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        calls: list[tuple[object, ...]] = []
+
+        class Info:
+            sha = commit
+            siblings = tuple(type("Sibling", (), {"rfilename": name}) for name in listing)
+
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> Info:
+            calls.append(("info", repo_id, revision))
+            return Info()
+
+        def snapshot_download(
+            repo_id: str, *, revision: str | None = None, allow_patterns: list[str]
+        ) -> str:
+            fetched = sorted(f for f in listing if any(fnmatch(f, p) for p in allow_patterns))
+            calls.append(("download", repo_id, revision, tuple(fetched)))
+            for name in fetched:
+                shutil.copy(source / name, snapshot / name)
+            return str(snapshot)
+
+        monkeypatch.setattr(hub.HfApi, "model_info", model_info)
+        monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+        args = ("--spectral-revision", revision) if revision else ()
+        result = pytester.runpytest("--spectral-model", "org/tiny", *args, "-p", "no:xdist")
+        result.assert_outcomes(passed=ITEMS)
+        assert calls == [
+            ("info", "org/tiny", revision),
+            ("download", "org/tiny", commit, (index,)),
+            ("download", "org/tiny", commit, tuple(sorted(["config.json", index, *shards]))),
+        ]
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(["config.json", index, *shards])
+
     @pytest.mark.parametrize(
         ("error", "advice"),
         [
@@ -109,7 +206,8 @@ class TestHubIds:
             error, type(error, (OSError,), {})
         )
 
-        def model_info(self, repo_id: str, revision: str | None = None) -> object:
+        def model_info(self, repo_id: str, *, revision: str | None = None) -> object:
+            assert (repo_id, revision) == ("org/tiny", "v9")
             raise failure("401 Client Error")
 
         monkeypatch.setattr(hub.HfApi, "model_info", model_info)
@@ -133,7 +231,7 @@ class TestFiles:
         assert missing.ret == pytest.ExitCode.USAGE_ERROR
         missing.stderr.fnmatch_lines(["*config.json: missing;*give --spectral-config*"])
         found = pytester.runpytest(
-            f"--spectral-model={weights}", "--spectral-config", "config-elsewhere.json"
+            f"--spectral-model={weights}", "--spectral-config=config-elsewhere.json"
         )
         found.assert_outcomes(passed=ITEMS)
 
@@ -156,10 +254,8 @@ class TestFiles:
             (directory / "pytorch_model.bin.index.json").write_text(
                 json.dumps({"weight_map": weight_map})
             )
-        pytester.runpytest(f"--spectral-model={model}", "--spectral-report", "st.json")
-        result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-report", "bin.json"
-        )
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-report=st.json")
+        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report=bin.json")
         result.assert_outcomes(passed=ITEMS)
         st, binary = (
             json.loads((pytester.path / n).read_text())["items"] for n in ("st.json", "bin.json")
@@ -186,7 +282,9 @@ class TestNamesAndWrappers:
         )
         pytester.runpytest(f"--spectral-model={model}").assert_outcomes(passed=ITEMS)
 
-    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model) -> None:
+    @pytest.mark.parametrize("wrapper", ["llava", "an_undeclared_vlm"])
+    def test_multimodal_wrapper_finds_the_text_decoder(self, pytester, model, wrapper) -> None:
+        """A declared wrapper, and any model_type whose text_config holds a supported one."""
         tensors = load_file(model / "model.safetensors")
         wrapped = {f"language_model.{n}": t for n, t in tensors.items()}
         # A vision tower with its own layers.0.self_attn: the text decoder must win.
@@ -194,9 +292,9 @@ class TestNamesAndWrappers:
         save_file(wrapped, model / "model.safetensors")
         text_config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(
-            json.dumps({"model_type": "llava", "text_config": text_config})
+            json.dumps({"model_type": wrapper, "text_config": text_config})
         )
-        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report", "r.json")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-report=r.json")
         result.assert_outcomes(passed=ITEMS)
 
     def test_quantized_checkpoint_is_named(self, tmp_path, model) -> None:
@@ -251,14 +349,109 @@ class TestCustomArchitecture:
         """)
         )
         result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+            f"--spectral-model={directory}", "--spectral-architecture=arch.toml"
         )
         result.assert_outcomes(passed=2 * heads * 4)
+
+    def test_undeclared_model_type_with_the_common_layout_is_analysed(
+        self, pytester, model
+    ) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "newllama"}))
+        result = pytester.runpytest(f"--spectral-model={model}")
+        result.assert_outcomes(passed=SHAPE.layers * SHAPE.heads * 4)
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: model_type 'newllama' (*config.json) is not one the plugin declares; "
+                "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama "
+                "layout (K/V heads from num_key_value_heads, else one per query head; head_dim "
+                "from head_dim, else hidden_size / num_attention_heads)"
+            ]
+        )
+
+    def test_mlp_keys_add_whole_matrix_mlp_items(self, pytester) -> None:
+        """A synthetic Llama checkpoint described by hand: 4 attention matrices and, with
+        the MLP keys, its gate, up and down projections per layer at matrix scope."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32)
+        model = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=4), shape.config()
+        )
+        description = textwrap.dedent("""
+            [architecture]
+            layer = "model.layers.{layer}.self_attn."
+            q = "q_proj.weight"
+            k = "k_proj.weight"
+            v = "v_proj.weight"
+            o = "o_proj.weight"
+        """)
+        arch = pytester.path / "arch.toml"
+        arch.write_text(description)
+        layers = open_checkpoint(model).geometry.layers
+        attention_only = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        attention_only.assert_outcomes(passed=layers * 4)
+        attention_only.stdout.fnmatch_lines(
+            [
+                "spectral: matrix scope analyses attention only: the --spectral-architecture "
+                "file names no MLP tensors (add mlp_layer and gate, up, gate_up, down, fc1 or "
+                "fc2 keys to include them)"
+            ]
+        )
+        arch.write_text(
+            description
+            + 'mlp_layer = "model.layers.{layer}.mlp."\n'
+            + 'gate = "gate_proj.weight"\nup = "up_proj.weight"\ndown = "down_proj.weight"\n'
+        )
+        with_mlp = pytester.runpytest(
+            f"--spectral-model={model}", f"--spectral-architecture={arch}",
+            "--spectral-scope=matrix",
+        )  # fmt: skip
+        with_mlp.assert_outcomes(passed=layers * 7)
+        assert "analyses attention only" not in with_mlp.stdout.str()
+
+    def test_interleaved_layout_with_fewer_kv_heads_is_refused_by_name(self, pytester) -> None:
+        """Its fused tensor has the (heads + 2 kv) x head_dim rows the shape check expects,
+        but interleaved q, k, v per head cannot share K/V heads."""
+        heads, kv, d, hidden = 4, 2, 8, 32
+        directory = pytester.path / "custom"
+        directory.mkdir()
+        save_file(
+            {
+                f"blocks.{layer}.attn.{name}": torch.randn(rows, cols)
+                for layer in range(2)
+                for name, rows, cols in (
+                    ("wqkv", (heads + 2 * kv) * d, hidden),
+                    ("wo", hidden, heads * d),
+                )
+            },
+            directory / "model.safetensors",
+        )
+        config = {"model_type": "my_model", "num_hidden_layers": 2, "hidden_size": hidden}
+        config |= {"num_attention_heads": heads, "num_key_value_heads": kv}
+        (directory / "config.json").write_text(json.dumps(config))
+        (pytester.path / "arch.toml").write_text(
+            '[architecture]\nlayer = "blocks.{layer}.attn."\nqkv = "wqkv"\no = "wo"\n'
+            'fused = "interleaved"\n'
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+        )
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [
+                "*config.json: the interleaved fused layout holds q, k and v of every head in "
+                "turn, so it needs as many key/value heads as query heads; the config gives 2 "
+                "key/value heads for 4 query heads*"
+            ]
+        )
+        assert "Traceback" not in result.stderr.str()
 
     def test_bad_description(self, pytester, model) -> None:
         (pytester.path / "arch.toml").write_text('[architecture]\nlayer = "x"\nfused = "zigzag"\n')
         result = pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-architecture", "arch.toml"
+            f"--spectral-model={model}", "--spectral-architecture=arch.toml"
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*arch.toml: [[]architecture] key 'layer': must be a string*"])

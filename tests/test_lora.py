@@ -242,7 +242,7 @@ def test_cache_key_covers_the_adapter_and_the_base(pytester, base_and_adapter) -
         result = pytester.runpytest_subprocess(*args)
         result.assert_outcomes(passed=ITEMS)
         line = next(x for x in result.stdout.lines if x.startswith("spectral: layer 1:"))
-        return re.search(r"(\d+) of \d+ matrices from the cache", line).group(1)
+        return re.search(r"; (\d+) of \d+ matrices from the cache", line).group(1)
 
     assert cached_in_layer_1() == "0"
     assert cached_in_layer_1() == "4"

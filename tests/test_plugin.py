@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pytest_spectral.testing.strategies import matrix_from_spectrum
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
@@ -98,9 +99,7 @@ class TestOutcomes:
 
     def test_broken_rule_fails_exactly_that_head(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.TESTS_FAILED
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines(
@@ -118,9 +117,7 @@ class TestOutcomes:
 
     def test_warn_severity_reports_without_failing(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE + 'severity = "warn"\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.OK
         result.assert_outcomes(passed=31, warnings=1)
         assert result.parseoutcomes()["warned"] == 1
@@ -137,7 +134,7 @@ class TestOutcomes:
         tensors[attention_name(0, "v")][0, 5] = float("nan")  # K/V head 0: query heads 0, 1
         tensors[attention_name(1, "o")][:, 8:16] = 0.0  # query head 1
         directory = write_checkpoint(pytester.path / "broken", tensors, SHAPE.config())
-        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report", "r.json")
+        result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-report=r.json")
         result.assert_outcomes(passed=29, failed=3)
         items = {
             i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
@@ -150,6 +147,124 @@ class TestOutcomes:
                 "FAILED spectral::layer00::head00-v - 1 non-finite weight",
                 "FAILED spectral::layer00::head01-v - 1 non-finite weight",
                 "FAILED spectral::layer01::head01-o - all weights zero",
+            ]
+        )
+
+
+class TestGroupedQueryRules:
+    """``heads`` in a rule are query heads, also for the K/V items a group of them shares."""
+
+    GQA = LlamaShape(layers=2, heads=8, kv_heads=2, head_dim=8, hidden=32, mlp=False)
+
+    def test_heads_select_k_and_v_items_by_query_head(self, pytester) -> None:
+        directory = write_checkpoint(
+            pytester.path / "gqa", random_llama_weights(self.GQA, seed=5), self.GQA.config()
+        )
+        # stable_rank <= 8 for every 8 x 32 slice: each selected item breaks these rules
+        path = rules(
+            pytester,
+            """
+            [[rules]]
+            name = "k-of-heads-0-1"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["k"]
+            heads = "0-1"
+
+            [[rules]]
+            name = "v-of-head-5"
+            metric = "stable_rank"
+            min = 100
+            matrices = ["v"]
+            heads = "5"
+            layers = "1"
+            """,
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=64 - 5, failed=5)
+        report = json.loads((pytester.path / "r.json").read_text())
+        failed = sorted(i["nodeid"] for i in report["items"] if i["outcome"] == "failed")
+        # query heads 0-3 share K/V head 0, heads 4-7 K/V head 1
+        assert failed == [
+            "spectral::layer00::head00-k",
+            "spectral::layer00::head01-k",
+            "spectral::layer01::head00-k",
+            "spectral::layer01::head01-k",
+            "spectral::layer01::head05-v",
+        ]
+        # the shared K slice is one candidate naming only the query heads the rule selects
+        labels = sorted(
+            (c["layer"], c["matrix"], c["kv_head"], c["heads"]) for c in report["candidates"]
+        )
+        assert labels == [(0, "k", 0, [0, 1]), (1, "k", 0, [0, 1]), (1, "v", 1, [5])]
+        result.stdout.fnmatch_lines(["*L1 H0-1 k*k-of-heads-0-1*"])
+
+
+class TestCandidatesTable:
+    def test_params_saved_is_the_saved_share(self, pytester, planted) -> None:
+        """The planted head is rank 1, 8 x 32: a rank-1 factorisation keeps 1 * (8 + 32) = 40
+        of 256 parameters, saving 216, i.e. 84% (the kept share would be 16%); break-even
+        8 * 32 / 40 = 6.4."""
+        path = rules(pytester, STABLE_RANK_RULE)
+        result = pytester.runpytest(
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
+        )  # fmt: skip
+        result.stdout.fnmatch_lines(
+            [
+                "*L1 H2 q *collapsed: 1 < 1.5 *1 (0.0?) *6 *216 (84%)*",
+                "1 candidate slice; acting on every suggestion would save at most 216 parameters*",
+            ]
+        )
+        report = json.loads((pytester.path / "r.json").read_text())
+        (candidate,) = report["candidates"]
+        assert candidate["suggested_rank"] == 1
+        assert candidate["params"] == 256
+        assert candidate["params_after_factorisation"] == 40
+        assert candidate["params_saved"] == 216
+        assert candidate["break_even_rank"] == pytest.approx(6.4)
+        assert report["summary"]["params_saved"] == 216
+
+
+class TestFloorLimited:
+    def test_condition_number_below_the_bf16_floor_is_a_lower_bound(self, pytester) -> None:
+        """A head of true condition number 1e6, stored in bf16: its sigma_min is rounding noise,
+        so the ratio is sigma_1 / floor, floor = 2^-8 rms(W) (sqrt(m) + sqrt(n)) (README)."""
+        tensors = random_llama_weights(SHAPE, seed=3)
+        spectrum = np.geomspace(1.0, 1e-6, 8)
+        block = torch.from_numpy(matrix_from_spectrum(spectrum, 8, 32, seed=0))
+        tensors[attention_name(0, "q")][8:16] = block.float()
+        directory = write_checkpoint(pytester.path / "ill", tensors, SHAPE.config())
+        path = rules(
+            pytester,
+            '[[rules]]\nname = "ill"\nmetric = "first_last_ratio"\nmax = 100\nmatrices = ["q"]\n',
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=31, failed=1)
+        from safetensors.torch import load_file
+
+        stored = load_file(directory / "model.safetensors")[attention_name(0, "q")][8:16]
+        values = np.linalg.svd(stored.double().numpy(), compute_uv=False)
+        floor = 2.0**-8 * np.sqrt((values**2).sum() / (8 * 32)) * (np.sqrt(8) + np.sqrt(32))
+        assert values[-1] < floor
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
+        item = items["spectral::layer00::head01-q"]
+        assert item["floor_limited"] is True
+        assert item["metrics"]["first_last_ratio"] == pytest.approx(values[0] / floor, rel=1e-9)
+        assert [i for i, record in items.items() if record["floor_limited"]] == [item["nodeid"]]
+        result.stdout.fnmatch_lines(
+            [
+                "layer 0, head 1, q: rows 8:16 of *",
+                f"  FAIL ill: first_last_ratio >= {values[0] / floor:.6g} > max 100 "
+                "(a lower bound: sigma_min is below the storage/rounding floor)",
             ]
         )
 
@@ -175,13 +290,13 @@ class TestPytestOptionsWork:
     def test_exitfirst(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
         result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path), "-x"
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}", "-x"
         )
         result.assert_outcomes(passed=24, failed=1)
 
     def test_last_failed(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        args = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
+        args = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         pytester.runpytest(*args).assert_outcomes(passed=31, failed=1)
         rerun = pytester.runpytest(*args, "--lf", "-v")
         rerun.assert_outcomes(failed=1, deselected=31)
@@ -203,22 +318,20 @@ class TestJsonReport:
         (pytester.path / "out").mkdir()
         pytester.runpytest(
             f"--spectral-model={planted}",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "out/report.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=out/report.json",
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
-        assert report["schema_version"] == 2
+        assert report["schema_version"] == 3
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64
-        saved = report["candidates"][0]["params_saved"]  # one candidate: checked below
+        # the planted head is rank 1: a rank-1 factorisation of 8 x 32 saves 256 - 40
         counts = {"items": 32, "passed": 31, "failed": 1, "warned": 0}
         counts |= {"error": 0, "skipped": 0, "not_run": 0}
         counts |= {"regressions": 0, "candidates": 1}
-        assert report["summary"] == {**counts, "params_saved": saved}
+        assert report["summary"] == {**counts, "params_saved": 216}
         assert report["regressions"] == []
         items = {item["nodeid"]: item for item in report["items"]}
         collapsed = items[COLLAPSED]
@@ -233,6 +346,8 @@ class TestJsonReport:
                 "min_change": None,
                 "max_change": None,
                 "baseline": None,
+                "window": None,
+                "reference_step": None,
                 "severity": "fail",
                 "bound": "min",
                 "suggest": "low_rank",
@@ -245,16 +360,15 @@ class TestJsonReport:
         (candidate,) = report["candidates"]
         assert candidate["nodeids"] == [COLLAPSED]
         assert (candidate["heads"], candidate["rules"]) == ([2], ["collapsed"])
-        rank = candidate["suggested_rank"]
-        assert rank == collapsed["metrics"]["energy_rank(p=0.95)"]
-        assert candidate["params_saved"] == 8 * 32 - rank * (8 + 32)
+        assert candidate["suggested_rank"] == collapsed["metrics"]["energy_rank(p=0.95)"] == 1
+        assert candidate["params_saved"] == 216
 
     def test_shared_kv_slices_are_one_candidate_each(self, pytester, planted) -> None:
         """Every K item fails: 8 items, but 2 layers x 2 K/V heads = 4 slices to compress."""
         path = rules(pytester, '[[rules]]\nmetric = "stable_rank"\nmin = 100\nmatrices = ["k"]\n')
         result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path),
-            "--spectral-report", "r.json",
+            f"--spectral-model={planted}", f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )  # fmt: skip
         result.assert_outcomes(passed=24, failed=8)
         result.stdout.fnmatch_lines(["*L1 H2-3 k*", "4 candidate slices; *"])
@@ -267,7 +381,7 @@ class TestJsonReport:
         ]
 
     def test_singular_values_agree_with_numpy(self, pytester, planted) -> None:
-        pytester.runpytest(f"--spectral-model={planted}", "--spectral-report", "r.json")
+        pytester.runpytest(f"--spectral-model={planted}", "--spectral-report=r.json")
         items = json.loads((pytester.path / "r.json").read_text())["items"]
         from safetensors.torch import load_file
 
@@ -290,10 +404,10 @@ class TestJsonReport:
 
     def test_parallel_run_gives_the_same_report(self, pytester, planted) -> None:
         path = rules(pytester, STABLE_RANK_RULE)
-        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
-        pytester.runpytest_subprocess(*common, "--spectral-report", "one.json", "-p", "no:xdist")
+        common = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
+        pytester.runpytest_subprocess(*common, "--spectral-report=one.json", "-p", "no:xdist")
         parallel = pytester.runpytest_subprocess(
-            *common, "--spectral-report", "two.json", "-n", "2", "--dist", "loadscope"
+            *common, "--spectral-report=two.json", "-n", "2", "--dist", "loadscope"
         )
         parallel.assert_outcomes(passed=31, failed=1)
         one, two = (json.loads((pytester.path / n).read_text()) for n in ("one.json", "two.json"))
@@ -304,9 +418,7 @@ class TestJsonReport:
 class TestUsageErrors:
     def test_malformed_rules_file_names_the_line(self, pytester, planted) -> None:
         path = rules(pytester, '[[rules]]\nmetric = "stable_rnk"\nmax = 1\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             [
@@ -339,6 +451,78 @@ class TestUsageErrors:
         result.stderr.fnmatch_lines([message])
 
 
+def report_items(pytester: pytest.Pytester, name: str = "r.json") -> dict[str, dict]:
+    return {i["nodeid"]: i for i in json.loads((pytester.path / name).read_text())["items"]}
+
+
+def assert_spectra_of_the_file(items: dict[str, dict], weights_file: Path, head_dim: int) -> None:
+    """Every item's singular values are numpy's of its slice, read from the file as it is now."""
+    from safetensors.torch import load_file
+
+    weights = {k: v.double().numpy() for k, v in load_file(weights_file).items()}
+    for nodeid, item in items.items():
+        weight = weights[attention_name(item["layer"], item["matrix"])]
+        index = item["kv_head"] if item["kv_head"] is not None else item["head"]
+        rows = slice(index * head_dim, (index + 1) * head_dim)
+        block = weight[:, rows] if item["matrix"] == "o" else weight[rows]
+        reference = np.linalg.svd(block, compute_uv=False)
+        assert len(item["singular_values"]) == head_dim, nodeid
+        np.testing.assert_allclose(item["singular_values"], reference, rtol=1e-9, err_msg=nodeid)
+
+
+class TestCacheKey:
+    """What makes a cached spectrum stale, seen from the user's side."""
+
+    ARGS = ("-p", "no:xdist", "-v")
+
+    def test_corrected_config_with_the_same_shapes_is_not_served_stale(self, pytester) -> None:
+        """4 heads of 8 and 2 heads of 16 give the same tensor shapes (32 x 32) and files."""
+        stated = LlamaShape(layers=2, heads=4, kv_heads=4, head_dim=8, hidden=32, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(stated, seed=6), stated.config()
+        )
+        args = (f"--spectral-model={directory}", *self.ARGS)
+        pytester.runpytest(*args).assert_outcomes(passed=32)  # fills the cache
+        corrected = LlamaShape(layers=2, heads=2, kv_heads=2, head_dim=16, hidden=32, mlp=False)
+        (directory / "config.json").write_text(json.dumps(corrected.config()))
+        result = pytester.runpytest(*args, "--spectral-report=r.json")
+        result.assert_outcomes(passed=16)
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
+        assert_spectra_of_the_file(report_items(pytester), directory / "model.safetensors", 16)
+
+    def test_in_place_edit_of_an_unsampled_byte_is_recomputed(self, pytester) -> None:
+        """A 128 KiB tensor: the 17 sampled 4 KiB blocks leave half of it unread, so only the
+        file's identity (its modification and status-change times) tells that it changed."""
+        shape = LlamaShape(layers=1, heads=4, kv_heads=4, head_dim=64, hidden=256, mlp=False)
+        directory = write_checkpoint(
+            pytester.path / "model", random_llama_weights(shape, seed=7), shape.config()
+        )
+        args = (f"--spectral-model={directory}", *self.ARGS)
+        pytester.runpytest(*args, "--spectral-report=before.json").assert_outcomes(passed=16)
+        from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+
+        entry = open_checkpoint(directory).tensors[(0, "q")]
+        assert entry.nbytes == 128 * 1024
+        sampled, stat = entry.sample_bytes(), entry.file.stat()
+        # bytes 4096..8191 of every 8 KiB stride are never sampled: weight 3000 of q
+        # (head 0, row 11, column 184) becomes 8.0 (bf16 0x4100, little-endian)
+        with entry.file.open("r+b") as handle:
+            handle.seek(entry.offset + 2 * 3000)
+            handle.write(bytes([0x00, 0x41]))
+        assert open_checkpoint(directory).tensors[(0, "q")].sample_bytes() == sampled
+        assert (entry.file.stat().st_size, entry.file.stat().st_ino) == (stat.st_size, stat.st_ino)
+        assert entry.file.stat().st_mtime_ns != stat.st_mtime_ns
+        result = pytester.runpytest(*args, "--spectral-report=after.json")
+        result.stdout.fnmatch_lines(["spectral: layer 0: * s; 0 of 4 matrices from the cache, *"])
+        after = report_items(pytester, "after.json")
+        head = "spectral::layer00::head00-q"
+        assert (
+            after[head]["singular_values"]
+            != report_items(pytester, "before.json")[head]["singular_values"]
+        )
+        assert_spectra_of_the_file(after, directory / "model.safetensors", 64)
+
+
 class TestEngineOptions:
     def test_verbose_run_reports_each_layer(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "-v")
@@ -346,9 +530,9 @@ class TestEngineOptions:
         result.stdout.fnmatch_lines(
             [
                 f"spectral: layer 0: 16 items from 12 distinct slices {shared} in * s; "
-                "0 of 4 matrices from the cache, 0 slices by direct SVD",
+                "0 of 4 matrices from the cache, 0 slices refined beyond the Gram route",
                 f"spectral: layer 1: 16 items from 12 distinct slices {shared} in * s; "
-                "0 of 4 matrices from the cache, * by direct SVD",
+                "0 of 4 matrices from the cache, * refined beyond the Gram route",
             ]
         )
 
@@ -365,16 +549,16 @@ class TestEngineOptions:
         first = pytester.runpytest_subprocess(*args)
         first.assert_outcomes(passed=32)
         assert (pytester.path / "torch-imported.txt").read_text() == "True"
-        second = pytester.runpytest_subprocess(*args, "--spectral-report", "cached.json")
+        second = pytester.runpytest_subprocess(*args, "--spectral-report=cached.json")
         second.assert_outcomes(passed=32)
         second.stdout.fnmatch_lines(["spectral: layer 1: * 4 of 4 matrices from the cache, *"])
         assert (pytester.path / "torch-imported.txt").read_text() == "False"
 
     def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
         args = (f"--spectral-model={planted}",)
-        pytester.runpytest(*args, "--spectral-report", "cold.json", "--spectral-no-cache")
+        pytester.runpytest(*args, "--spectral-report=cold.json", "--spectral-no-cache")
         pytester.runpytest(*args)  # fills the cache
-        pytester.runpytest(*args, "--spectral-report", "warm.json")
+        pytester.runpytest(*args, "--spectral-report=warm.json")
         cold, warm = (
             json.loads((pytester.path / n).read_text()) for n in ("cold.json", "warm.json")
         )
@@ -402,7 +586,7 @@ class TestEngineOptions:
     def test_cuda_run_gives_the_cpu_report(self, pytester, planted) -> None:
         """Same outcomes, singular values within 1e-9 and metrics, in one process and under -n 2."""
         path = rules(pytester, STABLE_RANK_RULE)
-        common = (f"--spectral-model={planted}", "--spectral-thresholds", str(path))
+        common = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         common += ("--spectral-no-cache",)
         runs = {
             "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
@@ -411,7 +595,7 @@ class TestEngineOptions:
         }
         reports = {}
         for name, extra in runs.items():
-            result = pytester.runpytest_subprocess(*common, *extra, "--spectral-report", name)
+            result = pytester.runpytest_subprocess(*common, *extra, f"--spectral-report={name}")
             result.assert_outcomes(passed=31, failed=1)
             items = json.loads((pytester.path / name).read_text())["items"]
             reports[name] = {item["nodeid"]: item for item in items}
@@ -436,8 +620,7 @@ class TestEngineOptions:
             f"--spectral-model={planted}",
             "--spectral-dtype",
             "float32",
-            "--spectral-report",
-            "r.json",
+            "--spectral-report=r.json",
         )
         report = json.loads((pytester.path / "r.json").read_text())
         assert report["settings"]["precision"] == "float32"
@@ -482,10 +665,8 @@ class TestUserMetrics:
         )
         result = pytester.runpytest(
             f"--spectral-model={planted}",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "r.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )
         result.assert_outcomes(passed=31, failed=1)
         result.stdout.fnmatch_lines([f"FAILED {COLLAPSED} - thin-tail: tail_share(k=3) = *"])
@@ -495,9 +676,7 @@ class TestUserMetrics:
     def test_misspelt_user_metric_is_suggested(self, pytester, planted) -> None:
         pytester.makeconftest(self.CONFTEST)
         path = rules(pytester, '[[rules]]\nmetric = "tail_shar"\nmax = 1\n')
-        result = pytester.runpytest(
-            f"--spectral-model={planted}", "--spectral-thresholds", str(path)
-        )
+        result = pytester.runpytest(f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*unknown metric 'tail_shar' (did you mean 'tail_share'?)"])
 
@@ -547,10 +726,8 @@ class TestScopes:
             f"--spectral-model={with_mlp}",
             "--spectral-scope",
             "both",
-            "--spectral-thresholds",
-            str(path),
-            "--spectral-report",
-            "r.json",
+            f"--spectral-thresholds={path}",
+            "--spectral-report=r.json",
         )
         result.assert_outcomes(passed=2 * 7 + 32 - 2, failed=2)
         result.stdout.fnmatch_lines(["FAILED spectral::layer00::gate - gate-energy: *"])
@@ -567,20 +744,41 @@ class TestScopes:
         assert down["shape"] == [32, 48]
         np.testing.assert_allclose(down["singular_values"], reference, rtol=1e-9)
 
+    def test_whole_matrices_are_measured_with_their_own_shape(self, pytester) -> None:
+        """Random Gaussian matrices have no spikes; counted against the head slice's shape
+        instead of the matrix's, the noise bulk itself would be counted as spikes."""
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=96)
+        directory = write_checkpoint(
+            pytester.path / "random", random_llama_weights(shape, seed=12), shape.config()
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={directory}", "--spectral-scope", "matrix",
+            "--spectral-report=r.json",
+        )  # fmt: skip
+        result.assert_outcomes(passed=2 * 7)
+        items = json.loads((pytester.path / "r.json").read_text())["items"]
+        shapes = {i["matrix"]: tuple(i["shape"]) for i in items}
+        assert shapes == {
+            "q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64),
+            "gate": (96, 64), "up": (96, 64), "down": (64, 96),
+        }  # fmt: skip
+        for item in items:
+            assert len(item["singular_values"]) == min(item["shape"]), item["nodeid"]
+            assert item["metrics"]["gd_spikes"] == 0, item["nodeid"]
+            assert item["metrics"]["mp_spikes"] == 0, item["nodeid"]
+
     def test_mlp_matrix_absent_from_the_checkpoint(self, pytester, planted) -> None:
         result = pytester.runpytest(f"--spectral-model={planted}", "--spectral-matrices", "q,gate")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o)"])
+        result.stderr.fnmatch_lines(["*this checkpoint has no gate (it has q, k, v, o, qk, ov)"])
 
 
 def test_rule_can_suggest_removing_the_head(pytester, planted) -> None:
     path = rules(pytester, STABLE_RANK_RULE + 'suggest = "remove_head"\n')
     result = pytester.runpytest(
         f"--spectral-model={planted}",
-        "--spectral-thresholds",
-        str(path),
-        "--spectral-report",
-        "r.json",
+        f"--spectral-thresholds={path}",
+        "--spectral-report=r.json",
     )
     result.stdout.fnmatch_lines(["*remove head: 512*"])  # 8 Q rows + 8 O columns of 32
     item = next(
@@ -601,8 +799,7 @@ def test_user_metrics_are_recomputed_from_cached_spectra(pytester, planted) -> N
         )
         result = pytester.runpytest_subprocess(
             f"--spectral-model={planted}",
-            "--spectral-report",
-            "r.json",
+            "--spectral-report=r.json",
             "-v",
             "-p",
             "no:xdist",

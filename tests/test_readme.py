@@ -18,7 +18,7 @@ from pytest_spectral.judging.rules import RULE_KEYS, SUGGESTIONS, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-DEMO = ["--spectral-model=examples/tiny-llama", "--spectral-thresholds", "example_thresholds.toml"]
+DEMO = ["--spectral-model=examples/tiny-llama", "--spectral-thresholds=example_thresholds.toml"]
 
 
 def blocks(language: str, text: str = README) -> list[str]:
@@ -93,10 +93,9 @@ def run_demo(*extra: str, cache: Path, probe: Path | None = None) -> subprocess.
     """The demo command from the repository root, as the quick start runs it (80 columns);
     the cache goes to ``cache`` so that the test leaves the clone as it was."""
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(probe or "")}
-    env.pop("PYTEST_ADDOPTS", None)
     # the README shows a terminal's output: on CI pytest prints the short summary's lines whole
-    for variable in ("CI", "BUILD_NUMBER"):
-        env.pop(variable, None)
+    for name in ("PYTEST_ADDOPTS", "CI", "BUILD_NUMBER"):
+        env.pop(name, None)
     command = [sys.executable, "-m", "pytest", *DEMO, "-o", f"cache_dir={cache}", *extra]
     if probe is not None:
         command += ["-p", "torch_probe"]
@@ -185,3 +184,15 @@ class TestQuickStart:
         assert "--retries" in script
         assert "torch.version.cuda" in script  # the installed build is checked
         assert '"$status" -eq 5' in script
+
+
+def test_the_architecture_snippet_is_a_valid_description() -> None:
+    """The [architecture] example loads, MLP keys included."""
+    import tomllib
+
+    from pytest_spectral.checkpoints.families import custom_family
+
+    (snippet,) = [text for text in blocks("toml") if "[architecture]" in text]
+    family = custom_family(tomllib.loads(snippet)["architecture"], "README.md")
+    assert family.tensor_name(3, "down") == "blocks.3.ffn.w2"
+    assert family.tensor_name(3, "o") == "blocks.3.attn.wo"

@@ -178,7 +178,7 @@ def test_a_drift_is_reported_as_a_regression_end_to_end(pytester) -> None:
     )
     assert "Low-rank pruning candidates" not in result.stdout.str()
     report = json.loads((pytester.path / "scaled.json").read_text())
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert report["candidates"] == []
     assert [r["heads"] for r in report["regressions"]] == [[0], [1], [2], [3]]
     assert {r["rules"] == ["drift"] for r in report["regressions"]} == {True}
@@ -195,8 +195,8 @@ class TestBaselineVersions:
         pytester.runpytest(f"--spectral-model={model}", "--spectral-report=r.json")
         return model, json.loads((pytester.path / "r.json").read_text())
 
-    @pytest.mark.parametrize("version", [1, 2])
-    def test_versions_one_and_two_are_read(self, pytester, report, version) -> None:
+    @pytest.mark.parametrize("version", [1, 2, 3])
+    def test_versions_one_to_three_are_read(self, pytester, report, version) -> None:
         model, content = report
         (pytester.path / "b.json").write_text(json.dumps({**content, "schema_version": version}))
         (pytester.path / "drift.toml").write_text(
@@ -209,13 +209,15 @@ class TestBaselineVersions:
         )
         result.assert_outcomes(passed=32)
 
-    @pytest.mark.parametrize("version", [3, True, "2"])
+    @pytest.mark.parametrize("version", [4, True, "2"])
     def test_other_versions_are_refused(self, pytester, report, version) -> None:
         model, content = report
         (pytester.path / "b.json").write_text(json.dumps({**content, "schema_version": version}))
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline=b.json")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stderr.fnmatch_lines(["*report schema version *; this plugin reads versions 1, 2*"])
+        result.stderr.fnmatch_lines(
+            ["*report schema version *; this plugin reads versions 1, 2, 3*"]
+        )
 
 
 def test_a_conftest_metric_without_a_compressible_side_makes_regressions(pytester) -> None:

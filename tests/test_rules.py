@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -10,13 +12,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_spectral.judging.ranges import RangeSyntaxError, parse_index_set
-from pytest_spectral.judging.rules import RulesError, load_rules
+from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules
 
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "rules.toml"
     path.write_text(text)
     return path
+
+
+def first_beyond(value: float, baseline: float, direction: float) -> float:
+    """The float next to ``value`` (towards ``direction``) whose relative change against
+    ``baseline`` differs from ``value``'s once rounded: the closest value beyond a bound."""
+    change = (value - baseline) / abs(baseline)
+    beyond = math.nextafter(value, direction)
+    while (beyond - baseline) / abs(baseline) == change:
+        beyond = math.nextafter(beyond, direction)
+    return beyond
 
 
 def as_spec(parts: list[tuple[int, int]]) -> str:
@@ -112,11 +124,157 @@ severity = "warn"
         assert rule.violation(5) == "> max 4"
         assert rule.violation(float("nan")) == "is undefined (nan)"
 
+    def test_bounds_are_inclusive(self, tmp_path: Path) -> None:
+        """A value equal to min or max passes; the next float beyond it breaks the rule."""
+        (rule,) = load_rules(
+            write(tmp_path, '[[rules]]\nmetric = "stable_rank"\nmin = 0.1\nmax = 0.7\n')
+        ).rules
+        assert rule.violation(0.1) is None
+        assert rule.violation(0.7) is None
+        assert rule.violation(math.nextafter(0.1, -math.inf)) == "< min 0.1"
+        assert rule.violation(math.nextafter(0.7, math.inf)) == "> max 0.7"
+        assert rule.violation(math.inf) == "> max 0.7"
+        assert rule.violation(-math.inf) == "< min 0.1"
+
+    @pytest.mark.parametrize(("key", "bound"), [("min", "min = 2"), ("max", "max = 2")])
+    def test_one_sided_rules(self, tmp_path: Path, key: str, bound: str) -> None:
+        (rule,) = load_rules(write(tmp_path, f'[[rules]]\nmetric = "stable_rank"\n{bound}\n')).rules
+        below, above = rule.violation(1), rule.violation(3)
+        assert (below, above) == (("< min 2", None) if key == "min" else (None, "> max 2"))
+        assert rule.change_violation(1, 2) is None  # no relative bound: baselines are ignored
+
+    def test_relative_bounds_are_inclusive(self, tmp_path: Path) -> None:
+        """change = (value - baseline) / |baseline|: 6 against 4 is +50%, 2 against 4 is -50%."""
+        (rule,) = load_rules(
+            write(
+                tmp_path,
+                '[[rules]]\nmetric = "stable_rank"\nmin_change = -0.5\nmax_change = 0.5\n',
+            )
+        ).rules
+        assert rule.violation(100) is None  # no absolute bound
+        assert rule.change_violation(6, 4) is None
+        assert rule.change_violation(2, 4) is None
+        assert rule.change_violation(-2, -4) is None  # |baseline|: from -4 to -2 is +50%
+        assert rule.change_violation(first_beyond(6, 4, math.inf), 4) == (
+            "vs baseline 4 (+50.0%) > max_change +0.5"
+        )
+        assert rule.change_violation(first_beyond(2, 4, -math.inf), 4) == (
+            "vs baseline 4 (-50.0%) < min_change -0.5"
+        )
+        assert rule.change_violation(-7, -4) == "vs baseline -4 (-75.0%) < min_change -0.5"
+        assert rule.change_violation(3, None) == (
+            "has no baseline value: the baseline report has no stable_rank for this item, nor "
+            "singular values to compute it from (an item it did not collect, or one without a "
+            "result there); record the baseline again (--spectral-report) from the known-good "
+            "checkpoint with the same options"
+        )
+        undefined = "relative change undefined"
+        assert rule.change_violation(3, 0.0) == f"vs baseline 0: {undefined}"
+        assert rule.change_violation(math.nan, 2) == f"vs baseline 2: {undefined}"
+        assert rule.change_violation(3, math.nan) == f"vs baseline nan: {undefined}"
+
+    @pytest.mark.parametrize(
+        ("entry", "accepted"),
+        [
+            ('metric = "top_k_ratio"\nk = 1', True),
+            ('metric = "top_k_ratio"\nk = 2', True),
+            ('metric = "top_k_ratio"\nk = true', False),
+            ('metric = "top_k_ratio"\nk = 2.5', False),
+            ('metric = "top_k_ratio"\nk = "3"', False),
+            ('metric = "energy_rank"\np = 1', True),
+            ('metric = "energy_rank"\np = 1.0', True),
+            ('metric = "energy_rank"\np = 0.5', True),
+            ('metric = "energy_rank"\np = 0', False),
+            ('metric = "energy_rank"\np = 1.01', False),
+            ('metric = "energy_rank"\np = true', False),
+            ('metric = "energy_rank"\np = "0.5"', False),
+        ],
+    )
+    def test_metric_parameters_in_range(self, tmp_path: Path, entry: str, accepted: bool) -> None:
+        """k is a positive integer; p an energy fraction in (0, 1]: both ends checked."""
+        path = write(tmp_path, f"[[rules]]\n{entry}\nmax = 1\n")
+        if accepted:
+            (rule,) = load_rules(path).rules
+            name, value = entry.splitlines()[1].split(" = ")
+            assert dict(rule.request.params)[name] == float(value)
+        else:
+            with pytest.raises(RulesError, match="must be a"):
+                load_rules(path)
+
+    def test_matrices_as_text_and_in_any_case(self, tmp_path: Path) -> None:
+        text = '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = " Q, k ,DOWN"\n'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert rule.matrices == frozenset({"q", "k", "down"})
+
+    def test_min_equal_to_max_pins_a_value(self, tmp_path: Path) -> None:
+        text = '[[rules]]\nmetric = "numerical_rank"\nmin = 8\nmax = 8\n'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert (rule.violation(8), rule.violation(7), rule.violation(9)) == (
+            None,
+            "< min 8",
+            "> max 8",
+        )
+
+    def test_scopes_select_heads_or_whole_matrices(self, tmp_path: Path) -> None:
+        text = (
+            '[[rules]]\nmetric = "alpha"\nmax = 6\nscope = "matrix"\nmatrices = ["down"]\n'
+            '[[rules]]\nmetric = "alpha"\nmax = 6\nmatrices = ["down"]\n'
+        )
+        whole, head = load_rules(write(tmp_path, text)).rules
+        assert (whole.scope, head.scope) == ("matrix", "head")
+        assert whole.applies_to(3, None, "down")
+        assert not whole.applies_to(3, 0, "down")
+        assert head.applies_to(3, 0, "down")
+        assert not head.applies_to(3, None, "down")
+
+    def test_relative_and_absolute_rules(self, tmp_path: Path) -> None:
+        text = (
+            '[[rules]]\nmetric = "spectral_norm"\nmax = 6\n'
+            '[[rules]]\nmetric = "spectral_norm"\nmin_change = -0.1\n'
+            '[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.1\n'
+        )
+        absolute, lower, upper = load_rules(write(tmp_path, text)).rules
+        assert (absolute.is_relative, lower.is_relative, upper.is_relative) == (False, True, True)
+        assert absolute.change_violation(100.0, 1.0) is None
+        assert lower.violation(100.0) is None
+
+    def test_requests_are_distinct_in_first_use_order(self, tmp_path: Path) -> None:
+        text = "".join(
+            f'[[rules]]\nmetric = "{metric}"\nmax = 1\n{extra}'
+            for metric, extra in (
+                ("stable_rank", ""),
+                ("top_k_ratio", "k = 5\n"),
+                ("stable_rank", ""),
+                ("top_k_ratio", ""),
+                ("top_k_ratio", "k = 5\n"),
+            )
+        )
+        rules = load_rules(write(tmp_path, text))
+        assert [r.key for r in rules.requests()] == [
+            "stable_rank",
+            "top_k_ratio(k=5)",
+            "top_k_ratio",
+        ]
+        assert [r.name for r in rules.rules] == [f"rule-{i}" for i in range(1, 6)]
+        assert RuleSet.empty().requests() == ()
+        assert (RuleSet.empty().path, RuleSet.empty().sha256) == (None, None)
+
+    def test_sha256_is_of_the_file_bytes(self, tmp_path: Path) -> None:
+        text = '[[rules]]\nmetric = "stable_rank"\nmax = 1\n'
+        rules = load_rules(write(tmp_path, text))
+        assert rules.sha256 == hashlib.sha256(text.encode()).hexdigest()
+        assert rules.path == tmp_path / "rules.toml"
+
     def test_empty_file_has_no_rules(self, tmp_path: Path) -> None:
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
 
 
+CHOOSE = "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2"
+
+
 class TestMistakesNameFileLineAndKey:
+    """Every message, whole: ``file:line: rule N, key 'K': what is wrong``."""
+
     @pytest.mark.parametrize(
         ("text", "expected"),
         [
@@ -144,11 +302,31 @@ class TestMistakesNameFileLineAndKey:
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nlayers = "3-1"\n',
-                ":4: rule 1, key 'layers': range '3-1' runs backwards",
+                ":4: rule 1, key 'layers': range '3-1' runs backwards; write '1-3'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nheads = "x"\n',
+                ":4: rule 1, key 'heads': 'x' is not a non-negative integer or a range 'a-b'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nheads = -1\n',
+                ":4: rule 1, key 'heads': index -1 is negative",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = ["q", "x"]\n',
-                ":4: rule 1, key 'matrices': unknown matrix 'x'",
+                f":4: rule 1, key 'matrices': unknown matrix 'x'; {CHOOSE}",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = [3]\n',
+                f":4: rule 1, key 'matrices': unknown matrix 3; {CHOOSE}",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = []\n',
+                ":4: rule 1, key 'matrices': must be a non-empty list such as ['q', 'k'], got []",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmatrices = 3\n',
+                ":4: rule 1, key 'matrices': must be a non-empty list such as ['q', 'k'], got 3",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmin = 3\nmax = 1\n',
@@ -159,8 +337,33 @@ class TestMistakesNameFileLineAndKey:
                 ":3: rule 1, key 'max': must be a number, got 'high'",
             ),
             (
+                '[[rules]]\nmetric = "stable_rank"\nmax = true\n',
+                ":3: rule 1, key 'max': must be a number, got True",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = nan\n',
+                ":3: rule 1, key 'max': must be a number, got nan",
+            ),
+            (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nseverity = "error"\n',
-                ":4: rule 1, key 'severity': must be 'fail' or 'warn'",
+                ":4: rule 1, key 'severity': must be 'fail' or 'warn', got 'error'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nsuggest = "prune"\n',
+                ":4: rule 1, key 'suggest': must be 'low_rank', 'remove_head' or 'none', "
+                "got 'prune'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nscope = "layer"\n',
+                ":4: rule 1, key 'scope': must be 'head' or 'matrix', got 'layer'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nname = ""\n',
+                ":4: rule 1, key 'name': must be a non-empty string, got ''",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nname = 7\n',
+                ":4: rule 1, key 'name': must be a non-empty string, got 7",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\n',
@@ -176,24 +379,76 @@ class TestMistakesNameFileLineAndKey:
                 'have no heads; remove heads, or give the rule scope = "head"',
             ),
             ("[[rules]]\nmax = 1\n", ":1: rule 1 has no 'metric' key"),
+            ("[[rules]]\nmetric = 3\nmax = 1\n", ":2: rule 1, key 'metric': unknown metric 3"),
             (
                 '[[rule]]\nmetric = "stable_rank"\n',
                 ":1: unknown top-level key 'rule' (did you mean 'rules'?)",
             ),
-            ('[[rules]]\nmetric = "stable_rank"\nmax = 1\nmax = 2\n', ": TOML syntax error:"),
+            (
+                '\ntitle = "mine"\n[[rules]]\nmetric = "stable_rank"\nmax = 1\n',
+                ":2: unknown top-level key 'title'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\n\n[other]\nmetric = 1\n',
+                ":5: unknown top-level key 'other'",
+            ),
+            ("rules = 3\n", ":1: 'rules' must be an array of tables ([[rules]])"),
+            ("\nrules = [1, 2]\n", ":2: 'rules' must be an array of tables ([[rules]])"),
+            (
+                '# a comment\n\n[[rules]]\n  "metric" = "stable_rank"\n  max = 1\n  zzz = 2\n',
+                ":6: rule 1, key 'zzz': unknown key",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\n\n[[rules]]\nmetric = "stable_rank"\n'
+                "max = 2\n[rules.nested]\nx = 1\n",
+                ":5: rule 2, key 'nested': unknown key",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nmax = 2\n',
+                ": rules file: TOML syntax error: Cannot overwrite a value (at line 4, column 8)",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nlayer_range = "0-3"\n',
+                ":4: rule 1, key 'layer_range': unknown key (did you mean 'layers'?)",
+            ),
+            # where no line can be named, the file alone: a dotted top-level key, inline rules
+            (
+                'x.y = 1\n[[rules]]\nmetric = "stable_rank"\nmax = 1\n',
+                ": unknown top-level key 'x'",
+            ),
+            ("rules = [{max = 1}]\n", ": rule 1 has no 'metric' key"),
+            (
+                'rules = [{metric = "stable_rnk", max = 1}]\n',
+                ": rule 1, key 'metric': unknown metric 'stable_rnk' (did you mean 'stable_rank'?)",
+            ),
         ],
     )
     def test_message(self, tmp_path: Path, text: str, expected: str) -> None:
         path = write(tmp_path, text)
         with pytest.raises(RulesError) as info:
             load_rules(path)
-        assert str(info.value).startswith(str(path))
-        assert expected in str(info.value)
+        assert str(info.value) == f"{path}{expected}"
 
     def test_toml_syntax_error_names_the_line(self, tmp_path: Path) -> None:
         path = write(tmp_path, '[[rules]]\nmetric = "stable_rank"\nmax = = 1\n')
         with pytest.raises(RulesError, match=r"line 3"):
             load_rules(path)
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        path = tmp_path / "rules.toml"
+        path.write_bytes(b'[[rules]]\nname = "caf\xe9"\n')
+        with pytest.raises(RulesError) as info:
+            load_rules(path)
+        assert str(info.value) == (
+            f"{path}: rules file is not UTF-8 text (invalid continuation byte at byte 21)"
+        )
+
+    def test_a_directory_is_not_a_rules_file(self, tmp_path: Path) -> None:
+        with pytest.raises(RulesError) as info:
+            load_rules(tmp_path)
+        assert str(info.value) == (
+            f"{tmp_path}: is a directory, not a regular file; only regular files are read"
+        )
 
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(RulesError, match="cannot read rules file"):

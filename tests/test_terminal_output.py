@@ -67,7 +67,7 @@ def run(pytester: pytest.Pytester):
 
     def run(*extra: str) -> pytest.RunResult:
         return pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-thresholds", str(rules), *extra
+            f"--spectral-model={model}", f"--spectral-thresholds={rules}", *extra
         )
 
     return run
@@ -99,6 +99,24 @@ class TestFailures:
                 "FAILED spectral::layer01::head03-k - collapsed*",
             ]
         )
+
+    @pytest.mark.parametrize("untrimmed", [["-vv"], ["CI"], ["BUILD_NUMBER"]])
+    def test_the_short_summary_gives_each_failure_its_headline_only(
+        self, run, monkeypatch: pytest.MonkeyPatch, untrimmed: list[str]
+    ) -> None:
+        """On CI (pytest reads CI or BUILD_NUMBER) and with -vv pytest prints the summary
+        message untrimmed: it is the headline, not the whole block a second time."""
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("BUILD_NUMBER", raising=False)
+        if untrimmed[0].startswith("-"):
+            result = run(*untrimmed)
+        else:
+            monkeypatch.setenv(untrimmed[0], "1")
+            result = run()
+        summary = result.stdout.str().split("short test summary info")[1]
+        assert "FAILED spectral::layer01::head02-k - collapsed: stable_rank = " in summary
+        assert "top singular values" not in summary
+        assert "K/V head 1 (shared by" not in summary
 
     def test_titles_read_like_node_ids(self, run) -> None:
         titles = re.findall(r"^_+ (\S+) _+$", run().stdout.str(), flags=re.MULTILINE)
@@ -352,7 +370,7 @@ class TestProgress:
         result.stdout.fnmatch_lines(
             [
                 f"spectral: layer 0: 20 items from 16 distinct slices {shared} in * s; "
-                "0 of 8 matrices from the cache, * by direct SVD",
+                "0 of 8 matrices from the cache, * refined beyond the Gram route",
             ]
         )
 

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from references import gavish_donoho_spikes, marchenko_pastur_spikes
 
 from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
 
@@ -65,15 +66,15 @@ def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
         f"--spectral-model={directory}",
         "--spectral-scope",
         "matrix",
-        "--spectral-report",
-        "r.json",
+        "--spectral-report=r.json",
         "-p",
         "no:cacheprovider",
     ).assert_outcomes(passed=SHAPE.layers * 7)
-    ours = {
-        (item["layer"], item["matrix"]): item["metrics"]
+    ours_items = {
+        (item["layer"], item["matrix"]): item
         for item in json.loads((pytester.path / "r.json").read_text())["items"]
     }
+    ours = {key: item["metrics"] for key, item in ours_items.items()}
     theirs = weightwatcher_rows(tensors)
     assert len(theirs) == SHAPE.layers * 7
     compared = 0
@@ -88,7 +89,19 @@ def test_full_matrix_metrics_agree_with_weightwatcher(model, pytester) -> None:
         assert metrics["stable_rank"] == pytest.approx(row["stable_rank"], rel=1e-6), name
         assert metrics["spectral_norm"] ** 2 == pytest.approx(row["spectral_norm"], rel=1e-6), name
         assert metrics["frobenius_norm"] ** 2 == pytest.approx(row["norm"], rel=1e-6), name
+        # shape-dependent metrics: the whole matrix's shape, never a head slice's
+        item = ours_items[(layer, matrix)]
+        assert sorted(item["shape"]) == [row["M"], row["N"]], name
+        assert len(item["singular_values"]) == row["num_evals"], name
         assert metrics["numerical_rank"] == row["matrix_rank"], name
+        assert len(item["singular_values"]) - metrics["numerical_rank"] == row["rank_loss"], name
+        assert metrics["spectral_entropy"] == pytest.approx(row["entropy"], rel=1e-6), name
+        assert not item["floor_limited"], name
+        ratio = row["sv_max"] / row["sv_min"]
+        assert metrics["first_last_ratio"] == pytest.approx(ratio, rel=1e-6), name
+        values = np.linalg.svd(tensors[name].double().numpy(), compute_uv=False)
+        assert metrics["gd_spikes"] == gavish_donoho_spikes(values, row["M"], row["N"]), name
+        assert metrics["mp_spikes"] == marchenko_pastur_spikes(values, row["M"], row["N"]), name
         compared += 1
     assert compared == 14
     assert np.isfinite([m["alpha"] for m in ours.values()]).all()

@@ -23,12 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.architectures import (
+from pytest_spectral.checkpoints.families import (
+    GENERIC,
+    NO_ATTENTION,
+    NOT_YET,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
     Family,
     Variant,
-    family_for,
+    text_model,
 )
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
@@ -36,6 +39,13 @@ from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.errors import CheckpointError
 
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
+#: Per-head circuits (Elhage et al. 2021, "A Mathematical Framework for Transformer
+#: Circuits"): the hidden x hidden products W_Q_h^T W_K_g (what head h attends to) and
+#: W_O_h W_V_g (what it writes), g the K/V head that query head h shares. Each is the product
+#: of two factors, listed here; their items exist per head, opt-in (--spectral-matrices).
+CIRCUITS: dict[str, tuple[str, str]] = {"qk": ("q", "k"), "ov": ("o", "v")}
+#: Every matrix a head item can have, in the order items, summaries and panels list them.
+HEAD_MATRICES: tuple[str, ...] = MATRICES + tuple(CIRCUITS)
 #: Any geometry may have up to this many head items (4 per query head and layer)...
 SMALL_MODEL_ITEMS = 4096
 #: ...beyond it, each item must stand for at least this many attention weights on average, so
@@ -70,7 +80,10 @@ class Geometry:
         return self.kv_heads if matrix in ("k", "v") else self.heads
 
     def slice_shape(self, matrix: str) -> tuple[int, int]:
-        """Shape ``[m, n]`` of one head's block in ``nn.Linear`` orientation (out x in)."""
+        """Shape ``[m, n]`` of one head's block in ``nn.Linear`` orientation (out x in); a
+        circuit (``qk``, ``ov``) is ``hidden x hidden``."""
+        if matrix in CIRCUITS:
+            return (self.hidden, self.hidden)
         return (self.hidden, self.head_dim) if matrix == "o" else (self.head_dim, self.hidden)
 
 
@@ -101,6 +114,8 @@ class Checkpoint:
     attention: tuple[str, ...] = MATRICES
     #: layers that have them: every layer, except for a LoRA update limited to some layers
     layer_indices: tuple[int, ...] | None = None
+    #: lines a run prints in its header: what was assumed about this checkpoint
+    notes: tuple[str, ...] = ()
 
     @property
     def layer_numbers(self) -> tuple[int, ...]:
@@ -109,6 +124,18 @@ class Checkpoint:
         if self.layer_indices is None:
             return tuple(range(self.geometry.layers))
         return self.layer_indices
+
+    @property
+    def circuits(self) -> tuple[str, ...]:
+        """The circuits whose two factors this checkpoint has (both, except for some LoRA
+        updates)."""
+        return tuple(c for c, pair in CIRCUITS.items() if set(pair) <= set(self.attention))
+
+    def sources(self, layer: int, matrix: str) -> tuple[TensorSource, ...]:
+        """The tensors an item of ``matrix`` reads: its own, or a circuit's two factors'
+        (one, for both, when Q/K/V are fused)."""
+        found = [self.tensors[(layer, name)] for name in CIRCUITS.get(matrix, (matrix,))]
+        return tuple({source.key: source for source in found}.values())
 
     @property
     def dtype(self) -> str:
@@ -153,10 +180,11 @@ class Checkpoint:
         reads (an int8 MLP matrix in a head-scope run) cannot refuse the run.
         Raises :class:`CheckpointError`.
         """
-        for layer, matrix in dict.fromkeys(keys):
-            problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
-            if problem is not None:
-                raise CheckpointError(problem)
+        for layer, item_matrix in dict.fromkeys(keys):
+            for matrix in CIRCUITS.get(item_matrix, (item_matrix,)):
+                problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
+                if problem is not None:
+                    raise CheckpointError(problem)
 
     def _unreadable(self, matrix: str, entry: TensorSource) -> str | None:
         where = f"{entry.file}: tensor {entry.name!r}"
@@ -194,46 +222,89 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    config = _text_config(config)
-    model_type = str(config.get("model_type"))
-    if family is None:
-        family = family_for(config.get("model_type"))
-    if family is None:
-        raise CheckpointError(
-            f"{config_file}: model_type {config.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
-            "--spectral-architecture FILE.toml (see the README)"
-        )
-    try:
-        variant = family.layout_of(config)
-    except ArchitectureError as exc:
-        raise CheckpointError(f"{config_file}: {exc}") from None
-    geometry = _geometry(config_file, config, family, variant)
+    config, family, variant, geometry, notes = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    prefix = _decoder_prefix(entries, family, partial=weights.partial)
-    if weights.partial:
-        tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-    else:
-        tensors, attention, layers = (
-            _attention_tensors(entries, prefix, family, geometry),
-            MATRICES,
-            None,
-        )
+    try:
+        prefix = _decoder_prefix(entries, family, partial=weights.partial)
+        if weights.partial:
+            tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+        else:
+            tensors, attention, layers = (
+                _attention_tensors(entries, prefix, family, geometry),
+                MATRICES,
+                None,
+            )
+    except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
+        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
     mlp = _mlp_tensors(entries, prefix, family, geometry)
     tensors.update(mlp)
     names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
     return Checkpoint(
-        weights.root, config, model_type, geometry, layout, tensors, names, attention, layers
+        weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
+        attention, layers, notes,
+    )  # fmt: skip
+
+
+def interpret_config(
+    config: Mapping[str, object], config_file: Path, family: Family | None = None
+) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...]]:
+    """What ``config`` (from ``config_file``) means, as transformers reads it: the analysed
+    model's config with class defaults and aliases applied, its family (``family`` when the
+    user described one), layout variant and geometry, and the notes a run prints about it.
+
+    Raises :class:`CheckpointError` naming ``config_file`` and the key.
+    """
+    config, known = text_model(config)
+    model_type = str(config.get("model_type"))
+    notes: tuple[str, ...] = ()
+    if model_type in NO_ATTENTION:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} has no attention (a state-space or "
+            "recurrent model): there are no attention heads to analyse"
+        )
+    if family is None and model_type in NOT_YET:
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} {NOT_YET[model_type]}, which this "
+            "version cannot analyse yet; supported: see the README's architecture table"
+        )
+    if family is None:
+        family = known or GENERIC
+        if known is None:
+            notes = (_generic_note(config_file, model_type),)
+    try:
+        variant = family.layout_of(config)
+        geometry = _geometry(config_file, config, family, variant)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    except CheckpointError as exc:
+        raise (_unsupported(config_file, model_type) if notes else exc) from None
+    if variant.fused == "interleaved" and geometry.kv_heads != geometry.heads:
+        raise CheckpointError(
+            f"{config_file}: the interleaved fused layout holds q, k and v of every head in "
+            f"turn, so it needs as many key/value heads as query heads; the config gives "
+            f"{geometry.kv_heads} key/value heads for {geometry.heads} query heads (for "
+            "grouped-query attention, fused = 'grouped' or 'concat' may be the layout)"
+        )
+    return config, family, variant, geometry, notes
+
+
+def _generic_note(config_file: Path, model_type: str) -> str:
+    """The line a run prints when it reads an undeclared model_type with the common layout."""
+    return (
+        f"spectral: model_type {model_type!r} ({config_file}) is not one the plugin declares; "
+        "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama layout "
+        "(K/V heads from num_key_value_heads, else one per query head; head_dim from "
+        "head_dim, else hidden_size / num_attention_heads)"
     )
 
 
-def _text_config(config: dict[str, object]) -> dict[str, object]:
-    """Multimodal wrappers (LLaVA and the like) describe their text decoder in text_config."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and family_for(config.get("model_type")) is None:
-        return text
-    return config
+def _unsupported(config_file: Path, model_type: str) -> CheckpointError:
+    return CheckpointError(
+        f"{config_file}: model_type {model_type!r} is not supported; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
+        "--spectral-architecture FILE.toml (see the README)"
+    )
 
 
 def _geometry(
@@ -343,7 +414,7 @@ def _partial_attention(
     (every covered layer has every covered matrix), so that each layer has the same items."""
     found = {
         (layer, matrix): entries[name]
-        for layer in range(geometry.layers)
+        for layer in _named_layers(entries, prefix, family, geometry.layers)
         for matrix in MATRICES
         if (name := prefix + family.tensor_name(layer, matrix)) in entries
     }
@@ -363,6 +434,16 @@ def _partial_attention(
                     "weights instead (--spectral-adapter=merged)"
                 )
     return found, matrices, layers
+
+
+def _named_layers(entries: TensorMap, prefix: str, family: Family, layers: int) -> list[int]:
+    """The layers below ``layers`` that tensor names in ``entries`` belong to, read from the
+    names: an update's layers may be few and far apart, and trying every layer the config
+    claims (``num_hidden_layers = 10**9``) would never end."""
+    before, _, after = (prefix + family.layer.format(layer="\0")).partition("\0")
+    pattern = re.compile(re.escape(before) + r"(0|[1-9][0-9]{0,17})" + re.escape(after))
+    named = {int(m.group(1)) for name in entries if (m := pattern.match(name)) is not None}
+    return sorted(layer for layer in named if layer < layers)
 
 
 def _mlp_tensors(

@@ -228,6 +228,16 @@ def _advice(exc: Exception, offline_mode: bool, revision: str | None) -> str:
     )
 
 
+def hub_cache_directory() -> Path | None:
+    """The resolved hub cache directory hub ids are read from (``HF_HUB_CACHE``), or ``None``
+    without ``huggingface_hub``."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    return Path(constants.HF_HUB_CACHE).expanduser().resolve()
+
+
 def describe_missing(argument: str) -> str:
     """The message for a local path that does not exist."""
     return f"{argument}: no such file or directory{local_hint(argument)}"

@@ -23,6 +23,7 @@ never leave a half-written entry; an unreadable or inconsistent entry is deleted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ from pytest_spectral.results import SliceSpectra
 #: Bump when the meaning of a cached value changes (method, layout, format).
 FORMAT_VERSION = 4
 _METRIC = "metric:"
+_FLOOR = "floor"
 
 
 def entry_key(entry: TensorSource, layout: tuple[object, ...], precision: str) -> str:
@@ -77,21 +79,23 @@ class SpectraCache:
                     for name in data.files
                     if name.startswith(_METRIC)
                 }
+                floor = np.array(data[_FLOOR]) if _FLOOR in data.files else None
         except FileNotFoundError:
             return None
         except Exception:  # any corruption: never trust it, recompute
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
         consistent = (
             stored_key == key
-            and checksum == _checksum(values, metrics)
+            and checksum == _checksum(values, metrics, floor)
             and values.ndim == 2
             and len(nonfinite) == len(methods) == values.shape[0]
+            and (floor is None or floor.shape == values.shape[:1])
         )
         if not consistent:
-            path.unlink(missing_ok=True)
+            _discard(path)
             return None
-        return SliceSpectra(values, nonfinite, methods, metrics)
+        return SliceSpectra(values, nonfinite, methods, metrics, floor)
 
     def store(self, key: str, spectra: SliceSpectra) -> None:
         values = spectra.singular_values
@@ -102,22 +106,37 @@ class SpectraCache:
             nonfinite=np.asarray(spectra.nonfinite, dtype=np.int64),
             methods=np.asarray(spectra.methods, dtype=str),
             key=np.asarray(key),
-            checksum=np.asarray(_checksum(values, spectra.metrics)),
+            checksum=np.asarray(_checksum(values, spectra.metrics, spectra.floor)),
             **{_METRIC + name: column for name, column in spectra.metrics.items()},
+            **({} if spectra.floor is None else {_FLOOR: spectra.floor}),
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        except OSError:
+            return  # a cache that cannot be written is no cache
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(buffer.getvalue())
             os.replace(temporary, self._path(key))
         except OSError:
-            Path(temporary).unlink(missing_ok=True)  # a cache that cannot be written is no cache
+            Path(temporary).unlink(missing_ok=True)
 
 
-def _checksum(values: np.ndarray, metrics: Mapping[str, np.ndarray]) -> str:
+def _discard(path: Path) -> None:
+    """Remove an entry that cannot be trusted, if the cache lets us."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _checksum(
+    values: np.ndarray, metrics: Mapping[str, np.ndarray], floor: np.ndarray | None = None
+) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes())
     for name in sorted(metrics):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(metrics[name], dtype=np.float64).tobytes())
+    if floor is not None:  # a circuit's (only those have one: other entries are unchanged)
+        digest.update(_FLOOR.encode())
+        digest.update(np.ascontiguousarray(floor, dtype=np.float64).tobytes())
     return digest.hexdigest()

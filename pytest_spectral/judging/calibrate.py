@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
@@ -96,7 +96,11 @@ def calibrated_rules(
     for scope in ("head", "matrix"):
         for matrix in sorted(
             matrices,
-            key=lambda m: (m not in MATRICES, MATRICES.index(m) if m in MATRICES else 0, m),
+            key=lambda m: (
+                m not in HEAD_MATRICES,
+                HEAD_MATRICES.index(m) if m in HEAD_MATRICES else 0,
+                m,
+            ),
         ):
             rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
             measured = [
@@ -156,8 +160,9 @@ def _rule(
     p5, p95 = (float(x) for x in np.percentile(data, [5, 95]))
     widen = margin * (p95 - p5)
     lower, upper = low - widen, high + widen
-    if log:
-        lower, upper = 10**lower, 10**upper
+    if log:  # numpy's power: inf or 0 (not OverflowError) past float64's range
+        with np.errstate(over="ignore", under="ignore"):
+            lower, upper = float(np.power(10.0, lower)), float(np.power(10.0, upper))
     lower = min(lower, float(values.min()))  # never inside the observed range after rounding
     upper = max(upper, float(values.max()))
     how = "log10 " if log else ""

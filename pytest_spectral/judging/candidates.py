@@ -12,6 +12,15 @@ Under grouped-query attention the query heads of a group share one K and one V s
 their K (or V) items hold the same spectrum and break the same rules. Counting each of them
 would list one matrix several times and add its savings several times over; a candidate is
 therefore one *slice*, naming every query head whose item shares it.
+
+A circuit is priced by what its rank allows: a QK circuit ``W_Q_h^T W_K_g`` of rank r is
+``(U_r S_r^1/2)(S_r^1/2 V_r^T)``, so the head's Q rows and its K/V head's K rows can both be
+cut from ``head_dim`` to r with the same attention scores (an OV circuit likewise cuts the
+head's O columns and the V rows). The K (or V) slice is shared by the group's query heads, so
+it can only be cut once every one of them can: a circuit candidate is priced only when the
+whole group is a candidate, as one row cutting every head's Q (O) slice and the shared K (V)
+slice to the largest rank among them; otherwise it is listed unpriced, naming the heads it
+needs.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from pytest_spectral.checkpoints.checkpoint import Geometry
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, Geometry
 from pytest_spectral.results import Record
 
 
@@ -44,9 +53,16 @@ class Candidate:
     removal: int | None = None
     heads: tuple[int, ...] = ()
     nodeids: tuple[str, ...] = ()
+    #: a circuit's cut saves anything below head_dim (its rows are cut, not factorised)
+    cut_limit: int | None = None
+    #: a circuit candidate left unpriced: the query heads sharing its K/V head, all of which
+    #: must be candidates of the same circuit for the shared slice to be cut
+    needs_heads: tuple[int, ...] = ()
 
     @property
     def break_even(self) -> float:
+        if self.cut_limit is not None:
+            return float(self.cut_limit)
         m, n = self.record["shape"]  # type: ignore[misc]
         return m * n / (m + n)
 
@@ -61,6 +77,13 @@ class Candidate:
     @property
     def label(self) -> str:
         return _label(self.record, self.heads)
+
+    @property
+    def needs(self) -> str:
+        """What an unpriced circuit candidate needs, in words ("" when priced)."""
+        if not self.needs_heads:
+            return ""
+        return f"needs H{_head_list(self.needs_heads)} (K/V head {self.record['kv_head']})"
 
     @property
     def rules(self) -> list[Record]:
@@ -79,11 +102,14 @@ def pruning_candidates(
     non-finite or all-zero weights is never a candidate: its spectrum prices nothing.
     """
     result = []
+    circuits: list[list[Record]] = []
     for members in _slices(records, lambda r: r["status"] == "ok" and bool(_pruning_rules(r))):
         record = members[0]
+        if record["matrix"] in CIRCUITS and record["head"] is not None:
+            circuits.append(members)
+            continue
         m, n = record["shape"]  # type: ignore[misc]
-        value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
-        rank = int(value) if isinstance(value, int | float) and math.isfinite(value) else None
+        rank = _rank(record, rank_metric)
         before = m * n
         after = before if rank is None else min(before, rank * (m + n))
         result.append(
@@ -98,7 +124,90 @@ def pruning_candidates(
                 tuple(str(r["nodeid"]) for r in members),
             )
         )
+    result += _circuit_candidates(
+        [m for members in circuits for m in members], rank_metric, geometry
+    )
     return sorted(result, key=lambda c: (-c.saved, c.nodeids))
+
+
+def _circuit_candidates(
+    records: list[Record], rank_metric: str, geometry: Geometry | None
+) -> list[Candidate]:
+    """Circuit candidates, priced per K/V group (see the module docstring).
+
+    A complete group (every query head sharing the K/V head is a candidate of this circuit in
+    this layer; one head without grouped-query attention) becomes one candidate cutting the
+    heads' Q (O) slices and the shared K (V) slice from ``head_dim`` to the largest suggested
+    rank among them: ``params`` counts those ``(heads + 1)`` slices. Without ``geometry``
+    (nothing to size the group with) each head stands alone.
+    """
+    groups: dict[tuple[object, ...], list[Record]] = {}
+    for record in records:
+        key = (record["layer"], record["matrix"], record["kv_head"])
+        groups.setdefault(key, []).append(record)
+    result = []
+    for members in groups.values():
+        members.sort(key=lambda r: int(r["head"]))  # type: ignore[call-overload]
+        heads = tuple(int(r["head"]) for r in members)  # type: ignore[call-overload]
+        d = geometry.head_dim if geometry else len(members[0]["singular_values"])  # type: ignore[arg-type]
+        hidden = int(members[0]["shape"][0])  # type: ignore[index]
+        group = _query_group(members[0], geometry)
+        ranks = [_rank(r, rank_metric) for r in members]
+        if set(group) <= set(heads) and None not in ranks:
+            rank = max(ranks)  # type: ignore[type-var]
+            before = (len(heads) + 1) * d * hidden
+            after = (len(heads) + 1) * min(d, rank) * hidden  # type: ignore[type-var]
+            errors = [_truncation_error(r, rank) for r in members]  # type: ignore[arg-type]
+            result.append(
+                Candidate(
+                    members[0],
+                    rank,  # type: ignore[arg-type]
+                    max((e for e in errors if e is not None), default=None),
+                    before,
+                    after,
+                    _group_removal(members[0], geometry, len(heads)),
+                    heads,
+                    tuple(str(r["nodeid"]) for r in members),
+                    cut_limit=d,
+                )
+            )
+            continue
+        for record, rank in zip(members, ranks, strict=True):
+            params = 2 * d * hidden
+            result.append(
+                Candidate(
+                    record,
+                    rank,
+                    _truncation_error(record, rank),
+                    params,
+                    params,
+                    _removal(record, geometry),
+                    (int(record["head"]),),  # type: ignore[call-overload]
+                    (str(record["nodeid"]),),
+                    cut_limit=d,
+                    needs_heads=group,
+                )
+            )
+    return result
+
+
+def _group_removal(record: Record, geometry: Geometry | None, heads: int) -> int | None:
+    """What removing every query head of a circuit group frees, if a broken rule asks."""
+    single = _removal(record, geometry)
+    return None if single is None else single * heads
+
+
+def _query_group(record: Record, geometry: Geometry | None) -> tuple[int, ...]:
+    """The query heads sharing the record's K/V head (just its own head without geometry)."""
+    if geometry is None or record["kv_head"] is None:
+        return (int(record["head"]),)  # type: ignore[call-overload]
+    first = int(record["kv_head"]) * geometry.group_size  # type: ignore[call-overload]
+    return tuple(range(first, first + geometry.group_size))
+
+
+def _rank(record: Record, rank_metric: str) -> int | None:
+    value = record["metrics"].get(rank_metric)  # type: ignore[attr-defined]
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -174,7 +283,8 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
     """Parameters freed by acting on every candidate, each weight counted once.
 
     Candidates overlap: a removed query head takes its Q and O slices with it whatever else was
-    suggested for them, a removed K/V head takes its whole group, and a whole-matrix
+    suggested for them, a removed K/V head takes its whole group, a slice both factorised and
+    cut through a circuit counts the larger of the two savings, and a whole-matrix
     factorisation is an alternative to factorising that matrix's heads (it counts only where
     the matrix has no head candidates).
     """
@@ -194,18 +304,43 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
             removed_query.update((layer, head) for head in c.heads)
     slice_params = geometry.head_dim * geometry.hidden
     total = 2 * slice_params * (len(removed_query) + len(removed_kv))
-    with_heads = {(c.record["layer"], c.record["matrix"]) for c in candidates if c.heads}
+    best: dict[tuple[object, str, object], int] = {}  # head slice -> its largest saving
     for c in candidates:
-        layer, matrix = c.record["layer"], c.record["matrix"]
-        if not c.heads:  # a whole matrix: its heads' suggestions stand instead, if any
-            superseded = (layer, matrix) in with_heads
-        elif matrix in ("k", "v"):
-            superseded = (layer, c.record["kv_head"]) in removed_kv
-        else:
-            superseded = all((layer, head) in removed_query for head in c.heads)
-        if not superseded:
+        for place, saving in _slice_savings(c, geometry):
+            layer, matrix, index = place
+            shared = matrix in ("k", "v")
+            if (layer, index) not in (removed_kv if shared else removed_query):
+                best[place] = max(best.get(place, 0), saving)
+    total += sum(best.values())
+    with_heads = {
+        (layer, matrix) for c in candidates for (layer, matrix, _), _ in _slice_savings(c, geometry)
+    }
+    for c in candidates:
+        if not c.heads and (c.record["layer"], c.record["matrix"]) not in with_heads:
             total += c.params_before - c.params_after
     return total
+
+
+def _slice_savings(
+    candidate: Candidate, geometry: Geometry
+) -> list[tuple[tuple[object, str, object], int]]:
+    """``((layer, matrix, index), saving)`` for each head slice a candidate would shrink
+    (``index`` the K/V head for k and v slices, the query head otherwise); none for a whole
+    matrix."""
+    r, layer, matrix = candidate.record, candidate.record["layer"], candidate.record["matrix"]
+    if not candidate.heads:
+        return []
+    saving = candidate.params_before - candidate.params_after
+    if matrix in CIRCUITS:
+        if candidate.needs_heads or saving <= 0:
+            return []
+        query, shared = CIRCUITS[str(matrix)][0], CIRCUITS[str(matrix)][1]
+        per_slice = saving // (len(candidate.heads) + 1)
+        cuts = [((layer, query, head), per_slice) for head in candidate.heads]
+        return [*cuts, ((layer, shared, r["kv_head"]), per_slice)]
+    if matrix in ("k", "v"):
+        return [((layer, str(matrix), r["kv_head"]), saving)]
+    return [((layer, str(matrix), head), saving) for head in candidate.heads[:1]]
 
 
 def candidate_record(candidate: Candidate) -> Record:
@@ -227,6 +362,7 @@ def candidate_record(candidate: Candidate) -> Record:
         "params_after_factorisation": candidate.params_after,
         "params_saved": candidate.saved,
         "params_saved_by_removal": candidate.removal,
+        "needs_heads": list(candidate.needs_heads) or None,
     }
 
 

@@ -9,7 +9,7 @@ these included, is reported as a warning and nothing fails.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,9 +28,12 @@ class BrokenRule:
     value: float
     severity: Severity  # the rule's, or "warn" in warn-only mode
     reason: str
+    #: the reference of a change rule: the baseline's value, or the history's (trend rule)
     baseline: float | None = None
 
     floor_limited: bool = False
+    #: for a trend rule, the step (label) of the history report holding ``baseline``
+    reference_step: str | None = None
 
     @property
     def bound(self) -> Bound | None:
@@ -97,12 +100,17 @@ def judge(
     spectrum: HeadSpectrum,
     *,
     baseline: Mapping[str, float] | None = None,
+    trend: Callable[[Rule], tuple[float, str] | None] | None = None,
     warn_only: bool = False,
 ) -> Verdict:
     """Apply every rule that selects (layer, head, matrix) to the spectrum's metrics.
 
     ``baseline`` holds the same item's metrics from ``--spectral-baseline`` (``None`` when the
     item is missing there, which breaks every relative rule rather than passing silently).
+    ``trend`` gives a trend rule's reference for this item: the value and the step of the
+    history report it comes from, or ``None`` when no earlier report in the rule's window
+    holds the item (its first report: a trend needs two points), which leaves the rule
+    unjudged; without ``trend`` trend rules are not judged.
     """
     status = builtin_checks(spectrum)
     broken = []
@@ -111,10 +119,19 @@ def judge(
             continue
         key = rule.request.key
         value = spectrum.metrics[key]
-        base = baseline.get(key) if baseline is not None else None
-        reason = rule.violation(value) or rule.change_violation(value, base)
+        step = None
+        if rule.is_trend:
+            reference = trend(rule) if trend is not None else None
+            base, step = reference if reference is not None else (None, None)
+            change = (
+                None if reference is None else rule.change_violation(value, base, f"step {step}")
+            )
+        else:
+            base = baseline.get(key) if baseline is not None else None
+            change = rule.change_violation(value, base)
+        reason = rule.violation(value) or change
         if reason is not None:
             severity: Severity = "warn" if warn_only else rule.severity
             limited = spectrum.floor_limited and rule.request.name == "first_last_ratio"
-            broken.append(BrokenRule(rule, value, severity, reason, base, limited))
+            broken.append(BrokenRule(rule, value, severity, reason, base, limited, step))
     return Verdict(status, tuple(broken), warn_only)

@@ -44,6 +44,20 @@ def _descending(sv: ArrayLike) -> Values:
     return -np.sort(-_as_float64(sv), axis=-1)
 
 
+def _balanced(sv: ArrayLike) -> tuple[Values, Values]:
+    """Singular values divided by the power of two of each slice's largest, and that power.
+
+    Dividing by a power of two is exact, so ratios come out bit for bit the same, but squares
+    and sums can no longer under- or overflow: the spectrum of weights of 1e-170 (whose
+    squares are below float64's range) measures like any other. Scale-dependent metrics
+    multiply the power back in.
+    """
+    s = _as_float64(sv)
+    with np.errstate(invalid="ignore"):
+        exponent = np.frexp(np.max(s, axis=-1, keepdims=True))[1]
+    return np.ldexp(s, -exponent), exponent[..., 0]
+
+
 def _poison_nonfinite(sv: ArrayLike, value: Values) -> Values:
     """Return ``nan`` wherever the input spectrum had a non-finite entry."""
     bad = ~np.isfinite(_as_float64(sv)).all(axis=-1)
@@ -77,10 +91,19 @@ class MetricContext:
 
     shape: tuple[int, int]  # [m, n]
     storage: str | None = None  # safetensors dtype name, e.g. "BF16"
+    #: per slice, the measurement floor where it is not a function of the slice's own
+    #: singular values: a circuit's (a product's) comes from its factors' norms
+    #: (:func:`pytest_spectral.compute.circuits.product_floor`)
+    floor: tuple[float, ...] | None = None
 
 
 #: relative precision of each storage dtype (unit roundoff)
 _STORAGE_EPS = {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}
+
+
+def storage_roundoff(storage: str | None) -> float:
+    """Unit roundoff of a storage dtype (``"BF16"``: 2^-8); float64's for any other."""
+    return _STORAGE_EPS.get(storage or "F64", 2.0**-53)
 
 
 def measurement_floor(sv: ArrayLike, context: MetricContext) -> Values:
@@ -89,12 +112,16 @@ def measurement_floor(sv: ArrayLike, context: MetricContext) -> Values:
     The larger of the float64 numerical floor ``sigma_max * max(m, n) * eps64`` and the storage
     floor ``u * rms(W) * (sqrt(m) + sqrt(n))``: rounding every weight to a dtype of unit
     roundoff ``u`` adds noise whose spectral norm is about that (``shared notes``, section 5).
+    A context that carries its own ``floor`` (a circuit's) gives it instead.
     """
+    if context.floor is not None:
+        return np.asarray(context.floor, dtype=np.float64)
     s = _descending(sv)
     m, n = context.shape
     numerical = s[..., 0] * max(m, n) * np.finfo(np.float64).eps
-    rms = np.sqrt((s * s).sum(-1) / (m * n))
-    storage = _STORAGE_EPS.get(context.storage or "F64", 2.0**-53) * rms * (np.sqrt(m) + np.sqrt(n))
+    balanced, exponent = _balanced(s)
+    rms = np.ldexp(np.sqrt((balanced * balanced).sum(-1) / (m * n)), exponent)
+    storage = storage_roundoff(context.storage) * rms * (np.sqrt(m) + np.sqrt(n))
     return np.maximum(numerical, storage)
 
 
@@ -121,13 +148,13 @@ def spectral_norm(sv: ArrayLike) -> Values:
 
 def frobenius_norm(sv: ArrayLike) -> Values:
     """sqrt(sum sigma^2), the Frobenius norm of the matrix."""
-    s = _as_float64(sv)
-    return _poison_nonfinite(sv, np.sqrt((s * s).sum(-1)))
+    s, exponent = _balanced(sv)
+    return _poison_nonfinite(sv, np.ldexp(np.sqrt((s * s).sum(-1)), exponent))
 
 
 def stable_rank(sv: ArrayLike) -> Values:
     """||W||_F^2 / ||W||_2^2, in [1, r]; a soft count of the directions that carry energy."""
-    s = _descending(sv)
+    s = _descending(_balanced(sv)[0])
     return _poison_nonfinite(sv, _share((s * s).sum(-1), s[..., 0] ** 2))
 
 
@@ -148,7 +175,7 @@ def energy_rank(sv: ArrayLike, p: float = 0.9) -> Values:
     By Eckart-Young the best rank-r approximation then has relative Frobenius error
     ``sqrt(1 - p)`` at most, which is what makes this the operational rank for compression.
     """
-    s = _descending(sv)
+    s = _descending(_balanced(sv)[0])
     cumulative = np.cumsum(s * s, axis=-1)
     total = cumulative[..., -1:]
     rank = (cumulative < p * total).sum(-1).astype(np.float64) + 1.0
@@ -162,7 +189,7 @@ def nuclear_norm(sv: ArrayLike) -> Values:
 
 def spectral_entropy(sv: ArrayLike) -> Values:
     """Entropy of p = sigma^2 / sum(sigma^2), divided by ln(r): 0 (rank 1) to 1 (flat)."""
-    s = _as_float64(sv)
+    s = _balanced(sv)[0]
     energy = s * s
     p = _share(energy, energy.sum(-1, keepdims=True))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -174,7 +201,7 @@ def spectral_entropy(sv: ArrayLike) -> Values:
 
 def participation_ratio(sv: ArrayLike) -> Values:
     """(sum lambda)^2 / sum lambda^2 with lambda = sigma^2, in [1, r]."""
-    s = _as_float64(sv)
+    s = _balanced(sv)[0]
     energy = s * s
     return _poison_nonfinite(sv, _share(energy.sum(-1) ** 2, (energy * energy).sum(-1)))
 
@@ -267,10 +294,11 @@ def alpha_xmin(sv: ArrayLike) -> Values:
 
 
 def alpha_weighted(sv: ArrayLike) -> Values:
-    """alpha * log10(lambda_max), WeightWatcher's alpha-hat."""
+    """alpha * log10(lambda_max), WeightWatcher's alpha-hat (lambda_max = sigma_1^2, whose
+    logarithm is taken as 2 log10(sigma_1): sigma_1^2 itself overflows above 1.3e154)."""
     s = _descending(sv)
     with np.errstate(divide="ignore"):
-        return alpha(s) * np.log10(s[..., 0] ** 2)
+        return alpha(s) * 2.0 * np.log10(s[..., 0])
 
 
 def nonfinite_count(sv: ArrayLike) -> Values:

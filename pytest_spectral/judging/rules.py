@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 from pytest_spectral.untrusted import (
@@ -30,7 +30,7 @@ from pytest_spectral.untrusted import (
 Severity = Literal["fail", "warn"]
 #: values of a rule's ``suggest``: what a broken rule suggests doing with the slice
 SUGGESTIONS = ("low_rank", "remove_head", "none")
-ALL_MATRICES: tuple[str, ...] = MATRICES + MLP_MATRICES
+ALL_MATRICES: tuple[str, ...] = HEAD_MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
 #: the keys a [[rules]] table may have, besides its metric's parameters
 RULE_KEYS = (
@@ -46,7 +46,11 @@ RULE_KEYS = (
     "severity",
     "scope",
     "suggest",
+    "window",
 )
+#: A trend rule's window counts reports (the current one included); beyond this it is no
+#: longer a trend but a baseline.
+MAX_WINDOW = 1000
 
 
 #: why a relative rule finds no baseline value, and what to do (the metric's key filled in).
@@ -75,9 +79,13 @@ class Rule:
     layers: IndexSet
     heads: IndexSet
     severity: Severity
-    #: bounds on the relative change (value - baseline) / |baseline| against --spectral-baseline
+    #: bounds on the relative change (value - reference) / |reference|: the reference is the
+    #: item's value in --spectral-baseline, or for a trend rule (``window``) in the earliest of
+    #: the last ``window`` reports of --spectral-history, this run being the last
     min_change: float | None = None
     max_change: float | None = None
+    #: a trend rule: the number of reports (this run's included) its change spans
+    window: int | None = None
     #: "head" items (the default) or whole-"matrix" items (--spectral-scope)
     scope: str = "head"
     #: what a break suggests: "low_rank" factorisation, "remove_head", or "none" (a
@@ -94,7 +102,13 @@ class Rule:
 
     @property
     def is_relative(self) -> bool:
+        """Bounds a change against a reference: a baseline, or the history (a trend rule)."""
         return self.min_change is not None or self.max_change is not None
+
+    @property
+    def is_trend(self) -> bool:
+        """Bounds the change over the last ``window`` reports of a history."""
+        return self.window is not None
 
     def applies_to(self, layer: int, head: int | None, matrix: str) -> bool:
         """Whether the rule judges this item; ``head`` is None for a whole-matrix item."""
@@ -118,9 +132,13 @@ class Rule:
             return f"> max {self.max:g}"
         return None
 
-    def change_violation(self, value: float, baseline: float | None) -> str | None:
+    def change_violation(
+        self, value: float, baseline: float | None, against: str = "baseline"
+    ) -> str | None:
         """Why the change from ``baseline`` breaks this rule, or ``None`` when it does not.
 
+        ``against`` names the reference in the message: ``"baseline"``, or for a trend rule
+        the step of the history report that holds it (``"step 1000"``).
         A relative change from or to a non-finite value, or from zero, is undefined and breaks
         the rule: an ``inf`` baseline would otherwise make every change look like -100%.
         """
@@ -128,7 +146,7 @@ class Rule:
             return None
         if baseline is None:
             return f"has no baseline value: {MISSING_BASELINE.format(metric=self.request.key)}"
-        shown = f"vs baseline {baseline:.6g}"
+        shown = f"vs {against} {baseline:.6g}"
         if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
             return f"{shown}: relative change undefined"
         change = (value - baseline) / abs(baseline)
@@ -240,6 +258,18 @@ def _parse_rule(
     severity = entry.get("severity", "fail")
     if severity not in ("fail", "warn"):
         raise fail("severity", f"must be 'fail' or 'warn', got {severity!r}")
+    window = entry.get("window")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise fail("window", f"must be a whole number of reports, got {window!r}")
+        if not 2 <= window <= MAX_WINDOW:
+            raise fail(
+                "window",
+                f"must be between 2 (this report and the one before) and {MAX_WINDOW}, "
+                f"got {window}",
+            )
+        if bounds["min_change"] is None and bounds["max_change"] is None:
+            raise fail("window", "bounds a change over reports: give min_change or max_change")
     name = entry.get("name", f"rule-{index + 1}")
     if not isinstance(name, str) or not name:
         raise fail("name", f"must be a non-empty string, got {name!r}")
@@ -257,6 +287,7 @@ def _parse_rule(
         max_change=bounds["max_change"],
         scope=scope,
         suggest=suggest,
+        window=window,
         lines=where.key_lines(index, [key for key, value in bounds.items() if value is not None]),
     )
 

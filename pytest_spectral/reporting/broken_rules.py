@@ -51,9 +51,11 @@ def describe_broken(
         change = (value - base) / abs(base)
         op = "<" if bound == "min_change" else ">"
         text = (
-            f"{subject} vs baseline {_fmt(base, digits)} ({change:+.1%}) "
+            f"{subject} vs {_reference(entry)} {_fmt(base, digits)} ({change:+.1%}) "
             f"{op} {'' if short else bound + ' '}{_number(entry[bound]):+g}"
         )
+        if entry.get("window") is not None and not short:
+            text += f" over {entry['window']} reports"
     elif math.isnan(value):
         text = f"{subject} (undefined)"
     elif entry.get("min_change") is not None or entry.get("max_change") is not None:
@@ -61,10 +63,16 @@ def describe_broken(
             text = f"{subject} has no baseline value: {MISSING_BASELINE.format(metric=metric)}"
         else:
             base = _fmt(_number(baseline), digits)
-            text = f"{subject} vs baseline {base}: relative change undefined"
+            text = f"{subject} vs {_reference(entry)} {base}: relative change undefined"
     else:
         text = subject
     return f"{rule}: {text}"
+
+
+def _reference(entry: Mapping[str, object]) -> str:
+    """What a change is measured against: the baseline, or a trend rule's history report."""
+    step = entry.get("reference_step")
+    return "baseline" if step is None else f"step {step}"
 
 
 def _number(value: object) -> float:

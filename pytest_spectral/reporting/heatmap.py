@@ -22,8 +22,8 @@ import numpy as np
 from rich.console import Console
 from rich.text import Text
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.printable import printable
@@ -116,8 +116,9 @@ def _cells(records: Sequence[Record], metric: str, *, whole: bool) -> dict[Cell,
 
 
 def _matrices(cells: dict[Cell, float | None]) -> list[str]:
-    """The view's matrices, q, k, v, o first, then the MLP's in their usual order."""
-    order = MATRICES + MLP_MATRICES
+    """The view's matrices, q, k, v, o and the circuits first, then the MLP's in their usual
+    order."""
+    order = HEAD_MATRICES + MLP_MATRICES
     present = {matrix for _, _, matrix in cells}
     return sorted(present, key=lambda m: (order.index(m) if m in order else len(order), m))
 

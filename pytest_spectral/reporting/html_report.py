@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pytest_spectral.checkpoints.architectures import MLP_MATRICES
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.judging.metrics import METRICS
 from pytest_spectral.judging.rules import Rule
@@ -76,11 +76,13 @@ def render_html(
     *,
     energy: float,
     rules: Sequence[Rule] = (),
+    history: Sequence[str] = (),
 ) -> str:
     """The page: run, summary and settings tables, regressions, pruning candidates, items
-    without a result, one heatmap figure per metric (one centre and spread for its four
-    panels, each cell reaching to the bounds of the ``rules`` that judge it), a table and
-    heatmaps of the whole-matrix items, and the singular values of the flagged layers."""
+    without a result, one heatmap figure per metric (one centre and spread for its panels,
+    each cell reaching to the bounds of the ``rules`` that judge it), a table and heatmaps of
+    the whole-matrix items, the singular values of the flagged layers, and the ``history``
+    sections (``history.page.history_sections``) when the run has one."""
     require_matplotlib()
     import matplotlib
 
@@ -105,7 +107,7 @@ def render_html(
         cells = _cells(records, metric)
         if cells:
             scales = _scales(metric, cells, rules)
-            figure = _heatmaps(cells, scales, layers, heads)
+            figure = _heatmaps(cells, scales, layers, heads, _panels(records))
             sections.append(
                 _section(
                     f"{metric} across layers and heads",
@@ -133,6 +135,7 @@ def render_html(
                 _img(_curves(records, layer), f"singular values, layer {layer}"),
             )
         )
+    sections.extend(history)
     shown = model.get("argument") if model.get("source") == "hub" else model.get("path")
     title = f"pytest-spectral: {_text(shown or '')}"
     return _PAGE.format(title=title, body="\n".join(sections))
@@ -180,15 +183,23 @@ def _curve_layers(
     return (flagged or present[:1])[:MAX_CURVE_LAYERS]
 
 
-def _heatmaps(cells: Mapping[Cell, float], scales: Mapping[Cell, Scale], layers: int, heads: int):
-    """Four panels (q, k, v, o), each cell coloured by its position on its own scale (0 at
-    the median, +-1 at the reach of each side: see ``scale.cell_scales``), with one colour
-    bar."""
+def _heatmaps(
+    cells: Mapping[Cell, float],
+    scales: Mapping[Cell, Scale],
+    layers: int,
+    heads: int,
+    matrices: Sequence[str] = MATRICES,
+):
+    """A panel per matrix of ``matrices`` (q, k, v, o, and qk, ov when collected), each cell
+    coloured by its position on its own scale (0 at the median, +-1 at the reach of each
+    side: see ``scale.cell_scales``), with one colour bar."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
-    for axis, matrix in zip(axes, MATRICES, strict=True):
+    figure, axes = plt.subplots(
+        1, len(matrices), figsize=(3.5 * len(matrices), 3.6), constrained_layout=True
+    )
+    for axis, matrix in zip(axes, matrices, strict=True):
         grid = np.full((layers, heads), np.nan)
         for (layer, head, m), value in cells.items():
             if m == matrix:
@@ -208,7 +219,7 @@ def _matrix_heatmap(cells: Mapping[Cell, float], scales: Mapping[Cell, Scale], l
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    order = MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + MLP_MATRICES
     matrices = sorted(
         {m for _, _, m in cells},
         key=lambda m: (m not in order, order.index(m) if m in order else 0, m),
@@ -251,6 +262,13 @@ def _colour_bar(figure, image, axes: list, scales: Mapping[Cell, Scale]) -> None
     bar.set_label(f"{log}{first.metric} ({direction_words(first.bad)})")
 
 
+def _panels(records: Sequence[Record]) -> tuple[str, ...]:
+    """q, k, v and o always (an empty panel says they were not collected); the circuits when
+    a run collected them."""
+    present = {r["matrix"] for r in records}
+    return MATRICES + tuple(c for c in CIRCUITS if c in present)
+
+
 def _value(record: Record, metric: str) -> float:
     return float(record["metrics"].get(metric, math.nan))  # type: ignore[attr-defined, arg-type]
 
@@ -258,8 +276,11 @@ def _value(record: Record, metric: str) -> float:
 def _curves(records: Sequence[Record], layer: int):
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
-    for axis, matrix in zip(axes, MATRICES, strict=True):
+    matrices = _panels(records)
+    figure, axes = plt.subplots(
+        1, len(matrices), figsize=(3.5 * len(matrices), 3.6), constrained_layout=True
+    )
+    for axis, matrix in zip(axes, matrices, strict=True):
         for r in records:
             if r["layer"] != layer or r["matrix"] != matrix:
                 continue
@@ -453,7 +474,8 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
             f"<td>{_broken_rules(c.rules, r)}</td>"
             f"<td>{'-' if c.rank is None else c.rank}</td>"
             f"<td>{'x'.join(map(str, r['shape']))}</td>"  # type: ignore[call-overload]
-            f"<td>{c.saved:,} ({c.saving_fraction:.0%})</td></tr>"
+            f"<td>{c.saved:,} ({c.saving_fraction:.0%}){_text(' ' + c.needs if c.needs else '')}"
+            "</td></tr>"
         )
     note = (
         f"<p>rank@{energy:.0%} keeps {energy:.0%} of the slice's energy. These are candidates "

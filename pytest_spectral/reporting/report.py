@@ -20,6 +20,7 @@ from pytest_spectral.judging.baseline import Baseline
 from pytest_spectral.judging.evaluation import Verdict
 from pytest_spectral.judging.rules import RuleSet
 from pytest_spectral.reporting.files import write_text_atomically
+from pytest_spectral.reporting.step import Step
 from pytest_spectral.results import OUTCOMES, SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
 
 #: what every JSON report has within its first bytes: an earlier report at the path is
@@ -76,6 +77,8 @@ def item_record(
                 "min_change": b.rule.min_change,
                 "max_change": b.rule.max_change,
                 "baseline": None if b.baseline is None else json_number(b.baseline),
+                "window": b.rule.window,
+                "reference_step": b.reference_step,
                 "severity": b.severity,
                 "bound": b.bound,
                 "suggest": b.suggestion,
@@ -131,6 +134,7 @@ def build_report(
     candidates: Iterable[Record],
     regressions: Iterable[Record],
     params_saved: int,
+    step: Step | None = None,
 ) -> dict[str, object]:
     """The report: model, rules, baseline and settings, a summary, every item, the
     regressions, then the pruning candidates.
@@ -144,6 +148,8 @@ def build_report(
     ``candidates`` are the entries of ``candidates.candidate_record``, largest saving first;
     ``params_saved`` is what acting on all of them frees, each weight counted once.
     ``regressions`` are the entries of ``candidates.regression_record``.
+    ``step`` is the checkpoint's place in a training run (``--spectral-step`` or what the
+    checkpoint says), null when unknown.
     """
     items = sorted(records, key=lambda r: str(r["nodeid"]))
     g = checkpoint.geometry
@@ -155,6 +161,7 @@ def build_report(
         "plugin_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "step": None if step is None else step.as_json(),
         "model": {
             "argument": model_argument,
             "source": "hub" if from_hub else "local",

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
@@ -84,6 +84,14 @@ def render_summary(
         "truncations.",
         style="dim",
     )
+    if any(c.record["matrix"] in CIRCUITS for c in candidates):
+        console.print(
+            "A qk (ov) circuit of rank r lets its heads' Q rows (O columns) and their shared "
+            "K/V head's K (V) rows be cut to r, below the break-even head_dim; with grouped-query "
+            "attention only when every query head of the group is a candidate (one row); "
+            "with rotary embeddings this holds at relative position 0 only (see the README).",
+            style="dim",
+        )
     return buffer.getvalue()
 
 
@@ -114,9 +122,10 @@ def _counts_line(records: Sequence[Record]) -> str:
 
 
 def _order(item: tuple[str, int]) -> tuple[int, str]:
-    """q, k, v, o first, then MLP matrices by name."""
+    """q, k, v, o, qk, ov first, then MLP matrices by name."""
     matrix = item[0]
-    return (MATRICES.index(matrix) if matrix in MATRICES else len(MATRICES), matrix)
+    known = HEAD_MATRICES
+    return (known.index(matrix) if matrix in known else len(known), matrix)
 
 
 def _regressions_table(regressions: Sequence[Regression]) -> Table:
@@ -147,7 +156,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> Table:
         broken = [_broken(b, c.record) for b in c.rules]
         saved = f"{c.params_before - c.params_after:,} ({c.saving_fraction:.0%})"
         if c.params_after >= c.params_before:
-            saved = "none"
+            saved = "none" + (f"\n{c.needs}" if c.needs else "")
         if c.removal:
             saved += f"\nremove head: {c.removal:,}"
         rank = "-" if c.rank is None else str(c.rank)

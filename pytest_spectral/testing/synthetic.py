@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -79,6 +80,76 @@ def random_llama_weights(
     if not attention_only:
         tensors["model.norm.weight"] = torch.ones(shape.hidden)
         tensors["lm_head.weight"] = gaussian(shape.vocab, shape.hidden)
+    return tensors
+
+
+def conditioned_slices(
+    count: int,
+    rows: int,
+    cols: int,
+    kappas: tuple[float, float],
+    generator: torch.Generator,
+    *,
+    frobenius: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``count`` slices (``dtype``) ``U diag(s) V^T`` of shape ``[rows, cols]`` (rows <= cols).
+
+    ``U`` and ``V`` are Haar-random orthonormal factors, so ill-conditioning is spread over
+    every weight (rotated, not graded: a row-scaled matrix would hide the errors of a Gram
+    matrix). ``s`` is log-spaced from 1 down to ``1 / kappa``, with each slice's ``kappa``
+    drawn log-uniformly from ``kappas``, then scaled to Frobenius norm ``frobenius``.
+    Rounding to bf16 afterwards caps the measurable condition number (see the README).
+    """
+    low, high = np.log10(kappas[0]), np.log10(kappas[1])
+    exponents = low + (high - low) * torch.rand(count, 1, generator=generator, dtype=torch.float64)
+    spectrum = torch.pow(10.0, -exponents * torch.linspace(0, 1, rows, dtype=torch.float64))
+    spectrum *= frobenius / spectrum.square().sum(-1, keepdim=True).sqrt()
+    left = torch.linalg.qr(torch.randn(count, rows, rows, generator=generator, dtype=dtype)).Q
+    right = torch.linalg.qr(torch.randn(count, cols, rows, generator=generator, dtype=dtype)).Q
+    return (left * spectrum.to(dtype)[:, None, :]) @ right.mT
+
+
+def trained_like_layer(
+    shape: LlamaShape,
+    layer: int,
+    generator: torch.Generator,
+    *,
+    qk_kappas: tuple[float, float] = (10.0, 1e5),
+    vo_kappas: tuple[float, float] = (2.0, 30.0),
+) -> dict[str, torch.Tensor]:
+    """One layer's float32 tensors with spectra shaped like a trained model's.
+
+    Q and K heads get condition numbers spread over several decades (``qk_kappas``), V and O
+    flatter ones (``vo_kappas``); each head has the Frobenius norm of a Gaussian init. The MLP
+    (with ``shape.mlp``) is Gaussian.
+    """
+    d, hidden = shape.head_dim, shape.hidden
+    norm = d**0.5  # a d x hidden Gaussian slice of variance 1 / hidden
+
+    def heads(count: int, kappas: tuple[float, float]) -> torch.Tensor:
+        return conditioned_slices(count, d, hidden, kappas, generator, frobenius=norm)
+
+    tensors = {
+        attention_name(layer, "q"): heads(shape.heads, qk_kappas).reshape(-1, hidden),
+        attention_name(layer, "k"): heads(shape.kv_heads, qk_kappas).reshape(-1, hidden),
+        attention_name(layer, "v"): heads(shape.kv_heads, vo_kappas).reshape(-1, hidden),
+        # an O head is a column block [hidden, d]: the transpose of a [d, hidden] slice
+        attention_name(layer, "o"): heads(shape.heads, vo_kappas)
+        .permute(2, 0, 1)
+        .reshape(hidden, -1),
+    }
+    if shape.mlp:
+        prefix = f"model.layers.{layer}.mlp"
+        scale = hidden**-0.5
+        for name, rows, cols in (
+            ("gate_proj", shape.intermediate, hidden),
+            ("up_proj", shape.intermediate, hidden),
+            ("down_proj", hidden, shape.intermediate),
+        ):
+            tensors[f"{prefix}.{name}.weight"] = (
+                torch.randn(rows, cols, generator=generator) * scale
+            )
     return tensors
 
 

@@ -188,6 +188,29 @@ class TestTrainingCheckpoints:
         hostile.refused(model_arg(folder / "model.pt"), naming=["model.pt", "__builtin__.eval"])
 
 
+    @pytest.mark.parametrize("second", ["state_dict", "module", "model_state_dict"])
+    def test_a_second_state_dict_cannot_stand_in(self, pytester, hostile, second) -> None:
+        """Kind 2: nanoGPT loads ``model`` (here NaN); a healthy state dict under another
+        framework's key must not be analysed in its place."""
+        folder = pytester.mkdir("run")
+        (folder / "config.json").write_text(json.dumps(SHAPE.config()))
+        healthy = random_llama_weights(SHAPE, seed=1)
+        broken = {name: torch.full_like(w, float("nan")) for name, w in healthy.items()}
+        torch.save({"model": broken, second: healthy, "iter_num": 10}, folder / "ckpt.pt")
+        hostile.refused(
+            model_arg(folder / "ckpt.pt"),
+            naming=["ckpt.pt: holds a state dict under each of", f"'{second}'", "'model'"],
+        )
+
+    def test_tensors_beside_the_state_dict_are_no_second_one(self, pytester, hostile) -> None:
+        """nanoGPT keeps ``best_val_loss`` as a tensor at the top level."""
+        folder = pytester.mkdir("run")
+        (folder / "config.json").write_text(json.dumps(SHAPE.config()))
+        state = random_llama_weights(SHAPE, seed=1)
+        torch.save({"model": state, "best_val_loss": torch.tensor(2.5)}, folder / "ckpt.pt")
+        hostile.passes(model_arg(folder / "ckpt.pt"), items=SHAPE.layers * SHAPE.heads * 4)
+
+
 class TestDistributedCheckpoint:
     def save(self, root: Path) -> Path:
         import warnings
@@ -258,3 +281,181 @@ class TestLoraAdapters:
         (adapter / "adapter_config.json").write_text(json.dumps(config))
         hostile.refused(model_arg(adapter), naming=["the merged weights need the base model"])
         assert load_file(adapter / "adapter_model.safetensors")  # untouched
+
+    @pytest.mark.parametrize(
+        ("key", "value", "says"),
+        [
+            ("lora_alpha", 10**400, "'lora_alpha' must be a finite number"),
+            ("r", 10**400, "'r' must be a positive integer up to 2147483648"),
+            ("alpha_pattern", {"q_proj": 10**400}, "'alpha_pattern' must be an object of finite"),
+            ("rank_pattern", {"q_proj": 10**400}, "'rank_pattern' must be an object of positive"),
+        ],
+        ids=["alpha", "r", "alpha_pattern", "rank_pattern"],
+    )
+    def test_integers_no_float_can_hold(self, pytester, hostile, key, value, says) -> None:
+        """Kind 6: a 401-digit integer is valid JSON, and float() of it raises."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-base-model={base}",
+            naming=["adapter_config.json", says],
+        )
+
+    def test_a_layer_number_of_thousands_of_digits(self, pytester, hostile) -> None:
+        """Kind 6: int() of 5,000 digits raises (an INTERNALERROR once)."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["layers_to_transform"] = [0]
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        factors = load_file(adapter / "adapter_model.safetensors")
+        stem = f"base_model.model.model.layers.{'1' * 5000}.self_attn.q_proj"
+        factors[f"{stem}.lora_A.weight"] = torch.ones(2, SHAPE.hidden)
+        factors[f"{stem}.lora_B.weight"] = torch.ones(SHAPE.hidden, 2)
+        save_file(factors, adapter / "adapter_model.safetensors")
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-base-model={base}",
+            naming=["adapter_config.json: module model.layers.111", "of 5000 digits; refused"],
+        )
+
+    def test_base_model_given_with_a_space(self, pytester, hostile) -> None:
+        """Kind 1: the base model is a local path like the checkpoint; its space form would
+        let an ini file beside it configure the run."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        hostile.refused(
+            model_arg(adapter),
+            "--spectral-base-model",
+            str(base),
+            naming=[
+                f"--spectral-base-model {base} (on the command line): with a space",
+                f"--spectral-base-model={base}",
+            ],
+        )
+
+    @pytest.mark.parametrize(
+        "option", ["--spectral-report", "--spectral-html", "--spectral-calibrate", "--junitxml"]
+    )
+    def test_nothing_is_written_inside_the_base_model(self, pytester, hostile, option) -> None:
+        """Kind 5: the base model is a checkpoint too; an earlier file there is not even
+        removed."""
+        base, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        target = base / "out.txt"
+        target.write_text("earlier\n")
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-base-model={base}",
+            f"{option}={target}",
+            naming=[option, "the base model's directory", str(base)],
+        )
+        assert target.read_text() == "earlier\n"
+
+    def test_without_a_base_model_the_hub_cache_is_protected(
+        self, pytester, hostile, monkeypatch
+    ) -> None:
+        """The adapter's base then comes from the hub cache, known only once the adapter is
+        read: the whole cache is protected from the start."""
+        pytest.importorskip("huggingface_hub")
+        _, adapter = self.adapter(pytester.path, lora_b_rows=32)
+        cache = pytester.mkdir("hf")
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        target = cache / "r.json"
+        target.write_text("earlier\n")
+        hostile.refused(
+            model_arg(adapter),
+            f"--spectral-report={target}",
+            naming=[f"--spectral-report {target}: lies inside the Hugging Face cache {cache}"],
+        )
+        assert target.read_text() == "earlier\n"
+
+    def test_delta_of_a_config_claiming_a_billion_layers(self, pytester, hostile) -> None:
+        """Kind 3: the layers an update covers are read from its tensor names, not tried one
+        by one up to the config's count."""
+        adapter = pytester.mkdir("adapter")
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        factors = {}
+        for layer in (0, 7):
+            stem = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+            factors[f"{stem}.lora_A.weight"] = torch.randn(2, 64)
+            factors[f"{stem}.lora_B.weight"] = torch.randn(64, 2)
+        save_file(factors, adapter / "adapter_model.safetensors")
+        geometry = {
+            "model_type": "llama", "num_hidden_layers": 10**9, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "hidden_size": 64,
+        }  # fmt: skip
+        (pytester.path / "claims.json").write_text(json.dumps(geometry))
+        outcome = hostile(
+            model_arg(adapter), "--spectral-adapter=delta", "--spectral-config=claims.json"
+        )
+        assert outcome.exit_code == pytest.ExitCode.OK, outcome.output
+        assert "8 passed" in outcome.output
+
+
+def gguf_named(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A llama GGUF of SHAPE holding ``tensors`` under the GGUF names given, in that order."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(SHAPE.layers)
+    writer.add_embedding_length(SHAPE.hidden)
+    writer.add_head_count(SHAPE.heads)
+    writer.add_head_count_kv(SHAPE.kv_heads)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.to(torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_attention(layer: int, healthy: bool = True) -> dict[str, torch.Tensor]:
+    torch.manual_seed(layer)
+    kv_rows = SHAPE.kv_heads * SHAPE.head_dim
+    shapes = {"attn_q": SHAPE.hidden, "attn_k": kv_rows, "attn_v": kv_rows, "attn_output": 32}
+    tensors = {
+        f"blk.{layer}.{kind}.weight": torch.randn(rows, SHAPE.hidden)
+        for kind, rows in shapes.items()
+    }
+    if not healthy:
+        tensors[f"blk.{layer}.attn_q.weight"].fill_(float("nan"))
+    return tensors
+
+
+class TestGgufLayerNames:
+    """Kind 6: a layer is read under the one name llama.cpp gives it (``blk.%d``)."""
+
+    @pytest.mark.parametrize("spelling", ["01", "\u0661", "+1", " 1"])
+    def test_another_spelling_cannot_stand_in_for_a_layer(
+        self, pytester, hostile, spelling
+    ) -> None:
+        """A NaN ``blk.1.attn_q`` followed by a healthy ``blk.01.attn_q`` (or Arabic-Indic
+        one): the NaN one is analysed, as llama.cpp would use it."""
+        folder = pytester.mkdir("models")
+        stand_in = gguf_attention(1)["blk.1.attn_q.weight"]
+        tensors = {
+            **gguf_attention(0),
+            **gguf_attention(1, healthy=False),
+            f"blk.{spelling}.attn_q.weight": stand_in,
+        }
+        path = gguf_named(folder / "model.gguf", tensors)
+        outcome = hostile(model_arg(path))
+        assert outcome.exit_code == pytest.ExitCode.TESTS_FAILED, outcome.output
+        assert "4 failed" in outcome.output
+        assert "NaN" in outcome.output
+
+    @pytest.mark.parametrize("spelling", ["\u00b2", "\u2460"])
+    def test_digits_int_cannot_read_are_other_tensors(self, pytester, hostile, spelling):
+        """A superscript or circled digit (``str.isdigit`` but not ``int``) once gave a
+        traceback."""
+        folder = pytester.mkdir("models")
+        tensors = {
+            **gguf_attention(0),
+            **gguf_attention(1),
+            f"blk.{spelling}.attn_q.weight": torch.ones(SHAPE.hidden, SHAPE.hidden),
+        }
+        path = gguf_named(folder / "model.gguf", tensors)
+        outcome = hostile(model_arg(path))
+        assert outcome.exit_code == pytest.ExitCode.OK, outcome.output
+        assert f"{SHAPE.layers * SHAPE.heads * 4} passed" in outcome.output

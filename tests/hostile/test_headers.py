@@ -92,11 +92,24 @@ def unsupported_dtype(directory: Path) -> None:
 
 BROKEN_FILES: dict[str, tuple[Callable[[Path], object], str]] = {
     "missing config.json": (lambda d: (d / "config.json").unlink(), "config.json: missing"),
-    "config without head counts": (
+    "config with a head count in quotes": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": "llama",
+                    "hidden_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": "4",
+                }
+            )
+        ),
+        "'num_attention_heads' must be a positive integer, got '4'",
+    ),
+    "config without head counts (LlamaConfig's 32 heads: head_dim 1)": (
         lambda d: (d / "config.json").write_text(
             json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2})
         ),
-        "'num_attention_heads' must be a positive integer, got None",
+        "'hidden_size / num_attention_heads' gives 1; a head slice must be at least 2 x 2",
     ),
     "index naming a missing shard": (
         lambda d: first_shard(d).unlink(),
@@ -258,7 +271,7 @@ def test_checkpoint_files_are_never_modified(pytester, sharded) -> None:
     before = digests(sharded)
     rules = pytester.path / "rules.toml"
     rules.write_text('[[rules]]\nmetric = "stable_rank"\nmin = 100\n')
-    args = (f"--spectral-model={sharded}", "--spectral-thresholds", str(rules))
+    args = (f"--spectral-model={sharded}", f"--spectral-thresholds={rules}")
     pytester.runpytest(*args).assert_outcomes(failed=32)  # fills the cache
     pytester.runpytest(*args).assert_outcomes(failed=32)  # reads it
     pytester.runpytest_subprocess(*args, "-n", "2", "--spectral-no-cache").assert_outcomes(

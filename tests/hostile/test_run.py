@@ -13,7 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
+import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,14 +99,14 @@ class TestTheCheckpointNeverConfiguresTheRun:
             result,
             f"--spectral-model {hostile} (on the command line): with a space, pytest reads",
             "python -m pytest --basetemp=",
-            f" --spectral-model={hostile} --spectral-report {report}\n",
+            f" --spectral-model={hostile} --spectral-report={report}\n",
         )
         assert not report.exists()
         assert snapshot(hostile) == before  # no .pytest_cache, nothing else
 
     def test_equals_form_fails_the_nan_head(self, pytester, hostile) -> None:
         before = snapshot(hostile)
-        result = run(pytester, f"--spectral-model={hostile}", "--spectral-report", "r.json")
+        result = run(pytester, f"--spectral-model={hostile}", "--spectral-report=r.json")
         result.assert_outcomes(passed=ITEMS - 2, failed=2)  # the ini in the checkpoint is unread
         summary = json.loads((pytester.path / "r.json").read_text())["summary"]
         assert (summary["failed"], summary["warned"]) == (2, 0)
@@ -276,11 +281,270 @@ class TestHubIdsInTheSpaceForm:
         assert (work / ".pytest_cache").is_dir()
         assert snapshot(offline_hub) == before
 
+    def test_outputs_inside_the_hub_cache_are_refused(self, pytester, offline_hub) -> None:
+        """Known before the id is resolved (when earlier outputs are removed): the whole
+        cache, whose snapshots all come from elsewhere."""
+        before = snapshot(offline_hub)
+        target = offline_hub / "models--org--tiny" / "r.json"
+        result = run(pytester, "--spectral-model=org/tiny", f"--spectral-report={target}")
+        assert_clean_usage_error(
+            result, f"--spectral-report {target}: lies inside the Hugging Face cache {offline_hub}"
+        )
+        assert snapshot(offline_hub) == before
+
     def test_running_inside_the_snapshot_is_refused(self, pytester, offline_hub, monkeypatch):
         snapshot_dir = next((offline_hub / "models--org--tiny" / "snapshots").iterdir())
         monkeypatch.chdir(snapshot_dir)
         result = run(pytester, "--spectral-model=org/tiny", "-p", "no:cacheprovider")
-        assert_clean_usage_error(result, "lies inside the checkpoint directory")
+        assert_clean_usage_error(
+            result,
+            f"the directory pytest was started in ({snapshot_dir}) lies inside the Hugging Face "
+            f"cache {offline_hub}",
+        )
+
+
+def plant_code(directory: Path, markers: Path) -> None:
+    """What a hostile checkpoint ships to run as the user's tests: a conftest.py that would
+    drop the spectral items, a test module, a package marker and a nested conftest; each
+    would leave a file in ``markers`` if pytest imported it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for folder in (directory, directory / "sub"):
+        folder.mkdir(exist_ok=True)
+        name = folder.name
+        (folder / "conftest.py").write_text(
+            f"open({str(markers / ('conftest-' + name))!r}, 'w').close()\n"
+            "def pytest_collection_modifyitems(items):\n"
+            "    items[:] = [i for i in items if not i.nodeid.startswith('spectral')]\n"
+        )
+        (folder / f"test_{name}.py").write_text(
+            f"open({str(markers / ('module-' + name))!r}, 'w').close()\n"
+            "def test_planted():\n    pass\n"
+        )
+    (directory / "__init__.py").write_text("")
+
+
+def user_project(root: Path) -> None:
+    """A project of the user's: an ini file (its rootdir) and one test of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pytest.ini").write_text("[pytest]\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_mine.py").write_text("def test_mine():\n    pass\n")
+
+
+class TestTheCheckpointIsNeverCollectedFrom:
+    """Kind 1, collection: a checkpoint kept in the project is never collected from and its
+    conftest.py never imported, whatever the test paths; where pytest would import one at
+    startup, before any hook of a plugin could skip it, the run is refused."""
+
+    @pytest.fixture
+    def project(self, pytester) -> Path:
+        """``checkpoints/step-100`` (a NaN head, planted code) in the user's project."""
+        (pytester.path / "tox.ini").unlink()
+        user_project(pytester.path)
+        ckpt = nan_checkpoint(pytester.path / "checkpoints" / "step-100")
+        plant_code(ckpt, pytester.path)
+        return ckpt
+
+    @pytest.mark.parametrize(
+        ("paths", "own_tests"),
+        [([], 0), (["."], 1), (["checkpoints"], 0), (["tests", "checkpoints/.."], 1)],
+        ids=["no-path", "dot", "its-parent", "two-paths"],
+    )
+    def test_your_tests_and_the_spectral_items_only(
+        self, pytester, hostile, project, paths, own_tests
+    ) -> None:
+        before = snapshot(project)
+        outcome = hostile(
+            *paths,
+            "--spectral-model=checkpoints/step-100",
+            "--spectral-report=r.json",
+            writes=["r.json"],
+        )
+        assert outcome.exit_code == pytest.ExitCode.TESTS_FAILED, outcome.output
+        assert f"2 failed, {ITEMS - 2 + own_tests} passed" in outcome.output
+        assert len(json.loads((pytester.path / "r.json").read_text())["items"]) == ITEMS
+        assert snapshot(project) == before  # and no marker: hostile() checks the whole tree
+
+    def test_through_a_symlink_in_the_project(self, pytester, hostile, project, monkeypatch):
+        """The checkpoint stored elsewhere, reached through a link in the project."""
+        stored = pytester.path / "store" / "ckpt"
+        stored.parent.mkdir()
+        project.rename(stored)
+        work = pytester.path / "work"
+        user_project(work)
+        (work / "models").symlink_to(stored)
+        monkeypatch.chdir(work)
+        outcome = hostile(".", f"--spectral-model={stored}")
+        assert f"2 failed, {ITEMS - 1} passed" in outcome.output, outcome.output
+
+    def test_a_hub_cache_inside_the_project(self, pytester, hostile, monkeypatch) -> None:
+        """Every snapshot of a hub cache kept in the project comes from elsewhere: none is
+        collected from, not only the one under test."""
+        pytest.importorskip("huggingface_hub")
+        (pytester.path / "tox.ini").unlink()
+        user_project(pytester.path)
+        for repo, seed in (("org/tiny", 2), ("org/other", 3)):
+            source = pytester.path / "sources" / repo
+            write_checkpoint(source, random_llama_weights(SHAPE, seed=seed), SHAPE.config())
+            plant_code(source, pytester.path)
+            shutil.rmtree(source / "sub")  # a snapshot holds files only
+            hub_cache(pytester.path / "hf", repo, source)
+            for planted in source.rglob("*.py"):  # only the cached copies remain
+                planted.unlink()
+        monkeypatch.setenv("HF_HUB_CACHE", str(pytester.path / "hf"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        outcome = hostile(".", "--spectral-model=org/tiny")
+        assert outcome.exit_code == pytest.ExitCode.OK, outcome.output
+        assert f"{ITEMS + 1} passed" in outcome.output
+
+    @pytest.mark.parametrize(
+        ("paths", "why"),
+        [
+            (["."], "a test* subdirectory of the test path ."),
+            ([], "a test* subdirectory of the directory pytest was started in"),
+            (["spectral::layer00"], "a test* subdirectory of the directory pytest was started"),
+        ],
+        ids=["dot", "no-path", "only-spectral-ids"],
+    )
+    def test_a_conftest_pytest_imports_at_startup_is_refused(
+        self, pytester, hostile, paths, why
+    ) -> None:
+        """pytest imports the conftest.py of each test path's ``test*`` subdirectories (and,
+        without paths, of the invocation directory's) before any plugin hook: a checkpoint
+        named ``test-model`` next to the user's tests is refused, naming its conftest.py."""
+        ckpt = nan_checkpoint(pytester.path / "test-model")
+        plant_code(ckpt, pytester.path)
+        hostile.refused(
+            *paths,
+            "--spectral-model=test-model",
+            naming=[
+                f"ERROR: {ckpt / 'conftest.py'}: pytest would import this conftest.py from the "
+                "checkpoint before any plugin can stop it",
+                f"{ckpt} is {why}",
+                "pass --noconftest",
+            ],
+        )
+
+    def test_a_testpaths_entry_inside_the_checkpoint(self, pytester, hostile) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        plant_code(ckpt, pytester.path)
+        (pytester.path / "tox.ini").write_text("[pytest]\ntestpaths = ckpt/sub\n")
+        hostile.refused(
+            "--spectral-model=ckpt",
+            naming=[f"{ckpt / 'conftest.py'}: pytest would import", "the testpaths entry ckpt/sub"],
+        )
+
+    def test_without_a_conftest_a_test_named_checkpoint_runs(self, pytester, hostile) -> None:
+        """Nothing to import at startup: the run goes ahead and collects nothing from it."""
+        ckpt = nan_checkpoint(pytester.path / "test-model")
+        plant_code(ckpt, pytester.path)
+        for conftest in ckpt.rglob("conftest.py"):
+            conftest.unlink()
+        outcome = hostile(".", "--spectral-model=test-model")
+        assert f"2 failed, {ITEMS - 2} passed" in outcome.output, outcome.output
+        with_noconftest = hostile(".", "--spectral-model=test-model", "--noconftest")
+        assert f"2 failed, {ITEMS - 2} passed" in with_noconftest.output
+
+
+#: a file of each kind the path options take, written by :func:`third_party_directory`
+PATH_OPTION_FILES = {
+    "--spectral-config": "config.json",
+    "--spectral-architecture": "arch.toml",
+    "--spectral-thresholds": "rules.toml",
+    "--spectral-baseline": "baseline.json",
+    "--spectral-report": "r.json",
+    "--spectral-calibrate": "cal.toml",
+    "--spectral-html": "r.html",
+}
+
+
+def third_party_directory(directory: Path, marker: Path) -> Path:
+    """A directory whose pytest.ini imports a module from it and turns failures into
+    warnings, with a file for each path option (those of outputs from an earlier run)."""
+    directory.mkdir()
+    (directory / "pytest.ini").write_text(
+        "[pytest]\npythonpath = .\naddopts = -p evilmod --spectral-warn-only\n"
+    )
+    (directory / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for name in PATH_OPTION_FILES.values():
+        (directory / name).write_text("{}\n" if name.endswith(".json") else "")
+    return directory
+
+
+class TestEveryOptionWithAValueTakesEquals:
+    """Kind 1, moved: the space form of any other option lets another directory's ini
+    configure the run, as it did for --spectral-model. Path options are refused in the space
+    form whatever their value; other options when their value exists as a local path."""
+
+    @pytest.mark.parametrize("option", list(PATH_OPTION_FILES))
+    def test_space_form_of_a_path_option_is_refused(self, pytester, hostile, option) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        marker = pytester.path / "evil-ran"
+        third = third_party_directory(pytester.path / "third", marker)
+        value = third / PATH_OPTION_FILES[option]
+        outcome = hostile(f"--spectral-model={ckpt}", option, str(value), writes=["evil-ran"])
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert f"{option} {value} (on the command line): with a space" in outcome.output
+        assert f"pytest --spectral-model={ckpt} {option}={value}\n" in outcome.output
+        assert "warned" not in outcome.output
+        # the residual the threat model names: pytest imported evilmod before any plugin
+        assert marker.exists()
+
+    def test_an_output_path_is_refused_before_it_exists(self, pytester, hostile) -> None:
+        """Else the first run passes and the next one, finding the file, reads it as a test
+        path: one command, two behaviours. Refused at once; nothing of ``third`` ran."""
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        marker = pytester.path / "evil-ran"
+        third = third_party_directory(pytester.path / "third", marker)
+        for output in ("--spectral-report", "--spectral-calibrate", "--spectral-html"):
+            value = third / f"new-{PATH_OPTION_FILES[output]}"
+            hostile.refused(f"--spectral-model={ckpt}", output, str(value), naming=[f"{output}="])
+        assert not marker.exists()
+
+    def test_other_options_whose_value_is_a_local_path(self, pytester, hostile) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        marker = pytester.path / "evil-ran"
+        third_party_directory(pytester.path / "0", marker)
+        outcome = hostile(f"--spectral-model={ckpt}", "--spectral-layers", "0", writes=["evil-ran"])
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert "--spectral-layers 0 (on the command line)" in outcome.output
+        assert f"--spectral-model={ckpt} --spectral-layers=0\n" in outcome.output
+
+    def test_pytest_addopts(self, pytester, hostile, monkeypatch) -> None:
+        ckpt = nan_checkpoint(pytester.path / "ckpt")
+        third = third_party_directory(pytester.path / "third", pytester.path / "evil-ran")
+        rules = third / "rules.toml"
+        monkeypatch.setenv("PYTEST_ADDOPTS", f"--spectral-thresholds {rules}")
+        outcome = hostile(f"--spectral-model={ckpt}", writes=["evil-ran"])
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert f"set PYTEST_ADDOPTS=--spectral-thresholds={rules}" in outcome.output
+
+    def test_the_same_ci_command_twice(self, pytester, hostile, monkeypatch) -> None:
+        """Unlucky CI: the project's ini names the rules; a report given with a space would
+        pass the first run and, existing, move the rootdir (and skip the rules) in the next.
+        It is refused in the first run; with '=' both runs fail the collapsed heads."""
+        (pytester.path / "tox.ini").unlink()
+        project = pytester.path / "project"
+        user_project(project)
+        (project / "pytest.ini").write_text("[pytest]\nspectral_thresholds = rules.toml\n")
+        (project / "rules.toml").write_text(
+            '[[rules]]\nname = "tight"\nmetric = "stable_rank"\nmin = 100\n'
+        )
+        ckpt = healthy_checkpoint(pytester.path / "models" / "tiny")
+        artifacts = pytester.path / "artifacts"
+        artifacts.mkdir()
+        monkeypatch.chdir(project)
+        report = artifacts / "r.json"
+        space = hostile(f"--spectral-model={ckpt}", "--spectral-report", str(report))
+        assert space.exit_code == pytest.ExitCode.USAGE_ERROR, space.output
+        for _ in range(2):
+            equals = hostile(
+                f"--spectral-model={ckpt}",
+                f"--spectral-report={report}",
+                writes=["artifacts/r.json"],
+            )
+            assert f"{ITEMS} failed" in equals.output, equals.output
+            assert f"rootdir: {project}" in equals.output
 
 
 def healthy_checkpoint(directory: Path) -> Path:
@@ -347,13 +611,15 @@ class TestReportsLeaveNothingOut:
             "--spectral-report=r.json",
             "--spectral-html=r.html",
         )
-        layer = SHAPE.heads * 4
-        result.assert_outcomes(passed=ITEMS - layer, failed=layer)  # the metric runs per layer
+        # The metric fails only on layer 0's V unit (the NaN's): its items, one per query head.
+        unit = SHAPE.heads
+        result.assert_outcomes(passed=ITEMS - unit, failed=unit)
         report = json.loads((pytester.path / "r.json").read_text())
         assert_counts_agree(result, report["summary"])
         errors = [i for i in report["items"] if i["outcome"] == "error"]
-        assert {i["nodeid"].split("::")[1] for i in errors} == {"layer00"}
-        assert len(errors) == layer
+        assert {i["nodeid"] for i in errors} == {
+            f"spectral::layer00::head{head:02d}-v" for head in range(SHAPE.heads)
+        }
         assert all(
             i["error"] == "metric 'fragile' failed: ValueError: cannot handle nan" for i in errors
         )
@@ -427,7 +693,7 @@ class TestReportsLeaveNothingOut:
         pytester.makeconftest(FAILING_METRIC)
         result = run(pytester, f"--spectral-model={ckpt}", "--spectral-calibrate=rules.toml")
         result.stdout.fnmatch_lines(
-            ["spectral calibrated rules: not written to *rules.toml: 16 of 32 items have no *"]
+            ["spectral calibrated rules: not written to *rules.toml: 4 of 32 items have no *"]
         )
         assert not (pytester.path / "rules.toml").exists()
 
@@ -508,10 +774,10 @@ class TestReportsLeaveNothingOut:
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
     def test_atomic_write_that_fails_removes_its_temporary_file(self, tmp_path) -> None:
-        from pytest_spectral.reporting.files import write_text_atomically
+        from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
 
-        (tmp_path / "r.json").mkdir()  # os.replace cannot put a file over a directory
-        with pytest.raises(IsADirectoryError):
+        (tmp_path / "r.json").mkdir()  # appeared during the run: left alone
+        with pytest.raises(OutputPathError, match=r"r\.json: is a directory now, not a regular"):
             write_text_atomically(tmp_path / "r.json", "text")
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
@@ -538,6 +804,359 @@ def run_in_process(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     result = pytester.runpytest(*args)
     result.seconds = time.monotonic() - start  # type: ignore[attr-defined]
     return result
+
+
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_socket(path: Path) -> None:
+    """A unix socket at ``path`` (bound through a short relative name: socket paths are
+    limited to about 100 bytes)."""
+    here = Path.cwd()
+    os.chdir(path.parent)
+    try:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path.name)
+        server.close()
+    finally:
+        os.chdir(here)
+
+
+def make_character_device(path: Path) -> None:
+    """A node like /dev/null (major 1, minor 3), made in the test's own directory."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+
+
+def make_block_device(path: Path) -> None:
+    """A node like /dev/loop0 (major 7, minor 0); never opened."""
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+
+
+def make_fifo_link(path: Path) -> None:
+    os.mkfifo(path.with_name("elsewhere"))
+    path.symlink_to("elsewhere")
+
+
+OUTPUT_OPTIONS = ["--spectral-report", "--spectral-html", "--spectral-calibrate"]
+
+
+class TestOutputsThatAreNotFiles:
+    """Kind 3: an output path holding anything but a regular file is a usage error naming
+    it, left as it was; any error while checking, removing or writing an output is a usage
+    error or one line, never a traceback."""
+
+    @pytest.mark.parametrize("option", OUTPUT_OPTIONS)
+    @pytest.mark.parametrize(
+        ("make", "what"),
+        [
+            (make_fifo, "a named pipe (FIFO)"),
+            (make_socket, "a socket"),
+            (make_character_device, "a character device"),
+            (make_block_device, "a block device"),
+            (make_fifo_link, "a named pipe (FIFO)"),
+        ],
+        ids=["fifo", "socket", "character-device", "block-device", "link-to-fifo"],
+    )
+    def test_special_files_are_refused_and_left_alone(
+        self, pytester, hostile, option, make, what
+    ) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        target = pytester.path / "out" / "null"
+        target.parent.mkdir()
+        make(target)
+        hostile.refused(
+            f"--spectral-model={ckpt}",
+            f"{option}=out/null",
+            naming=[f"ERROR: {option} {target}: is {what}, not a regular file"],
+        )  # hostile() compares the node's kind before and after
+
+    @pytest.mark.parametrize(
+        ("target", "message"),
+        [
+            ("/proc/self/fd/1", "cannot create files in /proc/self/fd: "),
+            ("/proc/self/status", "cannot create files in /proc/self"),
+            ("/proc/self/fd/1/r.json", "/proc/self/fd/1 is not a directory"),
+        ],
+    )
+    def test_proc_entries(self, pytester, hostile, target, message) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        hostile.refused(f"--spectral-model={ckpt}", f"--spectral-report={target}", naming=[message])
+
+    def test_directory_removed_during_the_run(self, pytester, hostile) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        (pytester.path / "out").mkdir()
+        pytester.makeconftest(
+            "import shutil\ndef pytest_collection_finish(session):\n    shutil.rmtree('out')\n"
+        )
+        report = "--spectral-report=out/r.json"
+        outcome = hostile(f"--spectral-model={ckpt}", report, writes=["out"])
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert (
+            f"spectral report: NOT written to {pytester.path / 'out/r.json'}: "
+            "No such file or directory" in outcome.output
+        )
+        assert f"{ITEMS} passed" in outcome.output
+
+    def test_special_file_put_at_the_target_during_the_run(self, pytester, hostile) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        pytester.makeconftest(
+            "import os\ndef pytest_collection_finish(session):\n    os.mkfifo('r.json')\n"
+        )
+        outcome = hostile(f"--spectral-model={ckpt}", "--spectral-report=r.json", writes=["r.json"])
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert "is a named pipe (FIFO) now, not a regular file; left alone" in outcome.output
+        assert stat.S_ISFIFO((pytester.path / "r.json").lstat().st_mode)
+        assert not list(pytester.path.glob(".r.json.*.tmp"))
+
+    def test_stale_file_that_cannot_be_removed(self, pytester, monkeypatch) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        stale = pytester.path / "r.json"
+        stale.write_text(STALE["r.json"])
+        unlink = os.unlink
+
+        def refusing(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if Path(path) == stale:
+                raise PermissionError(1, "Operation not permitted")
+            return unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", refusing)
+        result = run_in_process(pytester, f"--spectral-model={ckpt}", "--spectral-report=r.json")
+        assert_clean_usage_error(
+            result,
+            f"--spectral-report {stale}: cannot remove the file an earlier run left there: "
+            "Operation not permitted",
+        )
+
+
+#: what an earlier run that passed left at each output path, each beginning as its writer
+#: begins it (pytest-spectral removes only files it wrote)
+STALE = {
+    "r.json": '{\n "schema": "pytest-spectral-report",\n "summary": {"failed": 0}\n}\n',
+    "r.html": '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+    "pytest-spectral: ckpt</title>\n",
+    "c.toml": "# Calibrated by pytest-spectral on ckpt\n",
+}
+HAND_WRITTEN = '[[rules]]\nmetric = "stable_rank"\nmin = 2\n'
+MATPLOTLIB_CACHE = (".config", ".config/matplotlib", ".cache", ".cache/matplotlib")
+ALL_OUTPUTS = ("--spectral-report=r.json", "--spectral-html=r.html", "--spectral-calibrate=c.toml")
+
+
+def fifo_config(ckpt: Path) -> list[str]:
+    (ckpt / "config.json").unlink()
+    os.mkfifo(ckpt / "config.json")
+    return []
+
+
+def no_setup(ckpt: Path) -> list[str]:
+    return []
+
+
+def inside_the_checkpoint(option: str) -> Callable[[Path], list[str]]:
+    return lambda ckpt: [option.format(ckpt=ckpt)]
+
+
+class TestStaleOutputsNeverSurviveAnEarlyStop:
+    """Kind 4: once the output paths themselves are checked, the files an earlier run left
+    there are removed before any other check can stop the run."""
+
+    @pytest.fixture
+    def planted(self, pytester) -> Path:
+        for name, text in STALE.items():
+            (pytester.path / name).write_text(text)
+        return healthy_checkpoint(pytester.path / "ckpt")
+
+    @pytest.mark.parametrize(
+        ("setup", "args", "message"),
+        [
+            (no_setup, ["--spectral-thresholds=missing.toml"], "missing.toml"),
+            (fifo_config, [], "config.json: is a named pipe"),
+            (no_setup, ["--spectral-layers=7"], "layer(s) 7 do not exist"),
+            (no_setup, ["--spectral-layers=x"], "--spectral-layers x: "),
+            (no_setup, ["--spectral-energy=2"], "--spectral-energy 2: expected a number"),
+            (no_setup, ["--spectral-scope=rows"], "--spectral-scope rows: expected one of"),
+            (no_setup, ["--spectral-dtype=float16"], "--spectral-dtype float16: expected one"),
+            (no_setup, ["--spectral-threads=0"], "--spectral-threads 0: expected a positive"),
+            (no_setup, ["--spectral-calibrate-margin=-1"], "expected a non-negative number"),
+            (no_setup, ["--spectral-matrices=gate"], "this checkpoint has no gate"),
+            (no_setup, ["--spectral-baseline=missing.json"], "missing.json"),
+            (no_setup, ["--spectral-architecture=missing.toml"], "missing.toml"),
+            (no_setup, ["--spectral-heatmap=erank"], "unknown metric 'erank'"),
+            (no_setup, ["spectral::layer09"], "spectral::layer09: no such spectral item"),
+            (inside_the_checkpoint("{ckpt}"), [], "the test path"),
+            (inside_the_checkpoint("--junitxml={ckpt}/j.xml"), [], "--junitxml"),
+            (inside_the_checkpoint("--basetemp={ckpt}/t"), [], "--basetemp"),
+        ],
+        ids=[
+            "missing-rules",
+            "fifo-config",
+            "layers-beyond",
+            "layers-syntax",
+            "energy",
+            "scope",
+            "dtype",
+            "threads",
+            "margin",
+            "matrices",
+            "missing-baseline",
+            "missing-architecture",
+            "heatmap",
+            "unknown-id",
+            "test-path-inside",
+            "junitxml-inside",
+            "basetemp-inside",
+        ],
+    )
+    def test_every_early_stop_removes_them(
+        self, pytester, hostile, planted, setup, args, message
+    ) -> None:
+        extra = setup(planted)
+        outcome = hostile(
+            f"--spectral-model={planted}",
+            *ALL_OUTPUTS,
+            *extra,
+            *args,
+            # and matplotlib's cache, in $HOME, which pytester points at the test directory
+            writes=["r.json", "r.html", "c.toml", "ckpt/config.json", *MATPLOTLIB_CACHE],
+        )
+        assert outcome.exit_code == pytest.ExitCode.USAGE_ERROR, outcome.output
+        assert message in outcome.output
+        assert not any((pytester.path / n).exists() for n in ("r.json", "r.html", "c.toml"))
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--spectral-html=missing/r.html"], "does not exist; create it first"),
+            (["--junitxml=r.json"], "--junitxml writes the same file"),
+            (["--spectral-thresholds", "rules.toml"], "with a space"),
+        ],
+        ids=["output-path", "output-collision", "space-form"],
+    )
+    def test_errors_about_the_outputs_or_the_command_line_remove_nothing(
+        self, pytester, hostile, planted, args, message
+    ) -> None:
+        """The outputs named may not be the ones meant (a typo, a foreign ini's addopts):
+        nothing is removed."""
+        (pytester.path / "rules.toml").write_text("")
+        report = "--spectral-report=r.json"
+        hostile.refused(f"--spectral-model={planted}", report, *args, naming=[message])
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--spectral-layers=7"], "replaces only its own files"),
+            (["--spectral-thresholds=c.toml"], "is also the rules file, which this run reads"),
+            (["--spectral-history=c.toml"], "is also an earlier report (--spectral-history)"),
+        ],
+        ids=["foreign-file", "rules-file", "history-report"],
+    )
+    def test_a_file_pytest_spectral_did_not_write_or_an_input_is_never_removed(
+        self, pytester, hostile, planted, args, message
+    ) -> None:
+        """Only earlier runs' outputs are removed: a hand-written file at an output path, or
+        one the run reads, stops the run before anything is removed."""
+        (pytester.path / "c.toml").write_text(HAND_WRITTEN)
+        hostile.refused(f"--spectral-model={planted}", *ALL_OUTPUTS, *args, naming=[message])
+        assert (pytester.path / "c.toml").read_text() == HAND_WRITTEN
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
+
+    def test_a_configuration_inside_the_checkpoint_removes_nothing(
+        self, pytester, hostile, planted, monkeypatch
+    ) -> None:
+        """Its ini could name any file as a report; the run stops before looking at one."""
+        (planted / "pytest.ini").write_text("[pytest]\naddopts = --spectral-report=../r.json\n")
+        monkeypatch.chdir(planted)
+        hostile.refused(f"--spectral-model={planted}", naming=["lies inside the checkpoint"])
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
+
+
+#: pytest options (of pytest itself, ``pytest --help``) whose value names a file or directory
+PYTEST_PATH_OPTIONS = {
+    # read, or used to select: the checkpoint's are refused or never collected (above)
+    "--ignore",
+    "--ignore-glob",
+    "--confcutdir",
+    "--config-file",
+    "--rootdir",
+    # written: each may not lie inside the checkpoint (and a file not be a spectral output)
+    "--junit-xml",
+    "--log-file",
+    "--debug",
+    "--basetemp",
+}
+
+
+class TestPytestsOwnOutputs:
+    """Kind 5: spectral outputs never coincide with pytest's own, and no file pytest writes
+    lies inside the checkpoint."""
+
+    def test_the_list_of_pytests_path_options_is_complete(self, pytester, monkeypatch) -> None:
+        """From the installed pytest's --help (its own options only): a new option naming a
+        file to write must be added to the checks in invocation.py."""
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+        result = pytester.runpytest_subprocess("--help", timeout=TIMEOUT)
+        metavar = re.compile(
+            r"^  (?:-\w \S+, )?(--[\w-]+)=\[?(?:\w+_)?(?:path|file|dir|rootdir|file_name)\]?(\s|$)",
+            re.IGNORECASE,
+        )
+        found = {
+            match.group(1)
+            for line in result.stdout.lines
+            if (match := metavar.match(line)) is not None
+        }
+        assert found == PYTEST_PATH_OPTIONS
+
+    @pytest.mark.parametrize(
+        "pytest_option",
+        [
+            "--junitxml=same.out",
+            "--junit-xml=same.out",
+            "--log-file=same.out",
+            "-olog_file=same.out",
+            "--debug=same.out",
+        ],
+    )
+    @pytest.mark.parametrize("option", OUTPUT_OPTIONS)
+    def test_spectral_outputs_never_coincide_with_pytests(
+        self, pytester, hostile, pytest_option, option
+    ) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "ckpt")
+        writer = {"--junit-xml": "--junitxml", "-olog_file": "log_file", "--log-file": "log_file"}
+        label = pytest_option.split("=")[0]
+        hostile.refused(
+            f"--spectral-model={ckpt}",
+            pytest_option,
+            f"{option}=./same.out",
+            naming=[f"{option} {pytester.path / 'same.out'}: {writer.get(label, label)} writes"],
+        )
+
+    @pytest.mark.parametrize(
+        ("option", "what"),
+        [
+            ("--junit-xml={ckpt}/j.xml", "--junitxml"),
+            ("--log-file={ckpt}/log.txt", "log_file"),
+            ("-olog_file={ckpt}/log.txt", "log_file"),
+            ("--debug={ckpt}/debug.log", "--debug"),
+            ("--basetemp={ckpt}/tmp", "--basetemp"),
+            ("--basetemp={ckpt}/..", "--basetemp"),
+        ],
+    )
+    def test_nothing_pytest_writes_lies_inside_the_checkpoint(
+        self, pytester, hostile, option, what
+    ) -> None:
+        ckpt = healthy_checkpoint(pytester.path / "models" / "ckpt")
+        hostile.refused(
+            f"--spectral-model={ckpt}",
+            option.format(ckpt=ckpt),
+            "-p",
+            "no:cacheprovider",
+            naming=[f"ERROR: {what} (", ckpt.name],
+        )
 
 
 class TestValuesThatSlipThrough:
@@ -629,6 +1248,10 @@ class TestValuesThatSlipThrough:
             ("qkv = 3", "key 'qkv': needs a tensor name (a non-empty string), got 3"),
             ('q = "wq"', "key 'q': does not apply to a fused layout"),
             ("heads_key = 7", "key 'heads_key': must name a config.json key"),
+            ('mlp_layer = "mlp."', "key 'mlp_layer': must be a string with the one placeholder"),
+            ('mlp_layer = "model.layers.{layer}.mlp."', "key 'mlp_layer': names no MLP tensor"),
+            ("gate = 3", "key 'gate': needs a tensor name (a non-empty string), got 3"),
+            ('gate = "gate_proj.weight"', "key 'mlp_layer': must be a string with the one"),
         ],
     )
     def test_architecture_file_values_are_checked(self, pytester, lines, message) -> None:

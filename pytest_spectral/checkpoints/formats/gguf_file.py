@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -285,10 +286,18 @@ class GgufFile(Format):
         return found
 
 
+#: a layer number as llama.cpp formats it
+_LAYER_NUMBER = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
 def _layer_template(stored: str, by_kind: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
-    """``(kind, transformers name)`` of a ``blk.N.<kind>.weight`` tensor, or None."""
+    """``(kind, transformers name)`` of a ``blk.N.<kind>.weight`` tensor, or None.
+
+    N must be spelt as llama.cpp writes and looks it up (``blk.%d``): ASCII digits, no leading
+    zero. Another spelling (``blk.01``, Arabic-Indic or superscript digits) is a tensor
+    llama.cpp never reads; taken for layer 1, it could stand in for the real ``blk.1``."""
     parts = stored.split(".", 2)
-    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit():
+    if len(parts) != 3 or parts[0] != "blk" or _LAYER_NUMBER.fullmatch(parts[1]) is None:
         return None
     template = f"blk.{{bid}}.{parts[2]}"
     match = by_kind.get(template)

@@ -49,6 +49,11 @@ STATE_PREFIX = "base_model.model."
 #: A pattern from the adapter that takes longer than this on one module name is refused.
 PATTERN_TIMEOUT_S = 0.2
 MODES = ("merged", "delta")
+#: The largest LoRA rank taken from an adapter (a rank is a matrix side: 2**31 is beyond any).
+MAX_RANK = 2**31
+#: A layer number in a module name beyond this many digits is refused (``int`` of thousands of
+#: digits raises).
+MAX_LAYER_DIGITS = 18
 
 
 def is_adapter(directory: Path) -> bool:
@@ -94,8 +99,17 @@ class LoraSettings:
                 raise fail(key, "true or false")
             return value
 
-        def number(value: object) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool)
+        def finite(value: object) -> bool:
+            """A JSON number a float can hold (an integer of 400 digits cannot)."""
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return False
+            try:
+                return math.isfinite(float(value))
+            except OverflowError:
+                return False
+
+        def rank(value: object) -> bool:
+            return type(value) is int and 1 <= value <= MAX_RANK
 
         kind = document.get("peft_type")
         if kind != "LORA":
@@ -109,10 +123,10 @@ class LoraSettings:
                 "which is not supported: merge it with PEFT and analyse the merged model"
             )
         r = document.get("r")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise fail("r", "a positive integer")
+        if not rank(r):
+            raise fail("r", f"a positive integer up to {MAX_RANK}")
         alpha = document.get("lora_alpha", 8)
-        if not number(alpha) or not math.isfinite(alpha):
+        if not finite(alpha):
             raise fail("lora_alpha", "a finite number")
         layers = document.get("layers_to_transform")
         if isinstance(layers, int) and not isinstance(layers, bool):
@@ -124,14 +138,10 @@ class LoraSettings:
             raise fail("layers_to_transform", "an integer, a list of integers or null")
         pattern = names("layers_pattern")
         ranks, alphas = document.get("rank_pattern") or {}, document.get("alpha_pattern") or {}
-        if not isinstance(ranks, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ranks.values()
-        ):
-            raise fail("rank_pattern", "an object of positive integers")
-        if not isinstance(alphas, dict) or not all(
-            number(v) and math.isfinite(v) for v in alphas.values()
-        ):
-            raise fail("alpha_pattern", "an object of numbers")
+        if not isinstance(ranks, dict) or not all(rank(v) for v in ranks.values()):
+            raise fail("rank_pattern", f"an object of positive integers up to {MAX_RANK}")
+        if not isinstance(alphas, dict) or not all(finite(v) for v in alphas.values()):
+            raise fail("alpha_pattern", "an object of finite numbers")
         base = document.get("base_model_name_or_path")
         return cls(
             r=r,
@@ -219,7 +229,13 @@ def _layer_index(module: str, patterns: tuple[str, ...] | None, where: Path) -> 
                 f"{where}: layers_pattern {patterns!r:.80} cannot be matched; refused"
             ) from None
         if match is not None:
-            return int(match["idx"])
+            digits = match["idx"]
+            if len(digits) > MAX_LAYER_DIGITS:
+                raise CheckpointError(
+                    f"{where}: module {module:.80}... has a layer number of {len(digits)} "
+                    "digits; refused"
+                )
+            return int(digits)
     return None
 
 

@@ -93,7 +93,7 @@ def check_inside(root: Path, path: Path, where: str) -> None:
         raise CheckpointError(f"{where}: {str(exc).removeprefix(f'{path}: ')}") from None
     real = os.path.realpath(path)
     allowed = [os.path.realpath(root)]
-    allowed.extend(_hub_blobs(Path(allowed[0])))
+    allowed.extend(hub_blobs(Path(allowed[0])))
     if not any(os.path.commonpath([real, place]) == place for place in allowed):
         raise CheckpointError(
             f"{where}: resolves to {real}, outside the checkpoint directory; refused (copy the "
@@ -101,7 +101,7 @@ def check_inside(root: Path, path: Path, where: str) -> None:
         )
 
 
-def _hub_blobs(root: Path) -> list[str]:
+def hub_blobs(root: Path) -> list[str]:
     """The ``blobs/`` folder of the hub cache repository ``root`` is a snapshot of, if any."""
     for folder in (root, *root.parents):
         parent = folder.parent

@@ -599,14 +599,28 @@ def _unpickle(
 
 
 def _state_dict(path: Path, root: object) -> tuple[dict[object, object], str | None]:
-    """The dict holding the tensors: the first of :data:`STATE_DICT_KEYS` whose value is a dict
-    of tensors (a training framework's checkpoint), else the top-level dict itself."""
+    """The dict holding the tensors: the one of :data:`STATE_DICT_KEYS` whose value is a dict
+    of tensors (a training framework's checkpoint), else the top-level dict itself.
+
+    Two of those keys holding tensors are refused: each framework loads its own (nanoGPT
+    ``model``, Lightning ``state_dict``), so a second state dict could stand in for the
+    weights the model really uses. (Tensors at the top level beside one, as nanoGPT's
+    ``best_val_loss``, are no state dict.)"""
     if not isinstance(root, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(root).__name__}")
-    for key in STATE_DICT_KEYS:
-        value = root.get(key)
-        if isinstance(value, dict) and any(isinstance(v, _Tensor) for v in value.values()):
-            return value, key
+    found = [
+        key
+        for key in STATE_DICT_KEYS
+        if isinstance(value := root.get(key), dict)
+        and any(isinstance(v, _Tensor) for v in value.values())
+    ]
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{path}: holds a state dict under each of {', '.join(map(repr, found))}; which one "
+            "the model loads is ambiguous, so none is analysed: save the one to check on its own"
+        )
+    if found:
+        return root[found[0]], found[0]
     if not any(isinstance(v, _Tensor) for v in root.values()):
         keys = ", ".join(repr(k) for k in list(root)[:12])
         raise CheckpointError(

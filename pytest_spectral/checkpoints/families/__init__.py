@@ -1,0 +1,88 @@
+"""Every architecture the plugin knows: one declarative entry per family, in modules by kind.
+
+:func:`text_model` reads a ``config.json`` as transformers would (wrappers unwrapped, aliases
+and class defaults applied) and names the family whose layout its checkpoints have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pytest_spectral.checkpoints.families.custom import custom_family
+from pytest_spectral.checkpoints.families.decoders import DECODERS
+from pytest_spectral.checkpoints.families.encoders import ENCODERS
+from pytest_spectral.checkpoints.families.family import (
+    FUSED_LAYOUTS,
+    MLP_MATRICES,
+    ArchitectureError,
+    ConfigClass,
+    Family,
+    Variant,
+)
+from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
+
+FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS
+#: model types analysed as themselves, then the multimodal wrappers (their text model analysed)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    *(t for f in FAMILIES for t in f.model_types),
+    *WRAPPERS,
+)
+#: model types without attention (state-space and recurrent models): refused as such
+NO_ATTENTION: tuple[str, ...] = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
+#: model types whose attention the plugin cannot yet slice into heads, and why
+NOT_YET: Mapping[str, str] = {
+    **dict.fromkeys(
+        ("deepseek_v2", "deepseek_v3", "kimi_k2"),
+        "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
+    ),
+    **dict.fromkeys(
+        ("t5", "mt5", "umt5", "bart", "mbart", "whisper", "marian", "pegasus"),
+        "is an encoder-decoder model (encoder, decoder and cross-attention)",
+    ),
+    **dict.fromkeys(("vit", "siglip_vision_model", "clip_vision_model"), "is a vision model"),
+}
+#: a model_type nobody declared, whose tensors follow the most common layout, is read as this
+GENERIC = next(f for f in FAMILIES if f.name == "llama")
+
+
+def family_for(model_type: object) -> Family | None:
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def text_model(config: Mapping[str, object]) -> tuple[dict[str, object], Family | None]:
+    """The config of the model to analyse, as transformers' config class sees it, and its
+    family (``None`` for a ``model_type`` no entry declares: the config is returned as is).
+
+    A multimodal wrapper gives its text model's config; an unknown ``model_type`` with a
+    ``text_config`` (a wrapper not declared here) gives that ``text_config``.
+    """
+    model_type = config.get("model_type")
+    wrapper = WRAPPERS.get(model_type) if isinstance(model_type, str) else None
+    if wrapper is not None:
+        config = wrapper.text_config(config)
+    elif family_for(model_type) is None and isinstance(config.get("text_config"), Mapping):
+        config = dict(config["text_config"])  # type: ignore[call-overload]
+    family = family_for(config.get("model_type"))
+    if family is None:
+        return dict(config), None
+    return family.configs[str(config["model_type"])].resolve(config), family
+
+
+__all__ = [
+    "FAMILIES",
+    "FUSED_LAYOUTS",
+    "GENERIC",
+    "MLP_MATRICES",
+    "NOT_YET",
+    "NO_ATTENTION",
+    "SUPPORTED_MODEL_TYPES",
+    "WRAPPERS",
+    "ArchitectureError",
+    "ConfigClass",
+    "Family",
+    "Variant",
+    "Wrapper",
+    "custom_family",
+    "family_for",
+    "text_model",
+]

@@ -1,0 +1,143 @@
+"""config.json means what it means to transformers, without transformers at run time.
+
+For every supported model type, the config transformers' own class writes for the tiny model
+of the conformance matrix is read with each key left out in turn (each key of a nested
+``text_config`` too): the plugin's geometry must be the one transformers' config class gives
+for the same dict (``from_dict``, as ``from_pretrained`` reads ``config.json``), with its class
+defaults, attribute aliases (``n_head``, ``n_embd``...) and default ``head_dim``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from architecture_matrix import CASES
+
+from pytest_spectral.checkpoints.checkpoint import Geometry, interpret_config
+from pytest_spectral.errors import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+SOURCE = Path("config.json")
+
+
+def reference_geometry(model_type: str, text) -> Geometry:
+    """The head geometry transformers' attention modules build from the text ``config``."""
+    heads, hidden = text.num_attention_heads, text.hidden_size
+    if model_type == "falcon":  # FalconAttention
+        kv_heads = (
+            text.num_kv_heads if text.new_decoder_architecture else 1 if text.multi_query else heads
+        )
+    elif model_type == "gpt_bigcode":  # GPTBigCodeAttention
+        kv_heads = 1 if text.multi_query else heads
+    else:  # the attention modules: config.num_key_value_heads where the class has one
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return Geometry(text.num_hidden_layers, heads, kv_heads, head_dim, hidden)
+
+
+def buildable(g: Geometry, text) -> bool:
+    """Whether attention modules could be built with ``g`` (no remainder heads, no empty head):
+    transformers' config classes accept some configs their models cannot use (64 wide with
+    12 heads), which the plugin refuses."""
+    derived = getattr(text, "head_dim", None) is None
+    return g.heads % g.kv_heads == 0 and g.head_dim >= 2 and not (derived and g.hidden % g.heads)
+
+
+def variants(full: dict) -> list[tuple[str, dict]]:
+    """``full`` without each of its keys in turn, and without each key of its text_config."""
+    out = [
+        (key, {k: v for k, v in full.items() if k != key}) for key in full if key != "model_type"
+    ]
+    nested = full.get("text_config")
+    if isinstance(nested, dict):
+        for key in nested:
+            text = {k: v for k, v in nested.items() if k != key}
+            out.append((f"text_config.{key}", {**full, "text_config": text}))
+    return out
+
+
+MODEL_TYPES = sorted({case.model_type: name for name, case in CASES.items()}.items())
+
+
+@pytest.mark.parametrize(("model_type", "case"), MODEL_TYPES, ids=[t for t, _ in MODEL_TYPES])
+def test_each_key_left_out_reads_as_transformers_reads_it(model_type: str, case: str) -> None:
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    full = config_class(**CASES[case].config).to_dict()
+    compared = 0
+    for key, config in [("(none)", full), *variants(full)]:
+        try:
+            text = config_class.from_dict(dict(config)).get_text_config()
+        except Exception:  # transformers refuses this config too: nothing to compare
+            continue
+        expected = reference_geometry(model_type, text)
+        if not buildable(expected, text):
+            with pytest.raises(CheckpointError):
+                interpret_config(config, SOURCE)
+            continue
+        try:
+            geometry = interpret_config(config, SOURCE)[3]
+        except CheckpointError as exc:
+            pytest.fail(f"without {key}: refused ({exc}), transformers reads {expected}")
+        assert geometry == expected, f"without {key}"
+        compared += 1
+    assert compared > len(full) // 2
+
+
+def test_llava_1_5_as_published() -> None:
+    """llava-hf/llava-1.5-7b-hf writes only the text keys that differ from LlamaConfig's."""
+    config = {
+        "model_type": "llava",
+        "text_config": {
+            "architectures": ["LlamaForCausalLM"],
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "rms_norm_eps": 1e-05,
+            "torch_dtype": "float16",
+            "vocab_size": 32064,
+        },
+        "vision_config": {"model_type": "clip_vision_model"},
+    }
+    expected = Geometry(layers=32, heads=32, kv_heads=32, head_dim=128, hidden=4096)
+    assert interpret_config(config, SOURCE)[3] == expected
+    reference = transformers.CONFIG_MAPPING["llava"].from_dict(config).get_text_config()
+    assert reference_geometry("llava", reference) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        # MistralConfig: num_key_value_heads defaults to 8
+        ({"model_type": "mistral", "hidden_size": 128, "num_attention_heads": 16}, (8, 8)),
+        # FalconConfig: num_kv_heads defaults to num_attention_heads
+        (
+            {
+                "model_type": "falcon",
+                "hidden_size": 128,
+                "num_attention_heads": 16,
+                "new_decoder_architecture": True,
+            },
+            (16, 8),
+        ),
+        # Gemma: head_dim 256 whatever the hidden size
+        ({"model_type": "gemma", "hidden_size": 128, "num_attention_heads": 16}, (16, 256)),
+        # GPT-2's aliases
+        ({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2}, (4, 32)),
+        # Qwen2-VL as published: the text keys at the top level
+        (
+            {
+                "model_type": "qwen2_vl",
+                "hidden_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+            (2, 32),
+        ),
+    ],
+    ids=["mistral", "falcon", "gemma", "gpt2", "qwen2_vl"],
+)
+def test_class_defaults_by_hand(config: dict, expected: tuple[int, int]) -> None:
+    geometry = interpret_config(config, SOURCE)[3]
+    assert (geometry.kv_heads, geometry.head_dim) == expected
