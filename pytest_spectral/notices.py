@@ -75,9 +75,10 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
         if (why := why_unused(rule, run)) is not None
     ]
     if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
+        trend = " without a window (rules with one compare with --spectral-history)"
         lines.append(
             f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
-            "min_change or max_change"
+            f"min_change or max_change{trend if any(r.is_trend for r in rules.rules) else ''}"
         )
     if run.baseline is not None and run.baseline.computed:
         keys = ", ".join(run.baseline.computed)

@@ -227,6 +227,12 @@ class TestReports:
         with pytest.raises(HistoryError, match=r"two reports of step 7: .*a\.json and .*b\.json"):
             history(tmp_path)
 
+    def test_a_report_named_twice_is_read_once(self, tmp_path) -> None:
+        first = write(tmp_path, "a.json", report(1))
+        write(tmp_path, "b.json", report(2))
+        table = build_table(report_sources([tmp_path, first], what="--spectral-history"), [])
+        assert [h.source.name for h in table.headers] == [str(first), str(tmp_path / "b.json")]
+
     def test_nan_and_missing_values_are_kept_apart(self, tmp_path) -> None:
         write(tmp_path, "a.json", report(1, ("nan", 3.0)))
         document = report(2)
@@ -274,10 +280,13 @@ class TestCommand:
             (["missing", "-o", "page.html"], "reports missing: no such file or directory"),
             (["empty", "-o", "page.html"], "no reports found"),
             (["empty", "-o", "nowhere/page.html"], "directory .*nowhere does not exist"),
+            (["r", "-o", "page.html", "--metrics", "nosuch"], "unknown metric 'nosuch'; known: "),
         ],
     )
     def test_bad_arguments(self, tmp_path, arguments, message) -> None:
         (tmp_path / "empty").mkdir()
+        (tmp_path / "r").mkdir()
+        write(tmp_path / "r", "1.json", report(1))
         result = subprocess.run(
             [sys.executable, "-m", "pytest_spectral.reporting.history", *arguments],
             capture_output=True, text=True, timeout=300, cwd=tmp_path,

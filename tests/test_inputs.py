@@ -436,7 +436,7 @@ class TestCustomArchitecture:
             'fused = "interleaved"\n'
         )
         result = pytester.runpytest(
-            f"--spectral-model={directory}", "--spectral-architecture", "arch.toml"
+            f"--spectral-model={directory}", "--spectral-architecture=arch.toml"
         )
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(

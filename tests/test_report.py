@@ -108,6 +108,8 @@ def test_head_record(rules) -> None:
                 "severity": "fail",
                 "bound": "max",  # 400 > 100
                 "suggest": "remove_head",  # the rule's own
+                "window": None,  # not a trend rule
+                "reference_step": None,
             },
             {
                 "rule": "drift",
@@ -121,6 +123,8 @@ def test_head_record(rules) -> None:
                 "severity": "warn",
                 "bound": "max_change",  # (2 - 1) / 1 = +100% > +10%
                 "suggest": "none",  # a drift is a regression, never a pruning candidate
+                "window": None,  # against a baseline, not over a window
+                "reference_step": None,
             },
         ],
         "error": None,
@@ -173,7 +177,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         params_saved=1234,
     )
     assert report["schema"] == "pytest-spectral-report"
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert report["plugin_version"] == __version__
     assert report["python"] == platform.python_version()
     created = datetime.fromisoformat(report["created"])
@@ -182,6 +186,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     assert abs(datetime.now(timezone.utc) - created) < timedelta(minutes=5)
     assert report["model"] == {
         "argument": "org/model",
+        "source": "local",  # not a hub id here: build_report was not told from_hub
         "path": str(tiny_checkpoint),
         "model_type": "llama",
         "num_hidden_layers": 2,

@@ -79,6 +79,28 @@ class TestSaidInOneLine:
         )
         used.stdout.no_fnmatch_line("*is not used*")
 
+    def test_a_baseline_beside_trend_rules_only(self, pytester, model) -> None:
+        pytester.runpytest(f"--spectral-model={model}", "--spectral-report=good.json")
+        trend = write(
+            pytester,
+            "trend.toml",
+            '[[rules]]\nname = "t"\nmetric = "stable_rank"\nmin_change = -0.5\nwindow = 3\n',
+        )
+        (pytester.path / "history").mkdir()
+        result = pytester.runpytest(
+            f"--spectral-model={model}",
+            "--spectral-baseline=good.json",
+            "--spectral-history=history",
+            f"--spectral-thresholds={trend}",
+        )
+        result.stdout.fnmatch_lines(
+            [
+                f"spectral: --spectral-baseline {pytester.path / 'good.json'} is not used: no "
+                "rule has min_change or max_change without a window (rules with one compare "
+                "with --spectral-history)"
+            ]
+        )
+
     def test_calibration_leaves_out_the_items_that_broke_rules(self, pytester, model) -> None:
         rules = write(pytester, "rules.toml", COLLAPSED + 'matrices = ["q"]\n')
         result = pytester.runpytest(

@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(arguments: argparse.Namespace) -> int:
+    from pytest_spectral.judging.metrics import METRICS
     from pytest_spectral.reporting.files import write_text_atomically
     from pytest_spectral.reporting.history.page import history_metrics, history_sections
     from pytest_spectral.reporting.html_report import _PAGE, _text, require_matplotlib
@@ -59,6 +60,12 @@ def _write(arguments: argparse.Namespace) -> int:
         raise OutputPathError(f"--output {output}: is one of the reports read; choose another path")
     rules = load_rules(arguments.rules.absolute()) if arguments.rules else RuleSet.empty()
     chosen = [m.strip() for m in (arguments.metrics or "").split(",") if m.strip()]
+    unknown = [m for m in chosen if m.split("(")[0] not in METRICS]
+    if unknown:
+        raise HistoryError(
+            f"--metrics: unknown metric {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(METRICS))}"
+        )
     metrics = history_metrics(chosen, rules.rules)
     table = build_table(sources, metrics)
     body = "\n".join(history_sections(table, metrics, rules.rules))

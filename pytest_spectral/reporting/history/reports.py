@@ -110,16 +110,20 @@ def report_sources(arguments: Sequence[Path], *, what: str) -> list[ReportSource
     path that does not exist or is neither, or for more than :data:`MAX_REPORTS` reports.
     """
     sources: list[ReportSource] = []
+    seen: set[Path] = set()  # a report named twice (itself and its directory) is read once
     for argument in arguments:
         if argument.is_dir():
             found = sorted(
                 p for p in argument.iterdir() if p.suffix == ".json" and not p.name.startswith(".")
             )
-            sources.extend(ReportSource(str(p), p) for p in found)
         elif argument.exists():
-            sources.append(ReportSource(str(argument), argument))
+            found = [argument]
         else:
             raise HistoryError(f"{what} {argument}: no such file or directory")
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                sources.append(ReportSource(str(path), path))
         if len(sources) > MAX_REPORTS:
             raise HistoryError(
                 f"{what}: more than {MAX_REPORTS} reports; give a directory holding fewer"
