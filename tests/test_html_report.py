@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot  # kept loaded across other tests' in-process runs
 import numpy as np
 import pytest
 import torch
