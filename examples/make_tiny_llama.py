@@ -10,14 +10,15 @@ head; a few are planted so that ``example_thresholds.toml`` has something to fin
 * layer 0, K/V head 1, V: mildly concentrated, which only a ``warn`` rule reports.
 
 ``python examples/make_tiny_llama.py`` (``--help`` for the options). Deterministic: the
-same bytes every time.
+same bytes every time. It writes only its own four files: into a new or empty directory, or
+over an earlier output of its own; a directory holding anything else is refused, untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,15 @@ SHAPE = LlamaShape(
     layers=4, heads=8, kv_heads=2, head_dim=32, hidden=256, intermediate=256, vocab=128
 )
 DEFAULT_OUTPUT = Path(__file__).parent / "tiny-llama"
+SHARDS = 2
+#: the files the script writes, and the only ones it replaces
+OWN_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors.index.json",
+        *(f"model-{i:05d}-of-{SHARDS:05d}.safetensors" for i in range(1, SHARDS + 1)),
+    }
+)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,9 +55,36 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=DEFAULT_OUTPUT,
         metavar="DIR",
-        help=f"directory to write; replaced if it exists (default: {DEFAULT_OUTPUT})",
+        help="directory to write, created if needed; an existing one must be empty or an "
+        f"earlier output of this script, whose files are replaced (default: {DEFAULT_OUTPUT})",
     )
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    problem = output_problem(arguments.output)
+    if problem is not None:
+        parser.error(problem)
+    return arguments
+
+
+def output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot be written without touching files this script did not write,
+    or ``None``: it must be absent, an empty directory, or one holding only :data:`OWN_FILES`
+    as regular files (a symlink there would be written through)."""
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        return f"--output {output}: exists and is not a directory; give a directory"
+    if not output.exists():
+        return None
+    others = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in output.iterdir()
+        if p.name not in OWN_FILES or p.is_symlink() or not p.is_file()
+    )
+    if not others:
+        return None
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (
+        f"--output {output}: holds {shown}, which this script did not write; it writes only "
+        "into a new or empty directory, or over its own earlier output: choose another"
+    )
 
 
 def block(generator: torch.Generator, rows: int, cols: int, spectrum: torch.Tensor) -> torch.Tensor:
@@ -92,11 +129,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 weight = torch.cat(blocks, dim=0)
             tensors[attention_name(layer, matrix)] = weight.float()
-    if output.exists():
-        shutil.rmtree(output)
-    write_checkpoint(output, tensors, SHAPE.config(), dtype=torch.bfloat16, shards=2)
-    readable_by_all(output)
-    size = sum(p.stat().st_size for p in output.iterdir())
+    try:
+        write_checkpoint(output, tensors, SHAPE.config(), dtype=torch.bfloat16, shards=SHARDS)
+        readable_by_all(output)
+    except OSError as exc:
+        sys.exit(f"make_tiny_llama.py: cannot write {output}: {exc.strerror or exc}")
+    size = sum((output / name).stat().st_size for name in OWN_FILES)
     print(f"wrote {output} ({size / 1e6:.1f} MB)")
 
 
@@ -105,8 +143,8 @@ def readable_by_all(directory: Path) -> None:
     files 0600, which would keep other users from running the demo)."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+    for name in OWN_FILES:
+        (directory / name).chmod(0o666 & ~umask)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ pays for none of them and never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,64 +26,20 @@ from pytest_spectral.judging.candidates import (
     total_saving,
 )
 from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
+from pytest_spectral.notices import notices
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
 from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
-from pytest_spectral.reporting.scale import rule_bounds
 from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats, Record
 from pytest_spectral.run import MODEL_PATH_KEY, SpectralRun
-from pytest_spectral.selection import collection_notice
+from pytest_spectral.wording import counted
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
-
-
-def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
-    """One line for each thing a run accepts without a word otherwise: the user's tests not
-    collected, a layout assumed for an undeclared model_type, whole-matrix items without the
-    MLP, a rules file without rules (or none), a baseline no rule compares with."""
-    lines = []
-    if (collection := collection_notice(config)) is not None:
-        lines.append(collection)
-    lines.extend(run.checkpoint.notes)
-    if "matrix" in run.scopes and not run.checkpoint.mlp:
-        custom = run.checkpoint.layout.family == "custom"
-        lines.append(
-            "spectral: matrix scope analyses attention only: "
-            + (
-                "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
-                "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
-                if custom
-                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
-                "names them (a mixture of experts stores its experts in 3-D tensors)"
-            )
-        )
-    rules = run.rules
-    if rules.path is None:
-        lines.append(
-            "spectral: no rules file (--spectral-thresholds): items fail only for non-finite "
-            "or all-zero weights; every metric is recorded"
-        )
-    elif not rules.rules:
-        lines.append(
-            f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
-            "all-zero weights; every metric is recorded"
-        )
-    if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
-        trend = " without a window (rules with one compare with --spectral-history)"
-        lines.append(
-            f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
-            f"min_change or max_change{trend if any(r.is_trend for r in rules.rules) else ''}"
-        )
-    if run.history is not None:
-        labels = run.history.table.labels
-        span = f" (steps {labels[0]} to {labels[-1]})" if labels else ""
-        lines.append(f"spectral: history of {len(labels)} earlier report(s){span}")
-    return [printable(line) for line in lines]
 
 
 def print_spectral_ids_as_they_are(config: pytest.Config) -> None:
@@ -112,6 +70,10 @@ class SpectralPlugin:
         self._verdicts: Verdicts | None = None
         self._header_shown = False
         self._items: list[Record] | None = None
+        #: warned items whose warning the warning filters would have made an error
+        self._warnings_kept = 0
+        #: why the session was interrupted, if it was
+        self._stopped: str | None = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
@@ -169,12 +131,16 @@ class SpectralPlugin:
         if call.when == "call" and isinstance(item, SpectralItem) and item.record is not None:
             # A report attribute survives pytest-xdist's serialisation to the controller.
             report.spectral = item.record  # type: ignore[attr-defined]
+            if item.warning_kept:
+                report.spectral_warning_kept = True  # type: ignore[attr-defined]
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         record = getattr(report, "spectral", None)
         if record is not None:
             self.run.records[report.nodeid] = record
+        if getattr(report, "spectral_warning_kept", False):
+            self._warnings_kept += 1
         self.ledger.observe(report)
 
     def pytest_terminal_summary(
@@ -211,12 +177,23 @@ class SpectralPlugin:
                         width=writer.fullwidth,
                         color=writer.hasmarkup,
                         bad=spec.bad,
-                        bounds=rule_bounds(self.run.rules.rules, spec.name),
+                        rules=self.run.rules.rules,
                         log=spec.log_scale,
                     )
                 )
+        if self._warnings_kept:
+            terminalreporter.write_line(
+                f"spectral: {counted(self._warnings_kept, 'warned item')} stayed warned although "
+                "the warning filters make warnings errors (-W error, filterwarnings): a warned "
+                'verdict is the rules file\'s (severity = "warn", or --spectral-warn-only); '
+                'give a rule severity = "fail" to fail its items'
+            )
         for label, where in self._written:
             terminalreporter.write_line(printable(f"spectral {label}: {where}"))
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        """Ctrl-C, or pytest-xdist's controller stopping after ``--maxfail`` failures."""
+        self._stopped = str(excinfo.value) or "interrupted"
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Write every requested report, whatever happened: an earlier run's file at the same
@@ -224,13 +201,19 @@ class SpectralPlugin:
         self.run.close()
         if _is_xdist_worker(session.config):
             return
+        reasons = (self._stopped, session.shouldfail, session.shouldstop)
+        reason = next((r for r in reasons if isinstance(r, str) and r), None)
+        if reason is not None:
+            self.ledger.stop_reason = f"not run: {reason}"
         run = self.run
         items = self._all_items()
         verdicts = self._slice_verdicts()
         report = build_report(
             checkpoint=run.checkpoint,
             model_argument=run.model_argument,
+            from_hub=run.from_hub,
             rules=run.rules,
+            baseline=run.baseline,
             settings=run.settings(),
             records=items,
             candidates=[candidate_record(c) for c in verdicts.candidates],
@@ -298,20 +281,28 @@ class SpectralPlugin:
             self._written.append(
                 (
                     "calibrated rules",
-                    f"not written to {path}: {missing} of {len(items)} items have no "
-                    "result (see above)",
+                    f"not written to {path}: {missing} of {counted(len(items), 'item')} "
+                    f"{'has' if missing == 1 else 'have'} no result (see above)",
                 )
             )
             return
+        geometry = self.run.checkpoint.geometry
         calibration = calibrated_rules(
-            items, margin=self.run.calibrate_margin, source=self.run.model_argument
+            items,
+            margin=self.run.calibrate_margin,
+            source=self.run.model_argument,
+            layers=geometry.layers,
+            heads=geometry.heads,
         )
-        note = (
-            f" (bounds from {calibration.used} of {len(items)} items; "
-            f"{calibration.left_out} that failed or warned were left out)"
-            if calibration.left_out
-            else ""
-        )
+        note = ""
+        if calibration.part is not None:
+            note += f" (measured only {calibration.part}; its rules apply there only)"
+        if calibration.left_out:
+            note += (
+                f" (bounds from {calibration.used} of {counted(len(items), 'item')}; "
+                f"{calibration.left_out} that failed or warned "
+                f"{'was' if calibration.left_out == 1 else 'were'} left out)"
+            )
         self._write(
             session,
             "calibrated rules",
@@ -376,45 +367,75 @@ class Verdicts:
 
 
 class LayerProgressPlugin:
-    """In verbose mode, a line per computed layer, after the item that waited for it.
+    """In verbose mode, a line per computed layer, printed once all of the layer's items have
+    reported (so it follows them rather than splitting them).
 
-    A plugin of its own, registered only with ``-v``, so that other runs pay nothing per item.
+    The engine computes a layer when its first item asks for it; the layer's figures travel on
+    that item's report, so that under pytest-xdist the controller prints them too. A plugin of
+    its own, registered only with ``-v``, so that other runs pay nothing per item.
     """
 
-    def __init__(self, run: SpectralRun, config: pytest.Config) -> None:
+    def __init__(self, run: SpectralRun, config: pytest.Config, ledger: ItemLedger) -> None:
         self._config = config
-        self._run = run
-        self._finished_layers: list[LayerStats] = []
-        run.on_layer = self._finished_layers.append
+        self._ledger = ledger
+        self._computed: list[LayerStats] = []  # in this process, not yet on a report
+        run.on_layer = self._computed.append
+        self._stats: dict[int, LayerStats] = {}
+        self._finished: Counter[int] = Counter()
+        self._units: dict[int, list[tuple[str, str]]] | None = None
 
-    def pytest_runtest_logfinish(self) -> None:
-        if not self._finished_layers:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.when == "call" and self._computed:
+            report.spectral_layers = [dataclasses.asdict(s) for s in self._computed]  # type: ignore[attr-defined]
+            self._computed.clear()
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for stats in getattr(report, "spectral_layers", ()):
+            self._stats[stats["layer"]] = LayerStats(**stats)
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        position = item_position(nodeid)
+        if position is None or _is_xdist_worker(self._config):
             return
-        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
-        for stats in self._finished_layers:
+        layer = position[0]
+        self._finished[layer] += 1
+        if self._units is None:  # the collected items are known by now, and do not change
+            self._units = _units(self._ledger.collected)
+        units = self._units
+        if layer in self._stats and self._finished[layer] == len(units[layer]):
+            reporter = self._config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(progress_line(stats, self._run.needed))
-        self._finished_layers.clear()
+                reporter.write_line(progress_line(self._stats.pop(layer), units[layer]))
 
 
-def progress_line(stats: LayerStats, needed: list[tuple[int, str, str]]) -> str:
-    """``spectral: layer 1: 32 items from 20 slices ...``: items and the distinct slices
-    decomposed for them (a K/V slice serves every query head of its group), the time, and
-    how many of the layer's matrices came from the cache, and how many slices were refined
-    beyond the Gram route (CholeskyQR2 or Householder QR: ill-conditioned ones)."""
-    units = {(matrix, scope) for layer, matrix, scope in needed if layer == stats.layer}
-    items = sum(layer == stats.layer for layer, _, _ in needed)
-    shared = " (K/V slices are shared by query heads)" if stats.slices < items else ""
+def _units(nodeids: tuple[str, ...]) -> dict[int, list[tuple[str, str]]]:
+    """Each layer's items as (matrix, scope)."""
+    units: dict[int, list[tuple[str, str]]] = {}
+    for nodeid in nodeids:
+        layer, head, matrix = item_position(nodeid)  # type: ignore[misc]
+        units.setdefault(layer, []).append((matrix, "matrix" if head is None else "head"))
+    return units
+
+
+def progress_line(stats: LayerStats, items: list[tuple[str, str]]) -> str:
+    """``spectral: layer 1: 32 items from 20 slices ...``: the layer's items, as (matrix,
+    scope), and the distinct slices decomposed for them (a K/V slice serves every query head
+    of its group), the time, how many of the layer's matrices came from the cache, and how
+    many slices were refined beyond the Gram route (CholeskyQR2 or Householder QR:
+    ill-conditioned ones)."""
+    units = set(items)
+    shared = " (K/V slices are shared by query heads)" if stats.slices < len(items) else ""
     return (
-        f"spectral: layer {stats.layer}: {_count(items, 'item')} from "
-        f"{_count(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
-        f"{stats.from_cache} of {_count(len(units), 'matrix', 'matrices')} from the cache, "
-        f"{_count(stats.refined, 'slice')} refined beyond the Gram route"
+        f"spectral: layer {stats.layer}: {counted(len(items), 'item')} from "
+        f"{counted(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
+        f"{stats.from_cache} of {counted(len(units), 'matrix', 'matrices')} from the cache, "
+        f"{counted(stats.refined, 'slice')} refined beyond the Gram route"
     )
-
-
-def _count(number: int, singular: str, plural: str | None = None) -> str:
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 class XdistControllerPlugin:

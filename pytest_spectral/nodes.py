@@ -14,12 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from _pytest._code.code import (
-    ReprEntryNative,
-    ReprExceptionInfo,
-    ReprFileLocation,
-    ReprTraceback,
-)
+from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS
 from pytest_spectral.checkpoints.slices import slice_span
@@ -27,13 +22,14 @@ from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.broken_rules import describe_broken
+from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
 from pytest_spectral.reporting.report import Record, item_record
 from pytest_spectral.results import HeadSpectrum
 from pytest_spectral.run import RUN_KEY, SpectralRun
+from pytest_spectral.wording import counted
 
 if TYPE_CHECKING:
-    from _pytest._code.code import TerminalRepr, TracebackStyle
+    from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
 ROOT_NAME = "spectral"
 #: how failure reports write each circuit (h the query head, g its K/V head)
@@ -54,23 +50,42 @@ def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
 
 
 class SpectralCheckError(Exception):
-    """Raised by an item whose head broke a rule; its text is the whole failure report.
+    """Raised by an item whose head broke a rule; its text is the whole failure report, its
+    first line the one-line account (see :func:`failure_repr`), ``location`` the file and
+    line the failure points at (``--tb=line``, JUnit).
 
     The text is made printable here (control characters escaped, lines kept), so that no
     tensor, file or rule name reaches the terminal raw, whichever way pytest shows it.
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, location: tuple[str, int]) -> None:
         super().__init__(printable(text, keep_newlines=True))
+        self.location = location
+
+
+def failure_repr(error: SpectralCheckError, *, line_only: bool) -> ReprExceptionInfo:
+    """The failure report as pytest's own failure representation: the whole text as the
+    block under the item's title (none with ``line_only``, for ``--tb=line``, which prints
+    the location and the first line), its first line as the crash message.
+
+    A plain string would do for the block, but pytest's short test summary appends the
+    crash message whole, every line of it, where it shows messages untrimmed (on CI, where
+    the ``CI`` or ``BUILD_NUMBER`` variable is set, and with ``-vv``): each failure block
+    would be printed twice. A native-style traceback entry prints the text as it is, and
+    pytest-xdist carries this representation from its workers intact.
+    """
+    text = str(error)
+    path, lineno = error.location
+    return ReprExceptionInfo(
+        reprtraceback=ReprTracebackNative([] if line_only else [f"{text}\n"]),
+        reprcrash=ReprFileLocation(path, lineno, text.split("\n", 1)[0]),
+    )
 
 
 def _headline(record: Record) -> str:
     """One line for pytest's short summary: what is wrong, most important first."""
-    parts = []
-    if record["status"] == "nonfinite":
-        parts.append(f"{record['nonfinite_count']} non-finite weights")
-    elif record["status"] == "zero_matrix":
-        parts.append("zero matrix")
+    status = status_problem(record)
+    parts = [status] if status else []
     limited = bool(record["floor_limited"])
     broken = record["broken_rules"]
     for severity in ("fail", "warn"):
@@ -114,6 +129,19 @@ class LayerCollector(pytest.Collector):
                 yield SpectralItem.from_parent(
                     self, name=name, layer=self.layer, head=head, matrix=matrix
                 )
+
+
+def _from_runtest(traceback: Traceback) -> Traceback:
+    """The frames from :meth:`SpectralItem.runtest` on.
+
+    pytest cuts a test function's traceback at the test's file; an item without one keeps
+    every frame of pytest's runner and pluggy above it (some 600 lines for one exception).
+    An unexpected exception in an item is the plugin's (or a conftest's) to explain, so its
+    frames from ``runtest`` down are what is shown (``--fulltrace`` shows them all).
+    """
+    code = SpectralItem.runtest.__code__
+    start = next((i for i, entry in enumerate(traceback) if entry.frame.code.raw is code), 0)
+    return traceback[start:]  # type: ignore[return-value]
 
 
 def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
@@ -167,6 +195,8 @@ class SpectralItem(pytest.Item):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.layer, self.head, self.matrix = layer, head, matrix
         self.record: Record | None = None
+        #: the item warned although the warning filters make warnings errors (see _warn)
+        self.warning_kept = False
 
     @property
     def scope(self) -> str:
@@ -182,7 +212,7 @@ class SpectralItem(pytest.Item):
                 else engine.head(self.layer, self.matrix, self.head)
             )
         except UnitError as exc:  # names its own tensor and cause
-            raise SpectralCheckError(str(exc)) from None
+            raise SpectralCheckError(str(exc), self._tensor_location(run)) from None
         history = run.history
         verdict = judge(
             run.rules.rules,
@@ -206,20 +236,37 @@ class SpectralItem(pytest.Item):
             verdict=verdict,
         )
         self.user_properties.extend(spectrum.metrics.items())
+        # --junitxml shows a warned item as passed: these properties tell them apart
+        self.user_properties.append(("spectral_outcome", verdict.outcome))
         if verdict.outcome == "passed":
             return
+        self.user_properties.append(("spectral_problem", _headline(self.record)))
         text = self._describe(run, spectrum, self.record)
         if verdict.outcome == "failed":
-            raise SpectralCheckError(self._once_per_slice(text))
-        # Every item of a shared K/V slice warns with the same text and location, which
-        # pytest's warnings summary shows once, under the ids of all of them.
-        filename, lineno = self._warning_location(run, verdict)
-        warnings.warn_explicit(
-            SpectralRuleWarning(printable(text, keep_newlines=True)),
-            SpectralRuleWarning,
-            filename=filename,
-            lineno=lineno,
-        )
+            raise SpectralCheckError(self._once_per_slice(text), self._location(run, verdict))
+        self._warn(SpectralRuleWarning(printable(text, keep_newlines=True)), run, verdict)
+
+    def _warn(self, warning: SpectralRuleWarning, run: SpectralRun, verdict: Verdict) -> None:
+        """Issue the warning of a warned item, for pytest's warnings summary.
+
+        Every item of a shared K/V slice warns with the same text and location, which the
+        summary shows once, under the ids of all of them. The verdict is the rules file's
+        (``severity = "warn"``, or ``--spectral-warn-only``): warning filters that make
+        warnings errors (``-W error``, ``filterwarnings = ["error"]``) would otherwise turn a
+        warned item into a failure with pytest's traceback, and a warn-only run into a
+        failing one. The warning is then recorded as a warning all the same, and the item
+        noted, so that the summary says the filters were not applied to it.
+        """
+        filename, lineno = self._location(run, verdict)
+        try:
+            warnings.warn_explicit(warning, SpectralRuleWarning, filename=filename, lineno=lineno)
+        except SpectralRuleWarning:
+            self.warning_kept = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SpectralRuleWarning)
+                warnings.warn_explicit(
+                    warning, SpectralRuleWarning, filename=filename, lineno=lineno
+                )
 
     def _once_per_slice(self, text: str) -> str:
         """The full failure report, or a reference to the item of the same K/V slice that
@@ -234,10 +281,16 @@ class SpectralItem(pytest.Item):
         headline, where = text.splitlines()[:2]
         return f"{headline}\n{where}\n  the same slice and verdict as {first}, reported above"
 
-    def _warning_location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
-        """Where a warning points: the line of the bound the first broken rule set, in its
-        rules file, or, for the built-in non-finite and zero checks turned into warnings by
-        --spectral-warn-only, the function that makes them (whose first line Python prints).
+    def _tensor_location(self, run: SpectralRun) -> tuple[str, int]:
+        """Where a failure to read or measure the item's tensor points: its weight file (a
+        circuit's first factor's; no line: the file is binary)."""
+        source = run.checkpoint.sources(self.layer, self.matrix)[0]
+        return printable(str(source.file)), 0
+
+    def _location(self, run: SpectralRun, verdict: Verdict) -> tuple[str, int]:
+        """Where a warning or a failure points: the line of the bound the first broken rule
+        set, in its rules file, or, for the built-in non-finite and zero checks, the function
+        that makes them (whose first line Python prints for a warning).
 
         The rules file is named in angle brackets (``<rules.toml>:43``), like Python's
         ``<string>``: Python's warnings print the source line of a real file name, read from
@@ -258,8 +311,8 @@ class SpectralItem(pytest.Item):
         status = "WARN" if record["outcome"] == "warned" else "FAIL"  # --spectral-warn-only
         if record["status"] == "nonfinite":
             lines.append(
-                f"  {status} non-finite weights: {spectrum.nonfinite} NaN/Inf values in this "
-                "slice (corrupt file or diverged training)"
+                f"  {status} non-finite weights: {counted(spectrum.nonfinite, 'NaN/Inf value')} "
+                "in this slice (corrupt file or diverged training)"
             )
         elif record["status"] == "zero_matrix":
             lines.append(
@@ -328,21 +381,11 @@ class SpectralItem(pytest.Item):
         style: TracebackStyle | None = None,
     ) -> str | TerminalRepr:
         if isinstance(excinfo.value, SpectralCheckError):
-            return self._rule_failure(str(excinfo.value))
+            line_only = self.config.getoption("tbstyle", "auto") == "line"
+            return failure_repr(excinfo.value, line_only=line_only)
+        if not self.config.getoption("fulltrace", False):
+            excinfo.traceback = _from_runtest(excinfo.traceback)
         return super().repr_failure(excinfo, style)
-
-    def _rule_failure(self, text: str) -> ReprExceptionInfo:
-        """The failure's whole text under its title, and its headline alone as the "crash"
-        message: pytest's short summary and junit's ``message`` attribute take that message,
-        and print it untrimmed on CI (``CI``/``BUILD_NUMBER`` set) or with ``-vv``; a plain
-        string would repeat every line of the block there. pytest-xdist serialises this
-        structure (a native traceback entry) as it is."""
-        headline = text.splitlines()[0] if text else ""
-        path, _, _ = self.reportinfo()
-        return ReprExceptionInfo(
-            reprtraceback=ReprTraceback([ReprEntryNative([text + "\n"])], None, "native"),
-            reprcrash=ReprFileLocation(str(path), 0, headline),
-        )
 
     def reportinfo(self) -> tuple[Path, None, str]:
         """The node id as the item's location: failure titles and ``-v`` lines then read like

@@ -27,6 +27,9 @@ class ItemLedger:
         self._problems: dict[str, str] = {}
         self._skips: dict[str, str] = {}
         self._reported: set[str] = set()
+        #: why the session ended before every item ran (``stopping after 1 failures``, an
+        #: interrupt), the message of the items that never ran
+        self.stop_reason = "the session ended before it ran"
 
     def expect(self, nodeids: Iterable[str]) -> None:
         """The collected items; the first collection counts (every xdist worker sends one)."""
@@ -59,7 +62,7 @@ class ItemLedger:
             return "skipped", self._skips[nodeid]
         if nodeid in self._reported:
             return "error", "finished without a result"
-        return "not_run", None
+        return "not_run", self.stop_reason
 
 
 def _first_line(report: pytest.TestReport) -> str:

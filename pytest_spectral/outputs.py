@@ -8,9 +8,11 @@ installed plugin gets (``pytest_load_initial_conftests``), once the command line
 to come from the checkpoint (``invocation.py``):
 
 1. the output paths themselves are checked (:func:`check_outputs`); a usage error about them
-   removes nothing;
-2. the files at those paths are removed (:func:`remove_stale_outputs`), except those the run
-   reads as inputs (a baseline may be overwritten by the new report, at the end);
+   removes nothing. Among the checks: an output is never one of the run's inputs (rules,
+   baseline, config, architecture file, an earlier report named by ``--spectral-history``),
+   and an existing file there is replaced only when pytest-spectral wrote it;
+2. the files at those paths, earlier runs' outputs by then, are removed
+   (:func:`remove_stale_outputs`);
 3. only then does any other check run: the rest of the command line in ``invocation.py``,
    option values, the checkpoint, the rules, ... in ``pytest_configure``.
 """
@@ -26,12 +28,26 @@ import pytest
 from pytest_spectral.invocation import Protected, inside, pytest_output_files
 from pytest_spectral.options import given_path, rules_path
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.files import OutputPathError, check_output_path, remove_stale
+from pytest_spectral.reporting.files import (
+    OutputPathError,
+    check_output_path,
+    check_replaceable,
+    remove_stale,
+)
 
-#: options naming files the run writes, each created through a temporary file at the end
-OUTPUT_OPTIONS = ("spectral_report", "spectral_html", "spectral_calibrate")
-#: options naming files the run reads, never removed as an earlier run's output
-_INPUT_OPTIONS = ("spectral_baseline", "spectral_config", "spectral_architecture")
+#: options naming files the run writes, each created through a temporary file at the end,
+#: with the words for what it is
+OUTPUT_OPTIONS = {
+    "spectral_report": "a JSON report",
+    "spectral_html": "an HTML report",
+    "spectral_calibrate": "a calibrated rules file",
+}
+#: options naming files the run reads, which it never writes, with the words for them
+_INPUT_OPTIONS = {
+    "spectral_baseline": "the baseline (--spectral-baseline)",
+    "spectral_config": "the config (--spectral-config)",
+    "spectral_architecture": "the architecture file (--spectral-architecture)",
+}
 
 
 def output_paths(config: pytest.Config) -> dict[str, Path]:
@@ -45,10 +61,13 @@ def check_outputs(config: pytest.Config, protected: Protected) -> dict[str, Path
     Refused: a path that cannot take a new regular file (``reporting/files.py``); one inside
     ``protected`` (resolved directory -> what it is: the checkpoint's directories, or the hub
     cache a hub id will be read from); one given to two options; one pytest itself writes
-    (``--junitxml``, ``log_file``, ``--debug``), which one of the two would overwrite.
+    (``--junitxml``, ``log_file``, ``--debug``), which one of the two would overwrite; one
+    that is also an input of the run (:func:`_inputs`), even through a link; and an existing
+    file that pytest-spectral did not write (``reporting.files.check_replaceable``).
     """
     outputs = output_paths(config)
     writers = {path.resolve(): option for option, path in pytest_output_files(config)}
+    inputs = _inputs(config)
     for name, path in outputs.items():
         option = _flag(name)
         try:
@@ -69,31 +88,86 @@ def check_outputs(config: pytest.Config, protected: Protected) -> dict[str, Path
                 printable(f"{option} {path}: {writers[resolved]} writes the same file")
             )
         writers[resolved] = option
+        read_by = next((what for source, what in inputs if _same_file(path, source)), None)
+        if read_by is not None:
+            roll = (
+                " (to roll a baseline forward, write the new report elsewhere and move it "
+                "after a passing run)"
+                if "baseline" in read_by
+                else ""
+            )
+            raise pytest.UsageError(
+                printable(
+                    f"{option} {path}: is also {read_by}, which this run reads; pytest-spectral "
+                    f"never writes over its inputs: choose another path{roll}"
+                )
+            )
+    marks = _marks()
+    for name, path in outputs.items():
+        try:
+            check_replaceable(path, _flag(name), marks[name], OUTPUT_OPTIONS[name])
+        except OutputPathError as exc:
+            raise pytest.UsageError(printable(str(exc))) from None
     return outputs
 
 
-def remove_stale_outputs(config: pytest.Config, outputs: Mapping[str, Path]) -> None:
+def remove_stale_outputs(outputs: Mapping[str, Path]) -> None:
     """Remove what earlier runs left at the output paths, so that none can pass for this
-    run's; files this run reads (baseline, rules, config, architecture) are kept.
+    run's. Only after :func:`check_outputs`: what is there was written by pytest-spectral,
+    and is none of the run's inputs.
 
     Raises ``pytest.UsageError`` for a file that cannot be removed.
     """
-    inputs = {p.resolve() for p in _input_paths(config)}
     for name, path in outputs.items():
-        if path.resolve() in inputs:
-            continue
         try:
             remove_stale(path, _flag(name))
         except OutputPathError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
 
 
-def _input_paths(config: pytest.Config) -> list[Path]:
-    paths = [path for name in _INPUT_OPTIONS if (path := given_path(config, name))]
-    history = getattr(config.known_args_namespace, "spectral_history", None) or []
-    paths += [Path(os.path.expanduser(p)).absolute() for p in history]  # earlier reports
+def _inputs(config: pytest.Config) -> list[tuple[Path, str]]:
+    """The files this run reads besides the checkpoint, each with words naming it: the rules
+    file, baseline, config, architecture file and the earlier reports of --spectral-history
+    (a directory's reports are never outputs: the report this run writes may go there)."""
+    found = []
     rules = rules_path(config)
-    return [*paths, rules] if rules is not None else paths
+    if rules is not None:
+        found.append((rules, "the rules file"))
+    for name, words in _INPUT_OPTIONS.items():
+        path = given_path(config, name)
+        if path is not None:
+            found.append((path, words))
+    history = getattr(config.known_args_namespace, "spectral_history", None) or []
+    for given in history:
+        path = Path(os.path.expanduser(given)).absolute()
+        if not path.is_dir():
+            found.append((path, "an earlier report (--spectral-history)"))
+    return found
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or one file under two names
+    (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
+def _marks() -> dict[str, bytes]:
+    """The mark each output's writer puts at its start, by which an earlier one is known.
+    Imported here, not at the top: this module loads in every pytest run (``plugin.py``)."""
+    from pytest_spectral.judging.calibrate import CALIBRATION_MARK
+    from pytest_spectral.reporting.html_report import HTML_MARK
+    from pytest_spectral.reporting.report import REPORT_MARK
+
+    return {
+        "spectral_report": REPORT_MARK,
+        "spectral_html": HTML_MARK,
+        "spectral_calibrate": CALIBRATION_MARK.encode(),
+    }
 
 
 def _flag(name: str) -> str:

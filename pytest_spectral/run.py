@@ -53,7 +53,14 @@ from pytest_spectral.printable import printable
 from pytest_spectral.reporting.history.earlier import EarlierReports, load_earlier
 from pytest_spectral.reporting.history.reports import HistoryError
 from pytest_spectral.reporting.step import Step, StepError, checkpoint_step, step_from_option
-from pytest_spectral.untrusted import MAX_TOML_BYTES, UntrustedFileError, load_toml
+from pytest_spectral.untrusted import (
+    MAX_INDEX_BYTES,
+    MAX_TOML_BYTES,
+    UntrustedFileError,
+    load_json,
+    load_toml,
+)
+from pytest_spectral.wording import counted, indices
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
@@ -122,7 +129,12 @@ class SpectralRun:
                 base_model=_base_model_path(config),
                 adapter=str(option_value(config, "spectral_adapter")),
             )
-            checkpoint = open_checkpoint(model_path, options=options, family=_custom_family(config))
+            try:
+                checkpoint = open_checkpoint(
+                    model_path, options=options, family=_custom_family(config)
+                )
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}{_shard_hint(model_path)}") from None
             protected = {
                 **protected_directories(
                     model_argument, config.getoption("spectral_base_model")
@@ -159,11 +171,16 @@ class SpectralRun:
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
         selected = _selected_matrices(config, checkpoint, scope)
+        if scope == "head" and not set(selected) & set(HEAD_MATRICES):
+            raise pytest.UsageError(
+                f"--spectral-matrices {','.join(selected)}: no head item to collect: MLP "
+                "matrices exist only as whole matrices; add --spectral-scope matrix (or both)"
+            )
         count = checkpoint.geometry.layers
         if missing := selection.beyond(count):
             raise pytest.UsageError(
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
-                f"the model has {count} layers (0-{count - 1})"
+                f"the model has {counted(count, 'layer')} ({indices(count)})"
             )
         layers = [layer for layer in checkpoint.layer_numbers if layer in selection]
         if not layers:
@@ -226,6 +243,11 @@ class SpectralRun:
         return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
 
     @property
+    def from_hub(self) -> bool:
+        """Whether the model argument was a hub id (its local path is a cache snapshot)."""
+        return self.model_path != Path(self.model_argument).expanduser()
+
+    @property
     def rank_request(self) -> MetricRequest:
         """The energy rank that suggests a candidate's factorisation rank."""
         return default_request("energy_rank", p=self.energy)
@@ -277,6 +299,7 @@ class SpectralRun:
             "candidate_energy": self.energy,
             "precision": self.precision,
             "device": self.device,
+            "warn_only": self.warn_only,
         }
 
 
@@ -343,6 +366,33 @@ def _refuse_json_file(path: Path, argument: str) -> None:
     )
 
 
+#: index files that list the shards of a checkpoint directory
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _shard_hint(path: Path) -> str:
+    """``; x is one shard of ...: pass the directory`` when the weight file ``path`` is listed
+    by an index beside it (a single shard lacks the other shards' tensors), else nothing."""
+    if path.is_dir():
+        return ""
+    for name in _INDEXES:
+        index = path.parent / name
+        if not index.exists():
+            continue
+        try:
+            document = load_json(index, MAX_INDEX_BYTES, "weight index")
+        except UntrustedFileError:
+            continue
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        files = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        if path.name in files:
+            return (
+                f"; {path.name} is one of the {len(files)} shards that {index} lists: pass "
+                f"the checkpoint's directory: --spectral-model={path.parent}"
+            )
+    return ""
+
+
 def _custom_family(config: pytest.Config) -> Family | None:
     path = given_path(config, "spectral_architecture")
     if path is None:
@@ -391,7 +441,8 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
                 "known-good run)"
             )
         return None
-    return load_baseline(path, checkpoint)
+    compared = (rule.request for rule in rules.rules if rule.is_relative and not rule.is_trend)
+    return load_baseline(path, checkpoint, compared)
 
 
 def _step(config: pytest.Config, checkpoint: Checkpoint) -> Step | None:

@@ -12,14 +12,18 @@ with the command that runs the user's tests too.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from pytest_spectral.nodes import ROOT_NAME, spectral_ids
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
+from pytest_spectral.wording import counted, indices
 
 
 def take_spectral_arguments(config: pytest.Config) -> tuple[str, ...]:
@@ -52,12 +56,76 @@ def check_selection(run: SpectralRun) -> None:
     for argument in run.selected:
         if argument not in known:
             first = next((i for i in ids if i.count("::") == 2), ROOT_NAME)
+            why = why_not_collected(argument, run)
             raise pytest.UsageError(
                 printable(
-                    f"{argument}: no such spectral item in this run; ids look like {first} "
-                    "(layer, then head and matrix, zero-padded; see --collect-only -q)"
+                    f"{argument}: no such spectral item in this run{': ' + why if why else ''}; "
+                    f"ids look like {first} (layer, then head and matrix, zero-padded; see "
+                    "--collect-only -q)"
                 )
             )
+
+
+_LAYER = re.compile(r"^layer(\d+)$")
+_HEAD_ITEM = re.compile(r"^head(\d+)-(\w+)$")
+
+
+def why_not_collected(argument: str, run: SpectralRun) -> str | None:
+    """Why a well-formed spectral id names nothing this run collects, with what to change:
+    a layer or head the model lacks, a layer or matrix the options leave out, a scope not
+    collected, a missing zero; ``None`` when the id is not of the form ``spectral::layerNN``
+    or ``spectral::layerNN::ITEM``."""
+    parts = argument.split("::")
+    layer_match = _LAYER.match(parts[1]) if len(parts) in (2, 3) else None
+    if parts[0] != ROOT_NAME or layer_match is None:
+        return None
+    g = run.checkpoint.geometry
+    layer = int(layer_match.group(1))
+    if layer >= g.layers:
+        return f"the model has {counted(g.layers, 'layer')} ({indices(g.layers)})"
+    if layer not in run.layers:
+        return f"--spectral-layers leaves out layer {layer}"
+    padded = next(name for name, number in layer_names(run) if number == layer)
+    if parts[1] != padded:
+        return f"layer numbers are zero-padded: {ROOT_NAME}::{padded}"
+    if len(parts) == 2:
+        return None
+    item = parts[2]
+    head_match = _HEAD_ITEM.match(item)
+    if head_match is None:
+        return _why_not_whole(item, run)
+    head, matrix = int(head_match.group(1)), head_match.group(2)
+    if head >= g.heads:
+        return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
+    if matrix in MLP_MATRICES:
+        return (
+            f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{parts[1]}::{matrix} with "
+            "--spectral-scope matrix (or both)"
+        )
+    if matrix not in HEAD_MATRICES:
+        return f"head items are of {', '.join(HEAD_MATRICES)}, not {matrix!r}"
+    if "head" not in run.scopes:
+        return "head items need --spectral-scope head (the default) or both"
+    if matrix in CIRCUITS and matrix not in run.head_matrices:
+        return f"the {matrix} circuit is collected only when --spectral-matrices names it"
+    if matrix not in run.head_matrices:
+        return f"--spectral-matrices leaves out {matrix}"
+    return "head numbers are zero-padded, as --collect-only -q lists them"
+
+
+def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
+    if matrix in CIRCUITS:
+        return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
+    if matrix not in MATRICES + MLP_MATRICES:
+        return None
+    if "matrix" not in run.scopes:
+        return (
+            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or "
+            "both)"
+        )
+    if matrix not in MATRICES + run.checkpoint.mlp:
+        return f"the checkpoint has no {matrix}"
+    return f"--spectral-matrices leaves out {matrix}"
 
 
 def collection_notice(config: pytest.Config) -> str | None:

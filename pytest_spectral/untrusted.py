@@ -192,7 +192,11 @@ def _too_large(path: Path, what: str, limit: int, size: int) -> str:
 
 def load_json(path: Path, limit: int, what: str) -> object:
     """Parse the JSON file ``path`` (capped at ``limit`` bytes and :data:`MAX_NESTING`)."""
-    raw = read_capped(path, limit, what)
+    return parse_json(read_capped(path, limit, what), path, what)
+
+
+def parse_json(raw: bytes, path: Path, what: str) -> object:
+    """Parse the bytes ``raw`` read from ``path`` (nested at most :data:`MAX_NESTING`)."""
     try:
         document = json.loads(raw)
     except RecursionError:

@@ -25,7 +25,10 @@ else:  # pragma: no cover
 def record(
     matrix: str, status: str = "ok", scope: str = "head", outcome: str = "passed", **metrics: float
 ) -> dict:
+    """An item of a one-layer, one-head model (so that every rule covers the whole model)."""
     return {
+        "layer": 0,
+        "head": 0 if scope == "head" else None,
         "matrix": matrix,
         "status": status,
         "scope": scope,
@@ -35,7 +38,7 @@ def record(
 
 
 def rules_text(records: list[dict], *, margin: float, source: str = "m") -> str:
-    return calibrated_rules(records, margin=margin, source=source).text
+    return calibrated_rules(records, margin=margin, source=source, layers=1, heads=1).text
 
 
 def bounds(text: str) -> dict[str, tuple[float, float, list[str], str]]:
@@ -91,7 +94,7 @@ def test_unhealthy_items_and_undefined_values_are_left_out() -> None:
         record("q", top_k_ratio=math.inf),
         record("q", top_k_ratio="nan"),  # as read back from a JSON report
     ]
-    calibration = calibrated_rules(records, margin=0.0, source="m")
+    calibration = calibrated_rules(records, margin=0.0, source="m", layers=1, heads=1)
     assert (calibration.used, calibration.left_out) == (5, 4)
     text = calibration.text
     assert bounds(text)["calibrated-q-top_k_ratio"][:2] == (0.2, 0.4)
@@ -164,7 +167,14 @@ def test_huge_log_scale_spread_gives_infinite_bounds() -> None:
 
 def test_records_without_a_scope_are_head_items() -> None:
     records = [
-        {"matrix": "q", "status": "ok", "outcome": "passed", "metrics": {"stable_rank": v}}
+        {
+            "layer": 0,
+            "head": 0,
+            "matrix": "q",
+            "status": "ok",
+            "outcome": "passed",
+            "metrics": {"stable_rank": v},
+        }
         for v in (1.0, 2.0)
     ]
     rules = bounds(rules_text(records, margin=0.0, source="m"))

@@ -387,8 +387,7 @@ def test_baseline_calibration_and_heatmap_cover_circuits(pytester) -> None:
 def test_the_html_report_has_circuit_panels(pytester) -> None:
     # Imported before the in-process run, which drops the modules it imported afterwards.
     pytest.importorskip("matplotlib.pyplot")
-    from pytest_spectral.reporting.html_report import _heatmaps
-    from pytest_spectral.reporting.scale import metric_scale
+    from pytest_spectral.reporting.html_report import _cells, _heatmaps, _panels, _scales
 
     result = run_planted(
         pytester,
@@ -400,7 +399,8 @@ def test_the_html_report_has_circuit_panels(pytester) -> None:
     page = (pytester.path / "report.html").read_text()
     assert "<td>qk</td>" in page  # the candidate's row
     records = json.loads((pytester.path / "report.json").read_text())["items"]
-    values = [r["metrics"]["top_k_ratio"] for r in records]
-    figure = _heatmaps(records, metric_scale("top_k_ratio", values, bad="high"), layers=2, heads=4)
+    cells = _cells(records, "top_k_ratio")
+    scales = _scales("top_k_ratio", cells, ())
+    figure = _heatmaps(cells, scales, 2, 4, _panels(records))
     titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
     assert titles == ["q", "k", "v", "o", "qk", "ov"]

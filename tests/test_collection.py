@@ -104,24 +104,54 @@ class TestNodeIdArguments:
         again.assert_outcomes(failed=1)
 
     @pytest.mark.parametrize(
-        "argument",
-        ["spectral::layer07", "spectral::layer1", "spectral::layer00::head09-q", "spectral::x"],
+        ("argument", "options", "why"),
+        [
+            ("spectral::layer07", [], ": the model has 2 layers (0-1)"),
+            ("spectral::layer1", [], ": layer numbers are zero-padded: spectral::layer01"),
+            ("spectral::layer00::head09-q", [], ": the model has 4 query heads (0-3)"),
+            (
+                "spectral::layer01",
+                ["--spectral-layers=0"],
+                ": --spectral-layers leaves out layer 1",
+            ),
+            (
+                "spectral::layer01::q",
+                [],
+                ": q names a whole-matrix item, collected with --spectral-scope matrix (or both)",
+            ),
+            (
+                "spectral::layer01::head00-down",
+                [],
+                ": down exists only as a whole matrix: spectral::layer01::down with "
+                "--spectral-scope matrix (or both)",
+            ),
+            (
+                "spectral::layer00::head00-q",
+                ["--spectral-scope=matrix"],
+                ": head items need --spectral-scope head (the default) or both",
+            ),
+            (
+                "spectral::layer00::head00-k",
+                ["--spectral-matrices=q"],
+                ": --spectral-matrices leaves out k",
+            ),
+            ("spectral::x", [], ""),
+        ],
     )
-    def test_an_id_of_nothing_is_a_usage_error(self, pytester, model, argument) -> None:
-        result = pytester.runpytest(f"--spectral-model={model}", argument)
+    def test_an_id_of_nothing_says_why(self, pytester, model, argument, options, why) -> None:
+        result = pytester.runpytest(f"--spectral-model={model}", *options, argument)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
+        first = (
+            "spectral::layer00::q"
+            if options == ["--spectral-scope=matrix"]
+            else ("spectral::layer00::head00-q")
+        )
         result.stderr.fnmatch_lines(
             [
-                f"ERROR: {argument}: no such spectral item in this run; ids look like "
-                "spectral::layer00::head00-q (*"
+                f"ERROR: {argument}: no such spectral item in this run{why}; ids look like "
+                f"{first} (layer, then head and matrix, zero-padded; see --collect-only -q)"
             ]
         )
-
-    def test_a_matrix_left_out_is_nothing_to_select(self, pytester, model) -> None:
-        result = pytester.runpytest(
-            f"--spectral-model={model}", "--spectral-matrices", "q", "spectral::layer00::head00-k"
-        )
-        assert result.ret == pytest.ExitCode.USAGE_ERROR
 
     def test_a_directory_named_spectral_stays_a_path(self, pytester, model) -> None:
         (pytester.path / "spectral").mkdir()

@@ -190,7 +190,9 @@ class TestBaselines:
     def test_missing_item_or_metric_breaks_the_rule(self, drift, baseline) -> None:
         (broken,) = judge(drift, 0, 0, "q", spectrum(), baseline=baseline).broken
         assert broken.baseline is None
-        assert broken.reason.startswith("has no baseline value to compare with")
+        assert broken.reason.startswith(
+            "has no baseline value: the baseline report has no spectral_norm for this item"
+        )
 
     def test_absolute_rules_ignore_the_baseline(self, rules) -> None:
         verdict = judge(rules, 0, 0, "q", spectrum(), baseline=None)

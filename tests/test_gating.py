@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -10,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,8 +97,54 @@ class TestBaseline:
         )
         result.assert_outcomes(passed=16, failed=16)
         result.stdout.fnmatch_lines(
-            ["  FAIL drift: spectral_norm = * has no baseline value to compare with*"]
+            [
+                "  FAIL drift: spectral_norm = * has no baseline value: the baseline report has no "
+                "spectral_norm for this item, nor singular values to compute it from (an item it "
+                "did not collect, or one without a result there); record the baseline again "
+                "(--spectral-report) from the known-good checkpoint with the same options"
+            ]
         )
+
+    def test_a_metric_the_baseline_lacks_comes_from_its_singular_values(self, pytester) -> None:
+        """A baseline recorded without rules has top_k_ratio with k = 10 only; a drift rule on
+        k = 5 compares with the value computed from the singular values the report stores."""
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "good.json")
+        stored = json.loads(baseline.read_text())
+        assert "top_k_ratio(k=5)" not in stored["items"][0]["metrics"]
+        rules = rules_file(
+            pytester,
+            '[[rules]]\nname = "drift5"\nmetric = "top_k_ratio"\nk = 5\nmax_change = 0.05\n',
+        )
+        same = pytester.runpytest(
+            f"--spectral-model={model}",
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules}",
+        )
+        same.assert_outcomes(passed=32)
+        same.stdout.fnmatch_lines(
+            [
+                f"spectral: --spectral-baseline {baseline} has no top_k_ratio(k=5): computed from "
+                "the singular values it stores"
+            ]
+        )
+        collapsed = write_model(pytester, "collapsed", collapse_k_head_1_of_layer_1)
+        result = pytester.runpytest(
+            f"--spectral-model={collapsed}",
+            f"--spectral-baseline={baseline}",
+            f"--spectral-thresholds={rules}",
+            "--spectral-report=r.json",
+        )
+        result.assert_outcomes(passed=30, failed=2)
+        items = {
+            i["nodeid"]: i for i in json.loads((pytester.path / "r.json").read_text())["items"]
+        }
+        good = {i["nodeid"]: i for i in stored["items"]}
+        for nodeid in ("spectral::layer01::head02-k", "spectral::layer01::head03-k"):
+            (broken,) = items[nodeid]["broken_rules"]
+            sigma = np.sort(np.array(good[nodeid]["singular_values"]))[::-1]
+            assert broken["baseline"] == pytest.approx(sigma[:5].sum() / sigma.sum(), rel=1e-12)
+            assert broken["value"] == pytest.approx(1.0, rel=1e-6)  # rank 1 now
 
     def test_baseline_of_another_layout_is_a_usage_error(self, pytester) -> None:
         model = write_model(pytester, "model")
@@ -189,6 +237,74 @@ class TestWarnOnly:
         result.assert_outcomes(passed=30, warnings=2)
         assert result.parseoutcomes()["warned"] == 2
         result.stdout.fnmatch_lines(["*Low-rank pruning candidates*", "*L1 H2-3 k*collapsed*"])
+
+    def test_the_header_says_so(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        result = pytester.runpytest(f"--spectral-model={model}", "--spectral-warn-only", "--co")
+        result.stdout.fnmatch_lines(
+            [
+                "spectral: --spectral-warn-only: every broken rule, non-finite or all-zero slice "
+                "is reported as a warning; no item fails (exit code 0)"
+            ]
+        )
+        plain = pytester.runpytest(f"--spectral-model={model}", "--co")
+        assert "--spectral-warn-only" not in plain.stdout.str()
+
+
+class TestReportsSayWhatRan:
+    """The JSON and HTML reports record the baseline compared with and warn-only mode, and
+    the model's resolved path (the argument may be relative to where pytest ran)."""
+
+    @pytest.fixture
+    def reports(self, pytester) -> tuple[dict, str, Path, Path]:
+        # Imported before the in-process run, which drops the modules it imported afterwards
+        # (a half-dropped matplotlib fails a later plot of the same worker).
+        pytest.importorskip("matplotlib.pyplot")
+        model = write_model(pytester, "model")
+        baseline = report_of(pytester, model, "good.json")
+        (pytester.path / "elsewhere").mkdir()
+        rules = rules_file(pytester, DRIFT_RULES)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(pytester.path / "elsewhere")
+            pytester.runpytest(
+                "--spectral-model=../model",
+                "--spectral-baseline=../good.json",
+                f"--spectral-thresholds={rules}",
+                "--spectral-warn-only",
+                "--spectral-report=r.json",
+                "--spectral-html=r.html",
+            )
+        out = pytester.path / "elsewhere"
+        report = json.loads((out / "r.json").read_text())
+        return report, (out / "r.html").read_text(), baseline, model
+
+    def test_json(self, reports) -> None:
+        report, _, baseline, model = reports
+        assert report["baseline"] == {
+            "path": str(baseline),
+            "sha256": hashlib.sha256(baseline.read_bytes()).hexdigest(),
+            "computed": [],
+        }
+        assert report["settings"]["warn_only"] is True
+        assert report["model"]["argument"] == "../model"
+        assert report["model"]["path"] == str(model.resolve())
+        assert report["model"]["source"] == "local"
+
+    def test_html(self, reports) -> None:
+        _, page, baseline, model = reports
+        digest = hashlib.sha256(baseline.read_bytes()).hexdigest()[:12]
+        assert f"<title>pytest-spectral: {model.resolve()}</title>" in page
+        assert f"<tr><th>path</th><td>{model.resolve()}</td></tr>" in page
+        assert f"<tr><th>baseline</th><td>{baseline} (sha256 {digest})</td></tr>" in page
+        assert "<tr><th>mode</th><td>warn-only: every problem reported as a warning" in page
+        assert "(1 rule, sha256" in page  # not "1 rules"
+        assert "<tr><th>warn_only</th><td>yes</td></tr>" in page
+
+    def test_without_a_baseline(self, pytester) -> None:
+        model = write_model(pytester, "model")
+        report = json.loads(report_of(pytester, model, "r.json").read_text())
+        assert report["baseline"] is None
+        assert report["settings"]["warn_only"] is False
 
 
 #: Each matrix's values apart from 10, at its own (layer, head): 3 layers x 5 heads per panel.
@@ -328,6 +444,49 @@ class TestHeatmap:
         assert "█" not in cells["k"][:2] + cells["q"] + cells["v"] + cells["o"]
         assert sum(line.count("█") for line in result.outlines if line[:3].strip().isdigit()) == 2
         result.stdout.fnmatch_lines(["k: 1..*; furthest: L1 H2 1"])
+
+    def test_the_scale_comes_from_the_rules_of_the_drawn_matrices(self, pytester) -> None:
+        """A rule written for v and o sets no reach of a run that draws q and k only."""
+        model = write_model(pytester, "model")
+        rules = rules_file(
+            pytester,
+            '[[rules]]\nname = "qk"\nmetric = "stable_rank"\nmin = 1.2\nmatrices = ["q", "k"]\n'
+            '[[rules]]\nname = "vo"\nmetric = "stable_rank"\nmin = 1.3\nmatrices = ["v", "o"]\n',
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={model}",
+            f"--spectral-thresholds={rules}",
+            "--spectral-matrices=q,k",
+            "--spectral-heatmap=stable_rank",
+        )
+        result.assert_outcomes(passed=16)
+        text = " ".join(result.stdout.str().split())
+        legend = text[text.index("stable_rank per head") : text.index("Shade:")]
+        assert "one scale for every panel, from the median" in legend
+        assert legend.endswith("to 1.2 (rule 'qk' min). ")
+        assert "rule 'vo'" in text  # in the header: it applies to no item of this run
+
+    def test_whole_matrices_get_a_layers_by_matrices_map(self, pytester) -> None:
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
+        model = write_checkpoint(
+            pytester.path / "mlp", random_llama_weights(shape, seed=3), shape.config()
+        )
+        result = pytester.runpytest(
+            f"--spectral-model={model}", "--spectral-scope=matrix", "--spectral-heatmap=alpha"
+        )
+        result.stdout.fnmatch_lines(
+            [
+                "alpha per whole matrix (rows: layers, columns: matrices): both extremes are *",
+                "*",
+                "     q k v o gate up down ",
+                "  0  * ",
+                "  1  * ",
+                "q: *..*; furthest: L* *",
+                "*",
+                "down: *..*; furthest: L* *",
+            ]
+        )
+        assert "alpha per head" not in result.stdout.str()
 
     def test_unknown_heatmap_metric(self, pytester) -> None:
         model = write_model(pytester, "model")

@@ -308,7 +308,9 @@ class TestRunHistory:
         }
         for step in (100, 200, 400):
             write(reports, f"{step}.json", report(step, model=layout))
-        write(reports, "own.json", [1])  # a stale file at --spectral-report: not read
+        # an earlier run's report at --spectral-report (an earlier step, which would count):
+        # this run's own report is never part of its history
+        write(reports, "own.json", report(150, model=layout))
         result = pytester.runpytest(
             f"--spectral-model={tiny_checkpoint}", "--spectral-step=300",
             f"--spectral-history={reports}", f"--spectral-report={reports / 'own.json'}",

@@ -14,12 +14,14 @@ import subprocess
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot  # kept loaded across other tests' in-process runs
 import numpy as np
 import pytest
 import torch
 
+from pytest_spectral.judging.rules import load_rules
 from pytest_spectral.reporting.html_report import _heatmaps
-from pytest_spectral.reporting.scale import Bound, metric_scale
+from pytest_spectral.reporting.scale import cell_scales
 from pytest_spectral.testing.synthetic import (
     LlamaShape,
     attention_name,
@@ -101,6 +103,38 @@ class TestTables:
         assert "<tr><th>layers</th><td>0-1</td></tr>" in settings
         assert "<tr><th>matrices</th><td>q, k, v, o</td></tr>" in settings
 
+    def test_the_run_and_settings_say_whether_items_can_fail(self, report, tmp_path) -> None:
+        page = report.read_text()
+        assert (
+            "<tr><th>mode</th><td>a broken rule with severity = &quot;fail&quot; fails its "
+            "item</td></tr>" in section(page, "Run")
+        )
+        assert "<tr><th>warn_only</th><td>no</td></tr>" in section(page, "Settings")
+        where = report.parent
+        warn_only = tmp_path / "warn-only.html"
+        pytest.main(
+            [
+                f"--spectral-model={where / 'bad'}",
+                f"--spectral-baseline={where / 'good.json'}",
+                f"--spectral-thresholds={where / 'rules.toml'}",
+                "--spectral-warn-only",
+                f"--spectral-html={warn_only}",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:xdist",
+                "-q",
+                f"--rootdir={where}",
+            ]
+        )
+        page = warn_only.read_text()
+        assert (
+            "<tr><th>mode</th><td>warn-only: every problem reported as a warning, nothing "
+            "fails</td></tr>" in section(page, "Run")
+        )
+        assert "<tr><th>warn_only</th><td>yes</td></tr>" in section(page, "Settings")
+        assert "True" not in page.split("<img")[0]
+
     def test_broken_rules_show_values_and_bounds(self, report) -> None:
         page = report.read_text()
         candidates = section(page, "Low-rank pruning candidates")
@@ -130,33 +164,87 @@ class TestHeatmaps:
             ("first_last_ratio", "high is bad"),
         ):
             legend = section(page, f"{metric} across layers and heads")
-            assert f'<p class="legend">{metric}: {words}; one scale for every panel' in legend
+            assert f'<p class="legend">{metric}: {words}; ' in legend
 
-    def test_four_panels_share_one_scale_where_a_collapse_saturates(self) -> None:
+    def test_four_panels_share_one_scale_where_a_collapse_saturates(self, tmp_path) -> None:
         rng = np.random.default_rng(0)
-        records = [
-            {
-                "layer": layer,
-                "head": head,
-                "matrix": matrix,
-                "metrics": {"stable_rank": float(rng.uniform(5.5, 6.5))},
-            }
+        cells = {
+            (layer, head, matrix): float(rng.uniform(5.5, 6.5))
             for layer in range(4)
             for head in range(8)
             for matrix in "qkvo"
-        ]
-        records[0]["metrics"]["stable_rank"] = 1.2  # a collapsed q head
-        values = [r["metrics"]["stable_rank"] for r in records]
-        scale = metric_scale("stable_rank", values, bad="low", bounds=[Bound("c", 1.5, None)])
-        figure = _heatmaps(records, scale, 4, 8)
+        }
+        cells[(0, 0, "q")] = 1.2  # a collapsed q head
+        path = tmp_path / "rules.toml"
+        path.write_text('[[rules]]\nname = "c"\nmetric = "stable_rank"\nmin = 1.5\n')
+        scales = cell_scales("stable_rank", cells, bad="low", rules=load_rules(path).rules)
+        figure = _heatmaps(cells, scales, 4, 8)
         images = [axis.images[0] for axis in figure.axes if axis.images]
         assert len(images) == 4
-        assert len({(i.norm.vmin, i.norm.vmax) for i in images}) == 1  # one scale
         assert len(figure.axes) == 5  # four panels and one colour bar
+        colour_bar = figure.axes[4]
+        assert [t.get_text() for t in colour_bar.get_yticklabels()] == [
+            "1.5",
+            f"{scales[(0, 0, 'q')].centre:.4g}",
+            f"{scales[(0, 0, 'q')].high.value:.4g}",
+        ]
+        shown = images[0].get_array()
         norm = images[0].norm
-        healthy = [abs(norm(v) - 0.5) for v in values[1:]]
+        healthy = [abs(norm(v) - 0.5) for v in np.ravel(shown)[1:]]
         assert max(healthy) < 0.15  # near white
-        assert norm(1.2) <= 0.0  # at or beyond the bound: the darkest colour
+        assert norm(shown[0, 0]) <= 0.0  # at or beyond the bound: the darkest colour
+
+    def test_a_passing_head_is_not_coloured_by_another_matrixs_bound(self, tmp_path) -> None:
+        """q and k bounded at 0.99, v and o at 0.5: a q head at 0.974 passes, short of its
+        own bound; a v head at 0.52 is beyond its."""
+        cells = {(0, h, m): 0.45 for h in range(8) for m in "qkvo"}
+        cells[(0, 2, "q")] = 0.974
+        cells[(0, 3, "v")] = 0.52
+        path = tmp_path / "rules.toml"
+        path.write_text(
+            '[[rules]]\nname = "qk"\nmetric = "top_k_ratio"\nmax = 0.99\nmatrices = ["q", "k"]\n'
+            '[[rules]]\nname = "vo"\nmetric = "top_k_ratio"\nmax = 0.5\nmatrices = ["v", "o"]\n'
+        )
+        scales = cell_scales("top_k_ratio", cells, bad="high", rules=load_rules(path).rules)
+        figure = _heatmaps(cells, scales, 1, 8)
+        q, _, v, _ = (axis.images[0].get_array() for axis in figure.axes[:4])
+        assert q[0, 2] == pytest.approx((0.974 - 0.45) / (0.99 - 0.45))  # short of 1
+        assert v[0, 3] > 1
+        ticks = [t.get_text() for t in figure.axes[4].get_yticklabels()]
+        assert ticks == ["low reach", "median", "high reach"]  # two scales: words, not values
+
+
+class TestWholeMatrices:
+    """A matrix-scope run gets a table and layer x matrix heatmaps of its whole matrices."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def page(cls, tmp_path_factory: pytest.TempPathFactory) -> str:
+        where = tmp_path_factory.mktemp("whole")
+        shape = LlamaShape(layers=2, heads=4, kv_heads=2, head_dim=8, hidden=32, intermediate=48)
+        model = write_checkpoint(
+            where / "model", random_llama_weights(shape, seed=1), shape.config()
+        )
+        common = ["-p", "no:cacheprovider", "-p", "no:xdist", "-q", f"--rootdir={where}"]
+        html = where / "r.html"
+        pytest.main(
+            [f"--spectral-model={model}", "--spectral-scope=matrix", f"--spectral-html={html}",
+             *common]
+        )  # fmt: skip
+        return html.read_text()
+
+    def test_every_whole_matrix_is_tabled_with_its_metrics(self, page) -> None:
+        table = section(page, "Whole matrices")
+        assert table.count("<tr class=") == 14  # 2 layers x q, k, v, o, gate, up, down
+        assert "<th>alpha</th>" in table
+        assert "<td>1</td><td>down</td><td>32x48</td><td>passed</td>" in table
+
+    def test_heatmaps_of_layers_by_matrices(self, page) -> None:
+        for metric in ("alpha", "top_k_ratio", "stable_rank", "effective_rank"):
+            heatmap = section(page, f"{metric} across layers and whole matrices")
+            assert 'src="data:image/png;base64,' in heatmap
+            assert "one scale for every matrix" in heatmap
+        assert "across layers and heads" not in page  # no head items: no empty head maps
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")

@@ -144,9 +144,9 @@ class TestOutcomes:
         assert items["spectral::layer00::head02-v"]["metrics"]["nonfinite_count"] == 0
         result.stdout.fnmatch_lines(
             [
-                "FAILED spectral::layer00::head00-v - 1 non-finite weights",
-                "FAILED spectral::layer00::head01-v - 1 non-finite weights",
-                "FAILED spectral::layer01::head01-o - zero matrix",
+                "FAILED spectral::layer00::head00-v - 1 non-finite weight",
+                "FAILED spectral::layer00::head01-v - 1 non-finite weight",
+                "FAILED spectral::layer01::head01-o - all weights zero",
             ]
         )
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pytest_spectral.judging.metrics import MetricRegistry
-from pytest_spectral.judging.rules import load_rules
+from pytest_spectral.judging.rules import RULE_KEYS, SUGGESTIONS, load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -76,11 +76,25 @@ def test_every_rules_snippet_loads(text: str, tmp_path: Path) -> None:
     assert load_rules(path).rules
 
 
+def test_the_example_rules_file_names_every_key_and_suggestion() -> None:
+    """Its comment is where a new user learns the keys."""
+    comment = "\n".join(
+        line
+        for line in (ROOT / "example_thresholds.toml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    for key in (*RULE_KEYS, "k", "p"):
+        assert re.search(rf"\b{key}\b", comment), key
+    for value in (*SUGGESTIONS, "fail", "warn", "head", "matrix"):
+        assert f'"{value}"' in comment, value
+
+
 def run_demo(*extra: str, cache: Path, probe: Path | None = None) -> subprocess.CompletedProcess:
     """The demo command from the repository root, as the quick start runs it (80 columns);
     the cache goes to ``cache`` so that the test leaves the clone as it was."""
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(probe or "")}
-    for name in ("PYTEST_ADDOPTS", "CI", "BUILD_NUMBER"):  # a terminal, as in the README
+    # the README shows a terminal's output: on CI pytest prints the short summary's lines whole
+    for name in ("PYTEST_ADDOPTS", "CI", "BUILD_NUMBER"):
         env.pop(name, None)
     command = [sys.executable, "-m", "pytest", *DEMO, "-o", f"cache_dir={cache}", *extra]
     if probe is not None:
@@ -116,6 +130,13 @@ class TestDemo:
     def test_heatmap_block_is_what_the_demo_prints(self, tmp_path: Path) -> None:
         (block,) = [b for b in blocks("") if b.startswith("top_k_ratio per head")]
         done = run_demo("--spectral-heatmap", "top_k_ratio", cache=tmp_path / "cache")
+        assert appears_in(block, done.stdout), done.stdout
+
+    def test_whole_matrix_heatmap_block_is_what_the_demo_prints(self, tmp_path: Path) -> None:
+        (block,) = [b for b in blocks("") if b.startswith("alpha per whole matrix")]
+        done = run_demo(
+            "--spectral-scope=matrix", "--spectral-heatmap=alpha", cache=tmp_path / "cache"
+        )
         assert appears_in(block, done.stdout), done.stdout
 
     def test_cached_demo_from_the_repository_root_never_imports_torch(self, tmp_path: Path) -> None:

@@ -186,6 +186,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     assert abs(datetime.now(timezone.utc) - created) < timedelta(minutes=5)
     assert report["model"] == {
         "argument": "org/model",
+        "source": "local",  # not a hub id here: build_report was not told from_hub
         "path": str(tiny_checkpoint),
         "model_type": "llama",
         "num_hidden_layers": 2,

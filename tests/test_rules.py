@@ -163,7 +163,10 @@ severity = "warn"
         )
         assert rule.change_violation(-7, -4) == "vs baseline -4 (-75.0%) < min_change -0.5"
         assert rule.change_violation(3, None) == (
-            "has no baseline value to compare with (item or metric missing from baseline)"
+            "has no baseline value: the baseline report has no stable_rank for this item, nor "
+            "singular values to compute it from (an item it did not collect, or one without a "
+            "result there); record the baseline again (--spectral-report) from the known-good "
+            "checkpoint with the same options"
         )
         undefined = "relative change undefined"
         assert rule.change_violation(3, 0.0) == f"vs baseline 0: {undefined}"
@@ -369,6 +372,11 @@ class TestMistakesNameFileLineAndKey:
             (
                 '[[rules]]\nmetric = "stable_rank"\nmin_change = 0.5\nmax_change = -0.5\n',
                 ":3: rule 1, key 'min_change': min_change 0.5 is larger than max_change -0.5",
+            ),
+            (
+                '[[rules]]\nmetric = "alpha"\nmax = 6\nscope = "matrix"\nheads = "0-3"\n',
+                ":5: rule 1, key 'heads': a scope = \"matrix\" rule judges whole matrices, which "
+                'have no heads; remove heads, or give the rule scope = "head"',
             ),
             ("[[rules]]\nmax = 1\n", ":1: rule 1 has no 'metric' key"),
             ("[[rules]]\nmetric = 3\nmax = 1\n", ":2: rule 1, key 'metric': unknown metric 3"),

@@ -3,11 +3,15 @@ rules' bound (or a robust spread), so a collapsed head stands out and healthy on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from pytest_spectral.judging.metrics import MetricRegistry
+from pytest_spectral.judging.rules import Rule, load_rules
 from pytest_spectral.reporting.heatmap import render_heatmap
-from pytest_spectral.reporting.scale import Bound, direction_words, metric_scale
+from pytest_spectral.reporting.scale import Bound, cell_scales, direction_words, metric_scale
 
 
 class TestScale:
@@ -67,6 +71,21 @@ class TestScale:
         assert metric_scale("m", [1.0, 2.0, 3.0], bad=bad).legend().startswith(words)
 
 
+def rules(tmp_path: Path, *bounds: tuple[str, str, float], extra: str = "") -> tuple[Rule, ...]:
+    """Rules bounding metric ``m`` (registered for the test) from above: (name, matrices, max)."""
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        "".join(
+            f'[[rules]]\nname = "{name}"\nmetric = "m"\nmax = {bound}\n'
+            f"matrices = {list(matrices)!r}\n{extra}\n"
+            for name, matrices, bound in bounds
+        ).replace("'", '"')
+    )
+    registry = MetricRegistry()
+    registry.add("m", lambda sv: sv[..., 0], bad="high")
+    return load_rules(path, registry.specs).rules
+
+
 def head_records(values: np.ndarray, matrix: str = "q") -> list[dict]:
     layers, heads = values.shape
     return [
@@ -106,10 +125,10 @@ class TestTerminalHeatmap:
         low = f"{values.min():.4g}"
         assert f"q: {low}..0.974; furthest: L1 H2 0.974" in lines
 
-    def test_a_rule_bound_sets_full_shade(self) -> None:
+    def test_a_rule_bound_sets_full_shade(self, tmp_path) -> None:
         values = self.VALUES.copy()
         values[0, 0] = 0.6
-        lines = self.render(values, bad="high", bounds=[Bound("vo", None, 0.6)])
+        lines = self.render(values, bad="high", rules=rules(tmp_path, ("vo", "q", 0.6)))
         rows = [line for line in lines if line[:3].strip().isdigit()]
         assert rows[0][5] == "█"
         assert "to 0.6 (rule 'vo' max)" in " ".join(lines)
@@ -125,3 +144,73 @@ class TestTerminalHeatmap:
         rows = [line for line in lines if line[:3].strip().isdigit()]
         assert rows[3][12] == "x"
         assert any(line.endswith("; 1 undefined") for line in lines)
+
+
+class TestEachCellReachesToTheRulesThatJudgeIt:
+    """The reviewer's case: q/k bounded at 0.99, v/o at 0.5; a q head at 0.974 passes its rule
+    and must not be drawn at or beyond a bound written for v and o."""
+
+    VALUES = np.random.default_rng(2).uniform(0.42, 0.48, size=(4, 8))
+
+    def records(self) -> list[dict]:
+        q = self.VALUES.copy()
+        q[1, 2] = 0.974
+        return [*head_records(q, "q"), *head_records(self.VALUES, "v")]
+
+    def test_a_passing_head_is_not_drawn_beyond_another_matrixs_bound(self, tmp_path) -> None:
+        judged = rules(tmp_path, ("qk", "qk", 0.99), ("vo", "vo", 0.5))
+        text = render_heatmap(
+            self.records(), "m", layers=4, heads=8, width=80, color=False, bad="high", rules=judged
+        )
+        legend = " ".join(text.split("\n\n")[0].splitlines())
+        assert "from the median" in legend
+        assert "to 0.99 (rule 'qk' max) for q; 0.5 (rule 'vo' max) for v." in legend
+        q_rows = [line[5:13] for line in text.splitlines() if line[:3].strip().isdigit()]
+        # (0.974 - median) / (0.99 - median) is about 0.97: the last quarter, not full
+        assert q_rows[1][2] == "▓"
+
+    def test_cells_outside_a_rules_layers_use_the_robust_reach(self, tmp_path) -> None:
+        judged = rules(tmp_path, ("early", "q", 0.6), extra='layers = "0-1"')
+        cells = {(r["layer"], r["head"], r["matrix"]): r["metrics"]["m"] for r in self.records()}
+        scales = cell_scales("m", cells, bad="high", rules=judged)
+        assert scales[(0, 0, "q")].high.why == "rule 'early' max"
+        assert scales[(2, 0, "q")].high.why == "5 robust SD"
+        assert scales[(0, 0, "v")].high.why == "5 robust SD"
+        assert scales[(0, 0, "q")].centre == scales[(2, 0, "v")].centre  # one centre
+
+    def test_the_legend_names_partial_panels_by_layers(self, tmp_path) -> None:
+        judged = rules(tmp_path, ("early", "q", 0.6), extra='layers = "0-1"')
+        text = " ".join(
+            render_heatmap(
+                self.records(), "m", layers=4, heads=8, width=200, color=False, bad="high",
+                rules=judged,
+            ).splitlines()
+        )  # fmt: skip
+        assert "0.6 (rule 'early' max) for q layers 0-1;" in text
+        assert "(5 robust SD) for q layers 2-3, v." in text
+
+
+class TestWholeMatrixView:
+    def records(self) -> list[dict]:
+        return [
+            {"layer": layer, "head": None, "matrix": matrix, "status": "ok",
+             "metrics": {"m": 3.0 + 0.01 * layer + (3.0 if (layer, matrix) == (2, "down") else 0)}}
+            for layer in range(4)
+            for matrix in ("q", "k", "v", "o", "gate", "up", "down")
+        ]  # fmt: skip
+
+    def test_layers_down_matrices_across(self) -> None:
+        text = render_heatmap(self.records(), "m", layers=4, heads=8, width=80, color=False)
+        lines = text.splitlines()
+        assert "m per whole matrix (rows: layers, columns: matrices):" in lines[0]
+        assert "m per head" not in text  # no head items: no head view, no empty legend
+        header = next(line for line in lines if line.startswith("     q"))
+        assert header.split() == ["q", "k", "v", "o", "gate", "up", "down"]
+        row = next(line for line in lines if line.startswith("  2  "))
+        assert row[header.index("down")] == "█"
+        assert "down: 3..6.02; furthest: L2 6.02" in lines
+
+    def test_no_values_at_all_is_one_line(self) -> None:
+        records = [{"layer": 0, "head": 0, "matrix": "q", "status": "no_result", "metrics": {}}]
+        text = render_heatmap(records, "m", layers=1, heads=1, width=80, color=False)
+        assert text == "m: no collected item has a value of it to draw.\n"

@@ -8,6 +8,7 @@ condition number is then floor-limited), and an advisory rule that V head 0 of l
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -138,6 +139,84 @@ class TestFailures:
         assert re.search(r"=\d", result.stdout.str()) is None
 
 
+class TestShortSummary:
+    """pytest's short test summary gives each failed item one line. On CI (``CI`` or
+    ``BUILD_NUMBER`` set) and with ``-vv`` pytest appends the failure's message untrimmed:
+    it is the failure's first line there, never the whole block a second time."""
+
+    FAILED = (
+        "FAILED spectral::layer00::head01-o",
+        "FAILED spectral::layer01::head02-k",
+        "FAILED spectral::layer01::head03-k",
+    )
+
+    @pytest.mark.parametrize(
+        ("variable", "extra"),
+        [
+            ("CI", ()),
+            ("BUILD_NUMBER", ()),
+            (None, ("-vv",)),
+            ("CI", ("-n", "2", "--dist", "loadscope")),
+        ],
+        ids=["CI", "BUILD_NUMBER", "-vv", "CI-xdist"],
+    )
+    def test_one_line_per_failed_item_where_pytest_shows_messages_whole(
+        self, run, monkeypatch, variable, extra
+    ) -> None:
+        for name in ("CI", "BUILD_NUMBER"):
+            monkeypatch.delenv(name, raising=False)
+        if variable is not None:
+            monkeypatch.setenv(variable, "true")
+        result = run(*extra)
+        lines = result.stdout.lines
+        start = next(i for i, line in enumerate(lines) if "short test summary info" in line) + 1
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith("="))
+        summary = sorted(lines[start:end])
+        assert tuple(line.split(" - ")[0] for line in summary) == self.FAILED
+        assert re.fullmatch(
+            r"FAILED spectral::layer01::head02-k - collapsed: stable_rank = \S+ < min 1\.5",
+            summary[1],
+        )
+        assert summary[0].startswith(
+            "FAILED spectral::layer00::head01-o - ill-conditioned: first_last_ratio >= "
+        )
+        # the block itself is printed once, under the item's title
+        assert result.stdout.str().count("  FAIL collapsed:") == 1
+        assert result.stdout.str().count("  FAIL ill-conditioned:") == 1
+
+    def test_line_tracebacks_point_at_the_broken_bound(self, run) -> None:
+        """``--tb=line`` prints the failure's location and first line, as for a warning."""
+        result = run("--tb=line")
+        result.stdout.fnmatch_lines(
+            [
+                "=* FAILURES =*",
+                "<rules.toml>:10: ill-conditioned: first_last_ratio >= * > max 300 *",
+                "<rules.toml>:4: collapsed: stable_rank = * < min 1.5",
+                "<rules.toml>:4: collapsed: stable_rank = * < min 1.5",
+                "=* warnings summary =*",
+            ],
+            consecutive=True,
+        )
+
+    def test_junit_failure_message_is_the_first_line_its_text_the_block(
+        self, run, pytester
+    ) -> None:
+        import xml.etree.ElementTree as ElementTree
+
+        run("--junitxml=out.xml")
+        failures = {
+            case.get("name"): case.find("failure")
+            for case in ElementTree.parse(pytester.path / "out.xml").iter("testcase")
+            if case.find("failure") is not None
+        }
+        assert sorted(failures) == ["head01-o", "head02-k", "head03-k"]
+        collapsed = failures["head02-k"]
+        assert re.fullmatch(r"collapsed: stable_rank = \S+ < min 1\.5", collapsed.get("message"))
+        assert collapsed.text.splitlines()[0] == collapsed.get("message")
+        assert "  FAIL collapsed: stable_rank = " in collapsed.text
+        assert "  top singular values (8 of 8): " in collapsed.text
+
+
 class TestWarnings:
     def test_one_entry_for_the_slice_located_at_the_broken_bound(self, run, pytester) -> None:
         result = run()
@@ -179,13 +258,109 @@ class TestWarnings:
             [
                 "spectral::layer00::head00-q",
                 "  */pytest_spectral/judging/evaluation.py:*: SpectralRuleWarning: 1 non-finite "
-                "weights",
+                "weight",
                 "*",
-                "    WARN non-finite weights: 1 NaN/Inf values in this slice *",
+                "    WARN non-finite weights: 1 NaN/Inf value in this slice *",
                 "    def builtin_checks(spectrum: HeadSpectrum) -> Status:  # non-finite *",
             ]
         )
         assert ":0:" not in result.stdout.str()
+
+
+def test_junit_xml_tells_warned_items_from_passed_ones(run, pytester) -> None:
+    """JUnit has no warned outcome: a warned item is a passing testcase, with a property."""
+    import xml.etree.ElementTree as ElementTree
+
+    run("--junitxml=out.xml", "-o", "junit_family=xunit1")
+    cases = {
+        (case.get("classname"), case.get("name")): {
+            p.get("name"): p.get("value") for p in case.iter("property")
+        }
+        for case in ElementTree.parse(pytester.path / "out.xml").iter("testcase")
+    }
+    assert len(cases) == 32
+    warned = cases[("spectral.layer00", "head00-v")]
+    assert warned["spectral_outcome"] == "warned"
+    assert warned["spectral_problem"].startswith("advisory: spectral_norm = ")
+    assert warned["spectral_problem"].endswith(" < min 1e+09 (warn)")
+    assert cases[("spectral.layer00", "head00-q")]["spectral_outcome"] == "passed"
+    assert "spectral_problem" not in cases[("spectral.layer00", "head00-q")]
+    assert cases[("spectral.layer01", "head02-k")]["spectral_outcome"] == "failed"
+    assert sum(c["spectral_outcome"] == "warned" for c in cases.values()) == 2
+
+
+class TestWarningsAsErrors:
+    """A project whose warning filters make warnings errors (``filterwarnings = ["error"]``,
+    ``-W error``): a warned item stays warned, with no traceback, and the summary says so."""
+
+    KEPT = (
+        "spectral: 2 warned items stayed warned although the warning filters make warnings "
+        "errors (-W error, filterwarnings): a warned verdict is the rules file's (severity = "
+        '"warn", or --spectral-warn-only); give a rule severity = "fail" to fail its items'
+    )
+
+    @pytest.mark.parametrize("how", ["ini", "-W"])
+    def test_warned_items_stay_warned(self, run, pytester, how) -> None:
+        if how == "ini":
+            pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+        result = run(*(["-W", "error"] if how == "-W" else []), "--spectral-report=r.json")
+        assert result.parseoutcomes() == {"passed": 27, "failed": 3, "warned": 2, "warnings": 2}
+        text = result.stdout.str()
+        for noise in ("Traceback", "pluggy/", "_pytest/"):
+            assert noise not in text
+        assert len(text.splitlines()) < 150
+        result.stdout.fnmatch_lines(
+            ["*SpectralRuleWarning: advisory: spectral_norm = * < min 1e+09 (warn)", self.KEPT]
+        )
+        summary = json.loads((pytester.path / "r.json").read_text())["summary"]
+        assert (summary["warned"], summary["error"]) == (2, 0)
+
+    def test_warn_only_still_exits_0(self, run, pytester) -> None:
+        pytester.makeini("[pytest]\nfilterwarnings =\n    error\n")
+        result = run("--spectral-warn-only", "--spectral-report=r.json")
+        assert result.ret == pytest.ExitCode.OK
+        assert result.parseoutcomes()["warned"] == 5
+        summary = json.loads((pytester.path / "r.json").read_text())["summary"]
+        assert (summary["warned"], summary["failed"], summary["error"]) == (5, 0, 0)
+
+    def test_without_such_filters_nothing_is_said(self, run) -> None:
+        result = run()
+        assert "stayed warned" not in result.stdout.str()
+
+    def test_an_ignore_filter_still_hides_the_warning(self, run, pytester) -> None:
+        pytester.makeini("[pytest]\nfilterwarnings =\n    ignore\n")
+        result = run()
+        assert result.parseoutcomes()["warned"] == 2
+        assert "SpectralRuleWarning" not in result.stdout.str()
+
+
+def test_an_unexpected_exception_shows_the_plugins_frames_only(run, pytester, monkeypatch) -> None:
+    """pytest cuts a test function's traceback at its file; a spectral item has none, and an
+    unexpected exception (a bug, a conftest's mistake) showed some 600 lines of pytest's
+    runner and pluggy."""
+    import pytest_spectral.nodes
+
+    # the conftest below replaces judge in this process (pytester runs in it): put it back
+    # afterwards, or every later test of this process fails
+    monkeypatch.setattr(pytest_spectral.nodes, "judge", pytest_spectral.nodes.judge)
+    pytester.makeconftest(
+        "import pytest_spectral.nodes\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ZeroDivisionError('planted')\n"
+        "pytest_spectral.nodes.judge = broken\n"
+    )
+    result = run("--spectral-layers=0", "--spectral-matrices=q", "-p", "no:randomly")
+    result.assert_outcomes(failed=4)
+    text = result.stdout.str()
+    start, stop = (text.index(f" spectral::layer00::head0{h}-q _") for h in (0, 1))
+    first = text[start:stop]
+    assert "def runtest(self)" in first
+    assert "raise ZeroDivisionError('planted')" in first
+    assert "pluggy/" not in text
+    assert "_pytest/runner.py" not in text
+    assert len(first.splitlines()) < 80
+    full = run("--spectral-layers=0", "--spectral-matrices=q", "--fulltrace")
+    assert "_pytest/runner.py" in full.stdout.str()
 
 
 class TestProgress:
@@ -198,6 +373,24 @@ class TestProgress:
                 "0 of 8 matrices from the cache, * refined beyond the Gram route",
             ]
         )
+
+    def test_each_line_follows_the_last_item_of_its_layer(self, run) -> None:
+        result = run("-v", "-p", "no:randomly")
+        lines = result.stdout.lines
+        for layer in (0, 1):
+            at = next(
+                i for i, line in enumerate(lines) if line.startswith(f"spectral: layer {layer}:")
+            )
+            assert lines[at - 1].startswith(f"spectral::layer0{layer}::head03-o ")
+            items = [line for line in lines[:at] if line.startswith(f"spectral::layer0{layer}::")]
+            assert len(items) == 16  # every item of the layer came before its line
+
+    def test_under_xdist_the_controller_prints_them(self, run) -> None:
+        result = run("-v", "-n", "2", "--dist", "loadscope")
+        for layer in (0, 1):
+            result.stdout.fnmatch_lines(
+                [f"spectral: layer {layer}: 16 items from 12 distinct slices (K/V slices *"]
+            )
 
     def test_whole_matrices_alone_are_one_slice_each(self, run) -> None:
         result = run("-v", "--spectral-scope", "matrix", "--spectral-layers", "0")

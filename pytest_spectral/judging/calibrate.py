@@ -22,9 +22,14 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
+from pytest_spectral.wording import counted, indices
 
+#: The first words of every calibrated rules file: a file starting otherwise at the
+#: --spectral-calibrate path is the user's own, and is never replaced.
+CALIBRATION_MARK = "# Calibrated by pytest-spectral"
 #: (metric, scale) pairs that calibration bounds.
 CALIBRATED: tuple[tuple[str, str], ...] = (
     ("top_k_ratio", "linear"),
@@ -47,25 +52,46 @@ class Calibration:
     #: items left out of the bounds: they failed or warned (a rule, or non-finite or zero
     #: weights), so the user's own rules say they are not known-good
     left_out: int
+    #: the part of the model the run measured, when not all of it (``layers 0 of 0-3``);
+    #: each rule is restricted to the layers and heads its items came from
+    part: str | None = None
 
 
-def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -> Calibration:
+def calibrated_rules(
+    records: Iterable[Record], *, margin: float, source: str, layers: int, heads: int
+) -> Calibration:
     """A rules file bounding every calibrated metric per matrix type, by the items that
     passed: an item that broke a rule of this run would otherwise widen the bounds to pass
-    the very problem that rule found."""
+    the very problem that rule found.
+
+    ``layers`` and ``heads`` are the model's counts. A run that measured part of the model
+    (``--spectral-layers``, ``-k``) says nothing about the rest, so each rule gets the
+    ``layers`` (and, for heads, the ``heads``) its items came from, whenever they are not all
+    of the model's.
+    """
     records = list(records)
     healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
     left_out = len(records) - len(healthy)
+    part = _part(records, layers, heads)
     lines = [
-        f"# Calibrated by pytest-spectral on {printable(source)}",  # one line, whatever the path
+        f"{CALIBRATION_MARK} on {printable(source)}",  # one line, whatever the path
         f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from the "
-        f"{len(healthy)} items that passed"
-        + (f" ({left_out} that failed or warned were left out)." if left_out else "."),
+        f"{counted(len(healthy), 'item')} that passed"
+        + (
+            f" ({left_out} that failed or warned {'was' if left_out == 1 else 'were'} left out)."
+            if left_out
+            else "."
+        ),
         "# Each bound is the observed range widened on both sides by",
         f"# margin x (95th - 5th percentile), margin = {margin:g}; log-scale metrics are",
         "# widened by that factor of their log10 spread. Values of those items all lie",
         "# inside, so testing the checkpoint with this file passes them.",
     ]
+    if part is not None:
+        lines += [
+            f"# The run measured only {part}: each rule is restricted to the layers and",
+            "# heads its items came from (layers = ..., heads = ...).",
+        ]
     matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
     for scope in ("head", "matrix"):
         for matrix in sorted(
@@ -77,11 +103,47 @@ def calibrated_rules(records: Iterable[Record], *, margin: float, source: str) -
             ),
         ):
             rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
+            measured = [
+                r for r in records if r["matrix"] == matrix and r.get("scope", "head") == scope
+            ]
+            where = _restriction(measured, layers, heads)
             for metric, scale in CALIBRATED:
                 values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
                 if values.size:
-                    lines += ["", *_rule(scope, matrix, metric, scale, values, margin)]
-    return Calibration("\n".join(lines) + "\n", len(healthy), left_out)
+                    lines += ["", *_rule(scope, matrix, metric, scale, values, margin), *where]
+    return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
+
+
+def _indices(records: Iterable[Record], key: str) -> list[int]:
+    return sorted({int(r[key]) for r in records if r[key] is not None})  # type: ignore[call-overload]
+
+
+def _restriction(measured: Sequence[Record], layers: int, heads: int) -> list[str]:
+    """The ``layers`` and ``heads`` lines of a rule whose items covered part of the model."""
+    lines = []
+    found = _indices(measured, "layer")
+    if found != list(range(layers)):
+        lines.append(f'layers = "{_spec(found)}"')
+    found = _indices(measured, "head")
+    if found and found != list(range(heads)):
+        lines.append(f'heads = "{_spec(found)}"')
+    return lines
+
+
+def _part(records: Sequence[Record], layers: int, heads: int) -> str | None:
+    """``layers 0 of 0-3``, ``query heads 0-1 of 0-7``, both, or ``None`` for the whole model."""
+    parts = []
+    found = _indices(records, "layer")
+    if found != list(range(layers)):
+        parts.append(f"layers {_spec(found)} of {indices(layers)}")
+    found = _indices(records, "head")
+    if found and found != list(range(heads)):
+        parts.append(f"query heads {_spec(found)} of {indices(heads)}")
+    return " and ".join(parts) or None
+
+
+def _spec(numbers: list[int]) -> str:
+    return IndexSet.of([(n, n) for n in numbers]).spec
 
 
 def _finite(values: Sequence[object]) -> np.ndarray:

@@ -32,7 +32,8 @@ Severity = Literal["fail", "warn"]
 SUGGESTIONS = ("low_rank", "remove_head", "none")
 ALL_MATRICES: tuple[str, ...] = HEAD_MATRICES + MLP_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
-_RULE_KEYS = (
+#: the keys a [[rules]] table may have, besides its metric's parameters
+RULE_KEYS = (
     "name",
     "metric",
     "min",
@@ -50,6 +51,16 @@ _RULE_KEYS = (
 #: A trend rule's window counts reports (the current one included); beyond this it is no
 #: longer a trend but a baseline.
 MAX_WINDOW = 1000
+
+
+#: why a relative rule finds no baseline value, and what to do (the metric's key filled in).
+#: A metric the report lacks is computed from the item's singular values, so what is left is
+#: an item the baseline has no values for.
+MISSING_BASELINE = (
+    "the baseline report has no {metric} for this item, nor singular values to compute it "
+    "from (an item it did not collect, or one without a result there); record the baseline "
+    "again (--spectral-report) from the known-good checkpoint with the same options"
+)
 
 
 class RulesError(ValueError):
@@ -134,7 +145,7 @@ class Rule:
         if not self.is_relative:
             return None
         if baseline is None:
-            return "has no baseline value to compare with (item or metric missing from baseline)"
+            return f"has no baseline value: {MISSING_BASELINE.format(metric=self.request.key)}"
         shown = f"vs {against} {baseline:.6g}"
         if not (math.isfinite(value) and math.isfinite(baseline)) or baseline == 0:
             return f"{shown}: relative change undefined"
@@ -206,13 +217,13 @@ def _parse_rule(
     spec = metrics[metric]
 
     for key in entry:
-        if key not in _RULE_KEYS and key not in spec.params:
+        if key not in RULE_KEYS and key not in spec.params:
             other = [m for m, s in metrics.items() if key in s.params]
             if other:
                 raise fail(
                     key, f"metric {metric!r} takes no {key!r} (it is for {', '.join(other)})"
                 )
-            raise fail(key, f"unknown key{hint(key, (*_RULE_KEYS, *spec.params))}")
+            raise fail(key, f"unknown key{hint(key, (*RULE_KEYS, *spec.params))}")
 
     params: dict[str, float | int] = {}
     for key, param in spec.params.items():
@@ -238,6 +249,12 @@ def _parse_rule(
     scope = entry.get("scope", "head")
     if scope not in ("head", "matrix"):
         raise fail("scope", f"must be 'head' or 'matrix', got {scope!r}")
+    if scope == "matrix" and "heads" in entry:
+        raise fail(
+            "heads",
+            'a scope = "matrix" rule judges whole matrices, which have no heads; remove heads, '
+            'or give the rule scope = "head"',
+        )
     severity = entry.get("severity", "fail")
     if severity not in ("fail", "warn"):
         raise fail("severity", f"must be 'fail' or 'warn', got {severity!r}")

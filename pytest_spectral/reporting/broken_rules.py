@@ -1,5 +1,6 @@
 """How a broken rule reads, wherever it is shown: failure reports, warnings, the summary
-tables and the HTML report all word an entry of a record's ``broken_rules`` the same way.
+tables and the HTML report all word an entry of a record's ``broken_rules`` (and a failed
+built-in check, :func:`status_problem`) the same way.
 
 A value always comes with the bound it broke (``top_k_ratio = 0.973722 > max 0.8``). A
 floor-limited condition number is a lower bound, so it reads ``first_last_ratio >= 850.605``
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+
+from pytest_spectral.judging.rules import MISSING_BASELINE
+from pytest_spectral.wording import counted
 
 #: the metric whose value is a lower bound when the record is floor-limited
 _FLOOR_LIMITED_METRIC = "first_last_ratio"
@@ -56,10 +60,7 @@ def describe_broken(
         text = f"{subject} (undefined)"
     elif entry.get("min_change") is not None or entry.get("max_change") is not None:
         if baseline is None:
-            text = (
-                f"{subject} has no baseline value to compare with (item or metric missing "
-                "from the baseline)"
-            )
+            text = f"{subject} has no baseline value: {MISSING_BASELINE.format(metric=metric)}"
         else:
             base = _fmt(_number(baseline), digits)
             text = f"{subject} vs {_reference(entry)} {base}: relative change undefined"
@@ -81,3 +82,13 @@ def _number(value: object) -> float:
 
 def _fmt(value: float, digits: int) -> str:
     return f"{value:.{digits}g}"
+
+
+def status_problem(record: Mapping[str, object]) -> str | None:
+    """How a slice's failed built-in check reads: ``3 non-finite weights``, ``all weights
+    zero``; ``None`` when its status is ``ok`` (or it has no result)."""
+    if record["status"] == "nonfinite":
+        return counted(int(record["nonfinite_count"]), "non-finite weight")  # type: ignore[call-overload]
+    if record["status"] == "zero_matrix":
+        return "all weights zero"
+    return None

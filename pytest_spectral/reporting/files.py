@@ -7,7 +7,9 @@ replaced by a regular file). Writing creates a fresh temporary file in the targe
 with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and a random name (so a pre-planted ``r.json.tmp``
 symlink is never followed, and two runs never share a temporary file), then renames it over
 the target: readers see the old file or the new one, never half of one, and a symlink at the
-target itself is replaced rather than written through.
+target itself is replaced rather than written through. An existing file at a report path is
+replaced (or removed as an earlier run's) only when this plugin wrote it
+(:func:`check_replaceable`).
 
 Every failure is an :class:`OutputPathError` (or, for a write at the end, an ``OSError``)
 whose message names the option and the path, never a traceback.
@@ -19,6 +21,8 @@ import os
 import secrets
 import stat
 from pathlib import Path
+
+from pytest_spectral.untrusted import UntrustedFileError, open_regular, read_at
 
 
 class OutputPathError(ValueError):
@@ -64,6 +68,36 @@ def check_output_path(path: Path, option: str) -> None:
         raise OutputPathError(
             f"{option} {path}: cannot create files in {parent}: {_reason(exc)}"
         ) from None
+
+
+#: how many leading bytes of an existing output are searched for the mark of its writer
+MARK_WINDOW = 256
+
+
+def check_replaceable(path: Path, option: str, mark: bytes, what: str) -> None:
+    """Raise :class:`OutputPathError` unless what is at ``path`` may be replaced by this run.
+
+    pytest-spectral never deletes a file it did not write: ``path`` may hold nothing, an
+    empty file, a symlink (the link is replaced, never written through, so its target is
+    untouched), or a file whose first :data:`MARK_WINDOW` bytes hold ``mark``, the signature
+    its writer puts there (a report's schema line, a calibrated file's header comment).
+    Anything else (a rules file, a README, a named pipe) is refused; ``what`` names the
+    output in the message.
+    """
+    if not os.path.lexists(path) or path.is_symlink():
+        return
+    try:
+        with open_regular(path) as (descriptor, status):
+            head = read_at(descriptor, 0, MARK_WINDOW)
+    except (UntrustedFileError, OSError) as exc:
+        raise OutputPathError(f"{option} {exc}") from None
+    if status.st_size == 0 or mark in head:
+        return
+    raise OutputPathError(
+        f"{option} {path}: exists and is not {what} written by pytest-spectral "
+        f"(no {mark.decode()!r} at its start); pytest-spectral replaces only its own files: "
+        "choose another path, or move that file away first"
+    )
 
 
 def remove_stale(path: Path, option: str) -> None:

@@ -1,11 +1,15 @@
-"""A terminal heatmap of one metric: layers down, heads across, one panel per matrix type.
+"""A terminal heatmap of one metric: layers down, heads across, one panel per matrix type; and,
+for whole-matrix items (``--spectral-scope matrix`` or ``both``), one panel of layers down and
+matrices across.
 
 One character per head keeps a 32 x 32 panel 37 columns wide, so two panels fit side by side
-in 80 columns. Every panel shares one scale (:mod:`pytest_spectral.reporting.scale`): a
-head is shaded by how far it has gone from the median towards the rules' bound on the bad
-side (or 5 robust standard deviations without a rule), so a collapsed head stands out and
-the healthy spread stays blank. Under the panels, each matrix's true range and its worst
-head. With colour off, the shade characters alone carry the picture.
+in 80 columns. Every cell of a view (heads, or whole matrices) shares one centre and spread
+(:mod:`pytest_spectral.reporting.scale`): a cell is shaded by how far it has gone from the
+median towards the bound, on the bad side, of the rules that judge it (or 5 robust standard
+deviations without one), so a collapsed head stands out, the healthy spread stays blank, and
+a full shade means a broken rule. Under the panels, each matrix's true range and its worst
+cell. With colour off, the shade characters alone carry the picture. A view without values
+prints nothing, and a metric no item has a value of says so in one line.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from rich.console import Console
 from rich.text import Text
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.metrics import Direction
+from pytest_spectral.judging.rules import Rule
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
-from pytest_spectral.reporting.scale import Bound, Scale, metric_scale
+from pytest_spectral.reporting.scale import Cell, Scale, cell_scales, scales_legend
 
 SHADES = " ░▒▓█"
 #: badness at which each shade starts (the last: at or beyond the bound)
@@ -30,6 +36,10 @@ _LEVELS = (0.25, 0.5, 0.75, 1.0)
 _COLOURS = ("default", "green", "yellow", "bright_red", "bold red")
 _MISSING = "·"
 _UNDEFINED = "x"
+_KEY = (
+    "Shade: share of the way there, ' ' under 25%, '░' 25-50%, '▒' 50-75%, '▓' 75-100%, '█' at "
+    f"or beyond; '{_UNDEFINED}' undefined, '{_MISSING}' not collected."
+)
 
 
 def render_heatmap(
@@ -41,13 +51,15 @@ def render_heatmap(
     width: int,
     color: bool,
     bad: Direction | None = None,
-    bounds: Sequence[Bound] = (),
+    rules: Sequence[Rule] = (),
     log: bool = False,
 ) -> str:
-    """The heatmap of ``metric`` (a key of the records' ``metrics``) as text.
+    """The heatmaps of ``metric`` (a key of the records' ``metrics``) as text: the head view
+    when there are head items, the whole-matrix view when there are whole-matrix items.
 
-    ``bad`` is the metric's bad side, ``bounds`` the rules' bounds on it and ``log`` whether
-    to measure distances in log10 (see :func:`~pytest_spectral.reporting.scale.metric_scale`).
+    ``bad`` is the metric's bad side, ``rules`` the run's rules (each cell reaches to the
+    bounds of those that judge it) and ``log`` whether to measure distances in log10 (see
+    :func:`~pytest_spectral.reporting.scale.cell_scales`).
     """
     buffer = io.StringIO()
     console = Console(
@@ -60,21 +72,113 @@ def render_heatmap(
         markup=False,
         emoji=False,
     )
-    grids = {
-        m: g for m in HEAD_MATRICES if (g := _grid(records, metric, m, layers, heads)) is not None
-    }
-    values = [v for values, _ in grids.values() for v in values[np.isfinite(values)].tolist()]
-    scale = metric_scale(metric, values, bad=bad, bounds=bounds, log=log)
-    console.print(
-        printable(  # the legend names rules, from a file
-            f"{metric} per head (rows: layers, columns: heads): {scale.legend()}. "
-            f"Shade: share of the way there, ' ' under 25%, '░' 25-50%, '▒' 50-75%, "
-            f"'▓' 75-100%, '█' at or beyond; '{_UNDEFINED}' undefined, '{_MISSING}' not "
-            "collected."
+    drawn = False
+    for whole in (False, True):
+        cells = _cells(records, metric, whole=whole)
+        values = {cell: v for cell, v in cells.items() if v is not None and math.isfinite(v)}
+        if not values:
+            continue
+        drawn = True
+        scales = cell_scales(metric, values, bad=bad, rules=rules, log=log)
+        what = (
+            "whole matrix (rows: layers, columns: matrices)"
+            if whole
+            else ("head (rows: layers, columns: heads)")
         )
-    )
-    panels = [_panel(matrix, *grid, scale) for matrix, grid in grids.items()]
-    panel_width = 5 + heads + 2
+        legend = scales_legend(scales, "every matrix" if whole else "every panel")
+        console.print(printable(f"{metric} per {what}: {legend}. {_KEY}"))
+        if whole:
+            _print_rows(console, _matrix_panel(cells, scales, layers))
+        else:
+            panels = [
+                _head_panel(matrix, cells, scales, layers, heads) for matrix in _matrices(cells)
+            ]
+            _print_side_by_side(console, panels, 5 + heads + 2)
+        for matrix in _matrices(cells):
+            console.print(_range_line(matrix, cells, scales))
+    if not drawn:
+        console.print(printable(f"{metric}: no collected item has a value of it to draw."))
+    return buffer.getvalue()
+
+
+def _cells(records: Sequence[Record], metric: str, *, whole: bool) -> dict[Cell, float | None]:
+    """The metric's value of every item of the view that has a result (``nan`` where the
+    metric is undefined; ``None`` where the item does not record it)."""
+    cells: dict[Cell, float | None] = {}
+    for record in records:
+        if (record["head"] is None) != whole or record.get("status") == "no_result":
+            continue
+        value = record["metrics"].get(metric)  # type: ignore[attr-defined]
+        head = None if whole else int(record["head"])  # type: ignore[call-overload]
+        cell = (int(record["layer"]), head, str(record["matrix"]))  # type: ignore[call-overload]
+        cells[cell] = math.nan if value is None else float(value)
+    return cells
+
+
+def _matrices(cells: dict[Cell, float | None]) -> list[str]:
+    """The view's matrices, q, k, v, o and the circuits first, then the MLP's in their usual
+    order."""
+    order = HEAD_MATRICES + MLP_MATRICES
+    present = {matrix for _, _, matrix in cells}
+    return sorted(present, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+def _shade(value: float | None, scale: Scale | None) -> tuple[str, str | None]:
+    """The character and style of one cell."""
+    if value is None or scale is None or not math.isfinite(value):
+        return _UNDEFINED, "bold magenta"
+    level = int(np.searchsorted(_LEVELS, scale.badness(value), side="right"))
+    return SHADES[level], _COLOURS[level]
+
+
+def _head_panel(
+    matrix: str,
+    cells: dict[Cell, float | None],
+    scales: dict[Cell, Scale],
+    layers: int,
+    heads: int,
+) -> list[Text]:
+    lines = [Text(f"{matrix}".ljust(5 + heads), style="bold")]
+    for layer in range(layers):
+        if not any((layer, head, matrix) in cells for head in range(heads)):
+            continue
+        line = Text(f"{layer:>3}  ")
+        for head in range(heads):
+            cell = (layer, head, matrix)
+            if cell not in cells:
+                line.append(_MISSING)
+            else:
+                line.append(*_shade(cells[cell], scales.get(cell)))
+        lines.append(line)
+    return lines
+
+
+def _matrix_panel(
+    cells: dict[Cell, float | None], scales: dict[Cell, Scale], layers: int
+) -> list[Text]:
+    """Layers down, one column per matrix, headed by its name."""
+    matrices = _matrices(cells)
+    widths = [max(2, len(m) + 1) for m in matrices]
+    header = Text("     ", style="bold")
+    for matrix, column in zip(matrices, widths, strict=True):
+        header.append(matrix.ljust(column), style="bold")
+    lines = [header]
+    for layer in range(layers):
+        if not any((layer, None, matrix) in cells for matrix in matrices):
+            continue
+        line = Text(f"{layer:>3}  ")
+        for matrix, column in zip(matrices, widths, strict=True):
+            cell = (layer, None, matrix)
+            character, style = (
+                _shade(cells[cell], scales.get(cell)) if cell in cells else (_MISSING, None)
+            )
+            line.append(character, style=style)
+            line.append(" " * (column - 1))
+        lines.append(line)
+    return lines
+
+
+def _print_side_by_side(console: Console, panels: list[list[Text]], panel_width: int) -> None:
     per_row = max(1, console.width // panel_width)
     for start in range(0, len(panels), per_row):
         group = panels[start : start + per_row]
@@ -84,61 +188,24 @@ def render_heatmap(
                 line.append_text(panel[row] if row < len(panel) else Text(" " * (panel_width - 2)))
                 line.append("  ")
             console.print(line, no_wrap=True, crop=False)
-    for matrix, (grid, present) in grids.items():
-        console.print(_range_line(matrix, grid, present, scale))
-    return buffer.getvalue()
 
 
-def _grid(
-    records: Sequence[Record], metric: str, matrix: str, layers: int, heads: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The metric's values of the matrix's head items (nan where undefined or missing), and
-    where there is an item."""
-    grid = np.full((layers, heads), np.nan)
-    present = np.zeros((layers, heads), dtype=bool)
-    for record in records:
-        if record["matrix"] != matrix or record["head"] is None:
-            continue
-        value = record["metrics"].get(metric)  # type: ignore[attr-defined]
-        layer, head = int(record["layer"]), int(record["head"])  # type: ignore[call-overload]
-        present[layer, head] = True
-        grid[layer, head] = float(value) if value is not None else math.nan
-    return (grid, present) if present.any() else None
+def _print_rows(console: Console, lines: list[Text]) -> None:
+    for line in lines:
+        console.print(line, no_wrap=True, crop=False)
 
 
-def _panel(matrix: str, grid: np.ndarray, present: np.ndarray, scale: Scale) -> list[Text]:
-    layers, heads = grid.shape
-    lines = [Text(f"{matrix}".ljust(5 + heads), style="bold")]
-    for layer in range(layers):
-        if not present[layer].any():
-            continue
-        line = Text(f"{layer:>3}  ")
-        for head in range(heads):
-            value = grid[layer, head]
-            if not present[layer, head]:
-                line.append(_MISSING)
-            elif not math.isfinite(value):
-                line.append(_UNDEFINED, style="bold magenta")
-            else:
-                level = int(np.searchsorted(_LEVELS, scale.badness(value), side="right"))
-                line.append(SHADES[level], style=_COLOURS[level])
-        lines.append(line)
-    return lines
-
-
-def _range_line(matrix: str, grid: np.ndarray, present: np.ndarray, scale: Scale) -> str:
-    """``q: 0.4224..0.9737; furthest: L1 H2 0.9737`` (the true range, and the head that has
-    gone furthest on the scale)."""
-    finite = present & np.isfinite(grid)
-    undefined = int((present & ~np.isfinite(grid)).sum())
-    if not finite.any():
+def _range_line(matrix: str, cells: dict[Cell, float | None], scales: dict[Cell, Scale]) -> str:
+    """``q: 0.4224..0.9737; furthest: L1 H2 0.9737`` (the true range, and the cell that has
+    gone furthest on its scale)."""
+    mine = {cell: value for cell, value in cells.items() if cell[2] == matrix}
+    finite = {c: v for c, v in mine.items() if v is not None and math.isfinite(v)}
+    undefined = len(mine) - len(finite)
+    if not finite:
         return f"{matrix}: no defined values"
-    values = grid[finite]
-    where = np.argwhere(finite)
-    furthest = max(range(len(values)), key=lambda i: scale.badness(float(values[i])))
-    layer, head = where[furthest]
-    text = (
-        f"{matrix}: {values.min():.4g}..{values.max():.4g}; furthest: "
-        f"L{layer} H{head} {values[furthest]:.4g}"
-    )
+    low, high = min(finite.values()), max(finite.values())
+    furthest = max(finite, key=lambda c: scales[c].badness(finite[c]))
+    layer, head, _ = furthest
+    where = f"L{layer}" + ("" if head is None else f" H{head}")
+    text = f"{matrix}: {low:.4g}..{high:.4g}; furthest: {where} {finite[furthest]:.4g}"
     return text + (f"; {undefined} undefined" if undefined else "")

@@ -15,21 +15,41 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pytest_spectral.checkpoints.checkpoint import CIRCUITS, MATRICES
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.judging.metrics import METRICS
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.broken_rules import describe_broken
+from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
 from pytest_spectral.reporting.report import Record
-from pytest_spectral.reporting.scale import Scale, direction_words, metric_scale, rule_bounds
+from pytest_spectral.reporting.scale import (
+    Cell,
+    Scale,
+    cell_scales,
+    direction_words,
+    scales_legend,
+)
 
+#: The start of every HTML report's title, by which an earlier one at the path is recognised
+HTML_MARK = b"<title>pytest-spectral: "
 #: Metrics drawn as layer x head heatmaps (log10 where the metric's metadata says so).
 HEATMAP_METRICS: tuple[str, ...] = (
     "top_k_ratio",
     "effective_rank",
     "stable_rank",
     "first_last_ratio",
+)
+#: Metrics drawn as layer x matrix heatmaps of whole-matrix items, and tabled for each
+WHOLE_HEATMAP_METRICS: tuple[str, ...] = ("alpha", "top_k_ratio", "stable_rank", "effective_rank")
+WHOLE_TABLE_METRICS: tuple[str, ...] = (
+    "alpha",
+    "top_k_ratio",
+    "stable_rank",
+    "effective_rank",
+    "first_last_ratio",
+    "spectral_norm",
+    "mp_spikes",
 )
 MAX_CURVE_LAYERS = 4
 #: diverging colour maps, white at the median: red on the bad side
@@ -59,15 +79,18 @@ def render_html(
     history: Sequence[str] = (),
 ) -> str:
     """The page: run, summary and settings tables, regressions, pruning candidates, items
-    without a result, one heatmap figure per metric (one colour scale for its panels,
-    reaching to the ``rules``' bounds), the singular values of the flagged layers, and the
-    ``history`` sections (``history.page.history_sections``) when the run has one."""
+    without a result, one heatmap figure per metric (one centre and spread for its panels,
+    each cell reaching to the bounds of the ``rules`` that judge it), a table and heatmaps of
+    the whole-matrix items, the singular values of the flagged layers, and the ``history``
+    sections (``history.page.history_sections``) when the run has one."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     items: list[Record] = report["items"]  # type: ignore[assignment]
-    records = [r for r in items if r["head"] is not None and r["status"] != "no_result"]
+    with_values = [r for r in items if r["status"] != "no_result"]
+    records = [r for r in with_values if r["head"] is not None]
+    wholes = [r for r in with_values if r["head"] is None]
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
     layers, heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
     sections = [
@@ -81,22 +104,30 @@ def render_html(
     if unfinished:
         sections.append(_section("Items without a result", _unfinished_table(unfinished)))
     for metric in HEATMAP_METRICS:
-        values = [_value(r, metric) for r in records if metric in r["metrics"]]  # type: ignore[operator]
-        if not values:
-            continue
-        spec = METRICS[metric]
-        scale = metric_scale(
-            metric,
-            values,
-            bad=spec.bad,
-            bounds=rule_bounds(rules, metric),
-            log=spec.log_scale,
-        )
-        figure = _heatmaps(records, scale, layers, heads)
-        legend = f'<p class="legend">{_text(metric)}: {_text(scale.legend())}. {_COLOUR_WORDS}</p>'
-        sections.append(
-            _section(f"{metric} across layers and heads", _img(figure, metric) + legend)
-        )
+        cells = _cells(records, metric)
+        if cells:
+            scales = _scales(metric, cells, rules)
+            figure = _heatmaps(cells, scales, layers, heads, _panels(records))
+            sections.append(
+                _section(
+                    f"{metric} across layers and heads",
+                    _img(figure, metric) + _legend(metric, scales, "every panel"),
+                )
+            )
+    if wholes:
+        sections.append(_section("Whole matrices", _whole_table(wholes)))
+    for metric in WHOLE_HEATMAP_METRICS:
+        cells = _cells(wholes, metric)
+        if cells:
+            scales = _scales(metric, cells, rules)
+            figure = _matrix_heatmap(cells, scales, layers)
+            sections.append(
+                _section(
+                    f"{metric} across layers and whole matrices",
+                    _img(figure, f"{metric}, whole matrices")
+                    + _legend(metric, scales, "every matrix"),
+                )
+            )
     for layer in _curve_layers(records, candidates, regressions):
         sections.append(
             _section(
@@ -105,8 +136,30 @@ def render_html(
             )
         )
     sections.extend(history)
-    title = f"pytest-spectral: {_text(model.get('argument', ''))}"
+    shown = model.get("argument") if model.get("source") == "hub" else model.get("path")
+    title = f"pytest-spectral: {_text(shown or '')}"
     return _PAGE.format(title=title, body="\n".join(sections))
+
+
+def _cells(records: Sequence[Record], metric: str) -> dict[Cell, float]:
+    """The finite values of ``metric``, by cell (the head is ``None`` for a whole matrix)."""
+    cells = {}
+    for r in records:
+        value = _value(r, metric)
+        if math.isfinite(value):
+            head = None if r["head"] is None else int(r["head"])  # type: ignore[call-overload]
+            cells[(int(r["layer"]), head, str(r["matrix"]))] = value  # type: ignore[call-overload]
+    return cells
+
+
+def _scales(metric: str, cells: Mapping[Cell, float], rules: Sequence[Rule]) -> dict[Cell, Scale]:
+    spec = METRICS[metric]
+    return cell_scales(metric, cells, bad=spec.bad, rules=rules, log=spec.log_scale)
+
+
+def _legend(metric: str, scales: Mapping[Cell, Scale], across: str) -> str:
+    words = _text(scales_legend(scales, across))
+    return f'<p class="legend">{_text(metric)}: {words}. {_COLOUR_WORDS}</p>'
 
 
 _COLOUR_WORDS = (
@@ -130,41 +183,83 @@ def _curve_layers(
     return (flagged or present[:1])[:MAX_CURVE_LAYERS]
 
 
-def _heatmaps(records: Sequence[Record], scale: Scale, layers: int, heads: int):
-    """A panel per matrix (q, k, v, o, and qk, ov when collected) on one colour scale, with
-    one colour bar."""
+def _heatmaps(
+    cells: Mapping[Cell, float],
+    scales: Mapping[Cell, Scale],
+    layers: int,
+    heads: int,
+    matrices: Sequence[str] = MATRICES,
+):
+    """A panel per matrix of ``matrices`` (q, k, v, o, and qk, ov when collected), each cell
+    coloured by its position on its own scale (0 at the median, +-1 at the reach of each
+    side: see ``scale.cell_scales``), with one colour bar."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
     from matplotlib.ticker import MaxNLocator
 
-    def shown(value: float) -> float:
-        return math.log10(value) if scale.log and value > 0 else value
-
-    cmap = plt.get_cmap(_COLOUR_MAPS[scale.bad]).with_extremes(bad="#bbbbbb")
-    norm = TwoSlopeNorm(
-        vcenter=shown(scale.centre), vmin=shown(scale.low.value), vmax=shown(scale.high.value)
-    )
-    matrices = _panels(records)
     figure, axes = plt.subplots(
         1, len(matrices), figsize=(3.5 * len(matrices), 3.6), constrained_layout=True
     )
     for axis, matrix in zip(axes, matrices, strict=True):
         grid = np.full((layers, heads), np.nan)
-        for r in records:
-            if r["matrix"] == matrix:
-                value = _value(r, scale.metric)
-                grid[int(r["layer"]), int(r["head"])] = (
-                    shown(value) if value > 0 or not scale.log else math.nan
-                )  # type: ignore[call-overload]
-        image = axis.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        for (layer, head, m), value in cells.items():
+            if m == matrix:
+                grid[layer, head] = scales[(layer, head, m)].position(value)
+        image = _draw(axis, grid, scales)
         axis.set_title(matrix)
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-    bar = figure.colorbar(image, ax=list(axes), shrink=0.85, extend="both")
-    bar.set_label(f"{'log10 ' if scale.log else ''}{scale.metric} ({direction_words(scale.bad)})")
+    _colour_bar(figure, image, list(axes), scales)
     return figure
+
+
+def _matrix_heatmap(cells: Mapping[Cell, float], scales: Mapping[Cell, Scale], layers: int):
+    """Whole matrices: layers down, one column per matrix, coloured as :func:`_heatmaps`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    order = HEAD_MATRICES + MLP_MATRICES
+    matrices = sorted(
+        {m for _, _, m in cells},
+        key=lambda m: (m not in order, order.index(m) if m in order else 0, m),
+    )
+    grid = np.full((layers, len(matrices)), np.nan)
+    for (layer, head, matrix), value in cells.items():
+        grid[layer, matrices.index(matrix)] = scales[(layer, head, matrix)].position(value)
+    figure, axis = plt.subplots(figsize=(2 + 0.8 * len(matrices), 3.6), constrained_layout=True)
+    image = _draw(axis, grid, scales)
+    axis.set_xticks(range(len(matrices)), matrices)
+    axis.set_ylabel("layer")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _colour_bar(figure, image, [axis], scales)
+    return figure
+
+
+def _draw(axis, grid: np.ndarray, scales: Mapping[Cell, Scale]):  # type: ignore[no-untyped-def]
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    bad = next(iter(scales.values())).bad
+    cmap = plt.get_cmap(_COLOUR_MAPS[bad]).with_extremes(bad="#bbbbbb")
+    return axis.imshow(
+        grid, aspect="auto", cmap=cmap, norm=Normalize(-1, 1), interpolation="nearest"
+    )
+
+
+def _colour_bar(figure, image, axes: list, scales: Mapping[Cell, Scale]) -> None:  # type: ignore[no-untyped-def]
+    """Ticks at both reaches and the median: the values when every cell has one scale,
+    else words (the legend under the figure gives each scale's reach)."""
+    distinct = list(dict.fromkeys(scales.values()))
+    bar = figure.colorbar(image, ax=axes, shrink=0.85, extend="both", ticks=[-1, 0, 1])
+    first = distinct[0]
+    if len(distinct) == 1:
+        labels = [f"{v:.4g}" for v in (first.low.value, first.centre, first.high.value)]
+    else:
+        labels = ["low reach", "median", "high reach"]
+    bar.ax.set_yticklabels(labels)
+    log = "log10 " if first.log else ""
+    bar.set_label(f"{log}{first.metric} ({direction_words(first.bad)})")
 
 
 def _panels(records: Sequence[Record]) -> tuple[str, ...]:
@@ -224,8 +319,12 @@ def _section(title: str, content: str) -> str:
 def _metadata_table(report: Mapping[str, object]) -> str:
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
     rules: Mapping[str, object] = report["rules"]  # type: ignore[assignment]
+    baseline: Mapping[str, object] | None = report.get("baseline")  # type: ignore[assignment]
+    settings: Mapping[str, object] = report["settings"]  # type: ignore[assignment]
+    count = int(rules.get("count") or 0)  # type: ignore[call-overload]
     rows = [
         ("model", model.get("argument")),
+        ("path", model.get("path")),
         ("model type", model.get("model_type")),
         (
             "layers / heads / K/V heads / head_dim / hidden",
@@ -243,10 +342,22 @@ def _metadata_table(report: Mapping[str, object]) -> str:
         ("dtype", model.get("dtype")),
         (
             "rules",
-            f"{rules.get('path')} ({rules.get('count')} rules, sha256 "
+            f"{rules.get('path')} ({count} rule{'' if count == 1 else 's'}, sha256 "
             f"{str(rules.get('sha256'))[:12]})"
             if rules.get("path")
             else "no rules file",
+        ),
+        (
+            "baseline",
+            f"{baseline.get('path')} (sha256 {str(baseline.get('sha256'))[:12]})"
+            if baseline
+            else "none",
+        ),
+        (
+            "mode",
+            "warn-only: every problem reported as a warning, nothing fails"
+            if settings.get("warn_only")
+            else 'a broken rule with severity = "fail" fails its item',
         ),
         ("plugin", f"pytest-spectral {report.get('plugin_version')}, {report.get('created')}"),
     ]
@@ -282,7 +393,10 @@ def _settings_table(report: Mapping[str, object]) -> str:
 
 
 def _setting(value: object) -> str:
-    """A list reads as its items (layers as ranges: 0-31), anything else as itself."""
+    """A list reads as its items (layers as ranges: 0-31), a flag as yes or no (not
+    Python's True and False), anything else as itself."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, list):
         if value and all(isinstance(v, int) for v in value):
             return _ranges(value)  # type: ignore[arg-type]
@@ -329,7 +443,8 @@ def _regressions_table(regressions: Sequence[Regression]) -> str:
     rows = []
     for g in regressions:
         r = g.record
-        problems = [_text(_STATUS_WORDS[str(r["status"])])] if r["status"] != "ok" else []
+        status = status_problem(r)
+        problems = [_text(status)] if status else []
         if g.rules:
             problems.append(_broken_rules(g.rules, r))
         rows.append(
@@ -340,9 +455,6 @@ def _regressions_table(regressions: Sequence[Regression]) -> str:
         )
     note = "<p>Damage rather than compressibility: these slices are not pruning candidates.</p>"
     return f'<table class="regressions">{header}{"".join(rows)}</table>{note}'
-
-
-_STATUS_WORDS = {"nonfinite": "non-finite weights", "zero_matrix": "all weights zero"}
 
 
 def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
@@ -370,6 +482,29 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
         "for data-aware compression (ASVD, SVD-LLM), not safe truncations.</p>"
     )
     return f'<table class="candidates">{header}{"".join(rows)}</table>{note}'
+
+
+def _whole_table(records: Sequence[Record]) -> str:
+    """Every whole-matrix item with a result: where, outcome and its main metrics."""
+    order = MATRICES + MLP_MATRICES
+
+    def key(r: Record) -> tuple[int, int, str]:
+        matrix = str(r["matrix"])
+        return (int(r["layer"]), order.index(matrix) if matrix in order else len(order), matrix)  # type: ignore[call-overload]
+
+    header = (
+        "<tr><th>layer</th><th>matrix</th><th>shape</th><th>outcome</th>"
+        + "".join(f"<th>{_text(m)}</th>" for m in WHOLE_TABLE_METRICS)
+        + "</tr>"
+    )
+    rows = "".join(
+        f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_text(r["matrix"])}</td>'
+        f"<td>{'x'.join(map(str, r['shape']))}</td><td>{_text(r['outcome'])}</td>"  # type: ignore[call-overload]
+        + "".join(f"<td>{_value(r, m):.4g}</td>" for m in WHOLE_TABLE_METRICS)
+        + "</tr>"
+        for r in sorted(records, key=key)
+    )
+    return f'<table class="whole">{header}{rows}</table>'
 
 
 def _unfinished_table(items: Sequence[Record]) -> str:

@@ -16,11 +16,16 @@ from pathlib import Path
 
 from pytest_spectral import __version__
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
+from pytest_spectral.judging.baseline import Baseline
 from pytest_spectral.judging.evaluation import Verdict
 from pytest_spectral.judging.rules import RuleSet
 from pytest_spectral.reporting.files import write_text_atomically
 from pytest_spectral.reporting.step import Step
 from pytest_spectral.results import OUTCOMES, SCHEMA, SCHEMA_VERSION, HeadSpectrum, Record
+
+#: what every JSON report has within its first bytes: an earlier report at the path is
+#: recognised by it (``reporting.files.check_replaceable``)
+REPORT_MARK = f'"schema": "{SCHEMA}"'.encode()
 
 
 def json_number(value: float) -> float | str:
@@ -121,7 +126,9 @@ def build_report(
     *,
     checkpoint: Checkpoint,
     model_argument: str,
+    from_hub: bool = False,
     rules: RuleSet,
+    baseline: Baseline | None = None,
     settings: Mapping[str, object],
     records: Iterable[Record],
     candidates: Iterable[Record],
@@ -129,8 +136,11 @@ def build_report(
     params_saved: int,
     step: Step | None = None,
 ) -> dict[str, object]:
-    """The report: model, rules and settings, a summary, every item, the regressions, then
-    the pruning candidates.
+    """The report: model, rules, baseline and settings, a summary, every item, the
+    regressions, then the pruning candidates.
+
+    ``from_hub`` says that ``model_argument`` was a hub id (the model's ``path`` is then its
+    snapshot in the cache); ``path`` is always resolved and absolute.
 
     ``records`` hold every collected item, those without a result included (see
     :func:`unrecorded_record`); the summary counts them by outcome.
@@ -154,7 +164,8 @@ def build_report(
         "step": None if step is None else step.as_json(),
         "model": {
             "argument": model_argument,
-            "path": str(checkpoint.root),
+            "source": "hub" if from_hub else "local",
+            "path": str(checkpoint.root.resolve()),
             "model_type": checkpoint.model_type,
             "num_hidden_layers": g.layers,
             "num_attention_heads": g.heads,
@@ -165,10 +176,19 @@ def build_report(
             "files": checkpoint.file_names,
         },
         "rules": {
-            "path": str(rules.path) if rules.path else None,
+            "path": str(rules.path.resolve()) if rules.path else None,
             "sha256": rules.sha256,
             "count": len(rules.rules),
         },
+        "baseline": (
+            {
+                "path": str(baseline.path.resolve()),
+                "sha256": baseline.sha256,
+                "computed": list(baseline.computed),
+            }
+            if baseline is not None
+            else None
+        ),
         "settings": dict(settings),
         "summary": {
             "items": len(items),

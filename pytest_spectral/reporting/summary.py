@@ -20,9 +20,10 @@ from rich.text import Text
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.broken_rules import describe_broken
+from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
 from pytest_spectral.reporting.report import Record
 from pytest_spectral.results import OUTCOMES
+from pytest_spectral.wording import counted
 
 #: Rows shown in the terminal; the JSON report always has all of them.
 MAX_ROWS = 25
@@ -117,7 +118,7 @@ def _counts_line(records: Sequence[Record]) -> str:
         if per_matrix:
             detail = ", ".join(f"{m} {n}" for m, n in sorted(per_matrix.items(), key=_order))
             parts.append(f"{outcomes[outcome]} {outcome.replace('_', ' ')} ({detail})")
-    return f"{len(records)} items: " + "; ".join(parts)
+    return f"{counted(len(records), 'item')}: " + "; ".join(parts)
 
 
 def _order(item: tuple[str, int]) -> tuple[int, str]:
@@ -134,17 +135,14 @@ def _regressions_table(regressions: Sequence[Regression]) -> Table:
     table.add_column("problem", overflow="fold")
     for g in regressions:
         r = g.record
-        problems = [_STATUS_WORDS[str(r["status"])]] if r["status"] != "ok" else []
+        status = status_problem(r)
+        problems = [status] if status else []
         problems += [_broken(b, r) for b in g.rules]
         table.add_row(
             *(Text(printable(cell)) for cell in (g.label, str(r["outcome"]))),
             Text("\n".join(map(printable, problems))),
         )
     return table
-
-
-#: how a slice's status reads in the regressions table
-_STATUS_WORDS = {"nonfinite": "non-finite weights", "zero_matrix": "all weights zero"}
 
 
 def _candidates_table(candidates: Sequence[Candidate], energy: float) -> Table:

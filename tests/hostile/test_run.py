@@ -629,14 +629,27 @@ class TestReportsLeaveNothingOut:
         assert "<h2>Items without a result</h2>" in page
         assert "<td>spectral::layer00::head02-v</td><td>error</td>" in page
 
-    def test_stopping_early_leaves_the_rest_not_run(self, pytester) -> None:
+    @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+    def test_stopping_early_leaves_the_rest_not_run_and_says_why(self, pytester, workers) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
-        result = run(pytester, f"--spectral-model={ckpt}", "-x", "--spectral-report=r.json")
+        result = run(
+            pytester,
+            f"--spectral-model={ckpt}",
+            "-x",
+            "--spectral-report=r.json",
+            "--spectral-html=r.html",
+            *workers,
+        )
         report = json.loads((pytester.path / "r.json").read_text())
         assert_counts_agree(result, report["summary"])
         summary = report["summary"]
-        assert (summary["items"], summary["failed"]) == (ITEMS, 1)
-        assert summary["not_run"] == ITEMS - 1 - summary["passed"] > 0
+        assert summary["failed"] >= 1
+        assert summary["items"] == ITEMS
+        assert summary["not_run"] == ITEMS - summary["failed"] - summary["passed"] > 0
+        not_run = [i for i in report["items"] if i["outcome"] == "not_run"]
+        assert {i["error"] for i in not_run} == {"not run: stopping after 1 failures"}
+        page = (pytester.path / "r.html").read_text()
+        assert "<td>not_run</td><td>not run: stopping after 1 failures</td>" in page
 
     def test_a_stale_report_never_survives_a_run_without_records(self, pytester) -> None:
         ckpt = nan_checkpoint(pytester.path / "ckpt")
@@ -654,8 +667,14 @@ class TestReportsLeaveNothingOut:
 
     def test_a_stale_report_is_gone_even_when_the_run_is_killed(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
-        for name in ("r.json", "r.html", "rules.toml"):
-            (pytester.path / name).write_text("from an earlier, passing run\n")
+        earlier = {  # the start of each file as an earlier, passing run wrote it
+            "r.json": '{\n "schema": "pytest-spectral-report",\n "summary": {"failed": 0}\n}\n',
+            "r.html": '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+            "pytest-spectral: ckpt</title>\n",
+            "rules.toml": "# Calibrated by pytest-spectral on ckpt\n",
+        }
+        for name, text in earlier.items():
+            (pytester.path / name).write_text(text)
         pytester.makeconftest(
             "import os\ndef pytest_collection_finish(session):\n    os._exit(3)\n"
         )
@@ -762,9 +781,10 @@ class TestReportsLeaveNothingOut:
             write_text_atomically(tmp_path / "r.json", "text")
         assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
-    def test_the_baseline_is_not_removed_as_a_stale_report(self, pytester) -> None:
+    def test_the_baseline_is_neither_removed_nor_written_over(self, pytester) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
         run(pytester, f"--spectral-model={ckpt}", "--spectral-report=good.json")
+        before = (pytester.path / "good.json").read_bytes()
         rules = pytester.path / "drift.toml"
         rules.write_text('[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n')
         again = (
@@ -773,8 +793,9 @@ class TestReportsLeaveNothingOut:
             f"--spectral-thresholds={rules}",
             "--spectral-report=good.json",
         )
-        run(pytester, *again, "-n", "2").assert_outcomes(passed=ITEMS)
-        assert json.loads((pytester.path / "good.json").read_text())["summary"]["passed"] == ITEMS
+        result = run(pytester, *again, "-n", "2")
+        assert_clean_usage_error(result, "--spectral-report", "is also the baseline")
+        assert (pytester.path / "good.json").read_bytes() == before
 
 
 def run_in_process(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -895,7 +916,7 @@ class TestOutputsThatAreNotFiles:
     def test_stale_file_that_cannot_be_removed(self, pytester, monkeypatch) -> None:
         ckpt = healthy_checkpoint(pytester.path / "ckpt")
         stale = pytester.path / "r.json"
-        stale.write_text("{}")
+        stale.write_text(STALE["r.json"])
         unlink = os.unlink
 
         def refusing(path, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -912,7 +933,15 @@ class TestOutputsThatAreNotFiles:
         )
 
 
-STALE = "from an earlier run that passed\n"
+#: what an earlier run that passed left at each output path, each beginning as its writer
+#: begins it (pytest-spectral removes only files it wrote)
+STALE = {
+    "r.json": '{\n "schema": "pytest-spectral-report",\n "summary": {"failed": 0}\n}\n',
+    "r.html": '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+    "pytest-spectral: ckpt</title>\n",
+    "c.toml": "# Calibrated by pytest-spectral on ckpt\n",
+}
+HAND_WRITTEN = '[[rules]]\nmetric = "stable_rank"\nmin = 2\n'
 MATPLOTLIB_CACHE = (".config", ".config/matplotlib", ".cache", ".cache/matplotlib")
 ALL_OUTPUTS = ("--spectral-report=r.json", "--spectral-html=r.html", "--spectral-calibrate=c.toml")
 
@@ -937,8 +966,8 @@ class TestStaleOutputsNeverSurviveAnEarlyStop:
 
     @pytest.fixture
     def planted(self, pytester) -> Path:
-        for name in ("r.json", "r.html", "c.toml"):
-            (pytester.path / name).write_text(STALE)
+        for name, text in STALE.items():
+            (pytester.path / name).write_text(text)
         return healthy_checkpoint(pytester.path / "ckpt")
 
     @pytest.mark.parametrize(
@@ -1015,7 +1044,26 @@ class TestStaleOutputsNeverSurviveAnEarlyStop:
         (pytester.path / "rules.toml").write_text("")
         report = "--spectral-report=r.json"
         hostile.refused(f"--spectral-model={planted}", report, *args, naming=[message])
-        assert (pytester.path / "r.json").read_text() == STALE
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--spectral-layers=7"], "replaces only its own files"),
+            (["--spectral-thresholds=c.toml"], "is also the rules file, which this run reads"),
+            (["--spectral-history=c.toml"], "is also an earlier report (--spectral-history)"),
+        ],
+        ids=["foreign-file", "rules-file", "history-report"],
+    )
+    def test_a_file_pytest_spectral_did_not_write_or_an_input_is_never_removed(
+        self, pytester, hostile, planted, args, message
+    ) -> None:
+        """Only earlier runs' outputs are removed: a hand-written file at an output path, or
+        one the run reads, stops the run before anything is removed."""
+        (pytester.path / "c.toml").write_text(HAND_WRITTEN)
+        hostile.refused(f"--spectral-model={planted}", *ALL_OUTPUTS, *args, naming=[message])
+        assert (pytester.path / "c.toml").read_text() == HAND_WRITTEN
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
 
     def test_a_configuration_inside_the_checkpoint_removes_nothing(
         self, pytester, hostile, planted, monkeypatch
@@ -1024,7 +1072,7 @@ class TestStaleOutputsNeverSurviveAnEarlyStop:
         (planted / "pytest.ini").write_text("[pytest]\naddopts = --spectral-report=../r.json\n")
         monkeypatch.chdir(planted)
         hostile.refused(f"--spectral-model={planted}", naming=["lies inside the checkpoint"])
-        assert (pytester.path / "r.json").read_text() == STALE
+        assert (pytester.path / "r.json").read_text() == STALE["r.json"]
 
 
 #: pytest options (of pytest itself, ``pytest --help``) whose value names a file or directory

@@ -1,0 +1,189 @@
+"""What a run accepts without a word otherwise, each said in one line of the header.
+
+A run that quietly does less than its options and rules ask for is worse than one that fails:
+the user reads "passed" and believes the rules were applied. Each notice names what is not
+used and what to change: the user's tests left out, a layout assumed for an undeclared
+model_type, whole-matrix items without the MLP, no rules (or a file without any), a baseline
+no rule compares with, a rule that applies to no item of the run, a ``--spectral-matrices``
+entry without items, ``--spectral-config`` used instead of a checkpoint's own
+``config.json``, warn-only mode, and the earlier reports of ``--spectral-history``.
+
+Rules and matrices are checked against what the options select (``--spectral-scope``,
+``--spectral-layers``, ``--spectral-matrices``, the model's layers and heads), not against
+``-k`` or ``--deselect``, which leave items out on purpose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.judging.ranges import IndexSet
+from pytest_spectral.judging.rules import Rule
+from pytest_spectral.options import option_value
+from pytest_spectral.printable import printable
+from pytest_spectral.run import SpectralRun
+from pytest_spectral.selection import collection_notice
+from pytest_spectral.wording import counted, indices
+
+
+def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
+    """Every notice of the run, in the order the header shows them."""
+    lines = []
+    if (collection := collection_notice(config)) is not None:
+        lines.append(collection)
+    if run.warn_only:
+        lines.append(
+            "spectral: --spectral-warn-only: every broken rule, non-finite or all-zero slice is "
+            "reported as a warning; no item fails (exit code 0)"
+        )
+    if (config_used := _config_notice(run, config)) is not None:
+        lines.append(config_used)
+    lines.extend(run.checkpoint.notes)
+    if "matrix" in run.scopes and not run.checkpoint.mlp:
+        custom = run.checkpoint.layout.family == "custom"
+        lines.append(
+            "spectral: matrix scope analyses attention only: "
+            + (
+                "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
+                "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
+                if custom
+                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
+                "names them (a mixture of experts stores its experts in 3-D tensors)"
+            )
+        )
+    rules = run.rules
+    if rules.path is None:
+        lines.append(
+            "spectral: no rules file (--spectral-thresholds): items fail only for non-finite "
+            "or all-zero weights; every metric is recorded"
+        )
+    elif not rules.rules:
+        lines.append(
+            f"spectral: {rules.path} has no [[rules]]: items fail only for non-finite or "
+            "all-zero weights; every metric is recorded"
+        )
+    chosen = option_value(config, "spectral_matrices")
+    lines += matrices_without_items(run, chosen)  # type: ignore[arg-type]
+    lines += [
+        f"spectral: rule {rule.name!r} ({rules.path}:{rule.line()}) applies to no item of this "
+        f"run: {why}"
+        for rule in rules.rules
+        if (why := why_unused(rule, run)) is not None
+    ]
+    if run.baseline is not None and not any(r.is_relative and not r.is_trend for r in rules.rules):
+        trend = " without a window (rules with one compare with --spectral-history)"
+        lines.append(
+            f"spectral: --spectral-baseline {run.baseline.path} is not used: no rule has "
+            f"min_change or max_change{trend if any(r.is_trend for r in rules.rules) else ''}"
+        )
+    if run.baseline is not None and run.baseline.computed:
+        keys = ", ".join(run.baseline.computed)
+        lines.append(
+            f"spectral: --spectral-baseline {run.baseline.path} has no {keys}: computed from "
+            "the singular values it stores"
+        )
+    if run.history is not None:
+        labels = run.history.table.labels
+        span = f" (steps {labels[0]} to {labels[-1]})" if labels else ""
+        lines.append(f"spectral: history of {len(labels)} earlier report(s){span}")
+    return [printable(line) for line in lines]
+
+
+def _config_notice(run: SpectralRun, config: pytest.Config) -> str | None:
+    """``--spectral-config`` given for a checkpoint that has its own ``config.json``."""
+    option = config.getoption("spectral_config")
+    if option is None:
+        return None
+    own = (run.model_path if run.model_path.is_dir() else run.model_path.parent) / "config.json"
+    if not own.exists() or own.resolve() == Path(option).expanduser().resolve():
+        return None
+    return (
+        f"spectral: --spectral-config {option} is used; the checkpoint's own {own} is not read"
+    )
+
+
+def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> list[str]:
+    """A line for each matrix named by ``--spectral-matrices`` that has no item in the run's
+    scopes: an MLP matrix in a head-scope run (MLP matrices exist only whole)."""
+    if chosen is None:
+        return []
+    lines = []
+    for matrix in chosen:
+        has_items = ("head" in run.scopes and matrix in run.head_matrices) or (
+            "matrix" in run.scopes and matrix in run.whole_matrices
+        )
+        if not has_items:
+            lines.append(
+                f"spectral: --spectral-matrices: {matrix} has no item in this run: MLP matrices "
+                "exist only as whole matrices; add --spectral-scope both (or matrix) to check it"
+            )
+    return lines
+
+
+def why_unused(rule: Rule, run: SpectralRun) -> str | None:
+    """Why ``rule`` applies to no item the run's options select, with what to change; ``None``
+    when it applies to some."""
+    if rule.scope not in run.scopes:
+        if rule.scope == "head":
+            return (
+                'it judges head items (scope = "head", the default) and this run collects whole '
+                'matrices only (--spectral-scope matrix): run with --spectral-scope both, or '
+                'give the rule scope = "matrix"'
+            )
+        return (
+            'it judges whole matrices (scope = "matrix") and this run collects head items only: '
+            "run with --spectral-scope matrix or both"
+        )
+    geometry = run.checkpoint.geometry
+    collected = run.head_matrices if rule.scope == "head" else run.whole_matrices
+    if not rule.matrices & set(collected):
+        named = _names(rule.matrices)
+        if rule.scope == "head" and rule.matrices <= set(MLP_MATRICES):
+            return (
+                f"its matrices ({named}) exist only as whole matrices: give it "
+                'scope = "matrix" and run with --spectral-scope matrix or both'
+            )
+        if rule.scope == "matrix" and rule.matrices <= set(CIRCUITS):
+            return (
+                f"its circuits ({named}) exist per head only: give it scope = \"head\""
+            )
+        checkpoint = run.checkpoint
+        circuits = checkpoint.circuits if rule.scope == "head" else ()
+        present = checkpoint.attention + circuits + checkpoint.mlp
+        if not rule.matrices & set(present):
+            return f"the checkpoint has no {named} (it has {', '.join(present)})"
+        if rule.scope == "head" and rule.matrices <= set(CIRCUITS):
+            return (
+                f"its circuits ({named}) are collected only when --spectral-matrices names "
+                "them"
+            )
+        return f"--spectral-matrices {','.join(collected)} leaves out its {named}"
+    if not any(layer in rule.layers for layer in run.layers):
+        existing = [layer for layer in range(geometry.layers) if layer in rule.layers]
+        if not existing:
+            return (
+                f"its layers {rule.layers.spec} do not exist: the model has "
+                f"{counted(geometry.layers, 'layer')} ({indices(geometry.layers)})"
+            )
+        return (
+            f"--spectral-layers {_spec(run.layers)} leaves out its layers {_spec(existing)}"
+        )
+    if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
+        return (
+            f"its heads {rule.heads.spec} do not exist: the model has "
+            f"{counted(geometry.heads, 'query head')} ({indices(geometry.heads)})"
+        )
+    return None
+
+
+def _names(matrices: frozenset[str]) -> str:
+    order = HEAD_MATRICES + MLP_MATRICES
+    return ", ".join(sorted(matrices, key=order.index))
+
+
+def _spec(indices: list[int]) -> str:
+    return IndexSet.of([(i, i) for i in indices]).spec
