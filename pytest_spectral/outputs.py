@@ -111,18 +111,32 @@ def check_outputs(config: pytest.Config, protected: Protected) -> dict[str, Path
     return outputs
 
 
-def remove_stale_outputs(outputs: Mapping[str, Path]) -> None:
+def remove_stale_outputs(outputs: Mapping[str, Path], config: pytest.Config) -> None:
     """Remove what earlier runs left at the output paths, so that none can pass for this
     run's. Only after :func:`check_outputs`: what is there was written by pytest-spectral,
     and is none of the run's inputs.
 
+    A file in a --spectral-history directory is kept: it may be an earlier checkpoint's
+    report, which a run that stops at a usage error must not destroy (the history refuses a
+    report path holding another step's report; see ``history/earlier.py``), and is replaced
+    only when the run writes its own.
+
     Raises ``pytest.UsageError`` for a file that cannot be removed.
     """
+    directories = _history_directories(config)
     for name, path in outputs.items():
+        if any(path.resolve().is_relative_to(d) for d in directories):
+            continue
         try:
             remove_stale(path, _flag(name))
         except OutputPathError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
+
+
+def _history_directories(config: pytest.Config) -> list[Path]:
+    history = getattr(config.known_args_namespace, "spectral_history", None) or []
+    paths = [Path(os.path.expanduser(given)).absolute() for given in history]
+    return [path.resolve() for path in paths if path.is_dir()]
 
 
 def _inputs(config: pytest.Config) -> list[tuple[Path, str]]:

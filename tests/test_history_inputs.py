@@ -308,9 +308,9 @@ class TestRunHistory:
         }
         for step in (100, 200, 400):
             write(reports, f"{step}.json", report(step, model=layout))
-        # an earlier run's report at --spectral-report (an earlier step, which would count):
-        # this run's own report is never part of its history
-        write(reports, "own.json", report(150, model=layout))
+        # an earlier attempt's report of this step at --spectral-report: this run's own
+        # report is never part of its history
+        write(reports, "own.json", report(300, model=layout))
         result = pytester.runpytest(
             f"--spectral-model={tiny_checkpoint}", "--spectral-step=300",
             f"--spectral-history={reports}", f"--spectral-report={reports / 'own.json'}",
@@ -318,6 +318,31 @@ class TestRunHistory:
         )  # fmt: skip
         assert result.ret == pytest.ExitCode.OK
         result.stdout.fnmatch_lines(["spectral: history of 2 earlier report(s) (steps 100 to 200)"])
+
+    def test_an_earlier_checkpoints_report_is_never_replaced(
+        self, pytester, tiny_checkpoint
+    ) -> None:
+        """Neither by this run's report (another step's history would be lost), nor removed
+        as a stale output by a run that stops at a usage error."""
+        reports = pytester.mkdir("reports")
+        layout = {**LAYOUT, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "hidden_size": 64}  # fmt: skip
+        earlier = write(reports, "step-100.json", report(100, model=layout))
+        kept = earlier.read_bytes()
+        history = (f"--spectral-model={tiny_checkpoint}", f"--spectral-history={reports}",
+                   f"--spectral-report={earlier}", "-p", "no:cacheprovider")  # fmt: skip
+        result = pytester.runpytest(*history, "--spectral-step=300")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            [f"*--spectral-report {earlier}: holds the report of step 100, an earlier checkpoint "
+             "of --spectral-history; write this run's report (step 300) to another path*"]
+        )  # fmt: skip
+        assert earlier.read_bytes() == kept
+        bad_rules = pytester.path / "bad.toml"
+        bad_rules.write_text("bad = [\n")
+        stopped = pytester.runpytest(*history, f"--spectral-thresholds={bad_rules}")
+        assert stopped.ret == pytest.ExitCode.USAGE_ERROR
+        assert earlier.read_bytes() == kept
 
     def test_a_report_of_another_model_is_a_usage_error(self, pytester, tiny_checkpoint) -> None:
         reports = pytester.mkdir("reports")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.judging.rules import Rule
-from pytest_spectral.reporting.history.reports import ReportSource, report_sources
+from pytest_spectral.reporting.history.reports import HistoryError, ReportSource, report_sources
 from pytest_spectral.reporting.history.table import HistoryTable, build_table
 from pytest_spectral.reporting.step import Step
 
@@ -56,7 +56,17 @@ def load_earlier(
     """
     sources = report_sources(paths, what="--spectral-history")
     if own_report is not None:
-        sources = [s for s in sources if s.path is None or s.path.resolve() != own_report.resolve()]
+        target = own_report.resolve()
+        own = [s for s in sources if s.path is not None and s.path.resolve() == target]
+        if own and step is not None and step.number is not None:
+            held = build_table(own, [], layout=layout).headers[0].step
+            if held is not None and held.number is not None and held.number != step.number:
+                raise HistoryError(
+                    f"--spectral-report {own_report}: holds the report of step {held.number}, "
+                    f"an earlier checkpoint of --spectral-history; write this run's report "
+                    f"(step {step.number}) to another path"
+                )
+        sources = [s for s in sources if s not in own]
     table = build_table(sources, keys, layout=layout)
     if step is not None and step.number is not None:
         numbers = [h.step.number if h.step is not None else None for h in table.headers]
