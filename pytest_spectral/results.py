@@ -20,6 +20,19 @@ SCHEMA_VERSION = 3
 #: outcomes and singular values) is the same in all of them; before version 3 a report has
 #: no step, and a history orders it by when it was created.
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+
+
+def schema_problem(document: object) -> str | None:
+    """Why a parsed JSON document is not a report this plugin reads (no ``schema``, or a
+    ``schema_version`` outside :data:`READABLE_SCHEMA_VERSIONS`), or ``None``. Shared by
+    every reader of reports (baselines, histories), so that all refuse alike."""
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        return f"not a pytest-spectral report (no schema {SCHEMA!r})"
+    version = document.get("schema_version")
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        return f"report schema version {str(version)[:20]}; this plugin reads versions {readable}"
+    return None
 #: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
 #: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
 OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")

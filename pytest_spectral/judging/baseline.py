@@ -23,7 +23,7 @@ import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.judging.metrics import MetricContext, MetricRequest
-from pytest_spectral.results import READABLE_SCHEMA_VERSIONS, SCHEMA
+from pytest_spectral.results import SCHEMA, schema_problem
 from pytest_spectral.untrusted import (
     MAX_REPORT_BYTES,
     UntrustedFileError,
@@ -74,15 +74,11 @@ def load_baseline(
         report = parse_json(raw, path, "baseline report")
     except UntrustedFileError as exc:
         raise BaselineError(str(exc)) from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        raise BaselineError(f"{path}: not a pytest-spectral report (no schema {SCHEMA!r})")
-    version = report.get("schema_version")
-    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
-        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
-        raise BaselineError(
-            f"{path}: report schema version {version!r}; this plugin reads versions "
-            f"{readable}: regenerate the baseline with this version"
-        )
+    problem = schema_problem(report)
+    if problem is not None:
+        readable_kind = isinstance(report, dict) and report.get("schema") == SCHEMA
+        advice = ": regenerate the baseline with this version" if readable_kind else ""
+        raise BaselineError(f"{path}: {problem}{advice}")
     model = report.get("model")
     if not isinstance(model, dict):
         raise BaselineError(f"{path}: key 'model' must be an object, got {_kind(model)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.reporting.step import MAX_LABEL_CHARACTERS, MAX_STEP, Step
-from pytest_spectral.results import OUTCOMES, READABLE_SCHEMA_VERSIONS, SCHEMA
+from pytest_spectral.results import OUTCOMES, schema_problem
 from pytest_spectral.untrusted import MAX_REPORT_BYTES, UntrustedFileError, load_json
 
 #: Reports one history may hold: a run saving every 100 steps for 500,000 steps has 5,000.
@@ -58,15 +58,9 @@ class ReportSource:
             document = load_json(self.path, MAX_REPORT_BYTES, "report")
         except UntrustedFileError as exc:
             raise HistoryError(str(exc)) from None
-        if not isinstance(document, dict) or document.get("schema") != SCHEMA:
-            raise HistoryError(f"{self.name}: not a pytest-spectral report (no schema {SCHEMA!r})")
-        version = document.get("schema_version")
-        if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
-            readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
-            raise HistoryError(
-                f"{self.name}: report schema version {str(version)[:20]}; this plugin reads "
-                f"versions {readable}"
-            )
+        problem = schema_problem(document)
+        if problem is not None:
+            raise HistoryError(f"{self.name}: {problem}")
         return document
 
 
