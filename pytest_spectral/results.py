@@ -33,6 +33,35 @@ def schema_problem(document: object) -> str | None:
         readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
         return f"report schema version {str(version)[:20]}; this plugin reads versions {readable}"
     return None
+
+
+#: how a report writes a metric or singular value that is not finite
+NON_FINITE_NUMBERS = ("nan", "inf", "-inf")
+
+
+def value_kind(value: object) -> str:
+    """A bounded description of an unexpected value for an error message: its type and repr,
+    cut to 80 characters (a hostile report may hold a megabyte-long string)."""
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def report_number(where: str, value: object) -> float:
+    """A number as reports write it: a JSON number, or ``"nan"``, ``"inf"``, ``"-inf"``.
+
+    Shared by every reader of reports so that all accept and refuse the same values. Raises
+    :class:`ValueError` saying what ``where`` (the key's path in the report) holds instead, or
+    that an integer is beyond float range; readers prefix the file's name.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ValueError(f"{where} is out of range: {str(value)[:40]}") from None
+    if value in NON_FINITE_NUMBERS:
+        return float(value)  # type: ignore[arg-type]
+    raise ValueError(f'{where} must be a number (or "nan", "inf", "-inf"), got {value_kind(value)}')
+
+
 #: An item's outcome in the report: its verdict (passed, failed, warned), or what pytest says
 #: happened to an item without one: ``error`` (it crashed or raised), ``skipped``, ``not_run``.
 OUTCOMES = ("passed", "failed", "warned", "error", "skipped", "not_run")

@@ -86,7 +86,7 @@ def test_another_layout_is_refused_naming_the_field(tmp_path, checkpoint, field,
         (
             report(items=[{"nodeid": "x", "metrics": {"a": "high"}}]),
             re.escape(
-                'items[0].metrics.a must be a number (or "nan", "inf", "-inf"), got \'high\''
+                'items[0].metrics.a must be a number (or "nan", "inf", "-inf"), got str \'high\''
             ),
         ),
         (report(items=None), "key 'items' must be a list, got NoneType None"),

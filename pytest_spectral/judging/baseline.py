@@ -23,7 +23,8 @@ import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.judging.metrics import MetricContext, MetricRequest
-from pytest_spectral.results import SCHEMA, schema_problem
+from pytest_spectral.results import SCHEMA, report_number, schema_problem
+from pytest_spectral.results import value_kind as _kind
 from pytest_spectral.untrusted import (
     MAX_REPORT_BYTES,
     UntrustedFileError,
@@ -39,9 +40,6 @@ _LAYOUT_FIELDS = {
     "head_dim": lambda c: c.geometry.head_dim,
     "hidden_size": lambda c: c.geometry.hidden,
 }
-
-
-_NON_FINITE = ("nan", "inf", "-inf")
 
 
 class BaselineError(ValueError):
@@ -179,18 +177,7 @@ def _item_metrics(path: Path, items: object) -> dict[str, dict[str, float]]:
 
 
 def _number(path: Path, where: str, value: object) -> float:
-    """A metric value as the report writes it: a JSON number, or "nan", "inf", "-inf"."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond float range
-            raise BaselineError(f"{path}: {where} is out of range: {value}") from None
-    if value in _NON_FINITE:
-        return float(value)  # type: ignore[arg-type]
-    raise BaselineError(
-        f'{path}: {where} must be a number (or "nan", "inf", "-inf"), got {value!r}'
-    )
-
-
-def _kind(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
+    try:
+        return report_number(where, value)
+    except ValueError as exc:
+        raise BaselineError(f"{path}: {exc}") from None

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_spectral.reporting.step import MAX_LABEL_CHARACTERS, MAX_STEP, Step
-from pytest_spectral.results import OUTCOMES, schema_problem
+from pytest_spectral.results import OUTCOMES, report_number, schema_problem
+from pytest_spectral.results import value_kind as _kind
 from pytest_spectral.untrusted import MAX_REPORT_BYTES, UntrustedFileError, load_json
 
 #: Reports one history may hold: a run saving every 100 steps for 500,000 steps has 5,000.
@@ -33,7 +34,6 @@ LAYOUT_FIELDS = (
 _MAX_NAME = 1000  # node ids, matrix names, metric keys: the plugin's are under 100 characters
 _MAX_INDEX = 1_000_000  # layers and heads
 _MAX_SINGULAR_VALUES = 65_536  # per item: min(m, n) of a slice
-_NON_FINITE = ("nan", "inf", "-inf")
 
 
 class HistoryError(ValueError):
@@ -221,20 +221,11 @@ def singular_values(
 
 
 def number(where: str, value: object) -> float:
-    """A value as reports write it: a JSON number, or "nan", "inf", "-inf"."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond float range
-            raise HistoryError(f"{where} is out of range: {str(value)[:40]}") from None
-    if value in _NON_FINITE:
-        return float(value)  # type: ignore[arg-type]
-    raise HistoryError(f'{where} must be a number (or "nan", "inf", "-inf"), got {_kind(value)}')
+    try:
+        return report_number(where, value)
+    except ValueError as exc:
+        raise HistoryError(str(exc)) from None
 
 
 def _index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INDEX
-
-
-def _kind(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
