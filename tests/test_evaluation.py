@@ -197,3 +197,44 @@ class TestBaselines:
     def test_absolute_rules_ignore_the_baseline(self, rules) -> None:
         verdict = judge(rules, 0, 0, "q", spectrum(), baseline=None)
         assert verdict.broken == ()
+
+
+class TestTrends:
+    """A trend rule (``window``) bounds the change against an earlier report of the history,
+    which ``judge`` asks for through ``trend``: (value, step) or ``None``."""
+
+    TREND = '[[rules]]\nname = "collapse"\nmetric = "stable_rank"\nmin_change = -0.25\nwindow = 3\n'
+
+    @pytest.fixture
+    def collapse(self, tmp_path: Path):
+        path = tmp_path / "trend.toml"
+        path.write_text(self.TREND)
+        return load_rules(path).rules
+
+    def test_change_against_the_history_names_the_step(self, collapse) -> None:
+        asked = []
+
+        def trend(rule):
+            asked.append(rule.name)
+            return 4.0, "1000"
+
+        # 2.0 from 4.0 is -50%, beyond min_change -25%
+        (broken,) = judge(collapse, 0, 0, "q", spectrum(stable_rank=2.0), trend=trend).broken
+        assert asked == ["collapse"]
+        assert (broken.baseline, broken.reference_step, broken.reason) == (
+            4.0,
+            "1000",
+            "vs step 1000 4 (-50.0%) < min_change -0.25",
+        )
+        assert judge(collapse, 0, 0, "q", spectrum(stable_rank=3.5), trend=trend).broken == ()
+
+    def test_a_trend_rule_ignores_the_baseline(self, collapse) -> None:
+        verdict = judge(
+            collapse, 0, 0, "q", spectrum(stable_rank=2.0), baseline={"stable_rank": 4.0}
+        )
+        assert verdict.broken == ()
+
+    def test_no_earlier_report_or_no_history_leaves_it_unjudged(self, collapse) -> None:
+        collapsed = spectrum(stable_rank=0.1)
+        assert judge(collapse, 0, 0, "q", collapsed, trend=lambda rule: None).broken == ()
+        assert judge(collapse, 0, 0, "q", collapsed, trend=None).broken == ()
