@@ -30,8 +30,6 @@ class BrokenRule:
     reason: str
     #: the reference of a change rule: the baseline's value, or the history's (trend rule)
     baseline: float | None = None
-
-    floor_limited: bool = False
     #: for a trend rule, the step (label) of the history report holding ``baseline``
     reference_step: str | None = None
 
@@ -132,6 +130,5 @@ def judge(
         reason = rule.violation(value) or change
         if reason is not None:
             severity: Severity = "warn" if warn_only else rule.severity
-            limited = spectrum.floor_limited and rule.request.name == "first_last_ratio"
-            broken.append(BrokenRule(rule, value, severity, reason, base, limited, step))
+            broken.append(BrokenRule(rule, value, severity, reason, base, step))
     return Verdict(status, tuple(broken), warn_only)
