@@ -29,6 +29,7 @@ tables as Markdown, ready for the README.
     python benchmarks/bench_llama_shaped.py                       # 32 layers, 5 runs each
     python benchmarks/bench_llama_shaped.py --layers 4 --repeat 3  # quicker
     python benchmarks/bench_llama_shaped.py --device cuda          # adds GPU rows
+    python benchmarks/bench_llama_shaped.py --cached-only          # only the re-run row
 """
 
 from __future__ import annotations
@@ -308,6 +309,11 @@ def main() -> None:
         help="also time the floor script on one thread (robust to a loaded machine, where "
         "spinning BLAS threads slow the multi-threaded floor down several times)",
     )
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="time only the cached re-run against the empty pytest run (on the first kind)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--device",
@@ -315,6 +321,8 @@ def main() -> None:
         help="also time the floor and the plugin on this device (cuda, cuda:N, mps)",
     )
     args = parser.parse_args()
+    if args.cached_only and args.seed_items:
+        parser.error("--seed-items compares with the floor script, which --cached-only skips")
 
     full = not args.attention_only
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -364,8 +372,9 @@ def main() -> None:
             *extra,
         ]
 
+    load_at_start = os.getloadavg()
     results: dict[str, dict[str, Row]] = {}
-    for kind, model in models.items():
+    for kind, model in {} if args.cached_only else models.items():
         print(f"{kind}: warming the page cache", flush=True)
         timed(floor(model, "cpu"), work)
         commands = {"floor script": floor(model, "cpu"), "plugin": plugin(model, "cpu")}
@@ -405,10 +414,18 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"\n{args.layers} layers, {items} items, {cores} CPUs, {args.repeat} runs each "
-        f"(alternated), load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
-        f"checkpoints {'with MLP, embeddings and LM head' if full else 'attention only'}\n"
+        f"(alternated), load average (1, 5, 15 min) at the start "
+        f"{' '.join(f'{x:.1f}' for x in load_at_start)}, at the end "
+        f"{' '.join(f'{x:.1f}' for x in load)}, "
+        f"checkpoints {'with MLP, embeddings and LM head' if full else 'attention only'}"
+        + (
+            ", PYTHONDONTWRITEBYTECODE set (modules without a .pyc compile on every run)"
+            if sys.dont_write_bytecode
+            else ""
+        )
+        + "\n"
     )
-    for kind in kinds:
+    for kind in [kind for kind in kinds if kind in results]:
         print(table(f"{kind} checkpoint", results[kind], "floor script", "floor") + "\n")
     print(table("cached re-run (new thresholds)", results["cache"], "empty pytest", "empty") + "\n")
     if seed_line:

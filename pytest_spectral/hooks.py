@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.invocation import inside
-from pytest_spectral.judging.calibrate import calibrated_rules
 from pytest_spectral.judging.candidates import (
     Candidate,
     Regression,
@@ -30,7 +29,6 @@ from pytest_spectral.notices import notices
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.files import OutputPathError, write_text_atomically
-from pytest_spectral.reporting.heatmap import render_heatmap
 from pytest_spectral.reporting.report import build_report, unrecorded_record, write_report
 from pytest_spectral.reporting.summary import render_summary
 from pytest_spectral.results import LayerStats, Record
@@ -167,6 +165,8 @@ class SpectralPlugin:
             terminalreporter.section("spectral summary")
             terminalreporter.write(text)
             if self.run.heatmap is not None:
+                from pytest_spectral.reporting.heatmap import render_heatmap
+
                 spec, geometry = self.run.heatmap, self.run.checkpoint.geometry
                 terminalreporter.write(
                     render_heatmap(
@@ -206,6 +206,8 @@ class SpectralPlugin:
         if reason is not None:
             self.ledger.stop_reason = f"not run: {reason}"
         run = self.run
+        if not (run.report_path or run.html_path or run.calibrate_path):
+            return  # nothing to write: the terminal summary needs no report
         items = self._all_items()
         verdicts = self._slice_verdicts()
         report = build_report(
@@ -286,6 +288,8 @@ class SpectralPlugin:
                 )
             )
             return
+        from pytest_spectral.judging.calibrate import calibrated_rules
+
         geometry = self.run.checkpoint.geometry
         calibration = calibrated_rules(
             items,

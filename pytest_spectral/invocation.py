@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.checkpoints.formats.lora import is_adapter
+from pytest_spectral.checkpoints.formats import is_adapter
 from pytest_spectral.checkpoints.formats.shards import hub_blobs
 from pytest_spectral.checkpoints.hub import hub_cache_directory, hub_id_of
 from pytest_spectral.errors import CheckpointError

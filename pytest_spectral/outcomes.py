@@ -24,6 +24,7 @@ class ItemLedger:
     def __init__(self) -> None:
         #: node ids of the spectral items collected (after -k, --deselect, --lf...)
         self.collected: tuple[str, ...] = ()
+        self._collected_set: frozenset[str] = frozenset()
         self._problems: dict[str, str] = {}
         self._skips: dict[str, str] = {}
         self._reported: set[str] = set()
@@ -35,11 +36,13 @@ class ItemLedger:
         """The collected items; the first collection counts (every xdist worker sends one)."""
         if not self.collected:
             self.collected = tuple(n for n in nodeids if item_position(n) is not None)
+            self._collected_set = frozenset(self.collected)
 
     def observe(self, report: pytest.TestReport) -> None:
         """Note a setup, call or teardown report (xdist's crash reports say ``when="???"``)."""
         nodeid = report.nodeid
-        if item_position(nodeid) is None:
+        # A set lookup for the collected items, three reports each; the pattern for the rest.
+        if nodeid not in self._collected_set and item_position(nodeid) is None:
             return
         self._reported.add(nodeid)
         if report.failed:

@@ -102,10 +102,9 @@ def check_outputs(config: pytest.Config, protected: Protected) -> dict[str, Path
                     f"never writes over its inputs: choose another path{roll}"
                 )
             )
-    marks = _marks()
     for name, path in outputs.items():
         try:
-            check_replaceable(path, _flag(name), marks[name], OUTPUT_OPTIONS[name])
+            check_replaceable(path, _flag(name), _mark(name), OUTPUT_OPTIONS[name])
         except OutputPathError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
     return outputs
@@ -170,18 +169,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _marks() -> dict[str, bytes]:
-    """The mark each output's writer puts at its start, by which an earlier one is known.
-    Imported here, not at the top: this module loads in every pytest run (``plugin.py``)."""
-    from pytest_spectral.judging.calibrate import CALIBRATION_MARK
-    from pytest_spectral.reporting.html_report import HTML_MARK
-    from pytest_spectral.reporting.report import REPORT_MARK
+def _mark(name: str) -> bytes:
+    """The mark the writer of output ``name`` puts at its start, by which an earlier one is
+    known. Imported here, for the outputs given only: this module loads in every pytest run
+    (``plugin.py``), and a run without ``--spectral-calibrate`` never loads calibration."""
+    if name == "spectral_report":
+        from pytest_spectral.reporting.report import REPORT_MARK
 
-    return {
-        "spectral_report": REPORT_MARK,
-        "spectral_html": HTML_MARK,
-        "spectral_calibrate": CALIBRATION_MARK.encode(),
-    }
+        return REPORT_MARK
+    if name == "spectral_html":
+        from pytest_spectral.reporting.html_report import HTML_MARK
+
+        return HTML_MARK
+    from pytest_spectral.judging.calibrate import CALIBRATION_MARK
+
+    return CALIBRATION_MARK.encode()
 
 
 def _flag(name: str) -> str:

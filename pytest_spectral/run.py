@@ -29,7 +29,7 @@ from pytest_spectral.checkpoints.hub import (
     hub_id_of,
     resolve_hub_model,
 )
-from pytest_spectral.compute.device import default_threads, resolve_device, xdist_worker_index
+from pytest_spectral.compute.device import resolve_device, xdist_worker_index
 from pytest_spectral.errors import CheckpointError, DeviceError
 from pytest_spectral.invocation import (
     CHECKPOINT_DIRECTORY,
@@ -37,7 +37,6 @@ from pytest_spectral.invocation import (
     refuse_collection_and_outputs_inside,
     refuse_configuration_inside,
 )
-from pytest_spectral.judging.baseline import Baseline, BaselineError, load_baseline
 from pytest_spectral.judging.metrics import (
     DEFAULT_REQUESTS,
     MetricRegistry,
@@ -50,8 +49,6 @@ from pytest_spectral.judging.rules import RulesError, RuleSet, hint, load_rules
 from pytest_spectral.options import given_path, option_value, rules_path
 from pytest_spectral.outputs import output_paths
 from pytest_spectral.printable import printable
-from pytest_spectral.reporting.history.earlier import EarlierReports, load_earlier
-from pytest_spectral.reporting.history.reports import HistoryError
 from pytest_spectral.reporting.step import Step, StepError, checkpoint_step, step_from_option
 from pytest_spectral.untrusted import (
     MAX_INDEX_BYTES,
@@ -64,6 +61,8 @@ from pytest_spectral.wording import counted, indices
 
 if TYPE_CHECKING:
     from pytest_spectral.compute.engine import SpectraEngine
+    from pytest_spectral.judging.baseline import Baseline
+    from pytest_spectral.reporting.history.earlier import EarlierReports
     from pytest_spectral.results import LayerStats, Record
 
 
@@ -85,7 +84,9 @@ class SpectralRun:
     report_path: Path | None
     device: str  # as requested; "auto" is resolved when something must be computed
     precision: str
-    threads: int
+    #: --spectral-threads; ``None``: this process's share of the usable cores, counted only
+    #: when something must be computed (a re-run served from the cache never counts them)
+    threads: int | None
     cache_dir: Path | None
     baseline: Baseline | None = None
     #: the checkpoint's place in a training run (--spectral-step, or what it says)
@@ -164,7 +165,6 @@ class SpectralRun:
             CheckpointError,
             RulesError,
             DeviceError,
-            BaselineError,
             ArchitectureError,
             StepError,
             ImportError,
@@ -190,7 +190,7 @@ class SpectralRun:
             )
         try:
             history = _history(config, checkpoint, rules, step, outputs.get("spectral_report"))
-        except (HistoryError, RulesError) as exc:
+        except RulesError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
         run = cls(
             model_argument=model_argument,
@@ -207,7 +207,7 @@ class SpectralRun:
             user_requests=metrics.user_requests(),
             device=device,
             precision=precision,
-            threads=threads or default_threads(),
+            threads=threads,
             cache_dir=_cache_dir(config),
             baseline=baseline,
             step=step,
@@ -431,6 +431,8 @@ def _selected_matrices(
 
 
 def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> Baseline | None:
+    """The report of --spectral-baseline; a relative rule without one is a usage error. Its
+    reader is imported only when one is given, as the history's is."""
     path = given_path(config, "spectral_baseline")
     if path is None:
         relative = next((r for r in rules.rules if r.is_relative and not r.is_trend), None)
@@ -441,8 +443,13 @@ def _baseline(config: pytest.Config, checkpoint: Checkpoint, rules: RuleSet) -> 
                 "known-good run)"
             )
         return None
+    from pytest_spectral.judging.baseline import BaselineError, load_baseline
+
     compared = (rule.request for rule in rules.rules if rule.is_relative and not rule.is_trend)
-    return load_baseline(path, checkpoint, compared)
+    try:
+        return load_baseline(path, checkpoint, compared)
+    except BaselineError as exc:
+        raise pytest.UsageError(printable(str(exc))) from None
 
 
 def _step(config: pytest.Config, checkpoint: Checkpoint) -> Step | None:
@@ -471,16 +478,21 @@ def _history(
                 "--spectral-history=DIR (an empty directory for the first checkpoint)"
             )
         return None
+    from pytest_spectral.reporting.history.earlier import load_earlier
     from pytest_spectral.reporting.history.page import history_metrics
+    from pytest_spectral.reporting.history.reports import HistoryError
 
     g = checkpoint.geometry
-    return load_earlier(
-        [Path(os.path.expanduser(p)).absolute() for p in paths],
-        step=step,
-        layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
-        keys=history_metrics([], rules.rules),
-        own_report=own_report,
-    )
+    try:
+        return load_earlier(
+            [Path(os.path.expanduser(p)).absolute() for p in paths],
+            step=step,
+            layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
+            keys=history_metrics([], rules.rules),
+            own_report=own_report,
+        )
+    except HistoryError as exc:
+        raise pytest.UsageError(printable(str(exc))) from None
 
 
 def _heatmap_metric(config: pytest.Config, metrics: MetricRegistry) -> MetricSpec | None:

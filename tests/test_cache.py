@@ -266,8 +266,30 @@ class TestEntries:
         parts["values"] = bad.singular_values
         parts["nonfinite"] = np.asarray(bad.nonfinite)
         parts["methods"] = np.asarray(bad.methods)
-        parts.update({f"metric:{k}": v for k, v in bad.metrics.items()})
+        parts["metric_names"] = np.asarray(list(bad.metrics))
+        parts["metrics"] = np.asarray(list(bad.metrics.values()))
         np.savez(tmp_path / ("e" * 40 + ".npz"), **parts)
+        assert cache.load("e" * 64) is None
+        assert list(tmp_path.iterdir()) == []
+
+    @pytest.mark.parametrize(
+        "members",
+        [
+            {"metric_names": np.asarray(["spectral_norm"])},  # a column without a name
+            {"metric_names": np.asarray(["spectral_norm", "spectral_norm"])},  # a name twice
+            {"metrics": np.asarray([["3", "7", "11"], ["0.5", "0.5", "0.5"]])},  # text
+            {"metrics": np.asarray([3.0, 7.0, 11.0, 0.5, 0.5, 0.5])},  # not one row per name
+        ],
+    )
+    def test_metric_columns_that_do_not_match_their_names_are_removed(
+        self, tmp_path, members
+    ) -> None:
+        """The metric columns are one array, their names another: an entry where the two
+        disagree is not used, and is deleted."""
+        cache = SpectraCache(tmp_path)
+        cache.store("e" * 64, spectra())
+        good = np.load(tmp_path / ("e" * 40 + ".npz"))
+        np.savez(tmp_path / ("e" * 40 + ".npz"), **{**{n: good[n] for n in good.files}, **members})
         assert cache.load("e" * 64) is None
         assert list(tmp_path.iterdir()) == []
 

@@ -554,6 +554,52 @@ class TestEngineOptions:
         second.stdout.fnmatch_lines(["spectral: layer 1: * 4 of 4 matrices from the cache, *"])
         assert (pytester.path / "torch-imported.txt").read_text() == "False"
 
+    def test_a_safetensors_run_loads_no_other_format_nor_unused_option(
+        self, pytester, planted
+    ) -> None:
+        """A run of a Hugging Face safetensors directory imports none of the other formats'
+        readers (GGUF, LoRA, DCP, Mistral's native files, training checkpoints and the
+        ``torch.save`` reader), nor what only options it was not given need (baseline,
+        history, calibration, HTML, heat map); a re-run from the cache also no torch, nor the
+        core counting (``loky``) that only computing needs. ``--spectral-calibrate`` shows the
+        probe sees a module when it is used."""
+        pytester.makeconftest(
+            """
+            import sys
+            def pytest_unconfigure(config):
+                with open("modules.txt", "w") as f:
+                    f.write("\\n".join(sorted(sys.modules)))
+            """
+        )
+        never = {
+            "pytest_spectral.checkpoints.formats." + name
+            for name in ("gguf_file", "lora", "dcp", "mistral", "training", "torch_file")
+        } | {
+            "pytest_spectral." + name
+            for name in (
+                "judging.baseline",
+                "judging.calibrate",
+                "reporting.history.earlier",
+                "reporting.history.reports",
+                "reporting.html_report",
+                "reporting.heatmap",
+            )
+        }
+
+        def modules(*extra: str) -> set[str]:
+            args = (f"--spectral-model={planted}", "-p", "no:xdist", "-p", "no:randomly")
+            pytester.runpytest_subprocess(*args, *extra).assert_outcomes(passed=32)
+            return set((pytester.path / "modules.txt").read_text().split("\n"))
+
+        first = modules()
+        assert "pytest_spectral.checkpoints.formats.huggingface" in first
+        assert "torch" in first
+        assert first & never == set()
+        cached = modules("--spectral-report=cached.json")
+        assert cached & (never | {"torch", "loky"}) == set()
+        calibrating = modules("--spectral-calibrate=rules.toml")
+        assert calibrating & never == {"pytest_spectral.judging.calibrate"}
+
     def test_cached_values_equal_computed_values(self, pytester, planted) -> None:
         args = (f"--spectral-model={planted}",)
         pytester.runpytest(*args, "--spectral-report=cold.json", "--spectral-no-cache")

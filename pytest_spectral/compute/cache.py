@@ -17,6 +17,10 @@ changes the ctime, which no unprivileged program can set back; only someone who 
 clock, or write the cache directory itself, can make a stale entry match. Use
 ``--spectral-no-cache`` (or ``--cache-clear``) when that is a concern.
 
+An entry is one ``.npz`` file with few members (the metric columns stacked into one array,
+their names in another): each member costs a zip lookup and a header parse, and a re-run
+loads every entry of the model.
+
 Entries are written to a temporary file and renamed, so concurrent pytest-xdist workers can
 never leave a half-written entry; an unreadable or inconsistent entry is deleted and recomputed.
 """
@@ -38,8 +42,7 @@ from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.results import SliceSpectra
 
 #: Bump when the meaning of a cached value changes (method, layout, format).
-FORMAT_VERSION = 4
-_METRIC = "metric:"
+FORMAT_VERSION = 5
 _FLOOR = "floor"
 
 
@@ -74,11 +77,8 @@ class SpectraCache:
                 methods = [str(m) for m in data["methods"]]
                 stored_key = str(data["key"])
                 checksum = str(data["checksum"])
-                metrics = {
-                    name.removeprefix(_METRIC): np.array(data[name])
-                    for name in data.files
-                    if name.startswith(_METRIC)
-                }
+                names = [str(name) for name in data["metric_names"]]
+                columns = np.array(data["metrics"])
                 floor = np.array(data[_FLOOR]) if _FLOOR in data.files else None
         except FileNotFoundError:
             return None
@@ -87,12 +87,15 @@ class SpectraCache:
             return None
         consistent = (
             stored_key == key
-            and checksum == _checksum(values, metrics, floor)
             and values.ndim == 2
+            and columns.dtype == np.float64
+            and columns.shape == (len(names), values.shape[0])
+            and len(set(names)) == len(names)
             and len(nonfinite) == len(methods) == values.shape[0]
             and (floor is None or floor.shape == values.shape[:1])
         )
-        if not consistent:
+        metrics = dict(zip(names, columns, strict=True)) if consistent else {}
+        if not consistent or checksum != _checksum(values, metrics, floor):
             _discard(path)
             return None
         return SliceSpectra(values, nonfinite, methods, metrics, floor)
@@ -107,7 +110,10 @@ class SpectraCache:
             methods=np.asarray(spectra.methods, dtype=str),
             key=np.asarray(key),
             checksum=np.asarray(_checksum(values, spectra.metrics, spectra.floor)),
-            **{_METRIC + name: column for name, column in spectra.metrics.items()},
+            metric_names=np.asarray(list(spectra.metrics), dtype=str),
+            metrics=np.asarray(list(spectra.metrics.values()), dtype=np.float64).reshape(
+                len(spectra.metrics), values.shape[0]
+            ),
             **({} if spectra.floor is None else {_FLOOR: spectra.floor}),
         )
         try:

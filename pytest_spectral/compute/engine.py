@@ -321,12 +321,15 @@ class SpectraEngine:
         )
 
     def _pool(self) -> ThreadPoolExecutor:
-        from pytest_spectral.compute.device import resolve_device
+        """The slice pool, started when something must be computed: ``threads`` (``None``:
+        :func:`~pytest_spectral.compute.device.default_threads`) threads on the resolved
+        device."""
+        from pytest_spectral.compute.device import default_threads, resolve_device
         from pytest_spectral.compute.spectra import slice_executor
 
         if self._slice_pool is None:
             self.device = resolve_device(self.device, self.precision)
-            self._slice_pool = slice_executor(max(1, self.threads or 1))
+            self._slice_pool = slice_executor(max(1, self.threads or default_threads()))
         return self._slice_pool
 
     def _dtype(self) -> torch.dtype:

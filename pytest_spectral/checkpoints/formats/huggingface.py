@@ -27,7 +27,6 @@ from pytest_spectral.checkpoints.formats.shards import (
     named_file,
 )
 from pytest_spectral.checkpoints.formats.sources import TensorSource, UnreadableTensor
-from pytest_spectral.checkpoints.formats.torch_file import read_torch_file
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.untrusted import MAX_INDEX_BYTES, UntrustedFileError, load_json
 
@@ -55,7 +54,7 @@ class HuggingFaceDirectory(Format):
         return read_config(self.root / "config.json"), self.root / "config.json"
 
     def tensors(self, wanted: Callable[[str], bool], head_dim: int) -> TensorMap:
-        for name, reader in ((INDEX_FILE, read_header), (BIN_INDEX_FILE, read_torch_file)):
+        for name, reader in ((INDEX_FILE, read_header), (BIN_INDEX_FILE, _read_torch_file)):
             if os.path.lexists(self.root / name):
                 return sharded_tensors(self.root / name, reader, wanted, HeaderBudget())
         for name in (SINGLE_FILE, BIN_FILE):
@@ -77,8 +76,16 @@ def read_weight_file(
 ) -> WeightFile:
     """One safetensors or ``torch.save`` file, by its name."""
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return read_torch_file(path, limit, wanted)
+        return _read_torch_file(path, limit, wanted)
     return read_header(path, min(limit, MAX_HEADER_BYTES), wanted)
+
+
+def _read_torch_file(path: Path, limit: int, wanted: Callable[[str], bool]) -> WeightFile:
+    """:func:`.torch_file.read_torch_file`, imported only for ``torch.save`` files: a
+    safetensors checkpoint never loads the pickle reader."""
+    from pytest_spectral.checkpoints.formats.torch_file import read_torch_file
+
+    return read_torch_file(path, limit, wanted)
 
 
 def sharded_tensors(

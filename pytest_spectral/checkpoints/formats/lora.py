@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_spectral.checkpoints.formats import ADAPTER_CONFIG
 from pytest_spectral.checkpoints.formats.base import Format, TensorMap, read_config
 from pytest_spectral.checkpoints.formats.huggingface import read_weight_file
 from pytest_spectral.checkpoints.formats.shards import check_inside
@@ -42,7 +43,6 @@ from pytest_spectral.errors import CheckpointError
 if TYPE_CHECKING:
     import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 #: What PEFT puts before a module's name in the adapter's state dict.
 STATE_PREFIX = "base_model.model."
@@ -54,10 +54,6 @@ MAX_RANK = 2**31
 #: A layer number in a module name beyond this many digits is refused (``int`` of thousands of
 #: digits raises).
 MAX_LAYER_DIGITS = 18
-
-
-def is_adapter(directory: Path) -> bool:
-    return os.path.lexists(directory / ADAPTER_CONFIG)
 
 
 @dataclass(frozen=True)
