@@ -265,9 +265,7 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    config, family, variant, geometry, notes, stacks = interpret_config(
-        config, config_file, family
-    )
+    config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
     if stacks:
@@ -306,7 +304,7 @@ def _stack_tensors(
     """The attention and MLP tensors of every stack, keyed by block (its layers numbered on
     after the previous stack's)."""
     tensors: dict[tuple[int, str], TensorSource] = {}
-    for (_, stack), span in zip(family.stack_families(), stacks):
+    for (_, stack), span in zip(family.stack_families(), stacks, strict=True):
         shape = replace(geometry, layers=span.layers)
         prefix = _decoder_prefix(entries, stack)
         found = _attention_tensors(entries, prefix, stack, shape)
@@ -317,9 +315,7 @@ def _stack_tensors(
 
 def interpret_config(
     config: Mapping[str, object], config_file: Path, family: Family | None = None
-) -> tuple[
-    dict[str, object], Family, Variant, Geometry, tuple[str, ...], tuple[StackSpan, ...]
-]:
+) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...], tuple[StackSpan, ...]]:
     """What ``config`` (from ``config_file``) means, as transformers reads it: the analysed
     model's config with class defaults and aliases applied, its family (``family`` when the
     user described one), layout variant and geometry, the notes a run prints about it, and an
