@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -330,6 +330,15 @@ def _matrices(value: object, fail: _Fail) -> frozenset[str]:
             )
         result.add(clean)
     return frozenset(result)
+
+
+def rules_of_stack(rules: Iterable[Rule], stack: str | None) -> list[Rule]:
+    """The rules that judge the items of ``stack``, as rules of a model of one stack: views
+    that draw one stack at a time (heatmaps) place its cells without naming the stack.
+    ``None`` (a model of one stack): ``rules`` as they are."""
+    if stack is None:
+        return list(rules)
+    return [replace(r, stacks=None) for r in rules if r.stacks is None or stack in r.stacks]
 
 
 def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
