@@ -177,7 +177,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         params_saved=1234,
     )
     assert report["schema"] == "pytest-spectral-report"
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     assert report["plugin_version"] == __version__
     assert report["python"] == platform.python_version()
     created = datetime.fromisoformat(report["created"])
