@@ -298,7 +298,7 @@ class SpectralPlugin:
             items,
             margin=self.run.calibrate_margin,
             source=self.run.model_argument,
-            layers=geometry.layers,
+            layers=self.run.checkpoint.stack_layers(),
             heads=geometry.heads,
         )
         note = ""
