@@ -203,3 +203,40 @@ def test_views_keep_the_stacks_apart(bart, pytester) -> None:
         assert f"\n{stack} stack:\n" in out
         assert f"{stack} L0 H0 q" in out
         assert f"{stack} layer 0, head 0, q: rows 0:16 of model." in out
+
+
+def test_calibration_writes_rules_per_stack_that_pass_the_checkpoint(bart, pytester) -> None:
+    """Cross-attention's spectra need not look like self-attention's: each stack is bounded
+    by its own items, and the file passes the checkpoint it was written from."""
+    result = pytester.runpytest(f"--spectral-model={bart}", "--spectral-calibrate=cal.toml")
+    result.assert_outcomes(passed=(ENCODER_LAYERS + 2 * DECODER_LAYERS) * HEAD_ITEMS)
+    rules = load_rules(pytester.path / "cal.toml").rules
+    assert {rule.stacks for rule in rules} == {
+        frozenset({"encoder"}),
+        frozenset({"decoder"}),
+        frozenset({"cross"}),
+    }
+    assert "calibrated-cross-q-top_k_ratio" in {rule.name for rule in rules}
+    again = pytester.runpytest(f"--spectral-model={bart}", "--spectral-thresholds=cal.toml")
+    again.assert_outcomes(passed=(ENCODER_LAYERS + 2 * DECODER_LAYERS) * HEAD_ITEMS)
+
+
+def test_last_failed_and_loadscope_workers_take_the_stacked_ids(bart, pytester) -> None:
+    rules = pytester.makefile(
+        ".toml",
+        rules='[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["cross"]\nheads = "1"\n'
+        'matrices = ["k"]\n',
+    )
+    first = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", "-n", "2",
+        "--dist", "loadscope", "--spectral-report=r.json",
+    )  # fmt: skip
+    first.assert_outcomes(failed=DECODER_LAYERS, passed=(ENCODER_LAYERS + 2 * DECODER_LAYERS)
+                          * HEAD_ITEMS - DECODER_LAYERS)  # fmt: skip
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert len(report["items"]) == (ENCODER_LAYERS + 2 * DECODER_LAYERS) * HEAD_ITEMS
+    again = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", "--lf", "-v"
+    )
+    again.assert_outcomes(failed=DECODER_LAYERS)
+    again.stdout.fnmatch_lines(["*spectral::cross::layer02::head01-k FAILED*"])
