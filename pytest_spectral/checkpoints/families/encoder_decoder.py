@@ -16,10 +16,10 @@ _T5_ATTENTION = {m: f"{m}.weight" for m in "qkvo"}
 #: UMT5) ``wi_0`` (the gate), ``wi_1`` and ``wo``; ``wo`` is fc2 in both, as one name
 #: cannot depend on which others are present
 _T5_MLP = {
-    "fc1": "wi.weight",
-    "gate": "wi_0.weight",
-    "up": "wi_1.weight",
-    "fc2": "wo.weight",
+    "fc1": "DenseReluDense.wi.weight",
+    "gate": "DenseReluDense.wi_0.weight",
+    "up": "DenseReluDense.wi_1.weight",
+    "fc2": "DenseReluDense.wo.weight",
 }
 _T5_HEADS = ("num_heads",)
 
@@ -39,17 +39,18 @@ def _t5(layers: int, heads: int, d_model: int, d_kv: int) -> ConfigClass:
     )
 
 
-def _t5_stack(name: str, block: str, module: str, layers_key: str, mlp_at: int | None) -> Stack:
-    """A T5 stack: ``{block}.block.N.layer.S.{module}`` (S: 0, or 1 for cross-attention),
-    its feed-forward at sub-layer ``mlp_at`` (``None``: the stack has none of its own)."""
-    sublayer = 1 if module == "EncDecAttention" else 0
+def _t5_stack(
+    name: str, block: str, module: str, layers_key: str, *, at: int, mlp_at: int | None
+) -> Stack:
+    """A T5 stack: ``{block}.block.N.layer.{at}.{module}``, its feed-forward at sub-layer
+    ``mlp_at`` (``None``: the stack has none of its own)."""
     return Stack(
         name,
-        layer=f"{block}.block.{{layer}}.layer.{sublayer}.{module}.",
+        layer=f"{block}.block.{{layer}}.layer.{at}.{module}.",
         tensors=_T5_ATTENTION,
         layers_keys=(layers_key,),
         heads_keys=_T5_HEADS,
-        mlp_prefix=f"{block}.block.{{layer}}.layer.{mlp_at}.DenseReluDense.",
+        mlp_prefix="" if mlp_at is None else f"{block}.block.{{layer}}.layer.{mlp_at}.",
         mlp={} if mlp_at is None else _T5_MLP,
     )
 
@@ -130,9 +131,11 @@ ENCODER_DECODERS: tuple[Family, ...] = (
         "`{encoder,decoder}.block.N.layer.0.SelfAttention.{q,k,v,o}`, cross-attention "
         "`decoder.block.N.layer.1.EncDecAttention`; head size `d_kv`",
         (
-            _t5_stack("encoder", "encoder", "SelfAttention", "num_layers", mlp_at=1),
-            _t5_stack("decoder", "decoder", "SelfAttention", "num_decoder_layers", mlp_at=2),
-            _t5_stack("cross", "decoder", "EncDecAttention", "num_decoder_layers", mlp_at=None),
+            _t5_stack("encoder", "encoder", "SelfAttention", "num_layers", at=0, mlp_at=1),
+            _t5_stack("decoder", "decoder", "SelfAttention", "num_decoder_layers", at=0, mlp_at=2),
+            _t5_stack(
+                "cross", "decoder", "EncDecAttention", "num_decoder_layers", at=1, mlp_at=None
+            ),
         ),
         head_dim_keys=("d_kv",),
     ),
