@@ -291,19 +291,6 @@ def test_whole_run_through_pytest(built, pytester) -> None:
     )
 
 
-def test_spectral_layers_selects_per_stack(built, pytester) -> None:
-    """``--spectral-layers 2`` is layer 2 of each stack that has one: the decoder's and the
-    cross-attention's, not the encoder's (it has two)."""
-    _, checkpoint, _ = built
-    result = pytester.runpytest(
-        f"--spectral-model={checkpoint.root}", "--spectral-layers=2", "--collect-only", "-q",
-        "-p", "no:cacheprovider",
-    )  # fmt: skip
-    ids = [line for line in result.stdout.lines if line.startswith("spectral::")]
-    layers = {nodeid.rsplit("::", 1)[0] for nodeid in ids}
-    assert layers == {"spectral::decoder::layer02", "spectral::cross::layer02"}
-
-
 def test_failure_messages_name_the_slices_own_rows_or_columns(built) -> None:
     _, checkpoint, _ = built
     g = checkpoint.geometry

@@ -137,6 +137,16 @@ def test_decoder_only_ids_are_unchanged(pytester, tmp_path) -> None:
     assert len(ids) == 2 * 4 * 4
 
 
+def test_spectral_layers_selects_per_stack(bart, pytester) -> None:
+    """``--spectral-layers 2`` is layer 2 of each stack that has one: the decoder's and the
+    cross-attention's, not the encoder's (it has two)."""
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", "--spectral-layers=2", "--collect-only", "-q"
+    )
+    layers = {nodeid.rsplit("::", 1)[0] for nodeid in collected(result)}
+    assert layers == {"spectral::decoder::layer02", "spectral::cross::layer02"}
+
+
 def test_spectral_layers_counts_per_stack(bart, pytester) -> None:
     result = pytester.runpytest(f"--spectral-model={bart}", "--spectral-layers=2-5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
