@@ -250,3 +250,43 @@ def test_last_failed_and_loadscope_workers_take_the_stacked_ids(bart, pytester) 
     )
     again.assert_outcomes(failed=DECODER_LAYERS)
     again.stdout.fnmatch_lines(["*spectral::cross::layer02::head01-k FAILED*"])
+
+
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [
+        ('stacks = ["encoder"]\nlayers = "2"', "its layers 2 do not exist: the encoder stack has 2 "
+         "layers (0-1)"),
+        ('layers = "5"', "its layers 5 do not exist: the encoder stack has 2 layers (0-1), the "
+         "decoder stack has 3 layers (0-2), the cross stack has 3 layers (0-2)"),
+    ],
+)  # fmt: skip
+def test_a_rule_that_judges_nothing_says_why_per_stack(bart, pytester, rule, why) -> None:
+    rules = pytester.makefile(
+        ".toml", rules=f'[[rules]]\nmetric = "stable_rank"\nmin = 0\n{rule}\n'
+    )
+    result = pytester.runpytest(f"--spectral-model={bart}", f"--spectral-thresholds={rules}")
+    assert why in result.stdout.str()
+
+
+def test_a_rule_on_layers_the_run_leaves_out_says_so(bart, pytester) -> None:
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmin = 0\nstacks = ["cross"]\n'
+        'layers = "2"\n'
+    )  # fmt: skip
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", "--spectral-layers=0-1"
+    )
+    assert "--spectral-layers 0-1 leaves out its layers 2" in result.stdout.str()
+
+
+def test_a_rule_with_stacks_on_a_model_without_them_says_so(pytester, tmp_path) -> None:
+    model = write_random_llama(tmp_path / "llama")
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmin = 0\nstacks = ["cross"]\n'
+    )
+    result = pytester.runpytest(f"--spectral-model={model}", f"--spectral-thresholds={rules}")
+    result.stdout.fnmatch_lines(
+        ["*applies to no item of this *its stacks (cross) are those of an encoder-decoder "
+         "model, and this model's layers are not in stacks: remove stacks*"]
+    )  # fmt: skip
