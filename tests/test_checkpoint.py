@@ -104,13 +104,16 @@ class TestErrors:
         self.expect(tiny_checkpoint, f"model_type {model_type!r} {reason}", "cannot analyse yet")
 
     @pytest.mark.parametrize(
-        ("model_type", "tensor"),
-        [("t5", "encoder.block.0.layer.0.SelfAttention.q.weight"),
-         ("bart", "encoder.layers.0.self_attn.q_proj.weight")],
+        ("config", "tensor"),
+        [({"model_type": "t5"}, "encoder.block.0.layer.0.SelfAttention.q.weight"),
+         ({"model_type": "bart", "decoder_attention_heads": 4},
+          "encoder.layers.0.self_attn.q_proj.weight")],
     )  # fmt: skip
-    def test_encoder_decoder_config_on_other_tensors(self, tiny_checkpoint, model_type, tensor):
-        """A Llama checkpoint whose config says T5 lacks the encoder's tensors, by name."""
-        edit_config(tiny_checkpoint, model_type=model_type)
+    def test_encoder_decoder_config_on_other_tensors(self, tiny_checkpoint, config, tensor):
+        """A Llama checkpoint whose config says T5 or BART lacks the encoder's tensors, by
+        name (BART's num_attention_heads is its encoder's head count: the decoder's is set
+        alike, so that the stacks agree)."""
+        edit_config(tiny_checkpoint, **config)
         self.expect(
             tiny_checkpoint,
             f"no tensor named like '...{tensor}': this checkpoint does not have the",
