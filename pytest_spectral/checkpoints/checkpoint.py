@@ -155,11 +155,6 @@ class Checkpoint:
             return {None: self.geometry.layers}
         return {span.name: span.layers for span in self.stacks}
 
-    def block_matrices(self, block: int) -> tuple[str, ...]:
-        """The MLP matrices of a block: those of :attr:`mlp` it has (a cross-attention
-        block has none of its own)."""
-        return tuple(m for m in self.mlp if (block, m) in self.tensors)
-
     @property
     def layer_numbers(self) -> tuple[int, ...]:
         """The layers items can be collected for (all of them, unless the checkpoint is an
