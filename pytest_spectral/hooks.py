@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_spectral.checkpoints.checkpoint import Checkpoint
 from pytest_spectral.invocation import inside
 from pytest_spectral.judging.candidates import (
     Candidate,
@@ -24,7 +25,13 @@ from pytest_spectral.judging.candidates import (
     regressions,
     total_saving,
 )
-from pytest_spectral.nodes import ROOT_NAME, SpectralItem, SpectralRoot, item_position
+from pytest_spectral.nodes import (
+    ROOT_NAME,
+    SpectralItem,
+    SpectralRoot,
+    item_position,
+    place,
+)
 from pytest_spectral.notices import notices
 from pytest_spectral.outcomes import ItemLedger
 from pytest_spectral.printable import printable
@@ -295,7 +302,7 @@ class SpectralPlugin:
             items,
             margin=self.run.calibrate_margin,
             source=self.run.model_argument,
-            layers=geometry.layers,
+            layers=self.run.checkpoint.stack_layers(),
             heads=geometry.heads,
         )
         note = ""
@@ -334,10 +341,11 @@ class SpectralPlugin:
             )
         position = item_position(nodeid)
         assert position is not None, nodeid  # the ledger keeps ids of this plugin's items only
-        layer, head, matrix = position
+        stack, layer, head, matrix = position
         kv_head, shape = self.run.item_place(head, matrix)
         return unrecorded_record(
             nodeid=nodeid,
+            stack=stack,
             layer=layer,
             head=head,
             matrix=matrix,
@@ -382,6 +390,7 @@ class LayerProgressPlugin:
     def __init__(self, run: SpectralRun, config: pytest.Config, ledger: ItemLedger) -> None:
         self._config = config
         self._ledger = ledger
+        self._checkpoint = run.checkpoint
         self._computed: list[LayerStats] = []  # in this process, not yet on a report
         run.on_layer = self._computed.append
         self._stats: dict[int, LayerStats] = {}
@@ -406,27 +415,30 @@ class LayerProgressPlugin:
         position = item_position(nodeid)
         if position is None or _is_xdist_worker(self._config):
             return
-        layer = position[0]
-        self._finished[layer] += 1
+        layer = self._checkpoint.block(position.stack, position.layer)
+        self._finished[layer] += 1  # type: ignore[index]
         if self._units is None:  # the collected items are known by now, and do not change
-            self._units = _units(self._ledger.collected)
+            self._units = _units(self._ledger.collected, self._checkpoint)
         units = self._units
         if layer in self._stats and self._finished[layer] == len(units[layer]):
             reporter = self._config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
-                reporter.write_line(progress_line(self._stats.pop(layer), units[layer]))
+                stats = self._stats.pop(layer)
+                where = place(*self._checkpoint.position(stats.layer))
+                reporter.write_line(progress_line(stats, units[layer], where))
 
 
-def _units(nodeids: tuple[str, ...]) -> dict[int, list[tuple[str, str]]]:
-    """Each layer's items as (matrix, scope)."""
+def _units(nodeids: tuple[str, ...], checkpoint: Checkpoint) -> dict[int, list[tuple[str, str]]]:
+    """Each block's items as (matrix, scope)."""
     units: dict[int, list[tuple[str, str]]] = {}
     for nodeid in nodeids:
-        layer, head, matrix = item_position(nodeid)  # type: ignore[misc]
-        units.setdefault(layer, []).append((matrix, "matrix" if head is None else "head"))
+        stack, layer, head, matrix = item_position(nodeid)  # type: ignore[misc]
+        block: int = checkpoint.block(stack, layer)  # type: ignore[assignment]
+        units.setdefault(block, []).append((matrix, "matrix" if head is None else "head"))
     return units
 
 
-def progress_line(stats: LayerStats, items: list[tuple[str, str]]) -> str:
+def progress_line(stats: LayerStats, items: list[tuple[str, str]], where: str = "") -> str:
     """``spectral: layer 1: 32 items from 20 slices ...``: the layer's items, as (matrix,
     scope), and the distinct slices decomposed for them (a K/V slice serves every query head
     of its group), the time, how many of the layer's matrices came from the cache, and how
@@ -435,7 +447,7 @@ def progress_line(stats: LayerStats, items: list[tuple[str, str]]) -> str:
     units = set(items)
     shared = " (K/V slices are shared by query heads)" if stats.slices < len(items) else ""
     return (
-        f"spectral: layer {stats.layer}: {counted(len(items), 'item')} from "
+        f"spectral: {where or f'layer {stats.layer}'}: {counted(len(items), 'item')} from "
         f"{counted(stats.slices, 'distinct slice')}{shared} in {stats.seconds:.2f} s; "
         f"{stats.from_cache} of {counted(len(units), 'matrix', 'matrices')} from the cache, "
         f"{counted(stats.refined, 'slice')} refined beyond the Gram route"

@@ -3,6 +3,8 @@
 One collector per layer, with that layer's items as its direct children, so that
 ``pytest -n auto --dist loadscope`` keeps a layer on one worker and each worker reads only
 its own layers. Node ids carry no model id, so ``--lf`` and baselines work across checkpoints.
+An encoder-decoder model's layers are grouped by stack: ``spectral`` / ``encoder``,
+``decoder`` or ``cross`` / ``layerNN`` / items.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS
+from pytest_spectral.checkpoints.families import STACKS
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
@@ -36,17 +39,34 @@ ROOT_NAME = "spectral"
 CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
-_NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
+_NODEID = re.compile(
+    rf"^{ROOT_NAME}::(?:({'|'.join(STACKS)})::)?layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$"
+)
 
 
-def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
-    """``(layer, head, matrix)`` of an item's node id (head ``None`` for a whole matrix), as
-    the collectors below name them; ``None`` for another id."""
+class ItemPosition(NamedTuple):
+    """Where an item is: its stack (``None`` in a model of one stack), layer within it, head
+    (``None`` for a whole matrix) and matrix."""
+
+    stack: str | None
+    layer: int
+    head: int | None
+    matrix: str
+
+
+def item_position(nodeid: str) -> ItemPosition | None:
+    """The position an item's node id names, as the collectors below name them; ``None`` for
+    another id."""
     match = _NODEID.match(nodeid)
     if match is None:
         return None
-    layer, head, matrix = match.groups()
-    return int(layer), None if head is None else int(head), matrix
+    stack, layer, head, matrix = match.groups()
+    return ItemPosition(stack, int(layer), None if head is None else int(head), matrix)
+
+
+def place(stack: str | None, layer: int) -> str:
+    """How messages name a layer: ``layer 3``, or ``cross layer 3`` in a stack."""
+    return f"layer {layer}" if stack is None else f"{stack} layer {layer}"
 
 
 class SpectralCheckError(Exception):
@@ -110,9 +130,25 @@ class SpectralRoot(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Collector]:
         run = self.config.stash[RUN_KEY]
+        if run.checkpoint.stacks:
+            for stack in stack_names(run):
+                if selected(f"{ROOT_NAME}::{stack}", run.selected):
+                    yield StackCollector.from_parent(self, name=stack)
+            return
         for name, layer in layer_names(run):
             if selected(f"{ROOT_NAME}::{name}", run.selected):
                 yield LayerCollector.from_parent(self, name=name, layer=layer)
+
+
+class StackCollector(pytest.Collector):
+    """An encoder-decoder model's stack (``encoder``, ``decoder``, ``cross``): its layers."""
+
+    def collect(self) -> Iterator[pytest.Collector]:
+        run = self.config.stash[RUN_KEY]
+        for name, block in layer_names(run):
+            stack, _, layer = name.partition("::")
+            if stack == self.name and selected(f"{self.nodeid}::{layer}", run.selected):
+                yield LayerCollector.from_parent(self, name=layer, layer=block)
 
 
 class LayerCollector(pytest.Collector):
@@ -124,7 +160,7 @@ class LayerCollector(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Item]:
         run = self.config.stash[RUN_KEY]
-        for name, head, matrix in item_names(run):
+        for name, head, matrix in item_names(run, self.layer):
             if selected(f"{self.nodeid}::{name}", run.selected):
                 yield SpectralItem.from_parent(
                     self, name=name, layer=self.layer, head=head, matrix=matrix
@@ -144,19 +180,33 @@ def _from_runtest(traceback: Traceback) -> Traceback:
     return traceback[start:]  # type: ignore[return-value]
 
 
+def stack_names(run: SpectralRun) -> list[str]:
+    """The stacks the run collects layers of, in order (none for a model of one stack)."""
+    stacks = (run.checkpoint.position(block)[0] for block in run.layers)
+    return [stack for stack in dict.fromkeys(stacks) if stack is not None]
+
+
 def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
-    """``(name, layer)`` of the run's layer collectors: ``layer03``, zero-padded to sort."""
-    width = max(2, len(str(run.checkpoint.geometry.layers - 1)))
-    for layer in run.layers:
-        yield f"layer{layer:0{width}d}", layer
+    """``(name, block)`` of the run's layer collectors below the root: ``layer03``,
+    zero-padded to sort, or ``encoder::layer03`` in an encoder-decoder model (each stack's
+    layers numbered, and padded, on their own)."""
+    counts = run.checkpoint.stack_layers()
+    for block in run.layers:
+        stack, layer = run.checkpoint.position(block)
+        width = max(2, len(str(counts[stack] - 1)))
+        name = f"layer{layer:0{width}d}"
+        yield (name if stack is None else f"{stack}::{name}"), block
 
 
-def item_names(run: SpectralRun) -> Iterator[tuple[str, int | None, str]]:
+def item_names(run: SpectralRun, block: int) -> Iterator[tuple[str, int | None, str]]:
     """``(name, head, matrix)`` of a layer's items: whole matrices first (``q``, ``down``),
-    then heads (``head17-q``); head ``None`` for a whole matrix."""
+    then heads (``head17-q``); head ``None`` for a whole matrix. A cross-attention layer has
+    no MLP of its own (its decoder layer's is the decoder stack's)."""
     if "matrix" in run.scopes:
+        mlp = run.checkpoint.mlp
         for matrix in run.whole_matrices:
-            yield matrix, None, matrix
+            if matrix not in mlp or (block, matrix) in run.checkpoint.tensors:
+                yield matrix, None, matrix
     if "head" not in run.scopes:
         return
     heads = run.checkpoint.geometry.heads
@@ -169,9 +219,11 @@ def item_names(run: SpectralRun) -> Iterator[tuple[str, int | None, str]]:
 def spectral_ids(run: SpectralRun) -> Iterator[str]:
     """Every node id the run can collect: the root, its layers and their items."""
     yield ROOT_NAME
-    for layer, _ in layer_names(run):
+    for stack in stack_names(run):
+        yield f"{ROOT_NAME}::{stack}"
+    for layer, block in layer_names(run):
         yield f"{ROOT_NAME}::{layer}"
-        for name, _, _ in item_names(run):
+        for name, _, _ in item_names(run, block):
             yield f"{ROOT_NAME}::{layer}::{name}"
 
 
@@ -214,12 +266,14 @@ class SpectralItem(pytest.Item):
         except UnitError as exc:  # names its own tensor and cause
             raise SpectralCheckError(str(exc), self._tensor_location(run)) from None
         history = run.history
+        stack, layer = run.checkpoint.position(self.layer)
         verdict = judge(
             run.rules.rules,
-            self.layer,
+            layer,
             self.head,
             self.matrix,
             spectrum,
+            stack=stack,
             baseline=run.baseline.for_item(self.nodeid) if run.baseline else None,
             trend=(lambda rule: history.reference(rule, self.nodeid)) if history else None,
             warn_only=run.warn_only,
@@ -227,7 +281,8 @@ class SpectralItem(pytest.Item):
         kv_head, shape = run.item_place(self.head, self.matrix)
         self.record = item_record(
             nodeid=self.nodeid,
-            layer=self.layer,
+            stack=stack,
+            layer=layer,
             head=self.head,
             matrix=self.matrix,
             kv_head=kv_head,
@@ -334,6 +389,7 @@ class SpectralItem(pytest.Item):
         """Where the slice lives. A K/V slice is named by its K/V head and the query heads
         sharing it, the same words for every item of the group."""
         g = run.checkpoint.geometry
+        where = place(*run.checkpoint.position(self.layer))
         if self.matrix in CIRCUITS:
             return self._circuit_where(run)
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
@@ -341,7 +397,7 @@ class SpectralItem(pytest.Item):
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
             fused = run.checkpoint.layout.fused and self.matrix in ("q", "k", "v")
             source = f"{self.matrix.upper()}'s share of fused {entry.name}" if fused else entry.name
-            return f"layer {self.layer}, whole {self.matrix}: {source} ({m}x{n})"
+            return f"{where}, whole {self.matrix}: {source} ({m}x{n})"
         shared = self.matrix in ("k", "v")
         index = g.kv_head_of(self.head) if shared else self.head
         axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout)
@@ -353,10 +409,7 @@ class SpectralItem(pytest.Item):
             head = f"K/V head {index}"
         else:
             head = f"head {self.head}"
-        return (
-            f"layer {self.layer}, {head}, {self.matrix}: {axis} {start}:{stop} of {entry.name} "
-            f"({m}x{n})"
-        )
+        return f"{where}, {head}, {self.matrix}: {axis} {start}:{stop} of {entry.name} ({m}x{n})"
 
     def _circuit_where(self, run: SpectralRun) -> str:
         """A circuit names its product and where each factor's slice lives."""
@@ -371,7 +424,8 @@ class SpectralItem(pytest.Item):
             parts.append(f"{factor} {axis} {start}:{stop} of {name}")
         product = CIRCUIT_PRODUCTS[self.matrix]
         return (
-            f"layer {self.layer}, head {head} (K/V head {kv_head}), {self.matrix} = {product}: "
+            f"{place(*run.checkpoint.position(self.layer))}, head {head} (K/V head {kv_head}), "
+            f"{self.matrix} = {product}: "
             f"{'; '.join(parts)} ({g.hidden}x{g.hidden}, rank <= {g.head_dim})"
         )
 

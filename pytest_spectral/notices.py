@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.options import option_value
 from pytest_spectral.printable import printable
-from pytest_spectral.run import SpectralRun
+from pytest_spectral.run import SpectralRun, layer_counts
 from pytest_spectral.selection import collection_notice
 from pytest_spectral.wording import counted, indices
 
@@ -139,6 +139,13 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
             "run with --spectral-scope matrix or both"
         )
     geometry = run.checkpoint.geometry
+    stacks = run.checkpoint.stacks
+    if rule.stacks is not None and not stacks:
+        return (
+            f"its stacks ({', '.join(sorted(rule.stacks, key=STACKS.index))}) are those of an "
+            "encoder-decoder model, and "
+            "this model's layers are not in stacks: remove stacks"
+        )
     collected = run.head_matrices if rule.scope == "head" else run.whole_matrices
     if not rule.matrices & set(collected):
         named = _names(rule.matrices)
@@ -162,15 +169,22 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
                 "them"
             )
         return f"--spectral-matrices {','.join(collected)} leaves out its {named}"
-    if not any(layer in rule.layers for layer in run.layers):
-        existing = [layer for layer in range(geometry.layers) if layer in rule.layers]
+    judged = {  # the layers (per stack) the rule may judge, and those the run collects
+        stack: count
+        for stack, count in run.checkpoint.stack_layers().items()
+        if rule.stacks is None or stack in rule.stacks
+    }
+    positions = [run.checkpoint.position(block) for block in run.layers]
+    selected = [layer for stack, layer in positions if stack in judged]
+    if not any(layer in rule.layers for layer in selected):
+        existing = sorted(
+            {layer for count in judged.values() for layer in range(count) if layer in rule.layers}
+        )
         if not existing:
-            return (
-                f"its layers {rule.layers.spec} do not exist: the model has "
-                f"{counted(geometry.layers, 'layer')} ({indices(geometry.layers)})"
-            )
+            return f"its layers {rule.layers.spec} do not exist: {layer_counts(judged)}"
         return (
-            f"--spectral-layers {_spec(run.layers)} leaves out its layers {_spec(existing)}"
+            f"--spectral-layers {_spec(sorted(set(selected)))} leaves out its layers "
+            f"{_spec(existing)}"
         )
     if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
         return (

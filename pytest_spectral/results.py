@@ -13,13 +13,16 @@ Record = dict[str, object]
 #: split failed and warned slices into ``regressions`` and ``candidates`` (in version 1 every
 #: one was a candidate) and gave each broken rule its ``bound`` and effective ``suggest``.
 #: Version 3 added ``step`` (the checkpoint's place in a training run, or null) and a broken
-#: rule's ``window`` (trend rules); nothing earlier changed meaning.
+#: rule's ``window`` (trend rules). Version 4 added each item's ``stack`` (``encoder``,
+#: ``decoder`` or ``cross`` in an encoder-decoder model, else null) and the model's
+#: ``stacks`` (layers per stack, or null); nothing earlier changed meaning.
 SCHEMA = "pytest-spectral-report"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Versions a baseline or a history may read: what they need (model layout, items' metrics,
 #: outcomes and singular values) is the same in all of them; before version 3 a report has
-#: no step, and a history orders it by when it was created.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+#: no step, and a history orders it by when it was created; before version 4 no stack (its
+#: items are of a model of one stack, as no earlier version analysed another).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 
 
 def schema_problem(document: object) -> str | None:

@@ -176,13 +176,17 @@ class SpectralRun:
                 f"--spectral-matrices {','.join(selected)}: no head item to collect: MLP "
                 "matrices exist only as whole matrices; add --spectral-scope matrix (or both)"
             )
-        count = checkpoint.geometry.layers
-        if missing := selection.beyond(count):
+        counts = checkpoint.stack_layers()
+        if missing := selection.beyond(max(counts.values())):
             raise pytest.UsageError(
                 f"--spectral-layers {selection.spec}: layer(s) {missing.spec} do not exist; "
-                f"the model has {counted(count, 'layer')} ({indices(count)})"
+                f"{layer_counts(counts)}"
             )
-        layers = [layer for layer in checkpoint.layer_numbers if layer in selection]
+        layers = [
+            block
+            for block in checkpoint.layer_numbers
+            if checkpoint.position(block)[1] in selection
+        ]
         if not layers:
             raise pytest.UsageError(
                 f"--spectral-layers {selection.spec}: the update covers only layers "
@@ -229,7 +233,13 @@ class SpectralRun:
             for matrix in (self.whole_matrices if scope == "matrix" else self.head_matrices)
         }
         try:
-            needed = ((layer, matrix) for layer in self.layers for matrix in matrices)
+            needed = (
+                (layer, matrix)
+                for layer in self.layers
+                for matrix in matrices
+                # a cross-attention block has no MLP of its own
+                if matrix not in self.checkpoint.mlp or (layer, matrix) in self.checkpoint.tensors
+            )
             self.checkpoint.check_readable(needed)
         except CheckpointError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
@@ -286,8 +296,17 @@ class SpectralRun:
             self._engine = None
 
     def settings(self) -> dict[str, object]:
+        """The options that shaped the run, for the report: ``layers`` are the layers'
+        numbers, per stack in an encoder-decoder model (``{"encoder": [0, 1], ...}``)."""
+        positions = [self.checkpoint.position(block) for block in self.layers]
+        layers: object = [layer for _, layer in positions]
+        if self.checkpoint.stacks:
+            layers = {
+                span.name: [layer for stack, layer in positions if stack == span.name]
+                for span in self.checkpoint.stacks
+            }
         return {
-            "layers": self.layers,
+            "layers": layers,
             "scopes": list(self.scopes),
             "matrices": list(
                 dict.fromkeys(
@@ -301,6 +320,16 @@ class SpectralRun:
             "device": self.device,
             "warn_only": self.warn_only,
         }
+
+
+def layer_counts(counts: dict[str | None, int]) -> str:
+    """``the model has 4 layers (0-3)``, or each stack's count in an encoder-decoder model:
+    ``the encoder stack has 2 layers (0-1), the decoder stack has 3 layers (0-2), ...``."""
+    if None in counts:
+        return f"the model has {counted(counts[None], 'layer')} ({indices(counts[None])})"
+    return ", ".join(
+        f"the {stack} stack has {counted(n, 'layer')} ({indices(n)})" for stack, n in counts.items()
+    )
 
 
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
-from pytest_spectral.run import SpectralRun
+from pytest_spectral.run import SpectralRun, layer_counts
 from pytest_spectral.wording import counted, indices
 
 
@@ -55,12 +55,13 @@ def check_selection(run: SpectralRun) -> None:
     known = set(ids)
     for argument in run.selected:
         if argument not in known:
-            first = next((i for i in ids if i.count("::") == 2), ROOT_NAME)
+            depth, parts = (3, "stack, layer") if run.checkpoint.stacks else (2, "layer")
+            first = next((i for i in ids if i.count("::") == depth), ROOT_NAME)
             why = why_not_collected(argument, run)
             raise pytest.UsageError(
                 printable(
                     f"{argument}: no such spectral item in this run{': ' + why if why else ''}; "
-                    f"ids look like {first} (layer, then head and matrix, zero-padded; see "
+                    f"ids look like {first} ({parts}, then head and matrix, zero-padded; see "
                     "--collect-only -q)"
                 )
             )
@@ -73,33 +74,53 @@ _HEAD_ITEM = re.compile(r"^head(\d+)-(\w+)$")
 def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     """Why a well-formed spectral id names nothing this run collects, with what to change:
     a layer or head the model lacks, a layer or matrix the options leave out, a scope not
-    collected, a missing zero; ``None`` when the id is not of the form ``spectral::layerNN``
-    or ``spectral::layerNN::ITEM``."""
+    collected, a missing zero, a stack missing or given where the model has none; ``None``
+    when the id is not of the form ``spectral[::STACK]::layerNN[::ITEM]``."""
     parts = argument.split("::")
-    layer_match = _LAYER.match(parts[1]) if len(parts) in (2, 3) else None
-    if parts[0] != ROOT_NAME or layer_match is None:
+    if parts[0] != ROOT_NAME or len(parts) < 2:
         return None
-    g = run.checkpoint.geometry
+    checkpoint = run.checkpoint
+    stack: str | None = None
+    if parts[1] in STACKS:
+        if not checkpoint.stacks:
+            return (
+                f"{parts[1]!r} is a stack of an encoder-decoder model; this model's layers "
+                f"are not in stacks: {ROOT_NAME}::layerNN"
+            )
+        stack, parts = parts[1], [parts[0], *parts[2:]]
+        if len(parts) == 1:
+            return f"--spectral-layers leaves out every layer of the {stack} stack"
+    layer_match = _LAYER.match(parts[1]) if len(parts) in (2, 3) else None
+    if layer_match is None:
+        return None
+    if checkpoint.stacks and stack is None:
+        return (
+            "an encoder-decoder model's layers are in stacks: "
+            f"{ROOT_NAME}::{STACKS[0]}::{parts[1]} ({', '.join(STACKS)})"
+        )
     layer = int(layer_match.group(1))
-    if layer >= g.layers:
-        return f"the model has {counted(g.layers, 'layer')} ({indices(g.layers)})"
-    if layer not in run.layers:
+    block = checkpoint.block(stack, layer)
+    if block is None:
+        return layer_counts({stack: checkpoint.stack_layers()[stack]})
+    if block not in run.layers:
         return f"--spectral-layers leaves out layer {layer}"
-    padded = next(name for name, number in layer_names(run) if number == layer)
+    named = next(name for name, number in layer_names(run) if number == block)
+    padded = named.rpartition("::")[2]
     if parts[1] != padded:
-        return f"layer numbers are zero-padded: {ROOT_NAME}::{padded}"
+        return f"layer numbers are zero-padded: {ROOT_NAME}::{named}"
     if len(parts) == 2:
         return None
     item = parts[2]
     head_match = _HEAD_ITEM.match(item)
     if head_match is None:
-        return _why_not_whole(item, run)
+        return _why_not_whole(item, run, block)
+    g = checkpoint.geometry
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
     if matrix in MLP_MATRICES:
         return (
-            f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{parts[1]}::{matrix} with "
+            f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{named}::{matrix} with "
             "--spectral-scope matrix (or both)"
         )
     if matrix not in HEAD_MATRICES:
@@ -113,7 +134,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     return "head numbers are zero-padded, as --collect-only -q lists them"
 
 
-def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
+def _why_not_whole(matrix: str, run: SpectralRun, block: int) -> str | None:
     if matrix in CIRCUITS:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
     if matrix not in MATRICES + MLP_MATRICES:
@@ -125,6 +146,12 @@ def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
         )
     if matrix not in MATRICES + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
+    stack = run.checkpoint.position(block)[0]
+    if matrix not in MATRICES and (block, matrix) not in run.checkpoint.tensors:
+        return (
+            f"the {stack} stack has no MLP of its own: its layer's {matrix} is "
+            f"{ROOT_NAME}::decoder::layerNN::{matrix}"
+        )
     return f"--spectral-matrices leaves out {matrix}"
 
 

@@ -210,3 +210,78 @@ CASES: dict[str, Case] = {
         },
     ),
 }
+
+
+@dataclass(frozen=True)
+class EncoderDecoderCase:
+    """An encoder-decoder model type: tiny, with fewer encoder than decoder layers (2 and 3),
+    so that a count mixing the stacks up is wrong; what the test knows independently: the MLP
+    matrices of its encoder and decoder layers (from its modeling code) and whether it reads
+    audio features (Whisper) rather than token ids."""
+
+    model_type: str
+    config: dict[str, object]
+    mlp: tuple[str, ...] = FC
+    audio: bool = False
+    encoder_layers: int = 2
+    decoder_layers: int = 3
+
+
+#: T5's geometry: the head size d_kv (8) is not d_model / heads (16)
+T5_SMALL = {
+    "d_model": 64,
+    "d_kv": 8,
+    "num_heads": 4,
+    "num_layers": 2,
+    "num_decoder_layers": 3,
+    "d_ff": 128,
+    "vocab_size": 128,
+    "decoder_start_token_id": 0,
+}
+BART_SMALL = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 3,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+}
+T5_GATED = ("gate", "up", "fc2")
+
+ENCODER_DECODER_CASES: dict[str, EncoderDecoderCase] = {
+    "t5": EncoderDecoderCase("t5", T5_SMALL),
+    "t5 (gated-gelu)": EncoderDecoderCase(
+        "t5", {**T5_SMALL, "feed_forward_proj": "gated-gelu"}, mlp=T5_GATED
+    ),
+    "mt5": EncoderDecoderCase("mt5", T5_SMALL, mlp=T5_GATED),
+    "umt5": EncoderDecoderCase("umt5", T5_SMALL, mlp=T5_GATED),
+    "bart": EncoderDecoderCase("bart", BART_SMALL),
+    "mbart": EncoderDecoderCase("mbart", BART_SMALL),
+    "marian": EncoderDecoderCase("marian", {**BART_SMALL, "decoder_vocab_size": 128}),
+    "pegasus": EncoderDecoderCase("pegasus", BART_SMALL),
+    "plbart": EncoderDecoderCase("plbart", BART_SMALL),
+    "blenderbot": EncoderDecoderCase("blenderbot", BART_SMALL),
+    "blenderbot-small": EncoderDecoderCase("blenderbot-small", BART_SMALL),
+    "m2m_100": EncoderDecoderCase("m2m_100", BART_SMALL),
+    "whisper": EncoderDecoderCase(
+        "whisper",
+        {
+            **BART_SMALL,
+            "num_mel_bins": 8,
+            "max_source_positions": 16,
+            "max_target_positions": 16,
+            "pad_token_id": 1,
+            "decoder_start_token_id": 2,
+            "begin_suppress_tokens": None,
+            "suppress_tokens": None,
+        },
+        audio=True,
+    ),
+}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from architecture_matrix import CASES, Case
+from architecture_matrix import CASES, ENCODER_DECODER_CASES, Case
 from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
@@ -280,7 +280,8 @@ def test_readme_table_matches_the_matrix() -> None:
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
     listed = [t for row in rows for t in re.findall(r"`([^`]+)`", row[1])]
     assert len(listed) == len(set(listed))
-    assert set(listed) == {case.model_type for case in CASES.values()}
+    matrix = {case.model_type for case in (*CASES.values(), *ENCODER_DECODER_CASES.values())}
+    assert set(listed) == matrix
     assert set(listed) == set(SUPPORTED_MODEL_TYPES)
     described = {
         frozenset(re.findall(r"`([^`]+)`", row[1])): row[2].removesuffix(" |") for row in rows

@@ -80,7 +80,10 @@ def test_another_layout_is_refused_naming_the_field(tmp_path, checkpoint, field,
     [
         ([], "not a pytest-spectral report"),
         ({"schema": "something-else"}, "not a pytest-spectral report"),
-        (report(schema_version=4), "report schema version 4; this plugin reads versions 1, 2, 3"),
+        (
+            report(schema_version=5),
+            "report schema version 5; this plugin reads versions 1, 2, 3, 4",
+        ),
         (report(schema_version=True), "report schema version True; this plugin reads"),
         (report(items=[{"nodeid": "x"}]), r"items\[0\]\.metrics must be an object, got NoneType"),
         (

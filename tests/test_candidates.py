@@ -244,6 +244,7 @@ def test_json_entry_of_a_shared_slice_with_removal() -> None:
     per_query_head = 2 * 8 * 32
     assert candidate_record(candidate) == {
         "nodeids": ["spectral::layer00::head04-k", "spectral::layer00::head05-k"],
+        "stack": None,  # a model of one stack
         "layer": 0,
         "matrix": "k",
         "heads": [4, 5],

@@ -95,8 +95,6 @@ class TestErrors:
         ("model_type", "reason"),
         [
             ("deepseek_v3", "uses multi-head latent attention"),
-            ("t5", "is an encoder-decoder model"),
-            ("whisper", "is an encoder-decoder model"),
             ("vit", "is a vision model"),
         ],
     )
@@ -104,6 +102,23 @@ class TestErrors:
         """Even with tensors the common layout would accept (BART's decoder has them)."""
         edit_config(tiny_checkpoint, model_type=model_type)
         self.expect(tiny_checkpoint, f"model_type {model_type!r} {reason}", "cannot analyse yet")
+
+    @pytest.mark.parametrize(
+        ("config", "tensor"),
+        [({"model_type": "t5"}, "encoder.block.0.layer.0.SelfAttention.q.weight"),
+         ({"model_type": "bart", "decoder_attention_heads": 4},
+          "encoder.layers.0.self_attn.q_proj.weight")],
+    )  # fmt: skip
+    def test_encoder_decoder_config_on_other_tensors(self, tiny_checkpoint, config, tensor):
+        """A Llama checkpoint whose config says T5 or BART lacks the encoder's tensors, by
+        name (BART's num_attention_heads is its encoder's head count: the decoder's is set
+        alike, so that the stacks agree)."""
+        edit_config(tiny_checkpoint, **config)
+        self.expect(
+            tiny_checkpoint,
+            f"no tensor named like '...{tensor}': this checkpoint does not have the",
+            "layout its config.json announces",
+        )
 
     def test_bad_head_count(self, tiny_checkpoint: Path) -> None:
         edit_config(tiny_checkpoint, num_attention_heads=0)

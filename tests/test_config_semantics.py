@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from architecture_matrix import CASES
+from architecture_matrix import CASES, ENCODER_DECODER_CASES
 
 from pytest_spectral.checkpoints.checkpoint import Geometry, interpret_config
 from pytest_spectral.errors import CheckpointError
@@ -141,3 +141,107 @@ def test_llava_1_5_as_published() -> None:
 def test_class_defaults_by_hand(config: dict, expected: tuple[int, int]) -> None:
     geometry = interpret_config(config, SOURCE)[3]
     assert (geometry.kv_heads, geometry.head_dim) == expected
+
+
+def stacks_as_transformers_reads_them(config) -> dict[str, tuple[int, int, int, int]]:
+    """(layers, heads, head size, width) of each stack, from transformers' config object:
+    T5's classes name ``num_layers``, ``num_decoder_layers``, ``num_heads`` and ``d_kv``, the
+    head size; BART's and Whisper's count each stack's layers and heads apart, and their
+    attention modules split ``d_model`` among the heads."""
+    if hasattr(config, "d_kv"):
+        heads = (config.num_heads,) * 2
+        layers = (config.num_layers, config.num_decoder_layers)
+        sizes = (config.d_kv,) * 2
+    else:
+        heads = (config.encoder_attention_heads, config.decoder_attention_heads)
+        layers = (config.encoder_layers, config.decoder_layers)
+        sizes = tuple(config.d_model // h for h in heads)
+    return {
+        "encoder": (layers[0], heads[0], sizes[0], config.d_model),
+        "decoder": (layers[1], heads[1], sizes[1], config.d_model),
+        "cross": (layers[1], heads[1], sizes[1], config.d_model),
+    }
+
+
+ENCODER_DECODER_TYPES = sorted(
+    {case.model_type: name for name, case in ENCODER_DECODER_CASES.items()}.items()
+)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "case"), ENCODER_DECODER_TYPES, ids=[t for t, _ in ENCODER_DECODER_TYPES]
+)
+def test_each_key_of_an_encoder_decoder_left_out_reads_as_transformers_reads_it(
+    model_type: str, case: str
+) -> None:
+    """Each stack's layers, heads, head size and width, with each key left out in turn (and
+    with T5's and BART's aliases written instead of the keys): T5's ``num_decoder_layers``
+    defaults to ``num_layers``, and ``d_kv`` is the head size whatever ``d_model`` is."""
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    full = config_class(**ENCODER_DECODER_CASES[case].config).to_dict()
+    aliased = dict(full)
+    for standard, stored in config_class.attribute_map.items():
+        if stored in aliased and standard in ("num_hidden_layers", "num_attention_heads"):
+            aliased[standard] = aliased.pop(stored)
+    compared = 0
+    for key, config in [("(none)", full), ("(aliases)", aliased), *variants(full)]:
+        expected = stacks_as_transformers_reads_them(config_class.from_dict(dict(config)))
+        if len({shape[1:] for shape in expected.values()}) > 1 or any(
+            size < 2 for _, _, size, _ in expected.values()
+        ):  # stacks with different heads: refused (see the README)
+            with pytest.raises(CheckpointError):
+                interpret_config(config, SOURCE)
+            continue
+        try:
+            _, _, _, geometry, _, stacks = interpret_config(config, SOURCE)
+        except CheckpointError as exc:
+            pytest.fail(f"without {key}: refused ({exc}), transformers reads {expected}")
+        read = {
+            span.name: (span.layers, geometry.heads, geometry.head_dim, geometry.hidden)
+            for span in stacks
+        }
+        assert read == expected, f"without {key}"
+        assert geometry.layers == sum(span.layers for span in stacks)
+        compared += 1
+    assert compared > len(full) // 2
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        # T5Config: num_decoder_layers defaults to num_layers; d_kv 64 whatever d_model is
+        (
+            {"model_type": "t5", "d_model": 128, "num_heads": 4, "num_layers": 3},
+            {"encoder": 3, "decoder": 3, "cross": 3, "head_dim": 64},
+        ),
+        # its aliases: num_hidden_layers is num_layers
+        (
+            {"model_type": "t5", "d_model": 128, "num_heads": 4, "num_hidden_layers": 5},
+            {"encoder": 5, "decoder": 5, "cross": 5, "head_dim": 64},
+        ),
+        # WhisperConfig: 4 layers of 6 heads per stack, d_model 384 (whisper-tiny)
+        (
+            {"model_type": "whisper"},
+            {"encoder": 4, "decoder": 4, "cross": 4, "head_dim": 64},
+        ),
+    ],
+    ids=["t5", "t5-aliases", "whisper"],
+)
+def test_encoder_decoder_class_defaults_by_hand(config: dict, expected: dict) -> None:
+    _, _, _, geometry, _, stacks = interpret_config(config, SOURCE)
+    assert {span.name: span.layers for span in stacks} | {"head_dim": geometry.head_dim} == (
+        expected
+    )
+
+
+def test_stacks_with_different_heads_are_refused_naming_both() -> None:
+    config = {
+        "model_type": "bart",
+        "d_model": 64,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 8,
+    }
+    with pytest.raises(CheckpointError, match="the decoder stack has 8 heads of size 8 "):
+        interpret_config(config, SOURCE)

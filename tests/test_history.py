@@ -137,7 +137,7 @@ def test_the_trend_rule_fails_the_collapsing_head_from_the_step_it_crosses_its_b
     # the synthetic run does what it claims: only the collapsing head, and not at once
     assert breaks == {(i, (LAYER, HEAD, "q")) for i in (3, 4, 5)}
     for index, report in enumerate(written):
-        assert report["schema_version"] == 3
+        assert report["schema_version"] == 4
         assert report["step"] == {
             "label": str(STEPS[index]),
             "number": STEPS[index],

@@ -323,7 +323,7 @@ class TestJsonReport:
         )
         report = json.loads((pytester.path / "out/report.json").read_text())
         assert report["schema"] == "pytest-spectral-report"
-        assert report["schema_version"] == 3
+        assert report["schema_version"] == 4
         assert report["model"]["num_key_value_heads"] == 2
         assert report["model"]["dtype"] == "BF16"
         assert len(report["rules"]["sha256"]) == 64

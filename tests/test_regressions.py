@@ -178,7 +178,7 @@ def test_a_drift_is_reported_as_a_regression_end_to_end(pytester) -> None:
     )
     assert "Low-rank pruning candidates" not in result.stdout.str()
     report = json.loads((pytester.path / "scaled.json").read_text())
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     assert report["candidates"] == []
     assert [r["heads"] for r in report["regressions"]] == [[0], [1], [2], [3]]
     assert {r["rules"] == ["drift"] for r in report["regressions"]} == {True}
@@ -195,9 +195,14 @@ class TestBaselineVersions:
         pytester.runpytest(f"--spectral-model={model}", "--spectral-report=r.json")
         return model, json.loads((pytester.path / "r.json").read_text())
 
-    @pytest.mark.parametrize("version", [1, 2, 3])
-    def test_versions_one_to_three_are_read(self, pytester, report, version) -> None:
+    @pytest.mark.parametrize("version", [1, 2, 3, 4])
+    def test_versions_one_to_four_are_read(self, pytester, report, version) -> None:
+        """Before version 4 a report has no stack, of the model or of an item."""
         model, content = report
+        if version < 4:
+            items = [{k: v for k, v in item.items() if k != "stack"} for item in content["items"]]
+            model_section = {k: v for k, v in content["model"].items() if k != "stacks"}
+            content = {**content, "items": items, "model": model_section}
         (pytester.path / "b.json").write_text(json.dumps({**content, "schema_version": version}))
         (pytester.path / "drift.toml").write_text(
             '[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n'
@@ -209,14 +214,14 @@ class TestBaselineVersions:
         )
         result.assert_outcomes(passed=32)
 
-    @pytest.mark.parametrize("version", [4, True, "2"])
+    @pytest.mark.parametrize("version", [5, True, "2"])
     def test_other_versions_are_refused(self, pytester, report, version) -> None:
         model, content = report
         (pytester.path / "b.json").write_text(json.dumps({**content, "schema_version": version}))
         result = pytester.runpytest(f"--spectral-model={model}", "--spectral-baseline=b.json")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
-            ["*report schema version *; this plugin reads versions 1, 2, 3*"]
+            ["*report schema version *; this plugin reads versions 1, 2, 3, 4*"]
         )
 
 

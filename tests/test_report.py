@@ -82,6 +82,7 @@ def test_head_record(rules) -> None:
     )
     assert record == {
         "nodeid": "spectral::layer01::head03-k",
+        "stack": None,  # a model of one stack
         "layer": 1,
         "scope": "head",
         "head": 3,
@@ -177,7 +178,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         params_saved=1234,
     )
     assert report["schema"] == "pytest-spectral-report"
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     assert report["plugin_version"] == __version__
     assert report["python"] == platform.python_version()
     created = datetime.fromisoformat(report["created"])
@@ -190,6 +191,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         "path": str(tiny_checkpoint),
         "model_type": "llama",
         "num_hidden_layers": 2,
+        "stacks": None,  # a model of one stack
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pytest_spectral.checkpoints.families import (
@@ -88,6 +88,16 @@ class Geometry:
 
 
 @dataclass(frozen=True)
+class StackSpan:
+    """One stack of an encoder-decoder model among the checkpoint's blocks: its layers are
+    blocks ``start`` to ``start + layers - 1``."""
+
+    name: str
+    start: int
+    layers: int
+
+
+@dataclass(frozen=True)
 class Layout:
     """How the weights of this checkpoint are stored: fused Q/K/V or not, transposed or not."""
 
@@ -116,6 +126,34 @@ class Checkpoint:
     layer_indices: tuple[int, ...] | None = None
     #: lines a run prints in its header: what was assumed about this checkpoint
     notes: tuple[str, ...] = ()
+    #: an encoder-decoder model's stacks; their layers are numbered on, one after the other,
+    #: as the checkpoint's blocks (the first key of :attr:`tensors`), and
+    #: :attr:`Geometry.layers` counts all of them. A model of one stack has none: its blocks
+    #: are its layers.
+    stacks: tuple[StackSpan, ...] = ()
+
+    def position(self, block: int) -> tuple[str | None, int]:
+        """``(stack, layer)`` of a block: the stack's name (``None`` for a model of one stack)
+        and the layer's number within it."""
+        for span in self.stacks:
+            if span.start <= block < span.start + span.layers:
+                return span.name, block - span.start
+        return None, block
+
+    def block(self, stack: str | None, layer: int) -> int | None:
+        """The block of ``layer`` of ``stack``, or ``None`` when the stack has no such layer."""
+        if stack is None and not self.stacks:
+            return layer if 0 <= layer < self.geometry.layers else None
+        span = next((s for s in self.stacks if s.name == stack), None)
+        if span is None or not 0 <= layer < span.layers:
+            return None
+        return span.start + layer
+
+    def stack_layers(self) -> dict[str | None, int]:
+        """Layers per stack (one unnamed stack for a model of one stack)."""
+        if not self.stacks:
+            return {None: self.geometry.layers}
+        return {span.name: span.layers for span in self.stacks}
 
     @property
     def layer_numbers(self) -> tuple[int, ...]:
@@ -222,36 +260,61 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    config, family, variant, geometry, notes = interpret_config(config, config_file, family)
+    config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
     entries = weights.tensors(_needed_names(family), geometry.head_dim)
-    try:
-        prefix = _decoder_prefix(entries, family, partial=weights.partial)
+    if stacks:
         if weights.partial:
-            tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-        else:
-            tensors, attention, layers = (
-                _attention_tensors(entries, prefix, family, geometry),
-                MATRICES,
-                None,
+            raise CheckpointError(
+                f"{weights.root}: an update (LoRA adapter) of an encoder-decoder model cannot be "
+                "analysed as such; analyse the merged weights (--spectral-adapter=merged)"
             )
-    except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
-        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
-    mlp = _mlp_tensors(entries, prefix, family, geometry)
-    tensors.update(mlp)
-    names = tuple(dict.fromkeys(matrix for _, matrix in mlp))
+        tensors = _stack_tensors(entries, family, geometry, stacks)
+        attention, layers = MATRICES, None
+    else:
+        try:
+            prefix = _decoder_prefix(entries, family, partial=weights.partial)
+            if weights.partial:
+                tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+            else:
+                tensors, attention, layers = (
+                    _attention_tensors(entries, prefix, family, geometry),
+                    MATRICES,
+                    None,
+                )
+        except CheckpointError as exc:  # an undeclared type is refused as such, not a tensor
+            model_type = str(config.get("model_type"))
+            raise (_unsupported(config_file, model_type) if notes else exc) from None
+        tensors.update(_mlp_tensors(entries, prefix, family, geometry))
+    names = tuple(dict.fromkeys(m for _, m in tensors if m not in MATRICES))
     return Checkpoint(
         weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
-        attention, layers, notes,
+        attention, layers, notes, stacks,
     )  # fmt: skip
+
+
+def _stack_tensors(
+    entries: TensorMap, family: Family, geometry: Geometry, stacks: tuple[StackSpan, ...]
+) -> dict[tuple[int, str], TensorSource]:
+    """The attention and MLP tensors of every stack, keyed by block (its layers numbered on
+    after the previous stack's)."""
+    tensors: dict[tuple[int, str], TensorSource] = {}
+    for (_, stack), span in zip(family.stack_families(), stacks, strict=True):
+        shape = replace(geometry, layers=span.layers)
+        prefix = _decoder_prefix(entries, stack)
+        found = _attention_tensors(entries, prefix, stack, shape)
+        found.update(_mlp_tensors(entries, prefix, stack, shape))
+        tensors.update({(span.start + layer, m): entry for (layer, m), entry in found.items()})
+    return tensors
 
 
 def interpret_config(
     config: Mapping[str, object], config_file: Path, family: Family | None = None
-) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...]]:
+) -> tuple[dict[str, object], Family, Variant, Geometry, tuple[str, ...], tuple[StackSpan, ...]]:
     """What ``config`` (from ``config_file``) means, as transformers reads it: the analysed
     model's config with class defaults and aliases applied, its family (``family`` when the
-    user described one), layout variant and geometry, and the notes a run prints about it.
+    user described one), layout variant and geometry, the notes a run prints about it, and an
+    encoder-decoder model's stacks (none for a model of one stack).
 
     Raises :class:`CheckpointError` naming ``config_file`` and the key.
     """
@@ -274,7 +337,7 @@ def interpret_config(
             notes = (_generic_note(config_file, model_type),)
     try:
         variant = family.layout_of(config)
-        geometry = _geometry(config_file, config, family, variant)
+        geometry, stacks = _stacked_geometry(config_file, config, family, variant)
     except ArchitectureError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
     except CheckpointError as exc:
@@ -286,7 +349,35 @@ def interpret_config(
             f"{geometry.kv_heads} key/value heads for {geometry.heads} query heads (for "
             "grouped-query attention, fused = 'grouped' or 'concat' may be the layout)"
         )
-    return config, family, variant, geometry, notes
+    return config, family, variant, geometry, notes, stacks
+
+
+def _stacked_geometry(
+    path: Path, config: Mapping[str, object], family: Family, variant: Variant
+) -> tuple[Geometry, tuple[StackSpan, ...]]:
+    """The geometry of all blocks, and the stacks of an encoder-decoder model.
+
+    Every stack must have the same heads (count, size and width): one geometry describes
+    the slices of all blocks. Real checkpoints do (BART, Whisper and T5 name the counts
+    apart, but give them equal values); others are refused, naming both counts.
+    """
+    if not family.stacks:
+        return _geometry(path, config, family, variant), ()
+    spans: list[StackSpan] = []
+    first: tuple[str, Geometry] | None = None
+    for name, stack in family.stack_families():
+        g = _geometry(path, config, stack, variant)
+        if first is not None and replace(g, layers=0) != replace(first[1], layers=0):
+            raise CheckpointError(
+                f"{path}: the {name} stack has {g.heads} heads of size {g.head_dim} "
+                f"({stack.heads_keys[0]!r}), the {first[0]} stack {first[1].heads} of size "
+                f"{first[1].head_dim}: stacks with different heads cannot be analysed by this "
+                "version"
+            )
+        first = first or (str(name), g)
+        spans.append(StackSpan(str(name), sum(s.layers for s in spans), g.layers))
+    assert first is not None
+    return replace(first[1], layers=sum(s.layers for s in spans)), tuple(spans)
 
 
 def _generic_note(config_file: Path, model_type: str) -> str:
@@ -379,8 +470,10 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
     Only those entries of a header are kept, so a header of a million junk entries costs its
     parse and nothing more.
     """
-    templates = [family.layer + name for name in family.tensors.values()]
-    templates += [family.mlp_prefix + name for name in family.mlp.values()]
+    templates = []
+    for _, stack in family.stack_families():
+        templates += [stack.layer + name for name in stack.tensors.values()]
+        templates += [stack.mlp_prefix + name for name in stack.mlp.values()]
     tails = [template.split("{layer}", 1)[1] for template in templates]
     tails += [t.removesuffix(".weight") + ".qweight" for t in tails if t.endswith(".weight")]
     suffixes = tuple(tails)

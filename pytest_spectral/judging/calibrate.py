@@ -15,7 +15,7 @@ symmetric; ratios and ranks on a linear one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -58,21 +58,34 @@ class Calibration:
 
 
 def calibrated_rules(
-    records: Iterable[Record], *, margin: float, source: str, layers: int, heads: int
+    records: Iterable[Record],
+    *,
+    margin: float,
+    source: str,
+    layers: int | Mapping[str | None, int],
+    heads: int,
 ) -> Calibration:
     """A rules file bounding every calibrated metric per matrix type, by the items that
     passed: an item that broke a rule of this run would otherwise widen the bounds to pass
     the very problem that rule found.
 
-    ``layers`` and ``heads`` are the model's counts. A run that measured part of the model
-    (``--spectral-layers``, ``-k``) says nothing about the rest, so each rule gets the
-    ``layers`` (and, for heads, the ``heads``) its items came from, whenever they are not all
-    of the model's.
+    ``layers`` and ``heads`` are the model's counts; ``layers`` of an encoder-decoder model
+    map each stack to its count, and each stack gets rules of its own (``stacks = [...]``):
+    cross-attention's spectra need not look like self-attention's. A run that measured part
+    of the model (``--spectral-layers``, ``-k``) says nothing about the rest, so each rule gets
+    the ``layers`` (and, for heads, the ``heads``) its items came from, whenever they are not
+    all of the model's.
     """
     records = list(records)
+    counts = dict(layers) if isinstance(layers, Mapping) else {None: layers}
     healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
     left_out = len(records) - len(healthy)
-    part = _part(records, layers, heads)
+    parts = [
+        (f"the {stack} stack's " if stack else "") + part
+        for stack, count in counts.items()
+        if (part := _part([r for r in records if r.get("stack") == stack], count, heads))
+    ]
+    part = "; ".join(parts) or None
     lines = [
         f"{CALIBRATION_MARK} on {printable(source)}",  # one line, whatever the path
         f"# at {datetime.now(timezone.utc).isoformat(timespec='seconds')}, from the "
@@ -92,6 +105,19 @@ def calibrated_rules(
             f"# The run measured only {part}: each rule is restricted to the layers and",
             "# heads its items came from (layers = ..., heads = ...).",
         ]
+    for stack, count in counts.items():
+        mine = [r for r in records if r.get("stack") == stack]
+        lines += _stack_rules(mine, stack, count, heads, margin)
+    return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
+
+
+def _stack_rules(
+    records: Sequence[Record], stack: str | None, layers: int, heads: int, margin: float
+) -> list[str]:
+    """The rules of one stack's items (of the whole model, for a model of one stack)."""
+    healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
+    selects = [] if stack is None else [f'stacks = ["{stack}"]']
+    lines: list[str] = []
     matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
     for scope in ("head", "matrix"):
         for matrix in sorted(
@@ -106,12 +132,13 @@ def calibrated_rules(
             measured = [
                 r for r in records if r["matrix"] == matrix and r.get("scope", "head") == scope
             ]
-            where = _restriction(measured, layers, heads)
+            where = [*selects, *_restriction(measured, layers, heads)]
             for metric, scale in CALIBRATED:
                 values = _finite([r["metrics"].get(metric) for r in rows])  # type: ignore[attr-defined]
                 if values.size:
-                    lines += ["", *_rule(scope, matrix, metric, scale, values, margin), *where]
-    return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
+                    rule = _rule(scope, matrix, metric, scale, values, margin, stack)
+                    lines += ["", *rule, *where]
+    return lines
 
 
 def _indices(records: Iterable[Record], key: str) -> list[int]:
@@ -152,7 +179,13 @@ def _finite(values: Sequence[object]) -> np.ndarray:
 
 
 def _rule(
-    scope: str, matrix: str, metric: str, scale: str, values: np.ndarray, margin: float
+    scope: str,
+    matrix: str,
+    metric: str,
+    scale: str,
+    values: np.ndarray,
+    margin: float,
+    stack: str | None = None,
 ) -> list[str]:
     log = scale == "log" and bool((values > 0).all())
     data = np.log10(values) if log else values
@@ -167,9 +200,10 @@ def _rule(
     upper = max(upper, float(values.max()))
     how = "log10 " if log else ""
     what = "heads" if scope == "head" else "whole matrices"
-    name = f"calibrated-{matrix}-{metric}" + ("" if scope == "head" else "-whole")
+    where = matrix if stack is None else f"{stack}-{matrix}"
+    name = f"calibrated-{where}-{metric}" + ("" if scope == "head" else "-whole")
     return [
-        f"# {matrix} {what} (n={values.size}): observed {values.min():.6g} .. "
+        f"# {where} {what} (n={values.size}): observed {values.min():.6g} .. "
         f"{values.max():.6g}, {how}p5-p95 spread {p95 - p5:.4g}",
         "[[rules]]",
         f'name = "{name}"',

@@ -143,7 +143,7 @@ def _circuit_candidates(
     """
     groups: dict[tuple[object, ...], list[Record]] = {}
     for record in records:
-        key = (record["layer"], record["matrix"], record["kv_head"])
+        key = (_place(record), record["matrix"], record["kv_head"])
         groups.setdefault(key, []).append(record)
     result = []
     for members in groups.values():
@@ -247,6 +247,7 @@ def regression_record(regression: Regression) -> Record:
     r = regression.record
     return {
         "nodeids": list(regression.nodeids),
+        "stack": r.get("stack"),
         "layer": r["layer"],
         "matrix": r["matrix"],
         "heads": list(regression.heads),
@@ -292,7 +293,7 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
     removed_query: set[tuple[object, int]] = set()  # (layer, query head): its Q rows, O columns
     removed_kv: set[tuple[object, object]] = set()  # (layer, K/V head): its K and V rows
     for c in candidates:
-        layer, matrix = c.record["layer"], c.record["matrix"]
+        layer, matrix = _place(c.record), c.record["matrix"]
         if not c.removal:
             continue
         if matrix in ("k", "v"):
@@ -316,7 +317,7 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
         (layer, matrix) for c in candidates for (layer, matrix, _), _ in _slice_savings(c, geometry)
     }
     for c in candidates:
-        if not c.heads and (c.record["layer"], c.record["matrix"]) not in with_heads:
+        if not c.heads and (_place(c.record), c.record["matrix"]) not in with_heads:
             total += c.params_before - c.params_after
     return total
 
@@ -327,7 +328,7 @@ def _slice_savings(
     """``((layer, matrix, index), saving)`` for each head slice a candidate would shrink
     (``index`` the K/V head for k and v slices, the query head otherwise); none for a whole
     matrix."""
-    r, layer, matrix = candidate.record, candidate.record["layer"], candidate.record["matrix"]
+    r, layer, matrix = candidate.record, _place(candidate.record), candidate.record["matrix"]
     if not candidate.heads:
         return []
     saving = candidate.params_before - candidate.params_after
@@ -348,6 +349,7 @@ def candidate_record(candidate: Candidate) -> Record:
     r = candidate.record
     return {
         "nodeids": list(candidate.nodeids),
+        "stack": r.get("stack"),
         "layer": r["layer"],
         "matrix": r["matrix"],
         "heads": list(candidate.heads),
@@ -375,7 +377,7 @@ def _slice_key(record: Record) -> tuple[object, ...]:
         for b in record["broken_rules"]  # type: ignore[attr-defined]
     )
     return (
-        record["layer"],
+        _place(record),
         record["matrix"],
         record["scope"],
         slice_index,
@@ -388,7 +390,19 @@ def _slice_key(record: Record) -> tuple[object, ...]:
 def _label(record: Record, heads: tuple[int, ...]) -> str:
     """``L2 H4-7 k`` for a K slice shared by query heads 4 to 7; ``L0 gate`` for a matrix."""
     shown = f" H{_head_list(heads)}" if heads else ""
-    return f"L{record['layer']}{shown} {record['matrix']}"
+    return f"{layer_label(record)}{shown} {record['matrix']}"
+
+
+def layer_label(record: Record) -> str:
+    """``L2``, or ``cross L2`` for a layer of an encoder-decoder model's stack."""
+    stack = record.get("stack")
+    return f"L{record['layer']}" if stack is None else f"{stack} L{record['layer']}"
+
+
+def _place(record: Record) -> tuple[object, object]:
+    """(stack, layer) of an item: its layer's identity (a report before version 4 has no
+    stack; its items are of a model of one stack)."""
+    return record.get("stack"), record["layer"]
 
 
 def _head_list(heads: tuple[int, ...]) -> str:

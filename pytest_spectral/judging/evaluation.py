@@ -100,8 +100,10 @@ def judge(
     baseline: Mapping[str, float] | None = None,
     trend: Callable[[Rule], tuple[float, str] | None] | None = None,
     warn_only: bool = False,
+    stack: str | None = None,
 ) -> Verdict:
-    """Apply every rule that selects (layer, head, matrix) to the spectrum's metrics.
+    """Apply every rule that selects (stack, layer, head, matrix) to the spectrum's metrics
+    (``stack`` ``None`` in a model of one stack).
 
     ``baseline`` holds the same item's metrics from ``--spectral-baseline`` (``None`` when the
     item is missing there, which breaks every relative rule rather than passing silently).
@@ -113,7 +115,7 @@ def judge(
     status = builtin_checks(spectrum)
     broken = []
     for rule in rules:
-        if not rule.applies_to(layer, head, matrix):
+        if not rule.applies_to(layer, head, matrix, stack):
             continue
         key = rule.request.key
         value = spectrum.metrics[key]

@@ -12,12 +12,12 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 from pytest_spectral.untrusted import (
@@ -43,6 +43,7 @@ RULE_KEYS = (
     "matrices",
     "layers",
     "heads",
+    "stacks",
     "severity",
     "scope",
     "suggest",
@@ -94,6 +95,9 @@ class Rule:
     #: lines in the rules file: of the ``[[rules]]`` header (key ``""``) and of each bound
     #: given (``"min"``, ``"max"``, ...); warnings point there
     lines: tuple[tuple[str, int], ...] = ()
+    #: the stacks of an encoder-decoder model it judges (encoder, decoder, cross); ``None``:
+    #: every item, whatever its stack, and every item of a model of one stack
+    stacks: frozenset[str] | None = None
 
     def line(self, key: str = "") -> int | None:
         """The line of ``key`` (a bound) in the rules file, else of the rule's header."""
@@ -110,14 +114,19 @@ class Rule:
         """Bounds the change over the last ``window`` reports of a history."""
         return self.window is not None
 
-    def applies_to(self, layer: int, head: int | None, matrix: str) -> bool:
-        """Whether the rule judges this item; ``head`` is None for a whole-matrix item."""
+    def applies_to(
+        self, layer: int, head: int | None, matrix: str, stack: str | None = None
+    ) -> bool:
+        """Whether the rule judges this item; ``head`` is None for a whole-matrix item,
+        ``stack`` for an item of a model of one stack (which a rule with ``stacks`` never
+        judges)."""
         if self.scope != ("matrix" if head is None else "head"):
             return False
         return (
             matrix in self.matrices
             and layer in self.layers
             and (head is None or head in self.heads)
+            and (self.stacks is None or stack in self.stacks)
         )
 
     def violation(self, value: float) -> str | None:
@@ -282,6 +291,7 @@ def _parse_rule(
         matrices=_matrices(entry.get("matrices", list(ALL_MATRICES)), fail),
         layers=_index_set(entry, "layers", fail),
         heads=_index_set(entry, "heads", fail),
+        stacks=_stacks(entry, fail),
         severity=severity,  # type: ignore[arg-type]
         min_change=bounds["min_change"],
         max_change=bounds["max_change"],
@@ -320,6 +330,29 @@ def _matrices(value: object, fail: _Fail) -> frozenset[str]:
             )
         result.add(clean)
     return frozenset(result)
+
+
+def rules_of_stack(rules: Iterable[Rule], stack: str | None) -> list[Rule]:
+    """The rules that judge the items of ``stack``, as rules of a model of one stack: views
+    that draw one stack at a time (heatmaps) place its cells without naming the stack.
+    ``None`` (a model of one stack): ``rules`` as they are."""
+    if stack is None:
+        return list(rules)
+    return [replace(r, stacks=None) for r in rules if r.stacks is None or stack in r.stacks]
+
+
+def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
+    """``stacks = ["cross"]``: the stacks of an encoder-decoder model a rule judges."""
+    if "stacks" not in entry:
+        return None
+    value = entry["stacks"]
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names:
+        raise fail("stacks", f"must be a non-empty list such as ['cross'], got {value!r}")
+    for name in names:
+        if name not in STACKS:
+            raise fail("stacks", f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
+    return frozenset(names)
 
 
 def _index_set(entry: Mapping[str, object], key: str, fail: _Fail) -> IndexSet:

@@ -9,7 +9,9 @@ median towards the bound, on the bad side, of the rules that judge it (or 5 robu
 deviations without one), so a collapsed head stands out, the healthy spread stays blank, and
 a full shade means a broken rule. Under the panels, each matrix's true range and its worst
 cell. With colour off, the shade characters alone carry the picture. A view without values
-prints nothing, and a metric no item has a value of says so in one line.
+prints nothing, and a metric no item has a value of says so in one line. An encoder-decoder
+model's stacks (encoder, decoder, cross) are drawn one after the other, each under its name,
+so that no two of its items share a cell.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.text import Text
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.metrics import Direction
-from pytest_spectral.judging.rules import Rule
+from pytest_spectral.judging.rules import Rule, rules_of_stack
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
 from pytest_spectral.reporting.scale import Cell, Scale, cell_scales, scales_legend
@@ -55,12 +57,37 @@ def render_heatmap(
     log: bool = False,
 ) -> str:
     """The heatmaps of ``metric`` (a key of the records' ``metrics``) as text: the head view
-    when there are head items, the whole-matrix view when there are whole-matrix items.
+    when there are head items, the whole-matrix view when there are whole-matrix items; for
+    an encoder-decoder model, those of each stack in turn, headed by the stack's name.
 
     ``bad`` is the metric's bad side, ``rules`` the run's rules (each cell reaches to the
     bounds of those that judge it) and ``log`` whether to measure distances in log10 (see
     :func:`~pytest_spectral.reporting.scale.cell_scales`).
     """
+    stacks = list(dict.fromkeys(record.get("stack") for record in records))
+    if stacks in ([], [None]):
+        return _render(records, metric, layers, heads, width, color, bad, rules, log)
+    parts = []
+    for stack in stacks:
+        mine = [record for record in records if record.get("stack") == stack]
+        judging = rules_of_stack(rules, stack)
+        text = _render(mine, metric, layers, heads, width, color, bad, judging, log)
+        parts.append(f"{stack} stack:\n{text}")
+    return "".join(parts)
+
+
+def _render(
+    records: Sequence[Record],
+    metric: str,
+    layers: int,
+    heads: int,
+    width: int,
+    color: bool,
+    bad: Direction | None,
+    rules: Sequence[Rule],
+    log: bool,
+) -> str:
+    """The heatmaps of a model of one stack, or of one stack's records."""
     buffer = io.StringIO()
     console = Console(
         file=buffer,

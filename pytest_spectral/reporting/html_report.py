@@ -19,7 +19,7 @@ from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATR
 from pytest_spectral.checkpoints.families import MLP_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.judging.metrics import METRICS
-from pytest_spectral.judging.rules import Rule
+from pytest_spectral.judging.rules import Rule, rules_of_stack
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.broken_rules import describe_broken, status_problem
 from pytest_spectral.reporting.report import Record
@@ -103,42 +103,66 @@ def render_html(
     unfinished = [r for r in items if r["status"] == "no_result"]
     if unfinished:
         sections.append(_section("Items without a result", _unfinished_table(unfinished)))
-    for metric in HEATMAP_METRICS:
-        cells = _cells(records, metric)
-        if cells:
-            scales = _scales(metric, cells, rules)
-            figure = _heatmaps(cells, scales, layers, heads, _panels(records))
-            sections.append(
-                _section(
-                    f"{metric} across layers and heads",
-                    _img(figure, metric) + _legend(metric, scales, "every panel"),
+    stacks: Mapping[str, int] = model.get("stacks") or {}  # type: ignore[assignment]
+    for stack, mine in _by_stack(records):
+        count = stacks.get(stack, layers) if stack else layers
+        for metric in HEATMAP_METRICS:
+            cells = _cells(mine, metric)
+            if cells:
+                scales = _scales(metric, cells, rules_of_stack(rules, stack))
+                figure = _heatmaps(cells, scales, count, heads, _panels(mine))
+                sections.append(
+                    _section(
+                        f"{metric} across layers and heads{_of(stack)}",
+                        _img(figure, metric) + _legend(metric, scales, "every panel"),
+                    )
                 )
-            )
     if wholes:
         sections.append(_section("Whole matrices", _whole_table(wholes)))
-    for metric in WHOLE_HEATMAP_METRICS:
-        cells = _cells(wholes, metric)
-        if cells:
-            scales = _scales(metric, cells, rules)
-            figure = _matrix_heatmap(cells, scales, layers)
-            sections.append(
-                _section(
-                    f"{metric} across layers and whole matrices",
-                    _img(figure, f"{metric}, whole matrices")
-                    + _legend(metric, scales, "every matrix"),
+    for stack, mine in _by_stack(wholes):
+        count = stacks.get(stack, layers) if stack else layers
+        for metric in WHOLE_HEATMAP_METRICS:
+            cells = _cells(mine, metric)
+            if cells:
+                scales = _scales(metric, cells, rules_of_stack(rules, stack))
+                figure = _matrix_heatmap(cells, scales, count)
+                sections.append(
+                    _section(
+                        f"{metric} across layers and whole matrices{_of(stack)}",
+                        _img(figure, f"{metric}, whole matrices")
+                        + _legend(metric, scales, "every matrix"),
+                    )
                 )
-            )
-    for layer in _curve_layers(records, candidates, regressions):
+    for stack, layer in _curve_layers(records, candidates, regressions):
+        mine = [r for r in records if r.get("stack") == stack]
+        where = _text(f"{stack} layer {layer}" if stack else f"layer {layer}")
         sections.append(
             _section(
-                f"Singular values of every head, layer {layer}",
-                _img(_curves(records, layer), f"singular values, layer {layer}"),
+                f"Singular values of every head, {where}",
+                _img(_curves(mine, layer), f"singular values, {where}"),
             )
         )
     sections.extend(history)
     shown = model.get("argument") if model.get("source") == "hub" else model.get("path")
     title = f"pytest-spectral: {_text(shown or '')}"
     return _PAGE.format(title=title, body="\n".join(sections))
+
+
+def _by_stack(records: Sequence[Record]) -> list[tuple[str | None, list[Record]]]:
+    """The records of each stack of an encoder-decoder model, in order; all of them, under
+    ``None``, for a model of one stack (whose figures are drawn as before)."""
+    stacks = dict.fromkeys(r.get("stack") for r in records)
+    return [(s, [r for r in records if r.get("stack") == s]) for s in stacks]  # type: ignore[misc]
+
+
+def _of(stack: str | None) -> str:
+    return "" if stack is None else _text(f", {stack} stack")
+
+
+def _layer_cell(record: Record) -> str:
+    """A table's layer cell: ``3``, or ``cross 3`` in an encoder-decoder model."""
+    stack = record.get("stack")
+    return _text(record["layer"] if stack is None else f"{stack} {record['layer']}")
 
 
 def _cells(records: Sequence[Record], metric: str) -> dict[Cell, float]:
@@ -171,16 +195,21 @@ _COLOUR_WORDS = (
 
 def _curve_layers(
     records: Sequence[Record], candidates: Sequence[Candidate], regressions: Sequence[Regression]
-) -> list[int]:
+) -> list[tuple[str | None, int]]:
+    """(stack, layer) of the layers whose curves are drawn: the flagged ones, else the first."""
+    order = {
+        stack: index for index, stack in enumerate(dict.fromkeys(r.get("stack") for r in records))
+    }
+
+    def place(r: Record) -> tuple[int, int, str | None]:
+        stack = r.get("stack")
+        return order.get(stack, len(order)), int(r["layer"]), stack  # type: ignore[call-overload, return-value]
+
     flagged = sorted(
-        {
-            int(c.record["layer"])
-            for c in (*candidates, *regressions)
-            if c.record["head"] is not None
-        }  # type: ignore[call-overload]
+        {place(c.record) for c in (*candidates, *regressions) if c.record["head"] is not None}
     )
-    present = sorted({int(r["layer"]) for r in records})  # type: ignore[call-overload]
-    return (flagged or present[:1])[:MAX_CURVE_LAYERS]
+    present = sorted({place(r) for r in records})
+    return [(stack, layer) for _, layer, stack in (flagged or present[:1])[:MAX_CURVE_LAYERS]]
 
 
 def _heatmaps(
@@ -448,7 +477,7 @@ def _regressions_table(regressions: Sequence[Regression]) -> str:
         if g.rules:
             problems.append(_broken_rules(g.rules, r))
         rows.append(
-            f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_heads(g)}</td>'
+            f'<tr class="{_text(r["outcome"])}"><td>{_layer_cell(r)}</td><td>{_heads(g)}</td>'
             f"<td>{_text(r['matrix'])}</td><td>{_text(r['outcome'])}</td>"
             f"<td>{'<br>'.join(problems)}</td>"
             f"<td>{'x'.join(map(str, r['shape']))}</td></tr>"  # type: ignore[call-overload]
@@ -469,7 +498,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
     for c in candidates:
         r = c.record
         rows.append(
-            f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_heads(c)}</td>'
+            f'<tr class="{_text(r["outcome"])}"><td>{_layer_cell(r)}</td><td>{_heads(c)}</td>'
             f"<td>{_text(r['matrix'])}</td><td>{_text(r['outcome'])}</td>"
             f"<td>{_broken_rules(c.rules, r)}</td>"
             f"<td>{'-' if c.rank is None else c.rank}</td>"
@@ -488,9 +517,12 @@ def _whole_table(records: Sequence[Record]) -> str:
     """Every whole-matrix item with a result: where, outcome and its main metrics."""
     order = MATRICES + MLP_MATRICES
 
-    def key(r: Record) -> tuple[int, int, str]:
+    stacks = list(dict.fromkeys(r.get("stack") for r in records))
+
+    def key(r: Record) -> tuple[int, int, int, str]:
         matrix = str(r["matrix"])
-        return (int(r["layer"]), order.index(matrix) if matrix in order else len(order), matrix)  # type: ignore[call-overload]
+        rank = order.index(matrix) if matrix in order else len(order)
+        return (stacks.index(r.get("stack")), int(r["layer"]), rank, matrix)  # type: ignore[call-overload]
 
     header = (
         "<tr><th>layer</th><th>matrix</th><th>shape</th><th>outcome</th>"
@@ -498,7 +530,7 @@ def _whole_table(records: Sequence[Record]) -> str:
         + "</tr>"
     )
     rows = "".join(
-        f'<tr class="{_text(r["outcome"])}"><td>{r["layer"]}</td><td>{_text(r["matrix"])}</td>'
+        f'<tr class="{_text(r["outcome"])}"><td>{_layer_cell(r)}</td><td>{_text(r["matrix"])}</td>'
         f"<td>{'x'.join(map(str, r['shape']))}</td><td>{_text(r['outcome'])}</td>"  # type: ignore[call-overload]
         + "".join(f"<td>{_value(r, m):.4g}</td>" for m in WHOLE_TABLE_METRICS)
         + "</tr>"

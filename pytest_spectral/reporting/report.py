@@ -51,6 +51,7 @@ def json_numbers(values: Mapping[str, float]) -> dict[str, float | str]:
 def item_record(
     *,
     nodeid: str,
+    stack: str | None = None,
     layer: int,
     head: int | None,
     matrix: str,
@@ -61,6 +62,7 @@ def item_record(
 ) -> Record:
     return {
         "nodeid": nodeid,
+        "stack": stack,
         "layer": layer,
         "scope": "matrix" if head is None else "head",
         "head": head,
@@ -103,6 +105,7 @@ def item_record(
 def unrecorded_record(
     *,
     nodeid: str,
+    stack: str | None = None,
     layer: int,
     head: int | None,
     matrix: str,
@@ -115,6 +118,7 @@ def unrecorded_record(
     ran): where it is, its ``outcome`` and pytest's one-line ``error``; no values."""
     return {
         "nodeid": nodeid,
+        "stack": stack,
         "layer": layer,
         "scope": "matrix" if head is None else "head",
         "head": head,
@@ -179,6 +183,11 @@ def build_report(
             "path": str(checkpoint.root.resolve()),
             "model_type": checkpoint.model_type,
             "num_hidden_layers": g.layers,
+            "stacks": (
+                {span.name: span.layers for span in checkpoint.stacks}
+                if checkpoint.stacks
+                else None
+            ),
             "num_attention_heads": g.heads,
             "num_key_value_heads": g.kv_heads,
             "head_dim": g.head_dim,

@@ -10,18 +10,21 @@ from collections.abc import Mapping
 
 from pytest_spectral.checkpoints.families.custom import custom_family
 from pytest_spectral.checkpoints.families.decoders import DECODERS
+from pytest_spectral.checkpoints.families.encoder_decoder import ENCODER_DECODERS
 from pytest_spectral.checkpoints.families.encoders import ENCODERS
 from pytest_spectral.checkpoints.families.family import (
     FUSED_LAYOUTS,
     MLP_MATRICES,
+    STACKS,
     ArchitectureError,
     ConfigClass,
     Family,
+    Stack,
     Variant,
 )
 from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
 
-FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS
+FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS + ENCODER_DECODERS
 #: model types analysed as themselves, then the multimodal wrappers (their text model analysed)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
     *(t for f in FAMILIES for t in f.model_types),
@@ -34,10 +37,6 @@ NOT_YET: Mapping[str, str] = {
     **dict.fromkeys(
         ("deepseek_v2", "deepseek_v3", "kimi_k2"),
         "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
-    ),
-    **dict.fromkeys(
-        ("t5", "mt5", "umt5", "bart", "mbart", "whisper", "marian", "pegasus"),
-        "is an encoder-decoder model (encoder, decoder and cross-attention)",
     ),
     **dict.fromkeys(("vit", "siglip_vision_model", "clip_vision_model"), "is a vision model"),
 }
@@ -75,11 +74,13 @@ __all__ = [
     "MLP_MATRICES",
     "NOT_YET",
     "NO_ATTENTION",
+    "STACKS",
     "SUPPORTED_MODEL_TYPES",
     "WRAPPERS",
     "ArchitectureError",
     "ConfigClass",
     "Family",
+    "Stack",
     "Variant",
     "Wrapper",
     "custom_family",

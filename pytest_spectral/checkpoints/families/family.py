@@ -21,7 +21,7 @@ leave out any key whose class default applies.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 FUSED_LAYOUTS = ("concat", "interleaved", "grouped")
 MatrixNames = Mapping[str, str]
@@ -54,6 +54,8 @@ class ConfigClass:
 
     defaults: Mapping[str, object]
     aliases: Mapping[str, str] = field(default_factory=dict)
+    #: keys whose default is another key's value (T5's ``num_decoder_layers``: ``num_layers``)
+    same_as: Mapping[str, str] = field(default_factory=dict)
 
     def resolve(self, config: Mapping[str, object]) -> dict[str, object]:
         """``config`` with aliases read under their standard names and class defaults filled
@@ -64,6 +66,9 @@ class ConfigClass:
                 resolved[standard] = resolved[stored]
         for key, value in self.defaults.items():
             resolved.setdefault(key, value)
+        for key, source in self.same_as.items():
+            if source in resolved:
+                resolved.setdefault(key, resolved[source])
         return resolved
 
 
@@ -84,6 +89,25 @@ def classic(
     if head_dim is not None:
         defaults[HEAD_DIM] = head_dim
     return ConfigClass(defaults, dict(aliases or {}))
+
+
+#: the stacks of an encoder-decoder model's items, in collection order: the encoder's layers
+#: (self-attention, MLP), the decoder's (self-attention, MLP) and the decoder's cross-attention
+STACKS: tuple[str, ...] = ("encoder", "decoder", "cross")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of an encoder-decoder model: where its layers' attention (and MLP) tensors
+    are, and the config keys of its layer and head counts (BART's ``encoder_layers``...)."""
+
+    name: str
+    layer: str
+    tensors: MatrixNames
+    layers_keys: tuple[str, ...]
+    heads_keys: tuple[str, ...]
+    mlp_prefix: str = ""
+    mlp: MatrixNames = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,10 +136,35 @@ class Family:
     head_dim_keys: tuple[str, ...] = (HEAD_DIM,)
     #: for families whose fused layout and K/V head count depend on the config
     variant: Callable[[Mapping[str, object]], Variant] | None = field(default=None, compare=False)
+    #: an encoder-decoder model's stacks (``layer``/``tensors`` above: its first's); none for
+    #: a model of one stack of layers
+    stacks: tuple[Stack, ...] = ()
 
     @property
     def model_types(self) -> tuple[str, ...]:
         return tuple(self.configs)
+
+    def stack_families(self) -> tuple[tuple[str | None, Family], ...]:
+        """Each stack as a family of its own (one stack of layers), with its name; a model of
+        one stack is itself, unnamed."""
+        if not self.stacks:
+            return ((None, self),)
+        return tuple(
+            (
+                stack.name,
+                replace(
+                    self,
+                    layer=stack.layer,
+                    tensors=stack.tensors,
+                    mlp_prefix=stack.mlp_prefix,
+                    mlp=stack.mlp,
+                    layers_keys=stack.layers_keys,
+                    heads_keys=stack.heads_keys,
+                    stacks=(),
+                ),
+            )
+            for stack in self.stacks
+        )
 
     def layout_of(self, config: Mapping[str, object]) -> Variant:
         """The fused layout and where the K/V head count comes from, for this config.

@@ -186,7 +186,7 @@ def worst(values: np.ndarray, metric: str) -> np.ndarray:
 
 
 def layer_series(
-    table: HistoryTable, metric: str, matrix: str, layer: int
+    table: HistoryTable, metric: str, matrix: str, layer: int, stack: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The layer's median over its head items of ``matrix`` and its worst head's value (see
     :func:`worst`), one per report: what the layer plot draws. Non-finite values are left
@@ -194,7 +194,7 @@ def layer_series(
     columns = [
         c
         for c, p in enumerate(table.places)
-        if p.matrix == matrix and p.layer == layer and p.head is not None
+        if p.matrix == matrix and p.layer == layer and p.stack == stack and p.head is not None
     ]
     block = np.where(table.present[metric], table.values[metric], np.nan)[:, columns]
     finite = np.where(np.isfinite(block), block, np.nan)
@@ -210,19 +210,21 @@ def _layer_figure(table: HistoryTable, metric: str):
     steps, numbered = _steps(table)
     present = {p.matrix for p in table.places if p.head is not None}
     matrices = [m for m in MATRICES if m in present] + sorted(present - set(MATRICES))
-    layers = sorted({p.layer for p in table.places if p.head is not None})
+    stacks = list(dict.fromkeys(p.stack for p in table.places))
+    layers = sorted(
+        {(stacks.index(p.stack), p.layer, p.stack) for p in table.places if p.head is not None}
+    )
     figure, axes = plt.subplots(
         1, max(1, len(matrices)), figsize=(3.6 * max(1, len(matrices)), 3.4),
         constrained_layout=True, squeeze=False,
     )  # fmt: skip
     colours = plt.get_cmap("viridis")
     for axis, matrix in zip(axes[0], matrices, strict=False):
-        for rank, layer in enumerate(layers):
-            median, worst = layer_series(table, metric, matrix, layer)
+        for rank, (_, layer, stack) in enumerate(layers):
+            median, worst = layer_series(table, metric, matrix, layer, stack)
             colour = colours(rank / max(1, len(layers) - 1) * 0.9)
-            axis.plot(
-                steps, median, color=colour, linewidth=1.2, marker=".", label=f"layer {layer}"
-            )
+            label = f"layer {layer}" if stack is None else f"{stack} layer {layer}"
+            axis.plot(steps, median, color=colour, linewidth=1.2, marker=".", label=label)
             axis.plot(steps, worst, color=colour, linewidth=1.0, linestyle=":")
         axis.set_title(matrix)
         axis.set_ylabel(metric)

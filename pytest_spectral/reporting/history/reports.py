@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_spectral.checkpoints.families import STACKS
 from pytest_spectral.reporting.step import MAX_LABEL_CHARACTERS, MAX_STEP, Step
 from pytest_spectral.results import OUTCOMES, report_number, schema_problem
 from pytest_spectral.results import value_kind as _kind
@@ -94,6 +95,8 @@ class ItemPoint:
     matrix: str
     outcome: str
     metrics: Mapping[str, float]
+    #: an encoder-decoder model's stack (``None`` otherwise, and in reports before version 4)
+    stack: str | None = None
 
 
 def report_sources(arguments: Sequence[Path], *, what: str) -> list[ReportSource]:
@@ -175,7 +178,11 @@ def read_items(
             raise HistoryError(f"{where} must be an object, got {_kind(item)}")
         nodeid, matrix = item.get("nodeid"), item.get("matrix")
         layer, head, outcome = item.get("layer"), item.get("head"), item.get("outcome")
-        metrics = item.get("metrics")
+        metrics, stack = item.get("metrics"), item.get("stack")
+        if stack is not None and stack not in STACKS:
+            raise HistoryError(
+                f"{where}.stack must be one of {', '.join(STACKS)} or null, got {_kind(stack)}"
+            )
         if not isinstance(nodeid, str) or not 0 < len(nodeid) <= _MAX_NAME:
             raise HistoryError(f"{where}.nodeid must be a string, got {_kind(nodeid)}")
         if not isinstance(matrix, str) or not 0 < len(matrix) <= _MAX_NAME:
@@ -197,6 +204,7 @@ def read_items(
             matrix,
             outcome,  # type: ignore[arg-type]
             {key: number(f"{where}.metrics.{key}", metrics[key]) for key in keys if key in metrics},
+            stack,
         )
 
 

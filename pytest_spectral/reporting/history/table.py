@@ -38,6 +38,8 @@ class Place:
     layer: int
     head: int | None
     matrix: str
+    #: an encoder-decoder model's stack, else ``None``
+    stack: str | None = None
 
 
 @dataclass
@@ -126,11 +128,11 @@ def build_table(
         for point in read_items(source, document, keys):
             column = columns.setdefault(point.nodeid, len(columns))
             if column == len(places):
-                places.append(Place(point.layer, point.head, point.matrix))
-            elif places[column] != Place(point.layer, point.head, point.matrix):
+                places.append(Place(point.layer, point.head, point.matrix, point.stack))
+            elif places[column] != Place(point.layer, point.head, point.matrix, point.stack):
                 raise HistoryError(
-                    f"{source.name}: item {point.nodeid!r} is at another layer, head or "
-                    "matrix than in an earlier report"
+                    f"{source.name}: item {point.nodeid!r} is at another stack, layer, head "
+                    "or matrix than in an earlier report"
                 )
             found.append((column, OUTCOMES.index(point.outcome), dict(point.metrics)))
         del document  # the next report replaces it: one at a time
@@ -218,7 +220,7 @@ def trend_breaks(table: HistoryTable, rules: Sequence[Rule]) -> dict[tuple[int, 
         columns = [
             c
             for c, place in enumerate(table.places)
-            if rule.applies_to(place.layer, place.head, place.matrix)
+            if rule.applies_to(place.layer, place.head, place.matrix, place.stack)
         ]
         values, present = table.values[key][:, columns], table.present[key][:, columns]
         for index in range(1, len(table.headers)):
