@@ -17,6 +17,7 @@ import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS
+from pytest_spectral.checkpoints.families import split_expert_item
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
@@ -36,7 +37,7 @@ ROOT_NAME = "spectral"
 CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
-_NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$")
+_NODEID = re.compile(rf"^{ROOT_NAME}::layer(\d+)::(?:head(\d+)-)?(\w+|expert\d+-\w+)(?:@.*)?$")
 
 
 def item_position(nodeid: str) -> tuple[int, int | None, str] | None:
@@ -124,7 +125,7 @@ class LayerCollector(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Item]:
         run = self.config.stash[RUN_KEY]
-        for name, head, matrix in item_names(run):
+        for name, head, matrix in item_names(run, self.layer):
             if selected(f"{self.nodeid}::{name}", run.selected):
                 yield SpectralItem.from_parent(
                     self, name=name, layer=self.layer, head=head, matrix=matrix
@@ -151,11 +152,12 @@ def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
         yield f"layer{layer:0{width}d}", layer
 
 
-def item_names(run: SpectralRun) -> Iterator[tuple[str, int | None, str]]:
-    """``(name, head, matrix)`` of a layer's items: whole matrices first (``q``, ``down``),
-    then heads (``head17-q``); head ``None`` for a whole matrix."""
+def item_names(run: SpectralRun, layer: int) -> Iterator[tuple[str, int | None, str]]:
+    """``(name, head, matrix)`` of ``layer``'s items: whole matrices first (``q``, ``down``,
+    ``expert05-gate``: those the layer has, a mixture of experts' dense and sparse layers
+    differ), then heads (``head17-q``); head ``None`` for a whole matrix."""
     if "matrix" in run.scopes:
-        for matrix in run.whole_matrices:
+        for matrix in run.checkpoint.layer_matrices(layer, run.whole_matrices):
             yield matrix, None, matrix
     if "head" not in run.scopes:
         return
@@ -169,10 +171,10 @@ def item_names(run: SpectralRun) -> Iterator[tuple[str, int | None, str]]:
 def spectral_ids(run: SpectralRun) -> Iterator[str]:
     """Every node id the run can collect: the root, its layers and their items."""
     yield ROOT_NAME
-    for layer, _ in layer_names(run):
-        yield f"{ROOT_NAME}::{layer}"
-        for name, _, _ in item_names(run):
-            yield f"{ROOT_NAME}::{layer}::{name}"
+    for layer_name, layer in layer_names(run):
+        yield f"{ROOT_NAME}::{layer_name}"
+        for name, _, _ in item_names(run, layer):
+            yield f"{ROOT_NAME}::{layer_name}::{name}"
 
 
 def selected(nodeid: str, arguments: tuple[str, ...]) -> bool:
@@ -336,6 +338,12 @@ class SpectralItem(pytest.Item):
         g = run.checkpoint.geometry
         if self.matrix in CIRCUITS:
             return self._circuit_where(run)
+        kind, expert = split_expert_item(self.matrix)
+        if expert is not None:
+            m, n = run.checkpoint.item_shape(self.matrix, whole=True)
+            where = run.checkpoint.experts[(self.layer, kind)].location(expert)
+            part = kind.removeprefix("expert-")
+            return f"layer {self.layer}, expert {expert}, {part}: {where} ({m}x{n})"
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)

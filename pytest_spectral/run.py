@@ -229,7 +229,12 @@ class SpectralRun:
             for matrix in (self.whole_matrices if scope == "matrix" else self.head_matrices)
         }
         try:
-            needed = ((layer, matrix) for layer in self.layers for matrix in matrices)
+            needed = (
+                (layer, matrix)
+                for layer in self.layers
+                for matrix in matrices
+                if (layer, matrix) in self.checkpoint.tensors  # a layer's own MLP matrices
+            )
             self.checkpoint.check_readable(needed)
         except CheckpointError as exc:
             raise pytest.UsageError(printable(str(exc))) from None

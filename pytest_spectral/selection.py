@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES, split_expert_item
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
@@ -93,7 +93,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     item = parts[2]
     head_match = _HEAD_ITEM.match(item)
     if head_match is None:
-        return _why_not_whole(item, run)
+        return _why_not_whole(item, run, layer)
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
@@ -113,18 +113,30 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     return "head numbers are zero-padded, as --collect-only -q lists them"
 
 
-def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
+def _why_not_whole(item: str, run: SpectralRun, layer: int) -> str | None:
+    matrix, expert = split_expert_item(item)
+    if expert is not None and (layer, matrix) not in run.checkpoint.tensors:
+        return f"layer {layer} has no experts (a dense layer, or the checkpoint has none)"
+    if expert is not None and (layer, matrix) in run.checkpoint.experts:
+        count = run.checkpoint.experts[(layer, matrix)].count
+        if expert >= count:
+            return f"layer {layer} has {counted(count, 'expert')} ({indices(count)})"
     if matrix in CIRCUITS:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
     if matrix not in MATRICES + MLP_MATRICES:
         return None
     if "matrix" not in run.scopes:
         return (
-            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or "
-            "both)"
+            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or both)"
         )
     if matrix not in MATRICES + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
+    if (layer, matrix) not in run.checkpoint.tensors:
+        return (
+            f"layer {layer} has no {matrix} (a mixture of experts' dense and sparse layers differ)"
+        )
+    if matrix in run.whole_matrices:
+        return "expert numbers are zero-padded, as --collect-only -q lists them"
     return f"--spectral-matrices leaves out {matrix}"
 
 

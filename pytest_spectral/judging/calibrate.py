@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import matrix_kind
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
@@ -92,7 +93,8 @@ def calibrated_rules(
             f"# The run measured only {part}: each rule is restricted to the layers and",
             "# heads its items came from (layers = ..., heads = ...).",
         ]
-    matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
+    # one rule per kind: every expert's gate matrix is bounded by the range of all of them
+    matrices = list(dict.fromkeys(matrix_kind(str(r["matrix"])) for r in healthy))
     for scope in ("head", "matrix"):
         for matrix in sorted(
             matrices,
@@ -102,9 +104,9 @@ def calibrated_rules(
                 m,
             ),
         ):
-            rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
+            rows = [r for r in healthy if _kind(r) == matrix and r.get("scope", "head") == scope]
             measured = [
-                r for r in records if r["matrix"] == matrix and r.get("scope", "head") == scope
+                r for r in records if _kind(r) == matrix and r.get("scope", "head") == scope
             ]
             where = _restriction(measured, layers, heads)
             for metric, scale in CALIBRATED:
@@ -112,6 +114,10 @@ def calibrated_rules(
                 if values.size:
                     lines += ["", *_rule(scope, matrix, metric, scale, values, margin), *where]
     return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
+
+
+def _kind(record: Record) -> str:
+    return matrix_kind(str(record["matrix"]))
 
 
 def _indices(records: Iterable[Record], key: str) -> list[int]:

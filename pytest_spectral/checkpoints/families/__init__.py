@@ -12,14 +12,27 @@ from pytest_spectral.checkpoints.families.custom import custom_family
 from pytest_spectral.checkpoints.families.decoders import DECODERS
 from pytest_spectral.checkpoints.families.encoders import ENCODERS
 from pytest_spectral.checkpoints.families.family import (
+    DENSE_MLP_MATRICES,
     FUSED_LAYOUTS,
-    MLP_MATRICES,
     ArchitectureError,
     ConfigClass,
     Family,
     Variant,
 )
+from pytest_spectral.checkpoints.families.moe import (
+    EXPERT_MATRICES,
+    ROUTER,
+    SHARED_MATRICES,
+    ExpertMatrix,
+    Moe,
+    expert_item,
+    matrix_kind,
+    split_expert_item,
+)
 from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
+
+#: names of whole-matrix MLP items (for experts, their kinds), across families
+MLP_MATRICES: tuple[str, ...] = DENSE_MLP_MATRICES + EXPERT_MATRICES + SHARED_MATRICES + (ROUTER,)
 
 FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS
 #: model types analysed as themselves, then the multimodal wrappers (their text model analysed)
@@ -69,6 +82,7 @@ def text_model(config: Mapping[str, object]) -> tuple[dict[str, object], Family 
 
 
 __all__ = [
+    "EXPERT_MATRICES",
     "FAMILIES",
     "FUSED_LAYOUTS",
     "GENERIC",
@@ -79,10 +93,15 @@ __all__ = [
     "WRAPPERS",
     "ArchitectureError",
     "ConfigClass",
+    "ExpertMatrix",
     "Family",
+    "Moe",
     "Variant",
     "Wrapper",
     "custom_family",
+    "expert_item",
     "family_for",
+    "matrix_kind",
+    "split_expert_item",
     "text_model",
 ]
