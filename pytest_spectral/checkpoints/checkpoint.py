@@ -367,6 +367,7 @@ def open_checkpoint(
         mlp, experts = _moe_tensors(entries, prefix, moe, geometry.layers, sparse)
         _check_expert_count(config_file, experts)
     tensors.update(mlp)
+    tensors.update({key: e.sources[0] for key, e in experts.items()})  # names, dtype, file
     kinds = {matrix for _, matrix in [*mlp, *experts]}
     names = tuple(m for m in MLP_MATRICES if m in kinds)
     return Checkpoint(
