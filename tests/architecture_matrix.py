@@ -253,6 +253,13 @@ CASES: dict[str, Case] = {
         "modernbert", {**SMALL, "pad_token_id": 0}, mlp=("gate_up", "down"), encoder=True
     ),
     "clip_text_model": _case("clip_text_model", SMALL, mlp=FC, encoder=True),
+    "vit": _case("vit", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True),
+    "clip_vision_model": _case(
+        "clip_vision_model", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True
+    ),
+    "siglip_vision_model": _case(
+        "siglip_vision_model", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True
+    ),
     "llava": _case(
         "llava",
         {

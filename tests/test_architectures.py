@@ -105,11 +105,20 @@ def run(model, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            ids = torch.arange(3, 9).unsqueeze(0)
-            out = model(input_ids=ids, output_attentions=True)
+            out = model(**model_inputs(model), output_attentions=True)
     finally:
         handle.remove()
     return out.attentions[0][0], captured["input"][0], captured["output"][0]
+
+
+def model_inputs(model) -> dict[str, torch.Tensor]:
+    """Six tokens, or for a vision model one image of its size (fixed random pixels)."""
+    if model.main_input_name == "pixel_values":
+        config = model.config
+        pixels = torch.Generator().manual_seed(0)
+        shape = (1, config.num_channels, config.image_size, config.image_size)
+        return {"pixel_values": torch.randn(shape, generator=pixels)}
+    return {"input_ids": torch.arange(3, 9).unsqueeze(0)}
 
 
 def perturbed(model, name: str, indices: torch.Tensor, factor: float | None = None):

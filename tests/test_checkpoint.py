@@ -97,7 +97,6 @@ class TestErrors:
             ("deepseek_v3", "uses multi-head latent attention"),
             ("t5", "is an encoder-decoder model"),
             ("whisper", "is an encoder-decoder model"),
-            ("vit", "is a vision model"),
         ],
     )
     def test_types_not_analysed_yet_say_why(self, tiny_checkpoint, model_type, reason) -> None:

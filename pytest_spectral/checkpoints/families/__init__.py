@@ -52,7 +52,6 @@ NOT_YET: Mapping[str, str] = {
         ("t5", "mt5", "umt5", "bart", "mbart", "whisper", "marian", "pegasus"),
         "is an encoder-decoder model (encoder, decoder and cross-attention)",
     ),
-    **dict.fromkeys(("vit", "siglip_vision_model", "clip_vision_model"), "is a vision model"),
 }
 #: a model_type nobody declared, whose tensors follow the most common layout, is read as this
 GENERIC = next(f for f in FAMILIES if f.name == "llama")
