@@ -210,3 +210,18 @@ def test_a_flood_of_tiny_stacked_experts_is_refused(tmp_path: Path) -> None:
         weights[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.ones(5000, 2, 2)
     with pytest.raises(CheckpointError, match="implausible expert tensors"):
         open_checkpoint(write(tmp_path / "flood", weights))
+
+
+def test_heatmaps_leave_the_experts_out_and_say_so(pytester, moe: Path) -> None:
+    """A column per expert matrix would be hundreds wide in a real model."""
+    pytest.importorskip("matplotlib")
+    page = pytester.path / "report.html"
+    result = run(
+        pytester, moe, "--spectral-scope=matrix", "--spectral-heatmap=stable_rank",
+        f"--spectral-html={page}",
+    )  # fmt: skip
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["expert matrices (expertNN-gate, -up, -down) are not drawn"])
+    html = page.read_text()
+    assert "Expert matrices (expertNN-gate, -up, -down) are not drawn" in html
+    assert "expert02-down" in html  # in the table of whole matrices

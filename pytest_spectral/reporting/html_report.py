@@ -28,6 +28,7 @@ from pytest_spectral.reporting.scale import (
     Scale,
     cell_scales,
     direction_words,
+    is_expert_record,
     scales_legend,
 )
 
@@ -116,8 +117,9 @@ def render_html(
             )
     if wholes:
         sections.append(_section("Whole matrices", _whole_table(wholes)))
+    drawn = [r for r in wholes if not is_expert_record(r)]
     for metric in WHOLE_HEATMAP_METRICS:
-        cells = _cells(wholes, metric)
+        cells = _cells(drawn, metric)
         if cells:
             scales = _scales(metric, cells, rules)
             figure = _matrix_heatmap(cells, scales, layers)
@@ -125,7 +127,8 @@ def render_html(
                 _section(
                     f"{metric} across layers and whole matrices",
                     _img(figure, f"{metric}, whole matrices")
-                    + _legend(metric, scales, "every matrix"),
+                    + _legend(metric, scales, "every matrix")
+                    + (f"<p>{_EXPERTS_NOT_DRAWN}</p>" if len(drawn) < len(wholes) else ""),
                 )
             )
     for layer in _curve_layers(records, candidates, regressions):
@@ -139,6 +142,14 @@ def render_html(
     shown = model.get("argument") if model.get("source") == "hub" else model.get("path")
     title = f"pytest-spectral: {_text(shown or '')}"
     return _PAGE.format(title=title, body="\n".join(sections))
+
+
+#: a mixture of experts has hundreds of expert matrices per layer: a column each would make a
+#: figure no one can read (and matplotlib cannot draw)
+_EXPERTS_NOT_DRAWN = (
+    "Expert matrices (expertNN-gate, -up, -down) are not drawn; the table above and the JSON "
+    "report have each."
+)
 
 
 def _cells(records: Sequence[Record], metric: str) -> dict[Cell, float]:
