@@ -225,3 +225,15 @@ def test_heatmaps_leave_the_experts_out_and_say_so(pytester, moe: Path) -> None:
     html = page.read_text()
     assert "Expert matrices (expertNN-gate, -up, -down) are not drawn" in html
     assert "expert02-down" in html  # in the table of whole matrices
+
+
+def test_an_expert_number_far_beyond_the_others_names_the_first_missing(tmp_path: Path) -> None:
+    """A header naming expert 10**15 (and not the ones below) neither allocates 10**15 names
+    nor hangs: the first missing expert is named."""
+    from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+    from pytest_spectral.errors import CheckpointError
+
+    weights = tensors()
+    weights["model.layers.1.mlp.experts.1000000000000000.gate_proj.weight"] = torch.ones(2, 2)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.experts\.3\.gate_proj"):
+        open_checkpoint(write(tmp_path / "far", weights))

@@ -215,6 +215,15 @@ class Checkpoint:
         return max(2, len(str(most - 1)))
 
     @cached_property
+    def _expert_shapes(self) -> dict[str, tuple[int, int]]:
+        """``[out, in]`` of each expert kind's matrices, from the first layer that has it."""
+        shapes: dict[str, tuple[int, int]] = {}
+        for (_, kind), experts in self.experts.items():
+            if kind not in shapes:
+                shapes[kind] = experts.shape
+        return shapes
+
+    @cached_property
     def _whole_shapes(self) -> dict[str, tuple[int, int]]:
         """Stored shape of each MLP kind, from the first layer that has it."""
         shapes: dict[str, tuple[int, int]] = {}
@@ -280,9 +289,8 @@ class Checkpoint:
                 )
             )
         kind = matrix_kind(matrix)
-        experts = next((e for (_, k), e in self.experts.items() if k == kind), None)
-        if experts is not None:
-            return experts.shape
+        if kind in self._expert_shapes:
+            return self._expert_shapes[kind]
         rows, cols = self._whole_shapes[kind]
         return (cols, rows) if self.layout.conv1d else (rows, cols)
 
@@ -294,7 +302,7 @@ class Checkpoint:
         Raises :class:`CheckpointError`.
         """
         for layer, item_matrix in dict.fromkeys((layer, matrix_kind(m)) for layer, m in keys):
-            experts = self.experts.get((layer, matrix_kind(item_matrix)))
+            experts = self.experts.get((layer, item_matrix))
             if experts is not None:
                 if (problem := experts.problem()) is not None:
                     raise CheckpointError(problem)
@@ -623,14 +631,20 @@ def _moe_tensors(
         template = moe.prefix + matrix.name
         numbers = _expert_numbers(entries, prefix, template) if matrix.per_expert else {}
         for layer in sparse:
-            # per expert: as many as the highest number found says, each of which must exist
-            count = max(numbers.get(layer, {-1})) + 1 if matrix.per_expert else 1
+            # per expert: numbers 0 to count - 1, found in the names (a number far beyond the
+            # count, from a hostile header, names the first one missing below it)
+            found = numbers.get(layer, set()) if matrix.per_expert else {0}
+            count = len(found)
             names = [prefix + template.format(layer=layer, expert=e) for e in range(count)]
-            missing = next((n for n in names if n not in entries), None)
-            if not names or missing is not None:
-                name = missing or prefix + template.format(layer=layer, expert=0)
+            if max(found, default=-1) != count - 1 or not found:
+                absent = min(set(range(count + 1)) - found)
+                name = prefix + template.format(layer=layer, expert=absent)
                 raise CheckpointError(
                     f"tensor {name!r} is missing (layer {first} has its expert {kind} matrices)"
+                )
+            if not matrix.per_expert and names[0] not in entries:
+                raise CheckpointError(
+                    f"tensor {names[0]!r} is missing (layer {first} has its expert {kind} matrices)"
                 )
             experts[(layer, f"expert-{kind}")] = ExpertTensors(
                 matrix, tuple(entries[name] for name in names)
