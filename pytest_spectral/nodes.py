@@ -19,7 +19,7 @@ import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS
-from pytest_spectral.checkpoints.families import STACKS
+from pytest_spectral.checkpoints.families import STACKS, split_expert_item
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
@@ -40,7 +40,8 @@ CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
 _NODEID = re.compile(
-    rf"^{ROOT_NAME}::(?:({'|'.join(STACKS)})::)?layer(\d+)::(?:head(\d+)-)?(\w+)(?:@.*)?$"
+    rf"^{ROOT_NAME}::(?:({'|'.join(STACKS)})::)?layer(\d+)::"
+    r"(?:head(\d+)-)?(\w+|expert\d+-\w+)(?:@.*)?$"
 )
 
 
@@ -199,14 +200,13 @@ def layer_names(run: SpectralRun) -> Iterator[tuple[str, int]]:
 
 
 def item_names(run: SpectralRun, block: int) -> Iterator[tuple[str, int | None, str]]:
-    """``(name, head, matrix)`` of a layer's items: whole matrices first (``q``, ``down``),
-    then heads (``head17-q``); head ``None`` for a whole matrix. A cross-attention layer has
-    no MLP of its own (its decoder layer's is the decoder stack's)."""
+    """``(name, head, matrix)`` of a layer's items: whole matrices first (``q``, ``down``,
+    ``expert05-gate``: those the layer has, since a mixture of experts' dense and sparse
+    layers differ, and a cross-attention layer has no MLP of its own), then heads
+    (``head17-q``); head ``None`` for a whole matrix."""
     if "matrix" in run.scopes:
-        mlp = run.checkpoint.mlp
-        for matrix in run.whole_matrices:
-            if matrix not in mlp or (block, matrix) in run.checkpoint.tensors:
-                yield matrix, None, matrix
+        for matrix in run.checkpoint.layer_matrices(block, run.whole_matrices):
+            yield matrix, None, matrix
     if "head" not in run.scopes:
         return
     heads = run.checkpoint.geometry.heads
@@ -392,6 +392,12 @@ class SpectralItem(pytest.Item):
         where = place(*run.checkpoint.position(self.layer))
         if self.matrix in CIRCUITS:
             return self._circuit_where(run)
+        kind, expert = split_expert_item(self.matrix)
+        if expert is not None:
+            m, n = run.checkpoint.item_shape(self.matrix, whole=True)
+            location = run.checkpoint.experts[(self.layer, kind)].location(expert)
+            part = kind.removeprefix("expert-")
+            return f"{where}, expert {expert}, {part}: {location} ({m}x{n})"
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)

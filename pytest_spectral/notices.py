@@ -52,7 +52,7 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
                 "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
                 if custom
                 else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
-                "names them (a mixture of experts stores its experts in 3-D tensors)"
+                "names them"
             )
         )
     rules = run.rules

@@ -237,8 +237,9 @@ class SpectralRun:
                 (layer, matrix)
                 for layer in self.layers
                 for matrix in matrices
-                # a cross-attention block has no MLP of its own
-                if matrix not in self.checkpoint.mlp or (layer, matrix) in self.checkpoint.tensors
+                # a layer's own matrices: dense and sparse layers differ, a cross-attention
+                # block has no MLP
+                if (layer, matrix) in self.checkpoint.tensors
             )
             self.checkpoint.check_readable(needed)
         except CheckpointError as exc:

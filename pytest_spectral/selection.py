@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
+from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS, split_expert_item
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun, layer_counts
@@ -134,24 +134,36 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     return "head numbers are zero-padded, as --collect-only -q lists them"
 
 
-def _why_not_whole(matrix: str, run: SpectralRun, block: int) -> str | None:
+def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
+    matrix, expert = split_expert_item(item)
+    if expert is not None and (block, matrix) not in run.checkpoint.tensors:
+        return f"layer {block} has no experts (a dense layer, or the checkpoint has none)"
+    if expert is not None and (block, matrix) in run.checkpoint.experts:
+        count = run.checkpoint.experts[(block, matrix)].count
+        if expert >= count:
+            return f"layer {block} has {counted(count, 'expert')} ({indices(count)})"
     if matrix in CIRCUITS:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
     if matrix not in MATRICES + MLP_MATRICES:
         return None
     if "matrix" not in run.scopes:
         return (
-            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or "
-            "both)"
+            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or both)"
         )
     if matrix not in MATRICES + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
     stack = run.checkpoint.position(block)[0]
-    if matrix not in MATRICES and (block, matrix) not in run.checkpoint.tensors:
+    if (block, matrix) not in run.checkpoint.tensors and stack is not None:
         return (
             f"the {stack} stack has no MLP of its own: its layer's {matrix} is "
             f"{ROOT_NAME}::decoder::layerNN::{matrix}"
         )
+    if (block, matrix) not in run.checkpoint.tensors:
+        return (
+            f"layer {block} has no {matrix} (a mixture of experts' dense and sparse layers differ)"
+        )
+    if matrix in run.whole_matrices:
+        return "expert numbers are zero-padded, as --collect-only -q lists them"
     return f"--spectral-matrices leaves out {matrix}"
 
 

@@ -42,6 +42,16 @@ class Case:
     joint_qk_norm: bool = False
     #: loads with AutoModel (an encoder) rather than AutoModelForCausalLM
     encoder: bool = False
+    #: a mixture of experts: routed experts per sparse layer (which layers are sparse is read
+    #: from the model transformers builds), and a sparse layer's other whole matrices;
+    #: ``mlp`` is then a dense layer's
+    experts: int = 0
+    moe: tuple[str, ...] = ()
+    #: how transformers 5's expert parameters hold gate, up and down (its modeling code):
+    #: "chunk" ``gate_up_proj[e]`` [2I, H], gate then up, ``down_proj[e]`` [H, I];
+    #: "transposed" [H, 2I] halves and [I, H] (Llama 4); "interleaved" [H, 2I] with
+    #: gate = ``[..., ::2]``, up = ``[..., 1::2]`` (gpt-oss)
+    expert_form: str = "chunk"
 
 
 def _case(model_type: str, config: dict[str, object] | None = None, **kw: object) -> Case:
@@ -51,16 +61,65 @@ def _case(model_type: str, config: dict[str, object] | None = None, **kw: object
 #: Qwen2-VL's multimodal rotary sections, for head_dim 16
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ROUTER = ("router",)
+GLM_MOE = {
+    "n_routed_experts": 3,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+}
+SHARED = ("router", "shared-gate", "shared-up", "shared-down")
 
 CASES: dict[str, Case] = {
     "llama": _case("llama"),
     "mistral": _case("mistral"),
     "ministral": _case("ministral", {**GQA, "head_dim": 16}),
-    "mixtral": _case("mixtral", {**GQA, "num_local_experts": 2}, mlp=()),
+    "mixtral": _case("mixtral", {**GQA, "num_local_experts": 3}, mlp=(), experts=3, moe=ROUTER),
     "qwen2": _case("qwen2"),
-    "qwen2_moe": _case("qwen2_moe", {**GQA, **MOE, "shared_expert_intermediate_size": 32}, mlp=()),
+    "qwen2_moe": _case(
+        "qwen2_moe",
+        {**GQA, **MOE, "shared_expert_intermediate_size": 32},
+        mlp=(),
+        experts=4,
+        moe=SHARED,
+    ),
+    "qwen2_moe (decoder_sparse_step 2)": _case(
+        "qwen2_moe",
+        {**GQA, **MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 2},
+        experts=4,
+        moe=SHARED,
+    ),
     "qwen3": _case("qwen3", {**GQA, "head_dim": 8}),
-    "qwen3_moe": _case("qwen3_moe", {**GQA, **MOE}, mlp=()),
+    "qwen3_moe": _case("qwen3_moe", {**GQA, **MOE}, mlp=(), experts=4, moe=ROUTER),
+    "qwen3_moe (mlp_only_layers)": _case(
+        "qwen3_moe", {**GQA, **MOE, "mlp_only_layers": [0]}, experts=4, moe=ROUTER
+    ),
+    "glm4_moe": _case(
+        "glm4_moe",
+        {**GQA, "head_dim": 16, **GLM_MOE, "first_k_dense_replace": 1},
+        experts=3,
+        moe=SHARED,
+    ),
+    "dots1": _case(
+        "dots1",
+        {**GQA, "head_dim": 16, **GLM_MOE, "first_k_dense_replace": 1},
+        experts=3,
+        moe=SHARED,
+    ),
+    "ernie4_5_moe": _case(
+        "ernie4_5_moe",
+        {
+            **GQA,
+            "head_dim": 16,
+            "moe_num_experts": 3,
+            "moe_k": 2,
+            "moe_intermediate_size": 32,
+            "moe_num_shared_experts": 1,
+            "moe_layer_start_index": 1,
+        },
+        experts=3,
+        moe=SHARED,
+    ),
     "gemma": _case("gemma", {**SMALL, "num_key_value_heads": 1, "head_dim": 32}),
     "gemma2": _case("gemma2", {**GQA, "head_dim": 24}),
     "gemma3_text": _case("gemma3_text", {**GQA, "head_dim": 16}),
@@ -68,11 +127,32 @@ CASES: dict[str, Case] = {
         "llama4_text",
         {**GQA, "head_dim": 16, "num_local_experts": 2, "intermediate_size_mlp": 128},
         mlp=(),
+        experts=2,
+        moe=SHARED,
+        expert_form="transposed",
+    ),
+    "llama4_text (interleave_moe_layer_step 2)": _case(
+        "llama4_text",
+        {
+            **GQA,
+            "head_dim": 16,
+            "num_local_experts": 2,
+            "intermediate_size_mlp": 128,
+            "interleave_moe_layer_step": 2,
+        },
+        experts=2,
+        moe=SHARED,
+        expert_form="transposed",
     ),
     "gpt_oss": _case(
-        "gpt_oss", {**GQA, "head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 2}, mlp=()
+        "gpt_oss",
+        {**GQA, "head_dim": 16, "num_local_experts": 3, "num_experts_per_tok": 2},
+        mlp=(),
+        experts=3,
+        moe=ROUTER,
+        expert_form="interleaved",
     ),
-    "phimoe": _case("phimoe", {**GQA, "num_local_experts": 2}, mlp=()),
+    "phimoe": _case("phimoe", {**GQA, "num_local_experts": 2}, mlp=(), experts=2, moe=ROUTER),
     "olmo": _case("olmo"),
     "olmo2": _case("olmo2", joint_qk_norm=True),
     "olmo3": _case("olmo3", joint_qk_norm=True),
@@ -80,7 +160,9 @@ CASES: dict[str, Case] = {
     "cohere2": _case("cohere2", {**GQA, "head_dim": 16}),
     "stablelm": _case("stablelm"),
     "granite": _case("granite"),
-    "granitemoe": _case("granitemoe", {**GQA, "num_local_experts": 2}, mlp=()),
+    "granitemoe": _case(
+        "granitemoe", {**GQA, "num_local_experts": 2}, mlp=(), experts=2, moe=ROUTER
+    ),
     "smollm3": _case("smollm3", {**GQA, "pad_token_id": 0}),
     "exaone4": _case("exaone4"),
     "helium": _case("helium", {**GQA, "head_dim": 16}),
@@ -91,13 +173,26 @@ CASES: dict[str, Case] = {
     "nemotron": _case("nemotron", {**GQA, "head_dim": 16}, mlp=("up", "down")),
     "arcee": _case("arcee", mlp=("up", "down")),
     "olmoe": _case(
-        "olmoe", {**GQA, "num_experts": 2, "num_experts_per_tok": 2}, mlp=(), joint_qk_norm=True
+        "olmoe",
+        {**GQA, "num_experts": 2, "num_experts_per_tok": 2},
+        mlp=(),
+        joint_qk_norm=True,
+        experts=2,
+        moe=ROUTER,
     ),
     "hunyuan_v1_moe": _case(
-        "hunyuan_v1_moe", {**GQA, "head_dim": 16, "num_experts": 2, "moe_topk": 2}, mlp=()
+        "hunyuan_v1_moe",
+        {**GQA, "head_dim": 16, "num_experts": 2, "moe_topk": 2},
+        mlp=(),
+        experts=2,
+        moe=SHARED,
     ),
     "granitemoeshared": _case(
-        "granitemoeshared", {**GQA, "num_local_experts": 2, "shared_intermediate_size": 32}, mlp=()
+        "granitemoeshared",
+        {**GQA, "num_local_experts": 2, "shared_intermediate_size": 32},
+        mlp=(),
+        experts=2,
+        moe=("router", "shared-gate_up", "shared-down"),
     ),
     "starcoder2": _case("starcoder2", mlp=FC),
     "glm": _case("glm", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
@@ -158,6 +253,13 @@ CASES: dict[str, Case] = {
         "modernbert", {**SMALL, "pad_token_id": 0}, mlp=("gate_up", "down"), encoder=True
     ),
     "clip_text_model": _case("clip_text_model", SMALL, mlp=FC, encoder=True),
+    "vit": _case("vit", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True),
+    "clip_vision_model": _case(
+        "clip_vision_model", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True
+    ),
+    "siglip_vision_model": _case(
+        "siglip_vision_model", {**SMALL, "image_size": 32, "patch_size": 8}, mlp=FC, encoder=True
+    ),
     "llava": _case(
         "llava",
         {

@@ -105,11 +105,20 @@ def run(model, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            ids = torch.arange(3, 9).unsqueeze(0)
-            out = model(input_ids=ids, output_attentions=True)
+            out = model(**model_inputs(model), output_attentions=True)
     finally:
         handle.remove()
     return out.attentions[0][0], captured["input"][0], captured["output"][0]
+
+
+def model_inputs(model) -> dict[str, torch.Tensor]:
+    """Six tokens, or for a vision model one image of its size (fixed random pixels)."""
+    if model.main_input_name == "pixel_values":
+        config = model.config
+        pixels = torch.Generator().manual_seed(0)
+        shape = (1, config.num_channels, config.image_size, config.image_size)
+        return {"pixel_values": torch.randn(shape, generator=pixels)}
+    return {"input_ids": torch.arange(3, 9).unsqueeze(0)}
 
 
 def perturbed(model, name: str, indices: torch.Tensor, factor: float | None = None):
@@ -245,8 +254,9 @@ def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
 def test_whole_run_through_pytest(family, pytester) -> None:
     """Every item the geometry implies is collected and run; a failure report locates the
     slice in the stored tensor (in fused and transposed tensors, not at head * head_dim)."""
-    _, checkpoint, case = family
-    assert checkpoint.mlp == case.mlp
+    model, checkpoint, case = family
+    kinds = {*case.mlp, *case.moe, *(EXPERT_KINDS if case.experts else ())}
+    assert set(checkpoint.mlp) == kinds
     bound = 'metric = "stable_rank"\nmax = 0.5\n'  # breaks every item: stable rank >= 1
     rules = pytester.makefile(
         ".toml", rules=f'[[rules]]\n{bound}[[rules]]\n{bound}scope = "matrix"\n'
@@ -256,9 +266,14 @@ def test_whole_run_through_pytest(family, pytester) -> None:
         "--spectral-scope=both", "-p", "no:cacheprovider",
     )  # fmt: skip
     g = checkpoint.geometry
-    result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4 + len(case.mlp)))
+    sparse = sparse_layers(model)
+    mlp_items = sum(
+        len(case.moe) + 3 * case.experts if layer in sparse else len(case.mlp)
+        for layer in range(g.layers)
+    )
+    result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4) + mlp_items)
     attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
-    assert (attention_only in result.stdout.str()) == (not case.mlp)
+    assert (attention_only in result.stdout.str()) == (mlp_items == 0)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
     whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
@@ -269,6 +284,100 @@ def test_whole_run_through_pytest(family, pytester) -> None:
         ],
         consecutive=False,
     )
+
+
+EXPERT_KINDS = ("expert-gate", "expert-up", "expert-down")
+
+
+def sparse_layers(model) -> set[int]:
+    """The decoder layers transformers built with routed experts (an ``experts`` module)."""
+    pattern = re.compile(r"layers\.(\d+)\.\w+\.experts$")
+    return {int(m.group(1)) for name, _ in model.named_modules() if (m := pattern.search(name))}
+
+
+def own_experts(model, layer: int, form: str) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s expert matrices as transformers' modeling code uses its own expert
+    parameters (``experts.gate_up_proj`` and ``experts.down_proj``): kind -> ``[experts, out,
+    in]`` in ``nn.Linear`` orientation (see ``Case.expert_form``)."""
+    module = next(
+        m
+        for name, m in model.named_modules()
+        if re.search(rf"layers\.{layer}\.\w+\.experts$", name)
+    )
+    gate_up, down = module.gate_up_proj.detach().double(), module.down_proj.detach().double()
+    if form == "chunk":  # F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = gate_up.chunk(2, dim=1)
+        return {"gate": gate, "up": up, "down": down}
+    gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)  # x @ gate_up_proj[e]
+    if form == "interleaved":  # gate_up[..., ::2], gate_up[..., 1::2]
+        return {"gate": gate_up[:, 0::2], "up": gate_up[:, 1::2], "down": down}
+    gate, up = gate_up.chunk(2, dim=1)  # gate_up.chunk(2, dim=-1)
+    return {"gate": gate, "up": up, "down": down}
+
+
+def assert_experts_match_the_models_own(model, checkpoint: Checkpoint, case: Case) -> int:
+    """Each expert item's singular values equal numpy's of that expert's own matrix, in every
+    sparse layer; returns how many were compared."""
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+    compared = 0
+    for layer in sorted(sparse_layers(model)):
+        for kind, matrices in own_experts(model, layer, case.expert_form).items():
+            assert checkpoint.experts[(layer, f"expert-{kind}")].count == case.experts
+            for expert in range(case.experts):
+                name = f"expert{expert:02d}-{kind}"
+                assert checkpoint.item_shape(name, whole=True) == tuple(matrices[expert].shape)
+                reference = np.linalg.svd(matrices[expert].numpy(), compute_uv=False)
+                values = engine.whole(layer, name).singular_values
+                np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+                compared += 1
+    engine.close()
+    return compared
+
+
+def test_expert_spectra_equal_numpy_on_the_models_own_experts(family) -> None:
+    """Every expert matrix, whatever form the checkpoint stores it in (one weight per
+    expert, or 3-D tensors transposed, halved or interleaved), is that expert's own."""
+    model, checkpoint, case = family
+    if not case.experts:
+        pytest.skip("not a mixture of experts")
+    compared = assert_experts_match_the_models_own(model, checkpoint, case)
+    assert compared == 3 * case.experts * len(sparse_layers(model)) > 0
+
+
+def test_sparse_and_dense_layers_are_the_models_own(family) -> None:
+    """The layers with expert items are exactly those transformers built with experts (the
+    config's schedule, read as the modeling code reads it); the others have the dense MLP."""
+    model, checkpoint, case = family
+    if not case.experts:
+        pytest.skip("not a mixture of experts")
+    sparse = sparse_layers(model)
+    assert sparse
+    assert {layer for layer, _ in checkpoint.experts} == sparse
+    for layer in range(checkpoint.geometry.layers):
+        expected = (*case.moe, *EXPERT_KINDS) if layer in sparse else case.mlp
+        present = {kind for kind in checkpoint.mlp if (layer, kind) in checkpoint.tensors}
+        assert present == set(expected), layer
+
+
+@pytest.mark.parametrize("case_name", ["mixtral", "qwen2_moe (decoder_sparse_step 2)"])
+def test_transformers_5_stacked_experts_as_a_state_dict_holds_them(
+    case_name: str, tmp_path: Path
+) -> None:
+    """A checkpoint written from the model's own ``state_dict`` (as training frameworks
+    save it) holds transformers 5's stacked ``mlp.experts.gate_up_proj`` [experts, 2I, H]
+    and ``down_proj`` [experts, H, I]: read as the same per-expert items."""
+    from safetensors.torch import save_file
+
+    case = CASES[case_name]
+    model = build(case, tmp_path / "saved")
+    directory = tmp_path / "state_dict"
+    directory.mkdir()
+    (directory / "config.json").write_bytes((tmp_path / "saved" / "config.json").read_bytes())
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}
+    save_file(state, directory / "model.safetensors")
+    checkpoint = open_checkpoint(directory)
+    assert any("gate_up_proj" in e.sources[0].name for e in checkpoint.experts.values())
+    assert assert_experts_match_the_models_own(model, checkpoint, case) > 0
 
 
 def test_readme_table_matches_the_matrix() -> None:

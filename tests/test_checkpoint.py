@@ -95,7 +95,6 @@ class TestErrors:
         ("model_type", "reason"),
         [
             ("deepseek_v3", "uses multi-head latent attention"),
-            ("vit", "is a vision model"),
         ],
     )
     def test_types_not_analysed_yet_say_why(self, tiny_checkpoint, model_type, reason) -> None:

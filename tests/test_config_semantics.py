@@ -245,3 +245,39 @@ def test_stacks_with_different_heads_are_refused_naming_both() -> None:
     }
     with pytest.raises(CheckpointError, match="the decoder stack has 8 heads of size 8 "):
         interpret_config(config, SOURCE)
+
+
+#: config keys that decide which layers of a mixture of experts are sparse
+SCHEDULE_KEYS = (
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "num_experts",
+    "first_k_dense_replace",
+    "moe_layer_start_index",
+    "moe_layer_end_index",
+    "moe_layer_interval",
+    "moe_layers",
+    "interleave_moe_layer_step",
+)
+MOE_CASES = sorted(name for name, case in CASES.items() if case.experts)
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_sparse_layers_with_each_schedule_key_left_out_are_transformers(case: str) -> None:
+    """The layers a mixture of experts makes sparse, with each key that decides them left out
+    in turn (class defaults apply), are those transformers builds with experts."""
+    from test_architectures import sparse_layers
+
+    model_type = CASES[case].model_type
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    full = config_class(**CASES[case].config).to_dict()
+    left_out = [("(none)", full)] + [
+        (key, {k: v for k, v in full.items() if k != key}) for key in SCHEDULE_KEYS if key in full
+    ]
+    for key, config in left_out:
+        resolved, family, _, geometry, _, _ = interpret_config(config, SOURCE)
+        schedule = family.moe[model_type].schedule
+        model = transformers.AutoModelForCausalLM.from_config(config_class.from_dict(dict(config)))
+        assert set(schedule(resolved, geometry.layers)) == sparse_layers(model), f"without {key}"

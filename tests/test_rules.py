@@ -269,7 +269,10 @@ severity = "warn"
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
 
 
-CHOOSE = "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2"
+CHOOSE = (
+    "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2, expert-gate, "
+    "expert-up, expert-down, shared-gate, shared-up, shared-gate_up, shared-down, router"
+)
 
 
 class TestMistakesNameFileLineAndKey:

@@ -20,17 +20,23 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from pytest_spectral.checkpoints.families import (
     GENERIC,
+    MLP_MATRICES,
     NO_ATTENTION,
     NOT_YET,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
+    ExpertMatrix,
     Family,
+    Moe,
     Variant,
+    expert_item,
+    matrix_kind,
     text_model,
 )
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
@@ -107,6 +113,75 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class ExpertTensors:
+    """One kind of expert matrix (gate, up or down) of one sparse layer: every expert's,
+    read and decomposed as one unit (one item per expert)."""
+
+    matrix: ExpertMatrix
+    #: the 3-D tensor holding every expert, or one 2-D tensor per expert in expert order
+    sources: tuple[TensorSource, ...]
+
+    @property
+    def count(self) -> int:
+        """How many experts (items) the layer has."""
+        if self.matrix.per_expert:
+            return len(self.sources)
+        shape = self.sources[0].shape
+        return shape[0] if len(shape) == 3 else 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``[out, in]`` of one expert's matrix, in ``nn.Linear`` orientation."""
+        rows, cols = self.sources[0].shape[-2:]
+        out, inputs = (cols, rows) if self.matrix.transposed else (rows, cols)
+        return (out // 2 if self.matrix.part is not None else out), inputs
+
+    def problem(self) -> str | None:
+        """Why these tensors cannot be read as experts (naming the tensor), or ``None``."""
+        first = self.sources[0]
+        where = f"{first.file}: tensor {first.name!r}"
+        dims = 2 if self.matrix.per_expert else 3
+        for source in self.sources:
+            if source.problem:
+                return f"{source.file}: tensor {source.name!r} {source.problem}"
+            if len(source.shape) != dims or 0 in source.shape:
+                form = "one expert's 2-D matrix" if dims == 2 else "a 3-D [experts, out, in] tensor"
+                return (
+                    f"{source.file}: tensor {source.name!r} has shape {list(source.shape)}; "
+                    f"expected {form}"
+                )
+            if source.shape != first.shape:
+                return (
+                    f"{source.file}: tensor {source.name!r} has shape {list(source.shape)}, "
+                    f"expert 0's {first.name!r} {list(first.shape)}: experts of a layer must "
+                    "have one shape"
+                )
+        axis = dims - 1 if self.matrix.transposed else dims - 2
+        if self.matrix.part is not None and first.shape[axis] % 2:
+            return (
+                f"{where} has shape {list(first.shape)}: a fused gate/up tensor needs an even "
+                f"size along its output axis ({axis})"
+            )
+        return None
+
+    def location(self, expert: int) -> str:
+        """Where ``expert``'s matrix is stored, for failure messages."""
+        if self.matrix.per_expert:
+            return self.sources[expert].name
+        if self.matrix.part is None:
+            return f"{self.sources[0].name}[{expert}]"
+        rows, cols = self.sources[0].shape[-2:]
+        axis, size = ("last axis", cols) if self.matrix.transposed else ("rows", rows)
+        part = self.matrix.part
+        span = (
+            f"{part}::2"
+            if self.matrix.interleaved
+            else f"{part * size // 2}:{(part + 1) * size // 2}"
+        )
+        return f"{self.sources[0].name}[{expert}], {axis} {span}"
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """A readable checkpoint: its config, geometry and where each attention weight lives."""
 
@@ -115,9 +190,11 @@ class Checkpoint:
     model_type: str
     geometry: Geometry
     layout: Layout
-    #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices present
+    #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices each layer has (for
+    #: experts, the first tensor of their :attr:`experts`)
     tensors: dict[tuple[int, str], TensorSource]
-    #: MLP matrices the checkpoint has (whole-matrix items only)
+    #: MLP matrices the checkpoint has in some layer (whole-matrix items only; for experts,
+    #: their kinds ``expert-gate``...)
     mlp: tuple[str, ...] = ()
     #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
     #: which has those its adapter targets
@@ -131,6 +208,8 @@ class Checkpoint:
     #: :attr:`Geometry.layers` counts all of them. A model of one stack has none: its blocks
     #: are its layers.
     stacks: tuple[StackSpan, ...] = ()
+    #: (layer, kind) -> the routed experts' matrices of a sparse layer
+    experts: Mapping[tuple[int, str], ExpertTensors] = field(default_factory=dict)
 
     def position(self, block: int) -> tuple[str | None, int]:
         """``(stack, layer)`` of a block: the stack's name (``None`` for a model of one stack)
@@ -155,6 +234,41 @@ class Checkpoint:
             return {None: self.geometry.layers}
         return {span.name: span.layers for span in self.stacks}
 
+    def layer_matrices(self, layer: int, matrices: Iterable[str]) -> list[str]:
+        """The item matrices ``layer`` has among ``matrices`` (kinds): each present kind, and
+        for an expert kind one name per expert (``expert05-gate``)."""
+        names = []
+        for kind in matrices:
+            experts = self.experts.get((layer, kind))
+            if experts is not None:
+                names.extend(expert_item(e, kind, self.expert_width) for e in range(experts.count))
+            elif (layer, kind) in self.tensors:
+                names.append(kind)
+        return names
+
+    @cached_property
+    def expert_width(self) -> int:
+        """Digits of expert numbers in item names (two at least, as for layers and heads)."""
+        most = max((e.count for e in self.experts.values()), default=1)
+        return max(2, len(str(most - 1)))
+
+    @cached_property
+    def _expert_shapes(self) -> dict[str, tuple[int, int]]:
+        """``[out, in]`` of each expert kind's matrices, from the first layer that has it."""
+        shapes: dict[str, tuple[int, int]] = {}
+        for (_, kind), experts in self.experts.items():
+            if kind not in shapes:
+                shapes[kind] = experts.shape
+        return shapes
+
+    @cached_property
+    def _whole_shapes(self) -> dict[str, tuple[int, int]]:
+        """Stored shape of each MLP kind, from the first layer that has it."""
+        shapes: dict[str, tuple[int, int]] = {}
+        for (_, kind), entry in self.tensors.items():
+            shapes.setdefault(kind, tuple(entry.shape))  # type: ignore[arg-type]
+        return shapes
+
     @property
     def layer_numbers(self) -> tuple[int, ...]:
         """The layers items can be collected for (all of them, unless the checkpoint is an
@@ -172,6 +286,9 @@ class Checkpoint:
     def sources(self, layer: int, matrix: str) -> tuple[TensorSource, ...]:
         """The tensors an item of ``matrix`` reads: its own, or a circuit's two factors'
         (one, for both, when Q/K/V are fused)."""
+        experts = self.experts.get((layer, matrix_kind(matrix)))
+        if experts is not None:
+            return experts.sources
         found = [self.tensors[(layer, name)] for name in CIRCUITS.get(matrix, (matrix,))]
         return tuple({source.key: source for source in found}.values())
 
@@ -183,7 +300,8 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         """Every file the attention and MLP tensors are read from."""
-        return sorted({file for t in self.tensors.values() for file in t.files})
+        sources = [*self.tensors.values(), *(s for e in self.experts.values() for s in e.sources)]
+        return sorted({file for t in sources for file in t.files})
 
     @property
     def file_names(self) -> list[str]:
@@ -208,7 +326,10 @@ class Checkpoint:
                     g.hidden,
                 )
             )
-        rows, cols = self.tensors[(0, matrix)].shape
+        kind = matrix_kind(matrix)
+        if kind in self._expert_shapes:
+            return self._expert_shapes[kind]
+        rows, cols = self._whole_shapes[kind]
         return (cols, rows) if self.layout.conv1d else (rows, cols)
 
     def check_readable(self, keys: Iterable[tuple[int, str]]) -> None:
@@ -218,7 +339,12 @@ class Checkpoint:
         reads (an int8 MLP matrix in a head-scope run) cannot refuse the run.
         Raises :class:`CheckpointError`.
         """
-        for layer, item_matrix in dict.fromkeys(keys):
+        for layer, item_matrix in dict.fromkeys((layer, matrix_kind(m)) for layer, m in keys):
+            experts = self.experts.get((layer, item_matrix))
+            if experts is not None:
+                if (problem := experts.problem()) is not None:
+                    raise CheckpointError(problem)
+                continue
             for matrix in CIRCUITS.get(item_matrix, (item_matrix,)):
                 problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
                 if problem is not None:
@@ -270,27 +396,59 @@ def open_checkpoint(
                 "analysed as such; analyse the merged weights (--spectral-adapter=merged)"
             )
         tensors = _stack_tensors(entries, family, geometry, stacks)
-        attention, layers = MATRICES, None
+        attention, layers, experts = MATRICES, None, {}
     else:
-        try:
-            prefix = _decoder_prefix(entries, family, partial=weights.partial)
-            if weights.partial:
-                tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
-            else:
-                tensors, attention, layers = (
-                    _attention_tensors(entries, prefix, family, geometry),
-                    MATRICES,
-                    None,
-                )
-        except CheckpointError as exc:  # an undeclared type is refused as such, not a tensor
-            model_type = str(config.get("model_type"))
-            raise (_unsupported(config_file, model_type) if notes else exc) from None
-        tensors.update(_mlp_tensors(entries, prefix, family, geometry))
-    names = tuple(dict.fromkeys(m for _, m in tensors if m not in MATRICES))
+        tensors, attention, layers, experts = _one_stack_tensors(
+            entries, family, geometry, config, config_file, notes, partial=weights.partial
+        )
+    kinds = {matrix for _, matrix in tensors}
+    names = tuple(m for m in MLP_MATRICES if m in kinds)
     return Checkpoint(
         weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
-        attention, layers, notes, stacks,
+        attention, layers, notes, stacks, experts,
     )  # fmt: skip
+
+
+def _one_stack_tensors(
+    entries: TensorMap,
+    family: Family,
+    geometry: Geometry,
+    config: Mapping[str, object],
+    config_file: Path,
+    notes: tuple[str, ...],
+    *,
+    partial: bool,
+) -> tuple[
+    dict[tuple[int, str], TensorSource],
+    tuple[str, ...],
+    tuple[int, ...] | None,
+    dict[tuple[int, str], ExpertTensors],
+]:
+    """A model of one stack of layers: its attention and MLP tensors (a sparse layer's routed
+    experts apart), the attention matrices it has and, for an update, the layers it has."""
+    try:
+        prefix = _decoder_prefix(entries, family, partial=partial)
+        if partial:
+            tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
+        else:
+            tensors = _attention_tensors(entries, prefix, family, geometry)
+            attention, layers = MATRICES, None
+    except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
+        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
+    moe = family.moe.get(str(config.get("model_type")))
+    experts: dict[tuple[int, str], ExpertTensors] = {}
+    if moe is None or partial:
+        mlp = _mlp_tensors(entries, prefix, family, geometry)
+    else:
+        try:
+            sparse = moe.schedule(config, geometry.layers)
+        except ArchitectureError as exc:
+            raise CheckpointError(f"{config_file}: {exc}") from None
+        mlp, experts = _moe_tensors(entries, prefix, moe, geometry.layers, sparse)
+        _check_expert_count(config_file, experts)
+    tensors.update(mlp)
+    tensors.update({key: e.sources[0] for key, e in experts.items()})  # names, dtype, file
+    return tensors, attention, layers, experts
 
 
 def _stack_tensors(
@@ -474,7 +632,13 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
     for _, stack in family.stack_families():
         templates += [stack.layer + name for name in stack.tensors.values()]
         templates += [stack.mlp_prefix + name for name in stack.mlp.values()]
-    tails = [template.split("{layer}", 1)[1] for template in templates]
+    for moe in family.moe.values():
+        names = [*moe.dense.values()]
+        for form in moe.forms:
+            names += [*form.whole.values(), *(m.name for m in form.experts.values())]
+        templates += [moe.prefix + name for name in names]
+    # after the layer number, and after the expert number where there is one
+    tails = [template.split("{layer}", 1)[1].split("{expert}")[-1] for template in templates]
     tails += [t.removesuffix(".weight") + ".qweight" for t in tails if t.endswith(".weight")]
     suffixes = tuple(tails)
     return lambda name: name.endswith(suffixes)
@@ -554,6 +718,99 @@ def _mlp_tensors(
                 raise CheckpointError(f"tensor {name!r} is missing (layer 0 has its {matrix})")
             found[(layer, matrix)] = entry
     return found
+
+
+def _moe_tensors(
+    entries: TensorMap, prefix: str, moe: Moe, layers: int, sparse: tuple[int, ...]
+) -> tuple[dict[tuple[int, str], TensorSource], dict[tuple[int, str], ExpertTensors]]:
+    """A mixture of experts' MLP tensors: the dense MLP of its dense layers, and the router,
+    shared experts and routed experts of its ``sparse`` layers, in the first storage form the
+    first sparse layer has. A matrix the first layer of its kind has must be in every layer of
+    that kind; a checkpoint with no MLP tensor at all (attention only) has no MLP items."""
+    dense = [layer for layer in range(layers) if layer not in set(sparse)]
+    whole = _present_in_all(entries, prefix, moe.prefix, moe.dense, dense)
+    if not sparse:
+        return whole, {}
+    first = sparse[0]
+    for form in moe.forms:
+        kind, matrix = next(iter(form.experts.items()))
+        if prefix + moe.prefix.format(layer=first) + matrix.name.format(expert=0) in entries:
+            break
+    else:
+        return whole, {}
+    whole.update(_present_in_all(entries, prefix, moe.prefix, form.whole, list(sparse)))
+    experts: dict[tuple[int, str], ExpertTensors] = {}
+    for kind, matrix in form.experts.items():
+        template = moe.prefix + matrix.name
+        numbers = _expert_numbers(entries, prefix, template) if matrix.per_expert else {}
+        for layer in sparse:
+            # per expert: numbers 0 to count - 1, found in the names (a number far beyond the
+            # count, from a hostile header, names the first one missing below it)
+            found = numbers.get(layer, set()) if matrix.per_expert else {0}
+            count = len(found)
+            names = [prefix + template.format(layer=layer, expert=e) for e in range(count)]
+            if max(found, default=-1) != count - 1 or not found:
+                absent = min(set(range(count + 1)) - found)
+                name = prefix + template.format(layer=layer, expert=absent)
+                raise CheckpointError(
+                    f"tensor {name!r} is missing (layer {first} has its expert {kind} matrices)"
+                )
+            if not matrix.per_expert and names[0] not in entries:
+                raise CheckpointError(
+                    f"tensor {names[0]!r} is missing (layer {first} has its expert {kind} matrices)"
+                )
+            experts[(layer, f"expert-{kind}")] = ExpertTensors(
+                matrix, tuple(entries[name] for name in names)
+            )
+    return whole, experts
+
+
+def _present_in_all(
+    entries: TensorMap, prefix: str, template: str, names: Mapping[str, str], layers: list[int]
+) -> dict[tuple[int, str], TensorSource]:
+    """The matrices of ``names`` (under ``prefix`` and ``template``, with ``{layer}``) the
+    first of ``layers`` has, in each of ``layers``."""
+    found: dict[tuple[int, str], TensorSource] = {}
+    for matrix, name in names.items():
+        if not layers or prefix + template.format(layer=layers[0]) + name not in entries:
+            continue
+        for layer in layers:
+            full = prefix + template.format(layer=layer) + name
+            if full not in entries:
+                raise CheckpointError(
+                    f"tensor {full!r} is missing (layer {layers[0]} has its {matrix})"
+                )
+            found[(layer, matrix)] = entries[full]
+    return found
+
+
+def _expert_numbers(entries: TensorMap, prefix: str, template: str) -> dict[int, set[int]]:
+    """Layer -> the expert numbers of the tensors named ``prefix`` + ``template`` (with
+    ``{layer}`` and ``{expert}``), read from the names in one pass (a layer's experts may be
+    hundreds: trying names one by one would not know where to stop)."""
+    number = "(0|[1-9][0-9]{0,17})"
+    pieces = re.split("([\x00\x01])", template.format(layer="\x00", expert="\x01"))
+    marked = "".join(number if p in ("\x00", "\x01") else re.escape(p) for p in pieces)
+    pattern = re.compile(re.escape(prefix) + marked)
+    numbers: dict[int, set[int]] = {}
+    for name in entries:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            numbers.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    return numbers
+
+
+def _check_expert_count(path: Path, experts: Mapping[tuple[int, str], ExpertTensors]) -> None:
+    """Refuse expert tensors that would make a flood of tiny items (see the constants)."""
+    items = sum(e.count for e in experts.values())
+    tiny = [e for e in experts.values() if len(e.sources[0].shape) >= 2]
+    smallest = min((e.shape[0] * e.shape[1] for e in tiny), default=MIN_WEIGHTS_PER_ITEM)
+    if items > SMALL_MODEL_ITEMS and smallest < MIN_WEIGHTS_PER_ITEM:
+        raise CheckpointError(
+            f"{path}: the expert tensors make {items} expert items, some of only {smallest} "
+            f"weights; beyond {SMALL_MODEL_ITEMS} items each must stand for at least "
+            f"{MIN_WEIGHTS_PER_ITEM} weights: implausible expert tensors, refused"
+        )
 
 
 def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, MATRICES, Checkpoint
+from pytest_spectral.checkpoints.families import matrix_kind, split_expert_item
 from pytest_spectral.compute.cache import SpectraCache, entry_key
 from pytest_spectral.judging.metrics import METRICS, MetricContext, MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
@@ -90,8 +91,8 @@ class SpectraEngine:
         Only those tensors are read; without a plan every head matrix of a requested layer is.
         """
         plan: dict[int, dict[Unit, None]] = {}
-        for layer, matrix, scope in needed:
-            plan.setdefault(layer, {})[(matrix, scope)] = None
+        for layer, matrix, scope in needed:  # a layer's experts of one kind are one unit
+            plan.setdefault(layer, {})[(matrix_kind(matrix), scope)] = None
         self._plan = {layer: tuple(units) for layer, units in plan.items()}
         if self.prefetch and self._plan:
             # Start on the first layer (and torch's import) while pytest finishes starting up.
@@ -104,8 +105,10 @@ class SpectraEngine:
         return self._unit(layer, (matrix, "head"))[index]
 
     def whole(self, layer: int, matrix: str) -> HeadSpectrum:
-        """The spectrum of the whole matrix (q, k, v, o or an MLP matrix) of ``layer``."""
-        return self._unit(layer, (matrix, "matrix"))[0]
+        """The spectrum of the whole matrix (q, k, v, o or an MLP matrix) of ``layer``; for
+        an expert's matrix (``expert05-gate``), computed with every expert of its kind."""
+        kind, expert = split_expert_item(matrix)
+        return self._unit(layer, (kind, "matrix"))[expert or 0]
 
     def _unit(self, layer: int, unit: Unit) -> list[HeadSpectrum]:
         results = self._layer(layer)
@@ -261,6 +264,10 @@ class SpectraEngine:
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
         first, *others = self.checkpoint.sources(layer, matrix)  # a circuit has two factors
         layout += tuple(other.cache_material() for other in others)
+        experts = self.checkpoint.experts.get((layer, matrix))
+        if experts is not None:  # which slices of the tensors are the experts' matrices
+            stored = experts.matrix
+            layout += (stored.per_expert, stored.transposed, stored.part, stored.interleaved)
         return entry_key(first, layout, f"{self.precision}/{ALGORITHM}")
 
     def _with_builtin_metrics(self, spectra: SliceSpectra, layer: int, unit: Unit) -> SliceSpectra:
@@ -285,18 +292,20 @@ class SpectraEngine:
 
     def _blocks(self, layer: int, unit: Unit) -> torch.Tensor:
         """The unit's slices as views of the tensor as read (``[slices, m, n]``)."""
-        from pytest_spectral.compute.spectra import head_blocks, whole_matrix
+        from pytest_spectral.compute.spectra import expert_blocks, head_blocks, whole_matrix
 
         matrix, scope = unit
+        experts = self.checkpoint.experts.get((layer, matrix))
+        if experts is not None:
+            weights = [self._reader().tensor(source) for source in experts.sources]
+            return expert_blocks(weights, experts.matrix)
         weight = self._reader().tensor(self.checkpoint.tensors[(layer, matrix)])
         geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
         if scope == "head":
             return head_blocks(weight, matrix, geometry, layout)
         return whole_matrix(weight, matrix, geometry, layout)[None]
 
-    def _circuit_factors(
-        self, layer: int, circuit: str
-    ) -> tuple[CircuitFactors, CircuitFactors]:
+    def _circuit_factors(self, layer: int, circuit: str) -> tuple[CircuitFactors, CircuitFactors]:
         from pytest_spectral.compute.circuits import read_circuit_factors
 
         return read_circuit_factors(self._reader(), self.checkpoint, layer, circuit)

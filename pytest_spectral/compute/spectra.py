@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from pytest_spectral.checkpoints.checkpoint import Geometry, Layout
+from pytest_spectral.checkpoints.families import ExpertMatrix
 from pytest_spectral.checkpoints.slices import fused_grid
 from pytest_spectral.results import SliceSpectra
 
@@ -112,6 +113,27 @@ def whole_matrix(
     if layout.conv1d:  # [slices, in, d] -> [in, slices * d]
         return blocks.permute(1, 0, 2).reshape(blocks.shape[1], -1)
     return blocks.reshape(-1, blocks.shape[2])
+
+
+def expert_blocks(weights: list[torch.Tensor], matrix: ExpertMatrix) -> torch.Tensor:
+    """Every expert's matrix of one kind, ``[experts, out, in]`` (``[experts, in, out]`` for
+    a transposed store: singular values do not care).
+
+    ``weights`` is the one 3-D tensor holding every expert, or one 2-D tensor per expert
+    (stacked here: a copy of one layer's experts). A fused gate/up tensor gives this kind's
+    part along the output axis: a half, or every other row or column from ``part`` on when
+    the parts alternate (gpt-oss: ``gate_up[..., ::2]`` is the gate).
+    """
+    stack = torch.stack(weights) if matrix.per_expert else weights[0]
+    if matrix.part is None:
+        return stack
+    axis = 2 if matrix.transposed else 1
+    size = stack.shape[axis] // 2
+    if matrix.interleaved:
+        index = [slice(None)] * 3
+        index[axis] = slice(matrix.part, None, 2)
+        return stack[tuple(index)]
+    return stack.narrow(axis, matrix.part * size, size)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
+from pytest_spectral.checkpoints.families import matrix_kind
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
@@ -118,7 +119,8 @@ def _stack_rules(
     healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
     selects = [] if stack is None else [f'stacks = ["{stack}"]']
     lines: list[str] = []
-    matrices = list(dict.fromkeys(str(r["matrix"]) for r in healthy))
+    # one rule per kind: every expert's gate matrix is bounded by the range of all of them
+    matrices = list(dict.fromkeys(_kind(r) for r in healthy))
     for scope in ("head", "matrix"):
         for matrix in sorted(
             matrices,
@@ -128,9 +130,9 @@ def _stack_rules(
                 m,
             ),
         ):
-            rows = [r for r in healthy if r["matrix"] == matrix and r.get("scope", "head") == scope]
+            rows = [r for r in healthy if _kind(r) == matrix and r.get("scope", "head") == scope]
             measured = [
-                r for r in records if r["matrix"] == matrix and r.get("scope", "head") == scope
+                r for r in records if _kind(r) == matrix and r.get("scope", "head") == scope
             ]
             where = [*selects, *_restriction(measured, layers, heads)]
             for metric, scale in CALIBRATED:
@@ -139,6 +141,10 @@ def _stack_rules(
                     rule = _rule(scope, matrix, metric, scale, values, margin, stack)
                     lines += ["", *rule, *where]
     return lines
+
+
+def _kind(record: Record) -> str:
+    return matrix_kind(str(record["matrix"]))
 
 
 def _indices(records: Iterable[Record], key: str) -> list[int]:

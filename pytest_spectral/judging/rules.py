@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
+from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS, matrix_kind
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 from pytest_spectral.untrusted import (
@@ -123,7 +123,7 @@ class Rule:
         if self.scope != ("matrix" if head is None else "head"):
             return False
         return (
-            matrix in self.matrices
+            matrix_kind(matrix) in self.matrices  # a rule names an expert matrix by its kind
             and layer in self.layers
             and (head is None or head in self.heads)
             and (self.stacks is None or stack in self.stacks)

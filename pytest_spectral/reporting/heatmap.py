@@ -30,7 +30,13 @@ from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.judging.rules import Rule, rules_of_stack
 from pytest_spectral.printable import printable
 from pytest_spectral.reporting.report import Record
-from pytest_spectral.reporting.scale import Cell, Scale, cell_scales, scales_legend
+from pytest_spectral.reporting.scale import (
+    Cell,
+    Scale,
+    cell_scales,
+    is_expert_record,
+    scales_legend,
+)
 
 SHADES = " ░▒▓█"
 #: badness at which each shade starts (the last: at or beyond the bound)
@@ -116,6 +122,8 @@ def _render(
         console.print(printable(f"{metric} per {what}: {legend}. {_KEY}"))
         if whole:
             _print_rows(console, _matrix_panel(cells, scales, layers))
+            if any(is_expert_record(r) for r in records):
+                console.print("expert matrices (expertNN-gate, -up, -down) are not drawn")
         else:
             panels = [
                 _head_panel(matrix, cells, scales, layers, heads) for matrix in _matrices(cells)
@@ -134,6 +142,8 @@ def _cells(records: Sequence[Record], metric: str, *, whole: bool) -> dict[Cell,
     cells: dict[Cell, float | None] = {}
     for record in records:
         if (record["head"] is None) != whole or record.get("status") == "no_result":
+            continue
+        if is_expert_record(record):  # hundreds per layer: not drawn (see render)
             continue
         value = record["metrics"].get(metric)  # type: ignore[attr-defined]
         head = None if whole else int(record["head"])  # type: ignore[call-overload]

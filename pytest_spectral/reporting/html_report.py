@@ -28,6 +28,7 @@ from pytest_spectral.reporting.scale import (
     Scale,
     cell_scales,
     direction_words,
+    is_expert_record,
     scales_legend,
 )
 
@@ -119,7 +120,8 @@ def render_html(
                 )
     if wholes:
         sections.append(_section("Whole matrices", _whole_table(wholes)))
-    for stack, mine in _by_stack(wholes):
+    drawn = [r for r in wholes if not is_expert_record(r)]
+    for stack, mine in _by_stack(drawn):
         count = stacks.get(stack, layers) if stack else layers
         for metric in WHOLE_HEATMAP_METRICS:
             cells = _cells(mine, metric)
@@ -130,7 +132,8 @@ def render_html(
                     _section(
                         f"{metric} across layers and whole matrices{_of(stack)}",
                         _img(figure, f"{metric}, whole matrices")
-                        + _legend(metric, scales, "every matrix"),
+                        + _legend(metric, scales, "every matrix")
+                        + (f"<p>{_EXPERTS_NOT_DRAWN}</p>" if len(drawn) < len(wholes) else ""),
                     )
                 )
     for stack, layer in _curve_layers(records, candidates, regressions):
@@ -163,6 +166,14 @@ def _layer_cell(record: Record) -> str:
     """A table's layer cell: ``3``, or ``cross 3`` in an encoder-decoder model."""
     stack = record.get("stack")
     return _text(record["layer"] if stack is None else f"{stack} {record['layer']}")
+
+
+#: a mixture of experts has hundreds of expert matrices per layer: a column each would make a
+#: figure no one can read (and matplotlib cannot draw)
+_EXPERTS_NOT_DRAWN = (
+    "Expert matrices (expertNN-gate, -up, -down) are not drawn; the table above and the JSON "
+    "report have each."
+)
 
 
 def _cells(records: Sequence[Record], metric: str) -> dict[Cell, float]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import MLP_MATRICES, split_expert_item
 from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.judging.rules import Rule
 
@@ -280,3 +280,9 @@ class _Spread:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
+
+
+def is_expert_record(record: Mapping[str, object]) -> bool:
+    """Whether a record is of one expert's matrix (``expert05-gate``): heatmaps of whole
+    matrices leave those out (hundreds per layer)."""
+    return split_expert_item(str(record["matrix"]))[1] is not None

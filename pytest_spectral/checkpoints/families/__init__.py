@@ -13,8 +13,8 @@ from pytest_spectral.checkpoints.families.decoders import DECODERS
 from pytest_spectral.checkpoints.families.encoder_decoder import ENCODER_DECODERS
 from pytest_spectral.checkpoints.families.encoders import ENCODERS
 from pytest_spectral.checkpoints.families.family import (
+    DENSE_MLP_MATRICES,
     FUSED_LAYOUTS,
-    MLP_MATRICES,
     STACKS,
     ArchitectureError,
     ConfigClass,
@@ -22,7 +22,20 @@ from pytest_spectral.checkpoints.families.family import (
     Stack,
     Variant,
 )
+from pytest_spectral.checkpoints.families.moe import (
+    EXPERT_MATRICES,
+    ROUTER,
+    SHARED_MATRICES,
+    ExpertMatrix,
+    Moe,
+    expert_item,
+    matrix_kind,
+    split_expert_item,
+)
 from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
+
+#: names of whole-matrix MLP items (for experts, their kinds), across families
+MLP_MATRICES: tuple[str, ...] = DENSE_MLP_MATRICES + EXPERT_MATRICES + SHARED_MATRICES + (ROUTER,)
 
 FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS + ENCODER_DECODERS
 #: model types analysed as themselves, then the multimodal wrappers (their text model analysed)
@@ -38,7 +51,6 @@ NOT_YET: Mapping[str, str] = {
         ("deepseek_v2", "deepseek_v3", "kimi_k2"),
         "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
     ),
-    **dict.fromkeys(("vit", "siglip_vision_model", "clip_vision_model"), "is a vision model"),
 }
 #: a model_type nobody declared, whose tensors follow the most common layout, is read as this
 GENERIC = next(f for f in FAMILIES if f.name == "llama")
@@ -68,6 +80,7 @@ def text_model(config: Mapping[str, object]) -> tuple[dict[str, object], Family 
 
 
 __all__ = [
+    "EXPERT_MATRICES",
     "FAMILIES",
     "FUSED_LAYOUTS",
     "GENERIC",
@@ -79,11 +92,16 @@ __all__ = [
     "WRAPPERS",
     "ArchitectureError",
     "ConfigClass",
+    "ExpertMatrix",
     "Family",
+    "Moe",
     "Stack",
     "Variant",
     "Wrapper",
     "custom_family",
+    "expert_item",
     "family_for",
+    "matrix_kind",
+    "split_expert_item",
     "text_model",
 ]

@@ -10,8 +10,8 @@ import string
 from collections.abc import Callable, Mapping
 
 from pytest_spectral.checkpoints.families.family import (
+    DENSE_MLP_MATRICES,
     FUSED_LAYOUTS,
-    MLP_MATRICES,
     ArchitectureError,
     Family,
 )
@@ -31,7 +31,7 @@ _CUSTOM_KEYS = {
     "conv1d",
     "mlp_layer",
     *_TENSOR_KEYS,
-    *MLP_MATRICES,
+    *DENSE_MLP_MATRICES,
     *_CONFIG_KEY_KEYS,
 }
 
@@ -67,7 +67,7 @@ def custom_family(table: Mapping[str, object], source: str) -> Family:
         if key in needed and (not isinstance(value, str) or not value):
             raise fail(key, f"needs a tensor name (a non-empty string), got {value!r}")
     mlp = {}
-    for key in MLP_MATRICES:
+    for key in DENSE_MLP_MATRICES:
         value = table.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise fail(key, f"needs a tensor name (a non-empty string), got {value!r}")
@@ -77,7 +77,9 @@ def custom_family(table: Mapping[str, object], source: str) -> Family:
     if mlp or "mlp_layer" in table:
         mlp_layer = _layer_template(table, "mlp_layer", "blocks.{layer}.mlp.", fail)
         if not mlp:
-            raise fail("mlp_layer", f"names no MLP tensor: add one of {', '.join(MLP_MATRICES)}")
+            raise fail(
+                "mlp_layer", f"names no MLP tensor: add one of {', '.join(DENSE_MLP_MATRICES)}"
+            )
     config_keys = {}
     for key, field_name in _CONFIG_KEY_KEYS.items():
         value = table.get(key)

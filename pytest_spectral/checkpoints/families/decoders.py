@@ -17,6 +17,18 @@ from pytest_spectral.checkpoints.families.family import (
     classic,
     flag,
 )
+from pytest_spectral.checkpoints.families.moe import (
+    Moe,
+    Schedule,
+    SparseLayout,
+    after_first_dense,
+    every_layer,
+    interval,
+    listed_or_interleaved,
+    per_expert,
+    sparse_step,
+    stacked,
+)
 
 _PROJ = {m: f"{m}_proj.weight" for m in "qkvo"}
 _GATED = {m: f"{m}_proj.weight" for m in ("gate", "up", "down")}
@@ -25,6 +37,103 @@ _GPT2_ALIASES = {
     "hidden_size": "n_embd",
     "num_attention_heads": "n_head",
     "num_hidden_layers": "n_layer",
+}
+
+
+def _gated(module: str) -> dict[str, str]:
+    return {m: f"{module}.{m}_proj.weight" for m in ("gate", "up", "down")}
+
+
+#: experts stored one ``nn.Linear`` per expert, as transformers 5 saves most families
+_PER_EXPERT = per_expert("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+#: transformers 5's own parameters, as a saved ``state_dict`` holds them
+_NATIVE = stacked("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _sparse(
+    router: str,
+    shared: str | None = None,
+    *,
+    schedule: Schedule = every_layer,
+    dense: str = "mlp",
+) -> Moe:
+    """A sparse MLP under ``mlp.`` in either storage form (per-expert weights, or transformers
+    5's stacked parameters), its router ``mlp.<router>`` and shared experts ``mlp.<shared>``;
+    dense layers (``schedule``) have a gated MLP under ``<dense>.``."""
+    whole = {"router": f"mlp.{router}"}
+    if shared is not None:
+        whole.update({f"shared-{m}": n for m, n in _gated(f"mlp.{shared}").items()})
+    return Moe(
+        (SparseLayout(_PER_EXPERT, whole), SparseLayout(_NATIVE, whole)),
+        dense=_gated(dense),
+        schedule=schedule,
+    )
+
+
+#: Mixtral and PhiMoE: ``block_sparse_moe.experts.N.w1`` (gate), ``w3`` (up), ``w2`` (down)
+_BLOCK_SPARSE = SparseLayout(
+    per_expert("w1.weight", "w3.weight", "w2.weight", experts="block_sparse_moe.experts"),
+    {"router": "block_sparse_moe.gate.weight"},
+)
+_GRANITE_MOE = {
+    "router": "block_sparse_moe.router.layer.weight",
+}
+_GRANITE_EXPERTS = stacked(
+    "block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"
+)
+MOE: Mapping[str, Moe] = {
+    "mixtral": Moe((_BLOCK_SPARSE, SparseLayout(_NATIVE, {"router": "mlp.gate.weight"}))),
+    "phimoe": Moe((_BLOCK_SPARSE, SparseLayout(_NATIVE, {"router": "mlp.router.weight"}))),
+    "qwen2_moe": _sparse("gate.weight", "shared_expert", schedule=sparse_step),
+    "qwen3_moe": _sparse("gate.weight", schedule=sparse_step),
+    "olmoe": _sparse("gate.weight"),
+    "hunyuan_v1_moe": _sparse("gate.wg.weight", "shared_mlp"),
+    "glm4_moe": _sparse("gate.weight", "shared_experts", schedule=after_first_dense()),
+    "dots1": _sparse("gate.weight", "shared_experts", schedule=after_first_dense()),
+    "ernie4_5_moe": _sparse("gate.weight", "shared_experts", schedule=interval),
+    "gpt_oss": Moe(
+        (
+            SparseLayout(
+                stacked(
+                    "mlp.experts.gate_up_proj",
+                    "mlp.experts.down_proj",
+                    transposed=True,
+                    interleaved=True,
+                ),
+                {"router": "mlp.router.weight"},
+            ),
+        )
+    ),
+    "llama4_text": Moe(
+        (
+            SparseLayout(
+                stacked(
+                    "feed_forward.experts.gate_up_proj",
+                    "feed_forward.experts.down_proj",
+                    transposed=True,
+                ),
+                {
+                    "router": "feed_forward.router.weight",
+                    **{f"shared-{m}": n for m, n in _gated("feed_forward.shared_expert").items()},
+                },
+            ),
+        ),
+        dense=_gated("feed_forward"),
+        schedule=listed_or_interleaved,
+    ),
+    "granitemoe": Moe((SparseLayout(_GRANITE_EXPERTS, _GRANITE_MOE),)),
+    "granitemoeshared": Moe(
+        (
+            SparseLayout(
+                _GRANITE_EXPERTS,
+                {
+                    **_GRANITE_MOE,
+                    "shared-gate_up": "shared_mlp.input_linear.weight",
+                    "shared-down": "shared_mlp.output_linear.weight",
+                },
+            ),
+        )
+    ),
 }
 
 
@@ -70,15 +179,17 @@ DECODERS: tuple[Family, ...] = (
             "ministral": classic(32, 32, 4096, kv_heads=8),
             "mixtral": classic(32, 32, 4096, kv_heads=8),
             "qwen2": classic(32, 32, 4096, kv_heads=32),
-            "qwen2_moe": classic(24, 16, 2048, kv_heads=16),
+            "qwen2_moe": classic(24, 16, 2048, kv_heads=16, decoder_sparse_step=1, num_experts=60),
             "qwen2_vl_text": classic(80, 64, 8192, kv_heads=8),
             "qwen2_5_vl_text": classic(80, 64, 8192, kv_heads=8),
             "qwen3": classic(32, 32, 4096, kv_heads=32, head_dim=128),
-            "qwen3_moe": classic(24, 32, 2048, kv_heads=4),
+            "qwen3_moe": classic(24, 32, 2048, kv_heads=4, decoder_sparse_step=1, num_experts=128),
             "gemma": classic(28, 16, 3072, kv_heads=16, head_dim=256),
             "gemma2": classic(26, 8, 2304, kv_heads=4, head_dim=256),
             "gemma3_text": classic(26, 8, 2304, kv_heads=4, head_dim=256),
-            "llama4_text": classic(48, 40, 5120, kv_heads=8, head_dim=128),
+            "llama4_text": classic(
+                48, 40, 5120, kv_heads=8, head_dim=128, interleave_moe_layer_step=1
+            ),
             "gpt_oss": classic(36, 64, 2880, kv_heads=8, head_dim=64),
             "phimoe": classic(32, 32, 4096, kv_heads=8),
             "olmo": classic(32, 32, 4096),
@@ -101,7 +212,19 @@ DECODERS: tuple[Family, ...] = (
             "olmoe": classic(16, 16, 2048),
             "hunyuan_v1_moe": classic(32, 32, 4096),
             "granitemoeshared": classic(32, 32, 4096),
+            "glm4_moe": classic(46, 96, 4096, kv_heads=8, first_k_dense_replace=1),
+            "dots1": classic(62, 32, 4608, kv_heads=32, first_k_dense_replace=0),
+            "ernie4_5_moe": classic(
+                28,
+                20,
+                2560,
+                kv_heads=4,
+                moe_layer_start_index=1,
+                moe_layer_end_index=-1,
+                moe_layer_interval=1,
+            ),
         },
+        moe=MOE,
         note="`layers.N.self_attn.{q,k,v,o}_proj` (biases and Q/K norms ignored)",
     ),
     _llama_like(

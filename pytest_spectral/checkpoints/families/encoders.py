@@ -1,4 +1,5 @@
-"""Encoder-only models (BERT and its descendants, CLIP's text encoder): one entry per family.
+"""Encoder-only models (BERT and its descendants, CLIP's and SigLIP's text and vision encoders,
+ViT): one entry per family.
 
 Every head of an encoder attends both ways; the layout questions are the same as a decoder's.
 """
@@ -88,8 +89,27 @@ ENCODERS: tuple[Family, ...] = (
         note="fused `Wqkv`: all Q heads, then K, then V",
     ),
     Family(
+        "vit",
+        {"vit": classic(12, 12, 768)},
+        layer="encoder.layer.{layer}.attention.",
+        tensors={
+            "q": "attention.query.weight",
+            "k": "attention.key.weight",
+            "v": "attention.value.weight",
+            "o": "output.dense.weight",
+        },
+        mlp_prefix="encoder.layer.{layer}.",
+        mlp=_BERT_MLP,
+        kv_heads_keys=(),
+        note="`encoder.layer.N.attention.attention.{query,key,value}`, `attention.output.dense`",
+    ),
+    Family(
         "clip_text_model",
-        {"clip_text_model": classic(12, 8, 512)},
+        {
+            "clip_text_model": classic(12, 8, 512),
+            "clip_vision_model": classic(12, 12, 768),
+            "siglip_vision_model": classic(12, 12, 768),
+        },
         layer="encoder.layers.{layer}.self_attn.",
         tensors={**{m: f"{m}_proj.weight" for m in "qkv"}, "o": "out_proj.weight"},
         mlp_prefix="encoder.layers.{layer}.mlp.",

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pytest_spectral.checkpoints.families.moe import Moe
 
 FUSED_LAYOUTS = ("concat", "interleaved", "grouped")
 MatrixNames = Mapping[str, str]
-#: names of whole-matrix MLP items, across families
-MLP_MATRICES: tuple[str, ...] = ("gate", "up", "gate_up", "down", "fc1", "fc2")
+#: names of a dense MLP's whole-matrix items, across families
+DENSE_MLP_MATRICES: tuple[str, ...] = ("gate", "up", "gate_up", "down", "fc1", "fc2")
 #: the config keys geometry is read from, under transformers' standard names
 LAYERS, HEADS, HIDDEN, KV_HEADS, HEAD_DIM = (
     "num_hidden_layers",
@@ -134,6 +138,9 @@ class Family:
     hidden_keys: tuple[str, ...] = (HIDDEN,)
     kv_heads_keys: tuple[str, ...] = (KV_HEADS,)
     head_dim_keys: tuple[str, ...] = (HEAD_DIM,)
+    #: model_type -> its mixture-of-experts layout (model types without one have the dense
+    #: MLP of ``mlp_prefix`` and ``mlp`` in every layer)
+    moe: Mapping[str, Moe] = field(default_factory=dict)
     #: for families whose fused layout and K/V head count depend on the config
     variant: Callable[[Mapping[str, object]], Variant] | None = field(default=None, compare=False)
     #: an encoder-decoder model's stacks (``layer``/``tensors`` above: its first's); none for
