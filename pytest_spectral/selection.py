@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import WHOLE_ONLY_MATRICES
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun
@@ -97,7 +97,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
-    if matrix in MLP_MATRICES:
+    if matrix in WHOLE_ONLY_MATRICES:
         return (
             f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{parts[1]}::{matrix} with "
             "--spectral-scope matrix (or both)"
@@ -116,14 +116,14 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
 def _why_not_whole(matrix: str, run: SpectralRun) -> str | None:
     if matrix in CIRCUITS:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
-    if matrix not in MATRICES + MLP_MATRICES:
+    if matrix not in MATRICES + WHOLE_ONLY_MATRICES:
         return None
     if "matrix" not in run.scopes:
         return (
             f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or "
             "both)"
         )
-    if matrix not in MATRICES + run.checkpoint.mlp:
+    if matrix not in run.checkpoint.attention + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
     return f"--spectral-matrices leaves out {matrix}"
 

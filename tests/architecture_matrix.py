@@ -42,6 +42,12 @@ class Case:
     joint_qk_norm: bool = False
     #: loads with AutoModel (an encoder) rather than AutoModelForCausalLM
     encoder: bool = False
+    #: the whole-matrix attention items beyond q, k, v and o (multi-head latent attention's
+    #: down-projections and shared rope key), in the plugin's names
+    latent: tuple[str, ...] = ()
+    #: the transformers model type that builds it, where checkpoints on the hub name another
+    #: in config.json (Kimi K2: DeepseekV3ForCausalLM weights, model_type "kimi_k2")
+    built_as: str | None = None
 
 
 def _case(model_type: str, config: dict[str, object] | None = None, **kw: object) -> Case:
@@ -51,6 +57,25 @@ def _case(model_type: str, config: dict[str, object] | None = None, **kw: object
 #: Qwen2-VL's multimodal rotary sections, for head_dim 16
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+#: multi-head latent attention, every dimension different so that a slice of the wrong rows
+#: cannot have the right shape: Q heads of 8 + 4 rows (nope + rope), K_nope 8 and V 10 rows of
+#: the 16-rank key/value latent, Q acting on a 24-rank query latent
+MLA = {
+    **SMALL,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 10,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,  # layer 0 dense, layer 1 a mixture of experts, as published
+}
+#: DeepseekV3Config defaults num_key_value_heads to 128: its attention needs one per query head
+MLA_V3 = {**MLA, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}
+LATENT = ("q_a", "kv_a", "k_rope")
 
 CASES: dict[str, Case] = {
     "llama": _case("llama"),
@@ -99,6 +124,12 @@ CASES: dict[str, Case] = {
     "granitemoeshared": _case(
         "granitemoeshared", {**GQA, "num_local_experts": 2, "shared_intermediate_size": 32}, mlp=()
     ),
+    "deepseek_v2": _case("deepseek_v2", MLA, mlp=(), latent=LATENT),
+    "deepseek_v2 (q_lora_rank null)": _case(
+        "deepseek_v2", {**MLA, "q_lora_rank": None}, mlp=(), latent=("kv_a", "k_rope")
+    ),
+    "deepseek_v3": _case("deepseek_v3", MLA_V3, mlp=(), latent=LATENT),
+    "kimi_k2": _case("kimi_k2", MLA_V3, mlp=(), latent=LATENT, built_as="deepseek_v3"),
     "starcoder2": _case("starcoder2", mlp=FC),
     "glm": _case("glm", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
     "glm4": _case("glm4", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),

@@ -12,6 +12,7 @@ the model's own slices, and a whole pytest run collects exactly the items the ge
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,20 +24,24 @@ from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.checkpoints.families import FAMILIES, SUPPORTED_MODEL_TYPES
+from pytest_spectral.checkpoints.families.family import FUSED_MATRICES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
-from pytest_spectral.compute.spectra import head_blocks
+from pytest_spectral.compute.spectra import head_blocks, whole_matrix
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
 
 
 def build(case: Case, directory) -> object:
-    """A tiny random model of ``case``, saved to ``directory`` as transformers saves it."""
-    if case.model_type not in transformers.CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has no {case.model_type!r}")
+    """A tiny random model of ``case``, saved to ``directory`` as transformers saves it (for a
+    case ``built_as`` another type, with ``config.json`` naming the case's type, as the hub's
+    checkpoints of that type do)."""
+    built_as = case.built_as or case.model_type
+    if built_as not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {built_as!r}")
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(case.model_type, **case.config)
+    config = transformers.AutoConfig.for_model(built_as, **case.config)
     config._attn_implementation = "eager"
     for sub in ("text_config", "vision_config"):
         if getattr(config, sub, None) is not None:
@@ -58,6 +63,10 @@ def build(case: Case, directory) -> object:
             continue
     model.eval()
     model.save_pretrained(directory)
+    if case.built_as is not None:
+        saved = json.loads((directory / "config.json").read_text())
+        saved["model_type"] = case.model_type
+        (directory / "config.json").write_text(json.dumps(saved))
     return model
 
 
@@ -91,6 +100,13 @@ def slice_positions(checkpoint: Checkpoint, matrix: str, head_slice: int) -> tor
 
 def flat_indices(checkpoint: Checkpoint, matrix: str, head_slice: int) -> torch.Tensor:
     return slice_positions(checkpoint, matrix, head_slice).flatten()
+
+
+def whole_positions(checkpoint: Checkpoint, matrix: str) -> torch.Tensor:
+    """Which elements of the stored tensor the plugin takes as the whole-matrix item."""
+    entry = checkpoint.tensors[(0, matrix)]
+    positions = torch.arange(int(np.prod(entry.shape))).view(entry.shape)
+    return whole_matrix(positions, matrix, checkpoint.geometry, checkpoint.layout)
 
 
 def run(model, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,7 +203,8 @@ def test_v_slice_drives_exactly_its_heads_outputs(family) -> None:
     g = checkpoint.geometry
     o_name = parameter_name(checkpoint, model, "o")
     _, base, _ = run(model, o_name)
-    segment = lambda x, h: x[:, h * g.head_dim : (h + 1) * g.head_dim]  # noqa: E731
+    d = g.head_rows("v")  # head_dim; v_head_dim under multi-head latent attention
+    segment = lambda x, h: x[:, h * d : (h + 1) * d]  # noqa: E731
     kv_head = 0
     with perturbed(
         model, parameter_name(checkpoint, model, "v"), flat_indices(checkpoint, "v", kv_head)
@@ -204,9 +221,9 @@ def test_o_slice_is_what_multiplies_the_heads_segment(family) -> None:
     o_name = parameter_name(checkpoint, model, "o")
     module = model.get_submodule(o_name.removesuffix(".weight"))
     _, o_input, _ = run(model, o_name)
-    head = g.heads - 1
+    head, d = g.heads - 1, g.head_rows("o")
     without_segment = o_input.clone()
-    without_segment[:, head * g.head_dim : (head + 1) * g.head_dim] = 0
+    without_segment[:, head * d : (head + 1) * d] = 0
     with torch.no_grad():
         expected = module(without_segment)
         with perturbed(model, o_name, flat_indices(checkpoint, "o", head), factor=0.0):
@@ -227,6 +244,71 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
             reference = np.linalg.svd(block, compute_uv=False)
             values = engine.head(0, matrix, head).singular_values
             np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_head_slices_partition_their_tensors(family) -> None:
+    """Every weight of the Q, K, V and O tensors belongs to exactly one distinct head slice
+    (a fused tensor's to one slice of one of its matrices): no slice misses a head's rows (its
+    rope part, say) or reads another's."""
+    _, checkpoint, _ = family
+    g = checkpoint.geometry
+    owned: dict[object, list[torch.Tensor]] = {}
+    sizes: dict[object, int] = {}
+    for matrix in MATRICES:
+        entry = checkpoint.tensors[(0, matrix)]
+        sizes[entry.key] = int(np.prod(entry.shape))
+        for index in range(g.distinct_heads(matrix)):
+            owned.setdefault(entry.key, []).append(flat_indices(checkpoint, matrix, index))
+    for key, parts in owned.items():
+        torch.testing.assert_close(torch.cat(parts).sort().values, torch.arange(sizes[key]))
+
+
+def test_whole_matrix_spectra_equal_numpy_on_the_models_own_weights(family) -> None:
+    """Every whole-matrix attention item (q, k, v, o, and multi-head latent attention's
+    down-projections and rope key) against numpy on the model's own parameter."""
+    model, checkpoint, case = family
+    assert checkpoint.attention == (*MATRICES, *case.latent)
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+    for matrix in checkpoint.attention:
+        weight = model.get_parameter(parameter_name(checkpoint, model, matrix)).detach().double()
+        block = weight.flatten().numpy()[whole_positions(checkpoint, matrix).numpy()]
+        reference = np.linalg.svd(block, compute_uv=False)
+        values = engine.whole(0, matrix).singular_values
+        np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_latent_rope_key_is_shared_by_every_head_and_outside_the_latent(family) -> None:
+    """Multi-head latent attention: the rows the plugin takes as the shared rope key change
+    every head's attention and leave the key/value latent (``kv_b_proj``'s input) untouched;
+    the rows it takes as the key/value down-projection change that latent."""
+    model, checkpoint, case = family
+    if "k_rope" not in case.latent:
+        pytest.skip("no multi-head latent attention")
+    g = checkpoint.geometry
+    kv_a = parameter_name(checkpoint, model, "kv_a")
+    kv_b = parameter_name(checkpoint, model, "k")
+    base, latent, _ = run(model, kv_b)
+    every = lambda x, h: x[h]  # noqa: E731
+    with perturbed(model, kv_a, whole_positions(checkpoint, "k_rope").flatten()):
+        attention, rope_latent, _ = run(model, kv_b)
+    assert changed_heads(base, attention, g.heads, every) == set(range(g.heads))
+    torch.testing.assert_close(rope_latent, latent, rtol=0, atol=0)
+    with perturbed(model, kv_a, whole_positions(checkpoint, "kv_a").flatten()):
+        _, down_latent, _ = run(model, kv_b)
+    assert not torch.allclose(down_latent, latent, atol=1e-6)
+
+
+def test_latent_attention_refuses_circuits_saying_why(family, pytester) -> None:
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("circuits are tested in test_circuits.py")
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", "--spectral-matrices=q,qk", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--spectral-matrices qk: multi-head latent attention has no qk/ov circuit items*"]
+    )
 
 
 def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
@@ -256,12 +338,14 @@ def test_whole_run_through_pytest(family, pytester) -> None:
         "--spectral-scope=both", "-p", "no:cacheprovider",
     )  # fmt: skip
     g = checkpoint.geometry
-    result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4 + len(case.mlp)))
+    whole = 4 + len(case.latent) + len(case.mlp)
+    result.assert_outcomes(failed=g.layers * (g.heads * 4 + whole))
     attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
     assert (attention_only in result.stdout.str()) == (not case.mlp)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
-    whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
+    fused = "q" in FUSED_MATRICES.get(checkpoint.layout.fused or "", "")
+    whole = f"Q's share of fused {name}" if fused else name
     result.stdout.fnmatch_lines(
         [
             f"layer 0, whole q: {whole} (*)",

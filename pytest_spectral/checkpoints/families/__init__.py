@@ -13,10 +13,13 @@ from pytest_spectral.checkpoints.families.decoders import DECODERS
 from pytest_spectral.checkpoints.families.encoders import ENCODERS
 from pytest_spectral.checkpoints.families.family import (
     FUSED_LAYOUTS,
+    LATENT_MATRICES,
     MLP_MATRICES,
+    WHOLE_ONLY_MATRICES,
     ArchitectureError,
     ConfigClass,
     Family,
+    Latent,
     Variant,
 )
 from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
@@ -31,10 +34,6 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
 NO_ATTENTION: tuple[str, ...] = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
 #: model types whose attention the plugin cannot yet slice into heads, and why
 NOT_YET: Mapping[str, str] = {
-    **dict.fromkeys(
-        ("deepseek_v2", "deepseek_v3", "kimi_k2"),
-        "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
-    ),
     **dict.fromkeys(
         ("t5", "mt5", "umt5", "bart", "mbart", "whisper", "marian", "pegasus"),
         "is an encoder-decoder model (encoder, decoder and cross-attention)",
@@ -72,14 +71,17 @@ __all__ = [
     "FAMILIES",
     "FUSED_LAYOUTS",
     "GENERIC",
+    "LATENT_MATRICES",
     "MLP_MATRICES",
     "NOT_YET",
     "NO_ATTENTION",
     "SUPPORTED_MODEL_TYPES",
+    "WHOLE_ONLY_MATRICES",
     "WRAPPERS",
     "ArchitectureError",
     "ConfigClass",
     "Family",
+    "Latent",
     "Variant",
     "Wrapper",
     "custom_family",
