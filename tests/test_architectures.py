@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from pytest_spectral.checkpoints.families.family import FUSED_MATRICES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks, whole_matrix
+from pytest_spectral.errors import CheckpointError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
@@ -308,6 +310,63 @@ def test_latent_attention_refuses_circuits_saying_why(family, pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["*--spectral-matrices qk: multi-head latent attention has no qk/ov circuit items*"]
+    )
+
+
+def test_latent_config_disagreeing_with_the_weights_names_the_dimensions(family, tmp_path) -> None:
+    """A config whose v_head_dim is not the weights' is refused, naming the tensor and the
+    dimensions its shape follows from."""
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("no multi-head latent attention")
+    copy = tmp_path / "model"
+    shutil.copytree(checkpoint.root, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "v_head_dim": 6}))
+    c = case.config
+    heads, nope, kv = c["num_attention_heads"], c["qk_nope_head_dim"], c["kv_lora_rank"]
+    stored = heads * (nope + c["v_head_dim"])
+    with pytest.raises(CheckpointError) as refused:
+        open_checkpoint(copy).check_readable([(0, "v")])
+    assert (
+        f"tensor {checkpoint.tensors[(0, 'v')].name!r} has shape [{stored}, {kv}] but the config "
+        f"implies [{heads * (nope + 6)}, {kv}] ({heads} heads x (qk_nope_head_dim {nope} + "
+        f"v_head_dim 6), kv_lora_rank {kv})"
+    ) in str(refused.value)
+
+
+def test_latent_failures_name_each_slices_rows_and_shape(family, pytester) -> None:
+    """Under multi-head latent attention each item reports its own shape and rows, computed
+    here from the case's config: a K_nope slice is not where a V slice is, and the rope key
+    is the last rows of kv_a_proj_with_mqa."""
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("no multi-head latent attention")
+    c = case.config
+    nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    kv, q_in, hidden = c["kv_lora_rank"], c["q_lora_rank"] or c["hidden_size"], c["hidden_size"]
+    bound = 'metric = "stable_rank"\nmax = 0.5\n'  # breaks every item: stable rank >= 1
+    both_scopes = f'[[rules]]\n{bound}[[rules]]\n{bound}scope = "matrix"\n'
+    rules = pytester.makefile(".toml", rules=both_scopes)
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", f"--spectral-thresholds={rules}",
+        "--spectral-scope=both", "--spectral-layers=0", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    name = lambda m: checkpoint.tensors[(0, m)].name  # noqa: E731
+    per_head = nope + v
+    result.stdout.fnmatch_lines(
+        [
+            f"layer 0, whole kv_a: rows 0:{kv} of {name('kv_a')} ({kv}x{hidden})",
+            f"layer 0, whole k_rope: rows {kv}:{kv + rope} of {name('k_rope')} ({rope}x{hidden})",
+            f"layer 0, head 1, q: rows {nope + rope}:{2 * (nope + rope)} of {name('q')} "
+            f"({nope + rope}x{q_in})",
+            f"layer 0, K/V head 1, k: rows {per_head}:{per_head + nope} of {name('k')} "
+            f"({nope}x{kv})",
+            f"layer 0, K/V head 1, v: rows {per_head + nope}:{2 * per_head} of {name('v')} "
+            f"({v}x{kv})",
+            f"layer 0, head 1, o: columns {v}:{2 * v} of {name('o')} ({hidden}x{v})",
+        ],
+        consecutive=False,
     )
 
 

@@ -94,7 +94,6 @@ class TestErrors:
     @pytest.mark.parametrize(
         ("model_type", "reason"),
         [
-            ("deepseek_v3", "uses multi-head latent attention"),
             ("t5", "is an encoder-decoder model"),
             ("whisper", "is an encoder-decoder model"),
             ("vit", "is a vision model"),
