@@ -127,8 +127,9 @@ class Checkpoint:
     tensors: dict[tuple[int, str], TensorSource]
     #: MLP matrices the checkpoint has (whole-matrix items only)
     mlp: tuple[str, ...] = ()
-    #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
-    #: which has those its adapter targets
+    #: attention matrices the checkpoint has: all of q, k, v, o (and, under multi-head latent
+    #: attention, the whole-matrix-only q_a, kv_a, k_rope), except for a LoRA update, which
+    #: has those its adapter targets
     attention: tuple[str, ...] = MATRICES
     #: layers that have them: every layer, except for a LoRA update limited to some layers
     layer_indices: tuple[int, ...] | None = None
