@@ -269,7 +269,7 @@ severity = "warn"
         assert load_rules(write(tmp_path, "# nothing yet\n")).rules == ()
 
 
-CHOOSE = "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2"
+CHOOSE = "choose from q, k, v, o, qk, ov, q_a, kv_a, k_rope, gate, up, gate_up, down, fc1, fc2"
 
 
 class TestMistakesNameFileLineAndKey:
