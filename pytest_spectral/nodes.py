@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
-from pytest_spectral.checkpoints.checkpoint import CIRCUITS
+from pytest_spectral.checkpoints.checkpoint import CIRCUITS, Checkpoint
 from pytest_spectral.checkpoints.families import STACKS, split_expert_item
-from pytest_spectral.checkpoints.slices import slice_span
+from pytest_spectral.checkpoints.families.family import tensor_key
+from pytest_spectral.checkpoints.slices import slice_span, whole_rows
 from pytest_spectral.compute.engine import UnitError
 from pytest_spectral.errors import SpectralRuleWarning
 from pytest_spectral.judging.evaluation import Verdict, builtin_checks, judge
@@ -401,8 +402,7 @@ class SpectralItem(pytest.Item):
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
             m, n = run.checkpoint.item_shape(self.matrix, whole=True)
-            fused = run.checkpoint.layout.fused and self.matrix in ("q", "k", "v")
-            source = f"{self.matrix.upper()}'s share of fused {entry.name}" if fused else entry.name
+            source = _whole_source(self.matrix, entry.name, run.checkpoint)
             return f"{where}, whole {self.matrix}: {source} ({m}x{n})"
         shared = self.matrix in ("k", "v")
         index = g.kv_head_of(self.head) if shared else self.head
@@ -451,3 +451,14 @@ class SpectralItem(pytest.Item):
         """The node id as the item's location: failure titles and ``-v`` lines then read like
         the ids that ``--lf``, ``--deselect`` and positional arguments take."""
         return self.config.rootpath / ROOT_NAME, None, self.nodeid
+
+
+def _whole_source(matrix: str, name: str, checkpoint: Checkpoint) -> str:
+    """A whole-matrix item's tensor as a failure names it: the tensor, its share of a fused
+    one, or the rows of a latent down-projection."""
+    rows = whole_rows(matrix, checkpoint.geometry)
+    if rows is not None:
+        return f"rows {rows[0]}:{rows[1]} of {name}"
+    if tensor_key(checkpoint.layout.fused, matrix) != matrix:
+        return f"{matrix.upper()}'s share of fused {name}"
+    return name

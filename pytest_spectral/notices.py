@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS
+from pytest_spectral.checkpoints.families import STACKS, WHOLE_ONLY_MATRICES
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.options import option_value
@@ -149,7 +149,7 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
     collected = run.head_matrices if rule.scope == "head" else run.whole_matrices
     if not rule.matrices & set(collected):
         named = _names(rule.matrices)
-        if rule.scope == "head" and rule.matrices <= set(MLP_MATRICES):
+        if rule.scope == "head" and rule.matrices <= set(WHOLE_ONLY_MATRICES):
             return (
                 f"its matrices ({named}) exist only as whole matrices: give it "
                 'scope = "matrix" and run with --spectral-scope matrix or both'
@@ -195,7 +195,7 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
 
 
 def _names(matrices: frozenset[str]) -> str:
-    order = HEAD_MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + WHOLE_ONLY_MATRICES
     return ", ".join(sorted(matrices, key=order.index))
 
 

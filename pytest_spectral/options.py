@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import WHOLE_ONLY_MATRICES
 from pytest_spectral.judging.ranges import parse_index_set
 from pytest_spectral.printable import printable
 
 
 def _matrices(text: str) -> tuple[str, ...]:
-    known = HEAD_MATRICES + MLP_MATRICES
+    known = HEAD_MATRICES + WHOLE_ONLY_MATRICES
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:

@@ -445,6 +445,11 @@ def _selected_matrices(
     chosen = option_value(config, "spectral_matrices")
     if chosen is None:
         return checkpoint.attention + checkpoint.mlp
+    refused = [m for m in chosen if m in CIRCUITS and m not in available]
+    if refused and checkpoint.circuit_refusal is not None:
+        raise pytest.UsageError(
+            f"--spectral-matrices {','.join(refused)}: {checkpoint.circuit_refusal}"
+        )
     missing = [m for m in chosen if m not in available]
     if missing:
         raise pytest.UsageError(

@@ -19,7 +19,11 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS, split_expert_item
+from pytest_spectral.checkpoints.families import (
+    STACKS,
+    WHOLE_ONLY_MATRICES,
+    split_expert_item,
+)
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
 from pytest_spectral.run import SpectralRun, layer_counts
@@ -118,7 +122,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
-    if matrix in MLP_MATRICES:
+    if matrix in WHOLE_ONLY_MATRICES:
         return (
             f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{named}::{matrix} with "
             "--spectral-scope matrix (or both)"
@@ -144,13 +148,13 @@ def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
             return f"layer {block} has {counted(count, 'expert')} ({indices(count)})"
     if matrix in CIRCUITS:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
-    if matrix not in MATRICES + MLP_MATRICES:
+    if matrix not in MATRICES + WHOLE_ONLY_MATRICES:
         return None
     if "matrix" not in run.scopes:
         return (
             f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or both)"
         )
-    if matrix not in MATRICES + run.checkpoint.mlp:
+    if matrix not in run.checkpoint.attention + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
     stack = run.checkpoint.position(block)[0]
     if (block, matrix) not in run.checkpoint.tensors and stack is not None:

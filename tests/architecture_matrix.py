@@ -52,6 +52,12 @@ class Case:
     #: "transposed" [H, 2I] halves and [I, H] (Llama 4); "interleaved" [H, 2I] with
     #: gate = ``[..., ::2]``, up = ``[..., 1::2]`` (gpt-oss)
     expert_form: str = "chunk"
+    #: the whole-matrix attention items beyond q, k, v and o (multi-head latent attention's
+    #: down-projections and shared rope key), in the plugin's names
+    latent: tuple[str, ...] = ()
+    #: the transformers model type that builds it, where checkpoints on the hub name another
+    #: in config.json (Kimi K2: DeepseekV3ForCausalLM weights, model_type "kimi_k2")
+    built_as: str | None = None
 
 
 def _case(model_type: str, config: dict[str, object] | None = None, **kw: object) -> Case:
@@ -69,6 +75,25 @@ GLM_MOE = {
     "n_shared_experts": 1,
 }
 SHARED = ("router", "shared-gate", "shared-up", "shared-down")
+
+#: multi-head latent attention, every dimension different so that a slice of the wrong rows
+#: cannot have the right shape: Q heads of 8 + 4 rows (nope + rope), K_nope 8 and V 10 rows of
+#: the 16-rank key/value latent, Q acting on a 24-rank query latent
+MLA = {
+    **SMALL,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 10,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,  # layer 0 dense, layer 1 a mixture of experts, as published
+}
+#: DeepseekV3Config defaults num_key_value_heads to 128: its attention needs one per query head
+MLA_V3 = {**MLA, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4}
+LATENT = ("q_a", "kv_a", "k_rope")
 
 CASES: dict[str, Case] = {
     "llama": _case("llama"),
@@ -194,6 +219,12 @@ CASES: dict[str, Case] = {
         experts=2,
         moe=("router", "shared-gate_up", "shared-down"),
     ),
+    "deepseek_v2": _case("deepseek_v2", MLA, mlp=(), latent=LATENT),
+    "deepseek_v2 (q_lora_rank null)": _case(
+        "deepseek_v2", {**MLA, "q_lora_rank": None}, mlp=(), latent=("kv_a", "k_rope")
+    ),
+    "deepseek_v3": _case("deepseek_v3", MLA_V3, mlp=(), latent=LATENT),
+    "kimi_k2": _case("kimi_k2", MLA_V3, mlp=(), latent=LATENT, built_as="deepseek_v3"),
     "starcoder2": _case("starcoder2", mlp=FC),
     "glm": _case("glm", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
     "glm4": _case("glm4", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),

@@ -12,7 +12,9 @@ the model's own slices, and a whole pytest run collects exactly the items the ge
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +25,25 @@ from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.checkpoints.families import FAMILIES, SUPPORTED_MODEL_TYPES
+from pytest_spectral.checkpoints.families.family import FUSED_MATRICES
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.engine import SpectraEngine
-from pytest_spectral.compute.spectra import head_blocks
+from pytest_spectral.compute.spectra import head_blocks, whole_matrix
+from pytest_spectral.errors import CheckpointError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
 
 
 def build(case: Case, directory) -> object:
-    """A tiny random model of ``case``, saved to ``directory`` as transformers saves it."""
-    if case.model_type not in transformers.CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has no {case.model_type!r}")
+    """A tiny random model of ``case``, saved to ``directory`` as transformers saves it (for a
+    case ``built_as`` another type, with ``config.json`` naming the case's type, as the hub's
+    checkpoints of that type do)."""
+    built_as = case.built_as or case.model_type
+    if built_as not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {built_as!r}")
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(case.model_type, **case.config)
+    config = transformers.AutoConfig.for_model(built_as, **case.config)
     config._attn_implementation = "eager"
     for sub in ("text_config", "vision_config"):
         if getattr(config, sub, None) is not None:
@@ -58,6 +65,10 @@ def build(case: Case, directory) -> object:
             continue
     model.eval()
     model.save_pretrained(directory)
+    if case.built_as is not None:
+        saved = json.loads((directory / "config.json").read_text())
+        saved["model_type"] = case.model_type
+        (directory / "config.json").write_text(json.dumps(saved))
     return model
 
 
@@ -91,6 +102,13 @@ def slice_positions(checkpoint: Checkpoint, matrix: str, head_slice: int) -> tor
 
 def flat_indices(checkpoint: Checkpoint, matrix: str, head_slice: int) -> torch.Tensor:
     return slice_positions(checkpoint, matrix, head_slice).flatten()
+
+
+def whole_positions(checkpoint: Checkpoint, matrix: str) -> torch.Tensor:
+    """Which elements of the stored tensor the plugin takes as the whole-matrix item."""
+    entry = checkpoint.tensors[(0, matrix)]
+    positions = torch.arange(int(np.prod(entry.shape))).view(entry.shape)
+    return whole_matrix(positions, matrix, checkpoint.geometry, checkpoint.layout)
 
 
 def run(model, module_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,7 +214,8 @@ def test_v_slice_drives_exactly_its_heads_outputs(family) -> None:
     g = checkpoint.geometry
     o_name = parameter_name(checkpoint, model, "o")
     _, base, _ = run(model, o_name)
-    segment = lambda x, h: x[:, h * g.head_dim : (h + 1) * g.head_dim]  # noqa: E731
+    d = g.head_rows("v")  # head_dim; v_head_dim under multi-head latent attention
+    segment = lambda x, h: x[:, h * d : (h + 1) * d]  # noqa: E731
     kv_head = 0
     with perturbed(
         model, parameter_name(checkpoint, model, "v"), flat_indices(checkpoint, "v", kv_head)
@@ -213,9 +232,9 @@ def test_o_slice_is_what_multiplies_the_heads_segment(family) -> None:
     o_name = parameter_name(checkpoint, model, "o")
     module = model.get_submodule(o_name.removesuffix(".weight"))
     _, o_input, _ = run(model, o_name)
-    head = g.heads - 1
+    head, d = g.heads - 1, g.head_rows("o")
     without_segment = o_input.clone()
-    without_segment[:, head * g.head_dim : (head + 1) * g.head_dim] = 0
+    without_segment[:, head * d : (head + 1) * d] = 0
     with torch.no_grad():
         expected = module(without_segment)
         with perturbed(model, o_name, flat_indices(checkpoint, "o", head), factor=0.0):
@@ -236,6 +255,128 @@ def test_plugin_spectra_equal_numpy_on_the_models_own_slices(family) -> None:
             reference = np.linalg.svd(block, compute_uv=False)
             values = engine.head(0, matrix, head).singular_values
             np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_head_slices_partition_their_tensors(family) -> None:
+    """Every weight of the Q, K, V and O tensors belongs to exactly one distinct head slice
+    (a fused tensor's to one slice of one of its matrices): no slice misses a head's rows (its
+    rope part, say) or reads another's."""
+    _, checkpoint, _ = family
+    g = checkpoint.geometry
+    owned: dict[object, list[torch.Tensor]] = {}
+    sizes: dict[object, int] = {}
+    for matrix in MATRICES:
+        entry = checkpoint.tensors[(0, matrix)]
+        sizes[entry.key] = int(np.prod(entry.shape))
+        for index in range(g.distinct_heads(matrix)):
+            owned.setdefault(entry.key, []).append(flat_indices(checkpoint, matrix, index))
+    for key, parts in owned.items():
+        torch.testing.assert_close(torch.cat(parts).sort().values, torch.arange(sizes[key]))
+
+
+def test_whole_matrix_spectra_equal_numpy_on_the_models_own_weights(family) -> None:
+    """Every whole-matrix attention item (q, k, v, o, and multi-head latent attention's
+    down-projections and rope key) against numpy on the model's own parameter."""
+    model, checkpoint, case = family
+    assert checkpoint.attention == (*MATRICES, *case.latent)
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+    for matrix in checkpoint.attention:
+        weight = model.get_parameter(parameter_name(checkpoint, model, matrix)).detach().double()
+        block = weight.flatten().numpy()[whole_positions(checkpoint, matrix).numpy()]
+        reference = np.linalg.svd(block, compute_uv=False)
+        values = engine.whole(0, matrix).singular_values
+        np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_latent_rope_key_is_shared_by_every_head_and_outside_the_latent(family) -> None:
+    """Multi-head latent attention: the rows the plugin takes as the shared rope key change
+    every head's attention and leave the key/value latent (``kv_b_proj``'s input) untouched;
+    the rows it takes as the key/value down-projection change that latent."""
+    model, checkpoint, case = family
+    if "k_rope" not in case.latent:
+        pytest.skip("no multi-head latent attention")
+    g = checkpoint.geometry
+    kv_a = parameter_name(checkpoint, model, "kv_a")
+    kv_b = parameter_name(checkpoint, model, "k")
+    base, latent, _ = run(model, kv_b)
+    every = lambda x, h: x[h]  # noqa: E731
+    with perturbed(model, kv_a, whole_positions(checkpoint, "k_rope").flatten()):
+        attention, rope_latent, _ = run(model, kv_b)
+    assert changed_heads(base, attention, g.heads, every) == set(range(g.heads))
+    torch.testing.assert_close(rope_latent, latent, rtol=0, atol=0)
+    with perturbed(model, kv_a, whole_positions(checkpoint, "kv_a").flatten()):
+        _, down_latent, _ = run(model, kv_b)
+    assert not torch.allclose(down_latent, latent, atol=1e-6)
+
+
+def test_latent_attention_refuses_circuits_saying_why(family, pytester) -> None:
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("circuits are tested in test_circuits.py")
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", "--spectral-matrices=q,qk", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--spectral-matrices qk: multi-head latent attention has no qk/ov circuit items*"]
+    )
+
+
+def test_latent_config_disagreeing_with_the_weights_names_the_dimensions(family, tmp_path) -> None:
+    """A config whose v_head_dim is not the weights' is refused, naming the tensor and the
+    dimensions its shape follows from."""
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("no multi-head latent attention")
+    copy = tmp_path / "model"
+    shutil.copytree(checkpoint.root, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "v_head_dim": 6}))
+    c = case.config
+    heads, nope, kv = c["num_attention_heads"], c["qk_nope_head_dim"], c["kv_lora_rank"]
+    stored = heads * (nope + c["v_head_dim"])
+    with pytest.raises(CheckpointError) as refused:
+        open_checkpoint(copy).check_readable([(0, "v")])
+    assert (
+        f"tensor {checkpoint.tensors[(0, 'v')].name!r} has shape [{stored}, {kv}] but the config "
+        f"implies [{heads * (nope + 6)}, {kv}] ({heads} heads x (qk_nope_head_dim {nope} + "
+        f"v_head_dim 6), kv_lora_rank {kv})"
+    ) in str(refused.value)
+
+
+def test_latent_failures_name_each_slices_rows_and_shape(family, pytester) -> None:
+    """Under multi-head latent attention each item reports its own shape and rows, computed
+    here from the case's config: a K_nope slice is not where a V slice is, and the rope key
+    is the last rows of kv_a_proj_with_mqa."""
+    _, checkpoint, case = family
+    if not case.latent:
+        pytest.skip("no multi-head latent attention")
+    c = case.config
+    nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    kv, q_in, hidden = c["kv_lora_rank"], c["q_lora_rank"] or c["hidden_size"], c["hidden_size"]
+    bound = 'metric = "stable_rank"\nmax = 0.5\n'  # breaks every item: stable rank >= 1
+    both_scopes = f'[[rules]]\n{bound}[[rules]]\n{bound}scope = "matrix"\n'
+    rules = pytester.makefile(".toml", rules=both_scopes)
+    result = pytester.runpytest(
+        f"--spectral-model={checkpoint.root}", f"--spectral-thresholds={rules}",
+        "--spectral-scope=both", "--spectral-layers=0", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    name = lambda m: checkpoint.tensors[(0, m)].name  # noqa: E731
+    per_head = nope + v
+    result.stdout.fnmatch_lines(
+        [
+            f"layer 0, whole kv_a: rows 0:{kv} of {name('kv_a')} ({kv}x{hidden})",
+            f"layer 0, whole k_rope: rows {kv}:{kv + rope} of {name('k_rope')} ({rope}x{hidden})",
+            f"layer 0, head 1, q: rows {nope + rope}:{2 * (nope + rope)} of {name('q')} "
+            f"({nope + rope}x{q_in})",
+            f"layer 0, K/V head 1, k: rows {per_head}:{per_head + nope} of {name('k')} "
+            f"({nope}x{kv})",
+            f"layer 0, K/V head 1, v: rows {per_head + nope}:{2 * per_head} of {name('v')} "
+            f"({v}x{kv})",
+            f"layer 0, head 1, o: columns {v}:{2 * v} of {name('o')} ({hidden}x{v})",
+        ],
+        consecutive=False,
+    )
 
 
 def test_failure_messages_name_the_slices_own_rows_or_columns(family) -> None:
@@ -271,12 +412,14 @@ def test_whole_run_through_pytest(family, pytester) -> None:
         len(case.moe) + 3 * case.experts if layer in sparse else len(case.mlp)
         for layer in range(g.layers)
     )
-    result.assert_outcomes(failed=g.layers * (g.heads * 4 + 4) + mlp_items)
+    whole = 4 + len(case.latent)
+    result.assert_outcomes(failed=g.layers * (g.heads * 4 + whole) + mlp_items)
     attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
     assert (attention_only in result.stdout.str()) == (mlp_items == 0)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)
-    whole = f"Q's share of fused {name}" if checkpoint.layout.fused else name
+    fused = "q" in FUSED_MATRICES.get(checkpoint.layout.fused or "", "")
+    whole = f"Q's share of fused {name}" if fused else name
     result.stdout.fnmatch_lines(
         [
             f"layer 0, whole q: {whole} (*)",

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import Geometry
+from pytest_spectral.checkpoints.families import Latent
 from pytest_spectral.judging.candidates import (
     candidate_record,
     pruning_candidates,
@@ -122,6 +123,20 @@ def test_whole_head_removal() -> None:
     assert key.saved == key.removal
     (value,) = pruning_candidates([record("v", "remove_head")], "energy_rank(p=0.95)", GEOMETRY)
     assert value.removal == key.removal
+
+
+def test_head_removal_under_latent_attention_counts_each_slices_own_shape() -> None:
+    """Multi-head latent attention: Q 12 x 24 (nope 8 + rope 4, on a 24-rank query latent),
+    K_nope 8 x 16 and V 10 x 16 (on the 16-rank key/value latent), O 64 x 10; each query head
+    has its own K and V."""
+    latent = Latent(24, 16, 8, 4, 10)
+    geometry = Geometry(layers=2, heads=4, kv_heads=4, head_dim=12, hidden=64, latent=latent)
+    (query,) = pruning_candidates([record("q", "remove_head")], "energy_rank(p=0.95)", geometry)
+    assert query.removal == 12 * 24 + 64 * 10
+    own_kv = {**record("k", "remove_head"), "kv_head": 3}  # K/V head h is query head h
+    (key,) = pruning_candidates([own_kv], "energy_rank(p=0.95)", geometry)
+    assert key.removal == 12 * 24 + 64 * 10 + 8 * 16 + 10 * 16
+    assert total_saving([query, key], geometry) == key.removal  # query head 3 counted once
 
 
 def test_passed_items_are_not_candidates() -> None:

@@ -92,17 +92,6 @@ class TestErrors:
         self.expect(tiny_checkpoint, "model_type 'mamba' has no attention")
 
     @pytest.mark.parametrize(
-        ("model_type", "reason"),
-        [
-            ("deepseek_v3", "uses multi-head latent attention"),
-        ],
-    )
-    def test_types_not_analysed_yet_say_why(self, tiny_checkpoint, model_type, reason) -> None:
-        """Even with tensors the common layout would accept (BART's decoder has them)."""
-        edit_config(tiny_checkpoint, model_type=model_type)
-        self.expect(tiny_checkpoint, f"model_type {model_type!r} {reason}", "cannot analyse yet")
-
-    @pytest.mark.parametrize(
         ("config", "tensor"),
         [({"model_type": "t5"}, "encoder.block.0.layer.0.SelfAttention.q.weight"),
          ({"model_type": "bart", "decoder_attention_heads": 4},

@@ -15,6 +15,7 @@ import pytest
 from architecture_matrix import CASES, ENCODER_DECODER_CASES
 
 from pytest_spectral.checkpoints.checkpoint import Geometry, interpret_config
+from pytest_spectral.checkpoints.families import Latent
 from pytest_spectral.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -24,6 +25,16 @@ SOURCE = Path("config.json")
 def reference_geometry(model_type: str, text) -> Geometry:
     """The head geometry transformers' attention modules build from the text ``config``."""
     heads, hidden = text.num_attention_heads, text.hidden_size
+    if getattr(text, "kv_lora_rank", None) is not None:  # DeepseekV3Attention
+        latent = Latent(
+            text.q_lora_rank,
+            text.kv_lora_rank,
+            text.qk_nope_head_dim,
+            text.qk_rope_head_dim,
+            text.v_head_dim,
+        )
+        head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim  # one K/V head per query head
+        return Geometry(text.num_hidden_layers, heads, heads, head_dim, hidden, latent)
     if model_type == "falcon":  # FalconAttention
         kv_heads = (
             text.num_kv_heads if text.new_decoder_architecture else 1 if text.multi_query else heads
@@ -62,10 +73,13 @@ MODEL_TYPES = sorted({case.model_type: name for name, case in CASES.items()}.ite
 
 @pytest.mark.parametrize(("model_type", "case"), MODEL_TYPES, ids=[t for t, _ in MODEL_TYPES])
 def test_each_key_left_out_reads_as_transformers_reads_it(model_type: str, case: str) -> None:
-    if model_type not in transformers.CONFIG_MAPPING:
-        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
-    config_class = transformers.CONFIG_MAPPING[model_type]
-    full = config_class(**CASES[case].config).to_dict()
+    """A type ``built_as`` another (Kimi K2) is read with that type's config class, which its
+    checkpoints' own (remote) code uses."""
+    built_as = CASES[case].built_as or model_type
+    if built_as not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {built_as!r}")
+    config_class = transformers.CONFIG_MAPPING[built_as]
+    full = {**config_class(**CASES[case].config).to_dict(), "model_type": model_type}
     compared = 0
     for key, config in [("(none)", full), *variants(full)]:
         try:
@@ -125,6 +139,20 @@ def test_llava_1_5_as_published() -> None:
         ({"model_type": "gemma", "hidden_size": 128, "num_attention_heads": 16}, (16, 256)),
         # GPT-2's aliases
         ({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2}, (4, 32)),
+        # DeepSeek-V2-Lite: q_lora_rank null is no query latent (Q from q_proj), not 1536
+        (
+            {
+                "model_type": "deepseek_v2",
+                "hidden_size": 128,
+                "num_attention_heads": 4,
+                "q_lora_rank": None,
+                "qk_nope_head_dim": 16,
+                "qk_rope_head_dim": 8,
+            },
+            (4, 24),
+        ),
+        # DeepseekV3Config: num_key_value_heads 128 is not what MLA's K/V heads follow
+        ({"model_type": "deepseek_v3", "num_attention_heads": 4}, (4, 192)),
         # Qwen2-VL as published: the text keys at the top level
         (
             {
@@ -136,7 +164,7 @@ def test_llava_1_5_as_published() -> None:
             (2, 32),
         ),
     ],
-    ids=["mistral", "falcon", "gemma", "gpt2", "qwen2_vl"],
+    ids=["mistral", "falcon", "gemma", "gpt2", "deepseek_v2_lite", "deepseek_v3", "qwen2_vl"],
 )
 def test_class_defaults_by_hand(config: dict, expected: tuple[int, int]) -> None:
     geometry = interpret_config(config, SOURCE)[3]
@@ -281,3 +309,16 @@ def test_sparse_layers_with_each_schedule_key_left_out_are_transformers(case: st
         schedule = family.moe[model_type].schedule
         model = transformers.AutoModelForCausalLM.from_config(config_class.from_dict(dict(config)))
         assert set(schedule(resolved, geometry.layers)) == sparse_layers(model), f"without {key}"
+
+
+def test_deepseek_v2_lite_reads_its_queries_from_q_proj() -> None:
+    """``q_lora_rank: null`` in config.json: queries from ``q_proj`` on the hidden state, no
+    ``q_a_proj``; as DeepseekV2Config reads it (the attribute stays None)."""
+    config = {"model_type": "deepseek_v2", "q_lora_rank": None, "hidden_size": 128}
+    _, family, _, geometry, _, _ = interpret_config(config, SOURCE)
+    assert geometry.latent is not None
+    assert geometry.latent.q_lora_rank is None
+    assert geometry.slice_shape("q") == (192, 128)
+    assert family.tensors["q"] == "q_proj.weight"
+    assert "q_a" not in family.tensors
+    assert transformers.CONFIG_MAPPING["deepseek_v2"].from_dict(config).q_lora_rank is None

@@ -270,8 +270,9 @@ severity = "warn"
 
 
 CHOOSE = (
-    "choose from q, k, v, o, qk, ov, gate, up, gate_up, down, fc1, fc2, expert-gate, "
-    "expert-up, expert-down, shared-gate, shared-up, shared-gate_up, shared-down, router"
+    "choose from q, k, v, o, qk, ov, q_a, kv_a, k_rope, gate, up, gate_up, down, fc1, fc2, "
+    "expert-gate, expert-up, expert-down, shared-gate, shared-up, shared-gate_up, shared-down, "
+    "router"
 )
 
 

@@ -28,17 +28,18 @@ from pytest_spectral.checkpoints.families import (
     GENERIC,
     MLP_MATRICES,
     NO_ATTENTION,
-    NOT_YET,
     SUPPORTED_MODEL_TYPES,
     ArchitectureError,
     ExpertMatrix,
     Family,
+    Latent,
     Moe,
     Variant,
     expert_item,
     matrix_kind,
     text_model,
 )
+from pytest_spectral.checkpoints.families.family import FUSED_MATRICES, LATENT_MATRICES
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
 from pytest_spectral.checkpoints.formats.sources import TensorSource
@@ -65,13 +66,19 @@ MIN_SLICE_SIDE = 2
 
 @dataclass(frozen=True)
 class Geometry:
-    """Head layout of the attention blocks, as ``config.json`` describes it."""
+    """Head layout of the attention blocks, as ``config.json`` describes it.
+
+    Under multi-head latent attention (``latent`` set) Q, K, V and O slices differ in shape
+    (:class:`Latent`) and ``head_dim`` is the query/key head dimension, ``qk_nope_head_dim +
+    qk_rope_head_dim`` (transformers' ``qk_head_dim``).
+    """
 
     layers: int
     heads: int
     kv_heads: int
     head_dim: int
     hidden: int
+    latent: Latent | None = None
 
     @property
     def group_size(self) -> int:
@@ -85,12 +92,22 @@ class Geometry:
         """How many different slices ``matrix`` has: one per K/V head for k and v."""
         return self.kv_heads if matrix in ("k", "v") else self.heads
 
+    def head_rows(self, matrix: str) -> int:
+        """Rows of one head's Q, K or V slice, columns of its O slice."""
+        return self.head_dim if self.latent is None else self.latent.head_rows(matrix)
+
+    def head_input(self, matrix: str) -> int:
+        """Columns of one head's Q, K or V slice: the hidden size, or a latent's rank."""
+        return self.hidden if self.latent is None else self.latent.head_input(matrix, self.hidden)
+
     def slice_shape(self, matrix: str) -> tuple[int, int]:
         """Shape ``[m, n]`` of one head's block in ``nn.Linear`` orientation (out x in); a
         circuit (``qk``, ``ov``) is ``hidden x hidden``."""
         if matrix in CIRCUITS:
             return (self.hidden, self.hidden)
-        return (self.hidden, self.head_dim) if matrix == "o" else (self.head_dim, self.hidden)
+        if matrix == "o":
+            return (self.hidden, self.head_rows("o"))
+        return (self.head_rows(matrix), self.head_input(matrix))
 
 
 @dataclass(frozen=True)
@@ -196,8 +213,9 @@ class Checkpoint:
     #: MLP matrices the checkpoint has in some layer (whole-matrix items only; for experts,
     #: their kinds ``expert-gate``...)
     mlp: tuple[str, ...] = ()
-    #: attention matrices the checkpoint has: all of q, k, v, o, except for a LoRA update,
-    #: which has those its adapter targets
+    #: attention matrices the checkpoint has: all of q, k, v, o (and, under multi-head latent
+    #: attention, the whole-matrix-only q_a, kv_a, k_rope), except for a LoRA update, which
+    #: has those its adapter targets
     attention: tuple[str, ...] = MATRICES
     #: layers that have them: every layer, except for a LoRA update limited to some layers
     layer_indices: tuple[int, ...] | None = None
@@ -280,8 +298,26 @@ class Checkpoint:
     @property
     def circuits(self) -> tuple[str, ...]:
         """The circuits whose two factors this checkpoint has (both, except for some LoRA
-        updates)."""
+        updates; none under multi-head latent attention, see :attr:`circuit_refusal`)."""
+        if self.circuit_refusal is not None:
+            return ()
         return tuple(c for c, pair in CIRCUITS.items() if set(pair) <= set(self.attention))
+
+    @property
+    def circuit_refusal(self) -> str | None:
+        """Why this checkpoint's heads have no QK/OV circuit items, if they have none by
+        design: under multi-head latent attention a head's Q and K act on different latents,
+        each rescaled per token by an RMS norm (K's nope part only, not its rope part), so
+        its attention score is no fixed bilinear form of the hidden states."""
+        if self.geometry.latent is None:
+            return None
+        return (
+            "multi-head latent attention has no qk/ov circuit items: a head's Q acts on the "
+            "normalised query latent (q_a_layernorm), its K_nope and V on the normalised "
+            "key/value latent (kv_a_layernorm) and its rope key on the hidden state; the RMS "
+            "norms rescale each token's latent by its own factor, so a head's score is no "
+            "fixed hidden x hidden product (see the README's Supported architectures)"
+        )
 
     def sources(self, layer: int, matrix: str) -> tuple[TensorSource, ...]:
         """The tensors an item of ``matrix`` reads: its own, or a circuit's two factors'
@@ -318,14 +354,12 @@ class Checkpoint:
         if not whole:
             return g.slice_shape(matrix)
         if matrix in MATRICES:
-            return (
-                (g.hidden, g.heads * g.head_dim)
-                if matrix == "o"
-                else (
-                    g.distinct_heads(matrix) * g.head_dim,
-                    g.hidden,
-                )
-            )
+            if matrix == "o":
+                return (g.hidden, g.heads * g.head_rows("o"))
+            return (g.distinct_heads(matrix) * g.head_rows(matrix), g.head_input(matrix))
+        if matrix in LATENT_MATRICES and g.latent is not None:
+            start, stop, _ = g.latent.down_rows(matrix)
+            return (stop - start, g.hidden)
         kind = matrix_kind(matrix)
         if kind in self._expert_shapes:
             return self._expert_shapes[kind]
@@ -354,7 +388,7 @@ class Checkpoint:
         where = f"{entry.file}: tensor {entry.name!r}"
         if entry.problem:
             return f"{where} {entry.problem}"
-        if matrix in MATRICES:
+        if matrix in MATRICES + LATENT_MATRICES:
             expected = expected_shape(matrix, self.geometry, self.layout)
             if entry.shape != expected:
                 return (
@@ -431,8 +465,9 @@ def _one_stack_tensors(
         if partial:
             tensors, attention, layers = _partial_attention(entries, prefix, family, geometry)
         else:
-            tensors = _attention_tensors(entries, prefix, family, geometry)
-            attention, layers = MATRICES, None
+            attention = MATRICES + tuple(m for m in LATENT_MATRICES if m in family.tensors)
+            tensors = _attention_tensors(entries, prefix, family, geometry, attention)
+            layers = None
     except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
         raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
     moe = family.moe.get(str(config.get("model_type")))
@@ -484,17 +519,14 @@ def interpret_config(
             f"{config_file}: model_type {model_type!r} has no attention (a state-space or "
             "recurrent model): there are no attention heads to analyse"
         )
-    if family is None and model_type in NOT_YET:
-        raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} {NOT_YET[model_type]}, which this "
-            "version cannot analyse yet; supported: see the README's architecture table"
-        )
     if family is None:
         family = known or GENERIC
         if known is None:
             notes = (_generic_note(config_file, model_type),)
     try:
         variant = family.layout_of(config)
+        if variant.tensors is not None:  # this config's tensor names (no q_a without q_lora)
+            family = replace(family, tensors=variant.tensors)
         geometry, stacks = _stacked_geometry(config_file, config, family, variant)
     except ArchitectureError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
@@ -575,7 +607,10 @@ def _geometry(
     heads = positive(family.heads_keys)
     hidden = positive(family.hidden_keys)
     kv_heads = variant.kv_heads or positive(variant.kv_heads_keys, heads)
-    if value(family.head_dim_keys)[1] is not None:
+    latent = variant.latent
+    if latent is not None:  # DeepseekV3Attention's qk_head_dim, whatever head_dim says
+        head_dim = latent.qk_nope_head_dim + latent.qk_rope_head_dim
+    elif value(family.head_dim_keys)[1] is not None:
         head_dim = positive(family.head_dim_keys)
     elif hidden % heads:
         raise CheckpointError(
@@ -588,14 +623,16 @@ def _geometry(
         raise CheckpointError(
             f"{path}: {heads} attention heads is not a multiple of {kv_heads} key/value heads"
         )
-    geometry = Geometry(layers, heads, kv_heads, head_dim, hidden)
+    geometry = Geometry(layers, heads, kv_heads, head_dim, hidden, latent)
     keys = {  # the config keys each value came from, for messages
         "layers": value(family.layers_keys)[0],
         "heads": value(family.heads_keys)[0],
         "hidden": value(family.hidden_keys)[0],
         "head_dim": value(family.head_dim_keys)[0],
     }
-    if value(family.head_dim_keys)[1] is None:
+    if latent is not None:
+        keys["head_dim"] = "qk_nope_head_dim + qk_rope_head_dim"
+    elif value(family.head_dim_keys)[1] is None:
         keys["head_dim"] = f"{keys['hidden']} / {keys['heads']}"
     _check_plausible(path, geometry, keys)
     return geometry
@@ -603,14 +640,20 @@ def _geometry(
 
 def _check_plausible(path: Path, g: Geometry, keys: Mapping[str, str]) -> None:
     """Refuse geometries that make a small file into a flood of items (see the constants)."""
-    for side, key in ((g.head_dim, "head_dim"), (g.hidden, "hidden")):
+    sides = [(g.head_dim, "head_dim"), (g.hidden, "hidden")]
+    if g.latent is not None:
+        sides += [(min(g.slice_shape(m)), m) for m in MATRICES]
+        keys = {**keys, **{m: f"{m} slice side" for m in MATRICES}}
+    for side, key in sides:
         if side < MIN_SLICE_SIDE:
             raise CheckpointError(
                 f"{path}: {keys[key]!r} gives {side}; a head slice must be at least "
                 f"{MIN_SLICE_SIDE} x {MIN_SLICE_SIDE} (head_dim x hidden size) to have a spectrum"
             )
     items = 4 * g.heads * g.layers
-    weights = g.layers * (2 * g.heads + 2 * g.kv_heads) * g.head_dim * g.hidden
+    weights = g.layers * sum(
+        g.distinct_heads(m) * g.slice_shape(m)[0] * g.slice_shape(m)[1] for m in MATRICES
+    )
     if items > SMALL_MODEL_ITEMS and weights < items * MIN_WEIGHTS_PER_ITEM:
         raise CheckpointError(
             f"{path}: {keys['heads']!r} {g.heads} x {keys['layers']!r} {g.layers} would make "
@@ -645,12 +688,17 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
 
 
 def _attention_tensors(
-    entries: TensorMap, prefix: str, family: Family, geometry: Geometry
+    entries: TensorMap,
+    prefix: str,
+    family: Family,
+    geometry: Geometry,
+    matrices: tuple[str, ...] = MATRICES,
 ) -> dict[tuple[int, str], TensorSource]:
-    """The Q/K/V/O tensor of every layer; what they hold is checked when a run needs them."""
+    """The tensor of each of ``matrices`` in every layer; what they hold is checked when a
+    run needs them."""
     tensors: dict[tuple[int, str], TensorSource] = {}
     for layer in range(geometry.layers):
-        for matrix in MATRICES:
+        for matrix in matrices:
             name = prefix + family.tensor_name(layer, matrix)
             entry = entries.get(name)
             if entry is None:
@@ -814,14 +862,23 @@ def _check_expert_count(path: Path, experts: Mapping[tuple[int, str], ExpertTens
 
 
 def expected_shape(matrix: str, g: Geometry, layout: Layout) -> tuple[int, int]:
-    """The stored shape of the tensor holding ``matrix`` (the fused one for fused Q/K/V)."""
+    """The stored shape of the tensor holding ``matrix`` (the fused one for fused Q/K/V, the
+    whole down-projection for a latent one)."""
+    fused = _fused_with(matrix, layout)
     if matrix == "o":
-        out_in = (g.hidden, g.heads * g.head_dim)
-    elif layout.fused:
-        out_in = ((g.heads + 2 * g.kv_heads) * g.head_dim, g.hidden)
+        out_in = (g.hidden, g.heads * g.head_rows("o"))
+    elif g.latent is not None and matrix in LATENT_MATRICES:
+        out_in = (g.latent.down_rows(matrix)[2], g.hidden)
     else:
-        out_in = (g.distinct_heads(matrix) * g.head_dim, g.hidden)
+        rows = sum(g.distinct_heads(m) * g.head_rows(m) for m in fused)
+        out_in = (rows, g.head_input(matrix))
     return (out_in[1], out_in[0]) if layout.conv1d else out_in
+
+
+def _fused_with(matrix: str, layout: Layout) -> str:
+    """The matrices stored in one tensor with ``matrix`` (itself included)."""
+    together = FUSED_MATRICES.get(layout.fused or "", "")
+    return together if matrix in together else matrix
 
 
 def _quantized(name: str, entries: TensorMap) -> str | None:
@@ -864,6 +921,8 @@ def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False
 
 
 def _shape_reason(matrix: str, g: Geometry, layout: Layout) -> str:
+    if g.latent is not None:
+        return _latent_shape_reason(matrix, g)
     if matrix == "o":
         detail = f"hidden size {g.hidden}, {g.heads} heads x head_dim {g.head_dim}"
     elif layout.fused:
@@ -874,3 +933,23 @@ def _shape_reason(matrix: str, g: Geometry, layout: Layout) -> str:
             f"{count} {'key/value' if matrix in 'kv' else 'query'} heads x head_dim {g.head_dim}"
         )
     return detail + (", stored transposed (Conv1D)" if layout.conv1d else "")
+
+
+def _latent_shape_reason(matrix: str, g: Geometry) -> str:
+    """The config values a multi-head latent attention tensor's shape follows from."""
+    latent: Latent = g.latent  # type: ignore[assignment]
+    nope, rope, v = latent.qk_nope_head_dim, latent.qk_rope_head_dim, latent.v_head_dim
+    q_input = (
+        f"q_lora_rank {latent.q_lora_rank}"
+        if latent.q_lora_rank is not None
+        else f"hidden size {g.hidden}"
+    )
+    return {
+        "q": f"{g.heads} heads x (qk_nope_head_dim {nope} + qk_rope_head_dim {rope}), {q_input}",
+        "k": f"{g.heads} heads x (qk_nope_head_dim {nope} + v_head_dim {v}), "
+        f"kv_lora_rank {latent.kv_lora_rank}",
+        "o": f"hidden size {g.hidden}, {g.heads} heads x v_head_dim {v}",
+        "q_a": f"q_lora_rank {latent.q_lora_rank}, hidden size {g.hidden}",
+        "kv_a": f"kv_lora_rank {latent.kv_lora_rank} + qk_rope_head_dim {rope}, "
+        f"hidden size {g.hidden}",
+    }[{"v": "k", "k_rope": "kv_a"}.get(matrix, matrix)]

@@ -262,6 +262,8 @@ class SpectraEngine:
         matrix, scope = unit
         g, stored = self.checkpoint.geometry, self.checkpoint.layout
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
+        if g.latent is not None:  # how the latent layout's rows split between K_nope and V
+            layout += tuple(dataclasses.astuple(g.latent))
         first, *others = self.checkpoint.sources(layer, matrix)  # a circuit has two factors
         layout += tuple(other.cache_material() for other in others)
         experts = self.checkpoint.experts.get((layer, matrix))

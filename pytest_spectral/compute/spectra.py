@@ -56,7 +56,8 @@ import torch
 
 from pytest_spectral.checkpoints.checkpoint import Geometry, Layout
 from pytest_spectral.checkpoints.families import ExpertMatrix
-from pytest_spectral.checkpoints.slices import fused_grid
+from pytest_spectral.checkpoints.families.family import FUSED_MATRICES
+from pytest_spectral.checkpoints.slices import fused_grid, whole_rows
 from pytest_spectral.results import SliceSpectra
 
 #: Relative error on singular values that the Gram route must provably stay under.
@@ -82,32 +83,38 @@ def head_blocks(
 ) -> torch.Tensor:
     """View the stored ``weight`` as a batch of head slices, one per distinct head.
 
-    A Q/K/V head is ``head_dim`` rows of the projection in ``nn.Linear`` orientation, found
-    through the family's fused layout (see :mod:`pytest_spectral.checkpoints.families`);
-    an O head is ``head_dim`` columns of the output projection. Slices come back as
-    ``[slices, d, in]`` or ``[slices, in, d]``, whichever keeps rows contiguous in memory
-    (transposing a slice leaves its singular values unchanged, and a transposing copy upcasts
-    2.5x slower). Only grouped (Falcon-40B-style) queries need a copy.
+    A Q/K/V head is ``geometry.head_rows(matrix)`` rows of the projection in ``nn.Linear``
+    orientation, found through the family's fused layout (see
+    :mod:`pytest_spectral.checkpoints.families`); an O head is as many columns of the output
+    projection. Slices come back as ``[slices, d, in]`` or ``[slices, in, d]``, whichever keeps
+    rows contiguous in memory (transposing a slice leaves its singular values unchanged, and
+    a transposing copy upcasts 2.5x slower). Only grouped (Falcon-40B-style) queries need a
+    copy.
     """
-    d = geometry.head_dim
+    d = geometry.head_rows(matrix)
     if matrix == "o":
         if layout.conv1d:  # stored [heads * d, hidden]: a head is a row block
             return weight.view(geometry.heads, d, weight.shape[1])
         return weight.view(weight.shape[0], geometry.heads, d).permute(1, 0, 2)
-    groups, per_group, (start, stop) = fused_grid(matrix, geometry, layout.fused)
+    groups, period, (start, stop) = fused_grid(matrix, geometry, layout.fused)
     if layout.conv1d:  # stored [in, rows]: a head is a column block
-        grid = weight.view(weight.shape[0], groups, per_group, d)[:, :, start:stop]
+        grid = weight.view(weight.shape[0], groups, period)[:, :, start:stop]
+        grid = grid.reshape(weight.shape[0], groups, -1, d)
         return grid.permute(1, 2, 0, 3).reshape(-1, weight.shape[0], d)
-    grid = weight.view(groups, per_group, d, weight.shape[1])[:, start:stop]
+    grid = weight.view(groups, period, weight.shape[1])[:, start:stop]
     return grid.reshape(-1, d, weight.shape[1])
 
 
 def whole_matrix(
     weight: torch.Tensor, matrix: str, geometry: Geometry, layout: Layout
 ) -> torch.Tensor:
-    """The whole matrix for a matrix-scope item: the stored weight, or Q, K or V's share of a
-    fused one (in whatever orientation is cheapest: singular values do not care)."""
-    if matrix not in ("q", "k", "v") or not layout.fused:
+    """The whole matrix for a matrix-scope item: the stored weight, Q, K or V's share of a
+    fused one (in whatever orientation is cheapest: singular values do not care), or a latent
+    down-projection's rows (:func:`~pytest_spectral.checkpoints.slices.whole_rows`)."""
+    rows = whole_rows(matrix, geometry)
+    if rows is not None:
+        return weight[rows[0] : rows[1]]
+    if matrix not in FUSED_MATRICES.get(layout.fused or "", ""):
         return weight
     blocks = head_blocks(weight, matrix, geometry, layout)
     if layout.conv1d:  # [slices, in, d] -> [in, slices * d]

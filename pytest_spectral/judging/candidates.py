@@ -303,8 +303,9 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
             removed_query.update((layer, head) for head in group)
         else:
             removed_query.update((layer, head) for head in c.heads)
-    slice_params = geometry.head_dim * geometry.hidden
-    total = 2 * slice_params * (len(removed_query) + len(removed_kv))
+    total = len(removed_query) * _params(geometry, "q", "o") + len(removed_kv) * _params(
+        geometry, "k", "v"
+    )
     best: dict[tuple[object, str, object], int] = {}  # head slice -> its largest saving
     for c in candidates:
         for place, saving in _slice_savings(c, geometry):
@@ -431,7 +432,13 @@ def _removal(record: Record, geometry: Geometry | None) -> int | None:
     asked = any(b.get("suggest") == "remove_head" for b in record["broken_rules"])  # type: ignore[attr-defined, union-attr]
     if not asked or geometry is None or record["head"] is None:
         return None
-    per_query_head = 2 * geometry.head_dim * geometry.hidden
+    per_query_head = _params(geometry, "q", "o")
     if record["matrix"] in ("k", "v"):
-        return geometry.group_size * per_query_head + 2 * geometry.head_dim * geometry.hidden
+        return geometry.group_size * per_query_head + _params(geometry, "k", "v")
     return per_query_head
+
+
+def _params(geometry: Geometry, *matrices: str) -> int:
+    """Weights in one head's slice of each of ``matrices`` (their shapes differ under
+    multi-head latent attention)."""
+    return sum(math.prod(geometry.slice_shape(m)) for m in matrices)

@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Literal
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, STACKS, matrix_kind
+from pytest_spectral.checkpoints.families import (
+    STACKS,
+    WHOLE_ONLY_MATRICES,
+    matrix_kind,
+)
 from pytest_spectral.judging.metrics import METRICS, MetricRequest, MetricSpec, request
 from pytest_spectral.judging.ranges import IndexSet, RangeSyntaxError, parse_index_set
 from pytest_spectral.untrusted import (
@@ -30,7 +34,7 @@ from pytest_spectral.untrusted import (
 Severity = Literal["fail", "warn"]
 #: values of a rule's ``suggest``: what a broken rule suggests doing with the slice
 SUGGESTIONS = ("low_rank", "remove_head", "none")
-ALL_MATRICES: tuple[str, ...] = HEAD_MATRICES + MLP_MATRICES
+ALL_MATRICES: tuple[str, ...] = HEAD_MATRICES + WHOLE_ONLY_MATRICES
 _Fail = Callable[[str, str], "RulesError"]
 #: the keys a [[rules]] table may have, besides its metric's parameters
 RULE_KEYS = (

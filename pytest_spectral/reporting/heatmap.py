@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import WHOLE_ONLY_MATRICES
 from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.judging.rules import Rule, rules_of_stack
 from pytest_spectral.printable import printable
@@ -155,7 +155,7 @@ def _cells(records: Sequence[Record], metric: str, *, whole: bool) -> dict[Cell,
 def _matrices(cells: dict[Cell, float | None]) -> list[str]:
     """The view's matrices, q, k, v, o and the circuits first, then the MLP's in their usual
     order."""
-    order = HEAD_MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + WHOLE_ONLY_MATRICES
     present = {matrix for _, _, matrix in cells}
     return sorted(present, key=lambda m: (order.index(m) if m in order else len(order), m))
 

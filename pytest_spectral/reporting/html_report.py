@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES
+from pytest_spectral.checkpoints.families import WHOLE_ONLY_MATRICES
 from pytest_spectral.judging.candidates import Candidate, Regression
 from pytest_spectral.judging.metrics import METRICS
 from pytest_spectral.judging.rules import Rule, rules_of_stack
@@ -259,7 +259,7 @@ def _matrix_heatmap(cells: Mapping[Cell, float], scales: Mapping[Cell, Scale], l
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    order = HEAD_MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + WHOLE_ONLY_MATRICES
     matrices = sorted(
         {m for _, _, m in cells},
         key=lambda m: (m not in order, order.index(m) if m in order else 0, m),
@@ -526,7 +526,7 @@ def _candidates_table(candidates: Sequence[Candidate], energy: float) -> str:
 
 def _whole_table(records: Sequence[Record]) -> str:
     """Every whole-matrix item with a result: where, outcome and its main metrics."""
-    order = MATRICES + MLP_MATRICES
+    order = MATRICES + WHOLE_ONLY_MATRICES
 
     stacks = list(dict.fromkeys(r.get("stack") for r in records))
 

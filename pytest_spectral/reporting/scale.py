@@ -31,7 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import MLP_MATRICES, split_expert_item
+from pytest_spectral.checkpoints.families import (
+    WHOLE_ONLY_MATRICES,
+    split_expert_item,
+)
 from pytest_spectral.judging.metrics import Direction
 from pytest_spectral.judging.rules import Rule
 
@@ -191,7 +194,7 @@ def scales_legend(scales: Mapping[Cell, Scale], across: str = "every panel") -> 
 def _where(cells: Sequence[Cell], every: Sequence[Cell]) -> str:
     """The cells of one scale, in words: whole panels by matrix (``q, k``), else the layers or
     heads of a panel they cover (``q layers 0-1``), else how many."""
-    order = HEAD_MATRICES + MLP_MATRICES
+    order = HEAD_MATRICES + WHOLE_ONLY_MATRICES
     parts = []
     present = {cell[2] for cell in every}
     for matrix in sorted(

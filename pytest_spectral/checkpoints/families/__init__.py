@@ -15,10 +15,12 @@ from pytest_spectral.checkpoints.families.encoders import ENCODERS
 from pytest_spectral.checkpoints.families.family import (
     DENSE_MLP_MATRICES,
     FUSED_LAYOUTS,
+    LATENT_MATRICES,
     STACKS,
     ArchitectureError,
     ConfigClass,
     Family,
+    Latent,
     Stack,
     Variant,
 )
@@ -36,6 +38,8 @@ from pytest_spectral.checkpoints.families.multimodal import WRAPPERS, Wrapper
 
 #: names of whole-matrix MLP items (for experts, their kinds), across families
 MLP_MATRICES: tuple[str, ...] = DENSE_MLP_MATRICES + EXPERT_MATRICES + SHARED_MATRICES + (ROUTER,)
+#: matrices that exist as whole matrices only: multi-head latent attention's and the MLP's
+WHOLE_ONLY_MATRICES: tuple[str, ...] = LATENT_MATRICES + MLP_MATRICES
 
 FAMILIES: tuple[Family, ...] = DECODERS + ENCODERS + ENCODER_DECODERS
 #: model types analysed as themselves, then the multimodal wrappers (their text model analysed)
@@ -45,13 +49,6 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
 )
 #: model types without attention (state-space and recurrent models): refused as such
 NO_ATTENTION: tuple[str, ...] = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
-#: model types whose attention the plugin cannot yet slice into heads, and why
-NOT_YET: Mapping[str, str] = {
-    **dict.fromkeys(
-        ("deepseek_v2", "deepseek_v3", "kimi_k2"),
-        "uses multi-head latent attention (low-rank q_a/kv_a projections shared by all heads)",
-    ),
-}
 #: a model_type nobody declared, whose tensors follow the most common layout, is read as this
 GENERIC = next(f for f in FAMILIES if f.name == "llama")
 
@@ -84,16 +81,18 @@ __all__ = [
     "FAMILIES",
     "FUSED_LAYOUTS",
     "GENERIC",
+    "LATENT_MATRICES",
     "MLP_MATRICES",
-    "NOT_YET",
     "NO_ATTENTION",
     "STACKS",
     "SUPPORTED_MODEL_TYPES",
+    "WHOLE_ONLY_MATRICES",
     "WRAPPERS",
     "ArchitectureError",
     "ConfigClass",
     "ExpertMatrix",
     "Family",
+    "Latent",
     "Moe",
     "Stack",
     "Variant",

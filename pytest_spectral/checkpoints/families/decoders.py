@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pytest_spectral.checkpoints.families.family import (
     ConfigClass,
     Family,
+    Latent,
     Variant,
     classic,
     flag,
@@ -158,6 +159,41 @@ def _multi_query_variant(config: Mapping[str, object]) -> Variant:
     return Variant("interleaved")
 
 
+#: multi-head latent attention as transformers' DeepseekV2Attention / DeepseekV3Attention
+#: names it: Q (q_b_proj), K_nope and V (kv_b_proj), O, and the down-projections
+_LATENT = {
+    "q": "q_b_proj.weight",
+    "kv": "kv_b_proj.weight",
+    "o": "o_proj.weight",
+    "q_a": "q_a_proj.weight",
+    "kv_a": "kv_a_proj_with_mqa.weight",
+    "k_rope": "kv_a_proj_with_mqa.weight",
+}
+#: the multi-head latent attention keys of DeepseekV2Config and DeepseekV3Config
+_LATENT_DEFAULTS = {
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+}
+
+#: ``q_lora_rank: null`` (DeepSeek-V2-Lite) means no query latent, not the default rank
+_NO_Q_LORA = frozenset({"q_lora_rank"})
+
+
+def _latent_variant(config: Mapping[str, object]) -> Variant:
+    """Multi-head latent attention as DeepseekV3Attention builds it: with ``q_lora_rank``
+    null (DeepSeek-V2-Lite) the queries come from ``q_proj`` and there is no ``q_a_proj``;
+    every query head has its own K and V (``num_key_value_heads`` is not used for them)."""
+    latent = Latent.from_config(config)
+    tensors = dict(_LATENT)
+    if latent.q_lora_rank is None:
+        del tensors["q_a"]
+        tensors["q"] = "q_proj.weight"
+    return Variant("latent", latent=latent, tensors=tensors)
+
+
 def _llama_like(name: str, configs: Mapping[str, ConfigClass], **layout: object) -> Family:
     """``layers.N.self_attn.{q,k,v,o}_proj`` and ``layers.N.mlp.{gate,up,down}_proj``."""
     fields: dict[str, object] = {
@@ -226,6 +262,22 @@ DECODERS: tuple[Family, ...] = (
         },
         moe=MOE,
         note="`layers.N.self_attn.{q,k,v,o}_proj` (biases and Q/K norms ignored)",
+    ),
+    _llama_like(
+        "latent",
+        {
+            "deepseek_v2": classic(32, 32, 4096, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
+            "deepseek_v3": classic(61, 128, 7168, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
+            # Kimi K2's own config class (remote code) is DeepSeek's DeepseekV3Config
+            "kimi_k2": classic(61, 128, 7168, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
+        },
+        tensors=_LATENT,
+        mlp={},  # dense and mixture-of-experts layers mixed: no MLP matrix in every layer
+        fused="latent",
+        kv_heads_keys=(),
+        variant=_latent_variant,
+        note="multi-head latent attention: `q_b_proj` (or `q_proj`) and `kv_b_proj` per head, "
+        "`o_proj`; `q_a_proj`, `kv_a_proj_with_mqa` whole",
     ),
     _llama_like(
         "starcoder2",

@@ -10,7 +10,11 @@ Fused layouts (rows of the fused ``out x in`` weight, in units of ``head_dim``):
 
 * ``concat``: all Q heads, then all K heads, then all V heads (Phi-3, GPT-2, Falcon-7B);
 * ``interleaved``: per head, its q, k and v rows in turn (GPT-NeoX/Pythia, Falcon-RW, BLOOM);
-* ``grouped``: per K/V head, the query heads that share it, then its k, then its v (Falcon-40B).
+* ``grouped``: per K/V head, the query heads that share it, then its k, then its v (Falcon-40B);
+* ``latent``: multi-head latent attention (DeepSeek-V2/V3, Kimi K2; DeepSeek-V2 paper,
+  arXiv:2405.04434, section 2.1), described by :class:`Latent`: Q has a tensor of its own,
+  K and V are fused in the up-projection ``kv_b_proj``, per head its ``qk_nope_head_dim`` K
+  rows then its ``v_head_dim`` V rows, both acting on the ``kv_lora_rank`` latent.
 
 Each model type also names the defaults and aliases of transformers' config class for it
 (:class:`ConfigClass`), so that a ``config.json`` means what it means to transformers without
@@ -27,10 +31,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pytest_spectral.checkpoints.families.moe import Moe
 
+#: the fused layouts an ``[architecture]`` file may name
 FUSED_LAYOUTS = ("concat", "interleaved", "grouped")
+#: every fused layout, and the matrices it fuses into one tensor (``Family.tensors`` names that
+#: tensor by the matrices' letters: ``qkv``, ``kv``)
+FUSED_MATRICES: Mapping[str, str] = {**dict.fromkeys(FUSED_LAYOUTS, "qkv"), "latent": "kv"}
 MatrixNames = Mapping[str, str]
 #: names of a dense MLP's whole-matrix items, across families
 DENSE_MLP_MATRICES: tuple[str, ...] = ("gate", "up", "gate_up", "down", "fc1", "fc2")
+#: whole-matrix items of multi-head latent attention: the query down-projection ``q_a_proj``,
+#: the key/value down-projection (the first ``kv_lora_rank`` rows of ``kv_a_proj_with_mqa``)
+#: and the rope key all heads share (its last ``qk_rope_head_dim`` rows)
+LATENT_MATRICES: tuple[str, ...] = ("q_a", "kv_a", "k_rope")
 #: the config keys geometry is read from, under transformers' standard names
 LAYERS, HEADS, HIDDEN, KV_HEADS, HEAD_DIM = (
     "num_hidden_layers",
@@ -53,18 +65,26 @@ class ConfigClass:
     ``defaults`` are the class's ``__init__`` defaults for the keys geometry and layout read
     (an absent ``num_key_value_heads`` or ``head_dim`` not listed here means "as many as query
     heads" and "hidden size / heads", as in the attention modules); ``aliases`` is the class's
-    ``attribute_map`` (standard name -> the name stored in ``config.json``, GPT-2's ``n_head``).
+    ``attribute_map`` (standard name -> the name stored in ``config.json``, GPT-2's ``n_head``);
+    ``nullable`` are the keys whose ``null`` means something else than their default
+    (DeepSeek's ``q_lora_rank``: no query latent).
     """
 
     defaults: Mapping[str, object]
     aliases: Mapping[str, str] = field(default_factory=dict)
     #: keys whose default is another key's value (T5's ``num_decoder_layers``: ``num_layers``)
     same_as: Mapping[str, str] = field(default_factory=dict)
+    nullable: frozenset[str] = frozenset()
 
     def resolve(self, config: Mapping[str, object]) -> dict[str, object]:
         """``config`` with aliases read under their standard names and class defaults filled
-        in, as ``AutoConfig`` would see it. A ``null`` counts as absent."""
-        resolved = {key: value for key, value in config.items() if value is not None}
+        in, as ``AutoConfig`` would see it. A ``null`` counts as absent, except for a
+        ``nullable`` key."""
+        resolved = {
+            key: value
+            for key, value in config.items()
+            if value is not None or key in self.nullable
+        }
         for standard, stored in self.aliases.items():
             if stored in resolved:
                 resolved[standard] = resolved[stored]
@@ -84,6 +104,7 @@ def classic(
     kv_heads: int | None = None,
     head_dim: int | None = None,
     aliases: Mapping[str, str] | None = None,
+    nullable: frozenset[str] = frozenset(),
     **other: object,
 ) -> ConfigClass:
     """A :class:`ConfigClass` from the defaults most classes have (``None``: derived)."""
@@ -92,7 +113,7 @@ def classic(
         defaults[KV_HEADS] = kv_heads
     if head_dim is not None:
         defaults[HEAD_DIM] = head_dim
-    return ConfigClass(defaults, dict(aliases or {}))
+    return ConfigClass(defaults, dict(aliases or {}), nullable=nullable)
 
 
 #: the stacks of an encoder-decoder model's items, in collection order: the encoder's layers
@@ -185,8 +206,72 @@ class Family:
     def tensor_name(self, layer: int, matrix: str) -> str:
         if matrix in self.mlp:
             return self.mlp_prefix.format(layer=layer) + self.mlp[matrix]
-        key = "qkv" if self.fused and matrix in ("q", "k", "v") else matrix
-        return self.layer.format(layer=layer) + self.tensors[key]
+        return self.layer.format(layer=layer) + self.tensors[tensor_key(self.fused, matrix)]
+
+
+def tensor_key(fused: str | None, matrix: str) -> str:
+    """The key of ``Family.tensors`` naming the tensor that holds ``matrix``: the fused one
+    (``qkv``, ``kv``) where the layout fuses it."""
+    together = FUSED_MATRICES.get(fused or "", "")
+    return together if matrix in together else matrix
+
+
+@dataclass(frozen=True)
+class Latent:
+    """The dimensions of multi-head latent attention, under transformers' config names.
+
+    Query head h is ``qk_nope_head_dim + qk_rope_head_dim`` rows of ``q_b_proj`` (acting on
+    the ``q_lora_rank`` query latent) or, with ``q_lora_rank`` null, of ``q_proj`` (acting on
+    the hidden state); its K_nope and V are ``qk_nope_head_dim`` and ``v_head_dim`` rows of
+    ``kv_b_proj`` (acting on the ``kv_lora_rank`` key/value latent); its O is ``v_head_dim``
+    columns of ``o_proj``. As in ``DeepseekV3Attention``, every head has its own K and V.
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> Latent:
+        """Read from a resolved config (class defaults applied); raises
+        :class:`ArchitectureError` naming the key whose value is unusable."""
+
+        def positive(key: str) -> int:
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArchitectureError(f"{key!r} must be a positive integer, got {value!r}")
+            return value
+
+        q_lora_rank = None if config.get("q_lora_rank") is None else positive("q_lora_rank")
+        return cls(
+            q_lora_rank,
+            positive("kv_lora_rank"),
+            positive("qk_nope_head_dim"),
+            positive("qk_rope_head_dim"),
+            positive("v_head_dim"),
+        )
+
+    def head_rows(self, matrix: str) -> int:
+        """Rows of one head's Q, K or V slice (O: its columns)."""
+        nope, rope, v = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        return {"q": nope + rope, "k": nope, "v": v, "o": v}[matrix]
+
+    def head_input(self, matrix: str, hidden: int) -> int:
+        """What a head's Q, K or V slice multiplies: a latent or the hidden state."""
+        if matrix == "q":
+            return self.q_lora_rank or hidden
+        return self.kv_lora_rank
+
+    def down_rows(self, matrix: str) -> tuple[int, int, int]:
+        """``(start, stop, rows)``: the rows of the stored down-projection (``q_a_proj`` or
+        ``kv_a_proj_with_mqa``, ``rows`` in all) that a whole-matrix latent item is."""
+        kv, rope = self.kv_lora_rank, self.qk_rope_head_dim
+        if matrix == "q_a":
+            rows = self.q_lora_rank or 0
+            return 0, rows, rows
+        return {"kv_a": (0, kv, kv + rope), "k_rope": (kv, kv + rope, kv + rope)}[matrix]
 
 
 @dataclass(frozen=True)
@@ -199,6 +284,10 @@ class Variant:
     kv_heads_keys: tuple[str, ...] = ()
     #: a count the layout fixes whatever the config says (multi-query attention: 1)
     kv_heads: int | None = None
+    #: multi-head latent attention's dimensions (the ``latent`` layout)
+    latent: Latent | None = None
+    #: the family's tensor names as this config has them, where they differ (``Family.tensors``)
+    tensors: MatrixNames | None = None
 
 
 def flag(config: Mapping[str, object], key: str, default: bool) -> bool:
