@@ -219,12 +219,18 @@ CASES: dict[str, Case] = {
         experts=2,
         moe=("router", "shared-gate_up", "shared-down"),
     ),
-    "deepseek_v2": _case("deepseek_v2", MLA, mlp=(), latent=LATENT),
+    "deepseek_v2": _case("deepseek_v2", MLA, latent=LATENT, experts=4, moe=SHARED),
     "deepseek_v2 (q_lora_rank null)": _case(
-        "deepseek_v2", {**MLA, "q_lora_rank": None}, mlp=(), latent=("kv_a", "k_rope")
+        "deepseek_v2",
+        {**MLA, "q_lora_rank": None},
+        latent=("kv_a", "k_rope"),
+        experts=4,
+        moe=SHARED,
     ),
-    "deepseek_v3": _case("deepseek_v3", MLA_V3, mlp=(), latent=LATENT),
-    "kimi_k2": _case("kimi_k2", MLA_V3, mlp=(), latent=LATENT, built_as="deepseek_v3"),
+    "deepseek_v3": _case("deepseek_v3", MLA_V3, latent=LATENT, experts=4, moe=SHARED),
+    "kimi_k2": _case(
+        "kimi_k2", MLA_V3, latent=LATENT, built_as="deepseek_v3", experts=4, moe=SHARED
+    ),
     "starcoder2": _case("starcoder2", mlp=FC),
     "glm": _case("glm", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),
     "glm4": _case("glm4", {**GQA, "head_dim": 16, "pad_token_id": 0}, mlp=("gate_up", "down")),

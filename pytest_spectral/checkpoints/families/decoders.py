@@ -266,13 +266,23 @@ DECODERS: tuple[Family, ...] = (
     _llama_like(
         "latent",
         {
-            "deepseek_v2": classic(32, 32, 4096, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
-            "deepseek_v3": classic(61, 128, 7168, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
+            "deepseek_v2": classic(
+                32, 32, 4096, nullable=_NO_Q_LORA, first_k_dense_replace=0, **_LATENT_DEFAULTS
+            ),
+            "deepseek_v3": classic(
+                61, 128, 7168, nullable=_NO_Q_LORA, first_k_dense_replace=3, **_LATENT_DEFAULTS
+            ),
             # Kimi K2's own config class (remote code) is DeepSeek's DeepseekV3Config
-            "kimi_k2": classic(61, 128, 7168, nullable=_NO_Q_LORA, **_LATENT_DEFAULTS),
+            "kimi_k2": classic(
+                61, 128, 7168, nullable=_NO_Q_LORA, first_k_dense_replace=3, **_LATENT_DEFAULTS
+            ),
         },
         tensors=_LATENT,
-        mlp={},  # dense and mixture-of-experts layers mixed: no MLP matrix in every layer
+        # the first first_k_dense_replace layers dense, then routed and shared experts
+        moe=dict.fromkeys(
+            ("deepseek_v2", "deepseek_v3", "kimi_k2"),
+            _sparse("gate.weight", "shared_experts", schedule=after_first_dense()),
+        ),
         fused="latent",
         kv_heads_keys=(),
         variant=_latent_variant,
