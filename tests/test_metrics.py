@@ -242,7 +242,9 @@ class TestBeyondTheSeed:
         assert m.gd_spikes(values, context).item() == 0
         assert m.mp_spikes(values, context).item() <= 1  # the edge fluctuates (Tracy-Widom)
 
-    @settings(max_examples=15, deadline=None)
+    # The fit is a statistical estimate: about 3 samples in 1000 land beyond 0.25 (seed 9308,
+    # exponent 3.0 gives 3.26), so the examples are fixed rather than drawn anew on every run.
+    @settings(max_examples=15, deadline=None, derandomize=True)
     @given(st.floats(1.8, 4.0), st.integers(0, 2**32 - 1))
     def test_alpha_recovers_a_power_law_exponent(self, exponent: float, seed: int) -> None:
         # Eigenvalues drawn from a Pareto tail with density ~ lambda^-exponent, lambda >= 1.
