@@ -269,6 +269,29 @@ def test_a_rule_that_judges_nothing_says_why_per_stack(bart, pytester, rule, why
     assert why in result.stdout.str()
 
 
+@pytest.mark.parametrize("scope", ["matrix", "both"])
+def test_a_rule_on_the_mlp_of_cross_attention_says_it_has_none(bart, pytester, scope) -> None:
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nname = "r"\nmetric = "stable_rank"\nmin = 1000\n'
+        'stacks = ["cross"]\nmatrices = ["fc1"]\nscope = "matrix"\n'
+    )  # fmt: skip
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", f"--spectral-scope={scope}"
+    )
+    assert result.ret == pytest.ExitCode.OK  # nothing judged: no item fails
+    result.stdout.fnmatch_lines(
+        [f"spectral: rule 'r' ({rules}:1) applies to no item of this run: the cross stack's "
+         "layers have no fc1 (they have q, k, v, o): cross-attention has no MLP of its own; "
+         'the MLP after it is the decoder stack\'s: give the rule stacks = ["decoder"]']
+    )  # fmt: skip
+    rules.write_text(rules.read_text().replace('["cross"]', '["cross", "decoder"]'))
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", f"--spectral-scope={scope}"
+    )
+    assert "applies to no item" not in result.stdout.str()
+    result.assert_outcomes(failed=DECODER_LAYERS, passed=result.parseoutcomes()["passed"])
+
+
 def test_a_rule_on_layers_the_run_leaves_out_says_so(bart, pytester) -> None:
     rules = pytester.makefile(
         ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmin = 0\nstacks = ["cross"]\n'
