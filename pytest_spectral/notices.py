@@ -113,7 +113,8 @@ def _config_notice(run: SpectralRun, config: pytest.Config) -> str | None:
 
 def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> list[str]:
     """A line for each matrix named by ``--spectral-matrices`` that has no item in the run's
-    scopes: an MLP matrix in a head-scope run (MLP matrices exist only whole)."""
+    scopes: a whole-matrix-only one (the MLP's, multi-head latent attention's q_a, kv_a,
+    k_rope) in a head-scope run."""
     if chosen is None:
         return []
     lines = []
@@ -123,8 +124,8 @@ def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> 
         )
         if not has_items:
             lines.append(
-                f"spectral: --spectral-matrices: {matrix} has no item in this run: MLP matrices "
-                "exist only as whole matrices; add --spectral-scope both (or matrix) to check it"
+                f"spectral: --spectral-matrices: {matrix} has no item in this run: it exists "
+                "only as a whole matrix; add --spectral-scope both (or matrix) to check it"
             )
     return lines
 

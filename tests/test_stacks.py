@@ -97,6 +97,10 @@ def test_a_cross_attention_layer_has_no_mlp_of_its_own(bart, pytester) -> None:
         ("spectral::encoder::layer02", "the encoder stack has 2 layers (0-1)"),
         ("spectral::cross::layer1", "layer numbers are zero-padded: spectral::cross::layer01"),
         ("spectral::cross::layer00::head04-q", "the model has 4 query heads (0-3)"),
+        ("spectral::foo::layer01", "'foo' is not a stack of this model; its stacks are encoder, "
+         "decoder, cross"),
+        ("spectral::cross::layer01::fc1", "the cross stack has no MLP of its own: its layer's fc1 "
+         "is spectral::decoder::layerNN::fc1"),
     ],
 )  # fmt: skip
 def test_ids_as_arguments_say_what_is_wrong(bart, pytester, argument: str, why: str) -> None:
