@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
-from pytest_spectral.checkpoints.families import STACKS, WHOLE_ONLY_MATRICES
+from pytest_spectral.checkpoints.families import (
+    MLP_MATRICES,
+    STACKS,
+    WHOLE_ONLY_MATRICES,
+    matrix_kind,
+)
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.options import option_value
@@ -108,7 +113,8 @@ def _config_notice(run: SpectralRun, config: pytest.Config) -> str | None:
 
 def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> list[str]:
     """A line for each matrix named by ``--spectral-matrices`` that has no item in the run's
-    scopes: an MLP matrix in a head-scope run (MLP matrices exist only whole)."""
+    scopes: a whole-matrix-only one (the MLP's, multi-head latent attention's q_a, kv_a,
+    k_rope) in a head-scope run."""
     if chosen is None:
         return []
     lines = []
@@ -118,8 +124,8 @@ def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> 
         )
         if not has_items:
             lines.append(
-                f"spectral: --spectral-matrices: {matrix} has no item in this run: MLP matrices "
-                "exist only as whole matrices; add --spectral-scope both (or matrix) to check it"
+                f"spectral: --spectral-matrices: {matrix} has no item in this run: it exists "
+                "only as a whole matrix; add --spectral-scope both (or matrix) to check it"
             )
     return lines
 
@@ -186,12 +192,45 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
             f"--spectral-layers {_spec(sorted(set(selected)))} leaves out its layers "
             f"{_spec(existing)}"
         )
+    if rule.scope == "matrix":
+        blocks = [
+            block
+            for block, (stack, layer) in zip(run.layers, positions, strict=True)
+            if stack in judged and layer in rule.layers
+        ]
+        wanted = [matrix for matrix in collected if matrix in rule.matrices]
+        if not any(run.checkpoint.layer_matrices(block, wanted) for block in blocks):
+            return _absent_from_layers(rule, run, blocks)
     if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
         return (
             f"its heads {rule.heads.spec} do not exist: the model has "
             f"{counted(geometry.heads, 'query head')} ({indices(geometry.heads)})"
         )
     return None
+
+
+def _absent_from_layers(rule: Rule, run: SpectralRun, blocks: list[int]) -> str:
+    """Why a whole-matrix rule whose matrices the checkpoint has judges none of the layers it
+    selects: those layers lack them (a cross-attention layer has no MLP of its own, a mixture
+    of experts' dense layers have no experts)."""
+    checkpoint = run.checkpoint
+    kinds = checkpoint.attention + checkpoint.mlp
+    present = {
+        matrix_kind(name) for block in blocks for name in checkpoint.layer_matrices(block, kinds)
+    }
+    named = _names(rule.matrices)
+    where = "the layers it judges"
+    if rule.stacks is not None:
+        stacks = sorted(rule.stacks, key=STACKS.index)
+        owner = "stacks'" if len(stacks) > 1 else "stack's"
+        where = f"the {' and '.join(stacks)} {owner} layers"
+    why = f"{where} have no {named} (they have {', '.join(k for k in kinds if k in present)})"
+    if rule.stacks == {"cross"} and rule.matrices <= set(MLP_MATRICES):
+        why += (
+            ": cross-attention has no MLP of its own; the MLP after it is the decoder "
+            'stack\'s: give the rule stacks = ["decoder"]'
+        )
+    return why
 
 
 def _names(matrices: frozenset[str]) -> str:

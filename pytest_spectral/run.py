@@ -172,9 +172,12 @@ class SpectralRun:
             raise pytest.UsageError(printable(str(exc))) from None
         selected = _selected_matrices(config, checkpoint, scope)
         if scope == "head" and not set(selected) & set(HEAD_MATRICES):
+            whole = "they exist only as whole matrices" if len(selected) > 1 else (
+                "it exists only as a whole matrix"
+            )
             raise pytest.UsageError(
-                f"--spectral-matrices {','.join(selected)}: no head item to collect: MLP "
-                "matrices exist only as whole matrices; add --spectral-scope matrix (or both)"
+                f"--spectral-matrices {','.join(selected)}: no head item to collect: {whole}; "
+                "add --spectral-scope matrix (or both)"
             )
         counts = checkpoint.stack_layers()
         if missing := selection.beyond(max(counts.values())):

@@ -94,6 +94,9 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
         stack, parts = parts[1], [parts[0], *parts[2:]]
         if len(parts) == 1:
             return f"--spectral-layers leaves out every layer of the {stack} stack"
+    elif checkpoint.stacks and _LAYER.match(parts[1]) is None:
+        names = ", ".join(span.name for span in checkpoint.stacks)
+        return f"{parts[1]!r} is not a stack of this model; its stacks are {names}"
     layer_match = _LAYER.match(parts[1]) if len(parts) in (2, 3) else None
     if layer_match is None:
         return None
@@ -123,10 +126,10 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
     if matrix in WHOLE_ONLY_MATRICES:
-        return (
-            f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{named}::{matrix} with "
-            "--spectral-scope matrix (or both)"
-        )
+        whole = f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{named}::{matrix}"
+        if "matrix" in run.scopes:
+            return whole
+        return f"{whole} with --spectral-scope matrix (or both)"
     if matrix not in HEAD_MATRICES:
         return f"head items are of {', '.join(HEAD_MATRICES)}, not {matrix!r}"
     if "head" not in run.scopes:
@@ -150,10 +153,6 @@ def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
         return f"the {matrix} circuit exists per head only: {ROOT_NAME}::layerNN::headNN-{matrix}"
     if matrix not in MATRICES + WHOLE_ONLY_MATRICES:
         return None
-    if "matrix" not in run.scopes:
-        return (
-            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or both)"
-        )
     if matrix not in run.checkpoint.attention + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
     stack = run.checkpoint.position(block)[0]
@@ -165,6 +164,10 @@ def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
     if (block, matrix) not in run.checkpoint.tensors:
         return (
             f"layer {block} has no {matrix} (a mixture of experts' dense and sparse layers differ)"
+        )
+    if "matrix" not in run.scopes:
+        return (
+            f"{matrix} names a whole-matrix item, collected with --spectral-scope matrix (or both)"
         )
     if matrix in run.whole_matrices:
         return "expert numbers are zero-padded, as --collect-only -q lists them"

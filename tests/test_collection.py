@@ -126,6 +126,11 @@ class TestNodeIdArguments:
                 "--spectral-scope matrix (or both)",
             ),
             (
+                "spectral::layer01::head00-down",
+                ["--spectral-scope=matrix"],
+                ": down exists only as a whole matrix: spectral::layer01::down",
+            ),
+            (
                 "spectral::layer00::head00-q",
                 ["--spectral-scope=matrix"],
                 ": head items need --spectral-scope head (the default) or both",

@@ -114,6 +114,20 @@ def test_a_rule_names_every_experts_matrix_by_kind(pytester, moe: Path) -> None:
     assert records["spectral::layer01::expert01-down"]["outcome"] == "passed"
 
 
+def test_a_rule_on_experts_of_a_dense_layer_says_it_judges_nothing(pytester, moe: Path) -> None:
+    rules = pytester.makefile(
+        ".toml",
+        rules='[[rules]]\nname = "r"\nmetric = "stable_rank"\nmin = 1e9\nscope = "matrix"\n'
+        'matrices = ["expert-down"]\nlayers = "0"\n',
+    )
+    result = run(pytester, moe, "--spectral-scope=matrix", f"--spectral-thresholds={rules}")
+    result.assert_outcomes(passed=7 + 2 * (4 + 3 * EXPERTS + 1))
+    result.stdout.fnmatch_lines(
+        [f"spectral: rule 'r' ({rules}:1) applies to no item of this run: the layers it judges "
+         "have no expert-down (they have q, k, v, o, gate, up, down)"]
+    )  # fmt: skip
+
+
 def test_expert_values_are_numpys_of_each_experts_own_matrix(moe: Path) -> None:
     from pytest_spectral.checkpoints.checkpoint import open_checkpoint
     from pytest_spectral.compute.engine import SpectraEngine

@@ -411,6 +411,66 @@ class TestCustomArchitecture:
         with_mlp.assert_outcomes(passed=layers * 7)
         assert "analyses attention only" not in with_mlp.stdout.str()
 
+    @pytest.mark.parametrize(
+        ("edit", "message"),
+        [
+            (("w1.weight", "w9.weight"),
+             "arch.toml: [[]architecture] keys 'mlp_layer' and 'gate' name tensor "
+             "'...blocks.0.ffn.w9.weight' (layer 0), which the checkpoint does not have"),
+            (('"wo.weight"', '"wx.weight"'),
+             "arch.toml: [[]architecture] keys 'layer' and 'o' name tensor "
+             "'...blocks.0.attn.wx.weight' (layer 0), which the checkpoint does not have"),
+            (('"wqkv.weight"', '"wqkv"'),
+             "arch.toml: [[]architecture] keys 'layer' and 'qkv' name tensor "
+             "'...blocks.0.attn.wqkv' (layer 0), which the checkpoint does not have; it has "
+             "'...blocks.0.attn.wqkv.weight': write qkv = \"wqkv.weight\""),
+            (('hidden_key = "dim"', 'hidden_key = "nope"'),
+             "*config.json: has no key 'nope' (the key */arch.toml names)"),
+        ],
+    )  # fmt: skip
+    def test_every_tensor_and_key_the_file_names_must_exist(
+        self, pytester, edit: tuple[str, str], message: str
+    ) -> None:
+        """A description with a wrong name is refused, naming the file, its keys and what
+        is missing, rather than analysing less than it describes."""
+        generator = torch.Generator().manual_seed(5)
+        tensors = {}
+        for layer in range(2):
+            shapes = {"attn.wqkv": (128, 64), "attn.wo": (64, 64), "ffn.w1": (96, 64),
+                      "ffn.w3": (96, 64), "ffn.w2": (64, 96)}  # fmt: skip
+            for name, shape in shapes.items():
+                tensors[f"blocks.{layer}.{name}.weight"] = torch.randn(*shape, generator=generator)
+        directory = pytester.path / "custom"
+        directory.mkdir()
+        save_file(tensors, directory / "model.safetensors")
+        config = {"model_type": "mynet", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "dim": 64}
+        (directory / "config.json").write_text(json.dumps(config))
+        description = textwrap.dedent("""
+            [architecture]
+            layer = "blocks.{layer}.attn."
+            qkv = "wqkv.weight"
+            o = "wo.weight"
+            fused = "concat"
+            layers_key = "n_layers"
+            heads_key = "n_heads"
+            kv_heads_key = "n_kv_heads"
+            hidden_key = "dim"
+            mlp_layer = "blocks.{layer}.ffn."
+            gate = "w1.weight"
+            up = "w3.weight"
+            down = "w2.weight"
+        """)
+        arch = pytester.path / "arch.toml"
+        arch.write_text(description)
+        run = (f"--spectral-model={directory}", f"--spectral-architecture={arch}")
+        pytester.runpytest(*run, "--spectral-scope=matrix").assert_outcomes(passed=2 * 7)
+        arch.write_text(description.replace(*edit))
+        for scope in ("head", "matrix"):
+            result = pytester.runpytest(*run, f"--spectral-scope={scope}")
+            assert result.ret == pytest.ExitCode.USAGE_ERROR
+            result.stderr.fnmatch_lines([f"ERROR: *{message}"])
+            assert "Traceback" not in result.stderr.str()
+
     def test_interleaved_layout_with_fewer_kv_heads_is_refused_by_name(self, pytester) -> None:
         """Its fused tensor has the (heads + 2 kv) x head_dim rows the shape check expects,
         but interleaved q, k, v per head cannot share K/V heads."""

@@ -194,5 +194,5 @@ def test_the_architecture_snippet_is_a_valid_description() -> None:
 
     (snippet,) = [text for text in blocks("toml") if "[architecture]" in text]
     family = custom_family(tomllib.loads(snippet)["architecture"], "README.md")
-    assert family.tensor_name(3, "down") == "blocks.3.ffn.w2"
-    assert family.tensor_name(3, "o") == "blocks.3.attn.wo"
+    assert family.tensor_name(3, "down") == "blocks.3.ffn.w2.weight"
+    assert family.tensor_name(3, "o") == "blocks.3.attn.wo.weight"

@@ -97,6 +97,10 @@ def test_a_cross_attention_layer_has_no_mlp_of_its_own(bart, pytester) -> None:
         ("spectral::encoder::layer02", "the encoder stack has 2 layers (0-1)"),
         ("spectral::cross::layer1", "layer numbers are zero-padded: spectral::cross::layer01"),
         ("spectral::cross::layer00::head04-q", "the model has 4 query heads (0-3)"),
+        ("spectral::foo::layer01", "'foo' is not a stack of this model; its stacks are encoder, "
+         "decoder, cross"),
+        ("spectral::cross::layer01::fc1", "the cross stack has no MLP of its own: its layer's fc1 "
+         "is spectral::decoder::layerNN::fc1"),
     ],
 )  # fmt: skip
 def test_ids_as_arguments_say_what_is_wrong(bart, pytester, argument: str, why: str) -> None:
@@ -267,6 +271,29 @@ def test_a_rule_that_judges_nothing_says_why_per_stack(bart, pytester, rule, why
     )
     result = pytester.runpytest(f"--spectral-model={bart}", f"--spectral-thresholds={rules}")
     assert why in result.stdout.str()
+
+
+@pytest.mark.parametrize("scope", ["matrix", "both"])
+def test_a_rule_on_the_mlp_of_cross_attention_says_it_has_none(bart, pytester, scope) -> None:
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nname = "r"\nmetric = "stable_rank"\nmin = 1000\n'
+        'stacks = ["cross"]\nmatrices = ["fc1"]\nscope = "matrix"\n'
+    )  # fmt: skip
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", f"--spectral-scope={scope}"
+    )
+    assert result.ret == pytest.ExitCode.OK  # nothing judged: no item fails
+    result.stdout.fnmatch_lines(
+        [f"spectral: rule 'r' ({rules}:1) applies to no item of this run: the cross stack's "
+         "layers have no fc1 (they have q, k, v, o): cross-attention has no MLP of its own; "
+         'the MLP after it is the decoder stack\'s: give the rule stacks = ["decoder"]']
+    )  # fmt: skip
+    rules.write_text(rules.read_text().replace('["cross"]', '["cross", "decoder"]'))
+    result = pytester.runpytest(
+        f"--spectral-model={bart}", f"--spectral-thresholds={rules}", f"--spectral-scope={scope}"
+    )
+    assert "applies to no item" not in result.stdout.str()
+    result.assert_outcomes(failed=DECODER_LAYERS, passed=result.parseoutcomes()["passed"])
 
 
 def test_a_rule_on_layers_the_run_leaves_out_says_so(bart, pytester) -> None:

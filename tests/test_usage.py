@@ -527,8 +527,8 @@ class TestRulesThatApplyToNothing:
         )
         result.stdout.fnmatch_lines(
             [
-                "spectral: --spectral-matrices: down has no item in this run: MLP matrices exist "
-                "only as whole matrices; add --spectral-scope both (or matrix) to check it",
+                "spectral: --spectral-matrices: down has no item in this run: it exists only "
+                "as a whole matrix; add --spectral-scope both (or matrix) to check it",
                 "32 tests collected*",
             ]
         )
@@ -540,8 +540,15 @@ class TestRulesThatApplyToNothing:
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(
             [
-                "ERROR: --spectral-matrices down: no head item to collect: MLP matrices exist only "
-                "as whole matrices; add --spectral-scope matrix (or both)"
+                "ERROR: --spectral-matrices down: no head item to collect: it exists only as a "
+                "whole matrix; add --spectral-scope matrix (or both)"
+            ]
+        )
+        both = pytester.runpytest(f"--spectral-model={mlp_model}", "--spectral-matrices=up,down")
+        both.stderr.fnmatch_lines(
+            [
+                "ERROR: --spectral-matrices up,down: no head item to collect: they exist only as "
+                "whole matrices; add --spectral-scope matrix (or both)"
             ]
         )
         whole = pytester.runpytest(

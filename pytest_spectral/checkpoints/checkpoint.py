@@ -39,7 +39,11 @@ from pytest_spectral.checkpoints.families import (
     matrix_kind,
     text_model,
 )
-from pytest_spectral.checkpoints.families.family import FUSED_MATRICES, LATENT_MATRICES
+from pytest_spectral.checkpoints.families.family import (
+    FUSED_MATRICES,
+    LATENT_MATRICES,
+    tensor_key,
+)
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
 from pytest_spectral.checkpoints.formats.sources import TensorSource
@@ -599,6 +603,9 @@ def _geometry(
 
     def positive(keys: tuple[str, ...], default: object = None) -> int:
         key, number = value(keys, default)
+        if number is None:
+            named = f" (the key {family.declared_in} names)" if family.declared_in else ""
+            raise CheckpointError(f"{path}: has no key {key!r}{named}")
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise CheckpointError(f"{path}: {key!r} must be a positive integer, got {number!r}")
         return number
@@ -683,6 +690,7 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
     # after the layer number, and after the expert number where there is one
     tails = [template.split("{layer}", 1)[1].split("{expert}")[-1] for template in templates]
     tails += [t.removesuffix(".weight") + ".qweight" for t in tails if t.endswith(".weight")]
+    tails += [t + ".weight" for t in tails if not t.endswith("weight")]  # for the hint
     suffixes = tuple(tails)
     return lambda name: name.endswith(suffixes)
 
@@ -701,6 +709,8 @@ def _attention_tensors(
         for matrix in matrices:
             name = prefix + family.tensor_name(layer, matrix)
             entry = entries.get(name)
+            if entry is None and layer == 0 and family.declared_in is not None:
+                raise CheckpointError(_undeclared_tensor(entries, prefix, family, matrix))
             if entry is None:
                 raise CheckpointError(
                     _quantized(name, entries)
@@ -758,6 +768,8 @@ def _mlp_tensors(
     found: dict[tuple[int, str], TensorSource] = {}
     for matrix in family.mlp:
         if prefix + family.tensor_name(0, matrix) not in entries:
+            if family.declared_in is not None:
+                raise CheckpointError(_undeclared_tensor(entries, prefix, family, matrix))
             continue
         for layer in range(geometry.layers):
             name = prefix + family.tensor_name(layer, matrix)
@@ -913,11 +925,30 @@ def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False
             raise CheckpointError(
                 str(_quantized(packed.removesuffix("qweight") + "weight", entries))
             )
+        if family.declared_in is not None:
+            raise CheckpointError(_undeclared_tensor(entries, "", family, "q"))
         raise CheckpointError(
             f"no tensor named like '...{family.tensor_name(0, 'q')}': this checkpoint does not "
             f"have the {family.name} layout its config.json announces"
         )
     return min(prefixes, key=lambda p: ("language_model" not in p, len(p), p))
+
+
+def _undeclared_tensor(entries: TensorMap, prefix: str, family: Family, matrix: str) -> str:
+    """Why the layer-0 tensor of ``matrix`` that an architecture file names is not in the
+    checkpoint: the file and its key, and the name with ``.weight`` when that one exists
+    (tensor names are taken literally, and a module's weight ends in ``.weight``)."""
+    mlp = matrix in family.mlp
+    key = matrix if mlp else tensor_key(family.fused, matrix)
+    name = family.tensor_name(0, matrix)
+    given = family.mlp[key] if mlp else family.tensors[key]
+    why = (
+        f"{family.declared_in}: [architecture] keys {'mlp_layer' if mlp else 'layer'!r} and "
+        f"{key!r} name tensor '...{name}' (layer 0), which the checkpoint does not have"
+    )
+    if any(e.endswith(f"{prefix}{name}.weight") for e in entries):
+        why += f"; it has '...{name}.weight': write {key} = \"{given}.weight\""
+    return why
 
 
 def _shape_reason(matrix: str, g: Geometry, layout: Layout) -> str:

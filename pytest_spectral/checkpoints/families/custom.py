@@ -97,6 +97,7 @@ def custom_family(table: Mapping[str, object], source: str) -> Family:
         mlp=mlp,
         fused=fused,  # type: ignore[arg-type]
         conv1d=conv1d,
+        declared_in=source,
         **config_keys,  # type: ignore[arg-type]
     )
 

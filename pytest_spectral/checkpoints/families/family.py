@@ -167,6 +167,10 @@ class Family:
     #: an encoder-decoder model's stacks (``layer``/``tensors`` above: its first's); none for
     #: a model of one stack of layers
     stacks: tuple[Stack, ...] = ()
+    #: the architecture file (``--spectral-architecture``) that described this layout; every
+    #: tensor it names must exist. ``None`` for a declared family, whose layout the config's
+    #: model_type announces and whose MLP names cover variants a checkpoint may lack.
+    declared_in: str | None = None
 
     @property
     def model_types(self) -> tuple[str, ...]:
