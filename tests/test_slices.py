@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pytest_spectral.checkpoints.checkpoint import Geometry, Layout
+from pytest_spectral.checkpoints.families import Latent
 from pytest_spectral.checkpoints.slices import slice_span
 from pytest_spectral.compute.spectra import head_blocks, whole_matrix
 
@@ -123,3 +124,37 @@ def test_whole_matrix_of_a_fused_tensor_is_that_matrix_share(fused: str, conv1d:
 def test_unfused_whole_matrix_is_the_stored_weight() -> None:
     weight = numbered(16, 32)
     assert whole_matrix(weight, "k", GQA, layout(None)) is weight
+
+
+#: multi-head latent attention (DeepSeek): 3 heads, K_nope 2 rows and V 3 rows per head in
+#: kv_b_proj (each head's K_nope rows, then its V rows), Q of nope 2 + rope 1 rows per head in
+#: q_b_proj; kv_a_proj_with_mqa holds the latent's 4 rows, then the shared rope key's 1 row
+LATENT = Latent(q_lora_rank=6, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=1, v_head_dim=3)
+MLA = Geometry(layers=1, heads=3, kv_heads=3, head_dim=3, hidden=16, latent=LATENT)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "head", "rows"),
+    [
+        ("q", 0, (0, 3)),
+        ("q", 2, (6, 9)),
+        ("k", 0, (0, 2)),  # head 0's block of kv_b_proj is rows 0-4: K_nope 0-1, V 2-4
+        ("v", 0, (2, 5)),
+        ("k", 1, (5, 7)),
+        ("v", 1, (7, 10)),
+        ("k", 2, (10, 12)),
+        ("v", 2, (12, 15)),
+    ],
+)
+def test_latent_head_slices_by_hand(matrix: str, head: int, rows: tuple[int, int]) -> None:
+    stored = numbered(15 if matrix in "kv" else 9, 4 if matrix in "kv" else 6)
+    assert slice_span(matrix, head, MLA, layout("latent")) == ("rows", *rows)
+    block = head_blocks(stored, matrix, MLA, layout("latent"))[head]
+    assert torch.equal(block, stored[rows[0] : rows[1]])
+
+
+@pytest.mark.parametrize(("matrix", "rows"), [("kv_a", (0, 4)), ("k_rope", (4, 5))])
+def test_latent_down_projection_rows_by_hand(matrix: str, rows: tuple[int, int]) -> None:
+    stored = numbered(5, 16)  # kv_a_proj_with_mqa: kv_lora_rank + qk_rope_head_dim rows
+    whole = whole_matrix(stored, matrix, MLA, layout("latent"))
+    assert torch.equal(whole, stored[rows[0] : rows[1]])
