@@ -175,6 +175,75 @@ def test_a_schedule_key_of_the_wrong_type_is_a_usage_error(pytester, tmp_path: P
     )
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        # layer 0 stores a dense MLP, but the config makes it sparse
+        (
+            {"mlp_only_layers": []},
+            "*tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' is missing: layer 0 is "
+            "sparse by the config's decoder_sparse_step=1, mlp_only_layers=[[]], num_experts=3*",
+        ),
+        # layer 1 stores experts, but the config makes it dense
+        (
+            {"mlp_only_layers": [1]},
+            "*tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' is missing: layer 0 is "
+            "sparse by the config's *mlp_only_layers=[[]1]*",
+        ),
+        (
+            {"mlp_only_layers": [0, 1]},
+            "*tensor 'model.layers.1.mlp.gate_proj.weight' is missing (layer 0 has its gate, "
+            "and layer 1 is dense by the config's *mlp_only_layers=[[]0, 1]*",
+        ),
+    ],
+)
+def test_a_config_that_misplaces_the_sparse_layers_is_refused(
+    pytester, tmp_path: Path, config: dict, message: str
+) -> None:
+    """Not an MLP item collected: attention alone would pass for a healthy model."""
+    model = write(tmp_path / "misplaced", tensors(), decoder_sparse_step=1, **config)
+    result = run(pytester, model, "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_config_that_makes_a_layer_of_experts_dense_is_refused(
+    pytester, tmp_path: Path
+) -> None:
+    weights = {k: v for k, v in tensors().items() if not k.startswith("model.layers.0.mlp.")}
+    weights.update(
+        {k.replace(".1.", ".0.", 1): v.clone() for k, v in weights.items() if ".1.mlp." in k}
+    )
+    result = run(pytester, write(tmp_path / "all_sparse", weights), "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*tensor 'model.layers.0.mlp.gate_proj.weight' is missing: layer 0 is dense by the "
+            "config's decoder_sparse_step=1, mlp_only_layers=[[]0], num_experts=3, and the "
+            "checkpoint has MLP tensors elsewhere*"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_experts": 5}, "'num_experts' is 5, but layer 1 stores 3 experts' gate matrices"),
+        # aliases: one of them must be the stored count
+        ({"num_experts": 2, "n_routed_experts": 4}, "'num_experts' is 2, but layer 1 stores 3"),
+        ({"num_local_experts": "x"}, "'num_local_experts' must be an integer >= 0, got 'x'"),
+        ({"num_experts": [3, 3]}, "'num_experts' must be an integer >= 0, got [[]3, 3]"),
+    ],
+)
+def test_the_configs_expert_count_must_be_the_stored_one(
+    pytester, tmp_path: Path, config: dict, message: str
+) -> None:
+    model = write(tmp_path / "count", tensors(), **config)
+    result = run(pytester, model, "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*config.json: {message}*"])
+
+
 def test_a_missing_expert_is_named(pytester, tmp_path: Path) -> None:
     weights = tensors()
     del weights["model.layers.2.mlp.experts.1.up_proj.weight"]
