@@ -108,18 +108,23 @@ def _config_notice(run: SpectralRun, config: pytest.Config) -> str | None:
 
 def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> list[str]:
     """A line for each matrix named by ``--spectral-matrices`` that has no item in the run's
-    scopes: an MLP matrix in a head-scope run (MLP matrices exist only whole)."""
+    scopes: an MLP matrix in a head-scope run (MLP matrices exist only whole), or one the
+    selected layers do not have (an expert matrix in a mixture of experts' dense layer)."""
     if chosen is None:
         return []
     lines = []
     for matrix in chosen:
-        has_items = ("head" in run.scopes and matrix in run.head_matrices) or (
-            "matrix" in run.scopes and matrix in run.whole_matrices
-        )
-        if not has_items:
+        if "head" in run.scopes and matrix in run.head_matrices:
+            continue
+        if "matrix" not in run.scopes or matrix not in run.whole_matrices:
             lines.append(
                 f"spectral: --spectral-matrices: {matrix} has no item in this run: MLP matrices "
                 "exist only as whole matrices; add --spectral-scope both (or matrix) to check it"
+            )
+        elif not run.layers_with(matrix, run.layers):
+            lines.append(
+                f"spectral: --spectral-matrices: {matrix} has no item in this run: "
+                f"{run.why_absent(matrix, run.layers)}"
             )
     return lines
 
@@ -186,6 +191,14 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
             f"--spectral-layers {_spec(sorted(set(selected)))} leaves out its layers "
             f"{_spec(existing)}"
         )
+    judged_blocks = [
+        block
+        for block, (stack, layer) in zip(run.layers, positions, strict=True)
+        if stack in judged and layer in rule.layers
+    ]
+    kinds = [m for m in collected if m in rule.matrices]
+    if rule.scope == "matrix" and not any(run.layers_with(m, judged_blocks) for m in kinds):
+        return "; ".join(f"{m}: {run.why_absent(m, judged_blocks)}" for m in kinds)
     if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
         return (
             f"its heads {rule.heads.spec} do not exist: the model has "

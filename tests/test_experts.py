@@ -142,6 +142,58 @@ def test_spectral_matrices_selects_a_kind(pytester, moe: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (("--spectral-layers=0", "--spectral-matrices=expert-gate"), "layer 0 is dense; the "
+         "layers with expert-gate: 1, 2"),
+        (("--spectral-layers=1-2", "--spectral-matrices=gate"), "layers 1, 2 are sparse; the "
+         "layers with gate: 0"),
+    ],
+)  # fmt: skip
+def test_a_selection_with_no_item_is_a_usage_error_that_says_why(
+    pytester, moe: Path, options: tuple[str, ...], why: str
+) -> None:
+    result = run(pytester, moe, "--spectral-scope=matrix", *options)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    matrix = options[1].partition("=")[2]
+    result.stderr.fnmatch_lines(
+        [f"*--spectral-matrices {matrix}: no item to collect ({matrix}: {why})"]
+    )
+
+
+def test_a_matrix_the_selected_layers_lack_is_named_in_the_header(pytester, moe: Path) -> None:
+    result = run(
+        pytester, moe, "--spectral-scope=both", "--spectral-layers=0",
+        "--spectral-matrices=q,expert-gate",
+    )  # fmt: skip
+    result.assert_outcomes(passed=HEADS + 1)
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: --spectral-matrices: expert-gate has no item in this run: layer 0 is "
+            "dense; the layers with expert-gate: 1, 2"
+        ]
+    )
+
+
+def test_a_rule_for_experts_of_a_dense_layer_applies_to_no_item_and_says_why(
+    pytester, moe: Path
+) -> None:
+    rules = pytester.makefile(
+        ".toml",
+        rules='[[rules]]\nname = "eg"\nmetric = "stable_rank"\nmin = 1\nscope = "matrix"\n'
+        'matrices = ["expert-gate"]\nlayers = "0"\n',
+    )
+    result = run(pytester, moe, "--spectral-scope=matrix", f"--spectral-thresholds={rules}")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: rule 'eg' (*rules.toml:1) applies to no item of this run: expert-gate: "
+            "layer 0 is dense; the layers with expert-gate: 1, 2"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
     ("node", "why"),
     [
         ("spectral::layer01::expert07-gate", "layer 1 has 3 experts (0-2)"),
@@ -207,9 +259,7 @@ def test_a_config_that_misplaces_the_sparse_layers_is_refused(
     result.stderr.fnmatch_lines([message])
 
 
-def test_a_config_that_makes_a_layer_of_experts_dense_is_refused(
-    pytester, tmp_path: Path
-) -> None:
+def test_a_config_that_makes_a_layer_of_experts_dense_is_refused(pytester, tmp_path: Path) -> None:
     weights = {k: v for k, v in tensors().items() if not k.startswith("model.layers.0.mlp.")}
     weights.update(
         {k.replace(".1.", ".0.", 1): v.clone() for k, v in weights.items() if ".1.mlp." in k}
