@@ -51,8 +51,9 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
                 "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
                 "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
                 if custom
-                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
-                "names them"
+                else "the checkpoint has no MLP weights where a "
+                f"{run.checkpoint.model_type} model keeps them, so only the attention matrices "
+                "have items"
             )
         )
     rules = run.rules

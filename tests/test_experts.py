@@ -275,6 +275,20 @@ def test_a_config_that_makes_a_layer_of_experts_dense_is_refused(pytester, tmp_p
     )
 
 
+def test_a_checkpoint_without_mlp_weights_has_attention_items_and_says_so(
+    pytester, tmp_path: Path
+) -> None:
+    weights = {k: v for k, v in tensors().items() if ".mlp." not in k}
+    result = run(pytester, write(tmp_path / "attention", weights), "--spectral-scope=matrix")
+    result.assert_outcomes(passed=3 * 4)
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: matrix scope analyses attention only: the checkpoint has no MLP weights "
+            "where a qwen3_moe model keeps them, so only the attention matrices have items"
+        ]
+    )
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
