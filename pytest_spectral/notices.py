@@ -56,8 +56,9 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
                 "the --spectral-architecture file names no MLP tensors (add mlp_layer and "
                 "gate, up, gate_up, down, fc1 or fc2 keys to include them)"
                 if custom
-                else f"no layer has an MLP matrix as the {run.checkpoint.layout.family} layout "
-                "names them"
+                else "the checkpoint has no MLP weights where a "
+                f"{run.checkpoint.model_type} model keeps them, so only the attention matrices "
+                "have items"
             )
         )
     rules = run.rules
@@ -114,18 +115,23 @@ def _config_notice(run: SpectralRun, config: pytest.Config) -> str | None:
 def matrices_without_items(run: SpectralRun, chosen: tuple[str, ...] | None) -> list[str]:
     """A line for each matrix named by ``--spectral-matrices`` that has no item in the run's
     scopes: a whole-matrix-only one (the MLP's, multi-head latent attention's q_a, kv_a,
-    k_rope) in a head-scope run."""
+    k_rope) in a head-scope run, or one the selected layers do not have (an expert matrix in
+    a mixture of experts' dense layer)."""
     if chosen is None:
         return []
     lines = []
     for matrix in chosen:
-        has_items = ("head" in run.scopes and matrix in run.head_matrices) or (
-            "matrix" in run.scopes and matrix in run.whole_matrices
-        )
-        if not has_items:
+        if "head" in run.scopes and matrix in run.head_matrices:
+            continue
+        if "matrix" not in run.scopes or matrix not in run.whole_matrices:
             lines.append(
                 f"spectral: --spectral-matrices: {matrix} has no item in this run: it exists "
                 "only as a whole matrix; add --spectral-scope both (or matrix) to check it"
+            )
+        elif not run.layers_with(matrix, run.layers):
+            lines.append(
+                f"spectral: --spectral-matrices: {matrix} has no item in this run: "
+                f"{run.why_absent(matrix, run.layers)}"
             )
     return lines
 
@@ -230,6 +236,9 @@ def _absent_from_layers(rule: Rule, run: SpectralRun, blocks: list[int]) -> str:
             ": cross-attention has no MLP of its own; the MLP after it is the decoder "
             'stack\'s: give the rule stacks = ["decoder"]'
         )
+    elif checkpoint.experts:  # a mixture of experts' dense and sparse layers differ
+        elsewhere = [m for m in sorted(rule.matrices) if run.layers_with(m, run.layers)]
+        why += "".join(f": {run.why_absent(m, blocks)}" for m in elsewhere)
     return why
 
 

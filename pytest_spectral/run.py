@@ -225,8 +225,52 @@ class SpectralRun:
             heatmap=heatmap,
             html_path=outputs.get("spectral_html"),
         )
+        run.check_nothing_missing()
         run.check_readable()
         return run
+
+    def check_nothing_missing(self) -> None:
+        """Refuse a run that would collect no item at all (``--spectral-layers 0
+        --spectral-matrices expert-gate`` on a dense layer 0), saying why for each matrix."""
+        if "head" in self.scopes and self.head_matrices:
+            return
+        if any(self.layers_with(matrix, self.layers) for matrix in self.whole_matrices):
+            return
+        reasons = "; ".join(
+            f"{matrix}: {self.why_absent(matrix, self.layers)}" for matrix in self.whole_matrices
+        )
+        raise pytest.UsageError(
+            printable(
+                f"--spectral-matrices {','.join(self.whole_matrices)}: no item to collect "
+                f"({reasons})"
+            )
+        )
+
+    def layers_with(self, matrix: str, blocks: list[int]) -> list[int]:
+        """Those of ``blocks`` that have the whole ``matrix`` (a kind: ``expert-gate``): the
+        dense and sparse layers of a mixture of experts have different matrices."""
+        return [block for block in blocks if (block, matrix) in self.checkpoint.tensors]
+
+    def why_absent(self, matrix: str, blocks: list[int]) -> str:
+        """Why ``blocks`` (none of which has ``matrix``) have no ``matrix`` item, with the
+        layers that do: ``layer 0 is dense; the layers with expert-gate: 1``."""
+        named = ", ".join(self._layer_name(block) for block in blocks)
+        word = "layer" if len(blocks) == 1 else "layers"
+        sparse = {layer for layer, _ in self.checkpoint.experts}
+        kind = ""
+        if sparse and all(block in sparse for block in blocks):
+            kind = f"{word} {named} {'is' if len(blocks) == 1 else 'are'} sparse"
+        elif sparse and not any(block in sparse for block in blocks):
+            kind = f"{word} {named} {'is' if len(blocks) == 1 else 'are'} dense"
+        having = self.layers_with(matrix, list(self.checkpoint.layer_numbers))
+        if not having:
+            return f"{kind or word + ' ' + named}: the checkpoint has no {matrix}"
+        others = ", ".join(self._layer_name(block) for block in having)
+        return f"{kind or word + ' ' + named + ' have none'}; the layers with {matrix}: {others}"
+
+    def _layer_name(self, block: int) -> str:
+        stack, layer = self.checkpoint.position(block)
+        return str(layer) if stack is None else f"{stack} {layer}"
 
     def check_readable(self) -> None:
         """Refuse now, naming the tensor, anything the selected items could not read."""

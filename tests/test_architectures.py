@@ -414,7 +414,7 @@ def test_whole_run_through_pytest(family, pytester) -> None:
     )
     whole = 4 + len(case.latent)
     result.assert_outcomes(failed=g.layers * (g.heads * 4 + whole) + mlp_items)
-    attention_only = "spectral: matrix scope analyses attention only: no layer has an MLP matrix"
+    attention_only = "spectral: matrix scope analyses attention only: the checkpoint has no MLP"
     assert (attention_only in result.stdout.str()) == (mlp_items == 0)
     name = checkpoint.tensors[(0, "q")].name
     axis, start, stop = slice_span("q", 1, checkpoint.geometry, checkpoint.layout)

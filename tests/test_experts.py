@@ -124,7 +124,8 @@ def test_a_rule_on_experts_of_a_dense_layer_says_it_judges_nothing(pytester, moe
     result.assert_outcomes(passed=7 + 2 * (4 + 3 * EXPERTS + 1))
     result.stdout.fnmatch_lines(
         [f"spectral: rule 'r' ({rules}:1) applies to no item of this run: the layers it judges "
-         "have no expert-down (they have q, k, v, o, gate, up, down)"]
+         "have no expert-down (they have q, k, v, o, gate, up, down): layer 0 is dense; the "
+         "layers with expert-down: 1, 2"]
     )  # fmt: skip
 
 
@@ -153,6 +154,59 @@ def test_spectral_matrices_selects_a_kind(pytester, moe: Path) -> None:
         for layer in (1, 2)
         for name in [f"expert{e:02d}-gate" for e in range(EXPERTS)] + ["router"]
     ]
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (("--spectral-layers=0", "--spectral-matrices=expert-gate"), "layer 0 is dense; the "
+         "layers with expert-gate: 1, 2"),
+        (("--spectral-layers=1-2", "--spectral-matrices=gate"), "layers 1, 2 are sparse; the "
+         "layers with gate: 0"),
+    ],
+)  # fmt: skip
+def test_a_selection_with_no_item_is_a_usage_error_that_says_why(
+    pytester, moe: Path, options: tuple[str, ...], why: str
+) -> None:
+    result = run(pytester, moe, "--spectral-scope=matrix", *options)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    matrix = options[1].partition("=")[2]
+    result.stderr.fnmatch_lines(
+        [f"*--spectral-matrices {matrix}: no item to collect ({matrix}: {why})"]
+    )
+
+
+def test_a_matrix_the_selected_layers_lack_is_named_in_the_header(pytester, moe: Path) -> None:
+    result = run(
+        pytester, moe, "--spectral-scope=both", "--spectral-layers=0",
+        "--spectral-matrices=q,expert-gate",
+    )  # fmt: skip
+    result.assert_outcomes(passed=HEADS + 1)
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: --spectral-matrices: expert-gate has no item in this run: layer 0 is "
+            "dense; the layers with expert-gate: 1, 2"
+        ]
+    )
+
+
+def test_a_rule_for_experts_of_a_dense_layer_applies_to_no_item_and_says_why(
+    pytester, moe: Path
+) -> None:
+    rules = pytester.makefile(
+        ".toml",
+        rules='[[rules]]\nname = "eg"\nmetric = "stable_rank"\nmin = 1\nscope = "matrix"\n'
+        'matrices = ["expert-gate"]\nlayers = "0"\n',
+    )
+    result = run(pytester, moe, "--spectral-scope=matrix", f"--spectral-thresholds={rules}")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: rule 'eg' (*rules.toml:1) applies to no item of this run: the layers it "
+            "judges have no expert-gate (they have q, k, v, o, gate, up, down): layer 0 is "
+            "dense; the layers with expert-gate: 1, 2"
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -187,6 +241,87 @@ def test_a_schedule_key_of_the_wrong_type_is_a_usage_error(pytester, tmp_path: P
     result.stderr.fnmatch_lines(
         ["*config.json: 'mlp_only_layers' must be a list of layer numbers, got '0'*"]
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        # layer 0 stores a dense MLP, but the config makes it sparse
+        (
+            {"mlp_only_layers": []},
+            "*tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' is missing: layer 0 is "
+            "sparse by the config's decoder_sparse_step=1, mlp_only_layers=[[]], num_experts=3*",
+        ),
+        # layer 1 stores experts, but the config makes it dense
+        (
+            {"mlp_only_layers": [1]},
+            "*tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' is missing: layer 0 is "
+            "sparse by the config's *mlp_only_layers=[[]1]*",
+        ),
+        (
+            {"mlp_only_layers": [0, 1]},
+            "*tensor 'model.layers.1.mlp.gate_proj.weight' is missing (layer 0 has its gate, "
+            "and layer 1 is dense by the config's *mlp_only_layers=[[]0, 1]*",
+        ),
+    ],
+)
+def test_a_config_that_misplaces_the_sparse_layers_is_refused(
+    pytester, tmp_path: Path, config: dict, message: str
+) -> None:
+    """Not an MLP item collected: attention alone would pass for a healthy model."""
+    model = write(tmp_path / "misplaced", tensors(), decoder_sparse_step=1, **config)
+    result = run(pytester, model, "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_config_that_makes_a_layer_of_experts_dense_is_refused(pytester, tmp_path: Path) -> None:
+    weights = {k: v for k, v in tensors().items() if not k.startswith("model.layers.0.mlp.")}
+    weights.update(
+        {k.replace(".1.", ".0.", 1): v.clone() for k, v in weights.items() if ".1.mlp." in k}
+    )
+    result = run(pytester, write(tmp_path / "all_sparse", weights), "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*tensor 'model.layers.0.mlp.gate_proj.weight' is missing: layer 0 is dense by the "
+            "config's decoder_sparse_step=1, mlp_only_layers=[[]0], num_experts=3, and the "
+            "checkpoint has MLP tensors elsewhere*"
+        ]
+    )
+
+
+def test_a_checkpoint_without_mlp_weights_has_attention_items_and_says_so(
+    pytester, tmp_path: Path
+) -> None:
+    weights = {k: v for k, v in tensors().items() if ".mlp." not in k}
+    result = run(pytester, write(tmp_path / "attention", weights), "--spectral-scope=matrix")
+    result.assert_outcomes(passed=3 * 4)
+    result.stdout.fnmatch_lines(
+        [
+            "spectral: matrix scope analyses attention only: the checkpoint has no MLP weights "
+            "where a qwen3_moe model keeps them, so only the attention matrices have items"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_experts": 5}, "'num_experts' is 5, but layer 1 stores 3 experts' gate matrices"),
+        # aliases: one of them must be the stored count
+        ({"num_experts": 2, "n_routed_experts": 4}, "'num_experts' is 2, but layer 1 stores 3"),
+        ({"num_local_experts": "x"}, "'num_local_experts' must be an integer >= 0, got 'x'"),
+        ({"num_experts": [3, 3]}, "'num_experts' must be an integer >= 0, got [[]3, 3]"),
+    ],
+)
+def test_the_configs_expert_count_must_be_the_stored_one(
+    pytester, tmp_path: Path, config: dict, message: str
+) -> None:
+    model = write(tmp_path / "count", tensors(), **config)
+    result = run(pytester, model, "--spectral-scope=matrix")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*config.json: {message}*"])
 
 
 def test_a_missing_expert_is_named(pytester, tmp_path: Path) -> None:

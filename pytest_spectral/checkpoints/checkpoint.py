@@ -44,6 +44,7 @@ from pytest_spectral.checkpoints.families.family import (
     LATENT_MATRICES,
     tensor_key,
 )
+from pytest_spectral.checkpoints.families.moe import SparseLayout, expert_counts
 from pytest_spectral.checkpoints.formats import ReadOptions, open_format
 from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
 from pytest_spectral.checkpoints.formats.sources import TensorSource
@@ -483,8 +484,12 @@ def _one_stack_tensors(
             sparse = moe.schedule(config, geometry.layers)
         except ArchitectureError as exc:
             raise CheckpointError(f"{config_file}: {exc}") from None
-        mlp, experts = _moe_tensors(entries, prefix, moe, geometry.layers, sparse)
-        _check_expert_count(config_file, experts)
+        try:
+            mlp, experts = _moe_tensors(entries, prefix, moe, geometry.layers, sparse, config)
+            _check_expert_count(config_file, experts)
+            _check_config_count(config, experts)
+        except ArchitectureError as exc:
+            raise CheckpointError(f"{config_file}: {exc}") from None
     tensors.update(mlp)
     tensors.update({key: e.sources[0] for key, e in experts.items()})  # names, dtype, file
     return tensors, attention, layers, experts
@@ -781,24 +786,53 @@ def _mlp_tensors(
 
 
 def _moe_tensors(
-    entries: TensorMap, prefix: str, moe: Moe, layers: int, sparse: tuple[int, ...]
+    entries: TensorMap,
+    prefix: str,
+    moe: Moe,
+    layers: int,
+    sparse: tuple[int, ...],
+    config: Mapping[str, object],
 ) -> tuple[dict[tuple[int, str], TensorSource], dict[tuple[int, str], ExpertTensors]]:
     """A mixture of experts' MLP tensors: the dense MLP of its dense layers, and the router,
     shared experts and routed experts of its ``sparse`` layers, in the first storage form the
     first sparse layer has. A matrix the first layer of its kind has must be in every layer of
-    that kind; a checkpoint with no MLP tensor at all (attention only) has no MLP items."""
+    that kind; a checkpoint with no MLP tensor at all (attention only) has no MLP items. A
+    layer the config makes sparse (or dense) without the tensors of its kind, in a checkpoint
+    that has MLP tensors, raises ArchitectureError naming the tensor and the config's keys."""
     dense = [layer for layer in range(layers) if layer not in set(sparse)]
-    whole = _present_in_all(entries, prefix, moe.prefix, moe.dense, dense)
-    if not sparse:
+    why = moe.schedule.why(config)
+    whole = _present_in_all(entries, prefix, moe.prefix, moe.dense, dense, f"dense by {why}")
+    form = _sparse_form(entries, prefix, moe, sparse[0]) if sparse else None
+    has_mlp = bool(whole) or any(
+        _expert_numbers(entries, prefix, moe.prefix + matrix.name)
+        if matrix.per_expert
+        else _named_layers_of(entries, prefix, moe.prefix + matrix.name)
+        for layout in moe.forms
+        for matrix in layout.experts.values()
+    )
+    if has_mlp and sparse and form is None:
+        name = prefix + moe.prefix.format(layer=sparse[0])
+        name += next(iter(moe.forms[0].experts.values())).name.format(expert=0)
+        raise ArchitectureError(
+            f"tensor {name!r} is missing: layer {sparse[0]} is sparse by {why}, and the "
+            "checkpoint has MLP tensors elsewhere; the config and the weights disagree about "
+            "which layers have experts"
+        )
+    if has_mlp and dense and moe.dense and not whole:
+        name = prefix + moe.prefix.format(layer=dense[0]) + next(iter(moe.dense.values()))
+        raise ArchitectureError(
+            f"tensor {name!r} is missing: layer {dense[0]} is dense by {why}, and the "
+            "checkpoint has MLP tensors elsewhere; the config and the weights disagree about "
+            "which layers have experts"
+        )
+    if form is None:
         return whole, {}
     first = sparse[0]
-    for form in moe.forms:
-        kind, matrix = next(iter(form.experts.items()))
-        if prefix + moe.prefix.format(layer=first) + matrix.name.format(expert=0) in entries:
-            break
-    else:
-        return whole, {}
-    whole.update(_present_in_all(entries, prefix, moe.prefix, form.whole, list(sparse)))
+    whole.update(
+        _present_in_all(
+            entries, prefix, moe.prefix, form.whole, list(sparse), f"sparse by {why}"
+        )
+    )
     experts: dict[tuple[int, str], ExpertTensors] = {}
     for kind, matrix in form.experts.items():
         template = moe.prefix + matrix.name
@@ -825,11 +859,49 @@ def _moe_tensors(
     return whole, experts
 
 
+def _sparse_form(entries: TensorMap, prefix: str, moe: Moe, layer: int) -> SparseLayout | None:
+    """The first of ``moe``'s storage forms whose first expert tensor ``layer`` has."""
+    for form in moe.forms:
+        matrix = next(iter(form.experts.values()))
+        if prefix + moe.prefix.format(layer=layer) + matrix.name.format(expert=0) in entries:
+            return form
+    return None
+
+
+def _named_layers_of(entries: TensorMap, prefix: str, template: str) -> bool:
+    """Whether any tensor is named ``prefix`` + ``template`` (with ``{layer}``) for a layer."""
+    before, _, after = (prefix + template.format(layer="\0")).partition("\0")
+    pattern = re.compile(re.escape(before) + r"[0-9]{1,18}" + re.escape(after))
+    return any(pattern.fullmatch(name) for name in entries)
+
+
+def _check_config_count(
+    config: Mapping[str, object], experts: Mapping[tuple[int, str], ExpertTensors]
+) -> None:
+    """Refuse routed experts whose number per layer is not the one the config gives. Of
+    several count keys (transformers' aliases, one a class default) one must match."""
+    for (layer, kind), stored in experts.items():
+        counts = expert_counts(config, layer)
+        if counts and all(count != stored.count for _, count in counts):
+            key, count = counts[0]
+            raise ArchitectureError(
+                f"{key!r} is {count}, but layer {layer} stores {stored.count} experts' "
+                f"{kind.removeprefix('expert-')} matrices ({stored.sources[0].name!r}...); "
+                "the config and the weights disagree"
+            )
+
+
 def _present_in_all(
-    entries: TensorMap, prefix: str, template: str, names: Mapping[str, str], layers: list[int]
+    entries: TensorMap,
+    prefix: str,
+    template: str,
+    names: Mapping[str, str],
+    layers: list[int],
+    why: str,
 ) -> dict[tuple[int, str], TensorSource]:
     """The matrices of ``names`` (under ``prefix`` and ``template``, with ``{layer}``) the
-    first of ``layers`` has, in each of ``layers``."""
+    first of ``layers`` has, in each of ``layers``; ``why`` says what makes them one kind
+    (``dense by the config's ...``), for the message naming a missing one."""
     found: dict[tuple[int, str], TensorSource] = {}
     for matrix, name in names.items():
         if not layers or prefix + template.format(layer=layers[0]) + name not in entries:
@@ -838,7 +910,8 @@ def _present_in_all(
             full = prefix + template.format(layer=layer) + name
             if full not in entries:
                 raise CheckpointError(
-                    f"tensor {full!r} is missing (layer {layers[0]} has its {matrix})"
+                    f"tensor {full!r} is missing (layer {layers[0]} has its {matrix}, and "
+                    f"layer {layer} is {why})"
                 )
             found[(layer, matrix)] = entries[full]
     return found

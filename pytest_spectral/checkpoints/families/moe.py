@@ -105,28 +105,41 @@ class SparseLayout:
     whole: MatrixNames = field(default_factory=dict)
 
 
-#: (resolved config, layer count) -> the sparse layers, ascending; raises ArchitectureError
-Schedule = Callable[[Mapping[str, object], int], tuple[int, ...]]
+@dataclass(frozen=True)
+class Schedule:
+    """Which layers are sparse, as the modeling code decides it from the config."""
+
+    #: (resolved config, layer count) -> the sparse layers, ascending; raises ArchitectureError
+    decide: Callable[[Mapping[str, object], int], tuple[int, ...]]
+    #: the config keys the decision reads (none: every layer is sparse), named when the
+    #: weights disagree with it
+    keys: tuple[str, ...] = ()
+
+    def __call__(self, config: Mapping[str, object], layers: int) -> tuple[int, ...]:
+        return self.decide(config, layers)
+
+    def why(self, config: Mapping[str, object]) -> str:
+        """What decides it, in words: ``the config's decoder_sparse_step=1, ...``."""
+        if not self.keys:
+            return "every layer of this model type is sparse"
+        return "the config's " + ", ".join(f"{key}={config.get(key)!r}" for key in self.keys)
 
 
-def every_layer(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
-    """Every layer is sparse (Mixtral, gpt-oss, OLMoE...)."""
-    return tuple(range(layers))
+every_layer = Schedule(lambda config, layers: tuple(range(layers)))
+"""Every layer is sparse (Mixtral, gpt-oss, OLMoE...)."""
 
 
 def after_first_dense(key: str = "first_k_dense_replace") -> Schedule:
     """Layers from ``config[key]`` on (GLM-4-MoE, dots1, DeepSeek-V3: ``layer_idx >=
     config.first_k_dense_replace``)."""
 
-    def schedule(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
+    def decide(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
         return tuple(range(min(_integer(config, key, low=0), layers), layers))
 
-    return schedule
+    return Schedule(decide, (key,))
 
 
-def sparse_step(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
-    """Qwen2-MoE and Qwen3-MoE: a layer not in ``mlp_only_layers`` whose number plus one is a
-    multiple of ``decoder_sparse_step``, when ``num_experts > 0``."""
+def _sparse_step(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     step = _integer(config, "decoder_sparse_step", low=1)
     dense = _layer_list(config, "mlp_only_layers")
     if _integer(config, "num_experts", low=0) == 0:
@@ -134,9 +147,12 @@ def sparse_step(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     return tuple(layer for layer in range(layers) if layer not in dense and (layer + 1) % step == 0)
 
 
-def interval(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
-    """ERNIE 4.5 MoE: every ``moe_layer_interval``-th layer (counted from one) from
-    ``moe_layer_start_index`` to ``moe_layer_end_index`` inclusive (``-1``: the last)."""
+sparse_step = Schedule(_sparse_step, ("decoder_sparse_step", "mlp_only_layers", "num_experts"))
+"""Qwen2-MoE and Qwen3-MoE: a layer not in ``mlp_only_layers`` whose number plus one is a
+multiple of ``decoder_sparse_step``, when ``num_experts > 0``."""
+
+
+def _interval(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     every = _integer(config, "moe_layer_interval", low=1)
     start = _integer(config, "moe_layer_start_index")
     end = _integer(config, "moe_layer_end_index")
@@ -146,14 +162,55 @@ def interval(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     )
 
 
-def listed_or_interleaved(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
-    """Llama 4: ``moe_layers`` when given, else every ``interleave_moe_layer_step``-th layer
-    (``range(step - 1, layers, step)``)."""
+interval = Schedule(
+    _interval, ("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index")
+)
+"""ERNIE 4.5 MoE: every ``moe_layer_interval``-th layer (counted from one) from
+``moe_layer_start_index`` to ``moe_layer_end_index`` inclusive (``-1``: the last)."""
+
+
+def _listed_or_interleaved(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     if config.get("moe_layers") is not None:
         listed = _layer_list(config, "moe_layers")
         return tuple(layer for layer in range(layers) if layer in listed)
     step = _integer(config, "interleave_moe_layer_step", low=1)
     return tuple(range(step - 1, layers, step))
+
+
+listed_or_interleaved = Schedule(
+    _listed_or_interleaved, ("moe_layers", "interleave_moe_layer_step")
+)
+"""Llama 4: ``moe_layers`` when given, else every ``interleave_moe_layer_step``-th layer
+(``range(step - 1, layers, step)``)."""
+
+#: the config keys that name the routed experts per sparse layer, as transformers' config
+#: classes store it (their ``attribute_map`` aliases resolved)
+EXPERT_COUNT_KEYS: tuple[str, ...] = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+)
+
+
+def expert_counts(config: Mapping[str, object], layer: int) -> list[tuple[str, int]]:
+    """``(key, count)`` for each of :data:`EXPERT_COUNT_KEYS` ``config`` has: the routed
+    experts it gives sparse ``layer`` (an integer, or HunYuan's list of one per layer).
+    Raises ArchitectureError for a value of the wrong type or range."""
+    counts = []
+    for key in EXPERT_COUNT_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                raise ArchitectureError(f"{key!r} must be an integer >= 0, got {value!r}")
+            if layer >= len(value):
+                raise ArchitectureError(f"{key!r} names no count for layer {layer}: {value!r}")
+            counts.append((key, value[layer]))
+        else:
+            counts.append((key, _integer(config, key, low=0)))
+    return counts
 
 
 @dataclass(frozen=True)
