@@ -19,6 +19,7 @@ from pytest_spectral.reporting.report import (
     build_report,
     item_record,
     json_number,
+    unrecorded_record,
     write_report,
     write_text_atomically,
 )
@@ -65,6 +66,47 @@ def spectrum(**changes: object) -> HeadSpectrum:
 def test_json_number(value: float, written: object) -> None:
     assert json_number(value) == written
     assert type(json_number(value)) is type(written)
+
+
+def test_record_of_an_item_without_a_result() -> None:
+    """An item that crashed, raised, was skipped or never ran has the keys of every record (a
+    report reader needs no special case), where it is, its outcome and pytest's error line,
+    and no values: status ``no_result``."""
+    record = unrecorded_record(
+        nodeid="spectral::cross::layer02::head01-v",
+        stack="cross",
+        layer=2,
+        head=1,
+        matrix="v",
+        kv_head=1,
+        shape=(16, 64),
+        outcome="error",
+        error="RuntimeError: out of memory",
+    )
+    assert record == {
+        "nodeid": "spectral::cross::layer02::head01-v",
+        "stack": "cross",
+        "layer": 2,
+        "scope": "head",
+        "head": 1,
+        "matrix": "v",
+        "kv_head": 1,
+        "shape": [16, 64],
+        "status": "no_result",
+        "outcome": "error",
+        "nonfinite_count": None,
+        "method": None,
+        "floor_limited": False,
+        "singular_values": [],
+        "metrics": {},
+        "broken_rules": [],
+        "error": "RuntimeError: out of memory",
+    }
+    whole = unrecorded_record(
+        nodeid="spectral::layer00::down", layer=0, head=None, matrix="down", kv_head=None,
+        shape=(64, 128), outcome="skipped", error=None,
+    )  # fmt: skip
+    assert (whole["scope"], whole["stack"], whole["error"]) == ("matrix", None, None)
 
 
 def test_head_record(rules) -> None:
