@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_spectral.judging.candidates import pruning_candidates, regressions
+from pytest_spectral.judging.candidates import pruning_candidates, regression_record, regressions
 from pytest_spectral.judging.evaluation import BrokenRule
 from pytest_spectral.judging.metrics import METRICS, MetricRegistry, default_request
 from pytest_spectral.judging.ranges import IndexSet
@@ -143,6 +143,27 @@ class TestSplit:
         both = next(c for c in candidates if c.nodeids == ("q-both",))
         assert [b["rule"] for b in both.rules] == ["collapsed"]
         assert [g.label for g in found] == ["L1 H2-3 k", "L1 H2 q", "L1 H0 q", "L1 H3 q"]
+
+    def test_the_reports_entry_of_a_regression(self) -> None:
+        """A K/V slice two query heads share is one entry: both items, both heads, the rules
+        that suggest no pruning (not the others)."""
+        records = [
+            record("k-2", 2, "k", [entry("drift", "none"), entry("collapsed", "low_rank")]),
+            record("k-3", 3, "k", [entry("drift", "none"), entry("collapsed", "low_rank")]),
+        ]
+        (found,) = regressions(records)
+        assert regression_record(found) == {
+            "nodeids": ["k-2", "k-3"],
+            "stack": None,
+            "layer": 1,
+            "matrix": "k",
+            "heads": [2, 3],
+            "kv_head": 1,
+            "shape": [8, 32],
+            "outcome": "failed",
+            "status": "ok",
+            "rules": ["drift"],
+        }
 
     def test_a_nonfinite_slice_is_never_a_candidate(self) -> None:
         records = [record("q", 0, "q", [entry("collapsed", "low_rank")], status="nonfinite")]
