@@ -315,7 +315,8 @@ def peak_mb():
 
 checkpoint = open_checkpoint(Path(sys.argv[1]))
 engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, threads=1)
-engine.head(0, "q", 0)  # warm up torch and LAPACK with one layer
+for matrix in ("q", "k", "v", "o"):  # warm up torch, LAPACK and the allocator with a layer:
+    engine.head(0, matrix, 0)         # each matrix's kernels and buffers are first made here
 before = peak_mb()
 for layer in range(checkpoint.geometry.layers):
     for head in range(checkpoint.geometry.heads):
