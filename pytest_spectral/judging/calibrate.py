@@ -151,27 +151,33 @@ def _indices(records: Iterable[Record], key: str) -> list[int]:
     return sorted({int(r[key]) for r in records if r[key] is not None})  # type: ignore[call-overload]
 
 
+def _covered(records: Sequence[Record], layers: int, heads: int) -> tuple[list[int], list[int]]:
+    """The layers and the query heads the records cover, each empty where they cover all of
+    the model's (whole-matrix records cover no head, which counts as all)."""
+    found_layers = _indices(records, "layer")
+    found_heads = _indices(records, "head")
+    return (
+        [] if found_layers == list(range(layers)) else found_layers,
+        [] if found_heads == list(range(heads)) else found_heads,
+    )
+
+
 def _restriction(measured: Sequence[Record], layers: int, heads: int) -> list[str]:
     """The ``layers`` and ``heads`` lines of a rule whose items covered part of the model."""
-    lines = []
-    found = _indices(measured, "layer")
-    if found != list(range(layers)):
-        lines.append(f'layers = "{_spec(found)}"')
-    found = _indices(measured, "head")
-    if found and found != list(range(heads)):
-        lines.append(f'heads = "{_spec(found)}"')
-    return lines
+    some_layers, some_heads = _covered(measured, layers, heads)
+    return [
+        *([f'layers = "{_spec(some_layers)}"'] if some_layers else []),
+        *([f'heads = "{_spec(some_heads)}"'] if some_heads else []),
+    ]
 
 
 def _part(records: Sequence[Record], layers: int, heads: int) -> str | None:
     """``layers 0 of 0-3``, ``query heads 0-1 of 0-7``, both, or ``None`` for the whole model."""
-    parts = []
-    found = _indices(records, "layer")
-    if found != list(range(layers)):
-        parts.append(f"layers {_spec(found)} of {indices(layers)}")
-    found = _indices(records, "head")
-    if found and found != list(range(heads)):
-        parts.append(f"query heads {_spec(found)} of {indices(heads)}")
+    some_layers, some_heads = _covered(records, layers, heads)
+    parts = [
+        *([f"layers {_spec(some_layers)} of {indices(layers)}"] if some_layers else []),
+        *([f"query heads {_spec(some_heads)} of {indices(heads)}"] if some_heads else []),
+    ]
     return " and ".join(parts) or None
 
 
