@@ -15,16 +15,19 @@ every row alike:
 * ``floor``: the plain script the plugin is measured against: per layer, read Q/K/V/O once
   through safetensors (mmap), upcast to float64, per-head Gram matrices plus ``eigvalsh``;
 * ``plugin``: ``pytest --spectral-model=DIR --spectral-thresholds ... --spectral-no-cache``,
-  every item (4096 for 32 layers), end to end;
+  every item (4096 for 32 layers), end to end (decomposing in a child process, as
+  ``--spectral-subprocess=auto`` does for a checkpoint this size); ``plugin, in one
+  process``: the same with ``--spectral-subprocess=off``;
 * ``plugin-cached``: the same with the cache warm and a different rules file, against
 * ``empty-pytest``: pytest running as many trivial items;
 * with ``--xdist N``, the plugin under ``-n N``; with ``--device cuda``, floor and plugin on
   the GPU; with ``--seed-items N``, the seed article's per-item method, extrapolated.
 
 Each row gives the median wall time, the spread (min-max) over ``--repeat`` runs, the median
-CPU time (user + system of the process and its children) and the peak RSS; ratios are of
-medians measured in this one invocation, never across invocations. At the end it prints the
-tables as Markdown, ready for the README.
+CPU time (user + system of the process and its children) and the peak RSS (of pytest's
+process plus its decomposing child's: an upper bound, as their peaks need not coincide);
+ratios are of medians measured in this one invocation, never across invocations. At the end
+it prints the tables as Markdown, ready for the README.
 
     python benchmarks/bench_llama_shaped.py                       # 32 layers, 5 runs each
     python benchmarks/bench_llama_shaped.py --layers 4 --repeat 3  # quicker
@@ -106,10 +109,13 @@ print(json.dumps({"per_item_s": (time.perf_counter() - start) / len(items), "rss
 """
 
 PYTEST = """
-import json, sys
+import json, resource, sys
 import pytest
 code = pytest.main(sys.argv[1:])
-print(json.dumps({"exit": int(code), "rss_mb": PEAK}))
+# pytest's process, plus the child that decomposes (--spectral-subprocess) if one ran: its
+# peak, from the kernel's record of waited-for children (KiB on Linux).
+child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"exit": int(code), "rss_mb": PEAK + child_mb}))
 """
 
 RULES_A = """
@@ -377,7 +383,11 @@ def main() -> None:
     for kind, model in {} if args.cached_only else models.items():
         print(f"{kind}: warming the page cache", flush=True)
         timed(floor(model, "cpu"), work)
-        commands = {"floor script": floor(model, "cpu"), "plugin": plugin(model, "cpu")}
+        commands = {
+            "floor script": floor(model, "cpu"),
+            "plugin": plugin(model, "cpu"),
+            "plugin, in one process": plugin(model, "cpu", "--spectral-subprocess=off"),
+        }
         if args.single_thread_floor:
             commands["floor script, 1 thread"] = floor(model, "cpu", threads=1)
         if args.xdist:

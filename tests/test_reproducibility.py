@@ -1,7 +1,9 @@
-"""The same numbers whatever the threads or workers: JSON reports identical value for value.
+"""The same numbers whatever the threads, workers or processes: JSON reports identical value
+for value.
 
 Every slice is decomposed on one thread in a fixed order of operations (the pool only decides
-which thread), so neither ``--spectral-threads`` nor pytest-xdist can change a bit.
+which thread), so neither ``--spectral-threads``, pytest-xdist nor a child process
+(``--spectral-subprocess``) can change a bit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def test_reports_are_identical_whatever_the_threads_or_workers(pytester, trained
         "one process, 2 threads": ("-p", "no:xdist", "--spectral-threads=2"),
         "one process, 1 thread": ("-p", "no:xdist", "--spectral-threads=1"),
         "one process, default threads": ("-p", "no:xdist"),
+        "one process, a child decomposing": ("-p", "no:xdist", "--spectral-subprocess=on"),
         "two workers": ("-n", "2", "--dist", "loadscope"),
     }
     reports = {}
