@@ -147,3 +147,16 @@ def test_subprocess_option_takes_auto_on_or_off(pytester, tiny_checkpoint, value
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--spectral-subprocess*auto*on*off*"])
 
+
+
+def test_a_child_whose_output_is_not_its_answers_is_stopped(
+    checkpoint, tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text("print('hello from sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    decomposer = ChildDecomposer(checkpoint, DEFAULT_REQUESTS)
+    try:
+        with pytest.raises(ChildStoppedError, match="something other than its answers"):
+            decomposer.start(0, [("q", "head")]).result(timeout=60)
+    finally:
+        decomposer.close()

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -44,6 +45,9 @@ _CHILD = (
     f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
     "from pytest_spectral.compute.isolated import main; main()"
 )
+#: Every message starts with these bytes: output the child did not mean as a message (a
+#: ``sitecustomize`` printing at start-up) stops the exchange instead of being misread.
+_MAGIC = b"pytest-spectral\0"
 #: Seconds a child is given to finish its last units once its input is closed.
 CLOSE_TIMEOUT = 10.0
 _LENGTH_BYTES = 8
@@ -131,9 +135,17 @@ class ChildDecomposer:
 
     def _receive_all(self) -> None:
         """Hand each answer to the future of its ticket until the child's output ends."""
+        why = "before finishing this layer"
         while True:
             try:
                 ticket, result, error = _receive(self._from_child)
+            except _NotAMessageError:
+                why = (
+                    "after writing something other than its answers to its output (does a "
+                    "sitecustomize module print?)"
+                )
+                self._process.kill()
+                break
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
             with self._lock:
@@ -144,8 +156,8 @@ class ChildDecomposer:
                 future.set_exception(error)
         code = self._process.wait()
         stopped = ChildStoppedError(
-            f"the process decomposing the slices stopped (exit code {code}) before finishing "
-            "this layer; its messages, if any, are above"
+            f"the process decomposing the slices stopped (exit code {code}) {why}; its "
+            "messages, if any, are above"
         )
         with self._lock:
             self._stopped = self._stopped or stopped
@@ -154,15 +166,23 @@ class ChildDecomposer:
             future.set_exception(stopped)
 
 
+class _NotAMessageError(EOFError):
+    """What the other side wrote is not a message of this protocol."""
+
+
 def _send(stream: IO[bytes], message: object) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(len(data).to_bytes(_LENGTH_BYTES, "little") + data)
+    stream.write(_MAGIC + len(data).to_bytes(_LENGTH_BYTES, "little") + data)
     stream.flush()
 
 
 def _receive(stream: IO[bytes]) -> tuple:
-    header = _read_exactly(stream, _LENGTH_BYTES)
-    return pickle.loads(_read_exactly(stream, int.from_bytes(header, "little")))
+    """The next message; :class:`EOFError` at the end of the stream or at anything that is
+    not a message."""
+    header = _read_exactly(stream, len(_MAGIC) + _LENGTH_BYTES)
+    if not header.startswith(_MAGIC):
+        raise _NotAMessageError
+    return pickle.loads(_read_exactly(stream, int.from_bytes(header[len(_MAGIC) :], "little")))
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -186,7 +206,12 @@ def _reply(output: IO[bytes], lock: threading.Lock, ticket: int, future: Future)
 
 
 def main() -> None:
-    """The child: decompose what the parent asks for until its input closes."""
+    """The child: decompose what the parent asks for until its input closes.
+
+    It ignores SIGINT: a Ctrl-C reaches the whole process group, and pytest's process, which
+    handles it, closes the child's input (or its ending does).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     incoming = sys.stdin.buffer
     outgoing = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
