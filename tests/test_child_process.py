@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pytest_spectral.checkpoints.checkpoint import open_checkpoint
-from pytest_spectral.compute.engine import SpectraEngine
+from pytest_spectral.compute.engine import SpectraEngine, UnitError
 from pytest_spectral.compute.isolated import ChildDecomposer, ChildStoppedError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
@@ -160,3 +160,13 @@ def test_a_child_whose_output_is_not_its_answers_is_stopped(
             decomposer.start(0, [("q", "head")]).result(timeout=60)
     finally:
         decomposer.close()
+
+
+def test_a_child_that_cannot_start_fails_the_items_saying_why(checkpoint, monkeypatch) -> None:
+    monkeypatch.setattr("sys.executable", "/nonexistent/python")
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS, isolate=True)
+    try:
+        with pytest.raises(UnitError, match=r"cannot start decomposing: .*nonexistent/python"):
+            engine.head(0, "q", 0)
+    finally:
+        engine.close()
