@@ -100,7 +100,7 @@ class SpectraEngine:
 
     def head(self, layer: int, matrix: str, head: int) -> HeadSpectrum:
         """The spectrum of query head ``head`` (its shared K/V head for k and v)."""
-        geometry = self.checkpoint.geometry
+        geometry = self.checkpoint.geometry_at(layer)
         index = geometry.kv_head_of(head) if matrix in ("k", "v") else head
         return self._unit(layer, (matrix, "head"))[index]
 
@@ -189,7 +189,7 @@ class SpectraEngine:
                 return _Started(key, hit, None)
             if unit[0] in CIRCUITS:
                 factors = self._circuit_factors(layer, unit[0])
-                return _Started(key, None, self._start_circuits(*factors))
+                return _Started(key, None, self._start_circuits(layer, *factors))
             blocks = self._blocks(layer, unit)
         except Exception as exc:
             return UnitError(f"cannot read {self._names(layer, unit)}: {_cause(exc)}")
@@ -253,14 +253,15 @@ class SpectraEngine:
     def _context(self, layer: int, unit: Unit, floor: np.ndarray | None = None) -> MetricContext:
         matrix, scope = unit
         return MetricContext(
-            self.checkpoint.item_shape(matrix, whole=scope == "matrix"),
+            self.checkpoint.item_shape(matrix, whole=scope == "matrix", block=layer),
             self.checkpoint.sources(layer, matrix)[0].dtype,
             None if floor is None else tuple(floor.tolist()),
         )
 
     def _cache_key(self, layer: int, unit: Unit) -> str:
         matrix, scope = unit
-        g, stored = self.checkpoint.geometry, self.checkpoint.layout
+        # the layer's stack's own geometry: a vision tower's heads are not its text model's
+        g, stored = self.checkpoint.geometry_at(layer), self.checkpoint.layout_at(layer)
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
         if g.latent is not None:  # how the latent layout's rows split between K_nope and V
             layout += tuple(dataclasses.astuple(g.latent))
@@ -302,7 +303,7 @@ class SpectraEngine:
             weights = [self._reader().tensor(source) for source in experts.sources]
             return expert_blocks(weights, experts.matrix)
         weight = self._reader().tensor(self.checkpoint.tensors[(layer, matrix)])
-        geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
+        geometry, layout = self.checkpoint.geometry_at(layer), self.checkpoint.layout_at(layer)
         if scope == "head":
             return head_blocks(weight, matrix, geometry, layout)
         return whole_matrix(weight, matrix, geometry, layout)[None]
@@ -320,13 +321,16 @@ class SpectraEngine:
         pool = self._pool()
         return start_slices(blocks, device=self.device, dtype=self._dtype(), executor=pool)
 
-    def _start_circuits(self, left: CircuitFactors, right: CircuitFactors) -> Future[SliceSpectra]:
+    def _start_circuits(
+        self, layer: int, left: CircuitFactors, right: CircuitFactors
+    ) -> Future[SliceSpectra]:
         """A layer's circuits as one task of the slice pool, whose threads each run torch on
         one intra-op thread: their values, too, never depend on the number of threads."""
         from pytest_spectral.compute.circuits import circuit_spectra
 
         pool = self._pool()
-        kv_heads = [self.checkpoint.geometry.kv_head_of(h) for h in range(left.factors.shape[0])]
+        geometry = self.checkpoint.geometry_at(layer)
+        kv_heads = [geometry.kv_head_of(h) for h in range(left.factors.shape[0])]
         return pool.submit(
             circuit_spectra, left, right, kv_heads, device=self.device, dtype=self._dtype()
         )
