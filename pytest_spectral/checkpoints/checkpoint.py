@@ -479,7 +479,7 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
-    tower = _vision_tower(config, config_file) if vision else None
+    tower = interpret_vision_config(config, config_file) if vision else None
     wrapper = str(config["model_type"]) if config.get("model_type") in WRAPPERS else None
     config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
@@ -617,7 +617,7 @@ def interpret_config(
     return config, family, variant, geometry, notes, stacks
 
 
-def _vision_tower(
+def interpret_vision_config(
     config: Mapping[str, object], config_file: Path
 ) -> tuple[Family, Geometry, Layout]:
     """The family, geometry and layout of a multimodal wrapper's vision tower, read from its

@@ -1,0 +1,229 @@
+"""The vision towers of multimodal models (``--spectral-vision``), verified against transformers.
+
+For a tiny random model of each wrapper in ``architecture_matrix.VISION_CASES`` (built and
+saved by transformers; skipped, with the reason, when the installed transformers lacks it),
+whose tower differs from its text model in every dimension (layers, heads, head size, width),
+the slice the plugin analyses for a head of the tower is perturbed in the model's own
+parameters, an image is fed through the model's own vision tower, and exactly that head's
+attention output (its segment of the output projection's input, the segment the attention
+module reshapes into that head) must change; an O slice must be exactly what multiplies that
+segment. The plugin's singular values of every head of every tower layer equal numpy's
+(float64 LAPACK) of the model's own slices. The counts of layers and heads come from the
+model transformers builds, never from the plugin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from architecture_matrix import CASES, VISION_CASES
+from safetensors import safe_open
+
+from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.compute.engine import SpectraEngine
+from pytest_spectral.compute.spectra import head_blocks
+from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+
+transformers = pytest.importorskip("transformers")
+
+
+def build(model_type: str, directory) -> object:
+    """A tiny random model of the wrapper ``model_type``, saved as transformers saves it."""
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **CASES[model_type].config)
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def tower_of(model) -> torch.nn.Module:
+    """The model's own vision tower (LLaVA's and Gemma 3's ``vision_tower``, Qwen2-VL's
+    ``visual``)."""
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.visual
+
+
+def tower_layers(tower) -> torch.nn.ModuleList:
+    """The tower's transformer layers, as its modeling code holds them."""
+    return tower.encoder.layers if hasattr(tower, "encoder") else tower.blocks
+
+
+def tower_heads(model) -> int:
+    """Query heads of the tower's attention modules, as transformers built them."""
+    attention = next(
+        m for m in tower_of(model).modules() if type(m).__name__.endswith("Attention")
+    )
+    return int(getattr(attention, "num_heads", None) or attention.config.num_attention_heads)
+
+
+def tower_inputs(model) -> dict[str, torch.Tensor]:
+    """One image of fixed random pixels, as the tower's forward takes it: ``pixel_values`` of
+    the image size (CLIP, SigLIP), or Qwen2-VL's flattened patches of a 4 x 4 patch grid."""
+    pixels = torch.Generator().manual_seed(0)
+    vision = model.config.vision_config
+    if hasattr(vision, "image_size"):
+        shape = (1, vision.num_channels, vision.image_size, vision.image_size)
+        return {"pixel_values": torch.randn(shape, generator=pixels)}
+    grid = torch.tensor([[1, 4, 4]])
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {"hidden_states": torch.randn(16, features, generator=pixels), "grid_thw": grid}
+
+
+@pytest.fixture(scope="module", params=VISION_CASES)
+def wrapper(request, tmp_path_factory) -> tuple[object, Checkpoint]:
+    directory = tmp_path_factory.mktemp(request.param) / "model"
+    model = build(request.param, directory)
+    return model, open_checkpoint(directory, vision=True)
+
+
+def parameter_name(checkpoint: Checkpoint, model, block: int, matrix: str) -> str:
+    """The model's own name for the tensor the plugin reads, found by its values (so that a
+    plugin reading the wrong tensor is caught by what the model does with it)."""
+    entry = checkpoint.tensors[(block, matrix)]
+    with safe_open(entry.file, "pt") as weights:
+        saved = weights.get_tensor(entry.name)
+    return next(
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.shape == saved.shape and torch.equal(parameter.detach(), saved)
+    )
+
+
+def slice_view(checkpoint: Checkpoint, block: int, matrix: str, index: int) -> torch.Tensor:
+    """Which elements of the stored tensor the plugin takes as slice ``index`` of ``block``,
+    as the slice's ``[m, n]`` matrix of positions."""
+    entry = checkpoint.tensors[(block, matrix)]
+    positions = torch.arange(int(np.prod(entry.shape))).view(entry.shape)
+    geometry, layout = checkpoint.geometry_at(block), checkpoint.layout_at(block)
+    return head_blocks(positions, matrix, geometry, layout)[index]
+
+
+def slice_positions(checkpoint: Checkpoint, block: int, matrix: str, index: int) -> torch.Tensor:
+    return slice_view(checkpoint, block, matrix, index).flatten()
+
+
+def o_input(model, o_name: str) -> torch.Tensor:
+    """The input of the tower's output projection ``o_name`` (``[tokens, heads x head_dim]``)
+    for one image through the model's own tower."""
+    captured = {}
+    module = model.get_submodule(o_name.removesuffix(".weight"))
+
+    def hook(_module, args, _output) -> None:
+        captured["input"] = args[0].detach().clone()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            tower_of(model)(**tower_inputs(model))
+    finally:
+        handle.remove()
+    return captured["input"].reshape(-1, module.in_features)
+
+
+class Scaled:
+    """Elements of parameter ``name`` scaled, by factors from 2 to 4 along the slice (or by
+    ``factor``), for the duration of a ``with``."""
+
+    def __init__(self, model, name: str, indices: torch.Tensor, factor: float | None = None):
+        self.parameter, self.indices, self.factor = model.get_parameter(name), indices, factor
+
+    def __enter__(self) -> None:
+        self.saved = self.parameter.detach().clone()
+        scale = torch.linspace(2.0, 4.0, len(self.indices)) if self.factor is None else self.factor
+        with torch.no_grad():
+            self.parameter.view(-1)[self.indices] *= scale
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            self.parameter.copy_(self.saved)
+
+
+def vision_blocks(checkpoint: Checkpoint) -> list[int]:
+    return [b for b in checkpoint.layer_numbers if checkpoint.position(b)[0] == "vision"]
+
+
+def test_the_vision_stack_has_the_towers_layers_and_the_text_model_keeps_its_own(wrapper):
+    model, checkpoint = wrapper
+    text_layers = model.config.text_config.num_hidden_layers
+    assert checkpoint.stack_layers() == {None: text_layers, "vision": len(tower_layers(tower_of(model)))}
+    assert [checkpoint.position(b) for b in range(text_layers)] == [
+        (None, layer) for layer in range(text_layers)
+    ]
+    block = vision_blocks(checkpoint)[0]
+    assert checkpoint.geometry_at(block).heads == tower_heads(model)
+    assert checkpoint.geometry.heads == model.config.text_config.num_attention_heads
+
+
+def test_each_vision_head_slice_drives_exactly_its_heads_attention_output(wrapper):
+    """In the first and the last layer of the tower, for the first and last head: the
+    plugin's Q, K and V slices change that head's attention output and no other's."""
+    model, checkpoint = wrapper
+    blocks = vision_blocks(checkpoint)
+    heads = tower_heads(model)
+    for block in (blocks[0], blocks[-1]):
+        o_name = parameter_name(checkpoint, model, block, "o")
+        base = o_input(model, o_name)
+        d = base.shape[1] // heads
+        for matrix in ("q", "k", "v"):
+            name = parameter_name(checkpoint, model, block, matrix)
+            for head in (0, heads - 1):
+                with Scaled(model, name, slice_positions(checkpoint, block, matrix, head)):
+                    after = o_input(model, o_name)
+                changed = {
+                    h
+                    for h in range(heads)
+                    if not torch.allclose(
+                        base[:, h * d : (h + 1) * d], after[:, h * d : (h + 1) * d], atol=1e-6
+                    )
+                }
+                assert changed == {head}, (block, matrix, head)
+
+
+def test_each_vision_o_slice_is_what_multiplies_its_heads_segment(wrapper):
+    model, checkpoint = wrapper
+    heads = tower_heads(model)
+    for block in vision_blocks(checkpoint):
+        o_name = parameter_name(checkpoint, model, block, "o")
+        module = model.get_submodule(o_name.removesuffix(".weight"))
+        inputs = o_input(model, o_name)
+        d = inputs.shape[1] // heads
+        for head in range(heads):
+            without = inputs.clone()
+            without[:, head * d : (head + 1) * d] = 0
+            with torch.no_grad():
+                expected = module(without)
+                zeroed = slice_positions(checkpoint, block, "o", head)
+                with Scaled(model, o_name, zeroed, factor=0.0):
+                    actual = module(inputs)
+            torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_vision_spectra_equal_numpy_on_the_models_own_slices(wrapper):
+    """Every head of every tower layer, every matrix, against numpy in float64; the slices of
+    a tensor partition it (none misses a head's rows or reads another's)."""
+    model, checkpoint = wrapper
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+    heads = tower_heads(model)
+    compared = 0
+    for block in vision_blocks(checkpoint):
+        owned: dict[str, list[torch.Tensor]] = {}
+        for matrix in MATRICES:
+            name = parameter_name(checkpoint, model, block, matrix)
+            flat = model.get_parameter(name).detach().double().flatten().numpy()
+            for head in range(heads):
+                view = slice_view(checkpoint, block, matrix, head)
+                owned.setdefault(name, []).append(view.flatten())
+                reference = np.linalg.svd(flat[view.numpy()], compute_uv=False)
+                values = engine.head(block, matrix, head).singular_values
+                np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+                compared += 1
+        for name, parts in owned.items():
+            size = model.get_parameter(name).numel()
+            torch.testing.assert_close(torch.cat(parts).sort().values, torch.arange(size))
+    assert compared == len(vision_blocks(checkpoint)) * heads * len(MATRICES)
