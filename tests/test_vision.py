@@ -14,18 +14,28 @@ model transformers builds, never from the plugin.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from architecture_matrix import CASES, VISION_CASES
 from safetensors import safe_open
 
-from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import (
+    MATRICES,
+    Checkpoint,
+    Geometry,
+    interpret_vision_config,
+    open_checkpoint,
+)
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
+from pytest_spectral.errors import CheckpointError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 
 transformers = pytest.importorskip("transformers")
+SOURCE = Path("config.json")
 
 
 def build(model_type: str, directory) -> object:
@@ -56,9 +66,7 @@ def tower_layers(tower) -> torch.nn.ModuleList:
 
 def tower_heads(model) -> int:
     """Query heads of the tower's attention modules, as transformers built them."""
-    attention = next(
-        m for m in tower_of(model).modules() if type(m).__name__.endswith("Attention")
-    )
+    attention = next(m for m in tower_of(model).modules() if type(m).__name__.endswith("Attention"))
     return int(getattr(attention, "num_heads", None) or attention.config.num_attention_heads)
 
 
@@ -151,7 +159,10 @@ def vision_blocks(checkpoint: Checkpoint) -> list[int]:
 def test_the_vision_stack_has_the_towers_layers_and_the_text_model_keeps_its_own(wrapper):
     model, checkpoint = wrapper
     text_layers = model.config.text_config.num_hidden_layers
-    assert checkpoint.stack_layers() == {None: text_layers, "vision": len(tower_layers(tower_of(model)))}
+    assert checkpoint.stack_layers() == {
+        None: text_layers,
+        "vision": len(tower_layers(tower_of(model))),
+    }
     assert [checkpoint.position(b) for b in range(text_layers)] == [
         (None, layer) for layer in range(text_layers)
     ]
@@ -227,3 +238,60 @@ def test_vision_spectra_equal_numpy_on_the_models_own_slices(wrapper):
             size = model.get_parameter(name).numel()
             torch.testing.assert_close(torch.cat(parts).sort().values, torch.arange(size))
     assert compared == len(vision_blocks(checkpoint)) * heads * len(MATRICES)
+
+
+#: the config attributes each tower's attention modules and layer list read, from their
+#: modeling code: (layers, heads, width)
+TOWER_KEYS = {
+    "clip_vision_model": ("num_hidden_layers", "num_attention_heads", "hidden_size"),
+    "siglip_vision_model": ("num_hidden_layers", "num_attention_heads", "hidden_size"),
+    "qwen2_vl_vision": ("depth", "num_heads", "embed_dim"),  # VisionAttention(embed_dim)
+    "qwen2_5_vl_vision": ("depth", "num_heads", "hidden_size"),
+}
+
+
+def reference_tower_geometry(vision) -> Geometry:
+    """The tower geometry transformers' modules build from its ``vision_config`` object."""
+    layers, heads, width = (getattr(vision, key) for key in TOWER_KEYS[vision.model_type])
+    return Geometry(layers, heads, heads, width // heads, width)
+
+
+@pytest.mark.parametrize("model_type", VISION_CASES)
+def test_each_vision_config_key_left_out_reads_as_transformers_reads_it(model_type) -> None:
+    """Each key of ``vision_config`` left out in turn, and ``vision_config`` left out (the
+    wrapper's own default tower: LLaVA's is CLIP ViT-L/14, not CLIP's class defaults)."""
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    full = config_class(**CASES[model_type].config).to_dict()
+    nested = full["vision_config"]
+    cases = [
+        ("(none)", full),
+        ("vision_config", {k: v for k, v in full.items() if k != "vision_config"}),
+    ]
+    cases += [
+        (
+            f"vision_config.{key}",
+            {**full, "vision_config": {k: v for k, v in nested.items() if k != key}},
+        )
+        for key in nested
+        if key != "model_type"
+    ]
+    compared = 0
+    for key, config in cases:
+        try:
+            vision = config_class.from_dict(dict(config)).vision_config
+        except Exception:  # transformers refuses this config too: nothing to compare
+            continue
+        expected = reference_tower_geometry(vision)
+        if expected.hidden % expected.heads:
+            with pytest.raises(CheckpointError):
+                interpret_vision_config(config, SOURCE)
+            continue
+        try:
+            geometry = interpret_vision_config(config, SOURCE)[1]
+        except CheckpointError as exc:
+            pytest.fail(f"without {key}: refused ({exc}), transformers reads {expected}")
+        assert geometry == expected, f"without {key}"
+        compared += 1
+    assert compared > len(nested) // 2
