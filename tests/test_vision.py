@@ -14,6 +14,8 @@ model transformers builds, never from the plugin.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.testing.synthetic import write_random_llama
 
 transformers = pytest.importorskip("transformers")
 SOURCE = Path("config.json")
@@ -295,3 +298,185 @@ def test_each_vision_config_key_left_out_reads_as_transformers_reads_it(model_ty
         assert geometry == expected, f"without {key}"
         compared += 1
     assert compared > len(nested) // 2
+
+
+# Through pytest: the option, ids, rules, report, cache and refusals.
+
+
+def tower_counts(model) -> tuple[int, int]:
+    """(layers, heads) of the model's own vision tower, as transformers built it."""
+    return len(tower_layers(tower_of(model))), tower_heads(model)
+
+
+def collected(result) -> list[str]:
+    return [line for line in result.stdout.lines if line.startswith("spectral::")]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> tuple[object, object]:
+    directory = tmp_path_factory.mktemp("llava") / "model"
+    return build("llava", directory), directory
+
+
+@pytest.mark.parametrize("model_type", VISION_CASES)
+def test_the_tower_is_collected_when_asked_and_the_text_ids_are_unchanged(
+    model_type, pytester, tmp_path
+) -> None:
+    model = build(model_type, tmp_path / "model")
+    text = model.config.text_config
+    layers, heads = tower_counts(model)
+    default = pytester.runpytest(f"--spectral-model={tmp_path / 'model'}", "--collect-only", "-q")
+    assert default.ret == pytest.ExitCode.OK
+    text_ids = collected(default)
+    assert len(text_ids) == text.num_hidden_layers * text.num_attention_heads * 4
+    assert all(i.startswith("spectral::layer") for i in text_ids)
+    notice = f"spectral: the vision tower of this {model_type} model is not analysed*"
+    default.stdout.fnmatch_lines([notice + "--spectral-vision adds it*"])
+    asked = pytester.runpytest(
+        f"--spectral-model={tmp_path / 'model'}", "--spectral-vision", "--collect-only", "-q"
+    )
+    ids = collected(asked)
+    vision = [i for i in ids if i.startswith("spectral::vision::")]
+    assert [i for i in ids if i not in vision] == text_ids
+    assert len(vision) == layers * heads * 4
+    assert vision[:4] == [f"spectral::vision::layer00::head00-{m}" for m in "qkvo"]
+    assert vision[-1] == f"spectral::vision::layer{layers - 1:02d}::head{heads - 1:02d}-o"
+    assert "vision tower of this" not in asked.stdout.str()
+
+
+def test_a_vision_rule_fails_only_the_towers_items_sized_by_its_geometry(llava, pytester):
+    model, directory = llava
+    layers, heads = tower_counts(model)
+    vision = model.config.vision_config
+    head_dim = vision.hidden_size // vision.num_attention_heads
+    text = model.config.text_config
+    rules = pytester.makefile(
+        ".toml",
+        rules='[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["vision"]\n'
+        'suggest = "low_rank"\n',
+    )
+    report = pytester.path / "report.json"
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", f"--spectral-thresholds={rules}",
+        f"--spectral-report={report}", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    text_items = text.num_hidden_layers * text.num_attention_heads * 4
+    result.assert_outcomes(failed=layers * heads * 4, passed=text_items)
+    document = json.loads(report.read_text())
+    items = document["items"]
+    assert {i["stack"] for i in items if i["outcome"] == "failed"} == {"vision"}
+    assert {i["stack"] for i in items if i["outcome"] == "passed"} == {None}
+    assert all(
+        i["nodeid"].startswith("spectral::vision::") == (i["stack"] == "vision") for i in items
+    )
+    shapes = {i["matrix"]: tuple(i["shape"]) for i in items if i["stack"] == "vision"}
+    assert shapes == {
+        "q": (head_dim, vision.hidden_size),
+        "k": (head_dim, vision.hidden_size),
+        "v": (head_dim, vision.hidden_size),
+        "o": (vision.hidden_size, head_dim),
+    }
+    assert document["model"]["stacks"] == {"vision": layers}
+    assert document["model"]["num_hidden_layers"] == text.num_hidden_layers
+    assert document["model"]["stack_geometry"]["vision"] == {
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": head_dim,
+        "hidden_size": vision.hidden_size,
+    }
+    candidates = document["candidates"]
+    assert {c["stack"] for c in candidates} == {"vision"}
+    assert {c["params"] for c in candidates} == {head_dim * vision.hidden_size}
+    assert document["settings"]["layers"] == {
+        "text": list(range(text.num_hidden_layers)),
+        "vision": list(range(layers)),
+    }
+
+
+def test_a_vision_rule_without_the_option_says_how_to_collect_the_tower(llava, pytester):
+    _, directory = llava
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["vision"]\n'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", f"--spectral-thresholds={rules}", "-p", "no:cacheprovider"
+    )
+    result.stdout.fnmatch_lines(["*vision tower, collected with --spectral-vision*"])
+    assert "failed" not in result.stdout.lines[-1]
+
+
+def test_a_rerun_is_served_from_the_cache_with_the_same_values(pytester, tmp_path) -> None:
+    """Qwen2-VL: a fused tower; the cache keys carry the tower's own geometry."""
+    directory = tmp_path / "model"
+    build("qwen2_vl", directory)
+    args = (f"--spectral-model={directory}", "--spectral-vision", "-v")
+    first = pytester.runpytest(*args, "--spectral-report=first.json")
+    second = pytester.runpytest(*args, "--spectral-report=second.json")
+    first.stdout.fnmatch_lines(["spectral: vision layer 0: *; 0 of 4 matrices from the cache*"])
+    second.stdout.fnmatch_lines(["spectral: vision layer 0: *; 4 of 4 matrices from the cache*"])
+    values = [
+        {
+            i["nodeid"]: i["singular_values"]
+            for i in json.loads((pytester.path / name).read_text())["items"]
+        }
+        for name in ("first.json", "second.json")
+    ]
+    assert values[0] == values[1]
+    assert any(nodeid.startswith("spectral::vision::") for nodeid in values[0])
+
+
+def test_the_option_on_a_text_only_model_is_a_usage_error(pytester, tmp_path) -> None:
+    model = write_random_llama(tmp_path / "llama")
+    result = pytester.runpytest(f"--spectral-model={model}", "--spectral-vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*--spectral-vision: model_type 'llama' has no vision tower (no multimodal wrapper);*"
+            "Run without --spectral-vision"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("vision_config", "message"),
+    [
+        (
+            {"model_type": "pixtral"},
+            "*'vision_config.model_type' is 'pixtral': no vision tower layout the plugin knows*",
+        ),
+        (
+            {"num_hidden_layers": 5},
+            "*--spectral-vision: the vision tower: tensor "
+            "'*vision_tower.encoder.layers.3.self_attn.q_proj.weight' is missing*",
+        ),
+        (
+            {"num_attention_heads": 3},
+            "*vision_config*hidden size 32 is not divisible by 3 attention heads*",
+        ),
+    ],
+)
+def test_a_tower_the_plugin_cannot_lay_out_is_refused_naming_the_key_or_tensor(
+    llava, pytester, tmp_path, vision_config, message
+) -> None:
+    _, directory = llava
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"].update(vision_config)
+    (copy / "config.json").write_text(json.dumps(config))
+    result = pytester.runpytest(f"--spectral-model={copy}", "--spectral-vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+    default = pytester.runpytest(f"--spectral-model={copy}", "--collect-only", "-q")
+    assert default.ret == pytest.ExitCode.OK  # the text model alone, as before
+
+
+def test_calibration_with_the_tower_is_refused_saying_why(llava, pytester) -> None:
+    _, directory = llava
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-calibrate=cal.toml"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--spectral-calibrate with --spectral-vision*"])
