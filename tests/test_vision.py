@@ -480,3 +480,25 @@ def test_calibration_with_the_tower_is_refused_saying_why(llava, pytester) -> No
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--spectral-calibrate with --spectral-vision*"])
+
+
+def test_a_cached_tower_spectrum_is_stale_when_the_towers_heads_change(
+    llava, pytester, tmp_path
+) -> None:
+    """The same tower tensors read as 2 heads of 16 instead of 4 heads of 8: the cache keys
+    carry the tower's own geometry, so nothing cached for 4 heads serves the 2."""
+    _, directory = llava
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    args = (f"--spectral-model={copy}", "--spectral-vision", "-v", "--spectral-layers=0")
+    assert pytester.runpytest(*args).ret == pytest.ExitCode.OK
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = 2
+    (copy / "config.json").write_text(json.dumps(config))
+    again = pytester.runpytest(*args, "--spectral-report=again.json")
+    again.stdout.fnmatch_lines(["spectral: layer 0: *; 4 of 4 matrices from the cache*"])
+    again.stdout.fnmatch_lines(["spectral: vision layer 0: *; 0 of 4 matrices from the cache*"])
+    items = json.loads((pytester.path / "again.json").read_text())["items"]
+    vision_q = [i for i in items if i["stack"] == "vision" and i["matrix"] == "q"]
+    assert [tuple(i["shape"]) for i in vision_q] == [(16, 32), (16, 32)]
+    assert all(len(i["singular_values"]) == 16 for i in vision_q)
