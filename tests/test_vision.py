@@ -15,6 +15,7 @@ model transformers builds, never from the plugin.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pytest_spectral.checkpoints.checkpoint import (
     interpret_vision_config,
     open_checkpoint,
 )
+from pytest_spectral.checkpoints.families import FAMILIES, VISION_FAMILIES, WRAPPERS
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
 from pytest_spectral.errors import CheckpointError
@@ -502,3 +504,20 @@ def test_a_cached_tower_spectrum_is_stale_when_the_towers_heads_change(
     vision_q = [i for i in items if i["stack"] == "vision" and i["matrix"] == "q"]
     assert [tuple(i["shape"]) for i in vision_q] == [(16, 32), (16, 32)]
     assert all(len(i["singular_values"]) == 16 for i in vision_q)
+
+
+def test_the_readme_table_of_towers_matches_the_declarations() -> None:
+    """Every wrapper in one row, with its tower's model_type and the tensors its family
+    declares; the rows are the wrappers this file verifies."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Vision towers of multimodal models", 1)[1]
+    table = next(block for block in section.split("\n\n") if block.startswith("| wrapper |"))
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    listed = [t for row in rows for t in re.findall(r"`([^`]+)`", row[0])]
+    assert sorted(listed) == sorted(WRAPPERS) == sorted(VISION_CASES)
+    for row in rows:
+        tower = re.fullmatch(r"`([^`]+)`", row[1]).group(1)
+        for wrapper in re.findall(r"`([^`]+)`", row[0]):
+            assert WRAPPERS[wrapper].tower.vision_type == tower
+        family = next(f for f in (*FAMILIES, *VISION_FAMILIES) if tower in f.model_types)
+        assert family.note.strip("`") in row[2], tower
