@@ -64,7 +64,8 @@ def render_heatmap(
 ) -> str:
     """The heatmaps of ``metric`` (a key of the records' ``metrics``) as text: the head view
     when there are head items, the whole-matrix view when there are whole-matrix items; for
-    an encoder-decoder model, those of each stack in turn, headed by the stack's name.
+    an encoder-decoder model, those of each stack in turn, headed by the stack's name (a
+    multimodal model's text model, beside its vision stack, by ``text model``).
 
     ``bad`` is the metric's bad side, ``rules`` the run's rules (each cell reaches to the
     bounds of those that judge it) and ``log`` whether to measure distances in log10 (see
@@ -83,7 +84,7 @@ def render_heatmap(
         judging = rules_of_stack(rules, stack)
         mine_heads = per_stack.get(stack, count)  # type: ignore[arg-type]
         text = _render(mine, metric, layers, mine_heads, width, color, bad, judging, log)
-        parts.append(f"{stack} stack:\n{text}")
+        parts.append(f"{stack} stack:\n{text}" if stack else f"text model:\n{text}")
     return "".join(parts)
 
 
