@@ -525,13 +525,14 @@ def test_the_readme_table_of_towers_matches_the_declarations() -> None:
 
 def test_the_heatmap_draws_the_text_model_and_the_tower_apart(llava, pytester) -> None:
     model, directory = llava
-    layers, heads = tower_counts(model)
+    layers = tower_counts(model)[0]
     result = pytester.runpytest(
         f"--spectral-model={directory}", "--spectral-vision", "--spectral-heatmap=stable_rank",
         "-p", "no:cacheprovider",
     )  # fmt: skip
     out = result.stdout.str()
-    assert "\ntext model:\n" in out and "\nvision stack:\n" in out
+    assert "\ntext model:\n" in out
+    assert "\nvision stack:\n" in out
     assert "None" not in out
     tower = out.split("\nvision stack:\n", 1)[1]
     assert f"\n  {layers - 1}  " in tower  # the tower's last layer has a row of its own
