@@ -99,6 +99,9 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
                 f"{parts[1]!r} is a stack of an encoder-decoder model; this model's layers "
                 f"are not in stacks: {ROOT_NAME}::layerNN"
             )
+        if parts[1] not in checkpoint.stack_layers():
+            names = ", ".join(span.name for span in checkpoint.stacks)
+            return f"{parts[1]!r} is not a stack of this model; its stacks are {names}"
         stack, parts = parts[1], [parts[0], *parts[2:]]
         if len(parts) == 1:
             return f"--spectral-layers leaves out every layer of the {stack} stack"

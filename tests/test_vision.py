@@ -536,3 +536,57 @@ def test_the_heatmap_draws_the_text_model_and_the_tower_apart(llava, pytester) -
     assert "None" not in out
     tower = out.split("\nvision stack:\n", 1)[1]
     assert f"\n  {layers - 1}  " in tower  # the tower's last layer has a row of its own
+
+
+@pytest.mark.parametrize(
+    ("argument", "why"),
+    [
+        ("spectral::vision::layer09", "the vision stack has 3 layers (0-2)"),
+        ("spectral::vision::layer0", "layer numbers are zero-padded: spectral::vision::layer00"),
+        (
+            "spectral::encoder::layer00",
+            "'encoder' is not a stack of this model; its stacks are vision",
+        ),
+        ("spectral::layer05", "the model has 2 layers (0-1)"),
+    ],
+)
+def test_vision_ids_as_arguments_say_what_is_wrong(llava, pytester, argument, why) -> None:
+    _, directory = llava
+    result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-vision", argument)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{argument}: no such spectral item in this run: {why}*"])
+
+
+def test_ids_select_the_tower_and_layers_of_both(llava, pytester) -> None:
+    model, directory = llava
+    layers, heads = tower_counts(model)
+    text = model.config.text_config
+    tower = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "spectral::vision"
+    )
+    tower.assert_outcomes(passed=layers * heads * 4)
+    last = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", f"--spectral-layers={layers - 1}"
+    )
+    # the tower has more layers than the text model: only the tower has its last
+    assert layers - 1 >= text.num_hidden_layers
+    last.assert_outcomes(passed=heads * 4)
+
+
+def test_the_tower_is_not_an_id_without_the_option(llava, pytester) -> None:
+    _, directory = llava
+    result = pytester.runpytest(f"--spectral-model={directory}", "spectral::vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*collected with --spectral-vision*"])
+
+
+def test_a_vision_config_that_is_no_object_is_refused(llava, pytester, tmp_path) -> None:
+    _, directory = llava
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"] = "clip"
+    (copy / "config.json").write_text(json.dumps(config))
+    result = pytester.runpytest(f"--spectral-model={copy}", "--spectral-vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*'vision_config' must be an object*got 'clip'*"])

@@ -82,6 +82,12 @@ def vision_model(config: Mapping[str, object]) -> tuple[dict[str, object], Famil
     wrapper = WRAPPERS.get(model_type) if isinstance(model_type, str) else None
     if wrapper is None:
         return _no_tower(config)
+    nested = config.get("vision_config")
+    if nested is not None and not isinstance(nested, Mapping):
+        raise ArchitectureError(
+            f"'vision_config' must be an object (the vision tower's config), got "
+            f"{printable_type(nested)}"
+        )
     vision = wrapper.tower.vision_config(config)
     tower_type = vision["model_type"]
     family = next(
