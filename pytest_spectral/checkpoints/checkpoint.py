@@ -219,6 +219,8 @@ class Checkpoint:
     root: Path
     config: Mapping[str, object]
     model_type: str
+    #: the analysed model's heads (a multimodal wrapper's text model's); a stack with heads of
+    #: its own (the vision tower) has its own: :meth:`geometry_at`, :meth:`layout_at`
     geometry: Geometry
     layout: Layout
     #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices each layer has (for
