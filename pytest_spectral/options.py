@@ -201,6 +201,15 @@ OPTIONS = (
         convert=_positive_int,
     ),
     Option(
+        "--spectral-subprocess",
+        "decompose in a child process, so that pytest's item loop and the decomposition do "
+        "not take turns on one interpreter lock: auto (default) does so in a single process "
+        "when the selected tensors hold at least 2**28 weights, on always, off never.",
+        "auto|on|off",
+        "auto",
+        _one_of("auto", "on", "off"),
+    ),
+    Option(
         "--spectral-no-cache",
         "do not read or write cached singular values (cold run).",
         flag=True,

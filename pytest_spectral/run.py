@@ -7,6 +7,7 @@ so ``--collect-only`` stays cheap.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,12 @@ from pytest_spectral.checkpoints.checkpoint import (
     Checkpoint,
     open_checkpoint,
 )
-from pytest_spectral.checkpoints.families import ArchitectureError, Family, custom_family
+from pytest_spectral.checkpoints.families import (
+    ArchitectureError,
+    Family,
+    custom_family,
+    matrix_kind,
+)
 from pytest_spectral.checkpoints.formats import ReadOptions
 from pytest_spectral.checkpoints.hub import (
     cached_snapshot,
@@ -88,6 +94,8 @@ class SpectralRun:
     #: when something must be computed (a re-run served from the cache never counts them)
     threads: int | None
     cache_dir: Path | None
+    #: --spectral-subprocess: "auto", "on" or "off"
+    subprocess: str = "auto"
     baseline: Baseline | None = None
     #: the checkpoint's place in a training run (--spectral-step, or what it says)
     step: Step | None = None
@@ -224,6 +232,7 @@ class SpectralRun:
             device=device,
             precision=precision,
             threads=threads,
+            subprocess=option_value(config, "spectral_subprocess"),
             cache_dir=_cache_dir(config),
             baseline=baseline,
             step=step,
@@ -335,6 +344,8 @@ class SpectralRun:
             from pytest_spectral.compute.cache import SpectraCache
             from pytest_spectral.compute.engine import SpectraEngine
 
+            # Workers of pytest-xdist already fill the cores; prefetching would compete.
+            single = xdist_worker_index() is None
             self._engine = SpectraEngine(
                 self.checkpoint,
                 self.requests(),
@@ -342,12 +353,22 @@ class SpectralRun:
                 precision=self.precision,
                 threads=self.threads,
                 cache=SpectraCache(self.cache_dir) if self.cache_dir else None,
-                # Workers of pytest-xdist already fill the cores; prefetching would compete.
-                prefetch=xdist_worker_index() is None,
+                prefetch=single,
+                isolate=self.subprocess == "on"
+                or (self.subprocess == "auto" and single and self._planned_weights() >= 2**28),
                 on_layer=self.on_layer,
             )
             self._engine.plan(self.needed)
         return self._engine
+
+    def _planned_weights(self) -> int:
+        """How many weights the tensors of the items this process runs hold."""
+        sources = {
+            source.key: math.prod(source.shape)
+            for layer, matrix, _ in self.needed
+            for source in self.checkpoint.sources(layer, matrix_kind(matrix))
+        }
+        return sum(sources.values())
 
     def close(self) -> None:
         if self._engine is not None:

@@ -590,3 +590,28 @@ def test_a_vision_config_that_is_no_object_is_refused(llava, pytester, tmp_path)
     result = pytester.runpytest(f"--spectral-model={copy}", "--spectral-vision")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*'vision_config' must be an object*got 'clip'*"])
+
+
+def test_vision_circuits_equal_numpy_products_of_the_models_own_slices(wrapper) -> None:
+    """QK and OV circuits (``W_Q_h^T W_K_h``, ``W_O_h W_V_h``) of every tower head against
+    numpy's singular values of the product of the model's own slices, in float64."""
+    model, checkpoint = wrapper
+    engine = SpectraEngine(checkpoint, DEFAULT_REQUESTS)
+    heads = tower_heads(model)
+    for block in vision_blocks(checkpoint):
+        own = {}
+        for matrix in MATRICES:
+            name = parameter_name(checkpoint, model, block, matrix)
+            flat = model.get_parameter(name).detach().double().flatten().numpy()
+            own[matrix] = [
+                flat[slice_view(checkpoint, block, matrix, h).numpy()] for h in range(heads)
+            ]
+        for head in range(heads):
+            products = {
+                "qk": own["q"][head].T @ own["k"][head],
+                "ov": own["o"][head] @ own["v"][head],
+            }
+            for circuit, product in products.items():
+                values = engine.head(block, circuit, head).singular_values
+                reference = np.linalg.svd(product, compute_uv=False)[: len(values)]
+                np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
