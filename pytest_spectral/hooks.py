@@ -174,13 +174,14 @@ class SpectralPlugin:
             if self.run.heatmap is not None:
                 from pytest_spectral.reporting.heatmap import render_heatmap
 
-                spec, geometry = self.run.heatmap, self.run.checkpoint.geometry
+                spec, checkpoint = self.run.heatmap, self.run.checkpoint
+                geometries = checkpoint.stack_geometries()
                 terminalreporter.write(
                     render_heatmap(
                         items,
                         spec.name,
-                        layers=geometry.layers,
-                        heads=geometry.heads,
+                        layers=checkpoint.blocks,  # at least any stack's layers
+                        heads={stack: g.heads for stack, g in geometries.items()},
                         width=writer.fullwidth,
                         color=writer.hasmarkup,
                         bad=spec.bad,
@@ -297,13 +298,13 @@ class SpectralPlugin:
             return
         from pytest_spectral.judging.calibrate import calibrated_rules
 
-        geometry = self.run.checkpoint.geometry
+        geometries = self.run.checkpoint.stack_geometries()
         calibration = calibrated_rules(
             items,
             margin=self.run.calibrate_margin,
             source=self.run.model_argument,
             layers=self.run.checkpoint.stack_layers(),
-            heads=geometry.heads,
+            heads={stack: g.heads for stack, g in geometries.items()},
         )
         note = ""
         if calibration.part is not None:
@@ -342,7 +343,8 @@ class SpectralPlugin:
         position = item_position(nodeid)
         assert position is not None, nodeid  # the ledger keeps ids of this plugin's items only
         stack, layer, head, matrix = position
-        kv_head, shape = self.run.item_place(head, matrix)
+        block: int = self.run.checkpoint.block(stack, layer)  # type: ignore[assignment]
+        kv_head, shape = self.run.item_place(block, head, matrix)
         return unrecorded_record(
             nodeid=nodeid,
             stack=stack,
@@ -360,12 +362,17 @@ class SpectralPlugin:
         are in: both the reports (session finish) and the terminal summary (after it) need
         them."""
         if self._verdicts is None:
-            geometry = self.run.checkpoint.geometry
             records = list(self.run.records.values())
-            candidates = pruning_candidates(records, self.run.rank_request.key, geometry)
-            self._verdicts = Verdicts(
-                regressions(records), candidates, total_saving(candidates, geometry)
-            )
+            candidates: list[Candidate] = []
+            saved = 0
+            # per stack: a vision tower's heads are sized by its own geometry
+            for stack, geometry in self.run.checkpoint.stack_geometries().items():
+                mine = [r for r in records if r.get("stack") == stack]
+                found = pruning_candidates(mine, self.run.rank_request.key, geometry)
+                candidates += found
+                saved += total_saving(found, geometry)
+            candidates.sort(key=lambda c: (-c.saved, c.nodeids))
+            self._verdicts = Verdicts(regressions(records), candidates, saved)
         return self._verdicts
 
 

@@ -19,7 +19,7 @@ import pytest
 from _pytest._code.code import ReprExceptionInfo, ReprFileLocation, ReprTracebackNative
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, Checkpoint
-from pytest_spectral.checkpoints.families import STACKS, split_expert_item
+from pytest_spectral.checkpoints.families import STACK_NAMES, split_expert_item
 from pytest_spectral.checkpoints.families.family import tensor_key
 from pytest_spectral.checkpoints.slices import slice_span, whole_rows
 from pytest_spectral.compute.engine import UnitError
@@ -41,7 +41,7 @@ CIRCUIT_PRODUCTS = {"qk": "W_Q[h]^T W_K[g]", "ov": "W_O[h] W_V[g]"}
 _TOP_VALUES_SHOWN = 8
 #: an item's node id; pytest-xdist's --dist loadgroup appends "@group"
 _NODEID = re.compile(
-    rf"^{ROOT_NAME}::(?:({'|'.join(STACKS)})::)?layer(\d+)::"
+    rf"^{ROOT_NAME}::(?:({'|'.join(STACK_NAMES)})::)?layer(\d+)::"
     r"(?:head(\d+)-)?(\w+|expert\d+-\w+)(?:@.*)?$"
 )
 
@@ -132,18 +132,17 @@ class SpectralRoot(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Collector]:
         run = self.config.stash[RUN_KEY]
-        if run.checkpoint.stacks:
-            for stack in stack_names(run):
-                if selected(f"{ROOT_NAME}::{stack}", run.selected):
-                    yield StackCollector.from_parent(self, name=stack)
-            return
-        for name, layer in layer_names(run):
-            if selected(f"{ROOT_NAME}::{name}", run.selected):
+        for name, layer in layer_names(run):  # the layers in no stack (all, in most models)
+            if "::" not in name and selected(f"{ROOT_NAME}::{name}", run.selected):
                 yield LayerCollector.from_parent(self, name=name, layer=layer)
+        for stack in stack_names(run):
+            if selected(f"{ROOT_NAME}::{stack}", run.selected):
+                yield StackCollector.from_parent(self, name=stack)
 
 
 class StackCollector(pytest.Collector):
-    """An encoder-decoder model's stack (``encoder``, ``decoder``, ``cross``): its layers."""
+    """A stack of layers (an encoder-decoder model's ``encoder``, ``decoder``, ``cross``; a
+    multimodal wrapper's ``vision`` tower): its layers."""
 
     def collect(self) -> Iterator[pytest.Collector]:
         run = self.config.stash[RUN_KEY]
@@ -210,7 +209,7 @@ def item_names(run: SpectralRun, block: int) -> Iterator[tuple[str, int | None, 
             yield matrix, None, matrix
     if "head" not in run.scopes:
         return
-    heads = run.checkpoint.geometry.heads
+    heads = run.checkpoint.geometry_at(block).heads
     width = max(2, len(str(heads - 1)))
     for head in range(heads):
         for matrix in run.head_matrices:
@@ -279,7 +278,7 @@ class SpectralItem(pytest.Item):
             trend=(lambda rule: history.reference(rule, self.nodeid)) if history else None,
             warn_only=run.warn_only,
         )
-        kv_head, shape = run.item_place(self.head, self.matrix)
+        kv_head, shape = run.item_place(self.layer, self.head, self.matrix)
         self.record = item_record(
             nodeid=self.nodeid,
             stack=stack,
@@ -389,24 +388,24 @@ class SpectralItem(pytest.Item):
     def _where(self, run: SpectralRun) -> str:
         """Where the slice lives. A K/V slice is named by its K/V head and the query heads
         sharing it, the same words for every item of the group."""
-        g = run.checkpoint.geometry
+        g = run.checkpoint.geometry_at(self.layer)
         where = place(*run.checkpoint.position(self.layer))
         if self.matrix in CIRCUITS:
             return self._circuit_where(run)
         kind, expert = split_expert_item(self.matrix)
         if expert is not None:
-            m, n = run.checkpoint.item_shape(self.matrix, whole=True)
+            m, n = run.checkpoint.item_shape(self.matrix, whole=True, block=self.layer)
             location = run.checkpoint.experts[(self.layer, kind)].location(expert)
             part = kind.removeprefix("expert-")
             return f"{where}, expert {expert}, {part}: {location} ({m}x{n})"
         entry = run.checkpoint.tensors[(self.layer, self.matrix)]
         if self.head is None:
-            m, n = run.checkpoint.item_shape(self.matrix, whole=True)
-            source = _whole_source(self.matrix, entry.name, run.checkpoint)
+            m, n = run.checkpoint.item_shape(self.matrix, whole=True, block=self.layer)
+            source = _whole_source(self.matrix, entry.name, run.checkpoint, self.layer)
             return f"{where}, whole {self.matrix}: {source} ({m}x{n})"
         shared = self.matrix in ("k", "v")
         index = g.kv_head_of(self.head) if shared else self.head
-        axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout)
+        axis, start, stop = slice_span(self.matrix, index, g, run.checkpoint.layout_at(self.layer))
         m, n = g.slice_shape(self.matrix)
         if shared and g.group_size > 1:
             first = index * g.group_size
@@ -419,7 +418,7 @@ class SpectralItem(pytest.Item):
 
     def _circuit_where(self, run: SpectralRun) -> str:
         """A circuit names its product and where each factor's slice lives."""
-        g, layout = run.checkpoint.geometry, run.checkpoint.layout
+        g, layout = run.checkpoint.geometry_at(self.layer), run.checkpoint.layout_at(self.layer)
         head: int = self.head  # type: ignore[assignment]
         kv_head = g.kv_head_of(head)
         parts = []
@@ -453,12 +452,12 @@ class SpectralItem(pytest.Item):
         return self.config.rootpath / ROOT_NAME, None, self.nodeid
 
 
-def _whole_source(matrix: str, name: str, checkpoint: Checkpoint) -> str:
+def _whole_source(matrix: str, name: str, checkpoint: Checkpoint, block: int) -> str:
     """A whole-matrix item's tensor as a failure names it: the tensor, its share of a fused
     one, or the rows of a latent down-projection."""
-    rows = whole_rows(matrix, checkpoint.geometry)
+    rows = whole_rows(matrix, checkpoint.geometry_at(block))
     if rows is not None:
         return f"rows {rows[0]}:{rows[1]} of {name}"
-    if tensor_key(checkpoint.layout.fused, matrix) != matrix:
+    if tensor_key(checkpoint.layout_at(block).fused, matrix) != matrix:
         return f"{matrix.upper()}'s share of fused {name}"
     return name

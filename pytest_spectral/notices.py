@@ -22,7 +22,8 @@ import pytest
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
 from pytest_spectral.checkpoints.families import (
     MLP_MATRICES,
-    STACKS,
+    STACK_NAMES,
+    VISION,
     WHOLE_ONLY_MATRICES,
     matrix_kind,
 )
@@ -48,6 +49,11 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
     if (config_used := _config_notice(run, config)) is not None:
         lines.append(config_used)
     lines.extend(run.checkpoint.notes)
+    if run.checkpoint.wrapper and VISION not in run.checkpoint.stack_layers():
+        lines.append(
+            f"spectral: the vision tower of this {run.checkpoint.wrapper} model is not "
+            "analysed, only its text model; --spectral-vision adds it (spectral::vision::...)"
+        )
     if "matrix" in run.scopes and not run.checkpoint.mlp:
         custom = run.checkpoint.layout.family == "custom"
         lines.append(
@@ -150,12 +156,21 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
             'it judges whole matrices (scope = "matrix") and this run collects head items only: '
             "run with --spectral-scope matrix or both"
         )
-    geometry = run.checkpoint.geometry
     stacks = run.checkpoint.stacks
+    if rule.stacks == {VISION} and VISION not in run.checkpoint.stack_layers():
+        wrapper = run.checkpoint.wrapper is not None
+        return (
+            "its stack (vision) is a multimodal model's vision tower, "
+            + (
+                "collected with --spectral-vision"
+                if wrapper
+                else "and this model has none: remove stacks"
+            )
+        )
     if rule.stacks is not None and not stacks:
         return (
-            f"its stacks ({', '.join(sorted(rule.stacks, key=STACKS.index))}) are those of an "
-            "encoder-decoder model, and "
+            f"its stacks ({', '.join(sorted(rule.stacks, key=STACK_NAMES.index))}) are those "
+            "of an encoder-decoder model, and "
             "this model's layers are not in stacks: remove stacks"
         )
     collected = run.head_matrices if rule.scope == "head" else run.whole_matrices
@@ -207,10 +222,14 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
         wanted = [matrix for matrix in collected if matrix in rule.matrices]
         if not any(run.checkpoint.layer_matrices(block, wanted) for block in blocks):
             return _absent_from_layers(rule, run, blocks)
-    if rule.scope == "head" and not any(head in rule.heads for head in range(geometry.heads)):
+    heads = max(  # the most query heads of a stack the rule judges
+        (g.heads for stack, g in run.checkpoint.stack_geometries().items() if stack in judged),
+        default=0,
+    )
+    if rule.scope == "head" and not any(head in rule.heads for head in range(heads)):
         return (
             f"its heads {rule.heads.spec} do not exist: the model has "
-            f"{counted(geometry.heads, 'query head')} ({indices(geometry.heads)})"
+            f"{counted(heads, 'query head')} ({indices(heads)})"
         )
     return None
 
@@ -227,7 +246,7 @@ def _absent_from_layers(rule: Rule, run: SpectralRun, blocks: list[int]) -> str:
     named = _names(rule.matrices)
     where = "the layers it judges"
     if rule.stacks is not None:
-        stacks = sorted(rule.stacks, key=STACKS.index)
+        stacks = sorted(rule.stacks, key=STACK_NAMES.index)
         owner = "stacks'" if len(stacks) > 1 else "stack's"
         where = f"the {' and '.join(stacks)} {owner} layers"
     why = f"{where} have no {named} (they have {', '.join(k for k in kinds if k in present)})"

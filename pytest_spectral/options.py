@@ -134,6 +134,12 @@ OPTIONS = (
         path=True,
     ),
     Option(
+        "--spectral-vision",
+        "also analyse the vision tower of a multimodal model (LLaVA, LLaVA-NeXT, Gemma 3, "
+        "Qwen2-VL, Qwen2.5-VL) as the vision stack: items spectral::vision::layerNN::...",
+        flag=True,
+    ),
+    Option(
         "--spectral-thresholds",
         "rules file: TOML with one [[rules]] table per bound (see the README's Rules section); "
         "overrides the spectral_thresholds ini.",

@@ -140,7 +140,10 @@ class SpectralRun:
             )
             try:
                 checkpoint = open_checkpoint(
-                    model_path, options=options, family=_custom_family(config)
+                    model_path,
+                    options=options,
+                    family=_custom_family(config),
+                    vision=config.getoption("spectral_vision"),
                 )
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}{_shard_hint(model_path)}") from None
@@ -178,6 +181,12 @@ class SpectralRun:
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
+        if "spectral_calibrate" in outputs and config.getoption("spectral_vision"):
+            raise pytest.UsageError(
+                "--spectral-calibrate with --spectral-vision: a calibrated rule of the text "
+                "model would also judge the vision stack (rules select stacks by name, and the "
+                "text model's layers have none); calibrate without --spectral-vision"
+            )
         selected = _selected_matrices(config, checkpoint, scope)
         if scope == "head" and not set(selected) & set(HEAD_MATRICES):
             whole = "they exist only as whole matrices" if len(selected) > 1 else (
@@ -301,13 +310,15 @@ class SpectralRun:
         except CheckpointError as exc:
             raise pytest.UsageError(printable(str(exc))) from None
 
-    def item_place(self, head: int | None, matrix: str) -> tuple[int | None, tuple[int, int]]:
-        """``(kv_head, shape)`` of an item: the K/V head a k, v, qk or ov head item reads
-        (``None`` otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
-        geometry = self.checkpoint.geometry
+    def item_place(
+        self, block: int, head: int | None, matrix: str
+    ) -> tuple[int | None, tuple[int, int]]:
+        """``(kv_head, shape)`` of an item of ``block``: the K/V head a k, v, qk or ov head
+        item reads (``None`` otherwise, and for whole matrices), and its matrix's ``[m, n]``."""
+        geometry = self.checkpoint.geometry_at(block)
         shared = head is not None and matrix in ("k", "v", *CIRCUITS)
         kv_head = geometry.kv_head_of(head) if shared else None  # type: ignore[arg-type]
-        return kv_head, self.checkpoint.item_shape(matrix, whole=head is None)
+        return kv_head, self.checkpoint.item_shape(matrix, whole=head is None, block=block)
 
     @property
     def from_hub(self) -> bool:
@@ -366,13 +377,14 @@ class SpectralRun:
 
     def settings(self) -> dict[str, object]:
         """The options that shaped the run, for the report: ``layers`` are the layers'
-        numbers, per stack in an encoder-decoder model (``{"encoder": [0, 1], ...}``)."""
+        numbers, per stack in an encoder-decoder model (``{"encoder": [0, 1], ...}``); with a
+        vision tower, the text model's under ``"text"`` beside ``"vision"``."""
         positions = [self.checkpoint.position(block) for block in self.layers]
         layers: object = [layer for _, layer in positions]
         if self.checkpoint.stacks:
             layers = {
-                span.name: [layer for stack, layer in positions if stack == span.name]
-                for span in self.checkpoint.stacks
+                stack or "text": [layer for named, layer in positions if named == stack]
+                for stack in self.checkpoint.stack_layers()
             }
         return {
             "layers": layers,

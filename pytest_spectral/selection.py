@@ -20,7 +20,9 @@ import pytest
 
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES, MATRICES
 from pytest_spectral.checkpoints.families import (
+    STACK_NAMES,
     STACKS,
+    VISION,
     WHOLE_ONLY_MATRICES,
     split_expert_item,
 )
@@ -59,7 +61,8 @@ def check_selection(run: SpectralRun) -> None:
     known = set(ids)
     for argument in run.selected:
         if argument not in known:
-            depth, parts = (3, "stack, layer") if run.checkpoint.stacks else (2, "layer")
+            unstacked = None in run.checkpoint.stack_layers()
+            depth, parts = (2, "layer") if unstacked else (3, "stack, layer")
             first = next((i for i in ids if i.count("::") == depth), ROOT_NAME)
             why = why_not_collected(argument, run)
             raise pytest.UsageError(
@@ -85,12 +88,20 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
         return None
     checkpoint = run.checkpoint
     stack: str | None = None
-    if parts[1] in STACKS:
+    if parts[1] == VISION and VISION not in checkpoint.stack_layers():
+        return (
+            "the vision stack is a multimodal model's vision tower, collected with "
+            f"--spectral-vision; this run's layers: {ROOT_NAME}::layerNN"
+        )
+    if parts[1] in STACK_NAMES:
         if not checkpoint.stacks:
             return (
                 f"{parts[1]!r} is a stack of an encoder-decoder model; this model's layers "
                 f"are not in stacks: {ROOT_NAME}::layerNN"
             )
+        if parts[1] not in checkpoint.stack_layers():
+            names = ", ".join(span.name for span in checkpoint.stacks)
+            return f"{parts[1]!r} is not a stack of this model; its stacks are {names}"
         stack, parts = parts[1], [parts[0], *parts[2:]]
         if len(parts) == 1:
             return f"--spectral-layers leaves out every layer of the {stack} stack"
@@ -100,7 +111,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     layer_match = _LAYER.match(parts[1]) if len(parts) in (2, 3) else None
     if layer_match is None:
         return None
-    if checkpoint.stacks and stack is None:
+    if stack is None and None not in checkpoint.stack_layers():
         return (
             "an encoder-decoder model's layers are in stacks: "
             f"{ROOT_NAME}::{STACKS[0]}::{parts[1]} ({', '.join(STACKS)})"
@@ -121,7 +132,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     head_match = _HEAD_ITEM.match(item)
     if head_match is None:
         return _why_not_whole(item, run, block)
-    g = checkpoint.geometry
+    g = checkpoint.geometry_at(block)
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
         return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"

@@ -468,7 +468,9 @@ def assert_experts_match_the_models_own(model, checkpoint: Checkpoint, case: Cas
             assert checkpoint.experts[(layer, f"expert-{kind}")].count == case.experts
             for expert in range(case.experts):
                 name = f"expert{expert:02d}-{kind}"
-                assert checkpoint.item_shape(name, whole=True) == tuple(matrices[expert].shape)
+                assert checkpoint.item_shape(name, whole=True, block=layer) == tuple(
+                    matrices[expert].shape
+                )
                 reference = np.linalg.svd(matrices[expert].numpy(), compute_uv=False)
                 values = engine.whole(layer, name).singular_values
                 np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)

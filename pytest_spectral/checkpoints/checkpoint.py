@@ -29,6 +29,8 @@ from pytest_spectral.checkpoints.families import (
     MLP_MATRICES,
     NO_ATTENTION,
     SUPPORTED_MODEL_TYPES,
+    VISION,
+    WRAPPERS,
     ArchitectureError,
     ExpertMatrix,
     Family,
@@ -38,6 +40,7 @@ from pytest_spectral.checkpoints.families import (
     expert_item,
     matrix_kind,
     text_model,
+    vision_model,
 )
 from pytest_spectral.checkpoints.families.family import (
     FUSED_MATRICES,
@@ -116,22 +119,28 @@ class Geometry:
 
 
 @dataclass(frozen=True)
-class StackSpan:
-    """One stack of an encoder-decoder model among the checkpoint's blocks: its layers are
-    blocks ``start`` to ``start + layers - 1``."""
-
-    name: str
-    start: int
-    layers: int
-
-
-@dataclass(frozen=True)
 class Layout:
     """How the weights of this checkpoint are stored: fused Q/K/V or not, transposed or not."""
 
     family: str
     fused: str | None
     conv1d: bool
+
+
+@dataclass(frozen=True)
+class StackSpan:
+    """One stack among the checkpoint's blocks (an encoder-decoder model's, or a multimodal
+    wrapper's vision tower): its layers are blocks ``start`` to ``start + layers - 1``.
+
+    A stack with heads of its own (the vision tower) has its own ``geometry`` and ``layout``;
+    an encoder-decoder model's stacks share the checkpoint's (``None``).
+    """
+
+    name: str
+    start: int
+    layers: int
+    geometry: Geometry | None = None
+    layout: Layout | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,8 @@ class Checkpoint:
     root: Path
     config: Mapping[str, object]
     model_type: str
+    #: the analysed model's heads (a multimodal wrapper's text model's); a stack with heads of
+    #: its own (the vision tower) has its own: :meth:`geometry_at`, :meth:`layout_at`
     geometry: Geometry
     layout: Layout
     #: (layer, matrix) -> tensor, for q, k, v, o and the MLP matrices each layer has (for
@@ -229,10 +240,42 @@ class Checkpoint:
     #: an encoder-decoder model's stacks; their layers are numbered on, one after the other,
     #: as the checkpoint's blocks (the first key of :attr:`tensors`), and
     #: :attr:`Geometry.layers` counts all of them. A model of one stack has none: its blocks
-    #: are its layers.
+    #: are its layers. A multimodal wrapper analysed with its vision tower has one, ``vision``,
+    #: after the text model's layers (blocks ``0`` to ``geometry.layers - 1``, in no stack),
+    #: with the tower's own geometry and layout.
     stacks: tuple[StackSpan, ...] = ()
     #: (layer, kind) -> the routed experts' matrices of a sparse layer
     experts: Mapping[tuple[int, str], ExpertTensors] = field(default_factory=dict)
+    #: the model_type of the multimodal wrapper around the analysed text model, if any
+    wrapper: str | None = None
+
+    def geometry_at(self, block: int) -> Geometry:
+        """The head geometry of ``block``'s layer: its stack's own (the vision tower's), else
+        the checkpoint's."""
+        span = self._span(block)
+        return self.geometry if span is None or span.geometry is None else span.geometry
+
+    def layout_at(self, block: int) -> Layout:
+        """How ``block``'s layer stores its weights: its stack's own layout, else the
+        checkpoint's."""
+        span = self._span(block)
+        return self.layout if span is None or span.layout is None else span.layout
+
+    def _span(self, block: int) -> StackSpan | None:
+        return next((s for s in self.stacks if s.start <= block < s.start + s.layers), None)
+
+    @property
+    def _unstacked(self) -> int:
+        """How many layers are in no stack: all of a model of one stack, those of a
+        wrapper's text model beside its vision stack, none of an encoder-decoder model."""
+        shared = sum(span.layers for span in self.stacks if span.geometry is None)
+        return self.geometry.layers - shared
+
+    @property
+    def blocks(self) -> int:
+        """How many blocks (layers of every stack) the checkpoint has."""
+        own = sum(span.layers for span in self.stacks if span.geometry is not None)
+        return self.geometry.layers + own
 
     def position(self, block: int) -> tuple[str | None, int]:
         """``(stack, layer)`` of a block: the stack's name (``None`` for a model of one stack)
@@ -244,18 +287,24 @@ class Checkpoint:
 
     def block(self, stack: str | None, layer: int) -> int | None:
         """The block of ``layer`` of ``stack``, or ``None`` when the stack has no such layer."""
-        if stack is None and not self.stacks:
-            return layer if 0 <= layer < self.geometry.layers else None
+        if stack is None:
+            return layer if 0 <= layer < self._unstacked else None
         span = next((s for s in self.stacks if s.name == stack), None)
         if span is None or not 0 <= layer < span.layers:
             return None
         return span.start + layer
 
     def stack_layers(self) -> dict[str | None, int]:
-        """Layers per stack (one unnamed stack for a model of one stack)."""
-        if not self.stacks:
-            return {None: self.geometry.layers}
-        return {span.name: span.layers for span in self.stacks}
+        """Layers per stack (the unnamed stack: the layers in none, if any)."""
+        unstacked = {None: self._unstacked} if self._unstacked else {}
+        return {**unstacked, **{span.name: span.layers for span in self.stacks}}
+
+    def stack_geometries(self) -> dict[str | None, Geometry]:
+        """The head geometry of each stack's layers (the unnamed stack's: the checkpoint's)."""
+        return {
+            stack: self.geometry_at(self.block(stack, 0))  # type: ignore[arg-type]
+            for stack in self.stack_layers()
+        }
 
     def layer_matrices(self, layer: int, matrices: Iterable[str]) -> list[str]:
         """The item matrices ``layer`` has among ``matrices`` (kinds): each present kind, and
@@ -285,11 +334,13 @@ class Checkpoint:
         return shapes
 
     @cached_property
-    def _whole_shapes(self) -> dict[str, tuple[int, int]]:
-        """Stored shape of each MLP kind, from the first layer that has it."""
-        shapes: dict[str, tuple[int, int]] = {}
-        for (_, kind), entry in self.tensors.items():
-            shapes.setdefault(kind, tuple(entry.shape))  # type: ignore[arg-type]
+    def _whole_shapes(self) -> dict[tuple[str | None, str], tuple[int, int]]:
+        """Stored shape of each MLP kind per stack, from the stack's first layer that has
+        it (a vision tower's MLP is not its text model's)."""
+        shapes: dict[tuple[str | None, str], tuple[int, int]] = {}
+        for (block, kind), entry in self.tensors.items():
+            key = (self.position(block)[0], kind)
+            shapes.setdefault(key, tuple(entry.shape))  # type: ignore[arg-type]
         return shapes
 
     @property
@@ -297,7 +348,7 @@ class Checkpoint:
         """The layers items can be collected for (all of them, unless the checkpoint is an
         update confined to some)."""
         if self.layer_indices is None:
-            return tuple(range(self.geometry.layers))
+            return tuple(range(self.blocks))
         return self.layer_indices
 
     @property
@@ -353,9 +404,10 @@ class Checkpoint:
             for p in self.files
         ]
 
-    def item_shape(self, matrix: str, *, whole: bool) -> tuple[int, int]:
-        """Shape ``[m, n]`` of an item's matrix in ``nn.Linear`` orientation (out x in)."""
-        g = self.geometry
+    def item_shape(self, matrix: str, *, whole: bool, block: int) -> tuple[int, int]:
+        """Shape ``[m, n]`` of an item's matrix of ``block`` in ``nn.Linear`` orientation
+        (out x in)."""
+        g = self.geometry_at(block)
         if not whole:
             return g.slice_shape(matrix)
         if matrix in MATRICES:
@@ -368,8 +420,8 @@ class Checkpoint:
         kind = matrix_kind(matrix)
         if kind in self._expert_shapes:
             return self._expert_shapes[kind]
-        rows, cols = self._whole_shapes[kind]
-        return (cols, rows) if self.layout.conv1d else (rows, cols)
+        rows, cols = self._whole_shapes[(self.position(block)[0], kind)]
+        return (cols, rows) if self.layout_at(block).conv1d else (rows, cols)
 
     def check_readable(self, keys: Iterable[tuple[int, str]]) -> None:
         """Refuse what a run would read but could not analyse, naming the tensor.
@@ -385,20 +437,22 @@ class Checkpoint:
                     raise CheckpointError(problem)
                 continue
             for matrix in CIRCUITS.get(item_matrix, (item_matrix,)):
-                problem = self._unreadable(matrix, self.tensors[(layer, matrix)])
+                problem = self._unreadable(matrix, self.tensors[(layer, matrix)], layer)
                 if problem is not None:
                     raise CheckpointError(problem)
 
-    def _unreadable(self, matrix: str, entry: TensorSource) -> str | None:
+    def _unreadable(self, matrix: str, entry: TensorSource, block: int) -> str | None:
         where = f"{entry.file}: tensor {entry.name!r}"
         if entry.problem:
             return f"{where} {entry.problem}"
         if matrix in MATRICES + LATENT_MATRICES:
-            expected = expected_shape(matrix, self.geometry, self.layout)
+            g, layout = self.geometry_at(block), self.layout_at(block)
+            expected = expected_shape(matrix, g, layout)
             if entry.shape != expected:
+                config = "the config" if g is self.geometry else "its vision_config"
                 return (
-                    f"{where} has shape {list(entry.shape)} but the config implies "
-                    f"{list(expected)} ({_shape_reason(matrix, self.geometry, self.layout)})"
+                    f"{where} has shape {list(entry.shape)} but {config} implies "
+                    f"{list(expected)} ({_shape_reason(matrix, g, layout)})"
                 )
         elif len(entry.shape) != 2 or 0 in entry.shape:
             return f"{where} has shape {list(entry.shape)}; a whole-matrix item needs a 2-D matrix"
@@ -411,13 +465,15 @@ def open_checkpoint(
     config_path: Path | None = None,
     family: Family | None = None,
     options: ReadOptions | None = None,
+    vision: bool = False,
 ) -> Checkpoint:
     """Read the config and the weight headers of the checkpoint at ``path``.
 
     ``path`` is a directory or a single weight file in any layout of
     :mod:`pytest_spectral.checkpoints.formats`; ``config_path`` (``--spectral-config``) wins over
     the config the checkpoint carries. ``family`` describes an architecture the plugin does not
-    know. Raises :class:`CheckpointError` naming the file, key or tensor.
+    know. ``vision`` (``--spectral-vision``) adds a multimodal wrapper's vision tower as the
+    ``vision`` stack. Raises :class:`CheckpointError` naming the file, key or tensor.
     """
     options = options or ReadOptions(config=config_path)
     weights = open_format(path, options)
@@ -425,9 +481,12 @@ def open_checkpoint(
         config_file, config = options.config, read_config(options.config)
     else:
         config, config_file = weights.config()
+    tower = interpret_vision_config(config, config_file) if vision else None
+    wrapper = str(config["model_type"]) if config.get("model_type") in WRAPPERS else None
     config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
-    entries = weights.tensors(_needed_names(family), geometry.head_dim)
+    towers = () if tower is None else (tower[0],)
+    entries = weights.tensors(_needed_names(family, *towers), geometry.head_dim)
     if stacks:
         if weights.partial:
             raise CheckpointError(
@@ -440,11 +499,20 @@ def open_checkpoint(
         tensors, attention, layers, experts = _one_stack_tensors(
             entries, family, geometry, config, config_file, notes, partial=weights.partial
         )
+    if tower is not None:
+        if weights.partial:
+            raise CheckpointError(
+                f"{weights.root}: --spectral-vision: an update (LoRA adapter) is analysed for "
+                "its text model only; run without --spectral-vision"
+            )
+        span, found = _tower_tensors(entries, *tower, start=geometry.layers)
+        stacks += (span,)
+        tensors.update(found)
     kinds = {matrix for _, matrix in tensors}
     names = tuple(m for m in MLP_MATRICES if m in kinds)
     return Checkpoint(
         weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
-        attention, layers, notes, stacks, experts,
+        attention, layers, notes, stacks, experts, wrapper,
     )  # fmt: skip
 
 
@@ -551,6 +619,37 @@ def interpret_config(
     return config, family, variant, geometry, notes, stacks
 
 
+def interpret_vision_config(
+    config: Mapping[str, object], config_file: Path
+) -> tuple[Family, Geometry, Layout]:
+    """The family, geometry and layout of a multimodal wrapper's vision tower, read from its
+    ``vision_config`` as transformers reads it. Raises :class:`CheckpointError` naming the
+    file and the key."""
+    try:
+        vision, family = vision_model(config)
+        variant = family.layout_of(vision)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    geometry = _geometry(f"{config_file} (vision_config)", vision, family, variant)
+    return family, geometry, Layout(family.name, variant.fused, family.conv1d)
+
+
+def _tower_tensors(
+    entries: TensorMap, family: Family, geometry: Geometry, layout: Layout, *, start: int
+) -> tuple[StackSpan, dict[tuple[int, str], TensorSource]]:
+    """The vision stack (blocks from ``start`` on, after the text model's) and its layers'
+    attention and MLP tensors, keyed by block. Raises :class:`CheckpointError` naming the
+    tensor the tower lacks."""
+    try:
+        prefix = _decoder_prefix(entries, family, prefer=("vision", "visual"))
+        found = _attention_tensors(entries, prefix, family, geometry)
+        found.update(_mlp_tensors(entries, prefix, family, geometry))
+    except CheckpointError as exc:
+        raise CheckpointError(f"--spectral-vision: the vision tower: {exc}") from None
+    span = StackSpan(VISION, start, geometry.layers, geometry, layout)
+    return span, {(start + layer, m): entry for (layer, m), entry in found.items()}
+
+
 def _stacked_geometry(
     path: Path, config: Mapping[str, object], family: Family, variant: Variant
 ) -> tuple[Geometry, tuple[StackSpan, ...]]:
@@ -598,7 +697,7 @@ def _unsupported(config_file: Path, model_type: str) -> CheckpointError:
 
 
 def _geometry(
-    path: Path, config: Mapping[str, object], family: Family, variant: Variant
+    path: Path | str, config: Mapping[str, object], family: Family, variant: Variant
 ) -> Geometry:
     def value(keys: tuple[str, ...], default: object = None) -> tuple[str, object]:
         for key in keys:
@@ -650,7 +749,7 @@ def _geometry(
     return geometry
 
 
-def _check_plausible(path: Path, g: Geometry, keys: Mapping[str, str]) -> None:
+def _check_plausible(path: Path | str, g: Geometry, keys: Mapping[str, str]) -> None:
     """Refuse geometries that make a small file into a flood of items (see the constants)."""
     sides = [(g.head_dim, "head_dim"), (g.hidden, "hidden")]
     if g.latent is not None:
@@ -676,7 +775,7 @@ def _check_plausible(path: Path, g: Geometry, keys: Mapping[str, str]) -> None:
         )
 
 
-def _needed_names(family: Family) -> Callable[[str], bool]:
+def _needed_names(*families: Family) -> Callable[[str], bool]:
     """Whether a tensor name may be one the checkpoint needs: a layer's attention or MLP
     tensor, or its GPTQ/AWQ ``.qweight`` (for the message saying it is quantized).
 
@@ -684,10 +783,11 @@ def _needed_names(family: Family) -> Callable[[str], bool]:
     parse and nothing more.
     """
     templates = []
-    for _, stack in family.stack_families():
+    stacks = [stack for family in families for _, stack in family.stack_families()]
+    for stack in stacks:
         templates += [stack.layer + name for name in stack.tensors.values()]
         templates += [stack.mlp_prefix + name for name in stack.mlp.values()]
-    for moe in family.moe.values():
+    for moe in (moe for family in families for moe in family.moe.values()):
         names = [*moe.dense.values()]
         for form in moe.forms:
             names += [*form.whole.values(), *(m.name for m in form.experts.values())]
@@ -977,12 +1077,19 @@ def _quantized(name: str, entries: TensorMap) -> str | None:
     )
 
 
-def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False) -> str:
+def _decoder_prefix(
+    entries: TensorMap,
+    family: Family,
+    *,
+    partial: bool = False,
+    prefer: tuple[str, ...] = ("language_model",),
+) -> str:
     """The name prefix of the text decoder's layers (``model.``, ``transformer.``, none...).
 
-    Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins,
-    then the shortest. The first layer's Q weight shows it; for a ``partial`` update (which
-    may lack both), any attention weight of any layer.
+    Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins
+    (for the tower's layers: one naming the tower, ``prefer``), then the shortest. The first
+    layer's Q weight shows it; for a ``partial`` update (which may lack both), any attention
+    weight of any layer.
     """
     first = re.escape(family.tensor_name(0, "q"))
     if partial:  # any layer number, any attention matrix
@@ -1004,7 +1111,7 @@ def _decoder_prefix(entries: TensorMap, family: Family, *, partial: bool = False
             f"no tensor named like '...{family.tensor_name(0, 'q')}': this checkpoint does not "
             f"have the {family.name} layout its config.json announces"
         )
-    return min(prefixes, key=lambda p: ("language_model" not in p, len(p), p))
+    return min(prefixes, key=lambda p: (not any(w in p for w in prefer), len(p), p))
 
 
 def _undeclared_tensor(entries: TensorMap, prefix: str, family: Family, matrix: str) -> str:

@@ -58,7 +58,7 @@ def read_circuit_factors(
 
     Reading happens on the engine's thread; :func:`circuit_spectra` may run on another.
     """
-    geometry, layout = checkpoint.geometry, checkpoint.layout
+    geometry, layout = checkpoint.geometry_at(layer), checkpoint.layout_at(layer)
     sides = []
     for matrix in CIRCUITS[circuit]:
         source = checkpoint.tensors[(layer, matrix)]

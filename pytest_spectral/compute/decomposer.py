@@ -113,7 +113,7 @@ class LocalDecomposer:
         """Read the unit and start decomposing it, or the error naming its tensor."""
         try:
             if unit[0] in CIRCUITS:
-                return self._start_circuits(*self._circuit_factors(layer, unit[0]))
+                return self._start_circuits(layer, *self._circuit_factors(layer, unit[0]))
             return self._start_decomposition(self._blocks(layer, unit))
         except Exception as exc:
             return UnitError(f"cannot read {self._names(layer, unit)}: {describe(exc)}")
@@ -172,7 +172,8 @@ class LocalDecomposer:
             weights = [self._reader().tensor(source) for source in experts.sources]
             return expert_blocks(weights, experts.matrix)
         weight = self._reader().tensor(self.checkpoint.tensors[(layer, matrix)])
-        geometry, layout = self.checkpoint.geometry, self.checkpoint.layout
+        # the layer's stack's own: a vision tower's heads are not its text model's
+        geometry, layout = self.checkpoint.geometry_at(layer), self.checkpoint.layout_at(layer)
         if scope == "head":
             return head_blocks(weight, matrix, geometry, layout)
         return whole_matrix(weight, matrix, geometry, layout)[None]
@@ -189,13 +190,16 @@ class LocalDecomposer:
         pool = self._pool()
         return start_slices(blocks, device=self.device, dtype=self._dtype(), executor=pool)
 
-    def _start_circuits(self, left: CircuitFactors, right: CircuitFactors) -> Future[SliceSpectra]:
+    def _start_circuits(
+        self, layer: int, left: CircuitFactors, right: CircuitFactors
+    ) -> Future[SliceSpectra]:
         """A layer's circuits as one task of the slice pool, whose threads each run torch on
         one intra-op thread: their values, too, never depend on the number of threads."""
         from pytest_spectral.compute.circuits import circuit_spectra
 
         pool = self._pool()
-        kv_heads = [self.checkpoint.geometry.kv_head_of(h) for h in range(left.factors.shape[0])]
+        geometry = self.checkpoint.geometry_at(layer)
+        kv_heads = [geometry.kv_head_of(h) for h in range(left.factors.shape[0])]
         return pool.submit(
             circuit_spectra, left, right, kv_heads, device=self.device, dtype=self._dtype()
         )

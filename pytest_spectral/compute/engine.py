@@ -122,7 +122,7 @@ class SpectraEngine:
 
     def head(self, layer: int, matrix: str, head: int) -> HeadSpectrum:
         """The spectrum of query head ``head`` (its shared K/V head for k and v)."""
-        geometry = self.checkpoint.geometry
+        geometry = self.checkpoint.geometry_at(layer)
         index = geometry.kv_head_of(head) if matrix in ("k", "v") else head
         return self._unit(layer, (matrix, "head"))[index]
 
@@ -274,7 +274,8 @@ class SpectraEngine:
 
     def _cache_key(self, layer: int, unit: Unit) -> str:
         matrix, scope = unit
-        g, stored = self.checkpoint.geometry, self.checkpoint.layout
+        # the layer's stack's own geometry: a vision tower's heads are not its text model's
+        g, stored = self.checkpoint.geometry_at(layer), self.checkpoint.layout_at(layer)
         layout = (matrix, scope, g.heads, g.kv_heads, g.head_dim, stored.fused, stored.conv1d)
         if g.latent is not None:  # how the latent layout's rows split between K_nope and V
             layout += tuple(dataclasses.astuple(g.latent))

@@ -30,7 +30,7 @@ def metric_context(
     dtype and, for a circuit, the per-slice measurement floor."""
     matrix, scope = unit
     return MetricContext(
-        checkpoint.item_shape(matrix, whole=scope == "matrix"),
+        checkpoint.item_shape(matrix, whole=scope == "matrix", block=layer),
         checkpoint.sources(layer, matrix)[0].dtype,
         None if floor is None else tuple(floor.tolist()),
     )

@@ -64,7 +64,7 @@ def calibrated_rules(
     margin: float,
     source: str,
     layers: int | Mapping[str | None, int],
-    heads: int,
+    heads: int | Mapping[str | None, int],
 ) -> Calibration:
     """A rules file bounding every calibrated metric per matrix type, by the items that
     passed: an item that broke a rule of this run would otherwise widen the bounds to pass
@@ -72,19 +72,26 @@ def calibrated_rules(
 
     ``layers`` and ``heads`` are the model's counts; ``layers`` of an encoder-decoder model
     map each stack to its count, and each stack gets rules of its own (``stacks = [...]``):
-    cross-attention's spectra need not look like self-attention's. A run that measured part
+    cross-attention's spectra need not look like self-attention's; ``heads`` may map each
+    stack to its own count too. A run that measured part
     of the model (``--spectral-layers``, ``-k``) says nothing about the rest, so each rule gets
     the ``layers`` (and, for heads, the ``heads``) its items came from, whenever they are not
     all of the model's.
     """
     records = list(records)
     counts = dict(layers) if isinstance(layers, Mapping) else {None: layers}
+    # a stack's own head count (a vision tower's), else the model's
+    per_stack = dict(heads) if isinstance(heads, Mapping) else dict.fromkeys(counts, heads)
     healthy = [r for r in records if r["status"] == "ok" and r["outcome"] == "passed"]
     left_out = len(records) - len(healthy)
     parts = [
         (f"the {stack} stack's " if stack else "") + part
         for stack, count in counts.items()
-        if (part := _part([r for r in records if r.get("stack") == stack], count, heads))
+        if (
+            part := _part(
+                [r for r in records if r.get("stack") == stack], count, per_stack[stack]
+            )
+        )
     ]
     part = "; ".join(parts) or None
     lines = [
@@ -108,7 +115,7 @@ def calibrated_rules(
         ]
     for stack, count in counts.items():
         mine = [r for r in records if r.get("stack") == stack]
-        lines += _stack_rules(mine, stack, count, heads, margin)
+        lines += _stack_rules(mine, stack, count, per_stack[stack], margin)
     return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.checkpoints.families import (
-    STACKS,
+    STACK_NAMES,
     WHOLE_ONLY_MATRICES,
     matrix_kind,
 )
@@ -99,8 +99,9 @@ class Rule:
     #: lines in the rules file: of the ``[[rules]]`` header (key ``""``) and of each bound
     #: given (``"min"``, ``"max"``, ...); warnings point there
     lines: tuple[tuple[str, int], ...] = ()
-    #: the stacks of an encoder-decoder model it judges (encoder, decoder, cross); ``None``:
-    #: every item, whatever its stack, and every item of a model of one stack
+    #: the stacks of an encoder-decoder model it judges (encoder, decoder, cross), or a
+    #: wrapper's vision tower (vision); ``None``: every item, whatever its stack, and every
+    #: item of a model of one stack
     stacks: frozenset[str] | None = None
 
     def line(self, key: str = "") -> int | None:
@@ -346,7 +347,8 @@ def rules_of_stack(rules: Iterable[Rule], stack: str | None) -> list[Rule]:
 
 
 def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
-    """``stacks = ["cross"]``: the stacks of an encoder-decoder model a rule judges."""
+    """``stacks = ["cross"]``: the stacks of an encoder-decoder model a rule judges
+    (``["vision"]``: a multimodal wrapper's vision tower)."""
     if "stacks" not in entry:
         return None
     value = entry["stacks"]
@@ -354,8 +356,10 @@ def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
     if not isinstance(names, list) or not names:
         raise fail("stacks", f"must be a non-empty list such as ['cross'], got {value!r}")
     for name in names:
-        if name not in STACKS:
-            raise fail("stacks", f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
+        if name not in STACK_NAMES:
+            raise fail(
+                "stacks", f"unknown stack {name!r}; choose from {', '.join(STACK_NAMES)}"
+            )
     return frozenset(names)
 
 

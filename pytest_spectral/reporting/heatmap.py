@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -55,7 +55,7 @@ def render_heatmap(
     metric: str,
     *,
     layers: int,
-    heads: int,
+    heads: int | Mapping[str | None, int],
     width: int,
     color: bool,
     bad: Direction | None = None,
@@ -64,21 +64,27 @@ def render_heatmap(
 ) -> str:
     """The heatmaps of ``metric`` (a key of the records' ``metrics``) as text: the head view
     when there are head items, the whole-matrix view when there are whole-matrix items; for
-    an encoder-decoder model, those of each stack in turn, headed by the stack's name.
+    an encoder-decoder model, those of each stack in turn, headed by the stack's name (a
+    multimodal model's text model, beside its vision stack, by ``text model``).
 
     ``bad`` is the metric's bad side, ``rules`` the run's rules (each cell reaches to the
     bounds of those that judge it) and ``log`` whether to measure distances in log10 (see
-    :func:`~pytest_spectral.reporting.scale.cell_scales`).
+    :func:`~pytest_spectral.reporting.scale.cell_scales`). ``heads`` may map each stack to
+    its own count (a vision tower's heads are not its text model's).
     """
+    per_stack = heads if isinstance(heads, Mapping) else {}
+    count = heads if isinstance(heads, int) else 0
     stacks = list(dict.fromkeys(record.get("stack") for record in records))
     if stacks in ([], [None]):
-        return _render(records, metric, layers, heads, width, color, bad, rules, log)
+        mine_heads = per_stack.get(None, count)
+        return _render(records, metric, layers, mine_heads, width, color, bad, rules, log)
     parts = []
     for stack in stacks:
         mine = [record for record in records if record.get("stack") == stack]
         judging = rules_of_stack(rules, stack)
-        text = _render(mine, metric, layers, heads, width, color, bad, judging, log)
-        parts.append(f"{stack} stack:\n{text}")
+        mine_heads = per_stack.get(stack, count)  # type: ignore[arg-type]
+        text = _render(mine, metric, layers, mine_heads, width, color, bad, judging, log)
+        parts.append(f"{stack} stack:\n{text}" if stack else f"text model:\n{text}")
     return "".join(parts)
 
 

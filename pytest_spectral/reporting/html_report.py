@@ -93,7 +93,7 @@ def render_html(
     records = [r for r in with_values if r["head"] is not None]
     wholes = [r for r in with_values if r["head"] is None]
     model: Mapping[str, object] = report["model"]  # type: ignore[assignment]
-    layers, heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
+    layers, model_heads = int(model["num_hidden_layers"]), int(model["num_attention_heads"])  # type: ignore[call-overload]
     sections = [
         _section("Run", _metadata_table(report)),
         _section("Summary", _summary_table(report)),
@@ -105,8 +105,10 @@ def render_html(
     if unfinished:
         sections.append(_section("Items without a result", _unfinished_table(unfinished)))
     stacks: Mapping[str, int] = model.get("stacks") or {}  # type: ignore[assignment]
+    own: Mapping[str, Mapping[str, int]] = model.get("stack_geometry") or {}  # type: ignore[assignment]
     for stack, mine in _by_stack(records):
         count = stacks.get(stack, layers) if stack else layers
+        heads = int(own.get(stack or "", {}).get("num_attention_heads", model_heads))
         for metric in HEATMAP_METRICS:
             cells = _cells(mine, metric)
             if cells:

@@ -137,6 +137,23 @@ def unrecorded_record(
     }
 
 
+def _own_geometries(checkpoint: Checkpoint) -> dict[str, object]:
+    """``stack_geometry``: the head geometry of each stack with heads of its own (a
+    multimodal wrapper's vision tower, ``--spectral-vision``); absent when none has."""
+    own = {
+        span.name: {
+            "num_hidden_layers": span.geometry.layers,
+            "num_attention_heads": span.geometry.heads,
+            "num_key_value_heads": span.geometry.kv_heads,
+            "head_dim": span.geometry.head_dim,
+            "hidden_size": span.geometry.hidden,
+        }
+        for span in checkpoint.stacks
+        if span.geometry is not None
+    }
+    return {"stack_geometry": own} if own else {}
+
+
 def build_report(
     *,
     checkpoint: Checkpoint,
@@ -194,6 +211,7 @@ def build_report(
             "hidden_size": g.hidden,
             "dtype": checkpoint.dtype,
             "files": checkpoint.file_names,
+            **_own_geometries(checkpoint),
         },
         "rules": {
             "path": str(rules.path.resolve()) if rules.path else None,

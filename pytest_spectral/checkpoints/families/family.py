@@ -119,6 +119,11 @@ def classic(
 #: the stacks of an encoder-decoder model's items, in collection order: the encoder's layers
 #: (self-attention, MLP), the decoder's (self-attention, MLP) and the decoder's cross-attention
 STACKS: tuple[str, ...] = ("encoder", "decoder", "cross")
+#: the stack of a multimodal wrapper's vision tower (``--spectral-vision``), collected after
+#: its text model's layers, which keep their names without a stack
+VISION = "vision"
+#: every stack name an item id, a rule's ``stacks`` or a report's ``stack`` may hold
+STACK_NAMES: tuple[str, ...] = (*STACKS, VISION)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_spectral.checkpoints.families import STACKS
+from pytest_spectral.checkpoints.families import STACK_NAMES
 from pytest_spectral.reporting.step import MAX_LABEL_CHARACTERS, MAX_STEP, Step
 from pytest_spectral.results import OUTCOMES, report_number, schema_problem
 from pytest_spectral.results import value_kind as _kind
@@ -179,9 +179,9 @@ def read_items(
         nodeid, matrix = item.get("nodeid"), item.get("matrix")
         layer, head, outcome = item.get("layer"), item.get("head"), item.get("outcome")
         metrics, stack = item.get("metrics"), item.get("stack")
-        if stack is not None and stack not in STACKS:
+        if stack is not None and stack not in STACK_NAMES:
             raise HistoryError(
-                f"{where}.stack must be one of {', '.join(STACKS)} or null, got {_kind(stack)}"
+                f"{where}.stack must be one of {', '.join(STACK_NAMES)} or null, got {_kind(stack)}"
             )
         if not isinstance(nodeid, str) or not 0 < len(nodeid) <= _MAX_NAME:
             raise HistoryError(f"{where}.nodeid must be a string, got {_kind(nodeid)}")
