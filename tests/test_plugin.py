@@ -630,7 +630,8 @@ class TestEngineOptions:
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     def test_cuda_run_gives_the_cpu_report(self, pytester, planted) -> None:
-        """Same outcomes, singular values within 1e-9 and metrics, in one process and under -n 2."""
+        """Same outcomes, singular values within 1e-9 and metrics, in one process, under -n 2
+        and decomposing in a child process."""
         path = rules(pytester, STABLE_RANK_RULE)
         common = (f"--spectral-model={planted}", f"--spectral-thresholds={path}")
         common += ("--spectral-no-cache",)
@@ -638,6 +639,7 @@ class TestEngineOptions:
             "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
             "cuda": ("--spectral-device", "cuda", "-p", "no:xdist"),
             "cuda-n2": ("--spectral-device", "cuda", "-n", "2", "--dist", "loadscope"),
+            "cuda-child": ("--spectral-device", "cuda", "-p", "no:xdist", "--spectral-subprocess=on"),
         }
         reports = {}
         for name, extra in runs.items():
@@ -645,7 +647,7 @@ class TestEngineOptions:
             result.assert_outcomes(passed=31, failed=1)
             items = json.loads((pytester.path / name).read_text())["items"]
             reports[name] = {item["nodeid"]: item for item in items}
-        for name in ("cuda", "cuda-n2"):
+        for name in ("cuda", "cuda-n2", "cuda-child"):
             assert reports[name].keys() == reports["cpu"].keys()
             for nodeid, expected in reports["cpu"].items():
                 got = reports[name][nodeid]
