@@ -639,7 +639,9 @@ class TestEngineOptions:
             "cpu": ("--spectral-device", "cpu", "-p", "no:xdist"),
             "cuda": ("--spectral-device", "cuda", "-p", "no:xdist"),
             "cuda-n2": ("--spectral-device", "cuda", "-n", "2", "--dist", "loadscope"),
-            "cuda-child": ("--spectral-device", "cuda", "-p", "no:xdist", "--spectral-subprocess=on"),
+            "cuda-child": (
+                *("--spectral-device", "cuda", "-p", "no:xdist", "--spectral-subprocess=on"),
+            ),
         }
         reports = {}
         for name, extra in runs.items():
