@@ -640,7 +640,7 @@ class TestEngineOptions:
             "cuda": ("--spectral-device", "cuda", "-p", "no:xdist"),
             "cuda-n2": ("--spectral-device", "cuda", "-n", "2", "--dist", "loadscope"),
             "cuda-child": (
-                *("--spectral-device", "cuda", "-p", "no:xdist", "--spectral-subprocess=on"),
+                "--spectral-device", "cuda", "-p", "no:xdist", "--spectral-subprocess=on"
             ),
         }
         reports = {}
