@@ -280,6 +280,7 @@ SCHEDULE_KEYS = (
     "decoder_sparse_step",
     "mlp_only_layers",
     "num_experts",
+    "num_local_experts",
     "first_k_dense_replace",
     "moe_layer_start_index",
     "moe_layer_end_index",
@@ -322,3 +323,19 @@ def test_deepseek_v2_lite_reads_its_queries_from_q_proj() -> None:
     assert family.tensors["q"] == "q_proj.weight"
     assert "q_a" not in family.tensors
     assert transformers.CONFIG_MAPPING["deepseek_v2"].from_dict(config).q_lora_rank is None
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_qwen3_moe_counts_its_experts_from_num_local_experts(experts: int) -> None:
+    """Qwen3MoeConfig stores ``num_experts`` as ``num_local_experts`` (its attribute_map): with
+    none, every layer is dense, as transformers builds it."""
+    from test_architectures import sparse_layers
+
+    config_class = transformers.CONFIG_MAPPING["qwen3_moe"]
+    config = config_class(**{**CASES["qwen3_moe"].config, "num_experts": experts}).to_dict()
+    assert config["num_local_experts"] == experts
+    assert "num_experts" not in config
+    resolved, family, _, geometry, _, _ = interpret_config(config, SOURCE)
+    model = transformers.AutoModelForCausalLM.from_config(config_class.from_dict(dict(config)))
+    assert set(family.moe["qwen3_moe"].schedule(resolved, geometry.layers)) == sparse_layers(model)
+    assert bool(sparse_layers(model)) == bool(experts)
