@@ -62,6 +62,15 @@ class TestGeometry:
         assert open_checkpoint(make_checkpoint(model_type=model_type)).model_type == model_type
 
 
+def test_config_without_model_type_in_the_common_layout_is_read_with_a_note(
+    tiny_checkpoint: Path,
+) -> None:
+    edit_config(tiny_checkpoint, model_type=None)
+    checkpoint = open_checkpoint(tiny_checkpoint)
+    assert checkpoint.notes[0].startswith("spectral: a config without 'model_type' (")
+    assert checkpoint.geometry.heads == 4
+
+
 class TestErrors:
     def expect(self, path: Path, *fragments: str) -> None:
         with pytest.raises(CheckpointError) as info:
@@ -85,6 +94,26 @@ class TestErrors:
             tiny_checkpoint,
             "model_type 'newformer' is not supported; supported: llama, mistral",
             "--spectral-architecture",
+        )
+
+    def test_undeclared_type_with_a_bad_key_names_the_key(self, tiny_checkpoint: Path) -> None:
+        """Read with the common layout, its config fails: the refusal says where."""
+        edit_config(tiny_checkpoint, model_type="newformer", num_attention_heads="four")
+        self.expect(
+            tiny_checkpoint,
+            "model_type 'newformer' is not supported (read with the common llama layout: "
+            "'num_attention_heads' must be a positive integer, got 'four'); supported: llama",
+        )
+
+    def test_config_without_model_type_is_named_so(self, tiny_checkpoint: Path) -> None:
+        edit_config(tiny_checkpoint, model_type=None)
+        rename_tensors(tiny_checkpoint, "self_attn.", "attention.")
+        self.expect(tiny_checkpoint, "a config without 'model_type' is not supported; supported:")
+
+    def test_text_config_that_is_no_object_is_refused(self, tiny_checkpoint: Path) -> None:
+        edit_config(tiny_checkpoint, model_type="llava", text_config="x")
+        self.expect(
+            tiny_checkpoint, "config.json: 'text_config' must be an object", "got 'x'"
         )
 
     def test_model_without_attention_says_so(self, tiny_checkpoint: Path) -> None:

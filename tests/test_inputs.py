@@ -334,7 +334,12 @@ class TestCustomArchitecture:
         )
         unknown = pytester.runpytest(f"--spectral-model={directory}")
         assert unknown.ret == pytest.ExitCode.USAGE_ERROR
-        unknown.stderr.fnmatch_lines(["*model_type 'my_model' is not supported; supported: *"])
+        unknown.stderr.fnmatch_lines(
+            [
+                "*model_type 'my_model' is not supported (read with the common llama layout: "
+                "has no key 'num_hidden_layers'); supported: *"
+            ]
+        )
         (pytester.path / "arch.toml").write_text(
             textwrap.dedent("""
             [architecture]

@@ -39,6 +39,7 @@ from pytest_spectral.checkpoints.families import (
     Variant,
     expert_item,
     matrix_kind,
+    printable_type,
     text_model,
     vision_model,
 )
@@ -542,7 +543,7 @@ def _one_stack_tensors(
             tensors = _attention_tensors(entries, prefix, family, geometry, attention)
             layers = None
     except CheckpointError as exc:  # an undeclared type is refused as such, not for a tensor
-        raise (_unsupported(config_file, str(config.get("model_type"))) if notes else exc) from None
+        raise (_unsupported(config_file, config.get("model_type")) if notes else exc) from None
     moe = family.moe.get(str(config.get("model_type")))
     experts: dict[tuple[int, str], ExpertTensors] = {}
     if moe is None or partial:
@@ -588,7 +589,10 @@ def interpret_config(
 
     Raises :class:`CheckpointError` naming ``config_file`` and the key.
     """
-    config, known = text_model(config)
+    try:
+        config, known = text_model(config)
+    except ArchitectureError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
     model_type = str(config.get("model_type"))
     notes: tuple[str, ...] = ()
     if model_type in NO_ATTENTION:
@@ -599,7 +603,7 @@ def interpret_config(
     if family is None:
         family = known or GENERIC
         if known is None:
-            notes = (_generic_note(config_file, model_type),)
+            notes = (_generic_note(config_file, config.get("model_type")),)
     try:
         variant = family.layout_of(config)
         if variant.tensors is not None:  # this config's tensor names (no q_a without q_lora)
@@ -608,7 +612,10 @@ def interpret_config(
     except ArchitectureError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
     except CheckpointError as exc:
-        raise (_unsupported(config_file, model_type) if notes else exc) from None
+        if not notes:
+            raise
+        why = str(exc).removeprefix(f"{config_file}: ")
+        raise _unsupported(config_file, config.get("model_type"), why) from None
     if variant.fused == "interleaved" and geometry.kv_heads != geometry.heads:
         raise CheckpointError(
             f"{config_file}: the interleaved fused layout holds q, k and v of every head in "
@@ -678,19 +685,29 @@ def _stacked_geometry(
     return replace(first[1], layers=sum(s.layers for s in spans)), tuple(spans)
 
 
-def _generic_note(config_file: Path, model_type: str) -> str:
+def _model_type_phrase(model_type: object) -> str:
+    """A config's model_type as messages name it; a config may have none."""
+    if model_type is None:
+        return "a config without 'model_type'"
+    return f"model_type {printable_type(model_type)}"
+
+
+def _generic_note(config_file: Path, model_type: object) -> str:
     """The line a run prints when it reads an undeclared model_type with the common layout."""
     return (
-        f"spectral: model_type {model_type!r} ({config_file}) is not one the plugin declares; "
-        "its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama layout "
-        "(K/V heads from num_key_value_heads, else one per query head; head_dim from "
+        f"spectral: {_model_type_phrase(model_type)} ({config_file}) is not one the plugin "
+        "declares; its tensors follow layers.N.self_attn.{q,k,v,o}_proj, analysed as the llama "
+        "layout (K/V heads from num_key_value_heads, else one per query head; head_dim from "
         "head_dim, else hidden_size / num_attention_heads)"
     )
 
 
-def _unsupported(config_file: Path, model_type: str) -> CheckpointError:
+def _unsupported(config_file: Path, model_type: object, why: str = "") -> CheckpointError:
+    """The refusal of an undeclared model_type; ``why`` says what the common layout's reading
+    found wrong, when it got that far."""
+    found = f" (read with the common llama layout: {why})" if why else ""
     return CheckpointError(
-        f"{config_file}: model_type {model_type!r} is not supported; "
+        f"{config_file}: {_model_type_phrase(model_type)} is not supported{found}; "
         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Describe its layout with "
         "--spectral-architecture FILE.toml (see the README)"
     )

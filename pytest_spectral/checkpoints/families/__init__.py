@@ -128,9 +128,16 @@ def text_model(config: Mapping[str, object]) -> tuple[dict[str, object], Family 
     family (``None`` for a ``model_type`` no entry declares: the config is returned as is).
 
     A multimodal wrapper gives its text model's config; an unknown ``model_type`` with a
-    ``text_config`` (a wrapper not declared here) gives that ``text_config``.
+    ``text_config`` (a wrapper not declared here) gives that ``text_config``. Raises
+    :class:`ArchitectureError` for a ``text_config`` that is no JSON object.
     """
     model_type = config.get("model_type")
+    nested = config.get("text_config")
+    if nested is not None and not isinstance(nested, Mapping):
+        raise ArchitectureError(
+            f"'text_config' must be an object (the text model's config), got "
+            f"{printable_type(nested)}"
+        )
     wrapper = WRAPPERS.get(model_type) if isinstance(model_type, str) else None
     if wrapper is not None:
         config = wrapper.text_config(config)
