@@ -149,17 +149,52 @@ def test_subprocess_option_takes_auto_on_or_off(pytester, tiny_checkpoint, value
 
 
 
-def test_a_child_whose_output_is_not_its_answers_is_stopped(
-    checkpoint, tmp_path, monkeypatch
+def test_what_a_child_prints_while_python_starts_goes_to_stderr(
+    checkpoint, tmp_path, monkeypatch, capfd
 ) -> None:
+    """A printing sitecustomize runs before the child can move its output out of the way."""
     (tmp_path / "sitecustomize.py").write_text("print('hello from sitecustomize')\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     decomposer = ChildDecomposer(checkpoint, DEFAULT_REQUESTS)
     try:
-        with pytest.raises(ChildStoppedError, match="something other than its answers"):
-            decomposer.start(0, [("q", "head")]).result(timeout=60)
+        decomposed = decomposer.start(0, [("q", "head")]).result(timeout=60)
     finally:
         decomposer.close()
+    expected = reference_values(weight_of(checkpoint, 0, "q")[:8])  # query head 0: rows 0-7
+    values = decomposed[("q", "head")].singular_values[0]
+    np.testing.assert_allclose(values, expected, rtol=1e-9)
+    assert "hello from sitecustomize" in capfd.readouterr().err
+
+
+def test_a_conftest_metric_works_with_a_child_that_cannot_import_the_conftest(
+    pytester, tiny_checkpoint
+) -> None:
+    """The README's own lambda metric, its conftest in a test directory below the one pytest
+    runs from: the child computes only the built-in metrics, pytest's process the others."""
+    tests = pytester.mkdir("tests")
+    (tests / "conftest.py").write_text(
+        "def pytest_spectral_register_metrics(metrics):\n"
+        "    metrics.add('tail_share', lambda sv, k=4: sv[..., -k:].sum(-1) / sv.sum(-1),\n"
+        "                'share of the k smallest singular values', k=4)\n"
+    )
+    reports = {}
+    for choice in ("on", "off"):
+        result = pytester.runpytest_subprocess(
+            "tests",
+            f"--spectral-model={tiny_checkpoint}",
+            f"--spectral-subprocess={choice}",
+            "--spectral-no-cache",
+            f"--spectral-report={choice}.json",
+            "-p",
+            "no:xdist",
+        )
+        result.assert_outcomes(passed=32)
+        assert "Traceback" not in result.stdout.str() + result.stderr.str()
+        reports[choice] = json.loads((pytester.path / f"{choice}.json").read_text())["items"]
+    first = reports["on"][0]
+    sv = np.array(first["singular_values"])
+    assert first["metrics"]["tail_share"] == pytest.approx(sv[-4:].sum() / sv.sum(), rel=1e-12)
+    assert [r["metrics"] for r in reports["on"]] == [r["metrics"] for r in reports["off"]]
 
 
 def test_a_child_that_cannot_start_fails_the_items_saying_why(checkpoint, monkeypatch) -> None:

@@ -49,6 +49,12 @@ LAYERS_READ = 2
 Decomposed = dict[Unit, SliceSpectra | UnitError]
 
 
+def builtin_requests(requests: Sequence[MetricRequest]) -> tuple[MetricRequest, ...]:
+    """The requests of this package's own metrics: the only ones a decomposer computes (and a
+    child process can import; a conftest's are computed by the engine from the values)."""
+    return tuple(r for r in requests if METRICS.get(r.name) is r.spec)
+
+
 class LocalDecomposer:
     """Reads and decomposes units in this process (see the module docstring).
 
@@ -67,7 +73,7 @@ class LocalDecomposer:
         threads: int | None = None,
     ) -> None:
         self.checkpoint = checkpoint
-        self.requests = tuple(r for r in requests if METRICS.get(r.name) is r.spec)
+        self.requests = builtin_requests(requests)
         self.device = device
         self.precision = precision
         self.threads = threads

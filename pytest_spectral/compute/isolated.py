@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from pytest_spectral.compute.decomposer import builtin_requests
 from pytest_spectral.compute.units import Unit, UnitError, describe
 
 if TYPE_CHECKING:
@@ -45,9 +46,11 @@ _CHILD = (
     f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
     "from pytest_spectral.compute.isolated import main; main()"
 )
-#: Every message starts with these bytes: output the child did not mean as a message (a
-#: ``sitecustomize`` printing at start-up) stops the exchange instead of being misread.
+#: Every message starts with these bytes, so that output the child did not mean as a message
+#: (a ``sitecustomize`` printing at start-up) is told apart and passed on to standard error.
 _MAGIC = b"pytest-spectral\0"
+#: Bytes of such output accepted before the first message; beyond, the child is stopped.
+_STRAY_LIMIT = 1 << 20
 #: Seconds a child is given to finish its last units once its input is closed.
 CLOSE_TIMEOUT = 10.0
 _LENGTH_BYTES = 8
@@ -84,8 +87,13 @@ class ChildDecomposer:
         self._tickets = itertools.count()
         self._stopped: ChildStoppedError | None = None
         options = {"device": device, "precision": precision, "threads": threads}
-        with self._lock:
-            self._send_or_stop((checkpoint, tuple(requests), options))
+        try:
+            with self._lock:
+                self._send_or_stop((checkpoint, builtin_requests(requests), options))
+        except BaseException:
+            self._process.kill()
+            self._process.wait()
+            raise
         self._receiver = threading.Thread(
             target=self._receive_all, name="pytest-spectral-child", daemon=True
         )
@@ -141,8 +149,8 @@ class ChildDecomposer:
                 ticket, result, error = _receive(self._from_child)
             except _NotAMessageError:
                 why = (
-                    "after writing something other than its answers to its output (does a "
-                    "sitecustomize module print?)"
+                    f"after writing over {_STRAY_LIMIT} bytes other than its answers to its "
+                    "output (does a sitecustomize module print?)"
                 )
                 self._process.kill()
                 break
@@ -177,12 +185,31 @@ def _send(stream: IO[bytes], message: object) -> None:
 
 
 def _receive(stream: IO[bytes]) -> tuple:
-    """The next message; :class:`EOFError` at the end of the stream or at anything that is
-    not a message."""
+    """The next message; :class:`EOFError` at the end of the stream."""
     header = _read_exactly(stream, len(_MAGIC) + _LENGTH_BYTES)
     if not header.startswith(_MAGIC):
-        raise _NotAMessageError
+        header = _after_stray_output(stream, header)
     return pickle.loads(_read_exactly(stream, int.from_bytes(header[len(_MAGIC) :], "little")))
+
+
+def _after_stray_output(stream: IO[bytes], start: bytes) -> bytes:
+    """The header of the message that follows output the child did not mean as a message
+    (a ``sitecustomize`` that prints while Python starts, before :func:`main` moves its
+    standard output to standard error); that output is written to this process's standard
+    error, where it would have gone. Raises :class:`_NotAMessageError` after
+    :data:`_STRAY_LIMIT` bytes without a message."""
+    stray = bytearray(start)
+    while not stray.endswith(_MAGIC):
+        if len(stray) > _STRAY_LIMIT:
+            raise _NotAMessageError
+        byte = stream.read(1)
+        if not byte:
+            raise EOFError
+        stray += byte
+    text = bytes(stray[: -len(_MAGIC)])
+    sys.stderr.write(text.decode(errors="replace"))
+    sys.stderr.flush()
+    return _MAGIC + _read_exactly(stream, _LENGTH_BYTES)
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -200,9 +227,12 @@ def _reply(output: IO[bytes], lock: threading.Lock, ticket: int, future: Future)
         message = (ticket, None, exc)
     with lock:
         try:
-            _send(output, message)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            _send(output, (ticket, None, RuntimeError(describe(exc))))
+            try:
+                _send(output, message)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                _send(output, (ticket, None, RuntimeError(describe(exc))))
+        except OSError:  # pytest's process has gone (ended, or stopped reading): no one to tell
+            pass
 
 
 def main() -> None:
@@ -217,7 +247,10 @@ def main() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt replies
     from pytest_spectral.compute.decomposer import LocalDecomposer
 
-    checkpoint, requests, options = _receive(incoming)
+    try:
+        checkpoint, requests, options = _receive(incoming)
+    except EOFError:  # pytest's process gave up on this child before setting it up
+        return
     decomposer = LocalDecomposer(checkpoint, requests, **options)
     lock = threading.Lock()
     try:
