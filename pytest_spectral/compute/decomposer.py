@@ -29,6 +29,7 @@ from pytest_spectral.compute.units import (
     describe,
     metric_column,
     metric_context,
+    read_failure,
 )
 from pytest_spectral.judging.metrics import METRICS, MetricRequest
 from pytest_spectral.results import SliceSpectra
@@ -122,7 +123,7 @@ class LocalDecomposer:
                 return self._start_circuits(layer, *self._circuit_factors(layer, unit[0]))
             return self._start_decomposition(self._blocks(layer, unit))
         except Exception as exc:
-            return UnitError(f"cannot read {self._names(layer, unit)}: {describe(exc)}")
+            return read_failure(self.checkpoint, layer, unit, exc)
 
     def _finish(
         self, layer: int, unit: Unit, pending: PendingSpectra | Future[SliceSpectra] | UnitError
@@ -155,11 +156,6 @@ class LocalDecomposer:
         for matrix in dict.fromkeys(matrix for matrix, _ in units):
             for source in self.checkpoint.sources(layer, matrix):
                 self._reader_instance.release(source)
-
-    def _names(self, layer: int, unit: Unit) -> str:
-        """The tensors a unit reads, as messages name them (a circuit reads two)."""
-        sources = self.checkpoint.sources(layer, unit[0])
-        return " and ".join(f"{source.name} from {source.file}" for source in sources)
 
     def _reader(self) -> WeightReader:
         from pytest_spectral.checkpoints.reader import WeightReader

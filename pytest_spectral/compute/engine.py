@@ -38,6 +38,7 @@ from pytest_spectral.compute.units import (
     describe,
     metric_column,
     metric_context,
+    read_failure,
 )
 from pytest_spectral.judging.metrics import MetricRequest, measurement_floor
 from pytest_spectral.results import HeadSpectrum, LayerStats, SliceSpectra
@@ -188,7 +189,7 @@ class SpectraEngine:
                 keys[unit] = key = self._cache_key(layer, unit) if self.cache else None
                 hit = self.cache.load(key) if self.cache is not None and key else None
             except Exception as exc:
-                cached[unit] = UnitError(f"cannot read {self._names(layer, unit)}: {describe(exc)}")
+                cached[unit] = read_failure(self.checkpoint, layer, unit, exc)
                 continue
             if hit is not None:
                 cached[unit] = hit
@@ -266,11 +267,6 @@ class SpectraEngine:
             )
             for i, row in enumerate(values.tolist())
         ]
-
-    def _names(self, layer: int, unit: Unit) -> str:
-        """The tensors a unit reads, as messages name them (a circuit reads two)."""
-        sources = self.checkpoint.sources(layer, unit[0])
-        return " and ".join(f"{source.name} from {source.file}" for source in sources)
 
     def _cache_key(self, layer: int, unit: Unit) -> str:
         matrix, scope = unit

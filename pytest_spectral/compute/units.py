@@ -53,6 +53,14 @@ def metric_column(
     return column.tolist()
 
 
+def read_failure(checkpoint: Checkpoint, layer: int, unit: Unit, exc: BaseException) -> UnitError:
+    """The error of a unit whose tensors could not be read: each tensor (a circuit reads two)
+    with its file, and the cause."""
+    sources = checkpoint.sources(layer, unit[0])
+    names = " and ".join(f"{source.name} from {source.file}" for source in sources)
+    return UnitError(f"cannot read {names}: {describe(exc)}")
+
+
 def describe(exc: BaseException) -> str:
     """An exception as a reader can act on it: its text, and its kind where the text is terse."""
     text = str(exc).strip()
