@@ -603,6 +603,7 @@ def _history(
             [Path(os.path.expanduser(p)).absolute() for p in paths],
             step=step,
             layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
+            stack_geometry=checkpoint.own_geometries(),
             keys=history_metrics([], rules.rules),
             own_report=own_report,
         )

@@ -615,3 +615,64 @@ def test_vision_circuits_equal_numpy_products_of_the_models_own_slices(wrapper) 
                 values = engine.head(block, circuit, head).singular_values
                 reference = np.linalg.svd(product, compute_uv=False)[: len(values)]
                 np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("option", "window", "message"),
+    [
+        (
+            "--spectral-baseline=base.json",
+            "",
+            "*base.json: baseline is for a different model layout: "
+            "model.stack_geometry.vision.num_attention_heads is {before} there and {after} here*",
+        ),
+        (
+            "--spectral-history=history",
+            "window = 2\n",
+            "*base.json: a report of another model layout: "
+            "model.stack_geometry.vision.head_dim is '{before_dim}' (expected '{after_dim}');*"
+            "model.stack_geometry.vision.num_attention_heads is '{before}' (expected '{after}')*",
+        ),
+    ],
+)
+def test_a_report_of_a_tower_with_other_heads_is_no_baseline_or_history(
+    llava, pytester, tmp_path, option, window, message
+) -> None:
+    """The same tower tensors read with twice the heads: a report of the first layout would
+    compare each id's slice with a slice of other rows, so it is refused naming the key."""
+    model, directory = llava
+    vision = model.config.vision_config
+    before, after = vision.num_attention_heads, vision.num_attention_heads * 2
+    history = pytester.mkdir("history")
+    first = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-report={history / 'base.json'}",
+    )  # fmt: skip
+    assert first.ret == pytest.ExitCode.OK
+    shutil.copy(history / "base.json", pytester.path / "base.json")
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = after
+    (copy / "config.json").write_text(json.dumps(config))
+    rules = pytester.makefile(
+        ".toml", rules=f'[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n{window}'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={copy}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-thresholds={rules}", option,
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    head_dim = vision.hidden_size // before
+    result.stderr.fnmatch_lines(
+        [
+            message.format(
+                before=before, after=after, before_dim=head_dim, after_dim=head_dim // 2
+            )
+        ]
+    )
+    same = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-thresholds={rules}", option, "-p", "no:cacheprovider",
+    )  # fmt: skip
+    assert same.ret == pytest.ExitCode.OK  # the tower it was recorded from is compared

@@ -307,6 +307,22 @@ class Checkpoint:
             for stack in self.stack_layers()
         }
 
+    def own_geometries(self) -> dict[str, dict[str, int]]:
+        """The head layout of each stack with heads of its own (a multimodal wrapper's vision
+        tower): stack -> config key -> value, as a report records it (``model.stack_geometry``)
+        and as a baseline or history report must match it."""
+        return {
+            span.name: {
+                "num_hidden_layers": span.geometry.layers,
+                "num_attention_heads": span.geometry.heads,
+                "num_key_value_heads": span.geometry.kv_heads,
+                "head_dim": span.geometry.head_dim,
+                "hidden_size": span.geometry.hidden,
+            }
+            for span in self.stacks
+            if span.geometry is not None
+        }
+
     def layer_matrices(self, layer: int, matrices: Iterable[str]) -> list[str]:
         """The item matrices ``layer`` has among ``matrices`` (kinds): each present kind, and
         for an expert kind one name per expert (``expert05-gate``)."""
