@@ -40,6 +40,10 @@ from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 from pytest_spectral.testing.synthetic import write_random_llama
 
 transformers = pytest.importorskip("transformers")
+try:  # imported once: pytester forgets the modules a test imports
+    import peft
+except ImportError:
+    peft = None
 SOURCE = Path("config.json")
 
 
@@ -676,3 +680,49 @@ def test_a_report_of_a_tower_with_other_heads_is_no_baseline_or_history(
         f"--spectral-thresholds={rules}", option, "-p", "no:cacheprovider",
     )  # fmt: skip
     assert same.ret == pytest.ExitCode.OK  # the tower it was recorded from is compared
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["text-model", "with-the-tower"])
+def test_a_lora_adapter_of_the_wrapper_merges_into_the_text_model_and_the_tower(
+    pytester, tmp_path, vision
+) -> None:
+    """PEFT names the wrapper's modules as transformers holds them
+    (``model.language_model.layers...``), the saved base model as transformers saves them
+    (``language_model.model.layers...``): each q item is a head slice of peft's own merge."""
+    if peft is None:
+        pytest.skip("peft is not installed")
+    model = build("llava", tmp_path / "base")
+    settings = peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False
+    )
+    adapted = peft.get_peft_model(model, settings)
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = adapted.merge_and_unload()
+    text_layers = merged.model.language_model.layers
+    weights = {
+        (None, layer): module.self_attn.q_proj.weight for layer, module in enumerate(text_layers)
+    }
+    if vision:
+        tower = tower_layers(tower_of(merged))
+        weights.update({("vision", n): m.self_attn.q_proj.weight for n, m in enumerate(tower)})
+    vision_config = model.config.vision_config
+    head_dims = {
+        None: model.config.text_config.head_dim,
+        "vision": vision_config.hidden_size // vision_config.num_attention_heads,
+    }
+    report = pytester.path / "report.json"
+    result = pytester.runpytest(
+        f"--spectral-model={tmp_path / 'adapter'}", f"--spectral-base-model={tmp_path / 'base'}",
+        f"--spectral-report={report}", "-p", "no:cacheprovider", "--spectral-matrices=q",
+        *(["--spectral-vision"] if vision else []),
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.OK
+    items = json.loads(report.read_text())["items"]
+    assert {(i["stack"], i["layer"]) for i in items} == set(weights)
+    for item in items:
+        weight = weights[(item["stack"], item["layer"])].detach().double().numpy()
+        head_dim = head_dims[item["stack"]]
+        head = weight[item["head"] * head_dim : (item["head"] + 1) * head_dim]
+        expected = np.linalg.svd(head, compute_uv=False)
+        # peft merges in float32: agreement to float32 rounding
+        np.testing.assert_allclose(item["singular_values"], expected, rtol=1e-5, atol=1e-6)

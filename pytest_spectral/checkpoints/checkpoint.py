@@ -503,6 +503,7 @@ def open_checkpoint(
     config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
     towers = () if tower is None else (tower[0],)
+    weights.text_prefix = lambda names: _decoder_prefix(names, family, partial=True)
     entries = weights.tensors(_needed_names(family, *towers), geometry.head_dim)
     if stacks:
         if weights.partial:
