@@ -92,10 +92,22 @@ def tower_inputs(model) -> dict[str, torch.Tensor]:
     return {"hidden_states": torch.randn(16, features, generator=pixels), "grid_thw": grid}
 
 
-@pytest.fixture(scope="module", params=VISION_CASES)
+#: towers whose attention ignores a ``head_dim`` in their vision_config (CLIPAttention and
+#: SiglipAttention use hidden_size // num_attention_heads): the same checks with one saved
+HEAD_DIM_IGNORED = ("llava+head_dim", "gemma3+head_dim")
+
+
+@pytest.fixture(scope="module", params=VISION_CASES + HEAD_DIM_IGNORED)
 def wrapper(request, tmp_path_factory) -> tuple[object, Checkpoint]:
-    directory = tmp_path_factory.mktemp(request.param) / "model"
-    model = build(request.param, directory)
+    model_type, _, variant = request.param.partition("+")
+    directory = tmp_path_factory.mktemp(model_type) / "model"
+    model = build(model_type, directory)
+    if variant == "head_dim":
+        config = json.loads((directory / "config.json").read_text())
+        config["vision_config"]["head_dim"] = 4
+        (directory / "config.json").write_text(json.dumps(config))
+        reloaded = transformers.AutoModelForImageTextToText.from_pretrained(directory)
+        assert tower_heads(reloaded) == tower_heads(model)  # transformers built the same tower
     return model, open_checkpoint(directory, vision=True)
 
 
