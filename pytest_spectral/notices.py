@@ -49,7 +49,7 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
     if (config_used := _config_notice(run, config)) is not None:
         lines.append(config_used)
     lines.extend(run.checkpoint.notes)
-    if run.checkpoint.wrapper and VISION not in run.checkpoint.stack_layers():
+    if run.checkpoint.unread_tower:
         lines.append(
             f"spectral: the vision tower of this {run.checkpoint.wrapper} model is not "
             "analysed, only its text model; --spectral-vision adds it (spectral::vision::...)"

@@ -738,3 +738,27 @@ def test_a_lora_adapter_of_the_wrapper_merges_into_the_text_model_and_the_tower(
         expected = np.linalg.svd(head, compute_uv=False)
         # peft merges in float32: agreement to float32 rounding
         np.testing.assert_allclose(item["singular_values"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_the_towers_tensors_says_so(llava, pytester, tmp_path) -> None:
+    """The text model saved alone under a LLaVA config: the tower's layout is named as its
+    vision_config announces it, and a run without the option does not offer the tower."""
+    from safetensors.torch import load_file, save_file
+
+    model, directory = llava
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    weights = load_file(copy / "model.safetensors")
+    text_only = {name: t for name, t in weights.items() if "vision" not in name}
+    assert len(text_only) < len(weights)
+    save_file(text_only, copy / "model.safetensors", metadata={"format": "pt"})
+    tower_type = model.config.vision_config.model_type
+    asked = pytester.runpytest(f"--spectral-model={copy}", "--spectral-vision")
+    assert asked.ret == pytest.ExitCode.USAGE_ERROR
+    asked.stderr.fnmatch_lines(
+        [f"*--spectral-vision: the vision tower: *does not have the {tower_type} layout its "
+         "vision_config announces*"]
+    )  # fmt: skip
+    default = pytester.runpytest(f"--spectral-model={copy}", "--collect-only", "-q")
+    assert default.ret == pytest.ExitCode.OK
+    assert "--spectral-vision" not in default.stdout.str()
