@@ -563,14 +563,86 @@ def test_the_heatmap_draws_the_text_model_and_the_tower_apart(llava, pytester) -
             "spectral::encoder::layer00",
             "'encoder' is not a stack of this model; its stacks are vision",
         ),
-        ("spectral::layer05", "the model has 2 layers (0-1)"),
+        ("spectral::layer05", "the text model has 2 layers (0-1)"),
+        ("spectral::vision::layer01::head04-q", "the vision stack has 4 query heads (0-3)"),
+        ("spectral::layer01::head04-q", "the text model has 4 query heads (0-3)"),
+        (
+            "spectral::vision::layer01::gate",
+            "the vision stack's MLP is fc1, fc2; gate is the text model's: "
+            "spectral::layer01::gate",
+        ),
+        (
+            "spectral::layer01::fc1",
+            "the text model's MLP is gate, up, down; fc1 is the vision stack's: "
+            "spectral::vision::layer01::fc1",
+        ),
     ],
 )
 def test_vision_ids_as_arguments_say_what_is_wrong(llava, pytester, argument, why) -> None:
-    _, directory = llava
-    result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-vision", argument)
+    """LLaVA of tests/architecture_matrix.py: a Llama text model of 2 layers of 4 heads, a
+    CLIP tower of 3 layers of 4 heads (fc1, fc2)."""
+    model, directory = llava
+    assert tower_counts(model) == (3, 4)
+    assert model.config.text_config.num_attention_heads == 4
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-scope=both", argument
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{argument}: no such spectral item in this run: {why}*"])
+
+
+@pytest.mark.parametrize(
+    ("options", "rules", "message"),
+    [
+        (
+            ["--spectral-vision"],
+            'stacks = ["encoder"]',
+            "*applies to no item of this run: its stacks (encoder) do not exist in this run, "
+            "whose layers are the text model's (in no stack) and the vision stack's*",
+        ),
+        (
+            ["--spectral-vision"],
+            'stacks = ["vision"]\nheads = "4"',
+            "*applies to no item of this run: its heads 4 do not exist: the vision stack has 4 "
+            "query heads (0-3)*",
+        ),
+    ],
+)
+def test_a_rule_that_judges_nothing_in_a_vision_run_names_the_stack(
+    llava, pytester, options, rules, message
+) -> None:
+    _, directory = llava
+    path = pytester.makefile(
+        ".toml", rules=f'[[rules]]\nmetric = "stable_rank"\nmax = 100.0\n{rules}\n'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", f"--spectral-thresholds={path}", "--collect-only",
+        *options,
+    )  # fmt: skip
+    result.stdout.fnmatch_lines([message])
+    assert "do not exist: \n" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--spectral-vision", "--spectral-layers=5"],
+            "*--spectral-layers 5: layer(s) 5 do not exist; the text model has 2 layers (0-1), "
+            "the vision stack has 3 layers (0-2)*",
+        ),
+        (
+            ["--spectral-scope=matrix", "--spectral-matrices=fc1"],
+            "*--spectral-matrices: this checkpoint has no fc1 (it has q, k, v, o, qk, ov, gate, "
+            "up, down); fc1 is the vision tower's, collected with --spectral-vision*",
+        ),
+    ],
+)
+def test_options_that_select_nothing_name_each_stack(llava, pytester, options, message) -> None:
+    _, directory = llava
+    result = pytester.runpytest(f"--spectral-model={directory}", "--collect-only", *options)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
 
 
 def test_ids_select_the_tower_and_layers_of_both(llava, pytester) -> None:

@@ -251,8 +251,9 @@ class Checkpoint:
     experts: Mapping[tuple[int, str], ExpertTensors] = field(default_factory=dict)
     #: the model_type of the multimodal wrapper around the analysed text model, if any
     wrapper: str | None = None
-    #: the checkpoint holds the wrapper's vision tower, which this run does not analyse
-    unread_tower: bool = False
+    #: the matrices of the wrapper's vision tower when the checkpoint holds it and this run
+    #: does not analyse it (``--spectral-vision`` would); empty otherwise
+    unread_tower: tuple[str, ...] = ()
 
     def geometry_at(self, block: int) -> Geometry:
         """The head geometry of ``block``'s layer: its stack's own (the vision tower's), else
@@ -510,7 +511,9 @@ def open_checkpoint(
     towers = () if tower_family is None else (tower_family,)
     weights.text_prefix = lambda names: _decoder_prefix(names, family, partial=True)
     entries = weights.tensors(_needed_names(family, *towers), geometry.head_dim)
-    unread_tower = tower is None and tower_family is not None and _has_layers(entries, tower_family)
+    unread_tower: tuple[str, ...] = ()
+    if tower is None and tower_family is not None and _has_layers(entries, tower_family):
+        unread_tower = tuple(dict.fromkeys((*MATRICES, *tower_family.mlp)))
     if stacks:
         if weights.partial:
             raise CheckpointError(
