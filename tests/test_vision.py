@@ -470,7 +470,8 @@ def test_the_option_on_a_text_only_model_is_a_usage_error(pytester, tmp_path) ->
         ),
         (
             {"num_attention_heads": 3},
-            "*vision_config*hidden size 32 is not divisible by 3 attention heads*",
+            "*vision_config*hidden size 32 ('hidden_size') is not divisible by 3 attention "
+            "heads ('num_attention_heads')",
         ),
     ],
 )
@@ -834,3 +835,19 @@ def test_a_checkpoint_without_the_towers_tensors_says_so(llava, pytester, tmp_pa
     default = pytester.runpytest(f"--spectral-model={copy}", "--collect-only", "-q")
     assert default.ret == pytest.ExitCode.OK
     assert "--spectral-vision" not in default.stdout.str()
+
+
+def test_a_qwen2_vl_tower_whose_width_does_not_split_names_embed_dim(pytester, tmp_path) -> None:
+    """Qwen2-VL's tower is ``embed_dim`` wide (its ``hidden_size`` is the merger's output)."""
+    model = build("qwen2_vl", tmp_path / "model")
+    embed_dim = model.config.vision_config.embed_dim
+    heads = next(n for n in range(3, embed_dim) if embed_dim % n)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["vision_config"]["num_heads"] = heads
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    result = pytester.runpytest(f"--spectral-model={tmp_path / 'model'}", "--spectral-vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*vision_config*hidden size {embed_dim} ('embed_dim') is not divisible by {heads} "
+         "attention heads ('num_heads')"]
+    )  # fmt: skip

@@ -796,9 +796,10 @@ def _geometry(
     elif value(family.head_dim_keys)[1] is not None:
         head_dim = positive(family.head_dim_keys)
     elif hidden % heads:
+        given = " and no head_dim is given" if family.head_dim_keys else ""
         raise CheckpointError(
-            f"{path}: hidden size {hidden} is not divisible by {heads} attention heads "
-            "and no head_dim is given"
+            f"{path}: hidden size {hidden} ({value(family.hidden_keys)[0]!r}) is not divisible "
+            f"by {heads} attention heads ({value(family.heads_keys)[0]!r}){given}"
         )
     else:
         head_dim = hidden // heads
