@@ -15,6 +15,7 @@ Rules and matrices are checked against what the options select (``--spectral-sco
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,8 @@ from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.judging.rules import Rule
 from pytest_spectral.options import option_value
 from pytest_spectral.printable import printable
-from pytest_spectral.run import SpectralRun, layer_counts
+from pytest_spectral.run import SpectralRun, head_counts, layer_counts
 from pytest_spectral.selection import collection_notice
-from pytest_spectral.wording import counted, indices
 
 
 def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
@@ -49,7 +49,7 @@ def notices(run: SpectralRun, config: pytest.Config) -> list[str]:
     if (config_used := _config_notice(run, config)) is not None:
         lines.append(config_used)
     lines.extend(run.checkpoint.notes)
-    if run.checkpoint.wrapper and VISION not in run.checkpoint.stack_layers():
+    if run.checkpoint.unread_tower:
         lines.append(
             f"spectral: the vision tower of this {run.checkpoint.wrapper} model is not "
             "analysed, only its text model; --spectral-vision adds it (spectral::vision::...)"
@@ -167,6 +167,12 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
                 else "and this model has none: remove stacks"
             )
         )
+    present_stacks = run.checkpoint.stack_layers()
+    if rule.stacks is not None and stacks and not rule.stacks & set(present_stacks):
+        return (
+            f"its stacks ({', '.join(sorted(rule.stacks, key=STACK_NAMES.index))}) do not "
+            f"exist in this run, whose layers are {_stack_names(present_stacks)}"
+        )
     if rule.stacks is not None and not stacks:
         return (
             f"its stacks ({', '.join(sorted(rule.stacks, key=STACK_NAMES.index))}) are those "
@@ -227,11 +233,16 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
         default=0,
     )
     if rule.scope == "head" and not any(head in rule.heads for head in range(heads)):
-        return (
-            f"its heads {rule.heads.spec} do not exist: the model has "
-            f"{counted(heads, 'query head')} ({indices(heads)})"
-        )
+        return f"its heads {rule.heads.spec} do not exist: {head_counts(run.checkpoint, judged)}"
     return None
+
+
+def _stack_names(counts: Mapping[str | None, int]) -> str:
+    """``the text model's (in no stack) and the vision stack's``."""
+    return " and ".join(
+        "the text model's (in no stack)" if stack is None else f"the {stack} stack's"
+        for stack in counts
+    )
 
 
 def _absent_from_layers(rule: Rule, run: SpectralRun, blocks: list[int]) -> str:

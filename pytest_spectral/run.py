@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -403,14 +403,37 @@ class SpectralRun:
         }
 
 
-def layer_counts(counts: dict[str | None, int]) -> str:
+def layer_counts(
+    counts: Mapping[str | None, int], among: Mapping[str | None, int] | None = None
+) -> str:
     """``the model has 4 layers (0-3)``, or each stack's count in an encoder-decoder model:
-    ``the encoder stack has 2 layers (0-1), the decoder stack has 3 layers (0-2), ...``."""
-    if None in counts:
-        return f"the model has {counted(counts[None], 'layer')} ({indices(counts[None])})"
+    ``the encoder stack has 2 layers (0-1), the decoder stack has 3 layers (0-2), ...``; beside
+    a vision stack (in ``among``, the checkpoint's stacks, by default ``counts``), the layers
+    in no stack are the text model's."""
     return ", ".join(
-        f"the {stack} stack has {counted(n, 'layer')} ({indices(n)})" for stack, n in counts.items()
+        f"{_owner(stack, among or counts)} has {counted(n, 'layer')} ({indices(n)})"
+        for stack, n in counts.items()
     )
+
+
+def head_counts(checkpoint: Checkpoint, stacks: Iterable[str | None]) -> str:
+    """``the model has 4 query heads (0-3)``, or each of ``stacks``' count where a stack has
+    heads of its own: ``the text model has 4 query heads (0-3), the vision stack has 3 ...``."""
+    geometries = checkpoint.stack_geometries()
+    chosen = {stack: geometries[stack].heads for stack in stacks if stack in geometries}
+    if not checkpoint.own_geometries():  # one head layout: the model's
+        heads = checkpoint.geometry.heads
+        return f"the model has {counted(heads, 'query head')} ({indices(heads)})"
+    return ", ".join(
+        f"{_owner(stack, geometries)} has {counted(n, 'query head')} ({indices(n)})"
+        for stack, n in chosen.items()
+    )
+
+
+def _owner(stack: str | None, counts: Mapping[str | None, object]) -> str:
+    if stack is not None:
+        return f"the {stack} stack"
+    return "the model" if len(counts) == 1 else "the text model"
 
 
 def checkpoint_directories(checkpoint: Checkpoint) -> set[Path]:
@@ -532,9 +555,16 @@ def _selected_matrices(
         )
     missing = [m for m in chosen if m not in available]
     if missing:
+        towers = [m for m in missing if m in checkpoint.unread_tower]
+        tower = (
+            f"; {', '.join(towers)} {'is' if len(towers) == 1 else 'are'} the vision tower's, "
+            "collected with --spectral-vision"
+            if towers
+            else ""
+        )
         raise pytest.UsageError(
             f"--spectral-matrices: this checkpoint has no {', '.join(missing)} "
-            f"(it has {', '.join(available)})"
+            f"(it has {', '.join(available)}){tower}"
         )
     circuits = [m for m in chosen if m in CIRCUITS]
     if circuits and scope == "matrix":
@@ -603,6 +633,7 @@ def _history(
             [Path(os.path.expanduser(p)).absolute() for p in paths],
             step=step,
             layout=(checkpoint.model_type, g.layers, g.heads, g.kv_heads, g.head_dim, g.hidden),
+            stack_geometry=checkpoint.own_geometries(),
             keys=history_metrics([], rules.rules),
             own_report=own_report,
         )

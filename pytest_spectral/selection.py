@@ -28,7 +28,7 @@ from pytest_spectral.checkpoints.families import (
 )
 from pytest_spectral.nodes import ROOT_NAME, layer_names, spectral_ids
 from pytest_spectral.printable import printable
-from pytest_spectral.run import SpectralRun, layer_counts
+from pytest_spectral.run import SpectralRun, head_counts, layer_counts
 from pytest_spectral.wording import counted, indices
 
 
@@ -119,7 +119,8 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     layer = int(layer_match.group(1))
     block = checkpoint.block(stack, layer)
     if block is None:
-        return layer_counts({stack: checkpoint.stack_layers()[stack]})
+        stacks = checkpoint.stack_layers()
+        return layer_counts({stack: stacks[stack]}, stacks)
     if block not in run.layers:
         return f"--spectral-layers leaves out layer {layer}"
     named = next(name for name, number in layer_names(run) if number == block)
@@ -135,7 +136,7 @@ def why_not_collected(argument: str, run: SpectralRun) -> str | None:
     g = checkpoint.geometry_at(block)
     head, matrix = int(head_match.group(1)), head_match.group(2)
     if head >= g.heads:
-        return f"the model has {counted(g.heads, 'query head')} ({indices(g.heads)})"
+        return head_counts(checkpoint, [stack])
     if matrix in WHOLE_ONLY_MATRICES:
         whole = f"{matrix} exists only as a whole matrix: {ROOT_NAME}::{named}::{matrix}"
         if "matrix" in run.scopes:
@@ -166,12 +167,10 @@ def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
         return None
     if matrix not in run.checkpoint.attention + run.checkpoint.mlp:
         return f"the checkpoint has no {matrix}"
-    stack = run.checkpoint.position(block)[0]
-    if (block, matrix) not in run.checkpoint.tensors and stack is not None:
-        return (
-            f"the {stack} stack has no MLP of its own: its layer's {matrix} is "
-            f"{ROOT_NAME}::decoder::layerNN::{matrix}"
-        )
+    if (block, matrix) not in run.checkpoint.tensors and (
+        elsewhere := _other_stacks_matrix(run, block, matrix)
+    ):
+        return elsewhere
     if (block, matrix) not in run.checkpoint.tensors:
         return (
             f"layer {block} has no {matrix} (a mixture of experts' dense and sparse layers differ)"
@@ -183,6 +182,38 @@ def _why_not_whole(item: str, run: SpectralRun, block: int) -> str | None:
     if matrix in run.whole_matrices:
         return "expert numbers are zero-padded, as --collect-only -q lists them"
     return f"--spectral-matrices leaves out {matrix}"
+
+
+def _other_stacks_matrix(run: SpectralRun, block: int, matrix: str) -> str | None:
+    """Why ``block``'s layer has no ``matrix`` when the layers of another stack have it: a
+    cross-attention stack has no MLP of its own (the decoder stack's is after it), a vision
+    tower's MLP is fc1/fc2 and its text model's gate/up/down. None when no other stack has it
+    (a mixture of experts' dense and sparse layers differ)."""
+    checkpoint = run.checkpoint
+    stack, layer = checkpoint.position(block)
+    holders = [
+        s
+        for s in dict.fromkeys(
+            checkpoint.position(b)[0] for b, m in checkpoint.tensors if m == matrix
+        )
+        if s != stack
+    ]
+    if not holders:
+        return None
+    holder = holders[0]
+    number = f"layer{layer:02d}" if checkpoint.block(holder, layer) is not None else "layerNN"
+    path = "::".join(p for p in (ROOT_NAME, holder, number, matrix) if p is not None)
+    owner = f"the {stack} stack" if stack is not None else "the text model"
+    own = [
+        m
+        for m in checkpoint.mlp
+        if any(checkpoint.position(b)[0] == stack for b, k in checkpoint.tensors if k == m)
+    ]
+    if not own:  # cross-attention: the MLP after it is its decoder layer's
+        decoder = f"{ROOT_NAME}::decoder::layerNN::{matrix}"
+        return f"{owner} has no MLP of its own: its layer's {matrix} is {decoder}"
+    theirs = f"the {holder} stack's" if holder is not None else "the text model's"
+    return f"{owner}'s MLP is {', '.join(own)}; {matrix} is {theirs}: {path}"
 
 
 def collection_notice(config: pytest.Config) -> str | None:

@@ -40,6 +40,10 @@ from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
 from pytest_spectral.testing.synthetic import write_random_llama
 
 transformers = pytest.importorskip("transformers")
+try:  # imported once: pytester forgets the modules a test imports
+    import peft
+except ImportError:
+    peft = None
 SOURCE = Path("config.json")
 
 
@@ -88,10 +92,22 @@ def tower_inputs(model) -> dict[str, torch.Tensor]:
     return {"hidden_states": torch.randn(16, features, generator=pixels), "grid_thw": grid}
 
 
-@pytest.fixture(scope="module", params=VISION_CASES)
+#: towers whose attention ignores a ``head_dim`` in their vision_config (CLIPAttention and
+#: SiglipAttention use hidden_size // num_attention_heads): the same checks with one saved
+HEAD_DIM_IGNORED = ("llava+head_dim", "gemma3+head_dim")
+
+
+@pytest.fixture(scope="module", params=VISION_CASES + HEAD_DIM_IGNORED)
 def wrapper(request, tmp_path_factory) -> tuple[object, Checkpoint]:
-    directory = tmp_path_factory.mktemp(request.param) / "model"
-    model = build(request.param, directory)
+    model_type, _, variant = request.param.partition("+")
+    directory = tmp_path_factory.mktemp(model_type) / "model"
+    model = build(model_type, directory)
+    if variant == "head_dim":
+        config = json.loads((directory / "config.json").read_text())
+        config["vision_config"]["head_dim"] = 4
+        (directory / "config.json").write_text(json.dumps(config))
+        reloaded = transformers.AutoModelForImageTextToText.from_pretrained(directory)
+        assert tower_heads(reloaded) == tower_heads(model)  # transformers built the same tower
     return model, open_checkpoint(directory, vision=True)
 
 
@@ -454,7 +470,8 @@ def test_the_option_on_a_text_only_model_is_a_usage_error(pytester, tmp_path) ->
         ),
         (
             {"num_attention_heads": 3},
-            "*vision_config*hidden size 32 is not divisible by 3 attention heads*",
+            "*vision_config*hidden size 32 ('hidden_size') is not divisible by 3 attention "
+            "heads ('num_attention_heads')",
         ),
     ],
 )
@@ -547,14 +564,86 @@ def test_the_heatmap_draws_the_text_model_and_the_tower_apart(llava, pytester) -
             "spectral::encoder::layer00",
             "'encoder' is not a stack of this model; its stacks are vision",
         ),
-        ("spectral::layer05", "the model has 2 layers (0-1)"),
+        ("spectral::layer05", "the text model has 2 layers (0-1)"),
+        ("spectral::vision::layer01::head04-q", "the vision stack has 4 query heads (0-3)"),
+        ("spectral::layer01::head04-q", "the text model has 4 query heads (0-3)"),
+        (
+            "spectral::vision::layer01::gate",
+            "the vision stack's MLP is fc1, fc2; gate is the text model's: "
+            "spectral::layer01::gate",
+        ),
+        (
+            "spectral::layer01::fc1",
+            "the text model's MLP is gate, up, down; fc1 is the vision stack's: "
+            "spectral::vision::layer01::fc1",
+        ),
     ],
 )
 def test_vision_ids_as_arguments_say_what_is_wrong(llava, pytester, argument, why) -> None:
-    _, directory = llava
-    result = pytester.runpytest(f"--spectral-model={directory}", "--spectral-vision", argument)
+    """LLaVA of tests/architecture_matrix.py: a Llama text model of 2 layers of 4 heads, a
+    CLIP tower of 3 layers of 4 heads (fc1, fc2)."""
+    model, directory = llava
+    assert tower_counts(model) == (3, 4)
+    assert model.config.text_config.num_attention_heads == 4
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-scope=both", argument
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{argument}: no such spectral item in this run: {why}*"])
+
+
+@pytest.mark.parametrize(
+    ("options", "rules", "message"),
+    [
+        (
+            ["--spectral-vision"],
+            'stacks = ["encoder"]',
+            "*applies to no item of this run: its stacks (encoder) do not exist in this run, "
+            "whose layers are the text model's (in no stack) and the vision stack's*",
+        ),
+        (
+            ["--spectral-vision"],
+            'stacks = ["vision"]\nheads = "4"',
+            "*applies to no item of this run: its heads 4 do not exist: the vision stack has 4 "
+            "query heads (0-3)*",
+        ),
+    ],
+)
+def test_a_rule_that_judges_nothing_in_a_vision_run_names_the_stack(
+    llava, pytester, options, rules, message
+) -> None:
+    _, directory = llava
+    path = pytester.makefile(
+        ".toml", rules=f'[[rules]]\nmetric = "stable_rank"\nmax = 100.0\n{rules}\n'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", f"--spectral-thresholds={path}", "--collect-only",
+        *options,
+    )  # fmt: skip
+    result.stdout.fnmatch_lines([message])
+    assert "do not exist: \n" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--spectral-vision", "--spectral-layers=5"],
+            "*--spectral-layers 5: layer(s) 5 do not exist; the text model has 2 layers (0-1), "
+            "the vision stack has 3 layers (0-2)*",
+        ),
+        (
+            ["--spectral-scope=matrix", "--spectral-matrices=fc1"],
+            "*--spectral-matrices: this checkpoint has no fc1 (it has q, k, v, o, qk, ov, gate, "
+            "up, down); fc1 is the vision tower's, collected with --spectral-vision*",
+        ),
+    ],
+)
+def test_options_that_select_nothing_name_each_stack(llava, pytester, options, message) -> None:
+    _, directory = llava
+    result = pytester.runpytest(f"--spectral-model={directory}", "--collect-only", *options)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
 
 
 def test_ids_select_the_tower_and_layers_of_both(llava, pytester) -> None:
@@ -615,3 +704,150 @@ def test_vision_circuits_equal_numpy_products_of_the_models_own_slices(wrapper) 
                 values = engine.head(block, circuit, head).singular_values
                 reference = np.linalg.svd(product, compute_uv=False)[: len(values)]
                 np.testing.assert_allclose(values, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("option", "window", "message"),
+    [
+        (
+            "--spectral-baseline=base.json",
+            "",
+            "*base.json: baseline is for a different model layout: "
+            "model.stack_geometry.vision.num_attention_heads is {before} there and {after} here*",
+        ),
+        (
+            "--spectral-history=history",
+            "window = 2\n",
+            "*base.json: a report of another model layout: "
+            "model.stack_geometry.vision.head_dim is '{before_dim}' (expected '{after_dim}');*"
+            "model.stack_geometry.vision.num_attention_heads is '{before}' (expected '{after}')*",
+        ),
+    ],
+)
+def test_a_report_of_a_tower_with_other_heads_is_no_baseline_or_history(
+    llava, pytester, tmp_path, option, window, message
+) -> None:
+    """The same tower tensors read with twice the heads: a report of the first layout would
+    compare each id's slice with a slice of other rows, so it is refused naming the key."""
+    model, directory = llava
+    vision = model.config.vision_config
+    before, after = vision.num_attention_heads, vision.num_attention_heads * 2
+    history = pytester.mkdir("history")
+    first = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-report={history / 'base.json'}",
+    )  # fmt: skip
+    assert first.ret == pytest.ExitCode.OK
+    shutil.copy(history / "base.json", pytester.path / "base.json")
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = after
+    (copy / "config.json").write_text(json.dumps(config))
+    rules = pytester.makefile(
+        ".toml", rules=f'[[rules]]\nmetric = "spectral_norm"\nmax_change = 0.5\n{window}'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={copy}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-thresholds={rules}", option,
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    head_dim = vision.hidden_size // before
+    result.stderr.fnmatch_lines(
+        [
+            message.format(
+                before=before, after=after, before_dim=head_dim, after_dim=head_dim // 2
+            )
+        ]
+    )
+    same = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-layers=0",
+        f"--spectral-thresholds={rules}", option, "-p", "no:cacheprovider",
+    )  # fmt: skip
+    assert same.ret == pytest.ExitCode.OK  # the tower it was recorded from is compared
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["text-model", "with-the-tower"])
+def test_a_lora_adapter_of_the_wrapper_merges_into_the_text_model_and_the_tower(
+    pytester, tmp_path, vision
+) -> None:
+    """PEFT names the wrapper's modules as transformers holds them
+    (``model.language_model.layers...``), the saved base model as transformers saves them
+    (``language_model.model.layers...``): each q item is a head slice of peft's own merge."""
+    if peft is None:
+        pytest.skip("peft is not installed")
+    model = build("llava", tmp_path / "base")
+    settings = peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False
+    )
+    adapted = peft.get_peft_model(model, settings)
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = adapted.merge_and_unload()
+    text_layers = merged.model.language_model.layers
+    weights = {
+        (None, layer): module.self_attn.q_proj.weight for layer, module in enumerate(text_layers)
+    }
+    if vision:
+        tower = tower_layers(tower_of(merged))
+        weights.update({("vision", n): m.self_attn.q_proj.weight for n, m in enumerate(tower)})
+    vision_config = model.config.vision_config
+    head_dims = {
+        None: model.config.text_config.head_dim,
+        "vision": vision_config.hidden_size // vision_config.num_attention_heads,
+    }
+    report = pytester.path / "report.json"
+    result = pytester.runpytest(
+        f"--spectral-model={tmp_path / 'adapter'}", f"--spectral-base-model={tmp_path / 'base'}",
+        f"--spectral-report={report}", "-p", "no:cacheprovider", "--spectral-matrices=q",
+        *(["--spectral-vision"] if vision else []),
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.OK
+    items = json.loads(report.read_text())["items"]
+    assert {(i["stack"], i["layer"]) for i in items} == set(weights)
+    for item in items:
+        weight = weights[(item["stack"], item["layer"])].detach().double().numpy()
+        head_dim = head_dims[item["stack"]]
+        head = weight[item["head"] * head_dim : (item["head"] + 1) * head_dim]
+        expected = np.linalg.svd(head, compute_uv=False)
+        # peft merges in float32: agreement to float32 rounding
+        np.testing.assert_allclose(item["singular_values"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_the_towers_tensors_says_so(llava, pytester, tmp_path) -> None:
+    """The text model saved alone under a LLaVA config: the tower's layout is named as its
+    vision_config announces it, and a run without the option does not offer the tower."""
+    from safetensors.torch import load_file, save_file
+
+    model, directory = llava
+    copy = tmp_path / "model"
+    shutil.copytree(directory, copy)
+    weights = load_file(copy / "model.safetensors")
+    text_only = {name: t for name, t in weights.items() if "vision" not in name}
+    assert len(text_only) < len(weights)
+    save_file(text_only, copy / "model.safetensors", metadata={"format": "pt"})
+    tower_type = model.config.vision_config.model_type
+    asked = pytester.runpytest(f"--spectral-model={copy}", "--spectral-vision")
+    assert asked.ret == pytest.ExitCode.USAGE_ERROR
+    asked.stderr.fnmatch_lines(
+        [f"*--spectral-vision: the vision tower: *does not have the {tower_type} layout its "
+         "vision_config announces*"]
+    )  # fmt: skip
+    default = pytester.runpytest(f"--spectral-model={copy}", "--collect-only", "-q")
+    assert default.ret == pytest.ExitCode.OK
+    assert "--spectral-vision" not in default.stdout.str()
+
+
+def test_a_qwen2_vl_tower_whose_width_does_not_split_names_embed_dim(pytester, tmp_path) -> None:
+    """Qwen2-VL's tower is ``embed_dim`` wide (its ``hidden_size`` is the merger's output)."""
+    model = build("qwen2_vl", tmp_path / "model")
+    embed_dim = model.config.vision_config.embed_dim
+    heads = next(n for n in range(3, embed_dim) if embed_dim % n)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["vision_config"]["num_heads"] = heads
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    result = pytester.runpytest(f"--spectral-model={tmp_path / 'model'}", "--spectral-vision")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*vision_config*hidden size {embed_dim} ('embed_dim') is not divisible by {heads} "
+         "attention heads ('num_heads')"]
+    )  # fmt: skip

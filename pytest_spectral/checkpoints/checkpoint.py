@@ -54,6 +54,8 @@ from pytest_spectral.checkpoints.formats.base import TensorMap, read_config
 from pytest_spectral.checkpoints.formats.sources import TensorSource
 from pytest_spectral.errors import CheckpointError
 
+#: words that name a vision tower in tensor names (LLaVA's ``vision_tower.``, Qwen's ``visual.``)
+VISION_WORDS = ("vision", "visual")
 MATRICES: tuple[str, ...] = ("q", "k", "v", "o")
 #: Per-head circuits (Elhage et al. 2021, "A Mathematical Framework for Transformer
 #: Circuits"): the hidden x hidden products W_Q_h^T W_K_g (what head h attends to) and
@@ -249,6 +251,9 @@ class Checkpoint:
     experts: Mapping[tuple[int, str], ExpertTensors] = field(default_factory=dict)
     #: the model_type of the multimodal wrapper around the analysed text model, if any
     wrapper: str | None = None
+    #: the matrices of the wrapper's vision tower when the checkpoint holds it and this run
+    #: does not analyse it (``--spectral-vision`` would); empty otherwise
+    unread_tower: tuple[str, ...] = ()
 
     def geometry_at(self, block: int) -> Geometry:
         """The head geometry of ``block``'s layer: its stack's own (the vision tower's), else
@@ -305,6 +310,22 @@ class Checkpoint:
         return {
             stack: self.geometry_at(self.block(stack, 0))  # type: ignore[arg-type]
             for stack in self.stack_layers()
+        }
+
+    def own_geometries(self) -> dict[str, dict[str, int]]:
+        """The head layout of each stack with heads of its own (a multimodal wrapper's vision
+        tower): stack -> config key -> value, as a report records it (``model.stack_geometry``)
+        and as a baseline or history report must match it."""
+        return {
+            span.name: {
+                "num_hidden_layers": span.geometry.layers,
+                "num_attention_heads": span.geometry.heads,
+                "num_key_value_heads": span.geometry.kv_heads,
+                "head_dim": span.geometry.head_dim,
+                "hidden_size": span.geometry.hidden,
+            }
+            for span in self.stacks
+            if span.geometry is not None
         }
 
     def layer_matrices(self, layer: int, matrices: Iterable[str]) -> list[str]:
@@ -484,10 +505,15 @@ def open_checkpoint(
         config, config_file = weights.config()
     tower = interpret_vision_config(config, config_file) if vision else None
     wrapper = str(config["model_type"]) if config.get("model_type") in WRAPPERS else None
+    tower_family = tower[0] if tower else _tower_family(config, config_file) if wrapper else None
     config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
-    towers = () if tower is None else (tower[0],)
+    towers = () if tower_family is None else (tower_family,)
+    weights.text_prefix = lambda names: _decoder_prefix(names, family, partial=True)
     entries = weights.tensors(_needed_names(family, *towers), geometry.head_dim)
+    unread_tower: tuple[str, ...] = ()
+    if tower is None and tower_family is not None and _has_layers(entries, tower_family):
+        unread_tower = tuple(dict.fromkeys((*MATRICES, *tower_family.mlp)))
     if stacks:
         if weights.partial:
             raise CheckpointError(
@@ -513,8 +539,27 @@ def open_checkpoint(
     names = tuple(m for m in MLP_MATRICES if m in kinds)
     return Checkpoint(
         weights.root, config, str(config.get("model_type")), geometry, layout, tensors, names,
-        attention, layers, notes, stacks, experts, wrapper,
+        attention, layers, notes, stacks, experts, wrapper, unread_tower,
     )  # fmt: skip
+
+
+def _tower_family(config: Mapping[str, object], config_file: Path) -> Family | None:
+    """The family of a wrapper's vision tower, for a run without ``--spectral-vision`` (which
+    only says whether the tower's tensors are there); None when its vision_config cannot be
+    read (``--spectral-vision`` says why)."""
+    try:
+        return interpret_vision_config(config, config_file)[0]
+    except CheckpointError:
+        return None
+
+
+def _has_layers(entries: TensorMap, family: Family) -> bool:
+    """Whether ``entries`` hold some layer of ``family`` (a vision tower's)."""
+    try:
+        _decoder_prefix(entries, family, prefer=VISION_WORDS)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _one_stack_tensors(
@@ -628,27 +673,37 @@ def interpret_config(
 
 def interpret_vision_config(
     config: Mapping[str, object], config_file: Path
-) -> tuple[Family, Geometry, Layout]:
+) -> tuple[Family, Geometry, Layout, str]:
     """The family, geometry and layout of a multimodal wrapper's vision tower, read from its
-    ``vision_config`` as transformers reads it. Raises :class:`CheckpointError` naming the
-    file and the key."""
+    ``vision_config`` as transformers reads it, and the tower's model_type (CLIP's and
+    SigLIP's towers share the family of CLIP's text model). Raises :class:`CheckpointError`
+    naming the file and the key."""
     try:
         vision, family = vision_model(config)
         variant = family.layout_of(vision)
     except ArchitectureError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
     geometry = _geometry(f"{config_file} (vision_config)", vision, family, variant)
-    return family, geometry, Layout(family.name, variant.fused, family.conv1d)
+    layout = Layout(family.name, variant.fused, family.conv1d)
+    return family, geometry, layout, str(vision["model_type"])
 
 
 def _tower_tensors(
-    entries: TensorMap, family: Family, geometry: Geometry, layout: Layout, *, start: int
+    entries: TensorMap,
+    family: Family,
+    geometry: Geometry,
+    layout: Layout,
+    tower_type: str,
+    *,
+    start: int,
 ) -> tuple[StackSpan, dict[tuple[int, str], TensorSource]]:
     """The vision stack (blocks from ``start`` on, after the text model's) and its layers'
     attention and MLP tensors, keyed by block. Raises :class:`CheckpointError` naming the
     tensor the tower lacks."""
     try:
-        prefix = _decoder_prefix(entries, family, prefer=("vision", "visual"))
+        prefix = _decoder_prefix(
+            entries, family, prefer=VISION_WORDS, announced=f"{tower_type} layout its vision_config"
+        )
         found = _attention_tensors(entries, prefix, family, geometry)
         found.update(_mlp_tensors(entries, prefix, family, geometry))
     except CheckpointError as exc:
@@ -741,9 +796,10 @@ def _geometry(
     elif value(family.head_dim_keys)[1] is not None:
         head_dim = positive(family.head_dim_keys)
     elif hidden % heads:
+        given = " and no head_dim is given" if family.head_dim_keys else ""
         raise CheckpointError(
-            f"{path}: hidden size {hidden} is not divisible by {heads} attention heads "
-            "and no head_dim is given"
+            f"{path}: hidden size {hidden} ({value(family.hidden_keys)[0]!r}) is not divisible "
+            f"by {heads} attention heads ({value(family.heads_keys)[0]!r}){given}"
         )
     else:
         head_dim = hidden // heads
@@ -1100,13 +1156,15 @@ def _decoder_prefix(
     *,
     partial: bool = False,
     prefer: tuple[str, ...] = ("language_model",),
+    announced: str | None = None,
 ) -> str:
     """The name prefix of the text decoder's layers (``model.``, ``transformer.``, none...).
 
     Multimodal checkpoints also hold a vision tower; a prefix naming the language model wins
     (for the tower's layers: one naming the tower, ``prefer``), then the shortest. The first
     layer's Q weight shows it; for a ``partial`` update (which may lack both), any attention
-    weight of any layer.
+    weight of any layer. ``announced``: what the config announces, for the message when no
+    layer is found (the family's layout, its config.json).
     """
     first = re.escape(family.tensor_name(0, "q"))
     if partial:  # any layer number, any attention matrix
@@ -1126,7 +1184,7 @@ def _decoder_prefix(
             raise CheckpointError(_undeclared_tensor(entries, "", family, "q"))
         raise CheckpointError(
             f"no tensor named like '...{family.tensor_name(0, 'q')}': this checkpoint does not "
-            f"have the {family.name} layout its config.json announces"
+            f"have the {announced or f'{family.name} layout its config.json'} announces"
         )
     return min(prefixes, key=lambda p: (not any(w in p for w in prefer), len(p), p))
 

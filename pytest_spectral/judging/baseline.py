@@ -88,9 +88,45 @@ def load_baseline(
             )
     items = report.get("items")
     metrics = _item_metrics(path, items)
+    _check_stack_layouts(path, model, items, checkpoint)  # type: ignore[arg-type]
     storage = model.get("dtype") if isinstance(model.get("dtype"), str) else None
     computed = _complete(path, items, metrics, tuple(requests), storage)  # type: ignore[arg-type]
     return Baseline(path, metrics, hashlib.sha256(raw).hexdigest(), computed)
+
+
+def _check_stack_layouts(
+    path: Path, model: Mapping[str, object], items: list[dict[str, object]], checkpoint: Checkpoint
+) -> None:
+    """Refuse a baseline whose stack with heads of its own (the vision tower) has another head
+    layout than this run's: its ids would match slices of other heads. A stack only one of
+    the two runs analysed is not compared (its items simply have no counterpart)."""
+    recorded = model.get("stack_geometry", {})
+    if not isinstance(recorded, dict):
+        raise BaselineError(
+            f"{path}: key 'model.stack_geometry' must be an object, got {_kind(recorded)}"
+        )
+    for stack, here in checkpoint.own_geometries().items():
+        there = recorded.get(stack)
+        if there is None:
+            if any(item.get("stack") == stack for item in items):
+                raise BaselineError(
+                    f"{path}: baseline has items of the {stack} stack but no "
+                    f"model.stack_geometry.{stack}: its head layout cannot be compared; "
+                    "regenerate the baseline with this version"
+                )
+            continue
+        if not isinstance(there, dict):
+            raise BaselineError(
+                f"{path}: key 'model.stack_geometry.{stack}' must be an object, "
+                f"got {_kind(there)}"
+            )
+        for key, value in here.items():
+            if there.get(key) != value:
+                raise BaselineError(
+                    f"{path}: baseline is for a different model layout: "
+                    f"model.stack_geometry.{stack}.{key} is {repr(there.get(key))[:40]} there and "
+                    f"{value!r} here"
+                )
 
 
 def _complete(

@@ -140,17 +140,7 @@ def unrecorded_record(
 def _own_geometries(checkpoint: Checkpoint) -> dict[str, object]:
     """``stack_geometry``: the head geometry of each stack with heads of its own (a
     multimodal wrapper's vision tower, ``--spectral-vision``); absent when none has."""
-    own = {
-        span.name: {
-            "num_hidden_layers": span.geometry.layers,
-            "num_attention_heads": span.geometry.heads,
-            "num_key_value_heads": span.geometry.kv_heads,
-            "head_dim": span.geometry.head_dim,
-            "hidden_size": span.geometry.hidden,
-        }
-        for span in checkpoint.stacks
-        if span.geometry is not None
-    }
+    own = checkpoint.own_geometries()
     return {"stack_geometry": own} if own else {}
 
 

@@ -115,6 +115,7 @@ ENCODERS: tuple[Family, ...] = (
         mlp_prefix="encoder.layers.{layer}.mlp.",
         mlp={"fc1": "fc1.weight", "fc2": "fc2.weight"},
         kv_heads_keys=(),
+        head_dim_keys=(),  # CLIPAttention, SiglipAttention: hidden_size // num_attention_heads
         note="`encoder.layers.N.self_attn.{q,k,v,out}_proj`",
     ),
 )

@@ -33,6 +33,11 @@ class Format:
     #: True when a checkpoint may lack some attention matrices altogether (a LoRA update
     #: adapts only the modules it targets); otherwise each of Q, K, V and O must be present
     partial: bool = False
+    #: the name prefix of the text model's layers among some tensor names (the reader sets it
+    #: once it knows the architecture; raises :class:`CheckpointError` when none is found): a
+    #: LoRA adapter matches its modules with the base model's weights by it when the two name
+    #: a multimodal wrapper's text model differently
+    text_prefix: Callable[[TensorMap], str] | None = None
 
     def config(self) -> tuple[dict[str, object], Path]:
         """The config in Hugging Face terms, and the file it comes from (for messages).

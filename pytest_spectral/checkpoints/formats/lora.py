@@ -306,6 +306,10 @@ class LoraUpdate:
             )
         return ""
 
+    def on(self, base: TensorSource) -> LoraUpdate:
+        """This update merged into the base weight ``base``: W + ΔW."""
+        return LoraUpdate(self.a, self.b, self.rank, self.scale, self.fan_in_fan_out, base)
+
     def cache_material(self) -> list[object]:
         return [
             "lora",
@@ -364,22 +368,43 @@ class LoraAdapter(Format):
         assert self.base is not None
         base = self.base.tensors(wanted, head_dim)
         merged: dict[str, TensorSource] = dict(base)
-        matched = 0
+        pending = dict(updates)
         for name, source in base.items():
             module = _module_for(name, updates)
             if module is not None:
-                update = updates[module]
-                merged[name] = LoraUpdate(
-                    update.a, update.b, update.rank, update.scale, update.fan_in_fan_out, source
-                )
-                matched += 1
-        if updates and not matched:
+                merged[name] = pending.pop(module).on(source)
+        for name, module in self._text_names(base, pending).items():
+            merged[name] = pending.pop(module).on(base[name])
+        if updates and len(pending) == len(updates):
             raise CheckpointError(
                 f"{self.adapter_file()}: none of the adapter's {len(updates)} modules (e.g. "
                 f"{next(iter(updates))!r}) is a weight of the base model; the adapter was not "
                 "trained on this base model"
             )
         return merged
+
+    def _text_names(
+        self, base: TensorMap, pending: Mapping[str, LoraUpdate]
+    ) -> dict[str, str]:
+        """Base weight name -> the module of ``pending`` (updates no base weight matched by
+        name) that adapts it, found by the text model's layer prefix of each: PEFT names a
+        wrapper's modules as transformers holds them (``model.language_model.layers...``),
+        while checkpoints transformers saves may name them as it once did
+        (``language_model.model.layers...``, Qwen2-VL's ``model.layers...``); below those
+        prefixes the names are the same."""
+        if not pending or self.text_prefix is None:
+            return {}
+        try:
+            ours = self.text_prefix(base)
+            theirs = self.text_prefix({f"{module}.weight": u for module, u in pending.items()})
+        except CheckpointError:  # no text layer on one side: nothing to match
+            return {}
+        names = {}
+        for module in pending:
+            name = f"{ours}{module.removeprefix(theirs)}.weight"
+            if module.startswith(theirs) and name in base and name not in names:
+                names[name] = module
+        return names
 
     def adapter_file(self) -> Path:
         for name in ADAPTER_FILES:

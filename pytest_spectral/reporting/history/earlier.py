@@ -4,7 +4,7 @@ checkpoints before this one, for trend rules and for the HTML report's history s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_spectral.judging.rules import Rule
@@ -20,6 +20,8 @@ class EarlierReports:
 
     table: HistoryTable
     layout: tuple[object, ...]
+    #: this run's ``model.stack_geometry`` (a vision tower's head layout), if any
+    stack_geometry: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     @property
     def sources(self) -> list[ReportSource]:
@@ -34,7 +36,10 @@ class EarlierReports:
         """The history with this run's report last, holding the metrics ``keys`` (the earlier
         reports are read again, one at a time)."""
         return build_table(
-            [*self.sources, ReportSource("this run", document=report)], keys, layout=self.layout
+            [*self.sources, ReportSource("this run", document=report)],
+            keys,
+            layout=self.layout,
+            stack_geometry=self.stack_geometry,
         )
 
 
@@ -43,6 +48,7 @@ def load_earlier(
     *,
     step: Step | None,
     layout: tuple[object, ...],
+    stack_geometry: Mapping[str, Mapping[str, object]] | None = None,
     keys: Sequence[str],
     own_report: Path | None,
 ) -> EarlierReports:
@@ -51,7 +57,8 @@ def load_earlier(
     With a step number, those reports with a smaller number (a directory may also hold later
     checkpoints' reports, or this one's from an earlier run); reports without a step cannot be
     placed against it and are left out. Without one, every report (this run is created last).
-    The run's own ``--spectral-report`` is never read. Every report must have ``layout``.
+    The run's own ``--spectral-report`` is never read. Every report must have ``layout``,
+    and the ``stack_geometry`` of each stack it records.
     Raises :class:`HistoryError`.
     """
     sources = report_sources(paths, what="--spectral-history")
@@ -59,7 +66,8 @@ def load_earlier(
         target = own_report.resolve()
         own = [s for s in sources if s.path is not None and s.path.resolve() == target]
         if own and step is not None and step.number is not None:
-            held = build_table(own, [], layout=layout).headers[0].step
+            table = build_table(own, [], layout=layout, stack_geometry=stack_geometry)
+            held = table.headers[0].step
             if held is not None and held.number is not None and held.number != step.number:
                 raise HistoryError(
                     f"--spectral-report {own_report}: holds the report of step {held.number}, "
@@ -67,10 +75,10 @@ def load_earlier(
                     f"(step {step.number}) to another path"
                 )
         sources = [s for s in sources if s not in own]
-    table = build_table(sources, keys, layout=layout)
+    table = build_table(sources, keys, layout=layout, stack_geometry=stack_geometry)
     if step is not None and step.number is not None:
         numbers = [h.step.number if h.step is not None else None for h in table.headers]
         table = table.reports(
             [i for i, n in enumerate(numbers) if n is not None and n < step.number]
         )
-    return EarlierReports(table, layout)
+    return EarlierReports(table, layout, dict(stack_geometry or {}))

@@ -11,7 +11,7 @@ the key. Only one report's parsed document is alive at a time: a caller keeps wh
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_spectral.checkpoints.families import STACK_NAMES
@@ -73,6 +73,9 @@ class ReportHeader:
     step: Step | None
     created: str
     layout: tuple[object, ...]
+    #: ``model.stack_geometry``: the head layout of each stack with heads of its own (a
+    #: vision tower), stack -> config key -> value
+    stacks: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -141,8 +144,17 @@ def read_header(source: ReportSource, document: Mapping[str, object]) -> ReportH
         source,
         _step(source.name, document.get("step")),
         created,
-        tuple(model.get(field) for field in LAYOUT_FIELDS),
+        tuple(model.get(key) for key in LAYOUT_FIELDS),
+        _stack_geometry(source.name, model.get("stack_geometry", {})),
     )
+
+
+def _stack_geometry(name: str, value: object) -> dict[str, Mapping[str, object]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise HistoryError(
+            f"{name}: key 'model.stack_geometry' must be an object of objects, got {_kind(value)}"
+        )
+    return {str(stack): fields for stack, fields in value.items()}
 
 
 def _step(name: str, value: object) -> Step | None:

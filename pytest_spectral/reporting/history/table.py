@@ -10,7 +10,7 @@ are not kept: :func:`curves` reads them again, for the few items a page draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,14 +99,19 @@ def build_table(
     keys: Sequence[str],
     *,
     layout: tuple[object, ...] | None = None,
+    stack_geometry: Mapping[str, Mapping[str, object]] | None = None,
 ) -> HistoryTable:
     """Read each report once, keeping the metrics ``keys`` and every outcome.
 
     ``layout`` (the values of ``LAYOUT_FIELDS``) is what every report must have; None: the
-    first report's. Raises :class:`HistoryError` for a report that cannot be read, one of
-    another model layout, or two reports of the same step number.
+    first report's. ``stack_geometry`` (a run's ``model.stack_geometry``): the head layout
+    a stack with heads of its own (a vision tower) must have in every report that records
+    it; a stack's first recorded layout holds for the reports after it. Raises
+    :class:`HistoryError` for a report that cannot be read, one of another model layout, or
+    two reports of the same step number.
     """
     headers: list[ReportHeader] = []
+    stacks = dict(stack_geometry or {})
     columns: dict[str, int] = {}
     places: list[Place] = []
     rows: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]] = []
@@ -124,6 +129,7 @@ def build_table(
                 f"{source.name}: a report of another model layout: {'; '.join(different)}; "
                 "a history holds reports of one model"
             )
+        _check_stacks(source.name, header.stacks, stacks)
         found: list[tuple[int, int, dict[str, float]]] = []
         for point in read_items(source, document, keys):
             column = columns.setdefault(point.nodeid, len(columns))
@@ -258,3 +264,25 @@ def _change_breaks(rule: Rule, value: np.ndarray, reference: np.ndarray) -> np.n
     if rule.max_change is not None:
         broken |= ~undefined & (change > rule.max_change)
     return broken
+
+
+def _check_stacks(
+    name: str,
+    recorded: Mapping[str, Mapping[str, object]],
+    known: dict[str, Mapping[str, object]],
+) -> None:
+    """Refuse a report whose stack with heads of its own has another head layout than
+    ``known`` (the run's, or an earlier report's); record the stacks first seen here."""
+    for stack, fields in recorded.items():
+        expected = known.setdefault(stack, fields)
+        different = [
+            f"model.stack_geometry.{stack[:40]}.{str(key)[:40]} is {str(fields.get(key))[:40]!r} "
+            f"(expected {str(expected.get(key))[:40]!r})"
+            for key in sorted({*fields, *expected}, key=str)
+            if fields.get(key) != expected.get(key)
+        ]
+        if different:
+            raise HistoryError(
+                f"{name}: a report of another model layout: {'; '.join(different)}; "
+                "a history holds reports of one model"
+            )
