@@ -142,7 +142,10 @@ def after_first_dense(key: str = "first_k_dense_replace") -> Schedule:
 def _sparse_step(config: Mapping[str, object], layers: int) -> tuple[int, ...]:
     step = _integer(config, "decoder_sparse_step", low=1)
     dense = _layer_list(config, "mlp_only_layers")
-    if _integer(config, "num_experts", low=0) == 0:
+    # Qwen3-MoE stores num_experts as num_local_experts (its attribute_map): name the key the
+    # config holds when its value is refused
+    stored = next((key for key in EXPERT_COUNT_KEYS if config.get(key) is not None), "num_experts")
+    if _integer(config, stored, low=0) == 0:
         return ()
     return tuple(layer for layer in range(layers) if layer not in dense and (layer + 1) % step == 0)
 
