@@ -241,6 +241,7 @@ class TestDistributedCheckpoint:
             weights = torch.load("{pytester.path}/weights.pt")
             sharded = {{n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in weights.items()}}
             dcp.save({{"model": sharded}}, checkpoint_id="{pytester.path}/fsdp")
+            dist.barrier()  # neither rank tears gloo down while the other still uses it
             dist.destroy_process_group()
             """)
         )
