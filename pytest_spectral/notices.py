@@ -23,7 +23,8 @@ import pytest
 from pytest_spectral.checkpoints.checkpoint import CIRCUITS, HEAD_MATRICES
 from pytest_spectral.checkpoints.families import (
     MLP_MATRICES,
-    STACK_NAMES,
+    RULE_STACK_NAMES,
+    TEXT,
     VISION,
     WHOLE_ONLY_MATRICES,
     matrix_kind,
@@ -168,16 +169,16 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
             )
         )
     present_stacks = run.checkpoint.stack_layers()
-    if rule.stacks is not None and stacks and not rule.stacks & set(present_stacks):
+    present = {stack or TEXT for stack in present_stacks}  # as a rule's stacks name them
+    if rule.stacks is not None and stacks and not rule.stacks & present:
         return (
-            f"its stacks ({', '.join(sorted(rule.stacks, key=STACK_NAMES.index))}) do not "
+            f"its stacks ({_rule_stacks(rule)}) do not "
             f"exist in this run, whose layers are {_stack_names(present_stacks)}"
         )
-    if rule.stacks is not None and not stacks:
+    if rule.stacks is not None and not rule.stacks & present:
         return (
-            f"its stacks ({', '.join(sorted(rule.stacks, key=STACK_NAMES.index))}) are those "
-            "of an encoder-decoder model, and "
-            "this model's layers are not in stacks: remove stacks"
+            f"its stacks ({_rule_stacks(rule)}) are those of an encoder-decoder model, and "
+            'this model\'s layers are not in stacks: remove stacks (or give stacks = ["text"])'
         )
     collected = run.head_matrices if rule.scope == "head" else run.whole_matrices
     if not rule.matrices & set(collected):
@@ -205,7 +206,7 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
     judged = {  # the layers (per stack) the rule may judge, and those the run collects
         stack: count
         for stack, count in run.checkpoint.stack_layers().items()
-        if rule.stacks is None or stack in rule.stacks
+        if rule.stacks is None or (stack or TEXT) in rule.stacks
     }
     positions = [run.checkpoint.position(block) for block in run.layers]
     selected = [layer for stack, layer in positions if stack in judged]
@@ -237,10 +238,15 @@ def why_unused(rule: Rule, run: SpectralRun) -> str | None:
     return None
 
 
+def _rule_stacks(rule: Rule) -> str:
+    """``encoder, cross``: a rule's stacks, in the order a rules file documents them."""
+    return ", ".join(sorted(rule.stacks or (), key=RULE_STACK_NAMES.index))
+
+
 def _stack_names(counts: Mapping[str | None, int]) -> str:
-    """``the text model's (in no stack) and the vision stack's``."""
+    """``the text model's (stacks = ["text"]) and the vision stack's``."""
     return " and ".join(
-        "the text model's (in no stack)" if stack is None else f"the {stack} stack's"
+        'the text model\'s (stacks = ["text"])' if stack is None else f"the {stack} stack's"
         for stack in counts
     )
 
@@ -257,7 +263,7 @@ def _absent_from_layers(rule: Rule, run: SpectralRun, blocks: list[int]) -> str:
     named = _names(rule.matrices)
     where = "the layers it judges"
     if rule.stacks is not None:
-        stacks = sorted(rule.stacks, key=STACK_NAMES.index)
+        stacks = sorted(rule.stacks, key=RULE_STACK_NAMES.index)
         owner = "stacks'" if len(stacks) > 1 else "stack's"
         where = f"the {' and '.join(stacks)} {owner} layers"
     why = f"{where} have no {named} (they have {', '.join(k for k in kinds if k in present)})"

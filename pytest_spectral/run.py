@@ -181,12 +181,6 @@ class SpectralRun:
             ImportError,
         ) as exc:
             raise pytest.UsageError(printable(str(exc))) from None
-        if "spectral_calibrate" in outputs and config.getoption("spectral_vision"):
-            raise pytest.UsageError(
-                "--spectral-calibrate with --spectral-vision: a calibrated rule of the text "
-                "model would also judge the vision stack (rules select stacks by name, and the "
-                "text model's layers have none); calibrate without --spectral-vision"
-            )
         selected = _selected_matrices(config, checkpoint, scope)
         if scope == "head" and not set(selected) & set(HEAD_MATRICES):
             whole = "they exist only as whole matrices" if len(selected) > 1 else (

@@ -317,3 +317,28 @@ def test_a_rule_with_stacks_on_a_model_without_them_says_so(pytester, tmp_path) 
         ["*applies to no item of this *its stacks (cross) are those of an encoder-decoder "
          "model, and this model's layers are not in stacks: remove stacks*"]
     )  # fmt: skip
+
+
+def test_a_text_rule_judges_every_item_of_a_model_of_one_stack(pytester, tmp_path) -> None:
+    model = write_random_llama(tmp_path / "llama")
+    config = json.loads((model / "config.json").read_text())
+    rules = pytester.makefile(  # stable rank >= 1: every item it judges breaks max = 0.5
+        ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["text"]\n'
+    )
+    result = pytester.runpytest(
+        f"--spectral-model={model}", f"--spectral-thresholds={rules}", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(failed=config["num_hidden_layers"] * config["num_attention_heads"] * 4)
+    assert "applies to no item" not in result.stdout.str()
+
+
+def test_a_text_rule_on_an_encoder_decoder_model_says_it_judges_nothing(bart, pytester) -> None:
+    rules = pytester.makefile(
+        ".toml", rules='[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["text"]\n'
+    )
+    result = pytester.runpytest(f"--spectral-model={bart}", f"--spectral-thresholds={rules}")
+    result.stdout.fnmatch_lines(
+        ["*applies to no item of this *its stacks (text) do not exist in this run, whose "
+         "layers are the encoder stack's and the decoder stack's and the cross stack's*"]
+    )  # fmt: skip
+    assert result.parseoutcomes().get("failed", 0) == 0

@@ -37,6 +37,7 @@ from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import head_blocks
 from pytest_spectral.errors import CheckpointError
 from pytest_spectral.judging.metrics import DEFAULT_REQUESTS
+from pytest_spectral.judging.rules import load_rules
 from pytest_spectral.testing.synthetic import write_random_llama
 
 transformers = pytest.importorskip("transformers")
@@ -492,13 +493,56 @@ def test_a_tower_the_plugin_cannot_lay_out_is_refused_naming_the_key_or_tensor(
     assert default.ret == pytest.ExitCode.OK  # the text model alone, as before
 
 
-def test_calibration_with_the_tower_is_refused_saying_why(llava, pytester) -> None:
-    _, directory = llava
+# stable rank is at least 1 (||W||_F^2 >= sigma_max^2), so every item breaks max = 0.5
+EVERY_ITEM_BREAKS = '[[rules]]\nmetric = "stable_rank"\nmax = 0.5\nstacks = ["text"]\n'
+
+
+def test_a_text_rule_fails_exactly_the_text_models_items_beside_the_tower(llava, pytester):
+    model, directory = llava
+    layers, heads = tower_counts(model)
+    text = model.config.text_config
+    text_items = text.num_hidden_layers * text.num_attention_heads * 4
+    rules = pytester.makefile(".toml", rules=EVERY_ITEM_BREAKS)
+    report = pytester.path / "report.json"
     result = pytester.runpytest(
-        f"--spectral-model={directory}", "--spectral-vision", "--spectral-calibrate=cal.toml"
+        f"--spectral-model={directory}", "--spectral-vision", f"--spectral-thresholds={rules}",
+        f"--spectral-report={report}", "-p", "no:cacheprovider",
+    )  # fmt: skip
+    result.assert_outcomes(failed=text_items, passed=layers * heads * 4)
+    items = json.loads(report.read_text())["items"]
+    assert {i["stack"] for i in items if i["outcome"] == "failed"} == {None}
+    assert all(i["nodeid"].startswith("spectral::layer") for i in items if i["stack"] is None)
+    assert "applies to no item" not in result.stdout.str()
+
+
+def test_a_text_rule_without_the_tower_judges_every_item(llava, pytester):
+    model, directory = llava
+    text = model.config.text_config
+    rules = pytester.makefile(".toml", rules=EVERY_ITEM_BREAKS)
+    result = pytester.runpytest(
+        f"--spectral-model={directory}", f"--spectral-thresholds={rules}", "-p", "no:cacheprovider"
     )
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--spectral-calibrate with --spectral-vision*"])
+    result.assert_outcomes(failed=text.num_hidden_layers * text.num_attention_heads * 4)
+
+
+def test_calibration_with_the_tower_writes_rules_per_stack_that_pass_it(llava, pytester):
+    model, directory = llava
+    layers, heads = tower_counts(model)
+    text = model.config.text_config
+    calibrate = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-calibrate=cal.toml",
+        "-p", "no:cacheprovider",
+    )  # fmt: skip
+    assert calibrate.ret == pytest.ExitCode.OK
+    written = load_rules(pytester.path / "cal.toml").rules
+    assert {rule.stacks for rule in written} == {frozenset({"text"}), frozenset({"vision"})}
+    rerun = pytester.runpytest(
+        f"--spectral-model={directory}", "--spectral-vision", "--spectral-thresholds=cal.toml",
+        "-p", "no:cacheprovider",
+    )  # fmt: skip
+    text_items = text.num_hidden_layers * text.num_attention_heads * 4
+    rerun.assert_outcomes(passed=text_items + layers * heads * 4)
+    assert "applies to no item" not in rerun.stdout.str()
 
 
 def test_a_cached_tower_spectrum_is_stale_when_the_towers_heads_change(
@@ -599,7 +643,7 @@ def test_vision_ids_as_arguments_say_what_is_wrong(llava, pytester, argument, wh
             ["--spectral-vision"],
             'stacks = ["encoder"]',
             "*applies to no item of this run: its stacks (encoder) do not exist in this run, "
-            "whose layers are the text model's (in no stack) and the vision stack's*",
+            "whose layers are the text model's (stacks = ?\"text\"?) and the vision stack's*",
         ),
         (
             ["--spectral-vision"],

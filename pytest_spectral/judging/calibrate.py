@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
-from pytest_spectral.checkpoints.families import matrix_kind
+from pytest_spectral.checkpoints.families import TEXT, matrix_kind
 from pytest_spectral.judging.ranges import IndexSet
 from pytest_spectral.printable import printable
 from pytest_spectral.results import Record
@@ -73,10 +73,11 @@ def calibrated_rules(
     ``layers`` and ``heads`` are the model's counts; ``layers`` of an encoder-decoder model
     map each stack to its count, and each stack gets rules of its own (``stacks = [...]``):
     cross-attention's spectra need not look like self-attention's; ``heads`` may map each
-    stack to its own count too. A run that measured part
-    of the model (``--spectral-layers``, ``-k``) says nothing about the rest, so each rule gets
-    the ``layers`` (and, for heads, the ``heads``) its items came from, whenever they are not
-    all of the model's.
+    stack to its own count too. The layers in no stack (``None``) beside a named stack (a
+    wrapper's text model beside its vision tower) get rules of ``stacks = ["text"]``. A run
+    that measured part of the model (``--spectral-layers``, ``-k``) says nothing about the
+    rest, so each rule gets the ``layers`` (and, for heads, the ``heads``) its items came
+    from, whenever they are not all of the model's.
     """
     records = list(records)
     counts = dict(layers) if isinstance(layers, Mapping) else {None: layers}
@@ -115,7 +116,8 @@ def calibrated_rules(
         ]
     for stack, count in counts.items():
         mine = [r for r in records if r.get("stack") == stack]
-        lines += _stack_rules(mine, stack, count, per_stack[stack], margin)
+        name = stack or (TEXT if len(counts) > 1 else None)  # what a rule's stacks calls it
+        lines += _stack_rules(mine, name, count, per_stack[stack], margin)
     return Calibration("\n".join(lines) + "\n", len(healthy), left_out, part)
 
 

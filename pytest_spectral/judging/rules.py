@@ -18,7 +18,8 @@ from typing import Literal
 
 from pytest_spectral.checkpoints.checkpoint import HEAD_MATRICES
 from pytest_spectral.checkpoints.families import (
-    STACK_NAMES,
+    RULE_STACK_NAMES,
+    TEXT,
     WHOLE_ONLY_MATRICES,
     matrix_kind,
 )
@@ -99,9 +100,9 @@ class Rule:
     #: lines in the rules file: of the ``[[rules]]`` header (key ``""``) and of each bound
     #: given (``"min"``, ``"max"``, ...); warnings point there
     lines: tuple[tuple[str, int], ...] = ()
-    #: the stacks of an encoder-decoder model it judges (encoder, decoder, cross), or a
-    #: wrapper's vision tower (vision); ``None``: every item, whatever its stack, and every
-    #: item of a model of one stack
+    #: the stacks of an encoder-decoder model it judges (encoder, decoder, cross), a
+    #: wrapper's vision tower (vision) or the items in no stack (text: a wrapper's text
+    #: model, every item of a model of one stack); ``None``: every item, whatever its stack
     stacks: frozenset[str] | None = None
 
     def line(self, key: str = "") -> int | None:
@@ -123,15 +124,15 @@ class Rule:
         self, layer: int, head: int | None, matrix: str, stack: str | None = None
     ) -> bool:
         """Whether the rule judges this item; ``head`` is None for a whole-matrix item,
-        ``stack`` for an item of a model of one stack (which a rule with ``stacks`` never
-        judges)."""
+        ``stack`` for an item in no stack (a wrapper's text model, a model of one stack),
+        which a rule's ``stacks`` calls ``text``."""
         if self.scope != ("matrix" if head is None else "head"):
             return False
         return (
             matrix_kind(matrix) in self.matrices  # a rule names an expert matrix by its kind
             and layer in self.layers
             and (head is None or head in self.heads)
-            and (self.stacks is None or stack in self.stacks)
+            and (self.stacks is None or (stack or TEXT) in self.stacks)
         )
 
     def violation(self, value: float) -> str | None:
@@ -348,7 +349,7 @@ def rules_of_stack(rules: Iterable[Rule], stack: str | None) -> list[Rule]:
 
 def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
     """``stacks = ["cross"]``: the stacks of an encoder-decoder model a rule judges
-    (``["vision"]``: a multimodal wrapper's vision tower)."""
+    (``["vision"]``: a multimodal wrapper's vision tower, ``["text"]``: its text model)."""
     if "stacks" not in entry:
         return None
     value = entry["stacks"]
@@ -356,9 +357,9 @@ def _stacks(entry: Mapping[str, object], fail: _Fail) -> frozenset[str] | None:
     if not isinstance(names, list) or not names:
         raise fail("stacks", f"must be a non-empty list such as ['cross'], got {value!r}")
     for name in names:
-        if name not in STACK_NAMES:
+        if name not in RULE_STACK_NAMES:
             raise fail(
-                "stacks", f"unknown stack {name!r}; choose from {', '.join(STACK_NAMES)}"
+                "stacks", f"unknown stack {name!r}; choose from {', '.join(RULE_STACK_NAMES)}"
             )
     return frozenset(names)
 

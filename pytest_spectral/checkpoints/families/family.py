@@ -124,6 +124,12 @@ STACKS: tuple[str, ...] = ("encoder", "decoder", "cross")
 VISION = "vision"
 #: every stack name an item id, a rule's ``stacks`` or a report's ``stack`` may hold
 STACK_NAMES: tuple[str, ...] = (*STACKS, VISION)
+#: what a rule's ``stacks`` calls the items in no stack: a multimodal wrapper's text model
+#: (beside its ``vision`` stack), and every item of a model of one stack; no item id or
+#: report names it (their ``stack`` stays none)
+TEXT = "text"
+#: every stack name a rule's ``stacks`` may hold, in the order messages list them
+RULE_STACK_NAMES: tuple[str, ...] = (*STACKS, TEXT, VISION)
 
 
 @dataclass(frozen=True)
