@@ -110,6 +110,13 @@ class TestErrors:
         rename_tensors(tiny_checkpoint, "self_attn.", "attention.")
         self.expect(tiny_checkpoint, "a config without 'model_type' is not supported; supported:")
 
+    @pytest.mark.parametrize("model_type", [[], {"llava": 1}, 7])
+    def test_model_type_that_is_no_string_is_refused(self, tiny_checkpoint, model_type) -> None:
+        """Found by the fuzz test: a list crashed the wrapper lookup (unhashable)."""
+        edit_config(tiny_checkpoint, model_type=model_type)
+        rename_tensors(tiny_checkpoint, "self_attn.", "attention.")
+        self.expect(tiny_checkpoint, f"model_type {model_type!r} is not supported")
+
     def test_text_config_that_is_no_object_is_refused(self, tiny_checkpoint: Path) -> None:
         edit_config(tiny_checkpoint, model_type="llava", text_config="x")
         self.expect(

@@ -504,7 +504,8 @@ def open_checkpoint(
     else:
         config, config_file = weights.config()
     tower = interpret_vision_config(config, config_file) if vision else None
-    wrapper = str(config["model_type"]) if config.get("model_type") in WRAPPERS else None
+    model_type = config.get("model_type")  # any JSON value: hashable or not
+    wrapper = model_type if isinstance(model_type, str) and model_type in WRAPPERS else None
     tower_family = tower[0] if tower else _tower_family(config, config_file) if wrapper else None
     config, family, variant, geometry, notes, stacks = interpret_config(config, config_file, family)
     layout = Layout(family.name, variant.fused, family.conv1d)
