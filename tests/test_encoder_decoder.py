@@ -23,6 +23,7 @@ import pytest
 import torch
 from architecture_matrix import ENCODER_DECODER_CASES, EncoderDecoderCase
 from safetensors import safe_open
+from test_architectures import changed_heads, perturbed
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, Checkpoint, open_checkpoint
 from pytest_spectral.checkpoints.families import STACKS, family_for
@@ -120,32 +121,6 @@ def pattern(out, stack: str) -> torch.Tensor:
     return getattr(out, ATTENTIONS[stack])[0][0]
 
 
-class Scaled:
-    """A context in which the given elements of parameter ``name`` are scaled (by factors
-    from 2 to 4 that differ along the slice, or by ``factor``)."""
-
-    def __init__(self, model, name: str, indices: torch.Tensor, factor: float | None = None):
-        self.parameter, self.indices, self.factor = model.get_parameter(name), indices, factor
-
-    def __enter__(self) -> None:
-        self.saved = self.parameter.detach().clone()
-        scale = torch.linspace(2.0, 4.0, len(self.indices)) if self.factor is None else self.factor
-        with torch.no_grad():
-            self.parameter.view(-1)[self.indices] *= scale
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            self.parameter.copy_(self.saved)
-
-
-def changed_heads(before: torch.Tensor, after: torch.Tensor, heads: int, per_head) -> set[int]:
-    return {
-        h
-        for h in range(heads)
-        if not torch.allclose(per_head(before, h), per_head(after, h), atol=1e-6)
-    }
-
-
 def heads_changed_by_q_and_k(model, checkpoint: Checkpoint, case, stack: str):
     """For a Q slice of the first and last head and a K slice of the last, in the first layer
     of ``stack``: the heads whose attention pattern changes when the plugin's slice is
@@ -158,7 +133,7 @@ def heads_changed_by_q_and_k(model, checkpoint: Checkpoint, case, stack: str):
     found = []
     for matrix, head in (("q", 0), ("q", g.heads - 1), ("k", g.heads - 1)):
         name = parameter_name(checkpoint, model, block, matrix)
-        with Scaled(model, name, slice_positions(checkpoint, block, matrix, head).flatten()):
+        with perturbed(model, name, slice_positions(checkpoint, block, matrix, head).flatten()):
             attention = pattern(forward(model, case, o_name)[0], stack)
         found.append((matrix, head, changed_heads(base, attention, g.heads, by_head)))
     return found
@@ -180,7 +155,7 @@ def test_v_slice_drives_exactly_its_heads_outputs(built, stack: str) -> None:
     _, base, _ = forward(model, case, o_name)
     segment = lambda x, h: x[:, h * g.head_dim : (h + 1) * g.head_dim]  # noqa: E731
     v_name = parameter_name(checkpoint, model, block, "v")
-    with Scaled(model, v_name, slice_positions(checkpoint, block, "v", 1).flatten()):
+    with perturbed(model, v_name, slice_positions(checkpoint, block, "v", 1).flatten()):
         _, o_input, _ = forward(model, case, o_name)
     assert changed_heads(base, o_input, g.heads, segment) == {1}
 
@@ -199,7 +174,7 @@ def test_o_slice_is_what_multiplies_the_heads_segment(built, stack: str) -> None
     with torch.no_grad():
         expected = module(without_segment)
         indices = slice_positions(checkpoint, block, "o", head).flatten()
-        with Scaled(model, o_name, indices, factor=0.0):
+        with perturbed(model, o_name, indices, factor=0.0):
             actual = module(o_input)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 from architecture_matrix import CASES, VISION_CASES
 from safetensors import safe_open
+from test_architectures import perturbed
 
 from pytest_spectral.checkpoints.checkpoint import (
     MATRICES,
@@ -156,24 +157,6 @@ def o_input(model, o_name: str) -> torch.Tensor:
     return captured["input"].reshape(-1, module.in_features)
 
 
-class Scaled:
-    """Elements of parameter ``name`` scaled, by factors from 2 to 4 along the slice (or by
-    ``factor``), for the duration of a ``with``."""
-
-    def __init__(self, model, name: str, indices: torch.Tensor, factor: float | None = None):
-        self.parameter, self.indices, self.factor = model.get_parameter(name), indices, factor
-
-    def __enter__(self) -> None:
-        self.saved = self.parameter.detach().clone()
-        scale = torch.linspace(2.0, 4.0, len(self.indices)) if self.factor is None else self.factor
-        with torch.no_grad():
-            self.parameter.view(-1)[self.indices] *= scale
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            self.parameter.copy_(self.saved)
-
-
 def vision_blocks(checkpoint: Checkpoint) -> list[int]:
     return [b for b in checkpoint.layer_numbers if checkpoint.position(b)[0] == "vision"]
 
@@ -206,7 +189,7 @@ def test_each_vision_head_slice_drives_exactly_its_heads_attention_output(wrappe
         for matrix in ("q", "k", "v"):
             name = parameter_name(checkpoint, model, block, matrix)
             for head in (0, heads - 1):
-                with Scaled(model, name, slice_positions(checkpoint, block, matrix, head)):
+                with perturbed(model, name, slice_positions(checkpoint, block, matrix, head)):
                     after = o_input(model, o_name)
                 changed = {
                     h
@@ -232,7 +215,7 @@ def test_each_vision_o_slice_is_what_multiplies_its_heads_segment(wrapper):
             with torch.no_grad():
                 expected = module(without)
                 zeroed = slice_positions(checkpoint, block, "o", head)
-                with Scaled(model, o_name, zeroed, factor=0.0):
+                with perturbed(model, o_name, zeroed, factor=0.0):
                     actual = module(inputs)
             torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
 
