@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -119,24 +118,17 @@ def test_pytests_process_never_imports_torch_when_a_child_decomposes(
 
 
 def test_a_run_ends_promptly_when_a_child_has_work_queued(pytester, tiny_checkpoint) -> None:
-    """Stopping at the first failure leaves the layers computed ahead unclaimed."""
-    pytester.makepyfile(
-        rules="""
-        [[rules]]
-        metric = "stable_rank"
-        max = 0
-        """
-    )
-    (pytester.path / "rules.py").rename(pytester.path / "rules.toml")
-    started = time.monotonic()
+    """Stopping at the first failure leaves the layers computed ahead unclaimed: the child is
+    closed with work queued and the run still ends (a hang fails at the timeout)."""
+    (pytester.path / "rules.toml").write_text('[[rules]]\nmetric = "stable_rank"\nmax = 0\n')
     result = pytester.runpytest_subprocess(
         f"--spectral-model={tiny_checkpoint}",
         "--spectral-subprocess=on",
         "--spectral-thresholds=rules.toml",
         "-x",
+        timeout=60,
     )
     result.assert_outcomes(failed=1)
-    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("value", ["maybe", "", "ON "])
