@@ -3,8 +3,8 @@
 In one process, the decomposition's Python steps (slicing, launching each kernel, futures,
 metric columns) and pytest's own item loop take turns on the interpreter lock, and each
 waits for the other: on a 4096-item run of a Llama-3-8B-shaped checkpoint on 2 cores, the
-pool's threads and pytest together held the lock most of the run while the cores were
-idle a third of it. :class:`ChildDecomposer` runs a
+pool's threads and pytest held the lock over three quarters of the run, and the cores were
+idle about 30% of it. :class:`ChildDecomposer` runs a
 :class:`~pytest_spectral.compute.decomposer.LocalDecomposer` in a child Python process with
 a lock of its own; this process then never imports torch. It has the same interface and
 gives the same numbers (the same code on the same threads).
