@@ -67,7 +67,7 @@ class _Begun:
     layer: int
     time: float
     units: tuple[Unit, ...]
-    keys: dict[Unit, str | None]
+    keys: dict[Unit, str]  # cache keys (none without a cache)
     cached: dict[Unit, SliceSpectra | UnitError]
     pending: Future[Decomposed] | None
 
@@ -182,12 +182,14 @@ class SpectraEngine:
         """Serve ``units`` from the cache where it can; hand the rest to the decomposer (all
         at once, so that it shares every slice of the layer among its threads)."""
         begun = time.perf_counter()
-        keys: dict[Unit, str | None] = {}
+        keys: dict[Unit, str] = {}
         cached: dict[Unit, SliceSpectra | UnitError] = {}
         for unit in units:
+            if self.cache is None:
+                continue
             try:
-                keys[unit] = key = self._cache_key(layer, unit) if self.cache else None
-                hit = self.cache.load(key) if self.cache is not None and key else None
+                keys[unit] = key = self._cache_key(layer, unit)
+                hit = self.cache.load(key)
             except Exception as exc:
                 cached[unit] = read_failure(self.checkpoint, layer, unit, exc)
                 continue
@@ -203,14 +205,15 @@ class SpectraEngine:
                 cached.update(dict.fromkeys(missing, failure))
         return _Begun(layer, begun, units, keys, cached, pending)
 
-    def _finish_layer(self, layer: int, begun: Future[_Begun]) -> tuple[LayerResults, LayerStats]:
-        results, cached = self._finish(begun.result())
+    def _finish_layer(self, layer: int, started: Future[_Begun]) -> tuple[LayerResults, LayerStats]:
+        begun = started.result()
+        results, cached = self._finish(begun)
         slices = refined = 0
         for heads in results.values():
             if isinstance(heads, list):
                 slices += len(heads)
                 refined += sum(h.method in ("cholqr2", "qr") for h in heads)
-        elapsed = time.perf_counter() - begun.result().time
+        elapsed = time.perf_counter() - begun.time
         return results, LayerStats(layer, slices, refined, cached, elapsed)
 
     def _finish(self, begun: _Begun) -> tuple[LayerResults, int]:
@@ -232,9 +235,8 @@ class SpectraEngine:
             if isinstance(spectra, UnitError):
                 results[unit] = spectra
                 continue
-            key = begun.keys.get(unit)
-            if unit not in begun.cached and self.cache is not None and key is not None:
-                self.cache.store(key, spectra)
+            if unit not in begun.cached and self.cache is not None and unit in begun.keys:
+                self.cache.store(begun.keys[unit], spectra)
             try:
                 results[unit] = self._heads(layer, unit, spectra)
             except UnitError as exc:
