@@ -225,14 +225,12 @@ def _reply(output: IO[bytes], lock: threading.Lock, ticket: int, future: Future)
         message: tuple = (ticket, future.result(), None)
     except BaseException as exc:
         message = (ticket, None, exc)
-    with lock:
+    # OSError: pytest's process has gone (ended, or stopped reading): no one to tell
+    with lock, contextlib.suppress(OSError):
         try:
-            try:
-                _send(output, message)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                _send(output, (ticket, None, RuntimeError(describe(exc))))
-        except OSError:  # pytest's process has gone (ended, or stopped reading): no one to tell
-            pass
+            _send(output, message)  # pickled whole before anything is written
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            _send(output, (ticket, None, RuntimeError(describe(exc))))
 
 
 def main() -> None:
