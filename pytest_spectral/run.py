@@ -348,12 +348,18 @@ class SpectralRun:
                 threads=self.threads,
                 cache=SpectraCache(self.cache_dir) if self.cache_dir else None,
                 prefetch=single,
-                isolate=self.subprocess == "on"
-                or (self.subprocess == "auto" and single and self._planned_weights() >= 2**28),
+                isolate=self._isolate(single),
                 on_layer=self.on_layer,
             )
             self._engine.plan(self.needed)
         return self._engine
+
+    def _isolate(self, single: bool) -> bool:
+        """Whether to decompose in a child process (--spectral-subprocess): "auto" does in a
+        single process reading at least :data:`ISOLATE_FROM_WEIGHTS` weights."""
+        if self.subprocess != "auto":
+            return self.subprocess == "on"
+        return single and self._planned_weights() >= ISOLATE_FROM_WEIGHTS
 
     def _planned_weights(self) -> int:
         """How many weights the tensors of the items this process runs hold."""
@@ -653,5 +659,9 @@ def _cache_dir(config: pytest.Config) -> Path | None:
 
 
 #: key of the resolved checkpoint path in pytest-xdist's workerinput
+#: Where --spectral-subprocess=auto starts a child: below it, the child's start-up (importing
+#: torch) cost about what it saved (measured: README, Speed).
+ISOLATE_FROM_WEIGHTS = 2**28
+
 MODEL_PATH_KEY = "spectral_model_path"
 RUN_KEY = pytest.StashKey[SpectralRun]()

@@ -197,3 +197,31 @@ def test_a_child_that_cannot_start_fails_the_items_saying_why(checkpoint, monkey
             engine.head(0, "q", 0)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    ("threshold", "choice", "children"),
+    [(1, "auto", 1), (10**12, "auto", 0), (10**12, "on", 1), (1, "off", 0)],
+)
+def test_auto_starts_a_child_from_a_number_of_weights(
+    pytester, tiny_checkpoint, monkeypatch, threshold, choice, children
+) -> None:
+    """The tiny checkpoint's attention holds 2 x (64x64 + 2 x 32x64 + 64x64) = 24,576 weights."""
+    from pytest_spectral import run
+    from pytest_spectral.compute import isolated
+
+    started = []
+    original = isolated.ChildDecomposer.__init__
+
+    def spy(self, *args, **kwargs) -> None:
+        started.append(args[0].root)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run, "ISOLATE_FROM_WEIGHTS", threshold)
+    monkeypatch.setattr(isolated.ChildDecomposer, "__init__", spy)
+    result = pytester.runpytest(
+        f"--spectral-model={tiny_checkpoint}", f"--spectral-subprocess={choice}", "-p", "no:xdist",
+        "--spectral-no-cache",
+    )  # fmt: skip
+    result.assert_outcomes(passed=32)
+    assert len(started) == children
