@@ -206,22 +206,27 @@ def test_a_child_that_cannot_start_fails_the_items_saying_why(checkpoint, monkey
 def test_auto_starts_a_child_from_a_number_of_weights(
     pytester, tiny_checkpoint, monkeypatch, threshold, choice, children
 ) -> None:
-    """The tiny checkpoint's attention holds 2 x (64x64 + 2 x 32x64 + 64x64) = 24,576 weights."""
-    from pytest_spectral import run
-    from pytest_spectral.compute import isolated
-
-    started = []
-    original = isolated.ChildDecomposer.__init__
-
-    def spy(self, *args, **kwargs) -> None:
-        started.append(args[0].root)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(run, "ISOLATE_FROM_WEIGHTS", threshold)
-    monkeypatch.setattr(isolated.ChildDecomposer, "__init__", spy)
-    result = pytester.runpytest(
+    """The tiny checkpoint's attention holds 2 x (64x64 + 2 x 32x64 + 64x64) = 24,576 weights.
+    A conftest sets the threshold and counts the children started (in a process of its own:
+    pytester's in-process runs re-import the plugin's modules)."""
+    pytester.makeconftest(
+        "import pytest_spectral.run as run\n"
+        "from pytest_spectral.compute import isolated\n"
+        f"run.ISOLATE_FROM_WEIGHTS = {threshold}\n"
+        "original = isolated.ChildDecomposer.__init__\n"
+        "def spy(self, *args, **kwargs):\n"
+        "    with open('children.txt', 'a') as handle:\n"
+        "        handle.write('child\\n')\n"
+        "    original(self, *args, **kwargs)\n"
+        "isolated.ChildDecomposer.__init__ = spy\n"
+    )
+    # A single process, even when this suite runs under xdist (its variables are inherited).
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    result = pytester.runpytest_subprocess(
         f"--spectral-model={tiny_checkpoint}", f"--spectral-subprocess={choice}", "-p", "no:xdist",
         "--spectral-no-cache",
     )  # fmt: skip
     result.assert_outcomes(passed=32)
-    assert len(started) == children
+    log = pytester.path / "children.txt"
+    assert (log.read_text().count("child") if log.exists() else 0) == children
