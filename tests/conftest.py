@@ -54,21 +54,42 @@ def pytest_configure(config: pytest.Config) -> None:
             settings.load_profile("pytest-spectral")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """In a mutation run, run a mutant's tests fastest first.
+END_TO_END_FILES = (
+    "tests/test_gating.py",
+    "tests/test_history.py",
+    "tests/test_history_inputs.py",
+    "tests/test_experts.py",
+    "tests/test_regressions.py",
+    "tests/test_stacks.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a mutation run, run a mutant's tests fastest first, and in its unit pass only the
+    unit tests.
 
     mutmut (pyproject.toml, ``[tool.mutmut]``) stops a mutant's run at its first failing test
     and passes the tests in no particular order, so a mutant that a 0.01 s unit test kills
     could first wait on a 10 s end-to-end run. The durations are those mutmut recorded in
     its stats pass, in ``mutmut-stats.json`` of the directory it runs the tests from; tests
-    it has no duration for go last. Outside a mutation run this does nothing.
+    it has no duration for go last.
+
+    ``SPECTRAL_MUTATION_PASS=unit`` leaves out the end-to-end files of the selection, whose
+    pytester runs cost a surviving mutant half a minute: the README's two-pass run tests every
+    mutant against the unit tests first, then only the survivors against all. Outside a
+    mutation run this does nothing.
     """
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
-    stats = Path("mutmut-stats.json")
-    if "__mutmut_" not in mutant or not stats.is_file():
+    if not mutant:
         return
-    duration = json.loads(stats.read_text())["duration_by_test"]
-    items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))
+    if os.environ.get("SPECTRAL_MUTATION_PASS") == "unit":
+        left_out = [item for item in items if item.nodeid.startswith(END_TO_END_FILES)]
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.nodeid.startswith(END_TO_END_FILES)]
+    stats = Path("mutmut-stats.json")
+    if "__mutmut_" in mutant and stats.is_file():
+        duration = json.loads(stats.read_text())["duration_by_test"]
+        items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))
 
 
 @pytest.fixture
