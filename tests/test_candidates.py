@@ -361,10 +361,12 @@ class TestTotalSaving:
         assert self.total(whole_up, record("q", head=3)) == 176 + 176
 
 
-def circuit(head: int, rank: float, matrix: str = "qk", group_size: int = 4) -> dict:
+def circuit(
+    head: int, rank: float, matrix: str = "qk", group_size: int = 4, suggest: str = "low_rank"
+) -> dict:
     """A failed circuit item (hidden x hidden, rank <= head_dim 8) of query head ``head``."""
     return {
-        **record(matrix, rank=rank, head=head),
+        **record(matrix, suggest, rank=rank, head=head),
         "kv_head": head // group_size,
         "shape": [32, 32],
     }
@@ -410,3 +412,23 @@ class TestCircuitCandidates:
         )
         # Q slices 4, 6, 7 and K/V head 1's K slice are cut; Q slice 5 factorised (176 > 160)
         assert total_saving(candidates, GEOMETRY) == 4 * cut_per_slice + 176
+
+    def test_removing_a_complete_groups_heads_frees_each_query_heads_q_and_o(self) -> None:
+        """A circuit rule asking for head removal prices dropping every query head of the
+        row: per head its Q rows and O columns, 8 x 32 + 32 x 8 (README, params saved)."""
+        members = [circuit(h, 2, suggest="remove_head") for h in (4, 5, 6, 7)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.removal == 4 * (8 * 32 + 32 * 8)
+        # the cut to rank 2 saves (4 + 1) slices x (8 - 2) rows x 32 = 960, less than 2048
+        assert candidate.params_before - candidate.params_after == 5 * 6 * 32
+        assert candidate.saved == 4 * (8 * 32 + 32 * 8)
+        assert candidate_record(candidate)["params_saved_by_removal"] == 2048
+
+    def test_without_geometry_a_circuit_head_is_its_own_group(self) -> None:
+        """Nothing sizes the group, so a head is priced alone: its Q slice and the K slice, each
+        cut from the spectrum's 8 values (head_dim) to rank 2 over 32 columns."""
+        (candidate,) = pruning_candidates([circuit(5, 2)], "energy_rank(p=0.95)")
+        assert (candidate.heads, candidate.needs_heads, candidate.needs) == ((5,), (), "")
+        assert (candidate.params_before, candidate.params_after) == (2 * 8 * 32, 2 * 2 * 32)
+        assert candidate.saved == 2 * 6 * 32
+        assert candidate.removal is None
