@@ -278,6 +278,23 @@ def test_json_entry_of_a_shared_slice_with_removal() -> None:
     }
 
 
+def test_a_stacks_layer_is_its_own_place() -> None:
+    """An encoder-decoder model's ``cross`` layer 0 is not the decoder's layer 0: its slices
+    never merge with the other's, are labelled and reported with their stack, and a head
+    removed in one stack leaves the other's alone."""
+    cross = [
+        {**item, "stack": "cross", "nodeid": item["nodeid"].replace("::", "::cross::", 1)}
+        for item in (record("k", "remove_head", head=h) for h in (4, 5))
+    ]
+    plain = [record("k", "remove_head", head=h) for h in (4, 5)]
+    candidates = pruning_candidates([*cross, *plain], "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.label for c in candidates) == ["L0 H4-5 k", "cross L0 H4-5 k"]
+    entries = {candidate_record(c)["stack"]: candidate_record(c) for c in candidates}
+    assert entries["cross"]["nodeids"] == [f"spectral::cross::layer00::head0{h}-k" for h in (4, 5)]
+    # each stack's K/V head 1 goes with its 4 query heads: twice what one removal frees
+    assert total_saving(candidates, GEOMETRY) == 2 * (4 * 2 * 256 + 2 * 256)
+
+
 def test_removal_needs_the_geometry() -> None:
     (candidate,) = pruning_candidates([record("q", "remove_head")], "energy_rank(p=0.95)")
     assert candidate.removal is None
@@ -392,10 +409,16 @@ class TestCircuitCandidates:
         members = [circuit(4, 2, "ov"), circuit(6, 2, "ov")]
         candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
         assert [c.label for c in candidates] == ["L0 H4 ov", "L0 H6 ov"]
-        for candidate in candidates:
+        for candidate, head in zip(candidates, (4, 6), strict=True):
             assert candidate.saved == 0
             assert candidate.needs == "needs H4-7 (K/V head 1)"
             assert candidate_record(candidate)["needs_heads"] == [4, 5, 6, 7]
+            # its own O slice and the V slice, 8 x 32 each, nothing cut yet
+            assert (candidate.params_before, candidate.params_after) == (2 * 256, 2 * 256)
+            assert (candidate.rank, candidate.break_even) == (2, 8)
+            assert candidate.error == pytest.approx(math.sqrt(5 / 30))  # energies 16, 9, 4, 1
+            assert (candidate.heads, candidate.removal) == ((head,), None)
+            assert candidate.nodeids == (f"spectral::layer00::head0{head}-ov",)
 
     def test_without_grouped_query_attention_each_head_is_priced(self) -> None:
         geometry = Geometry(layers=2, heads=8, kv_heads=8, head_dim=8, hidden=32)
@@ -432,3 +455,14 @@ class TestCircuitCandidates:
         assert (candidate.params_before, candidate.params_after) == (2 * 8 * 32, 2 * 2 * 32)
         assert candidate.saved == 2 * 6 * 32
         assert candidate.removal is None
+
+    def test_a_groups_error_is_its_worst_heads_at_the_groups_rank(self) -> None:
+        """Each head's circuit cut to the group's rank 3 leaves sqrt(1 - E_3) of it: 1/30 of
+        the energy of 16, 9, 4, 1; a quarter of four equal values, the largest."""
+        flat = {**circuit(5, 3), "singular_values": [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}
+        members = [circuit(4, 2), flat, circuit(6, 1), circuit(7, 2)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.rank == 3
+        assert candidate.error == pytest.approx(0.5, rel=1e-12)
+        (alone,) = pruning_candidates([circuit(4, 3)], "energy_rank(p=0.95)", GEOMETRY)
+        assert alone.error == pytest.approx(math.sqrt(1 / 30), rel=1e-12)  # unpriced, its own
