@@ -258,6 +258,42 @@ def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
     ]
 
 
+def test_a_slice_breaking_rules_of_both_kinds_is_in_both_lists_with_its_own_rules() -> None:
+    """A warned V slice of the ``cross`` stack, shared by query heads 4 and 5, broke a rule
+    suggesting pruning and one suggesting none; a Q slice broke only the first kind."""
+    (pruning,) = record()["broken_rules"]
+    broken = [{**pruning, "rule": "collapsed"}, {**pruning, "rule": "drift", "suggest": "none"}]
+    shared = [
+        {
+            **record("v", head=h),
+            "stack": "cross",
+            "nodeid": f"spectral::cross::layer00::head0{h}-v",
+            "outcome": "warned",
+            "broken_rules": broken,
+        }
+        for h in (4, 5)
+    ]
+    items = [*shared, record("q", head=0)]
+    (regression,) = regressions(items)
+    assert regression_record(regression) == {
+        "nodeids": ["spectral::cross::layer00::head04-v", "spectral::cross::layer00::head05-v"],
+        "stack": "cross",
+        "layer": 0,
+        "matrix": "v",
+        "heads": [4, 5],
+        "kv_head": 1,
+        "shape": [8, 32],
+        "outcome": "warned",
+        "status": "ok",
+        "rules": ["drift"],
+    }
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert [(c.label, [b["rule"] for b in c.rules]) for c in candidates] == [
+        ("cross L0 H4-5 v", ["collapsed"]),  # both save 176: by node id, "spectral::cross::"
+        ("L0 H0 q", ["r"]),  # before "spectral::layer00::"
+    ]
+
+
 def test_failed_regressions_come_before_warned_ones() -> None:
     """Whatever their node ids: what fails the run is read first."""
     drift = [{**b, "suggest": "none"} for b in record()["broken_rules"]]
