@@ -60,7 +60,7 @@ def spectrum(**changes: object) -> HeadSpectrum:
         "method": "svd",
         "floor_limited": True,
     }
-    return HeadSpectrum(**{**fields, **changes})  # type: ignore[arg-type]
+    return HeadSpectrum(**{**fields, **changes})
 
 
 @pytest.mark.parametrize(
@@ -225,11 +225,12 @@ def report_of(checkpoint: Checkpoint, **given: object) -> dict[str, object]:
         "model_argument": "m", "rules": RuleSet.empty(), "settings": {}, "records": [],
         "candidates": [], "regressions": [], "params_saved": 0,
     }  # fmt: skip
-    return build_report(checkpoint=checkpoint, **{**arguments, **given})  # type: ignore[arg-type]
+    return build_report(checkpoint=checkpoint, **{**arguments, **given})
 
 
 def test_a_hub_model_its_step_and_the_baseline_it_was_compared_with(tiny_checkpoint, tmp_path):
-    """The baseline's path is resolved, its metrics computed from singular values listed."""
+    """The model's source, the step, and the baseline: its resolved path, its hash and the
+    metrics it lacked (computed from its singular values)."""
     (tmp_path / "runs").mkdir()
     baseline = Baseline(
         tmp_path / "runs" / ".." / "base.json", {}, "ab" * 32, ("top_k_ratio(k=5)",)
@@ -241,8 +242,8 @@ def test_a_hub_model_its_step_and_the_baseline_it_was_compared_with(tiny_checkpo
         baseline=baseline,
         step=Step("1500", 1500, "directory name"),
     )
-    assert report["model"]["argument"] == "org/model"  # type: ignore[index]
-    assert report["model"]["source"] == "hub"  # type: ignore[index]
+    assert report["model"]["argument"] == "org/model"
+    assert report["model"]["source"] == "hub"
     assert report["step"] == {"label": "1500", "number": 1500, "source": "directory name"}
     assert report["baseline"] == {
         "path": str((tmp_path / "base.json").resolve()),
@@ -251,7 +252,8 @@ def test_a_hub_model_its_step_and_the_baseline_it_was_compared_with(tiny_checkpo
     }
 
 
-def attention(prefix: str, rows: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def square_weights(prefix: str, rows: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Random ``rows x rows`` tensors named ``prefix.NAME.weight``."""
     generator = torch.Generator().manual_seed(0)
     return {f"{prefix}.{n}.weight": torch.randn(rows, rows, generator=generator) for n in names}
 
@@ -260,40 +262,42 @@ def test_an_encoder_decoder_models_stacks(tmp_path) -> None:
     """BART of one encoder and two decoder layers (each with its cross-attention), two heads
     of 8 over 16: three stacks, their layers counted together."""
     names = ("q_proj", "k_proj", "v_proj", "out_proj")
-    tensors = attention("model.encoder.layers.0.self_attn", 16, names)
+    tensors = square_weights("model.encoder.layers.0.self_attn", 16, names)
     for layer in (0, 1):
         for module in ("self_attn", "encoder_attn"):
-            tensors |= attention(f"model.decoder.layers.{layer}.{module}", 16, names)
+            tensors |= square_weights(f"model.decoder.layers.{layer}.{module}", 16, names)
     for block, layer in (("encoder", 0), ("decoder", 0), ("decoder", 1)):
-        tensors |= attention(f"model.{block}.layers.{layer}", 16, ("fc1", "fc2"))
+        tensors |= square_weights(f"model.{block}.layers.{layer}", 16, ("fc1", "fc2"))
     config = {
         "model_type": "bart", "d_model": 16, "encoder_layers": 1, "decoder_layers": 2,
         "encoder_attention_heads": 2, "decoder_attention_heads": 2,
     }  # fmt: skip
     directory = write_checkpoint(tmp_path / "bart", tensors, config, dtype=torch.float32)
     model = report_of(open_checkpoint(directory))["model"]
-    assert model["stacks"] == {"encoder": 1, "decoder": 2, "cross": 2}  # type: ignore[index]
-    assert model["num_hidden_layers"] == 5  # type: ignore[index]
-    assert "stack_geometry" not in model  # type: ignore[operator]  # no stack's own heads
+    assert model["stacks"] == {"encoder": 1, "decoder": 2, "cross": 2}
+    assert model["num_hidden_layers"] == 5
+    assert "stack_geometry" not in model  # no stack's own heads
 
 
 def test_a_vision_towers_own_head_geometry(tmp_path) -> None:
     """LLaVA: a Llama text model (one layer, two heads of 8 over 16 sharing one K/V head)
     beside a CLIP tower (two layers, two heads of 4 over 8), analysed with the tower: the
     ``model`` keys stay the text model's, ``stack_geometry`` gives the tower's."""
-    text = attention("model.language_model.layers.0.self_attn", 16, ("q_proj", "o_proj"))
+    text = square_weights("model.language_model.layers.0.self_attn", 16, ("q_proj", "o_proj"))
     text |= {
         f"model.language_model.layers.0.self_attn.{n}.weight": torch.randn(8, 16)
         for n in ("k_proj", "v_proj")
     }
-    text |= attention(
+    text |= square_weights(
         "model.language_model.layers.0.mlp", 16, ("gate_proj", "up_proj", "down_proj")
     )
     tower = {}
     for layer in (0, 1):
         prefix = f"model.vision_tower.vision_model.encoder.layers.{layer}"
-        tower |= attention(f"{prefix}.self_attn", 8, ("q_proj", "k_proj", "v_proj", "out_proj"))
-        tower |= attention(f"{prefix}.mlp", 8, ("fc1", "fc2"))
+        tower |= square_weights(
+            f"{prefix}.self_attn", 8, ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
+        tower |= square_weights(f"{prefix}.mlp", 8, ("fc1", "fc2"))
     config = {
         "model_type": "llava",
         "text_config": {
@@ -307,10 +311,10 @@ def test_a_vision_towers_own_head_geometry(tmp_path) -> None:
     }  # fmt: skip
     directory = write_checkpoint(tmp_path / "llava", text | tower, config, dtype=torch.float32)
     model = report_of(open_checkpoint(directory, vision=True))["model"]
-    assert model["stacks"] == {"vision": 2}  # type: ignore[index]
+    assert model["stacks"] == {"vision": 2}
     text_keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
-    assert [model[k] for k in (*text_keys, "hidden_size")] == [1, 2, 1, 8, 16]  # type: ignore[index]
-    assert model["stack_geometry"] == {  # type: ignore[index]
+    assert [model[k] for k in (*text_keys, "hidden_size")] == [1, 2, 1, 8, 16]
+    assert model["stack_geometry"] == {
         "vision": {
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
