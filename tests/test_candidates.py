@@ -11,6 +11,7 @@ from pytest_spectral.checkpoints.families import Latent
 from pytest_spectral.judging.candidates import (
     candidate_record,
     pruning_candidates,
+    regression_record,
     regressions,
     total_saving,
 )
@@ -234,6 +235,17 @@ def test_undefined_rank_suggests_nothing(rank) -> None:
     assert (candidate.params_after, candidate.saved, candidate.saving_fraction) == (256, 0, 0.0)
 
 
+def test_a_slice_of_tiny_weights_is_priced_like_any_other() -> None:
+    """Weights of 1e-170 (squares below float64's range) have a finite energy rank (the
+    metrics scale first), so the candidate is priced by it: rank 2 of 8 x 32 saves 176."""
+    tiny = {**record(rank=2), "singular_values": [v * 1e-170 for v in (4.0, 3.0, 2.0, 1.0)]}
+    (candidate,) = pruning_candidates([tiny], "energy_rank(p=0.95)", GEOMETRY)
+    assert (candidate.rank, candidate.saved) == (2, 176)
+    group = [{**circuit(h, 2), "singular_values": tiny["singular_values"]} for h in (4, 5, 6, 7)]
+    (row,) = pruning_candidates(group, "energy_rank(p=0.95)", GEOMETRY)
+    assert (row.label, row.rank, row.saved) == ("L0 H4-7 qk", 2, 5 * 6 * 32)
+
+
 def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
     """Their spectra price nothing: an all-zero slice or one with NaN weights is damage."""
     zero = {**record(rank=1), "singular_values": [0.0] * 8, "status": "zero_matrix"}
@@ -244,6 +256,58 @@ def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
         ("L0 H2 q", "nonfinite"),
         ("L0 H3 q", "zero_matrix"),
     ]
+
+
+def test_a_slice_breaking_rules_of_both_kinds_is_in_both_lists_with_its_own_rules() -> None:
+    """A warned V slice of the ``cross`` stack, shared by query heads 4 and 5, broke a rule
+    suggesting pruning and one suggesting none; a Q slice broke only the first kind."""
+    (pruning,) = record()["broken_rules"]
+    broken = [{**pruning, "rule": "collapsed"}, {**pruning, "rule": "drift", "suggest": "none"}]
+    shared = [
+        {
+            **record("v", head=h),
+            "stack": "cross",
+            "nodeid": f"spectral::cross::layer00::head0{h}-v",
+            "outcome": "warned",
+            "broken_rules": broken,
+        }
+        for h in (4, 5)
+    ]
+    items = [*shared, record("q", head=0)]
+    (regression,) = regressions(items)
+    assert regression_record(regression) == {
+        "nodeids": ["spectral::cross::layer00::head04-v", "spectral::cross::layer00::head05-v"],
+        "stack": "cross",
+        "layer": 0,
+        "matrix": "v",
+        "heads": [4, 5],
+        "kv_head": 1,
+        "shape": [8, 32],
+        "outcome": "warned",
+        "status": "ok",
+        "rules": ["drift"],
+    }
+    candidates = pruning_candidates(items, "energy_rank(p=0.95)", GEOMETRY)
+    assert [(c.label, [b["rule"] for b in c.rules]) for c in candidates] == [
+        ("cross L0 H4-5 v", ["collapsed"]),  # both save 176: by node id, "spectral::cross::"
+        ("L0 H0 q", ["r"]),  # before "spectral::layer00::"
+    ]
+
+
+def test_failed_regressions_come_before_warned_ones() -> None:
+    """Whatever their node ids: what fails the run is read first."""
+    drift = [{**b, "suggest": "none"} for b in record()["broken_rules"]]
+    warned = {**record(head=0), "outcome": "warned", "broken_rules": drift}
+    failed = {**record(head=5), "broken_rules": drift}
+    assert [g.label for g in regressions([warned, failed])] == ["L0 H5 q", "L0 H0 q"]
+
+
+def test_each_query_heads_circuit_is_its_own_regression() -> None:
+    """A circuit item is one query head's product, even though it records its K/V head: the
+    items of a group never merge into one regression as a shared K or V slice's do."""
+    drift = [{**b, "suggest": "none"} for b in record()["broken_rules"]]
+    items = [{**circuit(h, 2), "broken_rules": drift} for h in (4, 5)]
+    assert [g.label for g in regressions(items)] == ["L0 H4 qk", "L0 H5 qk"]
 
 
 @pytest.mark.parametrize(("rank", "error"), [(1, math.sqrt(14 / 30)), (3, math.sqrt(1 / 30))])
@@ -276,6 +340,28 @@ def test_json_entry_of_a_shared_slice_with_removal() -> None:
         "params_saved_by_removal": 4 * per_query_head + 2 * 8 * 32,
         "needs_heads": None,  # only an unpriced circuit needs other heads
     }
+
+
+def test_a_stacks_layer_is_its_own_place() -> None:
+    """An encoder-decoder model's ``cross`` layer 0 is not the decoder's layer 0: its slices
+    never merge with the other's, are labelled and reported with their stack, and a head
+    removed in one stack leaves the other's alone."""
+    cross = [
+        {**item, "stack": "cross", "nodeid": item["nodeid"].replace("::", "::cross::", 1)}
+        for item in (record("k", "remove_head", head=h) for h in (4, 5))
+    ]
+    plain = [record("k", "remove_head", head=h) for h in (4, 5)]
+    candidates = pruning_candidates([*cross, *plain], "energy_rank(p=0.95)", GEOMETRY)
+    assert sorted(c.label for c in candidates) == ["L0 H4-5 k", "cross L0 H4-5 k"]
+    entries = {candidate_record(c)["stack"]: candidate_record(c) for c in candidates}
+    assert entries["cross"]["nodeids"] == [f"spectral::cross::layer00::head0{h}-k" for h in (4, 5)]
+    # each stack's K/V head 1 goes with its 4 query heads: twice what one removal frees
+    assert total_saving(candidates, GEOMETRY) == 2 * (4 * 2 * 256 + 2 * 256)
+    (drift,) = regressions(
+        [{**cross[0], "broken_rules": [{**cross[0]["broken_rules"][0], "suggest": "none"}]}]
+    )
+    assert drift.label == "cross L0 H4 k"
+    assert regression_record(drift)["stack"] == "cross"
 
 
 def test_removal_needs_the_geometry() -> None:
@@ -361,10 +447,12 @@ class TestTotalSaving:
         assert self.total(whole_up, record("q", head=3)) == 176 + 176
 
 
-def circuit(head: int, rank: float, matrix: str = "qk", group_size: int = 4) -> dict:
+def circuit(
+    head: int, rank: float, matrix: str = "qk", group_size: int = 4, suggest: str = "low_rank"
+) -> dict:
     """A failed circuit item (hidden x hidden, rank <= head_dim 8) of query head ``head``."""
     return {
-        **record(matrix, rank=rank, head=head),
+        **record(matrix, suggest, rank=rank, head=head),
         "kv_head": head // group_size,
         "shape": [32, 32],
     }
@@ -390,10 +478,16 @@ class TestCircuitCandidates:
         members = [circuit(4, 2, "ov"), circuit(6, 2, "ov")]
         candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
         assert [c.label for c in candidates] == ["L0 H4 ov", "L0 H6 ov"]
-        for candidate in candidates:
+        for candidate, head in zip(candidates, (4, 6), strict=True):
             assert candidate.saved == 0
             assert candidate.needs == "needs H4-7 (K/V head 1)"
             assert candidate_record(candidate)["needs_heads"] == [4, 5, 6, 7]
+            # its own O slice and the V slice, 8 x 32 each, nothing cut yet
+            assert (candidate.params_before, candidate.params_after) == (2 * 256, 2 * 256)
+            assert (candidate.rank, candidate.break_even) == (2, 8)
+            assert candidate.error == pytest.approx(math.sqrt(5 / 30))  # energies 16, 9, 4, 1
+            assert (candidate.heads, candidate.removal) == ((head,), None)
+            assert candidate.nodeids == (f"spectral::layer00::head0{head}-ov",)
 
     def test_without_grouped_query_attention_each_head_is_priced(self) -> None:
         geometry = Geometry(layers=2, heads=8, kv_heads=8, head_dim=8, hidden=32)
@@ -402,6 +496,16 @@ class TestCircuitCandidates:
         )
         assert (candidate.params_before, candidate.params_after) == (2 * 256, 2 * 2 * 32)
 
+    def test_slices_are_cut_from_the_geometrys_head_dim(self) -> None:
+        """A head wider than the model (head_dim 8, hidden 4) has a 4 x 4 circuit with 4
+        singular values, but its Q and K slices still have 8 rows of 4 to cut to rank 2."""
+        geometry = Geometry(layers=1, heads=4, kv_heads=4, head_dim=8, hidden=4)
+        narrow = {**circuit(3, 2, group_size=1), "shape": [4, 4]}
+        narrow["singular_values"] = [4.0, 3.0, 2.0, 1.0]
+        (candidate,) = pruning_candidates([narrow], "energy_rank(p=0.95)", geometry)
+        assert (candidate.params_before, candidate.params_after) == (2 * 8 * 4, 2 * 2 * 4)
+        assert candidate.break_even == 8
+
     def test_a_slice_cut_and_factorised_counts_its_larger_saving_once(self) -> None:
         members = [circuit(4, 3), circuit(5, 3), circuit(6, 3), circuit(7, 3)]
         cut_per_slice = (8 - 3) * 32
@@ -409,4 +513,88 @@ class TestCircuitCandidates:
             [*members, record("q", head=5)], "energy_rank(p=0.95)", GEOMETRY
         )
         # Q slices 4, 6, 7 and K/V head 1's K slice are cut; Q slice 5 factorised (176 > 160)
-        assert total_saving(candidates, GEOMETRY) == 4 * cut_per_slice + 176
+        total = total_saving(candidates, GEOMETRY)
+        assert total == 4 * cut_per_slice + 176
+        assert isinstance(total, int)  # a count of parameters (JSON report, terminal)
+
+    def test_a_slice_cut_deeper_than_factorised_counts_the_cut(self) -> None:
+        """Cutting query head 5's Q slice to rank 1 (7 x 32 = 224 rows' worth) beats its own
+        rank-2 factorisation (176), whichever candidate comes first."""
+        members = [circuit(h, 1) for h in (4, 5, 6, 7)]
+        candidates = pruning_candidates(
+            [*members, record("q", head=5)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        assert [c.label for c in candidates] == ["L0 H4-7 qk", "L0 H5 q"]
+        assert total_saving(candidates, GEOMETRY) == 5 * 7 * 32
+
+    def test_a_group_cut_to_head_dim_leaves_a_whole_matrix_factorisation_counting(self) -> None:
+        """At rank 8 = head_dim the group's row cuts nothing, so it shrinks no Q slice and the
+        whole Q matrix's factorisation (176) is what the total counts."""
+        members = [circuit(h, 8) for h in (4, 5, 6, 7)]
+        candidates = pruning_candidates(
+            [*members, record("q", head=None)], "energy_rank(p=0.95)", GEOMETRY
+        )
+        assert [c.saved for c in candidates] == [176, 0]
+        assert total_saving(candidates, GEOMETRY) == 176
+
+    def test_each_kv_group_and_each_circuit_is_its_own_row(self) -> None:
+        """Two complete QK groups and one OV group: three rows, each pricing its own four Q
+        (O) slices and shared K (V) slice, 5 x 8 x 32 cut to its own largest rank."""
+        members = [
+            *(circuit(h, 3) for h in (4, 5, 6, 7)),
+            *(circuit(h, 2) for h in (0, 1, 2, 3)),
+            *(circuit(h, 1, "ov") for h in (0, 1, 2, 3)),
+        ]
+        candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert [(c.label, c.rank, c.saved) for c in candidates] == [
+            ("L0 H0-3 ov", 1, 5 * 7 * 32),
+            ("L0 H0-3 qk", 2, 5 * 6 * 32),
+            ("L0 H4-7 qk", 3, 5 * 5 * 32),
+        ]
+        assert candidates[2].nodeids == tuple(
+            f"spectral::layer00::head0{h}-qk" for h in (4, 5, 6, 7)
+        )
+        assert candidate_record(candidates[0])["nodeids"] == [
+            f"spectral::layer00::head0{h}-ov" for h in (0, 1, 2, 3)
+        ]
+
+    def test_an_unpriced_head_still_prices_its_own_removal(self) -> None:
+        """Dropping query head 4 (its Q rows and O columns, 2 x 8 x 32) needs no other head."""
+        members = [circuit(h, 2, suggest="remove_head") for h in (4, 6)]
+        candidates = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert [(c.label, c.removal, c.saved) for c in candidates] == [
+            ("L0 H4 qk", 512, 512),
+            ("L0 H6 qk", 512, 512),
+        ]
+        assert total_saving(candidates, GEOMETRY) == 2 * 512
+
+    def test_removing_a_complete_groups_heads_frees_each_query_heads_q_and_o(self) -> None:
+        """A circuit rule asking for head removal prices dropping every query head of the
+        row: per head its Q rows and O columns, 8 x 32 + 32 x 8 (README, params saved)."""
+        members = [circuit(h, 2, suggest="remove_head") for h in (4, 5, 6, 7)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.removal == 4 * (8 * 32 + 32 * 8)
+        # the cut to rank 2 saves (4 + 1) slices x (8 - 2) rows x 32 = 960, less than 2048
+        assert candidate.params_before - candidate.params_after == 5 * 6 * 32
+        assert candidate.saved == 4 * (8 * 32 + 32 * 8)
+        assert candidate_record(candidate)["params_saved_by_removal"] == 2048
+
+    def test_without_geometry_a_circuit_head_is_its_own_group(self) -> None:
+        """Nothing sizes the group, so a head is priced alone: its Q slice and the K slice, each
+        cut from the spectrum's 8 values (head_dim) to rank 2 over 32 columns."""
+        (candidate,) = pruning_candidates([circuit(5, 2)], "energy_rank(p=0.95)")
+        assert (candidate.heads, candidate.needs_heads, candidate.needs) == ((5,), (), "")
+        assert (candidate.params_before, candidate.params_after) == (2 * 8 * 32, 2 * 2 * 32)
+        assert candidate.saved == 2 * 6 * 32
+        assert candidate.removal is None
+
+    def test_a_groups_error_is_its_worst_heads_at_the_groups_rank(self) -> None:
+        """Each head's circuit cut to the group's rank 3 leaves sqrt(1 - E_3) of it: 1/30 of
+        the energy of 16, 9, 4, 1; a quarter of four equal values, the largest."""
+        flat = {**circuit(5, 3), "singular_values": [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]}
+        members = [circuit(4, 2), flat, circuit(6, 1), circuit(7, 2)]
+        (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert candidate.rank == 3
+        assert candidate.error == pytest.approx(0.5, rel=1e-12)
+        (alone,) = pruning_candidates([circuit(4, 3)], "energy_rank(p=0.95)", GEOMETRY)
+        assert alone.error == pytest.approx(math.sqrt(1 / 30), rel=1e-12)  # unpriced, its own

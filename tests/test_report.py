@@ -10,9 +10,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import torch
 
 from pytest_spectral import __version__
-from pytest_spectral.checkpoints.checkpoint import open_checkpoint
+from pytest_spectral.checkpoints.checkpoint import Checkpoint, open_checkpoint
+from pytest_spectral.judging.baseline import Baseline
 from pytest_spectral.judging.evaluation import judge
 from pytest_spectral.judging.rules import RuleSet, load_rules
 from pytest_spectral.reporting.report import (
@@ -23,7 +25,9 @@ from pytest_spectral.reporting.report import (
     write_report,
     write_text_atomically,
 )
+from pytest_spectral.reporting.step import Step
 from pytest_spectral.results import HeadSpectrum
+from pytest_spectral.testing.synthetic import write_checkpoint
 
 RULES = """
 [[rules]]
@@ -56,7 +60,7 @@ def spectrum(**changes: object) -> HeadSpectrum:
         "method": "svd",
         "floor_limited": True,
     }
-    return HeadSpectrum(**{**fields, **changes})  # type: ignore[arg-type]
+    return HeadSpectrum(**{**fields, **changes})
 
 
 @pytest.mark.parametrize(
@@ -204,6 +208,123 @@ def test_whole_matrix_record_with_non_finite_weights(rules) -> None:
     assert record["broken_rules"] == []  # head rules do not judge whole matrices
 
 
+def test_finite_values_are_written_as_numbers() -> None:
+    values = spectrum(metrics={"first_last_ratio": 4.0, "spectral_norm": 2.0}, floor_limited=False)
+    record = item_record(
+        nodeid="spectral::layer00::head00-q", layer=0, head=0, matrix="q", kv_head=None,
+        shape=(16, 64), spectrum=values, verdict=judge([], 0, 0, "q", values),
+    )  # fmt: skip
+    assert record["metrics"] == {"first_last_ratio": 4.0, "spectral_norm": 2.0}
+    assert record["singular_values"] == [2.0, 0.5]
+    assert (record["status"], record["outcome"], record["broken_rules"]) == ("ok", "passed", [])
+
+
+def report_of(checkpoint: Checkpoint, **given: object) -> dict[str, object]:
+    """The report of a run with nothing to report but what ``given`` says."""
+    arguments: dict[str, object] = {
+        "model_argument": "m", "rules": RuleSet.empty(), "settings": {}, "records": [],
+        "candidates": [], "regressions": [], "params_saved": 0,
+    }  # fmt: skip
+    return build_report(checkpoint=checkpoint, **{**arguments, **given})
+
+
+def test_a_hub_model_its_step_and_the_baseline_it_was_compared_with(tiny_checkpoint, tmp_path):
+    """The model's source, the step, and the baseline: its resolved path, its hash and the
+    metrics it lacked (computed from its singular values)."""
+    (tmp_path / "runs").mkdir()
+    baseline = Baseline(
+        tmp_path / "runs" / ".." / "base.json", {}, "ab" * 32, ("top_k_ratio(k=5)",)
+    )
+    report = report_of(
+        open_checkpoint(tiny_checkpoint),
+        model_argument="org/model",
+        from_hub=True,
+        baseline=baseline,
+        step=Step("1500", 1500, "directory name"),
+    )
+    assert report["model"]["argument"] == "org/model"
+    assert report["model"]["source"] == "hub"
+    assert report["step"] == {"label": "1500", "number": 1500, "source": "directory name"}
+    assert report["baseline"] == {
+        "path": str((tmp_path / "base.json").resolve()),
+        "sha256": "ab" * 32,
+        "computed": ["top_k_ratio(k=5)"],
+    }
+
+
+def square_weights(prefix: str, rows: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Random ``rows x rows`` tensors named ``prefix.NAME.weight``."""
+    generator = torch.Generator().manual_seed(0)
+    return {f"{prefix}.{n}.weight": torch.randn(rows, rows, generator=generator) for n in names}
+
+
+def test_an_encoder_decoder_models_stacks(tmp_path) -> None:
+    """BART of one encoder and two decoder layers (each with its cross-attention), two heads
+    of 8 over 16: three stacks, their layers counted together."""
+    names = ("q_proj", "k_proj", "v_proj", "out_proj")
+    tensors = square_weights("model.encoder.layers.0.self_attn", 16, names)
+    for layer in (0, 1):
+        for module in ("self_attn", "encoder_attn"):
+            tensors |= square_weights(f"model.decoder.layers.{layer}.{module}", 16, names)
+    for block, layer in (("encoder", 0), ("decoder", 0), ("decoder", 1)):
+        tensors |= square_weights(f"model.{block}.layers.{layer}", 16, ("fc1", "fc2"))
+    config = {
+        "model_type": "bart", "d_model": 16, "encoder_layers": 1, "decoder_layers": 2,
+        "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+    }  # fmt: skip
+    directory = write_checkpoint(tmp_path / "bart", tensors, config, dtype=torch.float32)
+    model = report_of(open_checkpoint(directory))["model"]
+    assert model["stacks"] == {"encoder": 1, "decoder": 2, "cross": 2}
+    assert model["num_hidden_layers"] == 5
+    assert "stack_geometry" not in model  # no stack's own heads
+
+
+def test_a_vision_towers_own_head_geometry(tmp_path) -> None:
+    """LLaVA: a Llama text model (one layer, two heads of 8 over 16 sharing one K/V head)
+    beside a CLIP tower (two layers, two heads of 4 over 8), analysed with the tower: the
+    ``model`` keys stay the text model's, ``stack_geometry`` gives the tower's."""
+    text = square_weights("model.language_model.layers.0.self_attn", 16, ("q_proj", "o_proj"))
+    text |= {
+        f"model.language_model.layers.0.self_attn.{n}.weight": torch.randn(8, 16)
+        for n in ("k_proj", "v_proj")
+    }
+    text |= square_weights(
+        "model.language_model.layers.0.mlp", 16, ("gate_proj", "up_proj", "down_proj")
+    )
+    tower = {}
+    for layer in (0, 1):
+        prefix = f"model.vision_tower.vision_model.encoder.layers.{layer}"
+        tower |= square_weights(
+            f"{prefix}.self_attn", 8, ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
+        tower |= square_weights(f"{prefix}.mlp", 8, ("fc1", "fc2"))
+    config = {
+        "model_type": "llava",
+        "text_config": {
+            "model_type": "llama", "hidden_size": 16, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "intermediate_size": 16,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": 8, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "intermediate_size": 8,
+        },
+    }  # fmt: skip
+    directory = write_checkpoint(tmp_path / "llava", text | tower, config, dtype=torch.float32)
+    model = report_of(open_checkpoint(directory, vision=True))["model"]
+    assert model["stacks"] == {"vision": 2}
+    text_keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    assert [model[k] for k in (*text_keys, "hidden_size")] == [1, 2, 1, 8, 16]
+    assert model["stack_geometry"] == {
+        "vision": {
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 4,
+            "hidden_size": 8,
+        }
+    }
+
+
 def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     checkpoint = open_checkpoint(tiny_checkpoint)
     outcomes = {"b": "failed", "a": "passed", "d": "warned", "c": "passed", "g": "error"}
@@ -242,6 +363,7 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
         "files": ["model.safetensors"],
     }
     assert report["rules"] == {"path": str(rules.path), "sha256": rules.sha256, "count": 2}
+    assert (report["step"], report["baseline"]) == (None, None)  # none given
     assert report["settings"] == {"precision": "float64"}
     assert report["summary"] == {
         "items": 8,
@@ -263,6 +385,9 @@ def test_report_document(tiny_checkpoint, rules, tmp_path) -> None:
     path.parent.mkdir()
     write_report(path, report)
     text = path.read_text()
+    # one key a line, one space a level; the schema mark first (an earlier report at the path
+    # is recognised by it)
+    assert text.startswith('{\n "schema": "pytest-spectral-report",\n "schema_version": 4,\n')
     assert text.endswith("}\n")
     assert json.loads(text) == report
     assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temporary left
