@@ -237,10 +237,16 @@ def test_undefined_rank_suggests_nothing(rank) -> None:
 
 def test_a_slice_of_tiny_weights_is_priced_like_any_other() -> None:
     """Weights of 1e-170 (squares below float64's range) have a finite energy rank (the
-    metrics scale first), so the candidate is priced by it: rank 2 of 8 x 32 saves 176."""
+    metrics scale first), so the candidate is priced by it: rank 2 of 8 x 32 saves 176, and
+    its truncation error is sqrt(1 - (16 + 9) / 30) as for the same slice at 1. Weights of
+    1e170 (squares above float64's range) have that error too."""
     tiny = {**record(rank=2), "singular_values": [v * 1e-170 for v in (4.0, 3.0, 2.0, 1.0)]}
     (candidate,) = pruning_candidates([tiny], "energy_rank(p=0.95)", GEOMETRY)
     assert (candidate.rank, candidate.saved) == (2, 176)
+    assert candidate.error == pytest.approx(math.sqrt(5 / 30), rel=1e-12)
+    huge = {**tiny, "singular_values": [v * 1e170 for v in (4.0, 3.0, 2.0, 1.0)]}
+    (candidate,) = pruning_candidates([huge], "energy_rank(p=0.95)", GEOMETRY)
+    assert candidate.error == pytest.approx(math.sqrt(5 / 30), rel=1e-12)
     group = [{**circuit(h, 2), "singular_values": tiny["singular_values"]} for h in (4, 5, 6, 7)]
     (row,) = pruning_candidates(group, "energy_rank(p=0.95)", GEOMETRY)
     assert (row.label, row.rank, row.saved) == ("L0 H4-7 qk", 2, 5 * 6 * 32)

@@ -308,14 +308,14 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
     )
     best: dict[tuple[object, str, object], int] = {}  # head slice -> its largest saving
     for c in candidates:
-        for place, saving in _slice_savings(c, geometry):
+        for place, saving in _slice_savings(c):
             layer, matrix, index = place
             shared = matrix in ("k", "v")
             if (layer, index) not in (removed_kv if shared else removed_query):
                 best[place] = max(best.get(place, 0), saving)
     total += sum(best.values())
     with_heads = {
-        (layer, matrix) for c in candidates for (layer, matrix, _), _ in _slice_savings(c, geometry)
+        (layer, matrix) for c in candidates for (layer, matrix, _), _ in _slice_savings(c)
     }
     for c in candidates:
         if not c.heads and (_place(c.record), c.record["matrix"]) not in with_heads:
@@ -323,9 +323,7 @@ def total_saving(candidates: Iterable[Candidate], geometry: Geometry) -> int:
     return total
 
 
-def _slice_savings(
-    candidate: Candidate, geometry: Geometry
-) -> list[tuple[tuple[object, str, object], int]]:
+def _slice_savings(candidate: Candidate) -> list[tuple[tuple[object, str, object], int]]:
     """``((layer, matrix, index), saving)`` for each head slice a candidate would shrink
     (``index`` the K/V head for k and v slices, the query head otherwise); none for a whole
     matrix."""
@@ -414,11 +412,17 @@ def _head_list(heads: tuple[int, ...]) -> str:
 
 
 def _truncation_error(record: Record, rank: int | None) -> float | None:
-    """sqrt(1 - E_r): the relative Frobenius error of the best rank-r approximation."""
+    """sqrt(1 - E_r): the relative Frobenius error of the best rank-r approximation.
+
+    The values are first divided by the power of two of the largest (exact), as the metrics
+    do, so that squares of weights near 1e-170 or 1e170 neither underflow nor overflow.
+    """
     values = [v for v in record["singular_values"] if isinstance(v, float)]  # type: ignore[attr-defined]
     if rank is None or not values:
         return None
-    energy = [v * v for v in values]
+    largest = max(values)
+    exponent = math.frexp(largest)[1] if math.isfinite(largest) else 0
+    energy = [math.ldexp(v, -exponent) ** 2 for v in values]
     total = sum(energy)
     return math.sqrt(max(0.0, 1 - sum(energy[:rank]) / total)) if total > 0 else None
 
