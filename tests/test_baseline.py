@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -13,8 +14,9 @@ import torch
 
 from pytest_spectral.checkpoints.checkpoint import Checkpoint, open_checkpoint
 from pytest_spectral.judging.baseline import BaselineError, load_baseline
-from pytest_spectral.judging.metrics import default_request
+from pytest_spectral.judging.metrics import MetricRegistry, default_request
 from pytest_spectral.testing.synthetic import LlamaShape, random_llama_weights, write_checkpoint
+from pytest_spectral.untrusted import MAX_REPORT_BYTES
 
 #: the tiny_checkpoint fixture's layout (conftest.py)
 MODEL = {
@@ -82,12 +84,6 @@ def test_another_layout_is_refused_naming_the_field(tmp_path, checkpoint, field,
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ([], "not a pytest-spectral report"),
-        ({"schema": "something-else"}, "not a pytest-spectral report"),
-        (
-            report(schema_version=5),
-            "report schema version 5; this plugin reads versions 1, 2, 3, 4",
-        ),
         (report(schema_version=True), "report schema version True; this plugin reads"),
         (report(items=[{"nodeid": "x"}]), r"items\[0\]\.metrics must be an object, got NoneType"),
         (
@@ -104,6 +100,73 @@ def test_what_is_not_a_usable_report(tmp_path, checkpoint, document, message) ->
     with pytest.raises(BaselineError, match=message) as info:
         load_baseline(path, checkpoint)
     assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([], "not a pytest-spectral report (no schema 'pytest-spectral-report')"),
+        (
+            {"schema": "something-else"},
+            "not a pytest-spectral report (no schema 'pytest-spectral-report')",
+        ),
+        (  # a report of another version of this plugin: it says what to do
+            report(schema_version=5),
+            "report schema version 5; this plugin reads versions 1, 2, 3, 4: "
+            "regenerate the baseline with this version",
+        ),
+        (report(model="llama"), "key 'model' must be an object, got str 'llama'"),
+        (report(items={"x": 1}), "key 'items' must be a list, got dict {'x': 1}"),
+        (report(items=[3]), "items[0] must be an object, got int 3"),
+        (
+            report(items=[{"nodeid": 5, "metrics": {}}]),
+            "items[0].nodeid must be a string, got int 5",
+        ),
+        (
+            report(items=[{"nodeid": "x", "metrics": {}}, {"nodeid": "x", "metrics": {}}]),
+            "items[1].nodeid 'x' appears twice",
+        ),
+        (
+            report(items=[{"nodeid": "x", "metrics": []}]),
+            "items[0].metrics must be an object, got list []",
+        ),
+    ],
+    ids=[
+        "a-list",
+        "another-schema",
+        "another-version",
+        "model-not-an-object",
+        "items-not-a-list",
+        "item-not-an-object",
+        "nodeid-not-a-string",
+        "nodeid-twice",
+        "metrics-not-an-object",
+    ],
+)
+def test_what_is_wrong_with_a_report_in_full(tmp_path, checkpoint, document, message) -> None:
+    path = write(tmp_path, document)
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_a_report_over_the_size_cap_is_refused_unread(tmp_path, checkpoint) -> None:
+    """A sparse file one byte over the cap: refused from its size, naming what it is."""
+    path = tmp_path / "huge.json"
+    with path.open("wb") as sparse:
+        sparse.truncate(MAX_REPORT_BYTES + 1)
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint)
+    assert str(info.value) == (
+        f"{path}: {MAX_REPORT_BYTES + 1} bytes, over the {MAX_REPORT_BYTES // 2**20} MiB cap "
+        "for this baseline report; refused unparsed"
+    )
+
+
+def test_the_baseline_records_the_reports_sha256(tmp_path, checkpoint) -> None:
+    path = write(tmp_path, report())
+    baseline = load_baseline(path, checkpoint)
+    assert baseline.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_unreadable_and_non_json_files(tmp_path, checkpoint) -> None:
@@ -279,9 +342,9 @@ def test_a_metric_the_report_lacks_is_computed_from_the_items_singular_values(
     singular values (a crashed item) stays without."""
     items = [
         item("recorded", metrics={"numerical_rank": 7.0}),
+        item("crashed", shape=[64, 8], singular_values=[]),
         item("tall", shape=[64, 8], singular_values=[1.0, 5e-15]),
         item("wide", shape=[1, 8], singular_values=[2.0]),
-        item("crashed", shape=[64, 8], singular_values=[]),
     ]
     path = write(tmp_path, report(items=items))
     baseline = load_baseline(path, checkpoint, [default_request("numerical_rank")])
@@ -301,6 +364,65 @@ def test_the_storage_floor_of_a_computed_metric_is_the_reports_dtype(tmp_path, c
     baseline = load_baseline(path, checkpoint, [default_request("first_last_ratio")])
     assert baseline.for_item("x")["first_last_ratio"] == pytest.approx(2**7.5, rel=1e-12)
     assert baseline.computed == ("first_last_ratio",)
+
+
+def test_a_dtype_that_is_no_name_is_no_storage_dtype(tmp_path, checkpoint) -> None:
+    """A hostile ``model.dtype`` (a list) is ignored: the floor is float64's numerical one,
+    sigma_1 max(m, n) eps64 = 2^-51 for sigma = (1, 0) on 2 x 2, so the ratio is 2^51."""
+    values = {"shape": [2, 2], "singular_values": [1.0, 0.0]}
+    document = report(model={**MODEL, "dtype": ["BF16"]}, items=[item("x", **values)])
+    baseline = load_baseline(
+        write(tmp_path, document), checkpoint, [default_request("first_last_ratio")]
+    )
+    assert baseline.for_item("x")["first_last_ratio"] == 2.0**51
+
+
+def custom_requests(**functions):
+    """Requests of metrics a conftest registers (``pytest_spectral_register_metrics``)."""
+    registry = MetricRegistry()
+    for name, function in functions.items():
+        registry.add(name, function)
+    return registry.user_requests()
+
+
+def test_a_conftest_metric_is_computed_as_float_values(tmp_path, checkpoint) -> None:
+    """A metric returning one boolean per slice is stored as 1.0 or 0.0, as a run records it
+    (a JSON ``true`` would be no number in a report)."""
+    items = [
+        item("full", shape=[2, 2], singular_values=[2.0, 1.0]),
+        item("deficient", shape=[2, 2], singular_values=[2.0, 0.0]),
+    ]
+    requests = custom_requests(deficient=lambda sv: sv[..., -1] == 0)
+    baseline = load_baseline(write(tmp_path, report(items=items)), checkpoint, requests)
+    values = [baseline.for_item(nodeid)["deficient"] for nodeid in ("full", "deficient")]
+    assert values == [0.0, 1.0]
+    assert all(type(value) is float for value in values)
+
+
+def test_a_failing_conftest_metric_is_an_error_naming_it(tmp_path, checkpoint) -> None:
+    def broken(sv):
+        raise ZeroDivisionError("no spectrum")
+
+    items = [item("x", shape=[2, 2], singular_values=[2.0, 1.0])]
+    path = write(tmp_path, report(items=items))
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint, custom_requests(broken=broken))
+    assert str(info.value) == (
+        f"{path}: computing broken from its singular values failed: ZeroDivisionError: no spectrum"
+    )
+
+
+def test_a_conftest_metric_with_a_value_too_many_is_an_error_naming_it(
+    tmp_path, checkpoint
+) -> None:
+    """Two values per slice where one is due: an error, not values paired at random."""
+    items = [item(n, shape=[2, 2], singular_values=[2.0, 1.0]) for n in ("x", "y")]
+    path = write(tmp_path, report(items=items))
+    with pytest.raises(BaselineError) as info:
+        load_baseline(path, checkpoint, custom_requests(doubled=lambda sv: sv.ravel()))
+    assert str(info.value).startswith(
+        f"{path}: computing doubled from its singular values failed: ValueError: "
+    )
 
 
 @pytest.mark.parametrize(
