@@ -200,3 +200,107 @@ def test_overflowing_bounds_are_written_as_toml_infinities() -> None:
     assert "min = -inf\nmax = inf\n" in text
     rules = bounds(text)
     assert rules["calibrated-q-top_k_ratio"][:2] == (-math.inf, math.inf)
+
+
+def item(
+    matrix: str, layer: int, head: int | None, *, stack: str | None = None, **fields: object
+) -> dict:
+    """An item of any layer and head (``head`` None: a whole matrix), stable_rank 1."""
+    return {
+        "layer": layer,
+        "head": head,
+        "matrix": matrix,
+        "stack": stack,
+        "status": "ok",
+        "scope": "head" if head is not None else "matrix",
+        "outcome": "passed",
+        "metrics": {"stable_rank": 1.0},
+        **fields,
+    }
+
+
+def selections(text: str) -> dict[str, dict[str, object]]:
+    """Each rule's name -> what it selects besides its matrix and scope."""
+    keys = ("stacks", "layers", "heads")
+    return {r["name"]: {k: r[k] for k in keys if k in r} for r in tomllib.loads(text)["rules"]}
+
+
+def test_a_run_of_part_of_the_model_restricts_each_rule_to_the_items_it_measured() -> None:
+    """Layers 0 and 2 of 4, query heads 0-1 of 8 (``--spectral-layers``, ``-k``): each rule
+    selects the layers and heads its own items came from, whatever their outcome; items of
+    an older report, without ``scope``, are head items."""
+    q = [item("q", layer, head) for layer in (0, 2) for head in (0, 1)]
+    q[0]["outcome"] = "failed"
+    k = [item("k", layer, head) for layer in (0, 2) for head in (0, 1)]
+    for record in k:
+        del record["scope"]
+    whole = [item("q", layer, None) for layer in (0, 2)]
+    calibration = calibrated_rules(q + k + whole, margin=0.0, source="m", layers=4, heads=8)
+    assert calibration.part == "layers 0,2 of 0-3 and query heads 0-1 of 0-7"
+    assert (calibration.used, calibration.left_out) == (9, 1)
+    header = calibration.text.splitlines()[1:8]
+    assert header[0].endswith(
+        ", from the 9 items that passed (1 that failed or warned was left out)."
+    )
+    assert header[5:] == [
+        "# The run measured only layers 0,2 of 0-3 and query heads 0-1 of 0-7: each rule is "
+        "restricted to the layers and",
+        "# heads its items came from (layers = ..., heads = ...).",
+    ]
+    assert selections(calibration.text) == {
+        "calibrated-q-stable_rank": {"layers": "0,2", "heads": "0-1"},
+        "calibrated-k-stable_rank": {"layers": "0,2", "heads": "0-1"},
+        "calibrated-q-stable_rank-whole": {"layers": "0,2"},
+    }
+
+
+def test_a_rule_whose_items_cover_the_model_selects_no_layers_or_heads() -> None:
+    records = [item("q", layer, head) for layer in (0, 1) for head in (0, 1)]
+    records += [item("k", 1, head) for head in (0, 1)] + [item("v", layer, 1) for layer in (0, 1)]
+    calibration = calibrated_rules(records, margin=0.0, source="m", layers=2, heads=2)
+    assert calibration.part is None
+    assert "# The run measured only" not in calibration.text
+    assert selections(calibration.text) == {
+        "calibrated-q-stable_rank": {},
+        "calibrated-k-stable_rank": {"layers": "1"},
+        "calibrated-v-stable_rank": {"heads": "1"},
+    }
+
+
+def test_each_stack_gets_rules_of_its_own_with_its_own_head_count() -> None:
+    """A wrapper's text model (2 layers, 2 heads; the layers in no stack, which rules call
+    ``text``) beside its vision tower (2 layers, 4 heads): the text run measured layer 0,
+    the tower's heads 0-1."""
+    text = [item("q", 0, head) for head in (0, 1)]
+    tower = [item("q", layer, head, stack="vision") for layer in (0, 1) for head in (0, 1)]
+    calibration = calibrated_rules(
+        text + tower,
+        margin=0.0,
+        source="m",
+        layers={None: 2, "vision": 2},
+        heads={None: 2, "vision": 4},
+    )
+    assert calibration.part == ("layers 0 of 0-1; the vision stack's query heads 0-1 of 0-3")
+    assert selections(calibration.text) == {
+        "calibrated-text-q-stable_rank": {"stacks": ["text"], "layers": "0"},
+        "calibrated-vision-q-stable_rank": {"stacks": ["vision"], "heads": "0-1"},
+    }
+    assert "# text-q heads (n=2): observed 1 .. 1, p5-p95 spread 0\n" in calibration.text
+    assert "# vision-q heads (n=4): observed 1 .. 1, p5-p95 spread 0\n" in calibration.text
+
+
+def test_an_encoder_decoder_models_stacks_share_the_head_count() -> None:
+    records = [
+        item("q", layer, head, stack=stack)
+        for stack in ("encoder", "decoder")
+        for layer in (0, 1)
+        for head in (0, 1)
+    ]
+    calibration = calibrated_rules(
+        records, margin=0.0, source="m", layers={"encoder": 2, "decoder": 2}, heads=2
+    )
+    assert calibration.part is None
+    assert selections(calibration.text) == {
+        "calibrated-encoder-q-stable_rank": {"stacks": ["encoder"]},
+        "calibrated-decoder-q-stable_rank": {"stacks": ["decoder"]},
+    }

@@ -97,6 +97,19 @@ class TestWhichRulesJudge:
         # a whole matrix: only the rule with scope = "matrix"
         assert broken_names(judge(rules, 1, None, "q", low)) == ["whole"]
 
+    def test_a_rule_with_stacks_judges_only_items_of_those_stacks(self, tmp_path) -> None:
+        """``stacks = ["encoder", "text"]``: an item in no stack counts as ``text``."""
+        path = tmp_path / "stacks.toml"
+        path.write_text(
+            '[[rules]]\nname = "enc"\nmetric = "spectral_norm"\nmax = 0.5\n'
+            'stacks = ["encoder", "text"]\n'
+        )
+        stacked = load_rules(path).rules
+        for stack, judged in [("encoder", True), ("decoder", False), ("cross", False)]:
+            verdict = judge(stacked, 0, 0, "q", spectrum(), stack=stack)
+            assert broken_names(verdict) == (["enc"] if judged else []), stack
+        assert broken_names(judge(stacked, 0, 0, "q", spectrum())) == ["enc"]
+
     def test_every_broken_rule_is_listed_in_file_order(self, rules) -> None:
         verdict = judge(rules, 1, 0, "q", spectrum(stable_rank=1, spectral_norm=5, ratio=1e3))
         assert broken_names(verdict) == ["low-rank", "advisory", "ill"]
@@ -180,8 +193,9 @@ class TestBaselines:
     def test_change_against_the_items_baseline(self, drift) -> None:
         grown = spectrum(spectral_norm=2.0)
         (broken,) = judge(drift, 0, 0, "q", grown, baseline={"spectral_norm": 1.0}).broken
-        assert (broken.baseline, broken.reason) == (
+        assert (broken.baseline, broken.reference_step, broken.reason) == (
             1.0,
+            None,  # a step names a history report; a baseline has none
             "vs baseline 1 (+100.0%) > max_change +0.5",
         )
         assert judge(drift, 0, 0, "q", grown, baseline={"spectral_norm": 1.5}).broken == ()
