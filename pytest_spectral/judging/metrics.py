@@ -297,7 +297,8 @@ def alpha_weighted(sv: ArrayLike) -> Values:
     """alpha * log10(lambda_max), WeightWatcher's alpha-hat (lambda_max = sigma_1^2, whose
     logarithm is taken as 2 log10(sigma_1): sigma_1^2 itself overflows above 1.3e154)."""
     s = _descending(sv)
-    with np.errstate(divide="ignore"):
+    # log10(0) is -inf, and equal eigenvalues' alpha of inf times log10(1) = 0 is nan
+    with np.errstate(divide="ignore", invalid="ignore"):
         return alpha(s) * 2.0 * np.log10(s[..., 0])
 
 
