@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -398,14 +399,50 @@ class TestMetricRegistry:
         assert check(True) == "must be a number, got True"
 
     @pytest.mark.parametrize(
-        ("name", "message"),
-        [("top_k_ratio", "already registered"), ("my-metric", "must be an identifier")],
+        ("name", "sides", "message"),
+        [
+            ("top_k_ratio", {}, "metric 'top_k_ratio' is already registered"),
+            ("my-metric", {}, "metric name 'my-metric' must be an identifier"),
+            (
+                "drift",
+                {"bad": "middle"},
+                "metric 'drift': bad must be 'high', 'low' or 'both', got 'middle'",
+            ),
+            (
+                "drift",
+                {"bad": "HIGH"},
+                "metric 'drift': bad must be 'high', 'low' or 'both', got 'HIGH'",
+            ),
+            (
+                "drift",
+                {"compressible": "both"},
+                "metric 'drift': compressible must be 'high' or 'low', got 'both'",
+            ),
+            (
+                "drift",
+                {"compressible": "Low"},
+                "metric 'drift': compressible must be 'high' or 'low', got 'Low'",
+            ),
+        ],
     )
-    def test_bad_names_are_refused(self, name: str, message: str) -> None:
+    def test_bad_registrations_are_refused_with_what_is_wrong(
+        self, name: str, sides: dict[str, str], message: str
+    ) -> None:
+        """A conftest's mistake is named: the metric, the argument, what it may be, what it got."""
         registry = m.MetricRegistry()
-        with pytest.raises(ValueError, match=message):
-            registry.add(name, lambda sv: sv[..., 0])
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            registry.add(name, lambda sv: sv[..., 0], **sides)  # type: ignore[arg-type]
         assert set(registry.specs) == set(m.METRICS)
+
+    @pytest.mark.parametrize("bad", [None, "high", "low", "both"])
+    @pytest.mark.parametrize("compressible", [None, "high", "low"])
+    def test_every_documented_side_is_accepted_and_kept(
+        self, bad: str | None, compressible: str | None
+    ) -> None:
+        registry = m.MetricRegistry()
+        registry.add("drift", lambda sv: sv[..., 0], bad=bad, compressible=compressible)  # type: ignore[arg-type]
+        spec = registry.specs["drift"]
+        assert (spec.bad, spec.compressible) == (bad, compressible)
 
     def test_registries_do_not_share_their_metrics(self) -> None:
         first = m.MetricRegistry()
