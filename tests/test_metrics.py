@@ -364,6 +364,21 @@ class TestMeasurementFloor:
         assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6, rel=1e-12)
         assert m.first_last_ratio(values).item() == pytest.approx(1e6, rel=1e-12)
 
+    @pytest.mark.parametrize(
+        ("storage", "roundoff"),
+        [
+            ("BF16", 2.0**-8),  # 8 significand bits
+            ("F16", 2.0**-11),
+            ("F32", 2.0**-24),
+            ("F64", 2.0**-53),
+            (None, 2.0**-53),
+            ("F8_E4M3", 2.0**-53),  # no known unit roundoff: float64's
+        ],
+    )
+    def test_unit_roundoff_of_each_storage_dtype(self, storage, roundoff) -> None:
+        """Half the distance from 1 to the next float of the dtype: 2^-p for p significand bits."""
+        assert m.storage_roundoff(storage) == roundoff
+
     def test_unknown_storage_dtype_counts_as_float64(self) -> None:
         """A dtype without a known unit roundoff gets float64's: the float64 floor applies."""
         context = m.MetricContext((4, 64), "F8_E4M3")

@@ -227,6 +227,49 @@ severity = "warn"
         assert head.applies_to(3, 0, "down")
         assert not head.applies_to(3, None, "down")
 
+    def test_stacks_select_the_items_of_their_stacks(self, tmp_path: Path) -> None:
+        """``stacks`` names encoder-decoder stacks; ``text`` is what it calls an item in no
+        stack (``stack`` None); a rule without ``stacks`` judges every item."""
+        text = (
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["cross", "encoder"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = "text"\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n'
+        )
+        cross, plain, anywhere = load_rules(write(tmp_path, text)).rules
+        assert (cross.stacks, plain.stacks, anywhere.stacks) == (
+            frozenset({"cross", "encoder"}),
+            frozenset({"text"}),
+            None,
+        )
+        stacks = (None, "encoder", "decoder", "cross", "vision")
+        assert [cross.applies_to(0, 0, "q", stack) for stack in stacks] == [
+            False,
+            True,
+            False,
+            True,
+            False,
+        ]
+        assert [plain.applies_to(0, 0, "q", stack) for stack in stacks] == [
+            True,
+            False,
+            False,
+            False,
+            False,
+        ]
+        assert all(anywhere.applies_to(0, 0, "q", stack) for stack in stacks)
+
+    def test_lines_of_a_rule_point_at_its_bounds_else_its_header(self, tmp_path: Path) -> None:
+        text = (
+            "# thresholds\n"
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n\n'
+            '[[rules]]\nmetric = "stable_rank"\n  min = 0.5\nmax_change = 0.2\n'
+        )
+        first, second = load_rules(write(tmp_path, text)).rules
+        assert first.lines == (("", 2), ("max", 4))
+        assert second.lines == (("", 6), ("min", 8), ("max_change", 9))
+        assert (first.line("max"), first.line("min"), first.line()) == (4, 2, 2)
+        assert (second.line("min"), second.line("max_change"), second.line("max")) == (8, 9, 6)
+
     def test_relative_and_absolute_rules(self, tmp_path: Path) -> None:
         text = (
             '[[rules]]\nmetric = "spectral_norm"\nmax = 6\n'
