@@ -107,6 +107,18 @@ class TestMetricRequests:
         assert m.default_request("top_k_ratio", k=5).key == "top_k_ratio(k=5)"
         assert m.default_request("energy_rank", p=0.95).key == "energy_rank(p=0.95)"
 
+    def test_a_request_passes_the_context_only_to_metrics_that_take_one(self) -> None:
+        """numerical_rank counts sigma > sigma_1 max(m, n) eps: 1e-14 is above the tolerance
+        of an 8 x 8 matrix (1.8e-15) and below that of an 8 x 64 one (1.4e-14)."""
+        values = sv(1, 1e-13, 1e-14, 1e-16)
+        rank = m.default_request("numerical_rank")
+        assert rank.compute(values, m.MetricContext((8, 64))).item() == 2
+        assert rank.compute(values, m.MetricContext((8, 8))).item() == 3
+        # metrics without a context ignore one: (9 + 1) / 9 and the k = 1 share 3 / 4
+        stable = m.default_request("stable_rank").compute(sv(3, 1), m.MetricContext((2, 2)))
+        assert stable.item() == pytest.approx(10 / 9, rel=1e-15)
+        assert m.default_request("top_k_ratio", k=1).compute(sv(1, 3)).item() == 0.75
+
 
 spectra = arrays(
     np.float64,

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_spectral.judging.ranges import RangeSyntaxError, parse_index_set
-from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules
+from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules, rules_of_stack
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -257,6 +257,21 @@ severity = "warn"
             False,
         ]
         assert all(anywhere.applies_to(0, 0, "q", stack) for stack in stacks)
+
+    def test_the_rules_of_one_stack_judge_it_as_a_model_of_one_stack(self, tmp_path: Path) -> None:
+        """A heatmap draws one stack at a time: its rules are those naming the stack or none,
+        with ``stacks`` dropped so that they apply to cells drawn without a stack."""
+        text = (
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["cross"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 2\nstacks = ["encoder", "decoder"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 3\n'
+        )
+        rules = load_rules(write(tmp_path, text)).rules
+        cross = rules_of_stack(rules, "cross")
+        assert [(r.max, r.stacks) for r in cross] == [(1, None), (3, None)]
+        assert all(r.applies_to(0, 0, "q") for r in cross)
+        assert [r.max for r in rules_of_stack(rules, "decoder")] == [2, 3]
+        assert rules_of_stack(rules, None) == list(rules)  # a model of one stack: as they are
 
     def test_lines_of_a_rule_point_at_its_bounds_else_its_header(self, tmp_path: Path) -> None:
         text = (
