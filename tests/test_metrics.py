@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -562,6 +563,30 @@ class TestDefinedEdgeCases:
             single = evaluate(spec, values)
             double = evaluate(spec, values.astype(np.float64))
             np.testing.assert_array_equal(single, double, err_msg=name)
+
+    def test_no_warning_reaches_the_users_run(self) -> None:
+        """Metrics warn about nothing, deprecations included: pytest would list each warning
+        in the summary of the user's run."""
+        values = np.stack([np.geomspace(10, 0.1, 24), np.r_[np.full(23, 2.0), 0.0]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for spec in m.METRICS.values():
+                evaluate(spec, values, shape=(8, 24))
+                if spec.needs_context:
+                    spec.function(values, context=m.MetricContext((8, 24), "BF16"))
+
+    @pytest.mark.xfail(
+        raises=RuntimeWarning,
+        strict=True,
+        reason="bug: alpha_weighted multiplies alpha = inf (equal eigenvalues) by log10(1) = 0 "
+        "outside an errstate that ignores the invalid operation",
+    )
+    def test_equal_unit_singular_values_warn_about_nothing(self) -> None:
+        """Equal singular values of 1 (an identity or permutation block): alpha is inf, and
+        alpha_weighted inf * log10(1) is undefined (nan), which needs no warning."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert math.isnan(m.alpha_weighted(np.ones(24)).item())
 
     def test_no_floating_point_error_escapes(self) -> None:
         """Zero, non-finite and one-value slices under ``np.seterr(all="raise")``."""
