@@ -227,6 +227,12 @@ severity = "warn"
         assert head.applies_to(3, 0, "down")
         assert not head.applies_to(3, None, "down")
 
+    @pytest.mark.parametrize("window", [2, 1000])
+    def test_a_trend_window_spans_two_to_a_thousand_reports(self, tmp_path: Path, window) -> None:
+        text = f'[[rules]]\nmetric = "stable_rank"\nmin_change = -0.1\nwindow = {window}\n'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert (rule.window, rule.is_trend, rule.is_relative) == (window, True, True)
+
     def test_stacks_select_the_items_of_their_stacks(self, tmp_path: Path) -> None:
         """``stacks`` names encoder-decoder stacks; ``text`` is what it calls an item in no
         stack (``stack`` None); a rule without ``stacks`` judges every item."""
@@ -418,6 +424,50 @@ class TestMistakesNameFileLineAndKey:
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nscope = "layer"\n',
                 ":4: rule 1, key 'scope': must be 'head' or 'matrix', got 'layer'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmin_change = 0.5\nmax_change = 0.1\n',
+                ":3: rule 1, key 'min_change': min_change 0.5 is larger than max_change 0.1",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1' + "0" * 400 + "\n",
+                ":3: rule 1, key 'max': 1" + "0" * 400 + " is beyond the range of a float",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = true\n',
+                ":4: rule 1, key 'window': must be a whole number of reports, got True",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 2.0\n',
+                ":4: rule 1, key 'window': must be a whole number of reports, got 2.0",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 1\n',
+                ":4: rule 1, key 'window': must be between 2 (this report and the one before) "
+                "and 1000, got 1",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 1001\n',
+                ":4: rule 1, key 'window': must be between 2 (this report and the one before) "
+                "and 1000, got 1001",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nwindow = 5\n',
+                ":4: rule 1, key 'window': bounds a change over reports: give min_change or "
+                "max_change",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["encoder", "middle"]\n',
+                ":4: rule 1, key 'stacks': unknown stack 'middle'; choose from encoder, decoder, "
+                "cross, text, vision",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = []\n',
+                ":4: rule 1, key 'stacks': must be a non-empty list such as ['cross'], got []",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = 3\n',
+                ":4: rule 1, key 'stacks': must be a non-empty list such as ['cross'], got 3",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nname = ""\n',
