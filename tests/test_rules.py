@@ -282,14 +282,21 @@ severity = "warn"
     def test_lines_of_a_rule_point_at_its_bounds_else_its_header(self, tmp_path: Path) -> None:
         text = (
             "# thresholds\n"
-            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n'
+            '[[rules]]\nmax = 3\nmetric = "stable_rank"\n\n'
             '[[rules]]\nmetric = "stable_rank"\n  min = 0.5\nmax_change = 0.2\n'
         )
-        first, second = load_rules(write(tmp_path, text)).rules
+        first, second, third = load_rules(write(tmp_path, text)).rules
         assert first.lines == (("", 2), ("max", 4))
-        assert second.lines == (("", 6), ("min", 8), ("max_change", 9))
+        # right after its header, and right after the bound of the rule before
+        assert second.lines == (("", 5), ("max", 6))
+        assert third.lines == (("", 9), ("min", 11), ("max_change", 12))
         assert (first.line("max"), first.line("min"), first.line()) == (4, 2, 2)
-        assert (second.line("min"), second.line("max_change"), second.line("max")) == (8, 9, 6)
+        assert (third.line("min"), third.line("max_change"), third.line("max")) == (11, 12, 9)
+        # inline tables have no header lines to point at
+        inline = 'rules = [{metric = "stable_rank", max = 1}]\n'
+        (rule,) = load_rules(write(tmp_path, inline)).rules
+        assert (rule.lines, rule.line("max")) == ((), None)
 
     def test_relative_and_absolute_rules(self, tmp_path: Path) -> None:
         text = (
