@@ -557,6 +557,20 @@ class TestDefinedEdgeCases:
         for name in ("spectral_entropy", "effective_rank", "stable_rank", "top_k_ratio"):
             assert math.isnan(m.METRICS[name].function(batch)[1]), name
 
+    def test_tiny_and_huge_spectra_measure_alike_in_one_batch(self) -> None:
+        """Squares of 1e-170 are below float64's range and those of 1e170 above it: each slice
+        of a batch is scaled by its own largest value, so a tiny slice beside a large one still
+        has its norms, 5 times its scale for (3, 4), and its ratios."""
+        for scale in (1e-170, 1e170):
+            batch = np.stack([sv(3, 4) * scale, sv(3, 4), sv(0, 0)])
+            norms = m.frobenius_norm(batch)
+            assert norms[0] == pytest.approx(5 * scale, rel=1e-15)
+            assert norms[1:].tolist() == [5.0, 0.0]
+            # (9 + 16) / 16, and (9 + 16)^2 / (81 + 256)
+            np.testing.assert_allclose(m.stable_rank(batch)[:2], [25 / 16] * 2, rtol=1e-15)
+            ratios = m.participation_ratio(batch)[:2]
+            np.testing.assert_allclose(ratios, [625 / 337] * 2, rtol=1e-15)
+
     def test_float32_input_is_computed_in_float64(self) -> None:
         values = np.random.default_rng(4).random(40).astype(np.float32) + 0.1
         for name, spec in m.METRICS.items():
