@@ -392,6 +392,14 @@ class TestMeasurementFloor:
         """Half the distance from 1 to the next float of the dtype: 2^-p for p significand bits."""
         assert m.storage_roundoff(storage) == roundoff
 
+    def test_a_context_with_its_own_floors_gives_them_per_slice(self) -> None:
+        """A circuit's floor comes from its factors, not from its singular values: the context
+        carries one per slice, and the condition number divides by it where sigma_min is below."""
+        values = np.stack([sv(4, 2, 0), sv(8, 1, 0.5)])
+        context = m.MetricContext((3, 3), "BF16", floor=(0.5, 2.0))
+        assert m.measurement_floor(values, context).tolist() == [0.5, 2.0]
+        assert m.first_last_ratio(values, context).tolist() == [8.0, 4.0]
+
     def test_unknown_storage_dtype_counts_as_float64(self) -> None:
         """A dtype without a known unit roundoff gets float64's: the float64 floor applies."""
         context = m.MetricContext((4, 64), "F8_E4M3")
