@@ -227,6 +227,14 @@ severity = "warn"
         assert head.applies_to(3, 0, "down")
         assert not head.applies_to(3, None, "down")
 
+    @pytest.mark.parametrize("suggest", ["low_rank", "remove_head", "none", None])
+    def test_a_rule_keeps_what_it_suggests(self, tmp_path: Path, suggest) -> None:
+        """``suggest`` overrides the metric's compressible side; without it, None decides."""
+        line = f'suggest = "{suggest}"\n' if suggest else ""
+        text = f'[[rules]]\nmetric = "stable_rank"\nmin = 2\n{line}'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert rule.suggest == suggest
+
     @pytest.mark.parametrize("window", [2, 1000])
     def test_a_trend_window_spans_two_to_a_thousand_reports(self, tmp_path: Path, window) -> None:
         text = f'[[rules]]\nmetric = "stable_rank"\nmin_change = -0.1\nwindow = {window}\n'
