@@ -553,6 +553,15 @@ class TestDefinedEdgeCases:
         assert (m.spectral_entropy(single) == 0).all()
         assert m.top_k_ratio(np.ones((2, 3, 4)), k=1).shape == (2, 3)
 
+    @pytest.mark.parametrize("leading", [(), (3,), (2, 3)])
+    def test_every_metric_gives_one_value_per_slice(self, leading) -> None:
+        """The last axis is reduced, whatever comes before it: a single slice gives a 0-d
+        value, a layer's heads one value each (nonfinite_count's zeros, which the engine
+        fills in, included)."""
+        values = np.broadcast_to(np.geomspace(8, 0.5, 24), (*leading, 24))
+        for spec in m.METRICS.values():
+            assert np.shape(evaluate(spec, values, shape=(24, 32))) == leading, spec.name
+
     def test_a_zero_or_non_finite_slice_leaves_its_neighbours_alone(self) -> None:
         batch = np.stack([sv(3, 1, 0), sv(0, 0, 0), sv(2, math.nan, 1)])
         for name, spec in m.METRICS.items():
