@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +107,18 @@ class TestMetricRequests:
         assert m.default_request("top_k_ratio").key == "top_k_ratio"
         assert m.default_request("top_k_ratio", k=5).key == "top_k_ratio(k=5)"
         assert m.default_request("energy_rank", p=0.95).key == "energy_rank(p=0.95)"
+
+    def test_a_request_passes_the_context_only_to_metrics_that_take_one(self) -> None:
+        """numerical_rank counts sigma > sigma_1 max(m, n) eps: 1e-14 is above the tolerance
+        of an 8 x 8 matrix (1.8e-15) and below that of an 8 x 64 one (1.4e-14)."""
+        values = sv(1, 1e-13, 1e-14, 1e-16)
+        rank = m.default_request("numerical_rank")
+        assert rank.compute(values, m.MetricContext((8, 64))).item() == 2
+        assert rank.compute(values, m.MetricContext((8, 8))).item() == 3
+        # metrics without a context ignore one: (9 + 1) / 9 and the k = 1 share 3 / 4
+        stable = m.default_request("stable_rank").compute(sv(3, 1), m.MetricContext((2, 2)))
+        assert stable.item() == pytest.approx(10 / 9, rel=1e-15)
+        assert m.default_request("top_k_ratio", k=1).compute(sv(1, 3)).item() == 0.75
 
 
 spectra = arrays(
@@ -363,6 +377,29 @@ class TestMeasurementFloor:
         assert m.first_last_ratio(values, f64).item() == pytest.approx(1e6, rel=1e-12)
         assert m.first_last_ratio(values).item() == pytest.approx(1e6, rel=1e-12)
 
+    @pytest.mark.parametrize(
+        ("storage", "roundoff"),
+        [
+            ("BF16", 2.0**-8),  # 8 significand bits
+            ("F16", 2.0**-11),
+            ("F32", 2.0**-24),
+            ("F64", 2.0**-53),
+            (None, 2.0**-53),
+            ("F8_E4M3", 2.0**-53),  # no known unit roundoff: float64's
+        ],
+    )
+    def test_unit_roundoff_of_each_storage_dtype(self, storage, roundoff) -> None:
+        """Half the distance from 1 to the next float of the dtype: 2^-p for p significand bits."""
+        assert m.storage_roundoff(storage) == roundoff
+
+    def test_a_context_with_its_own_floors_gives_them_per_slice(self) -> None:
+        """A circuit's floor comes from its factors, not from its singular values: the context
+        carries one per slice, and the condition number divides by it where sigma_min is below."""
+        values = np.stack([sv(4, 2, 0), sv(8, 1, 0.5)])
+        context = m.MetricContext((3, 3), "BF16", floor=(0.5, 2.0))
+        assert m.measurement_floor(values, context).tolist() == [0.5, 2.0]
+        assert m.first_last_ratio(values, context).tolist() == [8.0, 4.0]
+
     def test_unknown_storage_dtype_counts_as_float64(self) -> None:
         """A dtype without a known unit roundoff gets float64's: the float64 floor applies."""
         context = m.MetricContext((4, 64), "F8_E4M3")
@@ -398,14 +435,50 @@ class TestMetricRegistry:
         assert check(True) == "must be a number, got True"
 
     @pytest.mark.parametrize(
-        ("name", "message"),
-        [("top_k_ratio", "already registered"), ("my-metric", "must be an identifier")],
+        ("name", "sides", "message"),
+        [
+            ("top_k_ratio", {}, "metric 'top_k_ratio' is already registered"),
+            ("my-metric", {}, "metric name 'my-metric' must be an identifier"),
+            (
+                "drift",
+                {"bad": "middle"},
+                "metric 'drift': bad must be 'high', 'low' or 'both', got 'middle'",
+            ),
+            (
+                "drift",
+                {"bad": "HIGH"},
+                "metric 'drift': bad must be 'high', 'low' or 'both', got 'HIGH'",
+            ),
+            (
+                "drift",
+                {"compressible": "both"},
+                "metric 'drift': compressible must be 'high' or 'low', got 'both'",
+            ),
+            (
+                "drift",
+                {"compressible": "Low"},
+                "metric 'drift': compressible must be 'high' or 'low', got 'Low'",
+            ),
+        ],
     )
-    def test_bad_names_are_refused(self, name: str, message: str) -> None:
+    def test_bad_registrations_are_refused_with_what_is_wrong(
+        self, name: str, sides: dict[str, str], message: str
+    ) -> None:
+        """A conftest's mistake is named: the metric, the argument, what it may be, what it got."""
         registry = m.MetricRegistry()
-        with pytest.raises(ValueError, match=message):
-            registry.add(name, lambda sv: sv[..., 0])
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            registry.add(name, lambda sv: sv[..., 0], **sides)  # type: ignore[arg-type]
         assert set(registry.specs) == set(m.METRICS)
+
+    @pytest.mark.parametrize("bad", [None, "high", "low", "both"])
+    @pytest.mark.parametrize("compressible", [None, "high", "low"])
+    def test_every_documented_side_is_accepted_and_kept(
+        self, bad: str | None, compressible: str | None
+    ) -> None:
+        registry = m.MetricRegistry()
+        registry.add("drift", lambda sv: sv[..., 0], bad=bad, compressible=compressible)  # type: ignore[arg-type]
+        spec = registry.specs["drift"]
+        assert (spec.bad, spec.compressible) == (bad, compressible)
 
     def test_registries_do_not_share_their_metrics(self) -> None:
         first = m.MetricRegistry()
@@ -480,6 +553,15 @@ class TestDefinedEdgeCases:
         assert (m.spectral_entropy(single) == 0).all()
         assert m.top_k_ratio(np.ones((2, 3, 4)), k=1).shape == (2, 3)
 
+    @pytest.mark.parametrize("leading", [(), (3,), (2, 3)])
+    def test_every_metric_gives_one_value_per_slice(self, leading) -> None:
+        """The last axis is reduced, whatever comes before it: a single slice gives a 0-d
+        value, a layer's heads one value each (nonfinite_count's zeros, which the engine
+        fills in, included)."""
+        values = np.broadcast_to(np.geomspace(8, 0.5, 24), (*leading, 24))
+        for spec in m.METRICS.values():
+            assert np.shape(evaluate(spec, values, shape=(24, 32))) == leading, spec.name
+
     def test_a_zero_or_non_finite_slice_leaves_its_neighbours_alone(self) -> None:
         batch = np.stack([sv(3, 1, 0), sv(0, 0, 0), sv(2, math.nan, 1)])
         for name, spec in m.METRICS.items():
@@ -492,12 +574,50 @@ class TestDefinedEdgeCases:
         for name in ("spectral_entropy", "effective_rank", "stable_rank", "top_k_ratio"):
             assert math.isnan(m.METRICS[name].function(batch)[1]), name
 
+    def test_tiny_and_huge_spectra_measure_alike_in_one_batch(self) -> None:
+        """Squares of 1e-170 are below float64's range and those of 1e170 above it: each slice
+        of a batch is scaled by its own largest value, so a tiny slice beside a large one still
+        has its norms, 5 times its scale for (3, 4), and its ratios."""
+        for scale in (1e-170, 1e170):
+            batch = np.stack([sv(3, 4) * scale, sv(3, 4), sv(0, 0)])
+            norms = m.frobenius_norm(batch)
+            assert norms[0] == pytest.approx(5 * scale, rel=1e-15)
+            assert norms[1:].tolist() == [5.0, 0.0]
+            # (9 + 16) / 16, and (9 + 16)^2 / (81 + 256)
+            np.testing.assert_allclose(m.stable_rank(batch)[:2], [25 / 16] * 2, rtol=1e-15)
+            ratios = m.participation_ratio(batch)[:2]
+            np.testing.assert_allclose(ratios, [625 / 337] * 2, rtol=1e-15)
+
     def test_float32_input_is_computed_in_float64(self) -> None:
         values = np.random.default_rng(4).random(40).astype(np.float32) + 0.1
         for name, spec in m.METRICS.items():
             single = evaluate(spec, values)
             double = evaluate(spec, values.astype(np.float64))
             np.testing.assert_array_equal(single, double, err_msg=name)
+
+    def test_no_warning_reaches_the_users_run(self) -> None:
+        """Metrics warn about nothing, deprecations included: pytest would list each warning
+        in the summary of the user's run."""
+        values = np.stack([np.geomspace(10, 0.1, 24), np.r_[np.full(23, 2.0), 0.0]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for spec in m.METRICS.values():
+                evaluate(spec, values, shape=(8, 24))
+                if spec.needs_context:
+                    spec.function(values, context=m.MetricContext((8, 24), "BF16"))
+
+    @pytest.mark.xfail(
+        raises=RuntimeWarning,
+        strict=True,
+        reason="bug: alpha_weighted multiplies alpha = inf (equal eigenvalues) by log10(1) = 0 "
+        "outside an errstate that ignores the invalid operation",
+    )
+    def test_equal_unit_singular_values_warn_about_nothing(self) -> None:
+        """Equal singular values of 1 (an identity or permutation block): alpha is inf, and
+        alpha_weighted inf * log10(1) is undefined (nan), which needs no warning."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert math.isnan(m.alpha_weighted(np.ones(24)).item())
 
     def test_no_floating_point_error_escapes(self) -> None:
         """Zero, non-finite and one-value slices under ``np.seterr(all="raise")``."""

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_spectral.judging.ranges import RangeSyntaxError, parse_index_set
-from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules
+from pytest_spectral.judging.rules import RulesError, RuleSet, load_rules, rules_of_stack
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -227,6 +227,85 @@ severity = "warn"
         assert head.applies_to(3, 0, "down")
         assert not head.applies_to(3, None, "down")
 
+    @pytest.mark.parametrize("suggest", ["low_rank", "remove_head", "none", None])
+    def test_a_rule_keeps_what_it_suggests(self, tmp_path: Path, suggest) -> None:
+        """``suggest`` overrides the metric's compressible side; without it, None decides."""
+        line = f'suggest = "{suggest}"\n' if suggest else ""
+        text = f'[[rules]]\nmetric = "stable_rank"\nmin = 2\n{line}'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert rule.suggest == suggest
+
+    @pytest.mark.parametrize("window", [2, 1000])
+    def test_a_trend_window_spans_two_to_a_thousand_reports(self, tmp_path: Path, window) -> None:
+        text = f'[[rules]]\nmetric = "stable_rank"\nmin_change = -0.1\nwindow = {window}\n'
+        (rule,) = load_rules(write(tmp_path, text)).rules
+        assert (rule.window, rule.is_trend, rule.is_relative) == (window, True, True)
+
+    def test_stacks_select_the_items_of_their_stacks(self, tmp_path: Path) -> None:
+        """``stacks`` names encoder-decoder stacks; ``text`` is what it calls an item in no
+        stack (``stack`` None); a rule without ``stacks`` judges every item."""
+        text = (
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["cross", "encoder"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = "text"\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n'
+        )
+        cross, plain, anywhere = load_rules(write(tmp_path, text)).rules
+        assert (cross.stacks, plain.stacks, anywhere.stacks) == (
+            frozenset({"cross", "encoder"}),
+            frozenset({"text"}),
+            None,
+        )
+        stacks = (None, "encoder", "decoder", "cross", "vision")
+        assert [cross.applies_to(0, 0, "q", stack) for stack in stacks] == [
+            False,
+            True,
+            False,
+            True,
+            False,
+        ]
+        assert [plain.applies_to(0, 0, "q", stack) for stack in stacks] == [
+            True,
+            False,
+            False,
+            False,
+            False,
+        ]
+        assert all(anywhere.applies_to(0, 0, "q", stack) for stack in stacks)
+
+    def test_the_rules_of_one_stack_judge_it_as_a_model_of_one_stack(self, tmp_path: Path) -> None:
+        """A heatmap draws one stack at a time: its rules are those naming the stack or none,
+        with ``stacks`` dropped so that they apply to cells drawn without a stack."""
+        text = (
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["cross"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 2\nstacks = ["encoder", "decoder"]\n'
+            '[[rules]]\nmetric = "stable_rank"\nmax = 3\n'
+        )
+        rules = load_rules(write(tmp_path, text)).rules
+        cross = rules_of_stack(rules, "cross")
+        assert [(r.max, r.stacks) for r in cross] == [(1, None), (3, None)]
+        assert all(r.applies_to(0, 0, "q") for r in cross)
+        assert [r.max for r in rules_of_stack(rules, "decoder")] == [2, 3]
+        assert rules_of_stack(rules, None) == list(rules)  # a model of one stack: as they are
+
+    def test_lines_of_a_rule_point_at_its_bounds_else_its_header(self, tmp_path: Path) -> None:
+        text = (
+            "# thresholds\n"
+            '[[rules]]\nmetric = "stable_rank"\nmax = 1\n'
+            '[[rules]]\nmax = 3\nmetric = "stable_rank"\n\n'
+            '[[rules]]\nmetric = "stable_rank"\n  min = 0.5\nmax_change = 0.2\n'
+        )
+        first, second, third = load_rules(write(tmp_path, text)).rules
+        assert first.lines == (("", 2), ("max", 4))
+        # right after its header, and right after the bound of the rule before
+        assert second.lines == (("", 5), ("max", 6))
+        assert third.lines == (("", 9), ("min", 11), ("max_change", 12))
+        assert (first.line("max"), first.line("min"), first.line()) == (4, 2, 2)
+        assert (third.line("min"), third.line("max_change"), third.line("max")) == (11, 12, 9)
+        # inline tables have no header lines to point at
+        inline = 'rules = [{metric = "stable_rank", max = 1}]\n'
+        (rule,) = load_rules(write(tmp_path, inline)).rules
+        assert (rule.lines, rule.line("max")) == ((), None)
+
     def test_relative_and_absolute_rules(self, tmp_path: Path) -> None:
         text = (
             '[[rules]]\nmetric = "spectral_norm"\nmax = 6\n'
@@ -360,6 +439,50 @@ class TestMistakesNameFileLineAndKey:
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nscope = "layer"\n',
                 ":4: rule 1, key 'scope': must be 'head' or 'matrix', got 'layer'",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmin_change = 0.5\nmax_change = 0.1\n',
+                ":3: rule 1, key 'min_change': min_change 0.5 is larger than max_change 0.1",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1' + "0" * 400 + "\n",
+                ":3: rule 1, key 'max': 1" + "0" * 400 + " is beyond the range of a float",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = true\n',
+                ":4: rule 1, key 'window': must be a whole number of reports, got True",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 2.0\n',
+                ":4: rule 1, key 'window': must be a whole number of reports, got 2.0",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 1\n',
+                ":4: rule 1, key 'window': must be between 2 (this report and the one before) "
+                "and 1000, got 1",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax_change = 0.1\nwindow = 1001\n',
+                ":4: rule 1, key 'window': must be between 2 (this report and the one before) "
+                "and 1000, got 1001",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nwindow = 5\n',
+                ":4: rule 1, key 'window': bounds a change over reports: give min_change or "
+                "max_change",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = ["encoder", "middle"]\n',
+                ":4: rule 1, key 'stacks': unknown stack 'middle'; choose from encoder, decoder, "
+                "cross, text, vision",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = []\n',
+                ":4: rule 1, key 'stacks': must be a non-empty list such as ['cross'], got []",
+            ),
+            (
+                '[[rules]]\nmetric = "stable_rank"\nmax = 1\nstacks = 3\n',
+                ":4: rule 1, key 'stacks': must be a non-empty list such as ['cross'], got 3",
             ),
             (
                 '[[rules]]\nmetric = "stable_rank"\nmax = 1\nname = ""\n',
