@@ -606,12 +606,6 @@ class TestDefinedEdgeCases:
                 if spec.needs_context:
                     spec.function(values, context=m.MetricContext((8, 24), "BF16"))
 
-    @pytest.mark.xfail(
-        raises=RuntimeWarning,
-        strict=True,
-        reason="bug: alpha_weighted multiplies alpha = inf (equal eigenvalues) by log10(1) = 0 "
-        "outside an errstate that ignores the invalid operation",
-    )
     def test_equal_unit_singular_values_warn_about_nothing(self) -> None:
         """Equal singular values of 1 (an identity or permutation block): alpha is inf, and
         alpha_weighted inf * log10(1) is undefined (nan), which needs no warning."""

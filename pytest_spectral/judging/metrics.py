@@ -313,7 +313,6 @@ class ParamSpec:
 
     default: float | int
     check: Callable[[object], str | None]
-    help: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -352,8 +351,8 @@ def _fraction(value: object) -> str | None:
     return None
 
 
-_K = ParamSpec(10, _positive_int, "number of singular values (clamped to the rank)")
-_P = ParamSpec(0.9, _fraction, "energy fraction in (0, 1]")
+_K = ParamSpec(10, _positive_int)  # number of singular values (clamped to the rank)
+_P = ParamSpec(0.9, _fraction)  # energy fraction in (0, 1]
 
 #: The built-in metrics. Low-rank structure (compressible) shows as a concentrated spectrum,
 #: few effective directions or a large condition number.
@@ -538,7 +537,7 @@ class MetricRegistry:
             raise ValueError(
                 f"metric {name!r}: compressible must be 'high' or 'low', got {compressible!r}"
             )
-        params = {key: ParamSpec(value, _number, "") for key, value in defaults.items()}
+        params = {key: ParamSpec(value, _number) for key, value in defaults.items()}
         self.specs[name] = MetricSpec(
             name, function, summary or name, params, bad=bad, compressible=compressible
         )
