@@ -8,6 +8,8 @@ Q/K/V rows ``[h*d:(h+1)*d]``, O columns ``[:, h*d:(h+1)*d]``, query head h using
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -309,6 +311,36 @@ def test_values_do_not_depend_on_the_number_of_threads() -> None:
         assert shared.methods == alone.methods
         assert (shared.singular_values == alone.singular_values).all()
     assert set(alone.methods) == {"gram", "cholqr2", "qr"}
+
+
+def test_the_slice_pool_runs_that_many_threads_of_one_intra_op_thread_each() -> None:
+    """As many pool threads as asked for, named for thread dumps, each with one intra-op
+    thread; the calling thread's own count is left alone."""
+    torch.set_num_threads(2)  # the autouse fixture restores the count afterwards
+
+    def probe() -> tuple[str, int]:
+        time.sleep(0.05)  # keeps each thread busy, so the pool starts every thread it may
+        return threading.current_thread().name, torch.get_num_threads()
+
+    with spectra.slice_executor(3) as pool:
+        seen = [future.result() for future in [pool.submit(probe) for _ in range(12)]]
+    assert len({name for name, _ in seen}) == 3
+    assert all(name.startswith("pytest-spectral-slice_") for name, _ in seen)
+    assert {threads for _, threads in seen} == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_a_thread_reuses_one_float64_buffer_for_slices_of_one_shape() -> None:
+    """Each slice is upcast into a buffer its thread keeps for the next slice of that shape
+    (no allocation or page faults per slice); another shape gets a buffer of its own."""
+    blocks = torch.randn(3, 8, 32, dtype=torch.bfloat16)
+    slice_singular_values(blocks[:2])
+    buffer = spectra._thread_buffers.buffer
+    slice_singular_values(blocks[2:])
+    assert spectra._thread_buffers.buffer is buffer
+    assert (buffer.dtype, tuple(buffer.shape)) == (torch.float64, (8, 32))
+    slice_singular_values(blocks.mT)
+    assert tuple(spectra._thread_buffers.buffer.shape) == (32, 8)
 
 
 def test_metrics_are_served_with_the_values(tmp_path: Path) -> None:
