@@ -168,3 +168,9 @@ def test_latent_down_projection_rows_by_hand(matrix: str, rows: tuple[int, int])
     stored = numbered(5, 16)  # kv_a_proj_with_mqa: kv_lora_rank + qk_rope_head_dim rows
     whole = whole_matrix(stored, matrix, MLA, layout("latent"))
     assert torch.equal(whole, stored[rows[0] : rows[1]])
+
+
+@pytest.mark.parametrize("matrix", ["q_a", "o", "gate"])
+def test_other_whole_matrices_of_a_latent_model_are_their_stored_weight(matrix: str) -> None:
+    stored = numbered(6, 16)  # q_a_proj: q_lora_rank rows, all of them the item
+    assert torch.equal(whole_matrix(stored, matrix, MLA, layout("latent")), stored)
