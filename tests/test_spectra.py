@@ -343,6 +343,23 @@ def test_a_thread_reuses_one_float64_buffer_for_slices_of_one_shape() -> None:
     assert tuple(spectra._thread_buffers.buffer.shape) == (32, 8)
 
 
+@pytest.mark.parametrize(("rows", "kept"), [(16, True), (17, False)])
+def test_a_thread_keeps_only_buffers_up_to_the_size_limit(monkeypatch, rows, kept) -> None:
+    """A buffer over ``_REUSED_BUFFER_BYTES`` is not held between slices (memory); the limit
+    is lowered to 1 KiB here: 16 x 8 float64 values are exactly 1 KiB."""
+    monkeypatch.setattr(spectra, "_REUSED_BUFFER_BYTES", 1024)
+    monkeypatch.setattr(spectra, "_decompose", lambda batch, dtype: [])
+    monkeypatch.setattr(spectra._thread_buffers, "buffer", None, raising=False)
+    spectra._cpu_slice(torch.ones(rows, 8, dtype=torch.float32), torch.float64)
+    assert (spectra._thread_buffers.buffer is not None) == kept
+
+
+def test_selecting_every_slice_makes_no_copy() -> None:
+    batch = torch.randn(3, 4, 8, dtype=torch.float64)
+    assert spectra._select(batch, torch.tensor([True, True, True])) is batch
+    assert torch.equal(spectra._select(batch, torch.tensor([True, False, True])), batch[[0, 2]])
+
+
 def test_metrics_are_served_with_the_values(tmp_path: Path) -> None:
     shape = LlamaShape(layers=1, heads=2, kv_heads=2, head_dim=4, hidden=16, mlp=False)
     tensors = random_llama_weights(shape, attention_only=True)
