@@ -236,6 +236,30 @@ class TestEntries:
         np.testing.assert_array_equal(loaded.metrics["spectral_norm"], [3.0, 7.0, 11.0])
         assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["a" * 40 + ".npz"]
 
+    def test_a_circuit_entry_keeps_its_floor(self, tmp_path) -> None:
+        """A circuit's per-slice measurement floor is stored, checked and returned with it;
+        other entries have none."""
+        cache = SpectraCache(tmp_path)
+        cache.store("f" * 64, dataclasses.replace(spectra(), floor=np.array([1e-12, 2e-12, 3e-12])))
+        loaded = cache.load("f" * 64)
+        assert loaded is not None
+        np.testing.assert_array_equal(loaded.floor, [1e-12, 2e-12, 3e-12])
+        np.testing.assert_array_equal(loaded.singular_values, spectra().singular_values)
+        cache.store("a" * 64, spectra())
+        assert cache.load("a" * 64).floor is None
+
+    @pytest.mark.parametrize(
+        "floor", [[1e-12, 2e-12, 4e-12], [1e-12, 2e-12]], ids=["altered", "one-short"]
+    )
+    def test_an_entry_with_an_altered_floor_is_removed(self, tmp_path, floor) -> None:
+        cache = SpectraCache(tmp_path)
+        cache.store("f" * 64, dataclasses.replace(spectra(), floor=np.array([1e-12, 2e-12, 3e-12])))
+        path = tmp_path / ("f" * 40 + ".npz")
+        good = np.load(path)
+        np.savez(path, **{**{n: good[n] for n in good.files}, "floor": np.asarray(floor)})
+        assert cache.load("f" * 64) is None
+        assert list(tmp_path.iterdir()) == []
+
     def test_absent_entry(self, tmp_path) -> None:
         assert SpectraCache(tmp_path).load("b" * 64) is None
 

@@ -71,6 +71,9 @@ def numbered(rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize(("geometry", "fused", "matrix", "index", "start"), CASES)
 def test_slice_span_by_hand(geometry, fused, matrix, index, start) -> None:
     assert slice_span(matrix, index, geometry, layout(fused)) == ("rows", start, start + 8)
+    # as a failure message prints it: whole row numbers
+    axis, first, stop = slice_span(matrix, index, geometry, layout(fused))
+    assert f"{axis} {first}:{stop}" == f"rows {start}:{start + 8}"
     # stored transposed ([in, out], Conv1D): the same blocks, as columns
     assert slice_span(matrix, index, geometry, layout(fused, conv1d=True)) == (
         "columns",
@@ -90,15 +93,22 @@ def test_head_blocks_take_those_rows(geometry, fused, matrix, index, start) -> N
     assert torch.equal(transposed[index], weight[start : start + 8].T)
 
 
+#: heads * head_dim (48) other than hidden (32): O is not square
+WIDE_HEADS = Geometry(layers=1, heads=4, kv_heads=2, head_dim=12, hidden=32)
+
+
 @pytest.mark.parametrize("index", range(4))
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_o_slices_are_column_blocks(index: int, conv1d: bool) -> None:
-    weight = numbered(32, 32)  # [hidden, heads * head_dim]
+@pytest.mark.parametrize("geometry", [GQA, WIDE_HEADS], ids=["square", "wide-heads"])
+def test_o_slices_are_column_blocks(index: int, conv1d: bool, geometry: Geometry) -> None:
+    d = geometry.head_dim
+    weight = numbered(32, 4 * d)  # [hidden, heads * head_dim]
     stored = weight.T.contiguous() if conv1d else weight
     axis = "rows" if conv1d else "columns"
-    assert slice_span("o", index, GQA, layout(None, conv1d)) == (axis, 8 * index, 8 * index + 8)
-    block = head_blocks(stored, "o", GQA, layout(None, conv1d))[index]
-    expected = weight[:, 8 * index : 8 * index + 8]
+    span = slice_span("o", index, geometry, layout(None, conv1d))
+    assert span == (axis, d * index, d * index + d)
+    block = head_blocks(stored, "o", geometry, layout(None, conv1d))[index]
+    expected = weight[:, d * index : d * index + d]
     assert torch.equal(block, expected.T if conv1d else expected)
 
 
@@ -158,3 +168,9 @@ def test_latent_down_projection_rows_by_hand(matrix: str, rows: tuple[int, int])
     stored = numbered(5, 16)  # kv_a_proj_with_mqa: kv_lora_rank + qk_rope_head_dim rows
     whole = whole_matrix(stored, matrix, MLA, layout("latent"))
     assert torch.equal(whole, stored[rows[0] : rows[1]])
+
+
+@pytest.mark.parametrize("matrix", ["q_a", "o", "gate"])
+def test_other_whole_matrices_of_a_latent_model_are_their_stored_weight(matrix: str) -> None:
+    stored = numbered(6, 16)  # q_a_proj: q_lora_rank rows, all of them the item
+    assert torch.equal(whole_matrix(stored, matrix, MLA, layout("latent")), stored)

@@ -7,6 +7,10 @@ Q/K/V rows ``[h*d:(h+1)*d]``, O columns ``[:, h*d:(h+1)*d]``, query head h using
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from pytest_spectral.checkpoints.checkpoint import MATRICES, open_checkpoint
+from pytest_spectral.checkpoints.families import ExpertMatrix
 from pytest_spectral.compute import spectra
 from pytest_spectral.compute.engine import SpectraEngine
 from pytest_spectral.compute.spectra import slice_singular_values
@@ -238,6 +243,20 @@ def test_non_finite_weights_in_float32_precision() -> None:
         np.testing.assert_allclose(result.singular_values[i], reference, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_infinite_weight_without_nan_poisons_only_its_head(dtype: torch.dtype) -> None:
+    """A slice holding +-inf but no NaN (its Gram matrix and largest magnitude are then
+    infinite, not NaN) is reported, not decomposed: LAPACK would fail on it."""
+    blocks = torch.randn(3, 4, 16, dtype=torch.float64)
+    blocks[1, 1, 2] = float("inf")
+    blocks[1, 3, 0] = float("-inf")
+    result = slice_singular_values(blocks, dtype=dtype)
+    assert result.nonfinite == [0, 2, 0]
+    assert np.isnan(result.singular_values[1]).all()
+    reference = numpy_values(blocks[[0, 2]])
+    np.testing.assert_allclose(result.singular_values[[0, 2]], reference, rtol=1e-5)
+
+
 def test_zero_head_has_zero_singular_values() -> None:
     blocks = torch.randn(2, 4, 16)
     blocks[0] = 0
@@ -294,6 +313,53 @@ def test_values_do_not_depend_on_the_number_of_threads() -> None:
     assert set(alone.methods) == {"gram", "cholqr2", "qr"}
 
 
+def test_the_slice_pool_runs_that_many_threads_of_one_intra_op_thread_each() -> None:
+    """As many pool threads as asked for, named for thread dumps, each with one intra-op
+    thread; the calling thread's own count is left alone."""
+    torch.set_num_threads(2)  # the autouse fixture restores the count afterwards
+
+    def probe() -> tuple[str, int]:
+        time.sleep(0.05)  # keeps each thread busy, so the pool starts every thread it may
+        return threading.current_thread().name, torch.get_num_threads()
+
+    with spectra.slice_executor(3) as pool:
+        seen = [future.result() for future in [pool.submit(probe) for _ in range(12)]]
+    assert len({name for name, _ in seen}) == 3
+    assert all(name.startswith("pytest-spectral-slice_") for name, _ in seen)
+    assert {threads for _, threads in seen} == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_a_thread_reuses_one_float64_buffer_for_slices_of_one_shape() -> None:
+    """Each slice is upcast into a buffer its thread keeps for the next slice of that shape
+    (no allocation or page faults per slice); another shape gets a buffer of its own."""
+    blocks = torch.randn(3, 8, 32, dtype=torch.bfloat16)
+    slice_singular_values(blocks[:2])
+    buffer = spectra._thread_buffers.buffer
+    slice_singular_values(blocks[2:])
+    assert spectra._thread_buffers.buffer is buffer
+    assert (buffer.dtype, tuple(buffer.shape)) == (torch.float64, (8, 32))
+    slice_singular_values(blocks.mT)
+    assert tuple(spectra._thread_buffers.buffer.shape) == (32, 8)
+
+
+@pytest.mark.parametrize(("rows", "kept"), [(16, True), (17, False)])
+def test_a_thread_keeps_only_buffers_up_to_the_size_limit(monkeypatch, rows, kept) -> None:
+    """A buffer over ``_REUSED_BUFFER_BYTES`` is not held between slices (memory); the limit
+    is lowered to 1 KiB here: 16 x 8 float64 values are exactly 1 KiB."""
+    monkeypatch.setattr(spectra, "_REUSED_BUFFER_BYTES", 1024)
+    monkeypatch.setattr(spectra, "_decompose", lambda batch, dtype: [])
+    monkeypatch.setattr(spectra._thread_buffers, "buffer", None, raising=False)
+    spectra._cpu_slice(torch.ones(rows, 8, dtype=torch.float32), torch.float64)
+    assert (spectra._thread_buffers.buffer is not None) == kept
+
+
+def test_selecting_every_slice_makes_no_copy() -> None:
+    batch = torch.randn(3, 4, 8, dtype=torch.float64)
+    assert spectra._select(batch, torch.tensor([True, True, True])) is batch
+    assert torch.equal(spectra._select(batch, torch.tensor([True, False, True])), batch[[0, 2]])
+
+
 def test_metrics_are_served_with_the_values(tmp_path: Path) -> None:
     shape = LlamaShape(layers=1, heads=2, kv_heads=2, head_dim=4, hidden=16, mlp=False)
     tensors = random_llama_weights(shape, attention_only=True)
@@ -336,3 +402,172 @@ def test_batched_route_of_accelerators_agrees_with_the_per_slice_route() -> None
         # float32's error is absolute, about eps32 * sigma_max
         assert (np.abs(single - values[:7]) <= 1e-5 * values[:7, :1]).all()
     torch.testing.assert_close(blocks, original, rtol=0, atol=0, equal_nan=True)  # not scaled
+
+
+def test_slices_whose_weights_are_all_negative_are_measured() -> None:
+    """The scaling to ``[0.5, 1)`` goes by the largest magnitude, here the most negative
+    weight: in float32 (always scaled) and for tiny float64 weights (scaled past the Gram
+    matrix's range) alike."""
+    negative = -rotated_blocks(2, 16, 64, 10.0).abs()
+    tiny = slice_singular_values(negative * 1e-170)
+    reference = numpy_values(negative * 1e-170)
+    assert np.max(np.abs(tiny.singular_values - reference) / reference) < RELATIVE_CONTRACT
+    single = slice_singular_values(negative, dtype=torch.float32).singular_values
+    reference = numpy_values(negative)
+    assert (np.abs(single - reference) <= 1e-5 * reference[:, :1]).all()
+
+
+def test_the_accelerator_route_decomposes_stored_weights_in_float64() -> None:
+    """float32 (or bfloat16) weights are upcast before the Gram matrix is formed: a float32
+    Gram matrix would miss the 1e-9 contract by two orders of magnitude."""
+    blocks = torch.from_numpy(np.stack([rotated_block(100.0, seed) for seed in range(3)]))
+    blocks = blocks.to(torch.float32)
+    batched = spectra._device_batch(blocks, torch.float64, torch.device("cpu"))
+    reference = numpy_values(blocks)
+    values = np.stack([s.values for s in batched])
+    assert np.max(np.abs(values - reference) / reference) < RELATIVE_CONTRACT
+
+
+def test_the_accelerator_route_moves_the_batch_to_its_device_in_float64(monkeypatch) -> None:
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(spectra, "_decompose", lambda batch, dtype: seen.append(batch) or [])
+    blocks = torch.ones(2, 3, 5, dtype=torch.bfloat16)
+    spectra._device_batch(blocks, torch.float32, torch.device("meta"))  # meta: a non-CPU device
+    (batch,) = seen
+    assert (batch.device, batch.dtype, batch.shape) == (
+        torch.device("meta"),
+        torch.float64,
+        (2, 3, 5),
+    )
+
+
+class RecordingExecutor(ThreadPoolExecutor):
+    """A one-thread pool that counts the tasks submitted to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_an_accelerator_gets_the_whole_batch_as_one_task_on_the_executor(monkeypatch) -> None:
+    calls: list[tuple[torch.Tensor, torch.dtype, torch.device]] = []
+    accelerator_route = spectra._device_batch
+
+    def on_the_cpu(blocks: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        calls.append((blocks, dtype, device))
+        return accelerator_route(blocks, dtype, torch.device("cpu"))
+
+    monkeypatch.setattr(spectra, "_device_batch", on_the_cpu)
+    blocks = rotated_blocks(3, 8, 32, 10.0)
+    with RecordingExecutor() as pool:
+        result = slice_singular_values(blocks, device="cuda", dtype=torch.float32, executor=pool)
+    assert pool.submitted == 1
+    [(batch, dtype, device)] = calls
+    assert (batch is blocks, dtype, device) == (True, torch.float32, torch.device("cuda"))
+    assert result.methods == ["svd32"] * 3
+
+
+def test_each_cpu_slice_is_one_task_on_the_given_executor() -> None:
+    blocks = rotated_blocks(3, 8, 32, 10.0)
+    with RecordingExecutor() as pool:
+        result = slice_singular_values(blocks, executor=pool)
+    assert pool.submitted == 3
+    reference = numpy_values(blocks)
+    assert np.max(np.abs(result.singular_values - reference) / reference) < RELATIVE_CONTRACT
+
+
+@pytest.mark.parametrize("on_a_pool", [False, True], ids=["inline", "pool"])
+def test_a_failing_slice_raises_its_error_when_the_result_is_asked_for(
+    monkeypatch, on_a_pool: bool
+) -> None:
+    """Inline (no executor) as on a pool: starting never raises, waiting re-raises the
+    slice's own exception."""
+
+    def failing(block: torch.Tensor, dtype: torch.dtype) -> list:
+        raise RuntimeError("the decomposition of this slice failed")
+
+    monkeypatch.setattr(spectra, "_cpu_slice", failing)
+    with spectra.slice_executor(1) if on_a_pool else contextlib.nullcontext() as pool:
+        pending = spectra.start_slices(torch.ones(2, 3, 4), executor=pool)
+        with pytest.raises(RuntimeError, match="the decomposition of this slice failed"):
+            pending.result()
+
+
+def arange_experts(*shape: int) -> torch.Tensor:
+    """Expert tensor whose entries count 0, 1, 2, ... in storage order."""
+    return torch.arange(int(np.prod(shape))).reshape(shape)
+
+
+@pytest.mark.parametrize(
+    ("weights", "matrix", "expected"),
+    [
+        pytest.param(  # one 2-D weight per expert, stacked on a new first axis
+            [arange_experts(2, 3), arange_experts(2, 3) + 6],
+            ExpertMatrix("mlp.experts.{expert}.down_proj"),
+            [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]],
+            id="per-expert",
+        ),
+        pytest.param(  # one 3-D tensor holding every expert, as stored
+            [arange_experts(2, 2, 3)],
+            ExpertMatrix("mlp.experts.down_proj"),
+            [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]],
+            id="stacked",
+        ),
+        pytest.param(  # [experts, 2 * out, in]: the gate is the first half of the rows
+            [arange_experts(2, 4, 3)],
+            ExpertMatrix("mlp.experts.gate_up_proj", part=0),
+            [[[0, 1, 2], [3, 4, 5]], [[12, 13, 14], [15, 16, 17]]],
+            id="gate-half",
+        ),
+        pytest.param(  # ... and the up projection the second half
+            [arange_experts(2, 4, 3)],
+            ExpertMatrix("mlp.experts.gate_up_proj", part=1),
+            [[[6, 7, 8], [9, 10, 11]], [[18, 19, 20], [21, 22, 23]]],
+            id="up-half",
+        ),
+        pytest.param(  # [experts, in, 2 * out]: halves of the columns
+            [arange_experts(2, 3, 4)],
+            ExpertMatrix("mlp.experts.gate_up_proj", transposed=True, part=0),
+            [[[0, 1], [4, 5], [8, 9]], [[12, 13], [16, 17], [20, 21]]],
+            id="gate-half-transposed",
+        ),
+        pytest.param(
+            [arange_experts(2, 3, 4)],
+            ExpertMatrix("mlp.experts.gate_up_proj", transposed=True, part=1),
+            [[[2, 3], [6, 7], [10, 11]], [[14, 15], [18, 19], [22, 23]]],
+            id="up-half-transposed",
+        ),
+        pytest.param(  # gpt-oss: [experts, in, 2 * out], gate and up columns alternate
+            [arange_experts(2, 2, 6)],
+            ExpertMatrix("mlp.experts.gate_up_proj", transposed=True, part=0, interleaved=True),
+            [[[0, 2, 4], [6, 8, 10]], [[12, 14, 16], [18, 20, 22]]],
+            id="gate-interleaved-transposed",
+        ),
+        pytest.param(
+            [arange_experts(2, 2, 6)],
+            ExpertMatrix("mlp.experts.gate_up_proj", transposed=True, part=1, interleaved=True),
+            [[[1, 3, 5], [7, 9, 11]], [[13, 15, 17], [19, 21, 23]]],
+            id="up-interleaved-transposed",
+        ),
+        pytest.param(  # [experts, 2 * out, in], gate and up rows alternate
+            [arange_experts(2, 6, 2)],
+            ExpertMatrix("mlp.experts.gate_up_proj", part=0, interleaved=True),
+            [[[0, 1], [4, 5], [8, 9]], [[12, 13], [16, 17], [20, 21]]],
+            id="gate-interleaved",
+        ),
+        pytest.param(
+            [arange_experts(2, 6, 2)],
+            ExpertMatrix("mlp.experts.gate_up_proj", part=1, interleaved=True),
+            [[[2, 3], [6, 7], [10, 11]], [[14, 15], [18, 19], [22, 23]]],
+            id="up-interleaved",
+        ),
+    ],
+)
+def test_expert_blocks_take_this_kinds_part_of_each_expert(weights, matrix, expected) -> None:
+    """``[experts, out, in]`` (``[experts, in, out]`` transposed), entries stated by hand."""
+    blocks = spectra.expert_blocks(weights, matrix)
+    assert blocks.tolist() == expected
