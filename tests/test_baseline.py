@@ -158,7 +158,7 @@ def test_a_report_over_the_size_cap_is_refused_unread(tmp_path, checkpoint) -> N
     with pytest.raises(BaselineError) as info:
         load_baseline(path, checkpoint)
     assert str(info.value) == (
-        f"{path}: {MAX_REPORT_BYTES + 1} bytes, over the {MAX_REPORT_BYTES // 2**20} MiB cap "
+        f"{path}: {MAX_REPORT_BYTES + 1} bytes, over the 1024 MiB cap "
         "for this baseline report; refused unparsed"
     )
 
@@ -337,14 +337,15 @@ def test_a_metric_the_report_lacks_is_computed_from_the_items_singular_values(
     tmp_path, checkpoint
 ) -> None:
     """numerical_rank counts sigma > sigma_1 max(m, n) eps64 (numpy's matrix_rank): for a
-    64 x 8 slice the tolerance is 64 eps = 1.42e-14, so 5e-15 is not counted; for 1 x 8,
-    8 eps = 1.8e-15. An item that has the metric keeps its recorded value; one without
-    singular values (a crashed item) stays without."""
+    64 x 8 slice, and for an 8 x 64 one, the tolerance is 64 eps = 1.42e-14, so 5e-15 is not
+    counted (with 8 eps = 1.8e-15, either side alone, it would be). An item that has the
+    metric keeps its recorded value; one without singular values (a crashed item) stays
+    without."""
     items = [
         item("recorded", metrics={"numerical_rank": 7.0}),
         item("crashed", shape=[64, 8], singular_values=[]),
         item("tall", shape=[64, 8], singular_values=[1.0, 5e-15]),
-        item("wide", shape=[1, 8], singular_values=[2.0]),
+        item("wide", shape=[8, 64], singular_values=[1.0, 5e-15]),
     ]
     path = write(tmp_path, report(items=items))
     baseline = load_baseline(path, checkpoint, [default_request("numerical_rank")])

@@ -255,8 +255,9 @@ class TestEntries:
         cache = SpectraCache(tmp_path)
         cache.store("f" * 64, dataclasses.replace(spectra(), floor=np.array([1e-12, 2e-12, 3e-12])))
         path = tmp_path / ("f" * 40 + ".npz")
-        good = np.load(path)
-        np.savez(path, **{**{n: good[n] for n in good.files}, "floor": np.asarray(floor)})
+        with np.load(path) as good:
+            members = {n: good[n] for n in good.files}
+        np.savez(path, **{**members, "floor": np.asarray(floor)})
         assert cache.load("f" * 64) is None
         assert list(tmp_path.iterdir()) == []
 

@@ -227,20 +227,20 @@ def selections(text: str) -> dict[str, dict[str, object]]:
 
 def test_a_run_of_part_of_the_model_restricts_each_rule_to_the_items_it_measured() -> None:
     """Layers 0 and 2 of 4, query heads 0-1 of 8 (``--spectral-layers``, ``-k``): each rule
-    selects the layers and heads its own items came from, whatever their outcome; items of
-    an older report, without ``scope``, are head items."""
-    q = [item("q", layer, head) for layer in (0, 2) for head in (0, 1)]
-    q[0]["outcome"] = "failed"
+    selects the layers and heads its own items came from, whatever their outcome (Q's only
+    item of layer 2 failed); items of an older report, without ``scope``, are head items."""
+    q = [item("q", 0, 0), item("q", 0, 1), item("q", 2, 0)]
+    q[2]["outcome"] = "failed"
     k = [item("k", layer, head) for layer in (0, 2) for head in (0, 1)]
     for record in k:
         del record["scope"]
     whole = [item("q", layer, None) for layer in (0, 2)]
     calibration = calibrated_rules(q + k + whole, margin=0.0, source="m", layers=4, heads=8)
     assert calibration.part == "layers 0,2 of 0-3 and query heads 0-1 of 0-7"
-    assert (calibration.used, calibration.left_out) == (9, 1)
+    assert (calibration.used, calibration.left_out) == (8, 1)
     header = calibration.text.splitlines()[1:8]
     assert header[0].endswith(
-        ", from the 9 items that passed (1 that failed or warned was left out)."
+        ", from the 8 items that passed (1 that failed or warned was left out)."
     )
     assert header[5:] == [
         "# The run measured only layers 0,2 of 0-3 and query heads 0-1 of 0-7: each rule is "

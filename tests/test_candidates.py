@@ -250,6 +250,7 @@ def test_a_slice_of_tiny_weights_is_priced_like_any_other() -> None:
     group = [{**circuit(h, 2), "singular_values": tiny["singular_values"]} for h in (4, 5, 6, 7)]
     (row,) = pruning_candidates(group, "energy_rank(p=0.95)", GEOMETRY)
     assert (row.label, row.rank, row.saved) == ("L0 H4-7 qk", 2, 5 * 6 * 32)
+    assert row.error == pytest.approx(math.sqrt(5 / 30), rel=1e-12)
 
 
 def test_zero_and_non_finite_slices_are_regressions_not_candidates() -> None:
@@ -576,7 +577,9 @@ class TestCircuitCandidates:
 
     def test_removing_a_complete_groups_heads_frees_each_query_heads_q_and_o(self) -> None:
         """A circuit rule asking for head removal prices dropping every query head of the
-        row: per head its Q rows and O columns, 8 x 32 + 32 x 8 (README, params saved)."""
+        row: per head its Q rows and O columns, 8 x 32 + 32 x 8 (README, params saved). The
+        shared K/V head's rows are not counted (a conservative figure): they go only where a
+        K or V item's own rule asks for removal."""
         members = [circuit(h, 2, suggest="remove_head") for h in (4, 5, 6, 7)]
         (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
         assert candidate.removal == 4 * (8 * 32 + 32 * 8)

@@ -394,11 +394,13 @@ class TestMeasurementFloor:
 
     def test_a_context_with_its_own_floors_gives_them_per_slice(self) -> None:
         """A circuit's floor comes from its factors, not from its singular values: the context
-        carries one per slice, and the condition number divides by it where sigma_min is below."""
-        values = np.stack([sv(4, 2, 0), sv(8, 1, 0.5)])
-        context = m.MetricContext((3, 3), "BF16", floor=(0.5, 2.0))
-        assert m.measurement_floor(values, context).tolist() == [0.5, 2.0]
-        assert m.first_last_ratio(values, context).tolist() == [8.0, 4.0]
+        carries one per slice, and the condition number divides by it where sigma_min is below.
+        A given floor is used as it is, even below the one the slice's own storage would give
+        (bfloat16's on sigma = (4, 2, 0): about 0.02)."""
+        values = np.stack([sv(4, 2, 0), sv(8, 1, 0.5), sv(4, 2, 0)])
+        context = m.MetricContext((3, 3), "BF16", floor=(0.5, 2.0, 1e-6))
+        assert m.measurement_floor(values, context).tolist() == [0.5, 2.0, 1e-6]
+        np.testing.assert_allclose(m.first_last_ratio(values, context), [8.0, 4.0, 4e6], rtol=1e-12)
 
     def test_unknown_storage_dtype_counts_as_float64(self) -> None:
         """A dtype without a known unit roundoff gets float64's: the float64 floor applies."""

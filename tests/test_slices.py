@@ -71,9 +71,9 @@ def numbered(rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize(("geometry", "fused", "matrix", "index", "start"), CASES)
 def test_slice_span_by_hand(geometry, fused, matrix, index, start) -> None:
     assert slice_span(matrix, index, geometry, layout(fused)) == ("rows", start, start + 8)
-    # as a failure message prints it: whole row numbers
-    axis, first, stop = slice_span(matrix, index, geometry, layout(fused))
-    assert f"{axis} {first}:{stop}" == f"rows {start}:{start + 8}"
+    # whole row numbers (a failure message prints rows 32:40, not 32.0:40.0)
+    _, first, stop = slice_span(matrix, index, geometry, layout(fused))
+    assert (type(first), type(stop)) == (int, int)
     # stored transposed ([in, out], Conv1D): the same blocks, as columns
     assert slice_span(matrix, index, geometry, layout(fused, conv1d=True)) == (
         "columns",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -247,7 +246,7 @@ def test_non_finite_weights_in_float32_precision() -> None:
 def test_an_infinite_weight_without_nan_poisons_only_its_head(dtype: torch.dtype) -> None:
     """A slice holding +-inf but no NaN (its Gram matrix and largest magnitude are then
     infinite, not NaN) is reported, not decomposed: LAPACK would fail on it."""
-    blocks = torch.randn(3, 4, 16, dtype=torch.float64)
+    blocks = torch.randn(3, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     blocks[1, 1, 2] = float("inf")
     blocks[1, 3, 0] = float("-inf")
     result = slice_singular_values(blocks, dtype=dtype)
@@ -315,24 +314,31 @@ def test_values_do_not_depend_on_the_number_of_threads() -> None:
 
 def test_the_slice_pool_runs_that_many_threads_of_one_intra_op_thread_each() -> None:
     """As many pool threads as asked for, named for thread dumps, each with one intra-op
-    thread; the calling thread's own count is left alone."""
+    thread; the calling thread's own count is left alone (torch's OpenMP builds, Linux's,
+    keep the count per thread)."""
     torch.set_num_threads(2)  # the autouse fixture restores the count afterwards
+    together = threading.Barrier(3, timeout=30)
 
-    def probe() -> tuple[str, int]:
-        time.sleep(0.05)  # keeps each thread busy, so the pool starts every thread it may
+    def probe(wait: bool) -> tuple[str, int]:
+        if wait:
+            together.wait()  # three tasks at once: the pool has at least three threads
         return threading.current_thread().name, torch.get_num_threads()
 
     with spectra.slice_executor(3) as pool:
-        seen = [future.result() for future in [pool.submit(probe) for _ in range(12)]]
+        futures = [pool.submit(probe, index < 3) for index in range(12)]
+        seen = [future.result() for future in futures]
     assert len({name for name, _ in seen}) == 3
     assert all(name.startswith("pytest-spectral-slice_") for name, _ in seen)
     assert {threads for _, threads in seen} == {1}
     assert torch.get_num_threads() == 2
 
 
-def test_a_thread_reuses_one_float64_buffer_for_slices_of_one_shape() -> None:
+def test_a_thread_reuses_one_float64_buffer_for_slices_of_one_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Each slice is upcast into a buffer its thread keeps for the next slice of that shape
     (no allocation or page faults per slice); another shape gets a buffer of its own."""
+    monkeypatch.setattr(spectra._thread_buffers, "buffer", None, raising=False)
     blocks = torch.randn(3, 8, 32, dtype=torch.bfloat16)
     slice_singular_values(blocks[:2])
     buffer = spectra._thread_buffers.buffer
