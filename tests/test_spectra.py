@@ -186,6 +186,126 @@ def test_householder_qr_takes_what_cholesky_qr2_cannot_certify() -> None:
     assert error.max() < 100 * np.finfo(np.float64).eps  # backward stable: eps * sigma_max
 
 
+def spectrum_block(spectrum: list[float], cols: int = 64, seed: int = 5) -> torch.Tensor:
+    """One float64 slice ``U diag(spectrum) V^T`` with Haar-random U, V."""
+    rng = np.random.default_rng(seed)
+    rows = len(spectrum)
+    left, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+    right, _ = np.linalg.qr(rng.standard_normal((cols, rows)))
+    return torch.from_numpy((left * np.asarray(spectrum)) @ right.T)[None]
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [[1.0] * 7 + [1e-3], [1.0] + [1e-3] * 7],
+    ids=["one-small-value", "one-large-value"],
+)
+def test_the_gram_route_is_judged_by_the_extreme_eigenvalues(spectrum) -> None:
+    """lambda_min / lambda_max = 1e-6 < eps / 1e-10, whatever the values in between: the
+    Gram route is not trusted, and CholeskyQR2 certifies a kappa of 1e3."""
+    blocks = spectrum_block(spectrum)
+    result = slice_singular_values(blocks)
+    assert result.methods == ["cholqr2"]
+    reference = numpy_values(blocks)
+    assert np.max(np.abs(result.singular_values - reference) / reference) < RELATIVE_CONTRACT
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 9), (9, 1)], ids=["one-row", "one-column"])
+def test_a_slice_of_one_row_or_column_has_its_norm_as_singular_value(rows, cols) -> None:
+    vector = torch.arange(1.0, 1.0 + rows * cols, dtype=torch.float64).reshape(1, rows, cols)
+    result = slice_singular_values(torch.cat([vector, 2 * vector]))
+    norm = float(np.sqrt(np.sum(np.arange(1.0, 1.0 + rows * cols) ** 2)))
+    np.testing.assert_allclose(result.singular_values[:, 0], [norm, 2 * norm], rtol=1e-15)
+    assert result.methods == ["gram", "gram"]
+
+
+def test_gram_exactly_at_the_trust_ratio_is_trusted() -> None:
+    """Accepted when lambda_min / lambda_max is *at least* the ratio (eigvalsh of a diagonal
+    matrix returns its diagonal exactly)."""
+    ratio = spectra._GRAM_TRUST_RATIO
+    gram = torch.tensor([[[ratio, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    wide = torch.tensor([[[np.sqrt(ratio), 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    values, routes = spectra._certified(wide, gram)
+    assert routes == ["gram"]
+    np.testing.assert_array_equal(values.numpy(), [[1.0, np.sqrt(ratio)]])
+
+
+def test_a_batch_of_normal_and_tiny_slices_scales_the_tiny_ones() -> None:
+    """Each slice's own row norms decide the scaling, not the batch's largest."""
+    normal = rotated_blocks(1, 8, 32, 10.0, seed=6)
+    blocks = torch.cat([normal, 1e-170 * normal])
+    batched = spectra._device_batch(blocks, torch.float64, torch.device("cpu"))
+    values = np.stack([s.values for s in batched])
+    reference = numpy_values(blocks)
+    assert np.max(np.abs(values - reference) / reference) < RELATIVE_CONTRACT
+    assert [s.method for s in batched] == ["gram", "gram"]
+
+
+def test_float32_route_values_are_float32_numbers() -> None:
+    """``svd32`` is a float32 SVD: its values are float32 numbers (scaled by powers of two)."""
+    blocks = rotated_blocks(2, 8, 32, 10.0, seed=7)
+    result = slice_singular_values(blocks, dtype=torch.float32)
+    values = result.singular_values
+    np.testing.assert_array_equal(values.astype(np.float32).astype(np.float64), values)
+    assert np.max(np.abs(values - numpy_values(blocks)) / numpy_values(blocks)) < 1e-5
+    assert result.methods == ["svd32", "svd32"]
+
+
+@pytest.mark.parametrize(
+    ("offset", "certified"),
+    [(0.0, True), (0.065, True), (0.07062267420658204, True), (0.0707, False), (0.1, False)],
+)
+def test_cholesky_qr2_certifies_up_to_a_frobenius_deviation_of_one_tenth(
+    offset: float, certified: bool
+) -> None:
+    """With ``gram = I``, ``L = I`` and ``Y = W``: certified iff ``||W W^T - I||_F <= 0.1``;
+    here ``W W^T - I = [[0, b], [b, b^2]]``, so the deviation is about ``sqrt(2) * b``
+    (exactly 0.1 in float64 at the third offset)."""
+    wide = torch.tensor([[[1.0, 0.0], [offset, 1.0]]], dtype=torch.float64)
+    gram = torch.eye(2, dtype=torch.float64)[None]
+    deviation = np.linalg.norm(wide[0].numpy() @ wide[0].numpy().T - np.eye(2))
+    assert (deviation <= 0.1 + 1e-15) == certified
+    values, flags = spectra._cholesky_qr2(wide, gram)
+    assert flags == [certified]
+    np.testing.assert_allclose(values.numpy(), numpy_values(wide), rtol=1e-14)
+
+
+def test_cholesky_qr2_never_certifies_a_failed_factorisation() -> None:
+    """A Gram matrix that is not positive definite fails Cholesky; the identity that replaces
+    the factor leaves ``Y = W`` orthonormal, which must still not certify it."""
+    wide = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    gram = torch.tensor([[[1.0, 0.0], [0.0, -1.0]]], dtype=torch.float64)
+    values, flags = spectra._cholesky_qr2(wide, gram)
+    assert flags == [False]
+    assert torch.isfinite(values).all()
+
+
+def test_lower_gram_holds_the_lower_triangle_of_w_w_transpose_and_zeros_far_above() -> None:
+    """Computed in column panels of at least 32 (132 rows: four panels of 33): the lower
+    triangle is ``W W^T``, and nothing is computed more than a panel above the diagonal."""
+    wide = torch.from_numpy(np.random.default_rng(8).standard_normal((1, 132, 140)))
+    gram = spectra._lower_gram(wide)[0].numpy()
+    full = wide[0].numpy() @ wide[0].numpy().T
+    np.testing.assert_allclose(np.tril(gram), np.tril(full), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.triu(gram, 33), np.zeros_like(gram))
+
+
+def test_lower_gram_stays_on_the_slices_device() -> None:
+    wide = torch.empty(2, 3, 5, dtype=torch.float64, device="meta")
+    gram = spectra._lower_gram(wide)
+    assert (gram.device, gram.dtype, gram.shape) == (torch.device("meta"), torch.float64, (2, 3, 3))
+
+
+def test_start_slices_decomposes_on_the_cpu_by_default() -> None:
+    blocks = rotated_blocks(2, 8, 32, 10.0, seed=9)
+    with RecordingExecutor() as pool:
+        result = spectra.start_slices(blocks, executor=pool).result()
+    assert pool.submitted == 2  # one task per slice: the CPU route
+    reference = numpy_values(blocks)
+    assert np.max(np.abs(result.singular_values - reference) / reference) < RELATIVE_CONTRACT
+    assert result.methods == ["gram", "gram"]
+
+
 def rotated_block(kappa: float, seed: int, rows: int = 32, cols: int = 512) -> np.ndarray:
     """``U diag(s) V^T`` with random orthonormal U, V and s geometric from 1 down to 1/kappa.
 
