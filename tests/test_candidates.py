@@ -468,6 +468,14 @@ def circuit(
 class TestCircuitCandidates:
     """A circuit of rank r cuts its heads' Q (O) rows and the shared K (V) rows to r."""
 
+    def test_a_group_without_recorded_singular_values_has_no_truncation_error(self) -> None:
+        """The rank comes from the items' metrics; with no singular values in the records
+        (nothing to measure the discarded energy with), the row still prices the cut and
+        gives no error rather than failing."""
+        members = [{**circuit(h, 2), "singular_values": []} for h in (4, 5, 6, 7)]
+        (row,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
+        assert (row.label, row.rank, row.saved, row.error) == ("L0 H4-7 qk", 2, 5 * 6 * 32, None)
+
     def test_a_complete_group_is_one_candidate_at_its_largest_rank(self) -> None:
         members = [circuit(4, 2), circuit(5, 3), circuit(6, 2), circuit(7, 1)]
         (candidate,) = pruning_candidates(members, "energy_rank(p=0.95)", GEOMETRY)
