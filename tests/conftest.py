@@ -83,9 +83,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not mutant:
         return
     if os.environ.get("SPECTRAL_MUTATION_PASS") == "unit":
-        left_out = [item for item in items if item.nodeid.startswith(END_TO_END_FILES)]
+        kept: list[pytest.Item] = []
+        left_out: list[pytest.Item] = []
+        for item in items:
+            (left_out if item.nodeid.startswith(END_TO_END_FILES) else kept).append(item)
         config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if not item.nodeid.startswith(END_TO_END_FILES)]
+        items[:] = kept
     stats = Path("mutmut-stats.json")
     if "__mutmut_" in mutant and stats.is_file():
         duration = json.loads(stats.read_text())["duration_by_test"]
